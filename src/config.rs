@@ -1,0 +1,381 @@
+//! The node's configuration file (`/etc/watchalong.toml` by default): built-in defaults,
+//! parsing with unknown keys refused, and validation whose errors name the file, the line
+//! and the key. It reads exactly one file and never touches the network or the state dir.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// Where the daemon and the CLI look when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/watchalong.toml";
+
+/// A stock WireGuard listens on 51820; we stay clear of it so both can run on one router.
+pub const DEFAULT_LISTEN_PORT: u16 = 51871;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the configuration file: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Carries everything a person needs to fix the file.
+    #[error("{path}:{line}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub tunnel: TunnelConfig,
+    pub control: ControlConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Shown to the other members; defaults to the hostname.
+    pub name: String,
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    pub interface: String,
+    pub listen_port: u16,
+    pub network: Ipv4Net,
+    /// How others reach this node (`host:port`); when absent, the link carries the
+    /// addresses of this node's interfaces.
+    pub endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: LogLevel,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warn => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: hostname(),
+            state_dir: PathBuf::from("/var/lib/watchalong"),
+        }
+    }
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        TunnelConfig {
+            interface: "wa0".into(),
+            listen_port: DEFAULT_LISTEN_PORT,
+            network: Ipv4Net::new(Ipv4Addr::new(100, 77, 0, 0), 16).unwrap_or_default(),
+            endpoint: None,
+        }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: PathBuf::from("/run/watchalong/control.sock"),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: LogLevel::Info,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeConfig::default(),
+            tunnel: TunnelConfig::default(),
+            control: ControlConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "watchalong".to_string())
+}
+
+impl Config {
+    /// Loads `path`. A missing file is an error only when the user named it: the default
+    /// path may be absent, and then the built-in defaults apply.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Config::parse(&path, &text),
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Config::default())
+            }
+            Err(source) => Err(ConfigError::Read { path, source }),
+        }
+    }
+
+    /// Parses and validates `text`; `path` is only used to name the file in errors.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| from_toml(path, text, &e))?;
+        config.validate(path, text)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let bad = |table: &str, key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_of_key(text, table, key),
+            key: format!("{table}.{key}"),
+            message,
+        };
+        let name = &self.node.name;
+        if name.is_empty()
+            || name.len() > 63
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(bad(
+                "node",
+                "name",
+                "expected 1 to 63 characters of letters, digits, '-', '_' or '.'".into(),
+            ));
+        }
+        if !self.node.state_dir.is_absolute() {
+            return Err(bad(
+                "node",
+                "state_dir",
+                "expected an absolute path".into(),
+            ));
+        }
+        let iface = &self.tunnel.interface;
+        if iface.is_empty()
+            || iface.len() > 15
+            || !iface
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(bad(
+                "tunnel",
+                "interface",
+                "expected an interface name of 1 to 15 letters, digits, '-' or '_'".into(),
+            ));
+        }
+        if self.tunnel.listen_port == 0 {
+            return Err(bad(
+                "tunnel",
+                "listen_port",
+                "expected a port from 1 to 65535 (others must be able to find it)".into(),
+            ));
+        }
+        let net = self.tunnel.network;
+        if net.prefix_len() > 30 || net.network() != net.addr() {
+            return Err(bad(
+                "tunnel",
+                "network",
+                "expected a network address with a prefix of /30 or shorter, like \"100.77.0.0/16\""
+                    .into(),
+            ));
+        }
+        if let Some(ep) = &self.tunnel.endpoint {
+            if split_host_port(ep).is_none() {
+                return Err(bad(
+                    "tunnel",
+                    "endpoint",
+                    "expected \"HOST:PORT\", like \"203.0.113.10:51871\"".into(),
+                ));
+            }
+        }
+        if !self.control.socket.is_absolute() {
+            return Err(bad("control", "socket", "expected an absolute path".into()));
+        }
+        Ok(())
+    }
+}
+
+/// `host:port` with a non-empty host and a non-zero port.
+pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    Some((host, port))
+}
+
+fn from_toml(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_string();
+    let (line, key) = match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            (line, key_at(text, span.start, &message))
+        }
+        None => (1, String::from("(file)")),
+    };
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        line,
+        key,
+        message,
+    }
+}
+
+/// Names the key an error points at: the `[table].key` whose line holds the offset.
+fn key_at(text: &str, offset: usize, message: &str) -> String {
+    // serde names an unknown field in its message; that beats guessing from the line.
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some(end) = rest.find('`') {
+            let field = &rest[..end];
+            let table = table_before(text, offset);
+            return if table.is_empty() {
+                field.to_string()
+            } else {
+                format!("{table}.{field}")
+            };
+        }
+    }
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map(|i| i + 1)
+        .unwrap_or(0);
+    let line = text[start..].lines().next().unwrap_or("").trim();
+    if line.starts_with('[') {
+        return line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+    }
+    let key = line.split('=').next().unwrap_or("").trim();
+    let table = table_before(text, offset);
+    match (table.is_empty(), key.is_empty()) {
+        (_, true) => table,
+        (true, false) => key.to_string(),
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+fn table_before(text: &str, offset: usize) -> String {
+    text[..offset.min(text.len())]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The 1-based line where `key` is set inside `[table]`, or the table's header line when
+/// the key is not written (a default failed validation only if the file changed another key).
+fn line_of_key(text: &str, table: &str, key: &str) -> usize {
+    let mut current = String::new();
+    let mut header_line = 1;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.starts_with('[') {
+            current = line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            if current == table {
+                header_line = i + 1;
+            }
+            continue;
+        }
+        if current == table {
+            if let Some((k, _)) = line.split_once('=') {
+                if k.trim() == key {
+                    return i + 1;
+                }
+            }
+        }
+    }
+    header_line
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        };
+        f.write_str(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = Config::parse(Path::new("x.toml"), "").unwrap();
+        assert_eq!(c.tunnel.listen_port, 51871);
+        assert_eq!(c.tunnel.interface, "wa0");
+        assert_eq!(c.tunnel.network.to_string(), "100.77.0.0/16");
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = "[node]\nname = \"a\"\n\n[tunnel]\nlisten_prot = 5\n";
+        let e = Config::parse(Path::new("/etc/w.toml"), text).unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("/etc/w.toml:5: `tunnel.listen_prot`"), "{s}");
+    }
+
+    #[test]
+    fn bad_network_names_its_line() {
+        let text = "[tunnel]\ninterface = \"wa1\"\nnetwork = \"100.77.0.1/16\"\n";
+        let e = Config::parse(Path::new("c.toml"), text).unwrap_err();
+        assert!(e.to_string().starts_with("c.toml:3: `tunnel.network`"), "{e}");
+    }
+}

@@ -1,0 +1,329 @@
+//! The local control API: JSON over HTTP/1.1 on a Unix socket, the server the daemon
+//! runs and the client the CLI uses. It owns the request and reply types and the mapping
+//! of errors to HTTP status codes; what each call does is the [`Handler`]'s business.
+//! The listener is bound by the caller, so tests can bind a socket of their own.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::link::InviteId;
+use crate::tunnel::PeerStatus;
+
+const MAX_BODY: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    pub name: String,
+    pub public_key: String,
+    pub address: Ipv4Addr,
+    pub network: String,
+    pub interface: String,
+    pub listen_port: u16,
+    /// `host` when this node decides who joins, `member` otherwise.
+    pub role: String,
+    pub host_name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatusReply {
+    pub node: NodeStatus,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkRequest {
+    pub uses: u32,
+    pub expires_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkReply {
+    pub id: InviteId,
+    /// The plain link; the CLI seals it when asked, so the passphrase never reaches here.
+    pub link: String,
+    pub expires_at: u64,
+    pub uses: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InviteView {
+    pub id: InviteId,
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub uses_allowed: u32,
+    pub uses: u32,
+    /// `open`, `used`, `expired` or `revoked`.
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// A plain (unsealed) link.
+    pub link: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinReply {
+    pub host_name: String,
+    pub address: Ipv4Addr,
+    pub network: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerAddRequest {
+    pub name: String,
+    pub public_key: String,
+    pub address: Ipv4Addr,
+    pub endpoint: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerRemoveRequest {
+    pub public_key: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Empty {}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+/// An error a handler returns: the HTTP status it maps to, and its cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        ApiError {
+            status,
+            source: source.into(),
+        }
+    }
+    pub fn bad_request(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, e)
+    }
+    pub fn conflict(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::new(StatusCode::CONFLICT, e)
+    }
+    pub fn not_found(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, e)
+    }
+    pub fn internal(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, e)
+    }
+}
+
+/// What the daemon does for each call.
+pub trait Handler: Send + Sync + 'static {
+    fn status(&self) -> impl Future<Output = Result<StatusReply, ApiError>> + Send;
+    fn create_link(&self, req: LinkRequest) -> impl Future<Output = Result<LinkReply, ApiError>> + Send;
+    fn list_links(&self) -> impl Future<Output = Result<Vec<InviteView>, ApiError>> + Send;
+    fn revoke_link(&self, id: InviteId) -> impl Future<Output = Result<Empty, ApiError>> + Send;
+    fn join(&self, req: JoinRequest) -> impl Future<Output = Result<JoinReply, ApiError>> + Send;
+    fn add_peer(&self, req: PeerAddRequest) -> impl Future<Output = Result<Empty, ApiError>> + Send;
+    fn remove_peer(&self, req: PeerRemoveRequest) -> impl Future<Output = Result<Empty, ApiError>> + Send;
+}
+
+/// Serves `listener` until `cancel` fires; connections in flight are awaited.
+pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, cancel: CancellationToken) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    log::warn!("control socket accept failed: {e}");
+                    continue;
+                }
+            },
+            () = cancel.cancelled() => break,
+        };
+        let handler = handler.clone();
+        let cancel = cancel.clone();
+        conns.spawn(async move {
+            let svc = service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(route(&*handler, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => if let Err(e) = r { log::debug!("control connection: {e}") },
+                () = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+async fn route<H: Handler>(h: &H, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&e),
+    };
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let res = match (&method, segs.as_slice()) {
+        (&Method::GET, ["v1", "status"]) => reply(h.status().await),
+        (&Method::POST, ["v1", "links"]) => match parse(&body) {
+            Ok(r) => reply(h.create_link(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::GET, ["v1", "links"]) => reply(h.list_links().await),
+        (&Method::DELETE, ["v1", "links", id]) => match id.parse::<InviteId>() {
+            Ok(id) => reply(h.revoke_link(id).await),
+            Err(_) => Err(ApiError::bad_request(format!(
+                "`{id}` is not an invite id (16 hex digits, as `watchalong links` shows)"
+            ))),
+        },
+        (&Method::POST, ["v1", "join"]) => match parse(&body) {
+            Ok(r) => reply(h.join(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, ["v1", "peers"]) => match parse(&body) {
+            Ok(r) => reply(h.add_peer(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, ["v1", "peers", "remove"]) => match parse(&body) {
+            Ok(r) => reply(h.remove_peer(r).await),
+            Err(e) => Err(e),
+        },
+        _ => Err(ApiError::not_found(format!("no such call: {method} {path}"))),
+    };
+    match res {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let collected = http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()))?;
+    Ok(collected.to_bytes())
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(ApiError::bad_request)
+}
+
+fn reply<T: Serialize>(r: Result<T, ApiError>) -> Result<Response<Full<Bytes>>, ApiError> {
+    let value = r?;
+    let body = serde_json::to_vec(&value).map_err(ApiError::internal)?;
+    Ok(json_response(StatusCode::OK, body))
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&ErrorBody {
+        error: e.to_string(),
+    })
+    .unwrap_or_default();
+    json_response(e.status, body)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the daemon at {path}: {source} (is `watchalong daemon` running, and is this the socket in its config?)")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the control connection failed: {0}")]
+    Request(#[from] hyper::Error),
+    #[error("cannot build the request: {0}")]
+    BuildRequest(#[from] hyper::http::Error),
+    #[error("{message}")]
+    Api { status: u16, message: String },
+    #[error("the daemon sent a reply this CLI does not understand: {0}")]
+    DecodeReply(#[from] serde_json::Error),
+}
+
+/// The CLI's side: one connection per call.
+pub struct Client {
+    path: PathBuf,
+}
+
+impl Client {
+    pub fn new(path: &Path) -> Client {
+        Client {
+            path: path.to_path_buf(),
+        }
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ControlError> {
+        self.call(Method::GET, path, Bytes::new()).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ControlError> {
+        self.call(Method::POST, path, Bytes::from(serde_json::to_vec(body)?)).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ControlError> {
+        self.call(Method::DELETE, path, Bytes::new()).await
+    }
+
+    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> Result<T, ControlError> {
+        let stream = UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ControlError::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let driver = tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "watchalong")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        drop(sender);
+        let _ = driver.await;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| format!("the daemon answered {status}"));
+            return Err(ControlError::Api {
+                status: status.as_u16(),
+                message,
+            });
+        }
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+}

@@ -1,0 +1,32 @@
+//! watchalong: a small group shares a folder over a private WireGuard network that the
+//! daemon builds itself.
+//!
+//! Map of the modules (see `docs/architecture.md` for the data path):
+//!
+//! | module     | owns                                                                  | I/O?        |
+//! |------------|-----------------------------------------------------------------------|-------------|
+//! | [`config`]   | `/etc/watchalong.toml`: defaults, parsing, line-precise validation    | one file    |
+//! | [`identity`] | the node's long-term keys, stored 0600 in the state dir               | files       |
+//! | [`link`]     | access links (encode, decode, sealing, expiry) and the invite book     | none (pure) |
+//! | [`group`]    | who is in the group: member records, address allocation               | none (pure) |
+//! | [`state`]    | atomic, durable JSON files in the state dir                           | files       |
+//! | [`wire`]     | the join messages carried inside the invite WireGuard session         | none (pure) |
+//! | [`routes`]   | which member owns which VPN address (longest-prefix match)            | none (pure) |
+//! | [`tunnel`]   | userspace WireGuard: one `Tunn` per peer, the TUN device, one UDP socket | sockets, TUN |
+//! | [`join`]     | the joiner's side of redeeming a link against the host                | one UDP socket |
+//! | [`control`]  | the local HTTP API over a Unix socket, server and client              | socket      |
+//! | [`daemon`]   | composition root: start, supervise, `sd_notify`, ordered shutdown      | —           |
+//! | [`logging`]  | journald when under systemd, stderr otherwise                         | —           |
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod group;
+pub mod identity;
+pub mod join;
+pub mod link;
+pub mod logging;
+pub mod routes;
+pub mod state;
+pub mod tunnel;
+pub mod wire;

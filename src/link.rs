@@ -1,0 +1,548 @@
+//! Access links and the invites behind them. Pure: every function takes `now` as an
+//! argument and nothing here reads the clock, touches a file or a socket.
+//!
+//! A link is one line, `watchalong://join/<base64url>`. It carries the host's WireGuard
+//! public key and endpoints, the VPN network, an invite id, an expiry and a one-time
+//! invite secret (an x25519 key the joiner uses for one WireGuard session with the host).
+//! A plain link ends with a BLAKE3 checksum so any damaged byte is caught before the
+//! network is touched; a sealed link is encrypted with a key derived from a passphrase
+//! (Argon2id, then XChaCha20-Poly1305), and a wrong passphrase is indistinguishable from a
+//! damaged link. The host keeps only the invite's public key, in the [`InviteBook`].
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use ipnet::Ipv4Net;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+pub const PREFIX: &str = "watchalong://join/";
+const VERSION: u8 = 1;
+const KIND_PLAIN: u8 = 0;
+const KIND_SEALED: u8 = 1;
+const CHECKSUM_LEN: usize = 8;
+const SALT_LEN: usize = 16;
+const NONCE_LEN: usize = 24;
+const MAX_ENDPOINTS: usize = 8;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LinkError {
+    /// One message for every kind of damage and for a wrong passphrase, so that a guesser
+    /// learns nothing from which check failed.
+    #[error("this access link is invalid (damaged, truncated, or the passphrase is wrong)")]
+    Invalid,
+    #[error("this access link is sealed: a passphrase is needed")]
+    NeedsPassphrase,
+    #[error("this access link expired at {0} (UTC); ask the host for a new one")]
+    Expired(String),
+    #[error("cannot seal the link: {0}")]
+    Seal(String),
+}
+
+/// What a link says. The invite secret is zeroed when dropped.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Invite {
+    pub host_key: [u8; 32],
+    pub host_name: String,
+    pub host_address: Ipv4Addr,
+    pub network: Ipv4Net,
+    pub endpoints: Vec<SocketAddr>,
+    pub invite_id: InviteId,
+    pub expires_at: u64,
+    pub secret: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Invite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Invite")
+            .field("host_name", &self.host_name)
+            .field("invite_id", &self.invite_id)
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct InviteId(pub [u8; 8]);
+
+impl InviteId {
+    pub fn random() -> InviteId {
+        let mut b = [0u8; 8];
+        rand::rngs::OsRng.fill_bytes(&mut b);
+        InviteId(b)
+    }
+}
+
+impl std::fmt::Display for InviteId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for InviteId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InviteId({self})")
+    }
+}
+
+impl std::str::FromStr for InviteId {
+    type Err = LinkError;
+    fn from_str(s: &str) -> Result<Self, LinkError> {
+        if s.len() != 16 {
+            return Err(LinkError::Invalid);
+        }
+        let mut b = [0u8; 8];
+        for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+            let hex = std::str::from_utf8(chunk).map_err(|_| LinkError::Invalid)?;
+            b[i] = u8::from_str_radix(hex, 16).map_err(|_| LinkError::Invalid)?;
+        }
+        Ok(InviteId(b))
+    }
+}
+
+impl TryFrom<String> for InviteId {
+    type Error = LinkError;
+    fn try_from(s: String) -> Result<Self, LinkError> {
+        s.parse()
+    }
+}
+
+impl From<InviteId> for String {
+    fn from(id: InviteId) -> String {
+        id.to_string()
+    }
+}
+
+impl Invite {
+    /// The public half of the invite secret: what the host keeps and recognises in the
+    /// WireGuard handshake.
+    pub fn secret_public(&self) -> [u8; 32] {
+        let s = x25519_dalek::StaticSecret::from(*self.secret);
+        x25519_dalek::PublicKey::from(&s).to_bytes()
+    }
+
+    fn body(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(160);
+        b.extend_from_slice(&self.host_key);
+        b.extend_from_slice(&*self.secret);
+        b.extend_from_slice(&self.invite_id.0);
+        b.extend_from_slice(&self.expires_at.to_be_bytes());
+        b.extend_from_slice(&self.network.addr().octets());
+        b.push(self.network.prefix_len());
+        b.extend_from_slice(&self.host_address.octets());
+        let eps: Vec<_> = self.endpoints.iter().take(MAX_ENDPOINTS).collect();
+        b.push(eps.len() as u8);
+        for ep in eps {
+            match ep.ip() {
+                IpAddr::V4(a) => {
+                    b.push(4);
+                    b.extend_from_slice(&a.octets());
+                }
+                IpAddr::V6(a) => {
+                    b.push(6);
+                    b.extend_from_slice(&a.octets());
+                }
+            }
+            b.extend_from_slice(&ep.port().to_be_bytes());
+        }
+        let name = self.host_name.as_bytes();
+        let name = &name[..name.len().min(63)];
+        b.push(name.len() as u8);
+        b.extend_from_slice(name);
+        b
+    }
+
+    fn from_body(b: &[u8]) -> Result<Invite, LinkError> {
+        let mut r = Reader(b);
+        let host_key = r.array::<32>()?;
+        let secret = Zeroizing::new(r.array::<32>()?);
+        let invite_id = InviteId(r.array::<8>()?);
+        let expires_at = u64::from_be_bytes(r.array::<8>()?);
+        let net_addr = Ipv4Addr::from(r.array::<4>()?);
+        let prefix = r.byte()?;
+        let network = Ipv4Net::new(net_addr, prefix).map_err(|_| LinkError::Invalid)?;
+        let host_address = Ipv4Addr::from(r.array::<4>()?);
+        let n = r.byte()? as usize;
+        if n > MAX_ENDPOINTS {
+            return Err(LinkError::Invalid);
+        }
+        let mut endpoints = Vec::with_capacity(n);
+        for _ in 0..n {
+            let ip = match r.byte()? {
+                4 => IpAddr::V4(Ipv4Addr::from(r.array::<4>()?)),
+                6 => IpAddr::V6(Ipv6Addr::from(r.array::<16>()?)),
+                _ => return Err(LinkError::Invalid),
+            };
+            let port = u16::from_be_bytes(r.array::<2>()?);
+            endpoints.push(SocketAddr::new(ip, port));
+        }
+        let name_len = r.byte()? as usize;
+        let host_name = std::str::from_utf8(r.take(name_len)?)
+            .map_err(|_| LinkError::Invalid)?
+            .to_string();
+        if !r.0.is_empty() || !network.contains(&host_address) {
+            return Err(LinkError::Invalid);
+        }
+        Ok(Invite {
+            host_key,
+            host_name,
+            host_address,
+            network,
+            endpoints,
+            invite_id,
+            expires_at,
+            secret,
+        })
+    }
+
+    /// The link text, checksummed.
+    pub fn encode(&self) -> String {
+        let mut raw = vec![VERSION, KIND_PLAIN];
+        raw.extend_from_slice(&self.body());
+        let sum = checksum(&raw);
+        raw.extend_from_slice(&sum);
+        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw))
+    }
+
+    /// The link text, encrypted under `passphrase`.
+    pub fn encode_sealed(&self, passphrase: &str) -> Result<String, LinkError> {
+        let mut salt = [0u8; SALT_LEN];
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::rngs::OsRng.fill_bytes(&mut salt);
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let key = derive_key(passphrase, &salt)?;
+        let mut header = vec![VERSION, KIND_SEALED];
+        header.extend_from_slice(&salt);
+        header.extend_from_slice(&nonce);
+        let body = Zeroizing::new(self.body());
+        let cipher = XChaCha20Poly1305::new((&*key).into());
+        let sealed = cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &body,
+                    aad: &header,
+                },
+            )
+            .map_err(|_| LinkError::Seal("encryption failed".into()))?;
+        let mut raw = header;
+        raw.extend_from_slice(&sealed);
+        Ok(format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw)))
+    }
+}
+
+/// Whether `text` is a sealed link (so the caller knows to ask for a passphrase).
+pub fn is_sealed(text: &str) -> Result<bool, LinkError> {
+    let raw = raw_bytes(text)?;
+    match (raw.first(), raw.get(1)) {
+        (Some(&VERSION), Some(&KIND_SEALED)) => Ok(true),
+        (Some(&VERSION), Some(&KIND_PLAIN)) => Ok(false),
+        _ => Err(LinkError::Invalid),
+    }
+}
+
+/// Decodes and checks a link at time `now` (seconds since the Unix epoch).
+pub fn decode(text: &str, passphrase: Option<&str>, now: u64) -> Result<Invite, LinkError> {
+    let raw = raw_bytes(text)?;
+    if raw.len() < 2 || raw[0] != VERSION {
+        return Err(LinkError::Invalid);
+    }
+    let invite = match raw[1] {
+        KIND_PLAIN => {
+            if raw.len() < 2 + CHECKSUM_LEN {
+                return Err(LinkError::Invalid);
+            }
+            let (signed, sum) = raw.split_at(raw.len() - CHECKSUM_LEN);
+            if checksum(signed) != sum {
+                return Err(LinkError::Invalid);
+            }
+            Invite::from_body(&signed[2..])?
+        }
+        KIND_SEALED => {
+            let passphrase = passphrase.ok_or(LinkError::NeedsPassphrase)?;
+            let header_len = 2 + SALT_LEN + NONCE_LEN;
+            if raw.len() < header_len + 16 {
+                return Err(LinkError::Invalid);
+            }
+            let (header, sealed) = raw.split_at(header_len);
+            let salt = &header[2..2 + SALT_LEN];
+            let nonce = &header[2 + SALT_LEN..];
+            let key = derive_key(passphrase, salt).map_err(|_| LinkError::Invalid)?;
+            let cipher = XChaCha20Poly1305::new((&*key).into());
+            let body = Zeroizing::new(
+                cipher
+                    .decrypt(
+                        XNonce::from_slice(nonce),
+                        Payload {
+                            msg: sealed,
+                            aad: header,
+                        },
+                    )
+                    .map_err(|_| LinkError::Invalid)?,
+            );
+            Invite::from_body(&body)?
+        }
+        _ => return Err(LinkError::Invalid),
+    };
+    if invite.expires_at <= now {
+        return Err(LinkError::Expired(format_utc(invite.expires_at)));
+    }
+    Ok(invite)
+}
+
+fn raw_bytes(text: &str) -> Result<Vec<u8>, LinkError> {
+    let b64 = text.trim().strip_prefix(PREFIX).ok_or(LinkError::Invalid)?;
+    URL_SAFE_NO_PAD.decode(b64).map_err(|_| LinkError::Invalid)
+}
+
+fn checksum(data: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let h = blake3::derive_key("watchalong link checksum v1", data);
+    let mut out = [0u8; CHECKSUM_LEN];
+    out.copy_from_slice(&h[..CHECKSUM_LEN]);
+    out
+}
+
+fn derive_key(passphrase: &str, salt: &[u8]) -> Result<Zeroizing<[u8; 32]>, LinkError> {
+    let mut key = Zeroizing::new([0u8; 32]);
+    argon2::Argon2::default()
+        .hash_password_into(passphrase.as_bytes(), salt, &mut *key)
+        .map_err(|e| LinkError::Seal(e.to_string()))?;
+    Ok(key)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], LinkError> {
+        if self.0.len() < n {
+            return Err(LinkError::Invalid);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], LinkError> {
+        self.take(N)?.try_into().map_err(|_| LinkError::Invalid)
+    }
+    fn byte(&mut self) -> Result<u8, LinkError> {
+        Ok(self.take(1)?[0])
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` for a Unix time, without a calendar dependency.
+pub fn format_utc(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
+        .replace('T', " ")
+        .trim_end_matches('Z')
+        .to_string()
+}
+
+/// The host's record of one invite: only the public half of its secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteRecord {
+    pub id: InviteId,
+    #[serde(with = "crate::identity::key_b64")]
+    pub public_key: [u8; 32],
+    pub created_at: u64,
+    pub expires_at: u64,
+    pub uses_allowed: u32,
+    pub uses: u32,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum RedeemError {
+    #[error("this invite is unknown to the host")]
+    Unknown,
+    #[error("this invite expired; ask the host for a new link")]
+    Expired,
+    #[error("this invite was revoked by the host")]
+    Revoked,
+    #[error("this invite was already used; ask the host for a new link")]
+    AlreadyUsed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RevokeError {
+    #[error("no invite has the id {0}; `watchalong links` lists them")]
+    UnknownInvite(InviteId),
+}
+
+impl InviteRecord {
+    pub fn status(&self, now: u64) -> Result<(), RedeemError> {
+        if self.revoked {
+            Err(RedeemError::Revoked)
+        } else if self.uses >= self.uses_allowed {
+            Err(RedeemError::AlreadyUsed)
+        } else if self.expires_at <= now {
+            Err(RedeemError::Expired)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The host's invites. Redemption is a check-and-count in one call, so a caller holding
+/// the book under one lock redeems atomically; persisting the result is the caller's job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InviteBook {
+    pub invites: Vec<InviteRecord>,
+}
+
+/// How long a used-up or dead invite is kept, so its holder hears why it failed.
+const KEEP_DEAD_FOR: u64 = 7 * 24 * 3600;
+
+impl InviteBook {
+    pub fn add(&mut self, record: InviteRecord) {
+        self.invites.push(record);
+    }
+
+    pub fn find_by_key(&self, public_key: &[u8; 32]) -> Option<&InviteRecord> {
+        self.invites.iter().find(|r| &r.public_key == public_key)
+    }
+
+    /// Uses one redemption of the invite whose secret has `public_key`.
+    pub fn redeem(&mut self, public_key: &[u8; 32], now: u64) -> Result<InviteId, RedeemError> {
+        let rec = self
+            .invites
+            .iter_mut()
+            .find(|r| &r.public_key == public_key)
+            .ok_or(RedeemError::Unknown)?;
+        rec.status(now)?;
+        rec.uses += 1;
+        Ok(rec.id)
+    }
+
+    pub fn revoke(&mut self, id: InviteId) -> Result<(), RevokeError> {
+        let rec = self
+            .invites
+            .iter_mut()
+            .find(|r| r.id == id)
+            .ok_or(RevokeError::UnknownInvite(id))?;
+        rec.revoked = true;
+        Ok(())
+    }
+
+    /// Invites that can still be redeemed.
+    pub fn open(&self, now: u64) -> impl Iterator<Item = &InviteRecord> {
+        self.invites.iter().filter(move |r| r.status(now).is_ok())
+    }
+
+    /// Forgets invites dead for long enough that nobody will ask about them.
+    pub fn prune(&mut self, now: u64) {
+        self.invites
+            .retain(|r| r.status(now).is_ok() || r.expires_at.saturating_add(KEEP_DEAD_FOR) > now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(now: u64) -> Invite {
+        Invite {
+            host_key: [7; 32],
+            host_name: "living-room".into(),
+            host_address: "100.77.0.1".parse().unwrap(),
+            network: "100.77.0.0/16".parse().unwrap(),
+            endpoints: vec![
+                "203.0.113.10:51871".parse().unwrap(),
+                "[2001:db8::1]:51871".parse().unwrap(),
+            ],
+            invite_id: InviteId([1, 2, 3, 4, 5, 6, 7, 8]),
+            expires_at: now + 3600,
+            secret: Zeroizing::new([9; 32]),
+        }
+    }
+
+    #[test]
+    fn plain_link_round_trips() {
+        let inv = sample(1000);
+        let text = inv.encode();
+        assert!(text.starts_with(PREFIX));
+        assert_eq!(decode(&text, None, 1000).unwrap(), inv);
+    }
+
+    #[test]
+    fn every_flipped_byte_of_a_plain_link_is_rejected() {
+        let text = sample(1000).encode();
+        for i in 0..text.len() {
+            for flip in [0x01u8, 0x20, 0x80] {
+                let mut b = text.clone().into_bytes();
+                b[i] ^= flip;
+                let Ok(s) = String::from_utf8(b) else { continue };
+                assert!(decode(&s, None, 1000).is_err(), "flip {flip:#x} at {i} accepted");
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_link_is_rejected() {
+        let text = sample(1000).encode();
+        for n in 0..text.len() {
+            assert!(decode(&text[..n], None, 1000).is_err(), "prefix of {n} accepted");
+        }
+    }
+
+    #[test]
+    fn sealed_link_needs_the_right_passphrase_and_fails_like_damage() {
+        let inv = sample(1000);
+        let text = inv.encode_sealed("correct horse").unwrap();
+        assert!(is_sealed(&text).unwrap());
+        assert_eq!(decode(&text, None, 1000), Err(LinkError::NeedsPassphrase));
+        assert_eq!(decode(&text, Some("wrong"), 1000), Err(LinkError::Invalid));
+        assert_eq!(decode(&text, Some("correct horse"), 1000).unwrap(), inv);
+    }
+
+    #[test]
+    fn expired_link_is_rejected() {
+        let text = sample(1000).encode();
+        assert!(matches!(decode(&text, None, 1000 + 3600), Err(LinkError::Expired(_))));
+    }
+
+    #[test]
+    fn single_use_invite_redeems_once() {
+        let mut book = InviteBook::default();
+        book.add(InviteRecord {
+            id: InviteId([1; 8]),
+            public_key: [5; 32],
+            created_at: 0,
+            expires_at: 100,
+            uses_allowed: 1,
+            uses: 0,
+            revoked: false,
+        });
+        assert!(book.redeem(&[5; 32], 10).is_ok());
+        assert_eq!(book.redeem(&[5; 32], 11), Err(RedeemError::AlreadyUsed));
+        assert_eq!(book.redeem(&[6; 32], 11), Err(RedeemError::Unknown));
+    }
+
+    #[test]
+    fn revoked_and_expired_invites_are_refused() {
+        let mut book = InviteBook::default();
+        for (i, k) in [(1u8, 5u8), (2, 6)] {
+            book.add(InviteRecord {
+                id: InviteId([i; 8]),
+                public_key: [k; 32],
+                created_at: 0,
+                expires_at: 100,
+                uses_allowed: 3,
+                uses: 0,
+                revoked: false,
+            });
+        }
+        book.revoke(InviteId([1; 8])).unwrap();
+        assert_eq!(book.redeem(&[5; 32], 10), Err(RedeemError::Revoked));
+        assert_eq!(book.redeem(&[6; 32], 100), Err(RedeemError::Expired));
+        assert_eq!(book.open(10).count(), 1);
+    }
+}

@@ -1,0 +1,350 @@
+//! The `watchalong` command line: the daemon itself and the commands that talk to it
+//! over the control socket. This is an edge: errors become one line and an exit code.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use watchalong::config::{Config, ConfigError};
+use watchalong::control::{
+    Client, Empty, InviteView, JoinReply, JoinRequest, LinkReply, LinkRequest, PeerAddRequest,
+    PeerRemoveRequest, StatusReply,
+};
+use watchalong::{daemon, link, logging};
+
+/// sysexits' EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a restart loop.
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(name = "watchalong", version, about = "Share a folder with a small group over a private WireGuard network")]
+struct Cli {
+    /// The configuration file (default /etc/watchalong.toml; built-in defaults when absent).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node in the foreground (what systemd runs).
+    Daemon,
+    /// Run the node in the foreground and print an access link once it is ready.
+    Up,
+    /// Create an access link (or revoke one with --revoke).
+    Link {
+        /// How many nodes may join with this link.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// How long the link stays valid, like 24h, 30m or 7days.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        expires: Duration,
+        /// Seal the link with a passphrase (asked for, or read from stdin when it is not a terminal).
+        #[arg(long)]
+        passphrase: bool,
+        /// Read the passphrase from this file instead of asking.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        /// Revoke the open invite with this id instead of creating one.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["uses", "passphrase"])]
+        revoke: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the invites and their state.
+    Links {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Join the group an access link leads to; exits once the tunnel to the host is up.
+    Join {
+        link: String,
+        /// Read the passphrase of a sealed link from this file instead of asking.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show this node and its peers.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add or remove a standard WireGuard peer by hand.
+    #[command(subcommand)]
+    Peer(PeerCommand),
+}
+
+#[derive(Subcommand)]
+enum PeerCommand {
+    Add {
+        #[arg(long)]
+        public_key: String,
+        /// Its VPN address, inside the group's network.
+        #[arg(long)]
+        address: std::net::Ipv4Addr,
+        #[arg(long)]
+        endpoint: Option<std::net::SocketAddr>,
+        #[arg(long, default_value = "wireguard-peer")]
+        name: String,
+    },
+    Remove {
+        #[arg(long)]
+        public_key: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return match e {
+                ConfigError::Invalid { .. } => ExitCode::from(EX_CONFIG),
+                ConfigError::Read { .. } => ExitCode::from(EX_CONFIG),
+            };
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    let client = Client::new(&config.control.socket);
+    match command {
+        Command::Daemon => {
+            logging::init(config.log.level);
+            daemon::run(config, None).await?;
+        }
+        Command::Up => {
+            logging::init(config.log.level);
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let daemon = tokio::spawn(daemon::run(config, Some(tx)));
+            if let Ok(node) = rx.await {
+                let reply = node
+                    .new_link(1, Duration::from_secs(24 * 3600))
+                    .await
+                    .context("cannot create the access link")?;
+                print_link(&reply.link)?;
+                eprintln!(
+                    "single-use link, expires {} UTC; more with `watchalong link`",
+                    link::format_utc(reply.expires_at)
+                );
+            }
+            daemon.await.context("the daemon task failed")??;
+        }
+        Command::Link {
+            uses,
+            expires,
+            passphrase,
+            passphrase_file,
+            revoke,
+            json,
+        } => {
+            if let Some(id) = revoke {
+                let _: Empty = client.delete(&format!("/v1/links/{id}")).await?;
+                eprintln!("revoked {id}");
+                return Ok(());
+            }
+            let pass = if passphrase || passphrase_file.is_some() {
+                Some(read_passphrase(passphrase_file.as_ref(), "Passphrase for the link: ")?)
+            } else {
+                None
+            };
+            let reply: LinkReply = client
+                .post(
+                    "/v1/links",
+                    &LinkRequest {
+                        uses,
+                        expires_secs: expires.as_secs(),
+                    },
+                )
+                .await?;
+            let text = match &pass {
+                Some(p) => {
+                    let inv = link::decode(&reply.link, None, daemon::now_secs())?;
+                    inv.encode_sealed(p)?
+                }
+                None => reply.link.clone(),
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"link": text, "id": reply.id, "expires_at": reply.expires_at, "uses": reply.uses, "sealed": pass.is_some()})
+                );
+            } else {
+                print_link(&text)?;
+                eprintln!(
+                    "invite {}: {} use(s), expires {} UTC",
+                    reply.id,
+                    reply.uses,
+                    link::format_utc(reply.expires_at)
+                );
+            }
+        }
+        Command::Links { json } => {
+            let list: Vec<InviteView> = client.get("/v1/links").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no invites");
+            } else {
+                println!("{:<18} {:<8} {:>5} {:<20}", "ID", "STATE", "USES", "EXPIRES (UTC)");
+                for i in list {
+                    println!(
+                        "{:<18} {:<8} {:>2}/{:<2} {}",
+                        i.id.to_string(),
+                        i.state,
+                        i.uses,
+                        i.uses_allowed,
+                        link::format_utc(i.expires_at)
+                    );
+                }
+            }
+        }
+        Command::Join {
+            link: text,
+            passphrase_file,
+            json,
+        } => {
+            let text = text.trim().to_string();
+            let plain = if link::is_sealed(&text)? {
+                let pass = read_passphrase(passphrase_file.as_ref(), "Passphrase for the link: ")?;
+                link::decode(&text, Some(&pass), daemon::now_secs())?.encode()
+            } else {
+                text
+            };
+            let reply: JoinReply = client.post("/v1/join", &JoinRequest { link: plain }).await?;
+            if json {
+                println!("{}", serde_json::to_string(&serde_json::json!({"host_name": reply.host_name, "address": reply.address, "network": reply.network}))?);
+            } else {
+                println!(
+                    "joined {}'s group as {} ({})",
+                    reply.host_name, reply.address, reply.network
+                );
+            }
+        }
+        Command::Status { json } => {
+            let s: StatusReply = client.get("/v1/status").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+        }
+        Command::Peer(PeerCommand::Add {
+            public_key,
+            address,
+            endpoint,
+            name,
+        }) => {
+            let _: Empty = client
+                .post(
+                    "/v1/peers",
+                    &PeerAddRequest {
+                        name,
+                        public_key,
+                        address,
+                        endpoint,
+                    },
+                )
+                .await?;
+        }
+        Command::Peer(PeerCommand::Remove { public_key }) => {
+            let _: Empty = client
+                .post("/v1/peers/remove", &PeerRemoveRequest { public_key })
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The link alone on the first line of stdout, so `| head -1` gets it; a QR code after
+/// it when a person is looking.
+fn print_link(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    if std::io::stdout().is_terminal() {
+        let code = qrcode::QrCode::new(text.as_bytes()).context("cannot draw the QR code")?;
+        let art = code
+            .render::<qrcode::render::unicode::Dense1x2>()
+            .quiet_zone(true)
+            .build();
+        writeln!(out, "{art}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn read_passphrase(file: Option<&PathBuf>, prompt: &str) -> anyhow::Result<String> {
+    let pass = if let Some(f) = file {
+        std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the passphrase file {}", f.display()))?
+            .trim_end_matches(['\n', '\r'])
+            .to_string()
+    } else if std::io::stdin().is_terminal() {
+        rpassword::prompt_password(prompt).context("cannot read the passphrase")?
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    };
+    if pass.is_empty() {
+        bail!("the passphrase is empty");
+    }
+    Ok(pass)
+}
+
+fn ago(secs: Option<u64>) -> String {
+    match secs {
+        None => "never".into(),
+        Some(s) => format!("{}s ago", s),
+    }
+}
+
+fn print_status(s: &StatusReply) {
+    let n = &s.node;
+    println!("node      {} ({})", n.name, n.role);
+    println!("address   {} in {}", n.address, n.network);
+    println!("key       {}", n.public_key);
+    println!("listen    UDP {} on {}", n.listen_port, n.interface);
+    if n.role != "host" {
+        println!("host      {}", n.host_name);
+    }
+    if s.peers.is_empty() {
+        println!("\nno peers yet: `watchalong link` makes an access link");
+        return;
+    }
+    println!(
+        "\n{:<16} {:<15} {:<22} {:<12} {:>12} {:>12}",
+        "PEER", "ADDRESS", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+    );
+    for p in &s.peers {
+        println!(
+            "{:<16} {:<15} {:<22} {:<12} {:>12} {:>12}",
+            p.name,
+            p.address.to_string(),
+            p.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+            ago(p.last_handshake_secs_ago),
+            p.rx_bytes,
+            p.tx_bytes
+        );
+    }
+}
