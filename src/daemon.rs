@@ -32,6 +32,7 @@ const GROUP_FILE: &str = "group.json";
 const INVITES_FILE: &str = "invites.json";
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 const TUNNEL_UP_TIMEOUT: Duration = Duration::from_secs(10);
+const ENDPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 /// Longest an invite may live, so a forgotten link does not stay a way in for ever.
 pub const MAX_INVITE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -338,6 +339,38 @@ impl Node {
     }
 }
 
+/// Keeps the persisted endpoints in step with the tunnel's roaming, so that after a
+/// restart this node greets each peer where it was last seen.
+async fn persist_endpoints(node: Arc<Node>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(ENDPOINT_SAVE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = node.tunnel.roamed() => {}
+            () = cancel.cancelled() => return,
+        }
+        let seen = node.tunnel.status();
+        let mut book = node.book();
+        let mut group = book.group.clone();
+        let mut changed = false;
+        for p in seen {
+            let Some(key) = identity::key_from_base64(&p.public_key) else { continue };
+            if let Some(m) = group.member_mut(&key) {
+                if p.endpoint.is_some() && m.endpoint != p.endpoint {
+                    m.endpoint = p.endpoint;
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            match state::write_json(&node.path(GROUP_FILE), &group) {
+                Ok(()) => book.group = group,
+                Err(e) => log::warn!("{e}"),
+            }
+        }
+    }
+}
+
 fn peer_config(m: &Member) -> PeerConfig {
     PeerConfig {
         public_key: m.public_key,
@@ -538,6 +571,13 @@ pub async fn run(config: Config, ready: Option<oneshot::Sender<Arc<Node>>>) -> R
         let (n, c) = (node.clone(), cancel.clone());
         tasks.spawn(async move {
             serve_joins(n, invite_rx, c).await;
+            Ok(())
+        });
+    }
+    {
+        let (n, c) = (node.clone(), cancel.clone());
+        tasks.spawn(async move {
+            persist_endpoints(n, c).await;
             Ok(())
         });
     }

@@ -33,6 +33,8 @@ struct Cli {
 enum Command {
     /// Run the node in the foreground (what systemd runs).
     Daemon,
+    /// Check the configuration file and exit (78 when it is invalid).
+    Check,
     /// Run the node in the foreground and print an access link once it is ready.
     Up,
     /// Create an access link (or revoke one with --revoke).
@@ -129,6 +131,12 @@ fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     let client = Client::new(&config.control.socket);
     match command {
+        Command::Check => {
+            println!(
+                "configuration ok: node {}, interface {}, UDP port {}, network {}",
+                config.node.name, config.tunnel.interface, config.tunnel.listen_port, config.tunnel.network
+            );
+        }
         Command::Daemon => {
             logging::init(config.log.level);
             daemon::run(config, None).await?;

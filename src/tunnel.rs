@@ -123,6 +123,7 @@ pub struct Tunnel {
     public: PublicKey,
     state: Mutex<State>,
     invite_tx: mpsc::Sender<InviteMessage>,
+    roamed: tokio::sync::Notify,
 }
 
 /// What handling one datagram asks the loop to do once the lock is released.
@@ -147,6 +148,7 @@ impl Tunnel {
             public,
             state: Mutex::new(State::default()),
             invite_tx,
+            roamed: tokio::sync::Notify::new(),
         })
     }
 
@@ -267,6 +269,11 @@ impl Tunnel {
             .collect();
         v.sort_by_key(|p| p.address);
         v
+    }
+
+    /// Resolves when a peer's endpoint has moved since the last call.
+    pub async fn roamed(&self) {
+        self.roamed.notified().await
     }
 
     /// Packets from other members that claimed an address they do not own.
@@ -401,6 +408,7 @@ impl Tunnel {
                 if peer.config.endpoint != Some(from) {
                     log::info!("{} is now at {from}", peer.config.name);
                     peer.config.endpoint = Some(from);
+                    self.roamed.notify_one();
                 }
                 after
             }

@@ -1,0 +1,352 @@
+//! The lab: network namespaces on one LAN bridge, one watchalong daemon per namespace,
+//! each with its own state dir and control socket. Every name carries this process's PID
+//! so parallel runs never meet, and everything is torn down on drop, also when a test
+//! panics (the daemon's log is printed then, to show why).
+
+#![allow(dead_code)]
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_watchalong");
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// True when the test may run. Without root it is skipped loudly, except under CI,
+/// where a skip would hide a broken suite.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test} needs root and namespaces, and CI must run it");
+    }
+    eprintln!("\n========== SKIPPED (needs root): {test} ==========\n");
+    false
+}
+
+/// Polls `f` until it is true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+pub fn must(cmd: &str, args: &[&str]) {
+    let o = run(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn unique(tag: &str) -> String {
+    format!(
+        "{tag}{}{}",
+        std::process::id() % 100_000,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// A network namespace, deleted (with whatever still runs in it) on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("wat-{}", unique(tag));
+        must("ip", &["netns", "add", &name]);
+        must("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut all = vec!["netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    pub fn spawn(&self, args: &[&str], log: &Path) -> Child {
+        let log = std::fs::File::create(log).expect("log file");
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn in namespace")
+    }
+
+    pub fn has_link(&self, name: &str) -> bool {
+        run("ip", &["-n", &self.name, "link", "show", name])
+            .status
+            .success()
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let pids = run("ip", &["netns", "pids", &self.name]);
+        for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+            let _ = run("kill", &["-9", pid]);
+        }
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// Runs `f` on a thread that lives inside namespace `ns`, so sockets it opens are there.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns failed: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(ns, f).join().expect("thread in namespace panicked")
+}
+
+/// A LAN: a bridge in a namespace of its own; each node plugs a veth into it.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    switch: Netns,
+    next_ip: u8,
+    pub subnet: [u8; 3],
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        let switch = Netns::new("sw");
+        must("ip", &["-n", &switch.name, "link", "add", "br0", "type", "bridge"]);
+        must("ip", &["-n", &switch.name, "link", "set", "br0", "up"]);
+        Lab {
+            dir: tempfile::Builder::new()
+                .prefix("watchalong-test-")
+                .tempdir()
+                .expect("temp dir"),
+            switch,
+            next_ip: 1,
+            subnet: [10, 88, 0],
+        }
+    }
+
+    /// A node on the LAN with its own namespace, config, state dir and control socket.
+    pub fn node(&mut self, name: &str) -> Node {
+        let ns = Netns::new(name);
+        let ip = Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], self.next_ip);
+        self.next_ip += 1;
+        let outer = unique("v");
+        must(
+            "ip",
+            &["link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns.name],
+        );
+        must("ip", &["link", "set", &outer, "netns", &self.switch.name]);
+        must("ip", &["-n", &self.switch.name, "link", "set", &outer, "master", "br0", "up"]);
+        must("ip", &["-n", &ns.name, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        must("ip", &["-n", &ns.name, "link", "set", "eth0", "up"]);
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).expect("node dir");
+        let config = dir.join("watchalong.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[node]\nname = \"{name}\"\nstate_dir = \"{}\"\n\n[control]\nsocket = \"{}\"\n\n[log]\nlevel = \"debug\"\n",
+                dir.join("state").display(),
+                dir.join("control.sock").display()
+            ),
+        )
+        .expect("config");
+        Node {
+            name: name.to_string(),
+            ns,
+            ip,
+            dir,
+            config,
+            daemon: None,
+            runs: 0,
+        }
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub ns: Netns,
+    pub ip: Ipv4Addr,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    daemon: Option<Child>,
+    runs: usize,
+}
+
+impl Node {
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("daemon-{}.log", self.runs))
+    }
+
+    /// Starts the daemon and waits until its control socket answers.
+    pub fn start(&mut self) {
+        self.start_with_env(&[]);
+    }
+
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) {
+        assert!(self.daemon.is_none(), "{} already runs", self.name);
+        self.runs += 1;
+        let log = std::fs::File::create(self.log_path()).expect("log file");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns.name, BIN, "--config"])
+            .arg(&self.config)
+            .arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.daemon = Some(cmd.spawn().expect("spawn daemon"));
+        let up = wait_until(Duration::from_secs(30), || self.cli(&["status", "--json"]).status.success());
+        assert!(up, "{}'s daemon did not answer on its control socket:\n{}", self.name, self.log());
+    }
+
+    pub fn log(&self) -> String {
+        let mut all = String::new();
+        for i in 1..=self.runs {
+            let p = self.dir.join(format!("daemon-{i}.log"));
+            all.push_str(&std::fs::read_to_string(p).unwrap_or_default());
+        }
+        all
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cli")
+    }
+
+    pub fn cli_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run cli");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("cli output")
+    }
+
+    /// Runs the CLI and returns its stdout, failing the test with its stderr otherwise.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "{} {args:?} failed: {}\n--- daemon log ---\n{}",
+            self.name,
+            String::from_utf8_lossy(&o.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status json")
+    }
+
+    /// A fresh single-use link from this node.
+    pub fn link(&self, extra: &[&str]) -> String {
+        let mut args = vec!["link"];
+        args.extend_from_slice(extra);
+        self.ok(&args).lines().next().expect("link line").to_string()
+    }
+
+    pub fn peer<'a>(status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+        status["peers"].as_array()?.iter().find(|p| p["name"] == name)
+    }
+
+    pub fn ping(&self, addr: &str) -> bool {
+        self.ns
+            .exec(&["ping", "-c", "1", "-W", "1", addr])
+            .status
+            .success()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and waits for the daemon to exit.
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        let mut c = self.daemon.take().expect("daemon running");
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait().expect("wait") {
+                return s;
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                panic!("{} did not stop within 30 s of SIGTERM:\n{}", self.name, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- {} daemon log ---\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// The VPN address of the node `status` describes.
+pub fn vpn_address(status: &serde_json::Value) -> String {
+    status["node"]["address"].as_str().expect("address").to_string()
+}

@@ -1,0 +1,127 @@
+//! Two nodes, one access link: the join, traffic over the tunnel, status, restarts.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn joined_pair(lab: &mut Lab) -> (Node, Node) {
+    let mut host = lab.node("host");
+    let mut joiner = lab.node("joiner");
+    host.start();
+    joiner.start();
+    let link = host.link(&[]);
+    assert!(link.starts_with("watchalong://join/"), "{link}");
+    let out = joiner.ok(&["join", &link]);
+    assert!(out.contains("joined host's group"), "{out}");
+    (host, joiner)
+}
+
+/// Sends `bytes` of patterned data from `from`'s namespace to a listener in `to`'s, and
+/// returns the BLAKE3 of what was sent and of what arrived.
+fn tcp_transfer(from: &Node, to: &Node, to_addr: &str, bytes: usize) -> (blake3::Hash, blake3::Hash) {
+    let addr = to_addr.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = spawn_in_netns(&to.ns.name, move || {
+        let l = TcpListener::bind((addr.as_str(), 0)).expect("bind on VPN address");
+        tx.send(l.local_addr().expect("addr")).expect("send addr");
+        let (mut s, _) = l.accept().expect("accept");
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = s.read(&mut buf).expect("read");
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        h.finalize()
+    });
+    let server_addr = rx.recv_timeout(DEADLINE).expect("server address");
+    let sent = in_netns(&from.ns.name, move || {
+        let mut s = TcpStream::connect_timeout(&server_addr, DEADLINE).expect("connect over VPN");
+        s.set_write_timeout(Some(DEADLINE)).expect("timeout");
+        let mut h = blake3::Hasher::new();
+        let mut block = vec![0u8; 65536];
+        let mut left = bytes;
+        let mut i = 0u8;
+        while left > 0 {
+            block.iter_mut().for_each(|b| {
+                *b = i;
+                i = i.wrapping_mul(31).wrapping_add(7);
+            });
+            let n = left.min(block.len());
+            s.write_all(&block[..n]).expect("write");
+            h.update(&block[..n]);
+            left -= n;
+        }
+        h.finalize()
+    });
+    let received = server.join().expect("server thread");
+    (sent, received)
+}
+
+#[test]
+fn two_nodes_join_with_one_link_and_pass_traffic() {
+    if !root_or_skip("two_nodes_join_with_one_link_and_pass_traffic") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let (host, joiner) = joined_pair(&mut lab);
+    let host_addr = vpn_address(&host.status());
+    let joiner_addr = vpn_address(&joiner.status());
+    assert_eq!(host_addr, "100.77.0.1");
+    assert_eq!(joiner_addr, "100.77.0.2");
+    assert!(wait_until(DEADLINE, || joiner.ping(&host_addr)), "joiner cannot ping the host");
+    assert!(wait_until(DEADLINE, || host.ping(&joiner_addr)), "host cannot ping the joiner");
+
+    let (sent, received) = tcp_transfer(&joiner, &host, &host_addr, 10 * 1024 * 1024);
+    assert_eq!(sent, received, "10 MiB over the tunnel arrived damaged");
+
+    for (node, other) in [(&host, "joiner"), (&joiner, "host")] {
+        let s = node.status();
+        let p = Node::peer(&s, other).unwrap_or_else(|| panic!("{} does not list {other}: {s}", node.name));
+        let ago = p["last_handshake_secs_ago"].as_u64().expect("a handshake happened");
+        assert!(ago < 120, "handshake {ago}s ago is not recent");
+        assert!(p["rx_bytes"].as_u64().unwrap() > 0, "no bytes in: {p}");
+        assert!(p["tx_bytes"].as_u64().unwrap() > 0, "no bytes out: {p}");
+    }
+    // The joiner's private key stayed home: the host only knows its public key.
+    let joiner_key = joiner.status()["node"]["public_key"].as_str().unwrap().to_string();
+    let host_view = host.status();
+    assert_eq!(Node::peer(&host_view, "joiner").unwrap()["public_key"], joiner_key.as_str());
+}
+
+#[test]
+fn tunnel_comes_back_after_either_side_is_killed_and_sigterm_removes_the_device() {
+    if !root_or_skip("tunnel_comes_back_after_either_side_is_killed_and_sigterm_removes_the_device") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let (mut host, mut joiner) = joined_pair(&mut lab);
+    assert!(wait_until(DEADLINE, || joiner.ping("100.77.0.1")));
+
+    joiner.kill9();
+    joiner.start();
+    assert!(wait_until(DEADLINE, || joiner.ping("100.77.0.1")), "joiner did not reconnect after kill -9");
+    assert_eq!(vpn_address(&joiner.status()), "100.77.0.2");
+
+    host.kill9();
+    host.start();
+    assert!(wait_until(DEADLINE, || host.ping("100.77.0.2")), "host did not reconnect after kill -9");
+    assert!(wait_until(DEADLINE, || joiner.ping("100.77.0.1")));
+
+    assert!(joiner.ns.has_link("wa0"));
+    let status = joiner.term();
+    assert!(status.success(), "SIGTERM exit status {status:?}");
+    assert!(!joiner.ns.has_link("wa0"), "the TUN device outlived the daemon");
+    assert!(!joiner.dir.join("control.sock").exists(), "the control socket was left behind");
+    let status = host.term();
+    assert!(status.success());
+    assert!(!host.ns.has_link("wa0"));
+}
