@@ -32,7 +32,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub node: NodeConfig,
@@ -130,17 +130,6 @@ impl Default for LogConfig {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            node: NodeConfig::default(),
-            tunnel: TunnelConfig::default(),
-            control: ControlConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
-}
-
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -194,11 +183,7 @@ impl Config {
             ));
         }
         if !self.node.state_dir.is_absolute() {
-            return Err(bad(
-                "node",
-                "state_dir",
-                "expected an absolute path".into(),
-            ));
+            return Err(bad("node", "state_dir", "expected an absolute path".into()));
         }
         let iface = &self.tunnel.interface;
         if iface.is_empty()
@@ -293,7 +278,10 @@ fn key_at(text: &str, offset: usize, message: &str) -> String {
         .unwrap_or(0);
     let line = text[start..].lines().next().unwrap_or("").trim();
     if line.starts_with('[') {
-        return line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        return line
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_string();
     }
     let key = line.split('=').next().unwrap_or("").trim();
     let table = table_before(text, offset);
@@ -322,7 +310,10 @@ fn line_of_key(text: &str, table: &str, key: &str) -> usize {
     for (i, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.starts_with('[') {
-            current = line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            current = line
+                .trim_matches(|c| c == '[' || c == ']')
+                .trim()
+                .to_string();
             if current == table {
                 header_line = i + 1;
             }
@@ -376,6 +367,9 @@ mod tests {
     fn bad_network_names_its_line() {
         let text = "[tunnel]\ninterface = \"wa1\"\nnetwork = \"100.77.0.1/16\"\n";
         let e = Config::parse(Path::new("c.toml"), text).unwrap_err();
-        assert!(e.to_string().starts_with("c.toml:3: `tunnel.network`"), "{e}");
+        assert!(
+            e.to_string().starts_with("c.toml:3: `tunnel.network`"),
+            "{e}"
+        );
     }
 }

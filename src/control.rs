@@ -105,17 +105,21 @@ struct ErrorBody {
 
 /// An error a handler returns: the HTTP status it maps to, and its cause.
 #[derive(Debug, thiserror::Error)]
-#[error("{source}")]
+#[error("{cause}")]
 pub struct ApiError {
     pub status: StatusCode,
-    pub source: Box<dyn std::error::Error + Send + Sync>,
+    /// Shown whole to the user; not chained as a `source`, which would print it twice.
+    pub cause: Box<dyn std::error::Error + Send + Sync>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         ApiError {
             status,
-            source: source.into(),
+            cause: source.into(),
         }
     }
     pub fn bad_request(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
@@ -135,12 +139,19 @@ impl ApiError {
 /// What the daemon does for each call.
 pub trait Handler: Send + Sync + 'static {
     fn status(&self) -> impl Future<Output = Result<StatusReply, ApiError>> + Send;
-    fn create_link(&self, req: LinkRequest) -> impl Future<Output = Result<LinkReply, ApiError>> + Send;
+    fn create_link(
+        &self,
+        req: LinkRequest,
+    ) -> impl Future<Output = Result<LinkReply, ApiError>> + Send;
     fn list_links(&self) -> impl Future<Output = Result<Vec<InviteView>, ApiError>> + Send;
     fn revoke_link(&self, id: InviteId) -> impl Future<Output = Result<Empty, ApiError>> + Send;
     fn join(&self, req: JoinRequest) -> impl Future<Output = Result<JoinReply, ApiError>> + Send;
-    fn add_peer(&self, req: PeerAddRequest) -> impl Future<Output = Result<Empty, ApiError>> + Send;
-    fn remove_peer(&self, req: PeerRemoveRequest) -> impl Future<Output = Result<Empty, ApiError>> + Send;
+    fn add_peer(&self, req: PeerAddRequest)
+        -> impl Future<Output = Result<Empty, ApiError>> + Send;
+    fn remove_peer(
+        &self,
+        req: PeerRemoveRequest,
+    ) -> impl Future<Output = Result<Empty, ApiError>> + Send;
 }
 
 /// Serves `listener` until `cancel` fires; connections in flight are awaited.
@@ -210,7 +221,9 @@ async fn route<H: Handler>(h: &H, req: Request<Incoming>) -> Response<Full<Bytes
             Ok(r) => reply(h.remove_peer(r).await),
             Err(e) => Err(e),
         },
-        _ => Err(ApiError::not_found(format!("no such call: {method} {path}"))),
+        _ => Err(ApiError::not_found(format!(
+            "no such call: {method} {path}"
+        ))),
     };
     match res {
         Ok(r) => r,
@@ -287,22 +300,34 @@ impl Client {
         self.call(Method::GET, path, Bytes::new()).await
     }
 
-    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ControlError> {
-        self.call(Method::POST, path, Bytes::from(serde_json::to_vec(body)?)).await
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ControlError> {
+        self.call(Method::POST, path, Bytes::from(serde_json::to_vec(body)?))
+            .await
     }
 
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ControlError> {
         self.call(Method::DELETE, path, Bytes::new()).await
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> Result<T, ControlError> {
-        let stream = UnixStream::connect(&self.path)
-            .await
-            .map_err(|source| ControlError::Connect {
-                path: self.path.clone(),
-                source,
-            })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<T, ControlError> {
+        let stream =
+            UnixStream::connect(&self.path)
+                .await
+                .map_err(|source| ControlError::Connect {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         let driver = tokio::spawn(conn);
         let req = Request::builder()
             .method(method)

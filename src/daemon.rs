@@ -190,7 +190,13 @@ impl Node {
     }
 
     /// The host's answer to one join request, decided and persisted under the book lock.
-    fn answer_join(&self, invite_key: &[u8; 32], name: &str, key: [u8; 32], from: SocketAddr) -> (JoinMessage, Option<Member>) {
+    fn answer_join(
+        &self,
+        invite_key: &[u8; 32],
+        name: &str,
+        key: [u8; 32],
+        from: SocketAddr,
+    ) -> (JoinMessage, Option<Member>) {
         let now = now_secs();
         let mut book = self.book();
         let refused = |reason| (JoinMessage::Refused { reason }, None);
@@ -253,7 +259,9 @@ impl Node {
             let book = self.book();
             let g = &book.group;
             if invite.host_key == self.public_key {
-                return Err(ApiError::conflict("this link was made by this node: open it on another machine"));
+                return Err(ApiError::conflict(
+                    "this link was made by this node: open it on another machine",
+                ));
             }
             if g.host_key == invite.host_key {
                 return Err(ApiError::conflict(format!(
@@ -274,16 +282,21 @@ impl Node {
                 )));
             }
         }
-        let admission = join::redeem(&invite, self.public_key, &self.config.node.name, JOIN_TIMEOUT)
-            .await
-            .map_err(|e| match e {
-                JoinError::HostUnreachable(_) => ApiError::new(StatusCode::BAD_GATEWAY, e),
-                JoinError::Refused(Refusal::Invite(
-                    RedeemError::AlreadyUsed | RedeemError::Expired | RedeemError::Revoked,
-                )) => ApiError::new(StatusCode::GONE, e),
-                JoinError::Refused(_) => ApiError::new(StatusCode::FORBIDDEN, e),
-                _ => ApiError::internal(e),
-            })?;
+        let admission = join::redeem(
+            &invite,
+            self.public_key,
+            &self.config.node.name,
+            JOIN_TIMEOUT,
+        )
+        .await
+        .map_err(|e| match e {
+            JoinError::HostUnreachable(_) => ApiError::new(StatusCode::BAD_GATEWAY, e),
+            JoinError::Refused(Refusal::Invite(
+                RedeemError::AlreadyUsed | RedeemError::Expired | RedeemError::Revoked,
+            )) => ApiError::new(StatusCode::GONE, e),
+            JoinError::Refused(_) => ApiError::new(StatusCode::FORBIDDEN, e),
+            _ => ApiError::internal(e),
+        })?;
         let host = Member {
             name: admission.host_name.clone(),
             public_key: invite.host_key,
@@ -354,7 +367,9 @@ async fn persist_endpoints(node: Arc<Node>, cancel: CancellationToken) {
         let mut group = book.group.clone();
         let mut changed = false;
         for p in seen {
-            let Some(key) = identity::key_from_base64(&p.public_key) else { continue };
+            let Some(key) = identity::key_from_base64(&p.public_key) else {
+                continue;
+            };
             if let Some(m) = group.member_mut(&key) {
                 if p.endpoint.is_some() && m.endpoint != p.endpoint {
                     m.endpoint = p.endpoint;
@@ -401,8 +416,16 @@ impl Handler for Node {
                 address: g.my_address,
                 network: g.network.to_string(),
                 interface: self.config.tunnel.interface.clone(),
-                listen_port: self.tunnel.local_port().unwrap_or(self.config.tunnel.listen_port),
-                role: if g.is_host(&self.public_key) { "host" } else { "member" }.into(),
+                listen_port: self
+                    .tunnel
+                    .local_port()
+                    .unwrap_or(self.config.tunnel.listen_port),
+                role: if g.is_host(&self.public_key) {
+                    "host"
+                } else {
+                    "member"
+                }
+                .into(),
                 host_name: g.host_name.clone(),
             },
             peers: self.tunnel.status(),
@@ -410,7 +433,8 @@ impl Handler for Node {
     }
 
     async fn create_link(&self, req: LinkRequest) -> Result<LinkReply, ApiError> {
-        self.new_link(req.uses, Duration::from_secs(req.expires_secs)).await
+        self.new_link(req.uses, Duration::from_secs(req.expires_secs))
+            .await
     }
 
     async fn list_links(&self) -> Result<Vec<InviteView>, ApiError> {
@@ -446,8 +470,11 @@ impl Handler for Node {
     }
 
     async fn add_peer(&self, req: PeerAddRequest) -> Result<Empty, ApiError> {
-        let key = identity::key_from_base64(&req.public_key)
-            .ok_or_else(|| ApiError::bad_request("the public key must be 32 bytes in base64, as `wg pubkey` prints"))?;
+        let key = identity::key_from_base64(&req.public_key).ok_or_else(|| {
+            ApiError::bad_request(
+                "the public key must be 32 bytes in base64, as `wg pubkey` prints",
+            )
+        })?;
         let member = Member {
             name: req.name,
             public_key: key,
@@ -459,7 +486,9 @@ impl Handler for Node {
         {
             let mut book = self.book();
             let mut group = book.group.clone();
-            group.add_static(member.clone()).map_err(ApiError::conflict)?;
+            group
+                .add_static(member.clone())
+                .map_err(ApiError::conflict)?;
             state::write_json(&self.path(GROUP_FILE), &group).map_err(ApiError::internal)?;
             book.group = group;
         }
@@ -485,7 +514,11 @@ impl Handler for Node {
 }
 
 /// Answers join requests arriving in invite sessions until cancelled.
-async fn serve_joins(node: Arc<Node>, mut rx: mpsc::Receiver<InviteMessage>, cancel: CancellationToken) {
+async fn serve_joins(
+    node: Arc<Node>,
+    mut rx: mpsc::Receiver<InviteMessage>,
+    cancel: CancellationToken,
+) {
     loop {
         let msg = tokio::select! {
             m = rx.recv() => match m { Some(m) => m, None => return },
@@ -512,7 +545,10 @@ async fn serve_joins(node: Arc<Node>, mut rx: mpsc::Receiver<InviteMessage>, can
 
 /// Runs a node until SIGTERM or SIGINT. `ready` receives the node once the TUN device
 /// and every socket are up, just as systemd hears `READY=1`.
-pub async fn run(config: Config, ready: Option<oneshot::Sender<Arc<Node>>>) -> Result<(), DaemonError> {
+pub async fn run(
+    config: Config,
+    ready: Option<oneshot::Sender<Arc<Node>>>,
+) -> Result<(), DaemonError> {
     let id = Identity::load_or_create(&config.node.state_dir)?;
     let public_key = id.wg_public.to_bytes();
     let group = match state::read_json::<Group>(&config.node.state_dir.join(GROUP_FILE))? {

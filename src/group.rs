@@ -128,7 +128,10 @@ impl Group {
     /// Adds a peer whose address is chosen by hand (a standard WireGuard peer).
     pub fn add_static(&mut self, member: Member) -> Result<(), GroupError> {
         if !self.network.contains(&member.address) {
-            return Err(GroupError::AddressOutsideNetwork(member.address, self.network));
+            return Err(GroupError::AddressOutsideNetwork(
+                member.address,
+                self.network,
+            ));
         }
         if let Some(owner) = self.owner_of(member.address) {
             if self.member(&member.public_key).map(|m| m.address) != Some(member.address) {

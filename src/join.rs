@@ -52,7 +52,12 @@ pub async fn redeem(
     my_name: &str,
     timeout: Duration,
 ) -> Result<Admission, JoinError> {
-    let endpoints: Vec<SocketAddr> = invite.endpoints.iter().filter(|e| e.is_ipv4()).copied().collect();
+    let endpoints: Vec<SocketAddr> = invite
+        .endpoints
+        .iter()
+        .filter(|e| e.is_ipv4())
+        .copied()
+        .collect();
     if endpoints.is_empty() {
         return Err(JoinError::NoEndpoint);
     }

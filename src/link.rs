@@ -479,8 +479,13 @@ mod tests {
             for flip in [0x01u8, 0x20, 0x80] {
                 let mut b = text.clone().into_bytes();
                 b[i] ^= flip;
-                let Ok(s) = String::from_utf8(b) else { continue };
-                assert!(decode(&s, None, 1000).is_err(), "flip {flip:#x} at {i} accepted");
+                let Ok(s) = String::from_utf8(b) else {
+                    continue;
+                };
+                assert!(
+                    decode(&s, None, 1000).is_err(),
+                    "flip {flip:#x} at {i} accepted"
+                );
             }
         }
     }
@@ -489,7 +494,10 @@ mod tests {
     fn truncated_link_is_rejected() {
         let text = sample(1000).encode();
         for n in 0..text.len() {
-            assert!(decode(&text[..n], None, 1000).is_err(), "prefix of {n} accepted");
+            assert!(
+                decode(&text[..n], None, 1000).is_err(),
+                "prefix of {n} accepted"
+            );
         }
     }
 
@@ -506,7 +514,10 @@ mod tests {
     #[test]
     fn expired_link_is_rejected() {
         let text = sample(1000).encode();
-        assert!(matches!(decode(&text, None, 1000 + 3600), Err(LinkError::Expired(_))));
+        assert!(matches!(
+            decode(&text, None, 1000 + 3600),
+            Err(LinkError::Expired(_))
+        ));
     }
 
     #[test]

@@ -20,7 +20,11 @@ use watchalong::{daemon, link, logging};
 const EX_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "watchalong", version, about = "Share a folder with a small group over a private WireGuard network")]
+#[command(
+    name = "watchalong",
+    version,
+    about = "Share a folder with a small group over a private WireGuard network"
+)]
 struct Cli {
     /// The configuration file (default /etc/watchalong.toml; built-in defaults when absent).
     #[arg(long, global = true, value_name = "FILE")]
@@ -112,7 +116,10 @@ fn main() -> ExitCode {
             };
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -134,7 +141,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Check => {
             println!(
                 "configuration ok: node {}, interface {}, UDP port {}, network {}",
-                config.node.name, config.tunnel.interface, config.tunnel.listen_port, config.tunnel.network
+                config.node.name,
+                config.tunnel.interface,
+                config.tunnel.listen_port,
+                config.tunnel.network
             );
         }
         Command::Daemon => {
@@ -146,15 +156,18 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let daemon = tokio::spawn(daemon::run(config, Some(tx)));
             if let Ok(node) = rx.await {
-                let reply = node
-                    .new_link(1, Duration::from_secs(24 * 3600))
-                    .await
-                    .context("cannot create the access link")?;
-                print_link(&reply.link)?;
-                eprintln!(
-                    "single-use link, expires {} UTC; more with `watchalong link`",
-                    link::format_utc(reply.expires_at)
-                );
+                // Without a link the node is still useful (it can join others), so a
+                // failure here is reported and the node keeps running.
+                match node.new_link(1, Duration::from_secs(24 * 3600)).await {
+                    Ok(reply) => {
+                        print_link(&reply.link)?;
+                        eprintln!(
+                            "single-use link, expires {} UTC; more with `watchalong link`",
+                            link::format_utc(reply.expires_at)
+                        );
+                    }
+                    Err(e) => eprintln!("error: cannot create the access link: {e}"),
+                }
             }
             daemon.await.context("the daemon task failed")??;
         }
@@ -172,7 +185,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 return Ok(());
             }
             let pass = if passphrase || passphrase_file.is_some() {
-                Some(read_passphrase(passphrase_file.as_ref(), "Passphrase for the link: ")?)
+                Some(read_passphrase(
+                    passphrase_file.as_ref(),
+                    "Passphrase for the link: ",
+                )?)
             } else {
                 None
             };
@@ -214,7 +230,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             } else if list.is_empty() {
                 println!("no invites");
             } else {
-                println!("{:<18} {:<8} {:>5} {:<20}", "ID", "STATE", "USES", "EXPIRES (UTC)");
+                println!(
+                    "{:<18} {:<8} {:>5} {:<20}",
+                    "ID", "STATE", "USES", "EXPIRES (UTC)"
+                );
                 for i in list {
                     println!(
                         "{:<18} {:<8} {:>2}/{:<2} {}",
@@ -240,9 +259,16 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             } else {
                 text
             };
-            let reply: JoinReply = client.post("/v1/join", &JoinRequest { link: plain }).await?;
+            let reply: JoinReply = client
+                .post("/v1/join", &JoinRequest { link: plain })
+                .await?;
             if json {
-                println!("{}", serde_json::to_string(&serde_json::json!({"host_name": reply.host_name, "address": reply.address, "network": reply.network}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string(
+                        &serde_json::json!({"host_name": reply.host_name, "address": reply.address, "network": reply.network})
+                    )?
+                );
             } else {
                 println!(
                     "joined {}'s group as {} ({})",
@@ -350,7 +376,9 @@ fn print_status(s: &StatusReply) {
             "{:<16} {:<15} {:<22} {:<12} {:>12} {:>12}",
             p.name,
             p.address.to_string(),
-            p.endpoint.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+            p.endpoint
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "-".into()),
             ago(p.last_handshake_secs_ago),
             p.rx_bytes,
             p.tx_bytes

@@ -185,7 +185,8 @@ impl Tunnel {
             );
             if let Some(ep) = config.endpoint {
                 let mut buf = vec![0u8; 256];
-                if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(&mut buf, false)
+                if let TunnResult::WriteToNetwork(p) =
+                    tunn.format_handshake_initiation(&mut buf, false)
                 {
                     out.push((p.to_vec(), ep));
                 }
@@ -398,7 +399,10 @@ impl Tunnel {
                             After::ToTun(p.len())
                         } else {
                             *spoofed += 1;
-                            log::debug!("dropped a packet from {} claiming {src}", peer.config.name);
+                            log::debug!(
+                                "dropped a packet from {} claiming {src}",
+                                peer.config.name
+                            );
                             After::Nothing
                         }
                     }

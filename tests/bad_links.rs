@@ -10,7 +10,11 @@ use watchalong::link;
 fn one_line_error(o: &std::process::Output, what: &str) -> String {
     assert!(!o.status.success(), "{what}: the join succeeded");
     let err = String::from_utf8_lossy(&o.stderr).trim().to_string();
-    assert_eq!(err.lines().count(), 1, "{what}: error is not one line: {err:?}");
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "{what}: error is not one line: {err:?}"
+    );
     assert!(err.starts_with("error: "), "{what}: {err}");
     err
 }
@@ -53,19 +57,33 @@ fn bad_links_fail_with_one_line_and_the_daemon_keeps_serving() {
     }
     c.status();
     // Random text.
-    for junk in ["hello", "watchalong://join/", "watchalong://join/AAAA", "https://example.com/x"] {
+    for junk in [
+        "hello",
+        "watchalong://join/",
+        "watchalong://join/AAAA",
+        "https://example.com/x",
+    ] {
         let e = one_line_error(&c.cli(&["join", junk]), junk);
         assert!(e.contains("invalid"), "{junk}: {e}");
     }
     // Wrong passphrase: the same error as any damage.
     let sealed = host.cli_stdin(&["link", "--passphrase"], "right horse\n");
     assert!(sealed.status.success());
-    let sealed = String::from_utf8_lossy(&sealed.stdout).lines().next().unwrap().to_string();
-    let e = one_line_error(&c.cli_stdin(&["join", &sealed], "wrong horse\n"), "wrong passphrase");
+    let sealed = String::from_utf8_lossy(&sealed.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let e = one_line_error(
+        &c.cli_stdin(&["join", &sealed], "wrong horse\n"),
+        "wrong passphrase",
+    );
     assert_eq!(e, flip_error, "a wrong passphrase must look like damage");
     // Expired.
     let short = host.link(&["--expires", "1s"]);
-    let expires_at = link::decode(&short, None, now()).map(|i| i.expires_at).unwrap_or(0);
+    let expires_at = link::decode(&short, None, now())
+        .map(|i| i.expires_at)
+        .unwrap_or(0);
     assert!(wait_until(Duration::from_secs(10), || now() > expires_at));
     let e = one_line_error(&c.cli(&["join", &short]), "expired");
     assert!(e.contains("expired"), "{e}");
@@ -89,12 +107,24 @@ fn bad_links_fail_with_one_line_and_the_daemon_keeps_serving() {
     let peers = host.status()["peers"].as_array().unwrap().len();
     assert_eq!(peers, 1, "the host admitted someone it should not have");
     let links: serde_json::Value = serde_json::from_str(&host.ok(&["links", "--json"])).unwrap();
-    let states: Vec<&str> = links.as_array().unwrap().iter().map(|l| l["state"].as_str().unwrap()).collect();
-    assert!(states.contains(&"used") && states.contains(&"revoked") && states.contains(&"expired"), "{states:?}");
+    let states: Vec<&str> = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["state"].as_str().unwrap())
+        .collect();
+    assert!(
+        states.contains(&"used") && states.contains(&"revoked") && states.contains(&"expired"),
+        "{states:?}"
+    );
 
     // The sealed link still works with the right passphrase.
     let ok = c.cli_stdin(&["join", &sealed], "right horse\n");
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(wait_until(Duration::from_secs(30), || c.ping("100.77.0.1")));
 }
 
@@ -109,7 +139,10 @@ fn ten_concurrent_redemptions_of_a_single_use_link_admit_exactly_one() {
     let text = host.link(&["--uses", "1"]);
     let joiners = lab.node("joiners");
     let results = in_netns(&joiners.ns.name, move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let invite = link::decode(&text, None, now()).unwrap();
             let mut set = tokio::task::JoinSet::new();
@@ -117,9 +150,14 @@ fn ten_concurrent_redemptions_of_a_single_use_link_admit_exactly_one() {
                 let invite = invite.clone();
                 set.spawn(async move {
                     let key = [i + 1; 32];
-                    watchalong::join::redeem(&invite, key, &format!("j{i}"), Duration::from_secs(20))
-                        .await
-                        .map_err(|e| e.to_string())
+                    watchalong::join::redeem(
+                        &invite,
+                        key,
+                        &format!("j{i}"),
+                        Duration::from_secs(20),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
                 });
             }
             let mut out = Vec::new();
@@ -141,7 +179,9 @@ fn ten_concurrent_redemptions_of_a_single_use_link_admit_exactly_one() {
 
 #[test]
 fn a_node_answering_at_the_hosts_endpoint_with_another_key_cannot_complete_a_join() {
-    if !root_or_skip("a_node_answering_at_the_hosts_endpoint_with_another_key_cannot_complete_a_join") {
+    if !root_or_skip(
+        "a_node_answering_at_the_hosts_endpoint_with_another_key_cannot_complete_a_join",
+    ) {
         return;
     }
     let mut lab = Lab::new();
@@ -159,6 +199,10 @@ fn a_node_answering_at_the_hosts_endpoint_with_another_key_cannot_complete_a_joi
     let e = one_line_error(&joiner.cli(&["join", &redirected]), "impostor");
     assert!(e.contains("no answer from the host"), "{e}");
     assert_eq!(impostor.status()["peers"].as_array().unwrap().len(), 0);
-    assert_eq!(joiner.status()["node"]["role"], "host", "the joiner joined something");
+    assert_eq!(
+        joiner.status()["node"]["role"],
+        "host",
+        "the joiner joined something"
+    );
     joiner.status();
 }

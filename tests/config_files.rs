@@ -9,7 +9,9 @@ use common::BIN;
 use watchalong::config::Config;
 
 fn files(dir: &str) -> Vec<std::path::PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs").join(dir);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/configs")
+        .join(dir);
     let mut v: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -23,8 +25,18 @@ fn files(dir: &str) -> Vec<std::path::PathBuf> {
 #[test]
 fn valid_config_files_load() {
     for f in files("valid") {
-        let o = std::process::Command::new(BIN).arg("--config").arg(&f).arg("check").output().unwrap();
-        assert!(o.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&o.stderr));
+        let o = std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&f)
+            .arg("check")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 }
 
@@ -32,7 +44,12 @@ fn valid_config_files_load() {
 fn invalid_config_files_name_file_line_and_key_and_exit_78() {
     for f in files("invalid") {
         let text = std::fs::read_to_string(&f).unwrap();
-        let expect = text.lines().next().unwrap().strip_prefix("# expect: ").expect("an expect line");
+        let expect = text
+            .lines()
+            .next()
+            .unwrap()
+            .strip_prefix("# expect: ")
+            .expect("an expect line");
         let mut line = "";
         let mut key = "";
         for part in expect.split_whitespace() {
@@ -43,11 +60,20 @@ fn invalid_config_files_name_file_line_and_key_and_exit_78() {
             }
         }
         for cmd in ["check", "daemon"] {
-            let o = std::process::Command::new(BIN).arg("--config").arg(&f).arg(cmd).output().unwrap();
+            let o = std::process::Command::new(BIN)
+                .arg("--config")
+                .arg(&f)
+                .arg(cmd)
+                .output()
+                .unwrap();
             let err = String::from_utf8_lossy(&o.stderr);
             assert_eq!(o.status.code(), Some(78), "{} ({cmd}): {err}", f.display());
             let want = format!("{}:{line}: `{key}`", f.display());
-            assert!(err.contains(&want), "{} ({cmd}): wanted {want:?} in {err:?}", f.display());
+            assert!(
+                err.contains(&want),
+                "{} ({cmd}): wanted {want:?} in {err:?}",
+                f.display()
+            );
             assert_eq!(err.trim().lines().count(), 1, "{err}");
         }
     }
@@ -65,7 +91,10 @@ fn the_commented_example_config_is_valid_and_matches_the_defaults() {
 
 #[test]
 fn a_missing_named_config_file_exits_78() {
-    let o = std::process::Command::new(BIN).args(["--config", "/nonexistent/w.toml", "check"]).output().unwrap();
+    let o = std::process::Command::new(BIN)
+        .args(["--config", "/nonexistent/w.toml", "check"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/w.toml"));
 }

@@ -25,7 +25,11 @@ fn tool(cmd: &str, args: &[&str], input: Option<&str>) -> String {
     }
     drop(stdin);
     let o = c.wait_with_output().unwrap();
-    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
@@ -38,7 +42,10 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
     let mut ours = lab.node("ours");
     let theirs = lab.node("wggo");
     ours.start();
-    let our_key = ours.status()["node"]["public_key"].as_str().unwrap().to_string();
+    let our_key = ours.status()["node"]["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let private = tool("wg", &["genkey"], None);
     let public = tool("wg", &["pubkey"], Some(&private));
@@ -46,38 +53,95 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
     std::fs::write(&key_file, format!("{private}\n")).unwrap();
 
     let mut wggo = Command::new("ip")
-        .args(["netns", "exec", &theirs.ns.name, "wireguard-go", "-f", "wg0"])
+        .args([
+            "netns",
+            "exec",
+            &theirs.ns.name,
+            "wireguard-go",
+            "-f",
+            "wg0",
+        ])
         .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("wireguard-go is needed (apt-get install wireguard-go)");
-    assert!(wait_until(DEADLINE, || theirs.ns.has_link("wg0")), "wireguard-go made no wg0");
+    assert!(
+        wait_until(DEADLINE, || theirs.ns.has_link("wg0")),
+        "wireguard-go made no wg0"
+    );
     let endpoint = format!("{}:51871", ours.ip);
     let out = theirs.ns.exec(&[
-        "wg", "set", "wg0", "listen-port", "51820", "private-key", key_file.to_str().unwrap(),
-        "peer", &our_key, "endpoint", &endpoint, "allowed-ips", "100.77.0.1/32",
+        "wg",
+        "set",
+        "wg0",
+        "listen-port",
+        "51820",
+        "private-key",
+        key_file.to_str().unwrap(),
+        "peer",
+        &our_key,
+        "endpoint",
+        &endpoint,
+        "allowed-ips",
+        "100.77.0.1/32",
     ]);
-    assert!(out.status.success(), "wg set: {}", String::from_utf8_lossy(&out.stderr));
-    must("ip", &["-n", &theirs.ns.name, "addr", "add", "100.77.0.50/16", "dev", "wg0"]);
+    assert!(
+        out.status.success(),
+        "wg set: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    must(
+        "ip",
+        &[
+            "-n",
+            &theirs.ns.name,
+            "addr",
+            "add",
+            "100.77.0.50/16",
+            "dev",
+            "wg0",
+        ],
+    );
     must("ip", &["-n", &theirs.ns.name, "link", "set", "wg0", "up"]);
 
     ours.ok(&[
-        "peer", "add", "--public-key", &public, "--address", "100.77.0.50",
-        "--endpoint", &format!("{}:51820", theirs.ip), "--name", "wggo",
+        "peer",
+        "add",
+        "--public-key",
+        &public,
+        "--address",
+        "100.77.0.50",
+        "--endpoint",
+        &format!("{}:51820", theirs.ip),
+        "--name",
+        "wggo",
     ]);
 
     // Both directions: each side starts a handshake and gets an answer.
-    assert!(wait_until(DEADLINE, || ours.ping("100.77.0.50")), "we cannot reach wireguard-go");
-    assert!(wait_until(DEADLINE, || theirs.ping("100.77.0.1")), "wireguard-go cannot reach us");
+    assert!(
+        wait_until(DEADLINE, || ours.ping("100.77.0.50")),
+        "we cannot reach wireguard-go"
+    );
+    assert!(
+        wait_until(DEADLINE, || theirs.ping("100.77.0.1")),
+        "wireguard-go cannot reach us"
+    );
     let hs = theirs.ns.exec(&["wg", "show", "wg0", "latest-handshakes"]);
     let hs = String::from_utf8_lossy(&hs.stdout);
-    let when: u64 = hs.split_whitespace().nth(1).and_then(|t| t.parse().ok()).unwrap_or(0);
+    let when: u64 = hs
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
     assert!(when > 0, "wireguard-go saw no handshake: {hs}");
     let s = ours.status();
     let p = Node::peer(&s, "wggo").expect("peer listed");
     assert!(p["last_handshake"].as_u64().is_some(), "{p}");
-    assert!(p["rx_bytes"].as_u64().unwrap() > 0 && p["tx_bytes"].as_u64().unwrap() > 0, "{p}");
+    assert!(
+        p["rx_bytes"].as_u64().unwrap() > 0 && p["tx_bytes"].as_u64().unwrap() > 0,
+        "{p}"
+    );
 
     // Removing the peer at run time cuts it off without a restart.
     ours.ok(&["peer", "remove", "--public-key", &public]);

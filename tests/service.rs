@@ -25,7 +25,8 @@ fn ready_is_sent_only_when_the_tunnel_socket_answers() {
 
     let sock_path = node.dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let log = std::fs::File::create(node.dir.join("notify-run.log")).unwrap();
     let mut daemon = Command::new("ip")
         .args(["netns", "exec", &node.ns.name, BIN, "--config"])
@@ -46,15 +47,28 @@ fn ready_is_sent_only_when_the_tunnel_socket_answers() {
             got.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
     }
-    assert!(got.contains("READY=1"), "no READY=1 within 30 s, got {got:?}");
+    assert!(
+        got.contains("READY=1"),
+        "no READY=1 within 30 s, got {got:?}"
+    );
     // At the moment of READY the TUN device exists and one handshake gets an answer.
-    assert!(node.ns.has_link("wa0"), "READY=1 before the TUN device was up");
+    assert!(
+        node.ns.has_link("wa0"),
+        "READY=1 before the TUN device was up"
+    );
     let secret = *invite.secret;
     let host_key = invite.host_key;
     let answered = in_netns(&node.ns.name, move || {
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut t = Tunn::new(StaticSecret::from(secret), PublicKey::from(host_key), None, None, 7, None);
+        let mut t = Tunn::new(
+            StaticSecret::from(secret),
+            PublicKey::from(host_key),
+            None,
+            None,
+            7,
+            None,
+        );
         let mut out = vec![0u8; 2048];
         let init = match t.format_handshake_initiation(&mut out, false) {
             TunnResult::WriteToNetwork(p) => p.to_vec(),
@@ -62,10 +76,18 @@ fn ready_is_sent_only_when_the_tunnel_socket_answers() {
         };
         udp.send_to(&init, "127.0.0.1:51871").unwrap();
         let mut rx = vec![0u8; 2048];
-        let Ok((n, _)) = udp.recv_from(&mut rx) else { return false };
-        matches!(t.decapsulate(None, &rx[..n], &mut out), TunnResult::WriteToNetwork(_))
+        let Ok((n, _)) = udp.recv_from(&mut rx) else {
+            return false;
+        };
+        matches!(
+            t.decapsulate(None, &rx[..n], &mut out),
+            TunnResult::WriteToNetwork(_)
+        )
     });
-    assert!(answered, "the UDP socket did not complete a handshake right after READY=1");
+    assert!(
+        answered,
+        "the UDP socket did not complete a handshake right after READY=1"
+    );
 
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
@@ -83,17 +105,36 @@ fn ready_is_sent_only_when_the_tunnel_socket_answers() {
 fn the_unit_file_passes_systemd_analyze_verify() {
     // verify insists that ExecStart's binary exists; point it at the one cargo built,
     // and check everything else in the unit as it is.
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/watchalong.service")).unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/watchalong.service"
+    ))
+    .unwrap();
     assert!(unit.contains("ExecStart=/usr/local/bin/watchalong "));
-    for line in ["Type=notify", "RestartPreventExitStatus=78", "StateDirectory=watchalong", "RuntimeDirectory=watchalong", "CapabilityBoundingSet=CAP_NET_ADMIN", "SystemCallFilter=@system-service", "ProtectSystem=strict", "NoNewPrivileges=yes"] {
+    for line in [
+        "Type=notify",
+        "RestartPreventExitStatus=78",
+        "StateDirectory=watchalong",
+        "RuntimeDirectory=watchalong",
+        "CapabilityBoundingSet=CAP_NET_ADMIN",
+        "SystemCallFilter=@system-service",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+    ] {
         assert!(unit.lines().any(|l| l == line), "missing {line}");
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("watchalong.service");
     std::fs::write(&path, unit.replace("/usr/local/bin/watchalong", BIN)).unwrap();
-    let o = Command::new("systemd-analyze").arg("verify").arg(&path).output()
+    let o = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
         .expect("systemd-analyze is needed (apt-get install systemd)");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{err}");
-    assert!(!err.contains("watchalong.service"), "verify complained: {err}");
+    assert!(
+        !err.contains("watchalong.service"),
+        "verify complained: {err}"
+    );
 }

@@ -24,7 +24,12 @@ fn joined_pair(lab: &mut Lab) -> (Node, Node) {
 
 /// Sends `bytes` of patterned data from `from`'s namespace to a listener in `to`'s, and
 /// returns the BLAKE3 of what was sent and of what arrived.
-fn tcp_transfer(from: &Node, to: &Node, to_addr: &str, bytes: usize) -> (blake3::Hash, blake3::Hash) {
+fn tcp_transfer(
+    from: &Node,
+    to: &Node,
+    to_addr: &str,
+    bytes: usize,
+) -> (blake3::Hash, blake3::Hash) {
     let addr = to_addr.to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     let server = spawn_in_netns(&to.ns.name, move || {
@@ -77,29 +82,45 @@ fn two_nodes_join_with_one_link_and_pass_traffic() {
     let joiner_addr = vpn_address(&joiner.status());
     assert_eq!(host_addr, "100.77.0.1");
     assert_eq!(joiner_addr, "100.77.0.2");
-    assert!(wait_until(DEADLINE, || joiner.ping(&host_addr)), "joiner cannot ping the host");
-    assert!(wait_until(DEADLINE, || host.ping(&joiner_addr)), "host cannot ping the joiner");
+    assert!(
+        wait_until(DEADLINE, || joiner.ping(&host_addr)),
+        "joiner cannot ping the host"
+    );
+    assert!(
+        wait_until(DEADLINE, || host.ping(&joiner_addr)),
+        "host cannot ping the joiner"
+    );
 
     let (sent, received) = tcp_transfer(&joiner, &host, &host_addr, 10 * 1024 * 1024);
     assert_eq!(sent, received, "10 MiB over the tunnel arrived damaged");
 
     for (node, other) in [(&host, "joiner"), (&joiner, "host")] {
         let s = node.status();
-        let p = Node::peer(&s, other).unwrap_or_else(|| panic!("{} does not list {other}: {s}", node.name));
-        let ago = p["last_handshake_secs_ago"].as_u64().expect("a handshake happened");
+        let p = Node::peer(&s, other)
+            .unwrap_or_else(|| panic!("{} does not list {other}: {s}", node.name));
+        let ago = p["last_handshake_secs_ago"]
+            .as_u64()
+            .expect("a handshake happened");
         assert!(ago < 120, "handshake {ago}s ago is not recent");
         assert!(p["rx_bytes"].as_u64().unwrap() > 0, "no bytes in: {p}");
         assert!(p["tx_bytes"].as_u64().unwrap() > 0, "no bytes out: {p}");
     }
     // The joiner's private key stayed home: the host only knows its public key.
-    let joiner_key = joiner.status()["node"]["public_key"].as_str().unwrap().to_string();
+    let joiner_key = joiner.status()["node"]["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let host_view = host.status();
-    assert_eq!(Node::peer(&host_view, "joiner").unwrap()["public_key"], joiner_key.as_str());
+    assert_eq!(
+        Node::peer(&host_view, "joiner").unwrap()["public_key"],
+        joiner_key.as_str()
+    );
 }
 
 #[test]
 fn tunnel_comes_back_after_either_side_is_killed_and_sigterm_removes_the_device() {
-    if !root_or_skip("tunnel_comes_back_after_either_side_is_killed_and_sigterm_removes_the_device") {
+    if !root_or_skip("tunnel_comes_back_after_either_side_is_killed_and_sigterm_removes_the_device")
+    {
         return;
     }
     let mut lab = Lab::new();
@@ -108,19 +129,31 @@ fn tunnel_comes_back_after_either_side_is_killed_and_sigterm_removes_the_device(
 
     joiner.kill9();
     joiner.start();
-    assert!(wait_until(DEADLINE, || joiner.ping("100.77.0.1")), "joiner did not reconnect after kill -9");
+    assert!(
+        wait_until(DEADLINE, || joiner.ping("100.77.0.1")),
+        "joiner did not reconnect after kill -9"
+    );
     assert_eq!(vpn_address(&joiner.status()), "100.77.0.2");
 
     host.kill9();
     host.start();
-    assert!(wait_until(DEADLINE, || host.ping("100.77.0.2")), "host did not reconnect after kill -9");
+    assert!(
+        wait_until(DEADLINE, || host.ping("100.77.0.2")),
+        "host did not reconnect after kill -9"
+    );
     assert!(wait_until(DEADLINE, || joiner.ping("100.77.0.1")));
 
     assert!(joiner.ns.has_link("wa0"));
     let status = joiner.term();
     assert!(status.success(), "SIGTERM exit status {status:?}");
-    assert!(!joiner.ns.has_link("wa0"), "the TUN device outlived the daemon");
-    assert!(!joiner.dir.join("control.sock").exists(), "the control socket was left behind");
+    assert!(
+        !joiner.ns.has_link("wa0"),
+        "the TUN device outlived the daemon"
+    );
+    assert!(
+        !joiner.dir.join("control.sock").exists(),
+        "the control socket was left behind"
+    );
     let status = host.term();
     assert!(status.success());
     assert!(!host.ns.has_link("wa0"));

@@ -133,7 +133,9 @@ pub fn spawn_in_netns<T: Send + 'static>(
 }
 
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    spawn_in_netns(ns, f).join().expect("thread in namespace panicked")
+    spawn_in_netns(ns, f)
+        .join()
+        .expect("thread in namespace panicked")
 }
 
 /// A LAN: a bridge in a namespace of its own; each node plugs a veth into it.
@@ -147,7 +149,10 @@ pub struct Lab {
 impl Lab {
     pub fn new() -> Lab {
         let switch = Netns::new("sw");
-        must("ip", &["-n", &switch.name, "link", "add", "br0", "type", "bridge"]);
+        must(
+            "ip",
+            &["-n", &switch.name, "link", "add", "br0", "type", "bridge"],
+        );
         must("ip", &["-n", &switch.name, "link", "set", "br0", "up"]);
         Lab {
             dir: tempfile::Builder::new()
@@ -168,11 +173,36 @@ impl Lab {
         let outer = unique("v");
         must(
             "ip",
-            &["link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns.name],
+            &[
+                "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ],
         );
         must("ip", &["link", "set", &outer, "netns", &self.switch.name]);
-        must("ip", &["-n", &self.switch.name, "link", "set", &outer, "master", "br0", "up"]);
-        must("ip", &["-n", &ns.name, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        must(
+            "ip",
+            &[
+                "-n",
+                &self.switch.name,
+                "link",
+                "set",
+                &outer,
+                "master",
+                "br0",
+                "up",
+            ],
+        );
+        must(
+            "ip",
+            &[
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ],
+        );
         must("ip", &["-n", &ns.name, "link", "set", "eth0", "up"]);
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).expect("node dir");
@@ -233,8 +263,15 @@ impl Node {
             cmd.env(k, v);
         }
         self.daemon = Some(cmd.spawn().expect("spawn daemon"));
-        let up = wait_until(Duration::from_secs(30), || self.cli(&["status", "--json"]).status.success());
-        assert!(up, "{}'s daemon did not answer on its control socket:\n{}", self.name, self.log());
+        let up = wait_until(Duration::from_secs(30), || {
+            self.cli(&["status", "--json"]).status.success()
+        });
+        assert!(
+            up,
+            "{}'s daemon did not answer on its control socket:\n{}",
+            self.name,
+            self.log()
+        );
     }
 
     pub fn log(&self) -> String {
@@ -297,11 +334,18 @@ impl Node {
     pub fn link(&self, extra: &[&str]) -> String {
         let mut args = vec!["link"];
         args.extend_from_slice(extra);
-        self.ok(&args).lines().next().expect("link line").to_string()
+        self.ok(&args)
+            .lines()
+            .next()
+            .expect("link line")
+            .to_string()
     }
 
     pub fn peer<'a>(status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
-        status["peers"].as_array()?.iter().find(|p| p["name"] == name)
+        status["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["name"] == name)
     }
 
     pub fn ping(&self, addr: &str) -> bool {
@@ -330,7 +374,11 @@ impl Node {
             }
             if Instant::now() > end {
                 let _ = c.kill();
-                panic!("{} did not stop within 30 s of SIGTERM:\n{}", self.name, self.log());
+                panic!(
+                    "{} did not stop within 30 s of SIGTERM:\n{}",
+                    self.name,
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -348,5 +396,8 @@ impl Drop for Node {
 
 /// The VPN address of the node `status` describes.
 pub fn vpn_address(status: &serde_json::Value) -> String {
-    status["node"]["address"].as_str().expect("address").to_string()
+    status["node"]["address"]
+        .as_str()
+        .expect("address")
+        .to_string()
 }

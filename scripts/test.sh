@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every test from a fresh machine: installs the system packages the tests need
+# (namespaces, NAT, ping, WireGuard tools for the interop test, systemd-analyze), then
+# the whole cargo suite. Root is needed for the namespace tests; without root they print
+# "SKIPPED (needs root)", and under CI=true a skip is a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v ip >/dev/null || need+=(iproute2)
+command -v iptables >/dev/null || need+=(iptables)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v wg >/dev/null || need+=(wireguard-tools)
+command -v wireguard-go >/dev/null || need+=(wireguard-go)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing packages: ${need[*]} (run as root, or: sudo apt-get install -y ${need[*]})" >&2
+    exit 1
+  fi
+  echo "installing: ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ "$(id -u)" -eq 0 ] && [ ! -e /dev/net/tun ]; then
+  mkdir -p /dev/net && mknod /dev/net/tun c 10 200 && chmod 0666 /dev/net/tun
+fi
+
+cargo test --all-targets --locked "$@"
