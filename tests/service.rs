@@ -28,11 +28,15 @@ fn ready_is_sent_only_when_the_tunnel_socket_answers() {
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let log = std::fs::File::create(node.dir.join("notify-run.log")).unwrap();
-    let mut daemon = Command::new("ip")
-        .args(["netns", "exec", &node.ns.name, BIN, "--config"])
+    // systemd names the watched process in WATCHDOG_PID; `exec` keeps the shell's PID.
+    let mut daemon = Command::new("sh")
+        .arg("-c")
+        .arg(r#"export WATCHDOG_PID=$$; exec ip netns exec "$0" "$1" --config "$2" daemon"#)
+        .arg(&node.ns.name)
+        .arg(BIN)
         .arg(&node.config)
-        .arg("daemon")
         .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "300000")
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .stdin(Stdio::null())
@@ -87,6 +91,16 @@ fn ready_is_sent_only_when_the_tunnel_socket_answers() {
     assert!(
         answered,
         "the UDP socket did not complete a handshake right after READY=1"
+    );
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end && !got.contains("WATCHDOG=1") {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    assert!(
+        got.contains("WATCHDOG=1"),
+        "no watchdog ping with WATCHDOG_USEC set: {got:?}"
     );
 
     // SAFETY: plain kill(2) on our own child.

@@ -115,6 +115,98 @@ fn two_nodes_join_with_one_link_and_pass_traffic() {
         Node::peer(&host_view, "joiner").unwrap()["public_key"],
         joiner_key.as_str()
     );
+
+    // No secret reaches a log: not the link, not the invite secret, not a private key.
+    let link = host.link(&[]);
+    let invite = watchalong::link::decode(&link, None, watchalong::daemon::now_secs()).unwrap();
+    let secret_b64 = watchalong::identity::key_to_base64(&invite.secret);
+    for node in [&host, &joiner] {
+        let log = node.log();
+        let private = std::fs::read_to_string(node.dir.join("state/wireguard.key")).unwrap();
+        let signing = std::fs::read_to_string(node.dir.join("state/signing.key")).unwrap();
+        for (what, secret) in [
+            ("a link", &link[18..]),
+            ("an invite secret", secret_b64.as_str()),
+            ("the private key", private.trim()),
+            ("the signing key", signing.trim()),
+        ] {
+            assert!(!log.contains(secret), "{}'s log holds {what}", node.name);
+        }
+    }
+}
+
+#[test]
+fn invites_keep_their_state_across_a_host_restart() {
+    if !root_or_skip("invites_keep_their_state_across_a_host_restart") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut host = lab.node("host");
+    let mut b = lab.node("b");
+    let mut c = lab.node("c");
+    for n in [&mut host, &mut b, &mut c] {
+        n.start();
+    }
+    let used = host.link(&[]);
+    let unused = host.link(&[]);
+    b.ok(&["join", &used]);
+    host.kill9();
+    host.start();
+    let e = c.cli(&["join", &used]);
+    assert!(!e.status.success());
+    assert!(
+        String::from_utf8_lossy(&e.stderr).contains("already used"),
+        "{}",
+        String::from_utf8_lossy(&e.stderr)
+    );
+    c.ok(&["join", &unused]);
+    assert_eq!(vpn_address(&c.status()), "100.77.0.3");
+    assert!(wait_until(DEADLINE, || c.ping("100.77.0.1")));
+}
+
+#[test]
+fn up_prints_the_link_alone_on_the_first_line_once_ready() {
+    if !root_or_skip("up_prints_the_link_alone_on_the_first_line_once_ready") {
+        return;
+    }
+    use std::io::BufRead;
+    let mut lab = Lab::new();
+    let node = lab.node("up");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.ns.name, BIN, "--config"])
+        .arg(&node.config)
+        .arg("up")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut first = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut first);
+        let _ = tx.send(first);
+    });
+    let first = rx.recv_timeout(DEADLINE).expect("up printed nothing");
+    let first = first.trim_end();
+    assert!(
+        first.starts_with("watchalong://join/") && !first.contains(' '),
+        "{first:?}"
+    );
+    let invite = watchalong::link::decode(first, None, watchalong::daemon::now_secs()).unwrap();
+    assert!(
+        invite
+            .endpoints
+            .contains(&std::net::SocketAddr::from((node.ip, 51871))),
+        "{invite:?}"
+    );
+    assert!(
+        node.ns.has_link("wa0"),
+        "the link came before the node was up"
+    );
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
 }
 
 #[test]
