@@ -8,6 +8,7 @@
 # Installs iperf3, wireguard-tools and wireguard-go from Debian, and boringtun-cli from
 # crates.io, when they are missing. Prints a Markdown table for docs/benchmarks.md.
 set -euo pipefail
+umask 077
 cd "$(dirname "$0")/.."
 SECS=${1:-10}
 ID=$$
@@ -87,21 +88,21 @@ for pid in $(ip netns pids $A) $(ip netns pids $B); do kill $pid 2>/dev/null || 
 wait_for bash -c "! ip -n $A link show wabt0 && ! ip -n $B link show wabt0"
 
 # A standard WireGuard pair, set up the same way for wireguard-go and boringtun-cli.
+# wireguard-go's control socket is /var/run/wireguard/IFACE.sock, shared by every
+# namespace, so each side gets its own interface name.
 wg_pair() { # name command...
   local name=$1; shift
-  for ns in $A $B; do
-    ip netns exec $ns env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 "$@" wgb0 >$TMP/$name-$ns.log 2>&1 &
-  done
-  wait_for ip -n $A link show wgb0; wait_for ip -n $B link show wgb0
-  wait_for ip netns exec $A wg show wgb0; wait_for ip netns exec $B wg show wgb0
+  ip netns exec $A env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 "$@" wga$ID >"$TMP/${name%% *}-a.log" 2>&1 &
+  ip netns exec $B env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 "$@" wgb$ID >"$TMP/${name%% *}-b.log" 2>&1 &
+  wait_for ip netns exec $A wg show wga$ID; wait_for ip netns exec $B wg show wgb$ID
   wg genkey > $TMP/ka; wg genkey > $TMP/kb
-  ip netns exec $A wg set wgb0 listen-port 51900 private-key $TMP/ka peer "$(wg pubkey < $TMP/kb)" endpoint 10.123.0.2:51900 allowed-ips 100.99.0.2/32
-  ip netns exec $B wg set wgb0 listen-port 51900 private-key $TMP/kb peer "$(wg pubkey < $TMP/ka)" endpoint 10.123.0.1:51900 allowed-ips 100.99.0.1/32
-  ip -n $A addr add 100.99.0.1/24 dev wgb0; ip -n $B addr add 100.99.0.2/24 dev wgb0
-  ip -n $A link set wgb0 mtu 1420 up; ip -n $B link set wgb0 mtu 1420 up
+  ip netns exec $A wg set wga$ID listen-port 51900 private-key $TMP/ka peer "$(wg pubkey < $TMP/kb)" endpoint 10.123.0.2:51900 allowed-ips 100.99.0.2/32
+  ip netns exec $B wg set wgb$ID listen-port 51900 private-key $TMP/kb peer "$(wg pubkey < $TMP/ka)" endpoint 10.123.0.1:51900 allowed-ips 100.99.0.1/32
+  ip -n $A addr add 100.99.0.1/24 dev wga$ID; ip -n $B addr add 100.99.0.2/24 dev wgb$ID
+  ip -n $A link set wga$ID mtu 1420 up; ip -n $B link set wgb$ID mtu 1420 up
   measure "$name" 100.99.0.1
   for pid in $(ip netns pids $A) $(ip netns pids $B); do kill $pid 2>/dev/null || true; done
-  wait_for bash -c "! ip -n $A link show wgb0 && ! ip -n $B link show wgb0"
+  wait_for bash -c "! ip -n $A link show wga$ID && ! ip -n $B link show wgb$ID"
 }
 wg_pair "wireguard-go $(wireguard-go --version 2>/dev/null | head -1 | awk '{print $2}')" wireguard-go -f
 wg_pair "boringtun-cli $($BORINGTUN --version 2>/dev/null | awk '{print $2}')" "$BORINGTUN" --foreground --disable-drop-privileges

@@ -52,6 +52,9 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
     let key_file = theirs.dir.join("wg.key");
     std::fs::write(&key_file, format!("{private}\n")).unwrap();
 
+    // wireguard-go's control socket, /var/run/wireguard/IFACE.sock, is shared by every
+    // namespace: a name of our own keeps parallel runs apart.
+    let iface = format!("wgt{}", std::process::id() % 100_000);
     let mut wggo = Command::new("ip")
         .args([
             "netns",
@@ -59,7 +62,7 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
             &theirs.ns.name,
             "wireguard-go",
             "-f",
-            "wg0",
+            &iface,
         ])
         .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1")
         .stdout(Stdio::null())
@@ -67,14 +70,14 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
         .spawn()
         .expect("wireguard-go is needed (apt-get install wireguard-go)");
     assert!(
-        wait_until(DEADLINE, || theirs.ns.has_link("wg0")),
+        wait_until(DEADLINE, || theirs.ns.has_link(&iface)),
         "wireguard-go made no wg0"
     );
     let endpoint = format!("{}:51871", ours.ip);
     let out = theirs.ns.exec(&[
         "wg",
         "set",
-        "wg0",
+        &iface,
         "listen-port",
         "51820",
         "private-key",
@@ -100,10 +103,10 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
             "add",
             "100.77.0.50/16",
             "dev",
-            "wg0",
+            &iface,
         ],
     );
-    must("ip", &["-n", &theirs.ns.name, "link", "set", "wg0", "up"]);
+    must("ip", &["-n", &theirs.ns.name, "link", "set", &iface, "up"]);
 
     ours.ok(&[
         "peer",
@@ -127,7 +130,7 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
         wait_until(DEADLINE, || theirs.ping("100.77.0.1")),
         "wireguard-go cannot reach us"
     );
-    let hs = theirs.ns.exec(&["wg", "show", "wg0", "latest-handshakes"]);
+    let hs = theirs.ns.exec(&["wg", "show", &iface, "latest-handshakes"]);
     let hs = String::from_utf8_lossy(&hs.stdout);
     let when: u64 = hs
         .split_whitespace()
