@@ -4,10 +4,11 @@
 //! A link is one line, `watchalong://join/<base64url>`. It carries the host's WireGuard
 //! public key and endpoints, the VPN network, an invite id, an expiry and a one-time
 //! invite secret (an x25519 key the joiner uses for one WireGuard session with the host).
-//! A plain link ends with a BLAKE3 checksum so any damaged byte is caught before the
-//! network is touched; a sealed link is encrypted with a key derived from a passphrase
-//! (Argon2id, then XChaCha20-Poly1305), and a wrong passphrase is indistinguishable from a
-//! damaged link. The host keeps only the invite's public key, in the [`InviteBook`].
+//! Every link ends with a BLAKE3-derived checksum, so any damaged byte is caught before
+//! the network is touched or a passphrase asked for (a damaged kind byte must not make a
+//! plain link look sealed); a sealed link is encrypted with a key derived from a
+//! passphrase (Argon2id, then XChaCha20-Poly1305), and a wrong passphrase is
+//! indistinguishable from a damaged link. The host keeps only the invite's public key, in the [`InviteBook`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -235,37 +236,23 @@ impl Invite {
             .map_err(|_| LinkError::Seal("encryption failed".into()))?;
         let mut raw = header;
         raw.extend_from_slice(&sealed);
+        let sum = checksum(&raw);
+        raw.extend_from_slice(&sum);
         Ok(format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw)))
     }
 }
 
 /// Whether `text` is a sealed link (so the caller knows to ask for a passphrase).
 pub fn is_sealed(text: &str) -> Result<bool, LinkError> {
-    let raw = raw_bytes(text)?;
-    match (raw.first(), raw.get(1)) {
-        (Some(&VERSION), Some(&KIND_SEALED)) => Ok(true),
-        (Some(&VERSION), Some(&KIND_PLAIN)) => Ok(false),
-        _ => Err(LinkError::Invalid),
-    }
+    let raw = checked_bytes(text)?;
+    Ok(raw[1] == KIND_SEALED)
 }
 
 /// Decodes and checks a link at time `now` (seconds since the Unix epoch).
 pub fn decode(text: &str, passphrase: Option<&str>, now: u64) -> Result<Invite, LinkError> {
-    let raw = raw_bytes(text)?;
-    if raw.len() < 2 || raw[0] != VERSION {
-        return Err(LinkError::Invalid);
-    }
+    let raw = checked_bytes(text)?;
     let invite = match raw[1] {
-        KIND_PLAIN => {
-            if raw.len() < 2 + CHECKSUM_LEN {
-                return Err(LinkError::Invalid);
-            }
-            let (signed, sum) = raw.split_at(raw.len() - CHECKSUM_LEN);
-            if checksum(signed) != sum {
-                return Err(LinkError::Invalid);
-            }
-            Invite::from_body(&signed[2..])?
-        }
+        KIND_PLAIN => Invite::from_body(&raw[2..])?,
         KIND_SEALED => {
             let passphrase = passphrase.ok_or(LinkError::NeedsPassphrase)?;
             let header_len = 2 + SALT_LEN + NONCE_LEN;
@@ -296,6 +283,20 @@ pub fn decode(text: &str, passphrase: Option<&str>, now: u64) -> Result<Invite, 
         return Err(LinkError::Expired(format_utc(invite.expires_at)));
     }
     Ok(invite)
+}
+
+/// The link's bytes without their checksum, once the checksum and version hold.
+fn checked_bytes(text: &str) -> Result<Vec<u8>, LinkError> {
+    let mut raw = raw_bytes(text)?;
+    if raw.len() < 2 + CHECKSUM_LEN {
+        return Err(LinkError::Invalid);
+    }
+    let (signed, sum) = raw.split_at(raw.len() - CHECKSUM_LEN);
+    if checksum(signed) != sum || signed[0] != VERSION {
+        return Err(LinkError::Invalid);
+    }
+    raw.truncate(raw.len() - CHECKSUM_LEN);
+    Ok(raw)
 }
 
 fn raw_bytes(text: &str) -> Result<Vec<u8>, LinkError> {
@@ -485,6 +486,26 @@ mod tests {
                 assert!(
                     decode(&s, None, 1000).is_err(),
                     "flip {flip:#x} at {i} accepted"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_damaged_link_never_asks_for_a_passphrase() {
+        for text in [
+            sample(1000).encode(),
+            sample(1000).encode_sealed("pw").unwrap(),
+        ] {
+            for i in PREFIX.len()..text.len() {
+                let mut b = text.clone().into_bytes();
+                b[i] ^= 0x01;
+                let s = String::from_utf8(b).unwrap();
+                assert_eq!(is_sealed(&s), Err(LinkError::Invalid), "flip at {i}");
+                assert_eq!(
+                    decode(&s, None, 1000),
+                    Err(LinkError::Invalid),
+                    "flip at {i}"
                 );
             }
         }
