@@ -35,6 +35,8 @@ pub struct NodeStatus {
     /// `host` when this node decides who joins, `member` otherwise.
     pub role: String,
     pub host_name: String,
+    /// Packets dropped because their source address belongs to another peer or none.
+    pub spoofed_packets: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

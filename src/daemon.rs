@@ -427,6 +427,7 @@ impl Handler for Node {
                 }
                 .into(),
                 host_name: g.host_name.clone(),
+                spoofed_packets: self.tunnel.spoofed_count(),
             },
             peers: self.tunnel.status(),
         })

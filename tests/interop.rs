@@ -146,6 +146,37 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
         "{p}"
     );
 
+    // A packet whose source the peer does not own is dropped, and counted.
+    must(
+        "ip",
+        &[
+            "-n",
+            &theirs.ns.name,
+            "addr",
+            "add",
+            "100.77.0.99/32",
+            "dev",
+            &iface,
+        ],
+    );
+    let spoof = theirs.ns.exec(&[
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "1",
+        "-I",
+        "100.77.0.99",
+        "100.77.0.1",
+    ]);
+    assert!(!spoof.status.success(), "a spoofed source got an answer");
+    let dropped = ours.status()["node"]["spoofed_packets"].as_u64().unwrap();
+    assert!(dropped >= 2, "spoofed packets not counted: {dropped}");
+    assert!(
+        theirs.ping("100.77.0.1"),
+        "the genuine address stopped working"
+    );
+
     // Removing the peer at run time cuts it off without a restart.
     ours.ok(&["peer", "remove", "--public-key", &public]);
     assert!(!ours.ping("100.77.0.50"), "a removed peer still answers");
