@@ -8,7 +8,9 @@
 //! | [`config`]   | `/etc/watchalong.toml`: defaults, parsing, line-precise validation    | one file    |
 //! | [`identity`] | the node's long-term keys, stored 0600 in the state dir               | files       |
 //! | [`link`]     | access links (encode, decode, sealing, expiry) and the invite book     | none (pure) |
-//! | [`group`]    | who is in the group: member records, address allocation               | none (pure) |
+//! | [`group`]    | this node's place in the group: network, own address, static peers    | none (pure) |
+//! | [`mesh`]     | signed member records and endpoint announcements, and which to keep   | none (pure) |
+//! | [`gossip`]   | how records spread: fanout push and anti-entropy digests              | none (pure) |
 //! | [`state`]    | atomic, durable JSON files in the state dir                           | files       |
 //! | [`wire`]     | the join messages carried inside the invite WireGuard session         | none (pure) |
 //! | [`routes`]   | which member owns which VPN address (longest-prefix match)            | none (pure) |
@@ -21,11 +23,13 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod gossip;
 pub mod group;
 pub mod identity;
 pub mod join;
 pub mod link;
 pub mod logging;
+pub mod mesh;
 pub mod routes;
 pub mod state;
 pub mod tunnel;

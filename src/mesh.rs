@@ -1,0 +1,525 @@
+//! Membership as every node holds it: member records signed by the host, endpoint
+//! announcements signed by each member, and the rules that decide which of them to keep.
+//! Pure: no clock, no socket; the caller feeds signed blobs in and gets decisions out.
+//!
+//! Rules: a member record counts only with the host's signature, and replaces the one
+//! held only when its version is higher; a revocation is final. An announcement counts
+//! only with the signature of the member it describes, while that member is not revoked,
+//! and replaces the one held only when its sequence number is higher. Signatures cover the
+//! exact bytes received, with a context string per kind, so a record can never pass for
+//! an announcement or be re-encoded into something else.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+pub type Key = [u8; 32];
+
+const MEMBER_CONTEXT: &[u8] = b"watchalong member record v1\0";
+const ANNOUNCE_CONTEXT: &[u8] = b"watchalong endpoint announcement v1\0";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    #[serde(with = "crate::identity::key_b64")]
+    pub wg_key: Key,
+    #[serde(with = "crate::identity::key_b64")]
+    pub sign_key: Key,
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub admitted_at: u64,
+    /// Raised by the host on every change; the highest wins.
+    pub version: u64,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announcement {
+    #[serde(with = "crate::identity::key_b64")]
+    pub wg_key: Key,
+    /// Milliseconds since the epoch when made, so it grows across restarts too.
+    pub seq: u64,
+    /// Where the host saw this node's packets come from (its side of the NAT).
+    pub public_endpoint: Option<SocketAddr>,
+    /// This node's own addresses with its listen port.
+    pub lan: Vec<SocketAddr>,
+    /// The LAN relay's port, once there is one.
+    pub relay_port: Option<u16>,
+}
+
+/// Signed bytes, kept verbatim: verification never depends on re-encoding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Signed {
+    pub body: String,
+    pub sig: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MeshError {
+    #[error("the signature does not verify")]
+    VerifySignature,
+    #[error("the signed body is not a valid record: {0}")]
+    ParseBody(String),
+    #[error("older than the one held")]
+    Stale,
+    #[error("the member is unknown")]
+    UnknownMember,
+    #[error("the member was revoked")]
+    Revoked,
+}
+
+pub fn sign_member(key: &SigningKey, rec: &MemberRecord) -> Signed {
+    sign(key, MEMBER_CONTEXT, rec)
+}
+
+pub fn sign_announcement(key: &SigningKey, ann: &Announcement) -> Signed {
+    sign(key, ANNOUNCE_CONTEXT, ann)
+}
+
+fn sign<T: Serialize>(key: &SigningKey, context: &[u8], value: &T) -> Signed {
+    // Serialising our own plain structs cannot fail.
+    let body = serde_json::to_string(value).unwrap_or_default();
+    let mut msg = context.to_vec();
+    msg.extend_from_slice(body.as_bytes());
+    Signed {
+        sig: STANDARD.encode(key.sign(&msg).to_bytes()),
+        body,
+    }
+}
+
+fn verify(key: &Key, context: &[u8], s: &Signed) -> Result<(), MeshError> {
+    let vk = VerifyingKey::from_bytes(key).map_err(|_| MeshError::VerifySignature)?;
+    let sig: [u8; 64] = STANDARD
+        .decode(&s.sig)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or(MeshError::VerifySignature)?;
+    let mut msg = context.to_vec();
+    msg.extend_from_slice(s.body.as_bytes());
+    vk.verify(&msg, &Signature::from_bytes(&sig))
+        .map_err(|_| MeshError::VerifySignature)
+}
+
+/// One line of a digest: what a node holds about one member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestEntry {
+    #[serde(with = "crate::identity::key_b64")]
+    pub key: Key,
+    pub version: u64,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mesh {
+    #[serde(with = "crate::identity::key_b64")]
+    pub host_wg: Key,
+    #[serde(with = "crate::identity::key_b64")]
+    pub host_sign: Key,
+    members: Vec<Signed>,
+    announcements: Vec<Signed>,
+    #[serde(skip)]
+    index: Index,
+}
+
+/// The parsed view of the signed lists, rebuilt on load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Index {
+    members: BTreeMap<Key, (MemberRecord, usize)>,
+    announcements: BTreeMap<Key, (Announcement, usize)>,
+}
+
+impl Mesh {
+    pub fn new(host_wg: Key, host_sign: Key) -> Mesh {
+        Mesh {
+            host_wg,
+            host_sign,
+            members: Vec::new(),
+            announcements: Vec::new(),
+            index: Index::default(),
+        }
+    }
+
+    /// Re-checks every stored blob (the file may have been edited) and rebuilds the index.
+    pub fn reindex(&mut self) {
+        let members = std::mem::take(&mut self.members);
+        let announcements = std::mem::take(&mut self.announcements);
+        self.index = Index::default();
+        for m in &members {
+            let _ = self.accept_member(m);
+        }
+        for a in &announcements {
+            let _ = self.accept_announcement(a);
+        }
+    }
+
+    /// Takes a member record; `Ok(Some)` when it changed what this node knows.
+    pub fn accept_member(&mut self, s: &Signed) -> Result<Option<MemberRecord>, MeshError> {
+        verify(&self.host_sign, MEMBER_CONTEXT, s)?;
+        let rec: MemberRecord =
+            serde_json::from_str(&s.body).map_err(|e| MeshError::ParseBody(e.to_string()))?;
+        if let Some((held, slot)) = self.index.members.get(&rec.wg_key) {
+            if rec.version == held.version && self.members[*slot] == *s {
+                return Ok(None);
+            }
+            if rec.version <= held.version || (held.revoked && !rec.revoked) {
+                return Err(MeshError::Stale);
+            }
+            let slot = *slot;
+            self.members[slot] = s.clone();
+            self.index.members.insert(rec.wg_key, (rec.clone(), slot));
+        } else {
+            self.members.push(s.clone());
+            self.index
+                .members
+                .insert(rec.wg_key, (rec.clone(), self.members.len() - 1));
+        }
+        if rec.revoked {
+            self.drop_announcement(&rec.wg_key);
+        }
+        Ok(Some(rec))
+    }
+
+    fn drop_announcement(&mut self, key: &Key) {
+        if let Some((_, slot)) = self.index.announcements.remove(key) {
+            self.announcements.remove(slot);
+            for (_, s) in self.index.announcements.values_mut() {
+                if *s > slot {
+                    *s -= 1;
+                }
+            }
+        }
+    }
+
+    /// Takes an endpoint announcement; `Ok(Some)` when it is news.
+    pub fn accept_announcement(&mut self, s: &Signed) -> Result<Option<Announcement>, MeshError> {
+        let ann: Announcement =
+            serde_json::from_str(&s.body).map_err(|e| MeshError::ParseBody(e.to_string()))?;
+        let (member, _) = self
+            .index
+            .members
+            .get(&ann.wg_key)
+            .ok_or(MeshError::UnknownMember)?;
+        if member.revoked {
+            return Err(MeshError::Revoked);
+        }
+        verify(&member.sign_key, ANNOUNCE_CONTEXT, s)?;
+        match self.index.announcements.get(&ann.wg_key) {
+            Some((held, _)) if ann.seq == held.seq => Ok(None),
+            Some((held, _)) if ann.seq < held.seq => Err(MeshError::Stale),
+            Some((_, slot)) => {
+                let slot = *slot;
+                self.announcements[slot] = s.clone();
+                self.index
+                    .announcements
+                    .insert(ann.wg_key, (ann.clone(), slot));
+                Ok(Some(ann))
+            }
+            None => {
+                self.announcements.push(s.clone());
+                self.index
+                    .announcements
+                    .insert(ann.wg_key, (ann.clone(), self.announcements.len() - 1));
+                Ok(Some(ann))
+            }
+        }
+    }
+
+    pub fn member(&self, key: &Key) -> Option<&MemberRecord> {
+        self.index.members.get(key).map(|(r, _)| r)
+    }
+
+    pub fn member_signed(&self, key: &Key) -> Option<&Signed> {
+        self.index.members.get(key).map(|(_, i)| &self.members[*i])
+    }
+
+    pub fn announcement(&self, key: &Key) -> Option<&Announcement> {
+        self.index.announcements.get(key).map(|(a, _)| a)
+    }
+
+    pub fn announcement_signed(&self, key: &Key) -> Option<&Signed> {
+        self.index
+            .announcements
+            .get(key)
+            .map(|(_, i)| &self.announcements[*i])
+    }
+
+    /// Every record, revoked ones included.
+    pub fn members(&self) -> impl Iterator<Item = &MemberRecord> {
+        self.index.members.values().map(|(r, _)| r)
+    }
+
+    /// Members that are in the group now.
+    pub fn active(&self) -> impl Iterator<Item = &MemberRecord> {
+        self.members().filter(|r| !r.revoked)
+    }
+
+    pub fn digest(&self) -> Vec<DigestEntry> {
+        self.index
+            .members
+            .iter()
+            .map(|(k, (r, _))| DigestEntry {
+                key: *k,
+                version: r.version,
+                seq: self.announcement(k).map(|a| a.seq).unwrap_or(0),
+            })
+            .collect()
+    }
+
+    /// Compares a peer's digest with ours: what to push to it (member records first, so
+    /// that announcements find their member), and whether it holds something we lack.
+    pub fn answer_digest(&self, theirs: &[DigestEntry]) -> (Vec<Signed>, Vec<Signed>, bool) {
+        let their: BTreeMap<Key, &DigestEntry> = theirs.iter().map(|e| (e.key, e)).collect();
+        let mut members = Vec::new();
+        let mut announcements = Vec::new();
+        for (k, (r, i)) in &self.index.members {
+            let t = their.get(k);
+            if t.is_none_or(|t| t.version < r.version) {
+                members.push(self.members[*i].clone());
+            }
+            if let Some((a, j)) = self.index.announcements.get(k) {
+                if !r.revoked && t.is_none_or(|t| t.seq < a.seq) {
+                    announcements.push(self.announcements[*j].clone());
+                }
+            }
+        }
+        let they_have_news = theirs.iter().any(|e| match self.index.members.get(&e.key) {
+            None => true,
+            Some((r, _)) => {
+                e.version > r.version
+                    || (!r.revoked && e.seq > self.announcement(&e.key).map(|a| a.seq).unwrap_or(0))
+            }
+        });
+        (members, announcements, they_have_news)
+    }
+
+    /// The address the next admitted member gets: the lowest free one in `network`.
+    pub fn free_address(
+        &self,
+        network: ipnet::Ipv4Net,
+        also_taken: &[Ipv4Addr],
+    ) -> Option<Ipv4Addr> {
+        network
+            .hosts()
+            .find(|a| !also_taken.contains(a) && !self.members().any(|m| m.address == *a))
+    }
+}
+
+/// The public IP a node is seen behind, which names its site.
+pub fn site_of(ann: Option<&Announcement>) -> Option<IpAddr> {
+    ann.and_then(|a| a.public_endpoint).map(|e| e.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct World {
+        host: SigningKey,
+        mesh: Mesh,
+    }
+
+    fn key(b: u8) -> SigningKey {
+        SigningKey::from_bytes(&[b; 32])
+    }
+
+    fn world() -> World {
+        let host = key(1);
+        World {
+            mesh: Mesh::new([100; 32], host.verifying_key().to_bytes()),
+            host,
+        }
+    }
+
+    fn record(n: u8, version: u64, revoked: bool) -> MemberRecord {
+        MemberRecord {
+            wg_key: [n; 32],
+            sign_key: key(n).verifying_key().to_bytes(),
+            name: format!("m{n}"),
+            address: Ipv4Addr::new(100, 77, 0, n),
+            admitted_at: 1,
+            version,
+            revoked,
+        }
+    }
+
+    fn ann(n: u8, seq: u64) -> Announcement {
+        Announcement {
+            wg_key: [n; 32],
+            seq,
+            public_endpoint: Some(SocketAddr::from(([203, 0, 113, n], 51871))),
+            lan: vec![],
+            relay_port: None,
+        }
+    }
+
+    #[test]
+    fn host_signed_record_is_accepted_once() {
+        let mut w = world();
+        let s = sign_member(&w.host, &record(2, 1, false));
+        assert!(w.mesh.accept_member(&s).unwrap().is_some());
+        assert_eq!(w.mesh.accept_member(&s), Ok(None), "a duplicate is no news");
+        assert_eq!(w.mesh.active().count(), 1);
+    }
+
+    #[test]
+    fn record_signed_by_anyone_but_the_host_is_dropped() {
+        let mut w = world();
+        let forged = sign_member(&key(2), &record(2, 1, false));
+        assert_eq!(
+            w.mesh.accept_member(&forged),
+            Err(MeshError::VerifySignature)
+        );
+        let mut tampered = sign_member(&w.host, &record(2, 1, false));
+        tampered.body = tampered.body.replace("m2", "m9");
+        assert_eq!(
+            w.mesh.accept_member(&tampered),
+            Err(MeshError::VerifySignature)
+        );
+        assert_eq!(w.mesh.members().count(), 0);
+    }
+
+    #[test]
+    fn older_record_is_dropped_and_revocation_is_final() {
+        let mut w = world();
+        let v1 = sign_member(&w.host, &record(2, 1, false));
+        let v2 = sign_member(&w.host, &record(2, 2, true));
+        let v3 = sign_member(&w.host, &record(2, 3, false));
+        w.mesh.accept_member(&v1).unwrap();
+        w.mesh.accept_member(&v2).unwrap();
+        assert_eq!(
+            w.mesh.accept_member(&v1),
+            Err(MeshError::Stale),
+            "replayed old record"
+        );
+        assert_eq!(
+            w.mesh.accept_member(&v3),
+            Err(MeshError::Stale),
+            "un-revoking"
+        );
+        assert_eq!(w.mesh.active().count(), 0);
+    }
+
+    #[test]
+    fn reordered_records_converge_to_the_newest() {
+        let mut a = world();
+        let mut b = world();
+        let v1 = sign_member(&a.host, &record(2, 1, false));
+        let v2 = sign_member(&a.host, &record(2, 2, true));
+        a.mesh.accept_member(&v1).unwrap();
+        a.mesh.accept_member(&v2).unwrap();
+        b.mesh.accept_member(&v2).unwrap();
+        assert!(b.mesh.accept_member(&v1).is_err());
+        assert_eq!(a.mesh.digest(), b.mesh.digest());
+    }
+
+    #[test]
+    fn announcement_needs_its_members_signature_and_a_higher_seq() {
+        let mut w = world();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(2, 1, false)))
+            .unwrap();
+        assert_eq!(
+            w.mesh
+                .accept_announcement(&sign_announcement(&key(3), &ann(2, 5))),
+            Err(MeshError::VerifySignature)
+        );
+        assert!(w
+            .mesh
+            .accept_announcement(&sign_announcement(&key(2), &ann(2, 5)))
+            .unwrap()
+            .is_some());
+        assert_eq!(
+            w.mesh
+                .accept_announcement(&sign_announcement(&key(2), &ann(2, 4))),
+            Err(MeshError::Stale)
+        );
+        assert_eq!(
+            w.mesh
+                .accept_announcement(&sign_announcement(&key(4), &ann(4, 5))),
+            Err(MeshError::UnknownMember)
+        );
+    }
+
+    #[test]
+    fn a_member_record_cannot_pass_for_an_announcement() {
+        let mut w = world();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(2, 1, false)))
+            .unwrap();
+        let as_member = sign_member(&key(2), &record(2, 1, false));
+        assert!(w.mesh.accept_announcement(&as_member).is_err());
+    }
+
+    #[test]
+    fn revoked_member_loses_its_announcement_and_cannot_announce() {
+        let mut w = world();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(2, 1, false)))
+            .unwrap();
+        w.mesh
+            .accept_announcement(&sign_announcement(&key(2), &ann(2, 5)))
+            .unwrap();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(2, 2, true)))
+            .unwrap();
+        assert!(w.mesh.announcement(&[2; 32]).is_none());
+        assert_eq!(
+            w.mesh
+                .accept_announcement(&sign_announcement(&key(2), &ann(2, 9))),
+            Err(MeshError::Revoked)
+        );
+    }
+
+    #[test]
+    fn digest_exchange_brings_two_views_together() {
+        let mut a = world();
+        let mut b = world();
+        for n in 2..6 {
+            let s = sign_member(&a.host, &record(n, 1, false));
+            a.mesh.accept_member(&s).unwrap();
+            a.mesh
+                .accept_announcement(&sign_announcement(&key(n), &ann(n, 10)))
+                .unwrap();
+        }
+        b.mesh
+            .accept_member(&sign_member(&b.host, &record(9, 1, false)))
+            .unwrap();
+        let (members, anns, b_has_news) = a.mesh.answer_digest(&b.mesh.digest());
+        assert!(b_has_news);
+        assert_eq!((members.len(), anns.len()), (4, 4));
+        for m in members {
+            b.mesh.accept_member(&m).unwrap();
+        }
+        for x in anns {
+            b.mesh.accept_announcement(&x).unwrap();
+        }
+        let (m2, a2, _) = b.mesh.answer_digest(&a.mesh.digest());
+        for m in m2 {
+            a.mesh.accept_member(&m).unwrap();
+        }
+        assert!(a2.is_empty());
+        assert_eq!(a.mesh.digest(), b.mesh.digest());
+    }
+
+    #[test]
+    fn reindex_after_load_keeps_only_what_verifies() {
+        let mut w = world();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(2, 1, false)))
+            .unwrap();
+        w.mesh
+            .accept_announcement(&sign_announcement(&key(2), &ann(2, 5)))
+            .unwrap();
+        let text = serde_json::to_string(&w.mesh).unwrap();
+        let mut loaded: Mesh = serde_json::from_str(&text).unwrap();
+        loaded.reindex();
+        assert_eq!(loaded.digest(), w.mesh.digest());
+        let forged = text.replace("m2", "m7");
+        let mut loaded: Mesh = serde_json::from_str(&forged).unwrap();
+        loaded.reindex();
+        assert_eq!(loaded.members().count(), 0);
+    }
+}
