@@ -100,6 +100,52 @@ pub struct PeerRemoveRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Empty {}
 
+/// One member as `watchalong peers` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerView {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub public_key: String,
+    /// The public IP the member is seen behind; members behind one IP share a site.
+    pub site: Option<String>,
+    /// Same site as this node, and its LAN address answers.
+    pub nearby: bool,
+    /// `lan`, `direct`, `via-host` or `down`.
+    pub path: String,
+    pub endpoint: Option<SocketAddr>,
+    pub rtt_ms: Option<u32>,
+    pub last_handshake_secs_ago: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeersReply {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub site: Option<String>,
+    pub peers: Vec<PeerView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    /// A member's name, VPN address or public key.
+    pub node: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GossipReply {
+    pub members: usize,
+    pub revoked: usize,
+    pub forwarded_packets: u64,
+    pub stats: crate::gossip::Stats,
+}
+
+/// A gossip message handed in as if member `from` had sent it (for diagnosis and tests).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InjectRequest {
+    pub from: String,
+    pub message: crate::gossip::GossipMessage,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct ErrorBody {
     error: String,
@@ -154,6 +200,16 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         req: PeerRemoveRequest,
     ) -> impl Future<Output = Result<Empty, ApiError>> + Send;
+    fn peers(&self) -> impl Future<Output = Result<PeersReply, ApiError>> + Send;
+    fn remove_member(
+        &self,
+        req: RemoveRequest,
+    ) -> impl Future<Output = Result<Empty, ApiError>> + Send;
+    fn gossip(&self) -> impl Future<Output = Result<GossipReply, ApiError>> + Send;
+    fn inject_gossip(
+        &self,
+        req: InjectRequest,
+    ) -> impl Future<Output = Result<GossipReply, ApiError>> + Send;
 }
 
 /// Serves `listener` until `cancel` fires; connections in flight are awaited.

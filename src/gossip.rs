@@ -73,24 +73,23 @@ pub struct Stats {
     pub member_pushes: BTreeMap<String, BTreeSet<String>>,
 }
 
+/// The gossip rules for one node; the [`Mesh`] they act on is passed in, since the
+/// caller persists it with the rest of the group.
 pub struct Gossip {
-    pub mesh: Mesh,
     me: Key,
     pub stats: Stats,
 }
 
 impl Gossip {
-    pub fn new(mesh: Mesh, me: Key) -> Gossip {
+    pub fn new(me: Key) -> Gossip {
         Gossip {
-            mesh,
             me,
             stats: Stats::default(),
         }
     }
 
-    fn peers_except(&self, not: &[Key]) -> Vec<Key> {
-        self.mesh
-            .active()
+    fn peers_except(&self, mesh: &Mesh, not: &[Key]) -> Vec<Key> {
+        mesh.active()
             .map(|m| m.wg_key)
             .filter(|k| *k != self.me && !not.contains(k))
             .collect()
@@ -98,12 +97,13 @@ impl Gossip {
 
     fn push_to_some(
         &mut self,
+        mesh: &Mesh,
         msg: &GossipMessage,
         not: &[Key],
         rng: &mut impl Rng,
         out: &mut Vec<Outgoing>,
     ) {
-        let mut peers = self.peers_except(not);
+        let mut peers = self.peers_except(mesh, not);
         peers.shuffle(rng);
         for to in peers.into_iter().take(FANOUT) {
             out.push(Outgoing {
@@ -113,13 +113,10 @@ impl Gossip {
         }
     }
 
-    fn accept(&mut self, msg: &GossipMessage) -> Result<Option<Event>, MeshError> {
+    fn accept(mesh: &mut Mesh, msg: &GossipMessage) -> Result<Option<Event>, MeshError> {
         match msg {
-            GossipMessage::Member { record } => {
-                Ok(self.mesh.accept_member(record)?.map(Event::Member))
-            }
-            GossipMessage::Announce { announcement } => Ok(self
-                .mesh
+            GossipMessage::Member { record } => Ok(mesh.accept_member(record)?.map(Event::Member)),
+            GossipMessage::Announce { announcement } => Ok(mesh
                 .accept_announcement(announcement)?
                 .map(Event::Announcement)),
             _ => Ok(None),
@@ -129,6 +126,7 @@ impl Gossip {
     /// A message from member `from` (already authenticated by the tunnel).
     pub fn receive(
         &mut self,
+        mesh: &mut Mesh,
         from: Key,
         msg: GossipMessage,
         rng: &mut impl Rng,
@@ -137,17 +135,17 @@ impl Gossip {
         let mut events = Vec::new();
         self.stats.received += 1;
         // Only members in good standing are heard; a revoked node cannot gossip itself back.
-        if self.mesh.member(&from).is_none_or(|m| m.revoked) {
+        if mesh.member(&from).is_none_or(|m| m.revoked) {
             self.stats.rejected += 1;
             return (out, events);
         }
         match &msg {
             GossipMessage::Member { .. } | GossipMessage::Announce { .. } => {
-                match self.accept(&msg) {
+                match Self::accept(mesh, &msg) {
                     Ok(Some(ev)) => {
                         self.stats.accepted += 1;
                         events.push(ev);
-                        self.push_to_some(&msg, &[from], rng, &mut out);
+                        self.push_to_some(mesh, &msg, &[from], rng, &mut out);
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -162,7 +160,7 @@ impl Gossip {
                 last,
                 reply,
             } => {
-                let (members, anns, news) = self.mesh.answer_digest(entries);
+                let (members, anns, news) = mesh.answer_digest(entries);
                 let in_range = |s: &Signed, key_of: fn(&str) -> Option<Key>| {
                     key_of(&s.body).is_some_and(|k| k >= *first && k <= *last)
                 };
@@ -179,121 +177,78 @@ impl Gossip {
                     });
                 }
                 if news && !reply {
-                    out.extend(self.digest_for(from, *first, *last, true));
+                    out.extend(digest_for(mesh, from, *first, *last, true));
                 }
             }
             GossipMessage::Observed { endpoint } => {
-                if from == self.mesh.host_wg {
+                if from == mesh.host_wg {
                     events.push(Event::Observed(*endpoint));
                 }
             }
         }
-        self.count(&out);
+        self.count(mesh, &out);
         (out, events)
     }
 
     /// A change made here (the host's record, or this node's announcement).
     pub fn publish(
         &mut self,
+        mesh: &mut Mesh,
         msg: GossipMessage,
         rng: &mut impl Rng,
     ) -> (Vec<Outgoing>, Vec<Event>) {
         let mut out = Vec::new();
         let mut events = Vec::new();
-        match self.accept(&msg) {
+        match Self::accept(mesh, &msg) {
             Ok(Some(ev)) => {
                 events.push(ev);
-                self.push_to_some(&msg, &[], rng, &mut out);
+                self.push_to_some(mesh, &msg, &[], rng, &mut out);
             }
             Ok(None) => {}
             Err(e) => log::warn!("own gossip refused: {e}"),
         }
-        self.count(&out);
+        self.count(mesh, &out);
         (out, events)
     }
 
     /// Sends `msg` to every member (the host's word on a revocation: everyone must hear).
-    pub fn broadcast(&mut self, msg: GossipMessage) -> Vec<Outgoing> {
+    pub fn broadcast(&mut self, mesh: &Mesh, msg: GossipMessage) -> Vec<Outgoing> {
         let out: Vec<Outgoing> = self
-            .peers_except(&[])
+            .peers_except(mesh, &[])
             .into_iter()
             .map(|to| Outgoing {
                 to,
                 msg: msg.clone(),
             })
             .collect();
-        self.count(&out);
+        self.count(mesh, &out);
         out
     }
 
     /// One anti-entropy round with a random member among `reachable`.
-    pub fn tick(&mut self, reachable: &[Key], rng: &mut impl Rng) -> Vec<Outgoing> {
+    pub fn tick(&mut self, mesh: &Mesh, reachable: &[Key], rng: &mut impl Rng) -> Vec<Outgoing> {
         let candidates: Vec<Key> = self
-            .peers_except(&[])
+            .peers_except(mesh, &[])
             .into_iter()
             .filter(|k| reachable.contains(k))
             .collect();
         let Some(to) = candidates.choose(rng).copied() else {
             return Vec::new();
         };
-        let out = self.digest_for(to, [0; 32], [0xff; 32], false);
-        self.count(&out);
+        let out = digest_for(mesh, to, [0; 32], [0xff; 32], false);
+        self.count(mesh, &out);
         out
     }
 
-    fn digest_for(&self, to: Key, first: Key, last: Key, reply: bool) -> Vec<Outgoing> {
-        let entries: Vec<DigestEntry> = self
-            .mesh
-            .digest()
-            .into_iter()
-            .filter(|e| e.key >= first && e.key <= last)
-            .collect();
-        if entries.is_empty() {
-            return vec![Outgoing {
-                to,
-                msg: GossipMessage::Digest {
-                    entries,
-                    first,
-                    last,
-                    reply,
-                },
-            }];
-        }
-        let chunks: Vec<&[DigestEntry]> = entries.chunks(DIGEST_CHUNK).collect();
-        let n = chunks.len();
-        chunks
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| {
-                // Each chunk speaks for a contiguous key range, so the ranges tile [first, last].
-                let lo = if i == 0 { first } else { c[0].key };
-                let hi = if i + 1 == n {
-                    last
-                } else {
-                    prev_key(entries_start(&entries, i + 1))
-                };
-                Outgoing {
-                    to,
-                    msg: GossipMessage::Digest {
-                        entries: c.to_vec(),
-                        first: lo,
-                        last: hi,
-                        reply,
-                    },
-                }
-            })
-            .collect()
-    }
-
-    fn count(&mut self, out: &[Outgoing]) {
+    fn count(&mut self, mesh: &Mesh, out: &[Outgoing]) {
         for o in out {
             self.stats.sent += 1;
             if let GossipMessage::Member { record } = &o.msg {
                 if let (Some(subject), Some(to)) = (
                     member_key(&record.body)
-                        .and_then(|k| self.mesh.member(&k))
+                        .and_then(|k| mesh.member(&k))
                         .map(|m| m.name.clone()),
-                    self.mesh.member(&o.to).map(|m| m.name.clone()),
+                    mesh.member(&o.to).map(|m| m.name.clone()),
                 ) {
                     self.stats
                         .member_pushes
@@ -304,6 +259,50 @@ impl Gossip {
             }
         }
     }
+}
+
+/// Our digest for the keys in `[first, last]`, in chunks that each fit one datagram.
+fn digest_for(mesh: &Mesh, to: Key, first: Key, last: Key, reply: bool) -> Vec<Outgoing> {
+    let entries: Vec<DigestEntry> = mesh
+        .digest()
+        .into_iter()
+        .filter(|e| e.key >= first && e.key <= last)
+        .collect();
+    if entries.is_empty() {
+        return vec![Outgoing {
+            to,
+            msg: GossipMessage::Digest {
+                entries,
+                first,
+                last,
+                reply,
+            },
+        }];
+    }
+    let chunks: Vec<&[DigestEntry]> = entries.chunks(DIGEST_CHUNK).collect();
+    let n = chunks.len();
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            // Each chunk speaks for a contiguous key range, so the ranges tile [first, last].
+            let lo = if i == 0 { first } else { c[0].key };
+            let hi = if i + 1 == n {
+                last
+            } else {
+                prev_key(entries_start(&entries, i + 1))
+            };
+            Outgoing {
+                to,
+                msg: GossipMessage::Digest {
+                    entries: c.to_vec(),
+                    first: lo,
+                    last: hi,
+                    reply,
+                },
+            }
+        })
+        .collect()
 }
 
 fn entries_start(entries: &[DigestEntry], chunk: usize) -> Key {
@@ -343,6 +342,11 @@ mod tests {
     use rand::SeedableRng;
     use std::net::Ipv4Addr;
 
+    struct Node {
+        g: Gossip,
+        mesh: Mesh,
+    }
+
     fn skey(n: u8) -> SigningKey {
         SigningKey::from_bytes(&[n; 32])
     }
@@ -360,79 +364,90 @@ mod tests {
     }
 
     /// N nodes; node 1 is the host. Each starts knowing the host and itself.
-    fn cluster(n: u8) -> (SigningKey, Vec<Gossip>) {
+    fn cluster(n: u8) -> (SigningKey, Vec<Node>) {
         let host = skey(1);
         let nodes = (1..=n)
             .map(|i| {
                 let mut mesh = Mesh::new([1; 32], host.verifying_key().to_bytes());
                 mesh.accept_member(&sign_member(&host, &record(1))).unwrap();
                 mesh.accept_member(&sign_member(&host, &record(i))).unwrap();
-                Gossip::new(mesh, [i; 32])
+                Node {
+                    g: Gossip::new([i; 32]),
+                    mesh,
+                }
             })
             .collect();
         (host, nodes)
     }
 
-    /// Delivers messages until none are left; returns how many were delivered.
+    /// Delivers messages until none are left, dropping every `drop_every`th.
     fn deliver(
-        nodes: &mut [Gossip],
+        nodes: &mut [Node],
         mut queue: Vec<(Key, Outgoing)>,
         rng: &mut StdRng,
         drop_every: usize,
-    ) -> usize {
-        let mut delivered = 0;
+    ) {
         let mut i = 0;
         while let Some((from, o)) = queue.pop() {
             i += 1;
             if drop_every > 0 && i % drop_every == 0 {
                 continue;
             }
-            delivered += 1;
             let to = &mut nodes[o.to[0] as usize - 1];
-            let (out, _) = to.receive(from, o.msg, rng);
-            let me = to.me;
+            let (out, _) = to.g.receive(&mut to.mesh, from, o.msg, rng);
+            let me = to.g.me;
             queue.extend(out.into_iter().map(|o| (me, o)));
         }
-        delivered
     }
 
-    fn converged(nodes: &[Gossip]) -> bool {
+    fn round(nodes: &mut [Node], rng: &mut StdRng, drop_every: usize, reverse: bool) {
+        let all: Vec<Key> = nodes.iter().map(|n| n.g.me).collect();
+        let mut q = Vec::new();
+        for n in nodes.iter_mut() {
+            let me = n.g.me;
+            q.extend(n.g.tick(&n.mesh, &all, rng).into_iter().map(|o| (me, o)));
+        }
+        if reverse {
+            q.reverse();
+        }
+        deliver(nodes, q, rng, drop_every);
+    }
+
+    fn converged(nodes: &[Node]) -> bool {
         nodes
             .windows(2)
             .all(|w| w[0].mesh.digest() == w[1].mesh.digest())
     }
 
     #[test]
-    fn a_new_member_reaches_everyone_through_anti_entropy_without_the_host_telling_each() {
+    fn a_new_member_reaches_everyone_without_the_host_telling_each() {
         let (host, mut nodes) = cluster(16);
         let mut rng = StdRng::seed_from_u64(7);
-        // Everyone learns everyone (the group as it was), then node 17's record is news.
         for i in 2..=16u8 {
-            let s = sign_member(&host, &record(i));
-            nodes[0].mesh.accept_member(&s).unwrap();
+            nodes[0]
+                .mesh
+                .accept_member(&sign_member(&host, &record(i)))
+                .unwrap();
         }
-        for round in 0..40 {
-            let all: Vec<Key> = (1..=16u8).map(|i| [i; 32]).collect();
-            let mut q = Vec::new();
-            for n in nodes.iter_mut() {
-                let me = n.me;
-                q.extend(n.tick(&all, &mut rng).into_iter().map(|o| (me, o)));
-            }
-            deliver(&mut nodes, q, &mut rng, 0);
-            if converged(&nodes) {
-                assert!(round < 20, "took {round} rounds");
-                break;
-            }
+        let mut rounds = 0;
+        while !converged(&nodes) && rounds < 40 {
+            round(&mut nodes, &mut rng, 0, false);
+            rounds += 1;
         }
-        assert!(converged(&nodes));
-        let late = sign_member(
+        assert!(converged(&nodes) && rounds < 20, "took {rounds} rounds");
+        let news = sign_member(
             &host,
             &MemberRecord {
                 version: 2,
                 ..record(16)
             },
         );
-        let (out, _) = nodes[0].publish(GossipMessage::Member { record: late }, &mut rng);
+        let n0 = &mut nodes[0];
+        let (out, _) = n0.g.publish(
+            &mut n0.mesh,
+            GossipMessage::Member { record: news },
+            &mut rng,
+        );
         assert_eq!(out.len(), FANOUT, "the host pushes to a few, not to all");
         deliver(
             &mut nodes,
@@ -445,17 +460,12 @@ mod tests {
             .filter(|n| n.mesh.member(&[16; 32]).map(|m| m.version) == Some(2))
             .count();
         assert!(knowing > FANOUT + 1, "push alone reached {knowing}");
-        let all: Vec<Key> = (1..=16u8).map(|i| [i; 32]).collect();
         for _ in 0..20 {
-            let mut q = Vec::new();
-            for n in nodes.iter_mut() {
-                let me = n.me;
-                q.extend(n.tick(&all, &mut rng).into_iter().map(|o| (me, o)));
-            }
-            deliver(&mut nodes, q, &mut rng, 0);
+            round(&mut nodes, &mut rng, 0, false);
         }
         assert!(converged(&nodes));
         let host_pushes = nodes[0]
+            .g
             .stats
             .member_pushes
             .get("m16")
@@ -484,9 +494,11 @@ mod tests {
                 relay_port: None,
             };
             let s = sign_announcement(&skey(i), &ann);
-            // Announcements sent twice and before the member records are known.
+            // Sent twice, and before most nodes know the member it describes.
             for _ in 0..2 {
-                let (out, _) = nodes[i as usize - 1].publish(
+                let n = &mut nodes[i as usize - 1];
+                let (out, _) = n.g.publish(
+                    &mut n.mesh,
                     GossipMessage::Announce {
                         announcement: s.clone(),
                     },
@@ -500,15 +512,8 @@ mod tests {
                 );
             }
         }
-        let all: Vec<Key> = (1..=8u8).map(|i| [i; 32]).collect();
         for _ in 0..60 {
-            let mut q = Vec::new();
-            for n in nodes.iter_mut() {
-                let me = n.me;
-                q.extend(n.tick(&all, &mut rng).into_iter().map(|o| (me, o)));
-            }
-            q.reverse();
-            deliver(&mut nodes, q, &mut rng, 4);
+            round(&mut nodes, &mut rng, 4, true);
             if converged(&nodes) {
                 break;
             }
@@ -524,14 +529,16 @@ mod tests {
         let (host, mut nodes) = cluster(3);
         let mut rng = StdRng::seed_from_u64(1);
         let s = sign_member(&host, &record(3));
-        let (out, ev) = nodes[1].receive(
+        let n = &mut nodes[1];
+        let (out, ev) = n.g.receive(
+            &mut n.mesh,
             [9; 32],
             GossipMessage::Member { record: s.clone() },
             &mut rng,
         );
         assert!(out.is_empty() && ev.is_empty());
-        assert_eq!(nodes[1].stats.rejected, 1);
-        nodes[1].mesh.accept_member(&s).unwrap();
+        assert_eq!(n.g.stats.rejected, 1);
+        n.mesh.accept_member(&s).unwrap();
         let revoked = sign_member(
             &host,
             &MemberRecord {
@@ -540,8 +547,13 @@ mod tests {
                 ..record(3)
             },
         );
-        nodes[1].mesh.accept_member(&revoked).unwrap();
-        let (_, ev) = nodes[1].receive([3; 32], GossipMessage::Member { record: s }, &mut rng);
+        n.mesh.accept_member(&revoked).unwrap();
+        let (_, ev) = n.g.receive(
+            &mut n.mesh,
+            [3; 32],
+            GossipMessage::Member { record: s },
+            &mut rng,
+        );
         assert!(ev.is_empty());
     }
 
@@ -554,7 +566,7 @@ mod tests {
                 .accept_member(&sign_member(&host, &record(i)))
                 .unwrap();
         }
-        let out = nodes[0].digest_for([2; 32], [0; 32], [0xff; 32], false);
+        let out = digest_for(&nodes[0].mesh, [2; 32], [0; 32], [0xff; 32], false);
         assert!(out.len() >= 4);
         let mut expect_first = [0u8; 32];
         for (i, o) in out.iter().enumerate() {

@@ -1,37 +1,42 @@
-//! Who is in the group, as this node knows it: the VPN network, the host whose word
-//! decides membership, this node's own address, and one record per other member. Pure:
-//! decisions about admission and address allocation are made here and persisted by the
-//! caller. It never touches a socket or the tunnel.
+//! This node's place in its group, as persisted in `group.json`: the VPN network, its own
+//! address, the host's name, the last endpoint seen for each peer, the invite each member
+//! came in by (on the host), and peers added by hand. Who is a member is the signed
+//! [`Mesh`]'s business; this module only allocates addresses and names against it.
+//! Pure: no socket, no file.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::link::InviteId;
+use crate::mesh::{Key, Mesh};
 
+/// A standard WireGuard peer added by hand (`watchalong peer add`); not gossiped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Member {
+pub struct StaticPeer {
     pub name: String,
     #[serde(with = "crate::identity::key_b64")]
-    pub public_key: [u8; 32],
+    pub public_key: Key,
     pub address: Ipv4Addr,
-    /// Last endpoint seen or configured; the tunnel roams it on authenticated packets.
     pub endpoint: Option<SocketAddr>,
-    pub admitted_at: u64,
-    /// The invite it came in by (`None` for the host and for peers added by hand).
-    pub invite: Option<InviteId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
     pub network: Ipv4Net,
-    #[serde(with = "crate::identity::key_b64")]
-    pub host_key: [u8; 32],
     pub host_name: String,
     pub my_address: Ipv4Addr,
-    /// Every member but this node.
-    pub members: Vec<Member>,
+    pub mesh: Mesh,
+    /// Last endpoint seen per peer (base64 key), so a restarted node knows where to knock.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, SocketAddr>,
+    /// On the host: which invite admitted which member (base64 key).
+    #[serde(default)]
+    pub admitted_by: BTreeMap<String, InviteId>,
+    #[serde(default)]
+    pub static_peers: Vec<StaticPeer>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,51 +50,36 @@ pub enum GroupError {
 }
 
 impl Group {
-    /// A node's own one-member group, of which it is the host.
-    pub fn hosted(network: Ipv4Net, my_key: [u8; 32], my_name: &str) -> Group {
-        let my_address = network.hosts().next().unwrap_or(network.addr());
-        Group {
-            network,
-            host_key: my_key,
-            host_name: my_name.to_string(),
-            my_address,
-            members: Vec::new(),
-        }
+    pub fn is_host(&self, my_key: &Key) -> bool {
+        &self.mesh.host_wg == my_key
     }
 
-    pub fn is_host(&self, my_key: &[u8; 32]) -> bool {
-        &self.host_key == my_key
-    }
-
-    pub fn member(&self, key: &[u8; 32]) -> Option<&Member> {
-        self.members.iter().find(|m| &m.public_key == key)
-    }
-
-    pub fn member_mut(&mut self, key: &[u8; 32]) -> Option<&mut Member> {
-        self.members.iter_mut().find(|m| &m.public_key == key)
-    }
-
-    fn owner_of(&self, addr: Ipv4Addr) -> Option<&str> {
+    fn owner_of(&self, addr: Ipv4Addr) -> Option<String> {
         if addr == self.my_address {
-            return Some("this node");
+            return Some("this node".into());
         }
-        self.members
+        if let Some(m) = self.mesh.members().find(|m| m.address == addr) {
+            return Some(m.name.clone());
+        }
+        self.static_peers
             .iter()
-            .find(|m| m.address == addr)
-            .map(|m| m.name.as_str())
+            .find(|p| p.address == addr)
+            .map(|p| p.name.clone())
     }
 
-    /// The lowest free host address of the network.
+    /// The lowest free host address of the network. Revoked members keep theirs, so an
+    /// old record can never point at a new member.
     pub fn allocate_address(&self) -> Result<Ipv4Addr, GroupError> {
-        self.network
-            .hosts()
-            .find(|a| self.owner_of(*a).is_none())
+        let mut taken: Vec<Ipv4Addr> = self.static_peers.iter().map(|p| p.address).collect();
+        taken.push(self.my_address);
+        self.mesh
+            .free_address(self.network, &taken)
             .ok_or(GroupError::AllocateAddress(self.network))
     }
 
     /// A name no other member uses, so `status` lines can be told apart.
-    fn unique_name(&self, wanted: &str) -> String {
-        let taken = |n: &str| n == self.host_name || self.members.iter().any(|m| m.name == n);
+    pub fn unique_name(&self, wanted: &str) -> String {
+        let taken = |n: &str| self.mesh.active().any(|m| m.name == n);
         if !taken(wanted) {
             return wanted.to_string();
         }
@@ -99,100 +89,118 @@ impl Group {
             .unwrap_or_else(|| wanted.to_string())
     }
 
-    /// Admits a member with a fresh address. Admitting a key that is already a member
-    /// returns its record unchanged.
-    pub fn admit(
-        &mut self,
-        name: &str,
-        key: [u8; 32],
-        endpoint: Option<SocketAddr>,
-        invite: Option<InviteId>,
-        now: u64,
-    ) -> Result<Member, GroupError> {
-        if let Some(m) = self.member(&key) {
-            return Ok(m.clone());
-        }
-        let address = self.allocate_address()?;
-        let m = Member {
-            name: self.unique_name(name),
-            public_key: key,
-            address,
-            endpoint,
-            admitted_at: now,
-            invite,
-        };
-        self.members.push(m.clone());
-        Ok(m)
-    }
-
-    /// Adds a peer whose address is chosen by hand (a standard WireGuard peer).
-    pub fn add_static(&mut self, member: Member) -> Result<(), GroupError> {
-        if !self.network.contains(&member.address) {
+    pub fn add_static(&mut self, peer: StaticPeer) -> Result<(), GroupError> {
+        if !self.network.contains(&peer.address) {
             return Err(GroupError::AddressOutsideNetwork(
-                member.address,
+                peer.address,
                 self.network,
             ));
         }
-        if let Some(owner) = self.owner_of(member.address) {
-            if self.member(&member.public_key).map(|m| m.address) != Some(member.address) {
-                return Err(GroupError::AddressTaken(member.address, owner.to_string()));
+        let mine = self
+            .static_peers
+            .iter()
+            .any(|p| p.public_key == peer.public_key && p.address == peer.address);
+        if let Some(owner) = self.owner_of(peer.address) {
+            if !mine {
+                return Err(GroupError::AddressTaken(peer.address, owner));
             }
         }
-        self.members.retain(|m| m.public_key != member.public_key);
-        self.members.push(member);
+        self.static_peers
+            .retain(|p| p.public_key != peer.public_key);
+        self.static_peers.push(peer);
         Ok(())
     }
 
-    pub fn remove(&mut self, key: &[u8; 32]) -> Option<Member> {
-        let pos = self.members.iter().position(|m| &m.public_key == key)?;
-        Some(self.members.remove(pos))
+    pub fn remove_static(&mut self, key: &Key) -> bool {
+        let before = self.static_peers.len();
+        self.static_peers.retain(|p| &p.public_key != key);
+        before != self.static_peers.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mesh::{sign_member, MemberRecord};
+    use ed25519_dalek::SigningKey;
 
-    fn net() -> Ipv4Net {
-        "100.77.0.0/16".parse().unwrap()
+    fn group() -> (SigningKey, Group) {
+        let host = SigningKey::from_bytes(&[1; 32]);
+        let mut mesh = Mesh::new([1; 32], host.verifying_key().to_bytes());
+        let rec = MemberRecord {
+            wg_key: [1; 32],
+            sign_key: host.verifying_key().to_bytes(),
+            name: "h".into(),
+            address: "100.77.0.1".parse().unwrap(),
+            admitted_at: 0,
+            version: 1,
+            revoked: false,
+        };
+        mesh.accept_member(&sign_member(&host, &rec)).unwrap();
+        (
+            host,
+            Group {
+                network: "100.77.0.0/16".parse().unwrap(),
+                host_name: "h".into(),
+                my_address: "100.77.0.1".parse().unwrap(),
+                mesh,
+                endpoints: BTreeMap::new(),
+                admitted_by: BTreeMap::new(),
+                static_peers: vec![],
+            },
+        )
+    }
+
+    fn admit(host: &SigningKey, g: &mut Group, n: u8, revoked: bool) -> Ipv4Addr {
+        let address = g.allocate_address().unwrap();
+        let rec = MemberRecord {
+            wg_key: [n; 32],
+            sign_key: [n; 32],
+            name: g.unique_name("m"),
+            address,
+            admitted_at: 0,
+            version: if revoked { 2 } else { 1 },
+            revoked,
+        };
+        g.mesh.accept_member(&sign_member(host, &rec)).unwrap();
+        address
     }
 
     #[test]
-    fn host_takes_the_first_address_and_members_the_next_free() {
-        let mut g = Group::hosted(net(), [1; 32], "h");
-        assert_eq!(g.my_address, "100.77.0.1".parse::<Ipv4Addr>().unwrap());
-        let a = g.admit("a", [2; 32], None, None, 0).unwrap();
-        let b = g.admit("b", [3; 32], None, None, 0).unwrap();
-        assert_eq!(a.address.to_string(), "100.77.0.2");
-        assert_eq!(b.address.to_string(), "100.77.0.3");
-        g.remove(&[2; 32]);
-        let c = g.admit("c", [4; 32], None, None, 0).unwrap();
-        assert_eq!(c.address.to_string(), "100.77.0.2");
-    }
-
-    #[test]
-    fn admitting_a_member_twice_keeps_its_address() {
-        let mut g = Group::hosted(net(), [1; 32], "h");
-        let a = g.admit("a", [2; 32], None, None, 0).unwrap();
-        let again = g.admit("a", [2; 32], None, None, 5).unwrap();
-        assert_eq!(a, again);
-        assert_eq!(g.members.len(), 1);
+    fn members_get_the_next_free_address_and_revoked_ones_keep_theirs() {
+        let (host, mut g) = group();
+        assert_eq!(admit(&host, &mut g, 2, false).to_string(), "100.77.0.2");
+        assert_eq!(admit(&host, &mut g, 3, true).to_string(), "100.77.0.3");
+        assert_eq!(g.allocate_address().unwrap().to_string(), "100.77.0.4");
     }
 
     #[test]
     fn same_name_gets_a_suffix() {
-        let mut g = Group::hosted(net(), [1; 32], "h");
-        let a = g.admit("h", [2; 32], None, None, 0).unwrap();
-        assert_eq!(a.name, "h-2");
+        let (_, g) = group();
+        assert_eq!(g.unique_name("h"), "h-2");
+        assert_eq!(g.unique_name("x"), "x");
     }
 
     #[test]
-    fn full_network_refuses_admission() {
-        let mut g = Group::hosted("10.0.0.0/30".parse().unwrap(), [1; 32], "h");
-        g.admit("a", [2; 32], None, None, 0).unwrap();
+    fn static_peer_cannot_take_a_members_address() {
+        let (_, mut g) = group();
+        let p = StaticPeer {
+            name: "wg".into(),
+            public_key: [9; 32],
+            address: "100.77.0.1".parse().unwrap(),
+            endpoint: None,
+        };
         assert!(matches!(
-            g.admit("b", [3; 32], None, None, 0),
-            Err(GroupError::AllocateAddress(_))
+            g.add_static(p.clone()),
+            Err(GroupError::AddressTaken(..))
         ));
+        let p = StaticPeer {
+            address: "100.77.0.50".parse().unwrap(),
+            ..p
+        };
+        g.add_static(p.clone()).unwrap();
+        g.add_static(p).unwrap();
+        assert_eq!(g.static_peers.len(), 1);
+        assert_eq!(g.allocate_address().unwrap().to_string(), "100.77.0.2");
     }
 }

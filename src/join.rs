@@ -38,6 +38,9 @@ pub enum JoinError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission {
     pub address: Ipv4Addr,
+    pub host_sign_key: [u8; 32],
+    pub your_record: crate::mesh::Signed,
+    pub host_record: crate::mesh::Signed,
     pub network: Ipv4Net,
     pub host_name: String,
     pub host_address: Ipv4Addr,
@@ -49,6 +52,7 @@ pub struct Admission {
 pub async fn redeem(
     invite: &Invite,
     my_key: [u8; 32],
+    my_sign_key: [u8; 32],
     my_name: &str,
     timeout: Duration,
 ) -> Result<Admission, JoinError> {
@@ -78,6 +82,7 @@ pub async fn redeem(
         &JoinMessage::Request {
             name: my_name.to_string(),
             public_key: my_key,
+            sign_key: my_sign_key,
         },
     )?;
     let deadline = Instant::now() + timeout;
@@ -140,9 +145,15 @@ pub async fn redeem(
                         host_name,
                         host_address,
                         name,
+                        host_sign_key,
+                        your_record,
+                        host_record,
                     }) => {
                         return Ok(Admission {
                             address,
+                            host_sign_key,
+                            your_record,
+                            host_record,
                             network,
                             host_name,
                             host_address,

@@ -17,6 +17,7 @@
 //! | [`tunnel`]   | userspace WireGuard: one `Tunn` per peer, the TUN device, one UDP socket | sockets, TUN |
 //! | [`join`]     | the joiner's side of redeeming a link against the host                | one UDP socket |
 //! | [`control`]  | the local HTTP API over a Unix socket, server and client              | socket      |
+//! | [`node`]     | the running node: membership operations, persistence, tunnel peers    | via tunnel  |
 //! | [`daemon`]   | composition root: start, supervise, `sd_notify`, ordered shutdown      | —           |
 //! | [`logging`]  | journald when under systemd, stderr otherwise                         | —           |
 
@@ -30,6 +31,7 @@ pub mod join;
 pub mod link;
 pub mod logging;
 pub mod mesh;
+pub mod node;
 pub mod routes;
 pub mod state;
 pub mod tunnel;

@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 
 use watchalong::config::{Config, ConfigError};
 use watchalong::control::{
-    Client, Empty, InviteView, JoinReply, JoinRequest, LinkReply, LinkRequest, PeerAddRequest,
-    PeerRemoveRequest, StatusReply,
+    Client, Empty, GossipReply, InviteView, JoinReply, JoinRequest, LinkReply, LinkRequest,
+    PeerAddRequest, PeerRemoveRequest, PeersReply, RemoveRequest, StatusReply,
 };
 use watchalong::{daemon, link, logging};
 
@@ -77,6 +77,21 @@ enum Command {
     },
     /// Show this node and its peers.
     Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the group's members: VPN address, site, path, RTT and last handshake.
+    Peers {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a member from the group (host only); every node closes its tunnel.
+    Remove {
+        /// The member's name, VPN address or public key.
+        node: String,
+    },
+    /// Show gossip counters (what this node sent to whom).
+    Gossip {
         #[arg(long)]
         json: bool,
     },
@@ -284,6 +299,31 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 print_status(&s);
             }
         }
+        Command::Peers { json } => {
+            let p: PeersReply = client.get("/v1/peers").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            } else {
+                print_peers(&p);
+            }
+        }
+        Command::Remove { node } => {
+            let _: Empty = client
+                .post("/v1/remove", &RemoveRequest { node: node.clone() })
+                .await?;
+            eprintln!("removed {node}; every member closes its tunnel as the news spreads");
+        }
+        Command::Gossip { json } => {
+            let g: GossipReply = client.get("/v1/gossip").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&g)?);
+            } else {
+                println!(
+                    "members {} (revoked {}), messages in {} (accepted {}, rejected {}), out {}, forwarded packets {}",
+                    g.members, g.revoked, g.stats.received, g.stats.accepted, g.stats.rejected, g.stats.sent, g.forwarded_packets
+                );
+            }
+        }
         Command::Peer(PeerCommand::Add {
             public_key,
             address,
@@ -351,6 +391,41 @@ fn ago(secs: Option<u64>) -> String {
     match secs {
         None => "never".into(),
         Some(s) => format!("{}s ago", s),
+    }
+}
+
+fn print_peers(p: &PeersReply) {
+    println!(
+        "{} {} site {}",
+        p.name,
+        p.address,
+        p.site.as_deref().unwrap_or("unknown")
+    );
+    if p.peers.is_empty() {
+        println!("no other members yet");
+        return;
+    }
+    println!(
+        "\n{:<16} {:<15} {:<16} {:<9} {:>8} {:<12}",
+        "MEMBER", "ADDRESS", "SITE", "PATH", "RTT", "HANDSHAKE"
+    );
+    for m in &p.peers {
+        let site = match (&m.site, m.nearby) {
+            (Some(s), true) => format!("{s} (here)"),
+            (Some(s), false) => s.clone(),
+            (None, _) => "-".into(),
+        };
+        println!(
+            "{:<16} {:<15} {:<16} {:<9} {:>8} {:<12}",
+            m.name,
+            m.address.to_string(),
+            site,
+            m.path,
+            m.rtt_ms
+                .map(|r| format!("{r} ms"))
+                .unwrap_or_else(|| "-".into()),
+            ago(m.last_handshake_secs_ago)
+        );
     }
 }
 

@@ -1,8 +1,14 @@
 //! Userspace WireGuard: one boringtun `Tunn` per peer, one TUN device, one UDP socket,
-//! and three loops (UDP in, TUN in, timers every 250 ms). It owns the peers' crypto state
-//! and endpoints. It also accepts WireGuard sessions keyed by an invite's secret: their
-//! packets never reach the TUN device, they are handed to the caller as join messages.
-//! It must not decide membership: the daemon adds and removes peers.
+//! and three loops (UDP in, TUN in, timers every 250 ms). It owns the peers' crypto state,
+//! their endpoints and the choice of path: direct when a session is alive, else through
+//! the host, which forwards between members inside the daemon. It keeps knocking at a
+//! peer's candidate endpoints from the one UDP socket until a direct session forms, which
+//! opens a path through endpoint-independent NATs.
+//!
+//! It also accepts WireGuard sessions keyed by an invite's secret (their packets never
+//! reach the TUN device; they are handed over as join messages) and intercepts gossip
+//! addressed to this node. It must not decide membership: the daemon adds and removes
+//! peers.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -21,6 +27,7 @@ use tun_rs::AsyncDevice;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::routes::Routes;
+use crate::wire;
 
 /// 1500 minus the outer IPv4 (20) + UDP (8) + WireGuard (32) headers, rounded down as
 /// `wg-quick` does so IPv6 underlays fit too.
@@ -29,8 +36,14 @@ const BUF: usize = 65536;
 const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Keeps NAT mappings open between members.
 const KEEPALIVE_SECS: u16 = 25;
+/// A peer heard from within this long has a working direct path (keepalives every 25 s).
+const LIVE: Duration = Duration::from_secs(40);
+/// How often a peer without a direct path is sent a fresh handshake at its candidates.
+const KNOCK_EVERY: Duration = Duration::from_secs(2);
 const MAX_INVITE_SESSIONS: usize = 256;
 const INVITE_SESSION_LIFETIME: Duration = Duration::from_secs(120);
+
+pub type Key = [u8; 32];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -45,10 +58,13 @@ pub enum TunnelError {
 /// What the daemon tells the tunnel about one peer.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
-    pub public_key: [u8; 32],
+    pub public_key: Key,
     pub name: String,
     pub address: Ipv4Addr,
+    /// Where to send now (the last endpoint seen); roams on authenticated packets.
     pub endpoint: Option<SocketAddr>,
+    /// Where the peer might be reached; knocked at until a direct session forms.
+    pub candidates: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -57,6 +73,10 @@ pub struct PeerStatus {
     pub public_key: String,
     pub address: Ipv4Addr,
     pub endpoint: Option<SocketAddr>,
+    /// `direct`, `via-host` or `down`.
+    pub path: String,
+    /// Round trip of the last handshake, in milliseconds.
+    pub rtt_ms: Option<u32>,
     /// Unix time of the last completed handshake.
     pub last_handshake: Option<u64>,
     pub last_handshake_secs_ago: Option<u64>,
@@ -68,9 +88,16 @@ pub struct PeerStatus {
 #[derive(Debug)]
 pub struct InviteMessage {
     pub session: u32,
-    pub invite_key: [u8; 32],
+    pub invite_key: Key,
     pub from: SocketAddr,
     pub packet: Vec<u8>,
+}
+
+/// A gossip datagram from the member that owns its source address.
+#[derive(Debug)]
+pub struct GossipIn {
+    pub from: Key,
+    pub payload: Vec<u8>,
 }
 
 struct Peer {
@@ -79,29 +106,61 @@ struct Peer {
     index: u32,
     rx_bytes: u64,
     tx_bytes: u64,
+    last_rx: Option<Instant>,
+    next_knock: Instant,
+}
+
+impl Peer {
+    fn live(&self, now: Instant) -> bool {
+        self.config.endpoint.is_some() && self.last_rx.is_some_and(|t| now.duration_since(t) < LIVE)
+    }
+
+    /// Every address worth a handshake: candidates first, then the last one seen.
+    fn knock_targets(&self) -> Vec<SocketAddr> {
+        let mut v = self.config.candidates.clone();
+        if let Some(ep) = self.config.endpoint {
+            if !v.contains(&ep) {
+                v.push(ep);
+            }
+        }
+        v
+    }
 }
 
 struct InviteSession {
     tunn: Tunn,
-    invite_key: [u8; 32],
+    invite_key: Key,
     endpoint: SocketAddr,
     started: Instant,
 }
 
 #[derive(Clone, Copy)]
 enum Slot {
-    Peer([u8; 32]),
+    Peer(Key),
     Invite(u32),
 }
 
 #[derive(Default)]
 struct State {
-    peers: HashMap<[u8; 32], Peer>,
+    peers: HashMap<Key, Peer>,
     slots: HashMap<u32, Slot>,
     invites: HashMap<u32, InviteSession>,
-    invite_keys: HashSet<[u8; 32]>,
-    routes: Routes<[u8; 32]>,
+    invite_keys: HashSet<Key>,
+    routes: Routes<Key>,
+    /// This node's VPN address.
+    me: Option<Ipv4Addr>,
+    /// The host's key, on members; `None` on the host itself, which forwards.
+    host: Option<Key>,
     spoofed: u64,
+    forwarded: u64,
+}
+
+/// Where a packet goes once encrypted.
+enum Send {
+    Nothing,
+    /// In the loop's buffer, `len` bytes, to one endpoint.
+    One(usize, SocketAddr),
+    Many(Vec<(Vec<u8>, SocketAddr)>),
 }
 
 impl State {
@@ -114,6 +173,44 @@ impl State {
             }
         }
     }
+
+    /// The peer whose session carries packets for `dst`: the peer itself when its direct
+    /// path is alive, else the host (on a member), else the peer anyway (to knock).
+    fn carrier(&self, dst: &Key, now: Instant) -> Key {
+        let direct = self.peers.get(dst).is_some_and(|p| p.live(now));
+        match self.host {
+            Some(h) if !direct && h != *dst && self.peers.get(&h).is_some_and(|p| p.live(now)) => h,
+            _ => *dst,
+        }
+    }
+
+    /// Encrypts an IP packet for the peer that owns `dst` and says where to send it.
+    fn encapsulate(&mut self, packet: &[u8], dst: Ipv4Addr, tx: &mut [u8], now: Instant) -> Send {
+        let Some(owner) = self.routes.owner(dst).copied() else {
+            return Send::Nothing;
+        };
+        let carrier = self.carrier(&owner, now);
+        let Some(peer) = self.peers.get_mut(&carrier) else {
+            return Send::Nothing;
+        };
+        match peer.tunn.encapsulate(packet, tx) {
+            TunnResult::WriteToNetwork(p) => {
+                let len = p.len();
+                peer.tx_bytes += packet.len() as u64;
+                match peer.config.endpoint {
+                    Some(ep) if peer.last_rx.is_some() => Send::One(len, ep),
+                    // No session yet: `p` is a handshake; try every address we know.
+                    _ => Send::Many(
+                        peer.knock_targets()
+                            .into_iter()
+                            .map(|ep| (p.to_vec(), ep))
+                            .collect(),
+                    ),
+                }
+            }
+            _ => Send::Nothing,
+        }
+    }
 }
 
 pub struct Tunnel {
@@ -123,6 +220,7 @@ pub struct Tunnel {
     public: PublicKey,
     state: Mutex<State>,
     invite_tx: mpsc::Sender<InviteMessage>,
+    gossip_tx: mpsc::Sender<GossipIn>,
     roamed: tokio::sync::Notify,
 }
 
@@ -131,6 +229,8 @@ enum After {
     Nothing,
     ToTun(usize),
     Invite(InviteMessage),
+    Gossip(GossipIn),
+    Forward(Send),
 }
 
 impl Tunnel {
@@ -139,6 +239,7 @@ impl Tunnel {
         tun: AsyncDevice,
         secret: StaticSecret,
         invite_tx: mpsc::Sender<InviteMessage>,
+        gossip_tx: mpsc::Sender<GossipIn>,
     ) -> Arc<Tunnel> {
         let public = PublicKey::from(&secret);
         Arc::new(Tunnel {
@@ -148,6 +249,7 @@ impl Tunnel {
             public,
             state: Mutex::new(State::default()),
             invite_tx,
+            gossip_tx,
             roamed: tokio::sync::Notify::new(),
         })
     }
@@ -165,14 +267,35 @@ impl Tunnel {
         self.udp.local_addr().ok().map(|a| a.port())
     }
 
-    /// Adds or replaces a peer, and starts a handshake when its endpoint is known.
-    pub async fn add_peer(&self, config: PeerConfig) {
-        let mut out = Vec::new();
-        {
+    /// This node's VPN address, and the host's key when this node is a member.
+    pub fn set_local(&self, me: Ipv4Addr, host: Option<Key>) {
+        let mut st = self.lock();
+        st.me = Some(me);
+        st.host = host;
+    }
+
+    /// Adds a peer, or updates the name, address and candidates of one already there
+    /// without touching its session.
+    pub async fn upsert_peer(&self, config: PeerConfig) {
+        let out = {
             let mut st = self.lock();
-            if let Some(old) = st.peers.remove(&config.public_key) {
-                st.slots.remove(&old.index);
-                st.routes.remove_owner(&config.public_key);
+            let now = Instant::now();
+            if let Some(p) = st.peers.get_mut(&config.public_key) {
+                let moved = p.config.address != config.address;
+                p.config.name = config.name;
+                p.config.candidates = config.candidates;
+                if p.config.endpoint.is_none() {
+                    p.config.endpoint = config.endpoint;
+                }
+                if moved {
+                    p.config.address = config.address;
+                    let key = config.public_key;
+                    st.routes.remove_owner(&key);
+                    if let Ok(net) = Ipv4Net::new(config.address, 32) {
+                        st.routes.insert(net, key);
+                    }
+                }
+                return;
             }
             let index = st.new_index();
             let mut tunn = Tunn::new(
@@ -183,33 +306,36 @@ impl Tunnel {
                 index,
                 None,
             );
-            if let Some(ep) = config.endpoint {
-                let mut buf = vec![0u8; 256];
-                if let TunnResult::WriteToNetwork(p) =
-                    tunn.format_handshake_initiation(&mut buf, false)
-                {
-                    out.push((p.to_vec(), ep));
+            let key = config.public_key;
+            let peer = Peer {
+                tunn,
+                config,
+                index,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                last_rx: None,
+                next_knock: now + KNOCK_EVERY,
+            };
+            let targets = peer.knock_targets();
+            tunn = peer.tunn;
+            let mut buf = vec![0u8; 256];
+            let out = match tunn.format_handshake_initiation(&mut buf, false) {
+                TunnResult::WriteToNetwork(p) => {
+                    targets.into_iter().map(|ep| (p.to_vec(), ep)).collect()
                 }
+                _ => Vec::new(),
+            };
+            st.slots.insert(index, Slot::Peer(key));
+            if let Ok(net) = Ipv4Net::new(peer.config.address, 32) {
+                st.routes.insert(net, key);
             }
-            st.slots.insert(index, Slot::Peer(config.public_key));
-            if let Ok(net) = Ipv4Net::new(config.address, 32) {
-                st.routes.insert(net, config.public_key);
-            }
-            st.peers.insert(
-                config.public_key,
-                Peer {
-                    tunn,
-                    config,
-                    index,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                },
-            );
-        }
+            st.peers.insert(key, Peer { tunn, ..peer });
+            out
+        };
         self.send_all(out).await;
     }
 
-    pub fn remove_peer(&self, key: &[u8; 32]) -> bool {
+    pub fn remove_peer(&self, key: &Key) -> bool {
         let mut st = self.lock();
         match st.peers.remove(key) {
             Some(p) => {
@@ -221,8 +347,27 @@ impl Tunnel {
         }
     }
 
+    pub fn peer_keys(&self) -> Vec<Key> {
+        self.lock().peers.keys().copied().collect()
+    }
+
+    /// Peers a message can be sent to now, directly or through the host.
+    pub fn reachable(&self) -> Vec<Key> {
+        let st = self.lock();
+        let now = Instant::now();
+        st.peers
+            .keys()
+            .filter(|k| {
+                st.peers
+                    .get(&st.carrier(k, now))
+                    .is_some_and(|p| p.live(now))
+            })
+            .copied()
+            .collect()
+    }
+
     /// The public keys of invites whose holders may open a join session.
-    pub fn set_invite_keys(&self, keys: HashSet<[u8; 32]>) {
+    pub fn set_invite_keys(&self, keys: HashSet<Key>) {
         self.lock().invite_keys = keys;
     }
 
@@ -244,24 +389,52 @@ impl Tunnel {
         Ok(())
     }
 
+    /// Sends a gossip datagram to member `to`, directly or through the host.
+    pub async fn send_gossip(&self, to: &Key, payload: &[u8]) {
+        let mut tx = vec![0u8; payload.len() + 128];
+        let send = {
+            let mut st = self.lock();
+            let (Some(me), Some(dst)) = (st.me, st.peers.get(to).map(|p| p.config.address)) else {
+                return;
+            };
+            let Ok(packet) = wire::encode_udp(me, dst, wire::GOSSIP_PORT, payload) else {
+                log::warn!("gossip message too large ({} bytes)", payload.len());
+                return;
+            };
+            st.encapsulate(&packet, dst, &mut tx, Instant::now())
+        };
+        self.dispatch(send, &tx).await;
+    }
+
     pub fn status(&self) -> Vec<PeerStatus> {
-        let now = SystemTime::now()
+        let unix_now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let now = Instant::now();
         let st = self.lock();
         let mut v: Vec<PeerStatus> = st
             .peers
-            .values()
-            .map(|p| {
-                let (since, _, _, _, _) = p.tunn.stats();
+            .iter()
+            .map(|(k, p)| {
+                let (since, _, _, _, rtt) = p.tunn.stats();
                 let ago = since.map(|d| d.as_secs());
+                let carrier = st.carrier(k, now);
+                let path = if p.live(now) {
+                    "direct"
+                } else if carrier != *k && st.peers.get(&carrier).is_some_and(|c| c.live(now)) {
+                    "via-host"
+                } else {
+                    "down"
+                };
                 PeerStatus {
                     name: p.config.name.clone(),
-                    public_key: crate::identity::key_to_base64(&p.config.public_key),
+                    public_key: crate::identity::key_to_base64(k),
                     address: p.config.address,
                     endpoint: p.config.endpoint,
-                    last_handshake: ago.map(|a| now.saturating_sub(a)),
+                    path: path.into(),
+                    rtt_ms: rtt,
+                    last_handshake: ago.map(|a| unix_now.saturating_sub(a)),
                     last_handshake_secs_ago: ago,
                     rx_bytes: p.rx_bytes,
                     tx_bytes: p.tx_bytes,
@@ -282,11 +455,28 @@ impl Tunnel {
         self.lock().spoofed
     }
 
+    /// Packets this node passed on between two other members.
+    pub fn forwarded_count(&self) -> u64 {
+        self.lock().forwarded
+    }
+
     async fn send_all(&self, out: Vec<(Vec<u8>, SocketAddr)>) {
         for (p, ep) in out {
             if let Err(e) = self.udp.send_to(&p, ep).await {
                 log::debug!("send to {ep} failed: {e}");
             }
+        }
+    }
+
+    async fn dispatch(&self, send: Send, tx: &[u8]) {
+        match send {
+            Send::Nothing => {}
+            Send::One(len, ep) => {
+                if let Err(e) = self.udp.send_to(&tx[..len], ep).await {
+                    log::debug!("send to {ep} failed: {e}");
+                }
+            }
+            Send::Many(v) => self.send_all(v).await,
         }
     }
 
@@ -327,6 +517,12 @@ impl Tunnel {
                         log::debug!("join handler busy; dropped a join message");
                     }
                 }
+                After::Gossip(msg) => {
+                    if self.gossip_tx.try_send(msg).is_err() {
+                        log::debug!("gossip handler busy; dropped a message");
+                    }
+                }
+                After::Forward(send) => self.dispatch(send, &tx).await,
             }
         }
     }
@@ -348,8 +544,8 @@ impl Tunnel {
                     return After::Nothing;
                 };
                 let key = half.peer_static_public;
-                if let Some(p) = st.peers.get(&key) {
-                    Slot::Peer(p.config.public_key)
+                if st.peers.contains_key(&key) {
+                    Slot::Peer(key)
                 } else if st.invite_keys.contains(&key) {
                     Slot::Invite(self.invite_session_for(&mut st, key, from))
                 } else {
@@ -371,51 +567,7 @@ impl Tunnel {
             },
         };
         match slot {
-            Slot::Peer(key) => {
-                let State {
-                    peers,
-                    routes,
-                    spoofed,
-                    ..
-                } = &mut *st;
-                let Some(peer) = peers.get_mut(&key) else {
-                    return After::Nothing;
-                };
-                let res = peer.tunn.decapsulate(Some(from.ip()), datagram, tx);
-                let after = match res {
-                    TunnResult::Err(e) => {
-                        log::trace!("packet from {from} rejected: {e:?}");
-                        return After::Nothing;
-                    }
-                    TunnResult::Done => After::Nothing,
-                    TunnResult::WriteToNetwork(p) => {
-                        out.push((p.to_vec(), from));
-                        drain(&mut peer.tunn, tx, from, out);
-                        After::Nothing
-                    }
-                    TunnResult::WriteToTunnelV4(p, src) => {
-                        if routes.owner(src) == Some(&key) {
-                            peer.rx_bytes += p.len() as u64;
-                            After::ToTun(p.len())
-                        } else {
-                            *spoofed += 1;
-                            log::debug!(
-                                "dropped a packet from {} claiming {src}",
-                                peer.config.name
-                            );
-                            After::Nothing
-                        }
-                    }
-                    TunnResult::WriteToTunnelV6(_, _) => After::Nothing,
-                };
-                // Only an authenticated packet may move a peer's endpoint (roaming).
-                if peer.config.endpoint != Some(from) {
-                    log::info!("{} is now at {from}", peer.config.name);
-                    peer.config.endpoint = Some(from);
-                    self.roamed.notify_one();
-                }
-                after
-            }
+            Slot::Peer(key) => self.handle_peer_packet(&mut st, key, datagram, from, tx, out),
             Slot::Invite(idx) => {
                 let Some(s) = st.invites.get_mut(&idx) else {
                     return After::Nothing;
@@ -442,9 +594,80 @@ impl Tunnel {
         }
     }
 
+    fn handle_peer_packet(
+        &self,
+        st: &mut State,
+        key: Key,
+        datagram: &[u8],
+        from: SocketAddr,
+        tx: &mut [u8],
+        out: &mut Vec<(Vec<u8>, SocketAddr)>,
+    ) -> After {
+        let now = Instant::now();
+        let (me, host) = (st.me, st.host);
+        let Some(peer) = st.peers.get_mut(&key) else {
+            return After::Nothing;
+        };
+        let res = peer.tunn.decapsulate(Some(from.ip()), datagram, tx);
+        if let TunnResult::Err(e) = &res {
+            log::trace!("packet from {from} rejected: {e:?}");
+            return After::Nothing;
+        }
+        // Only an authenticated packet may move a peer's endpoint (roaming).
+        peer.last_rx = Some(now);
+        if peer.config.endpoint != Some(from) {
+            log::info!("{} is now at {from}", peer.config.name);
+            peer.config.endpoint = Some(from);
+            self.roamed.notify_one();
+        }
+        let (len, src) = match res {
+            TunnResult::WriteToNetwork(p) => {
+                out.push((p.to_vec(), from));
+                drain(&mut peer.tunn, tx, from, out);
+                return After::Nothing;
+            }
+            TunnResult::WriteToTunnelV4(p, src) => (p.len(), src),
+            _ => return After::Nothing,
+        };
+        peer.rx_bytes += len as u64;
+        let name = peer.config.name.clone();
+        // The source must belong to the sender, except that the host relays for members.
+        let owner = st.routes.owner(src).copied();
+        let relayed = host == Some(key) && owner.is_some();
+        if owner != Some(key) && !relayed {
+            st.spoofed += 1;
+            log::debug!("dropped a packet from {name} claiming {src}");
+            return After::Nothing;
+        }
+        let Some(IpAddr::V4(dst)) = Tunn::dst_address(&tx[..len]) else {
+            return After::Nothing;
+        };
+        if Some(dst) == me {
+            if let Some(udp) = wire::decode_udp(&tx[..len]) {
+                if udp.port == wire::GOSSIP_PORT {
+                    return match owner {
+                        Some(from) => After::Gossip(GossipIn {
+                            from,
+                            payload: udp.payload.to_vec(),
+                        }),
+                        None => After::Nothing,
+                    };
+                }
+            }
+            return After::ToTun(len);
+        }
+        // The host passes packets on between members that have no direct path.
+        if host.is_none() && st.routes.owner(dst).is_some_and(|o| *o != key) {
+            let packet = tx[..len].to_vec();
+            st.forwarded += 1;
+            return After::Forward(st.encapsulate(&packet, dst, tx, now));
+        }
+        After::ToTun(len)
+    }
+
     /// One session per invite holder and endpoint, so concurrent joiners using the same
     /// link get separate sessions and separate answers.
-    fn invite_session_for(&self, st: &mut State, key: [u8; 32], from: SocketAddr) -> u32 {
+    fn invite_session_for(&self, st: &mut State, key: Key, from: SocketAddr) -> u32 {
         if let Some((idx, _)) = st
             .invites
             .iter()
@@ -493,28 +716,10 @@ impl Tunnel {
             let Some(IpAddr::V4(dst)) = Tunn::dst_address(&rx[..n]) else {
                 continue;
             };
-            let send = {
-                let mut st = self.lock();
-                let State { peers, routes, .. } = &mut *st;
-                let Some(key) = routes.owner(dst) else {
-                    continue;
-                };
-                let Some(peer) = peers.get_mut(key) else {
-                    continue;
-                };
-                match peer.tunn.encapsulate(&rx[..n], &mut tx) {
-                    TunnResult::WriteToNetwork(p) => {
-                        peer.tx_bytes += n as u64;
-                        peer.config.endpoint.map(|ep| (p.len(), ep))
-                    }
-                    _ => None,
-                }
-            };
-            if let Some((len, ep)) = send {
-                if let Err(e) = self.udp.send_to(&tx[..len], ep).await {
-                    log::debug!("send to {ep} failed: {e}");
-                }
-            }
+            let send = self
+                .lock()
+                .encapsulate(&rx[..n], dst, &mut tx, Instant::now());
+            self.dispatch(send, &tx).await;
         }
     }
 
@@ -527,11 +732,22 @@ impl Tunnel {
             let mut out = Vec::new();
             {
                 let mut st = self.lock();
+                let now = Instant::now();
                 for p in st.peers.values_mut() {
                     if let (TunnResult::WriteToNetwork(pkt), Some(ep)) =
                         (p.tunn.update_timers(&mut buf), p.config.endpoint)
                     {
                         out.push((pkt.to_vec(), ep));
+                    }
+                    // No direct path: knock again at every address the peer may be at.
+                    if !p.live(now) && now >= p.next_knock {
+                        p.next_knock = now + KNOCK_EVERY;
+                        if let TunnResult::WriteToNetwork(pkt) =
+                            p.tunn.format_handshake_initiation(&mut buf, true)
+                        {
+                            let pkt = pkt.to_vec();
+                            out.extend(p.knock_targets().into_iter().map(|ep| (pkt.clone(), ep)));
+                        }
                     }
                 }
                 let expired: Vec<u32> = st

@@ -1,6 +1,7 @@
-//! The join conversation carried inside the invite's WireGuard session: the joiner's
-//! request and the host's answer, each a JSON message in a UDP datagram in an IPv4 packet
-//! (WireGuard only carries IP packets). Pure: builds and parses bytes, nothing else.
+//! Messages the daemons exchange inside WireGuard sessions, as UDP datagrams in IPv4
+//! packets (WireGuard only carries IP packets): the join conversation in an invite
+//! session, and gossip between members on their VPN addresses. The tunnel intercepts
+//! these instead of handing them to the TUN device. Pure: builds and parses bytes.
 
 use std::net::Ipv4Addr;
 
@@ -11,9 +12,12 @@ use crate::link::RedeemError;
 
 /// The UDP port the join messages use inside the invite session.
 pub const JOIN_PORT: u16 = 51872;
+/// The UDP port gossip uses between members' VPN addresses.
+pub const GOSSIP_PORT: u16 = 51873;
 /// The joiner has no VPN address yet; this link-local one marks its packets.
 pub const JOINER_ADDRESS: Ipv4Addr = Ipv4Addr::new(169, 254, 77, 2);
-const MAX_MESSAGE: usize = 1200;
+/// Keeps a message and its headers inside the tunnel's MTU.
+pub const MAX_MESSAGE: usize = 1350;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -23,6 +27,9 @@ pub enum JoinMessage {
         /// The joiner's long-term WireGuard key; its private half never leaves the joiner.
         #[serde(with = "crate::identity::key_b64")]
         public_key: [u8; 32],
+        /// The key the joiner signs its endpoint announcements with.
+        #[serde(with = "crate::identity::key_b64")]
+        sign_key: [u8; 32],
     },
     Accepted {
         address: Ipv4Addr,
@@ -31,6 +38,12 @@ pub enum JoinMessage {
         host_address: Ipv4Addr,
         /// The name the host gave the joiner (made unique within the group).
         name: String,
+        /// The key that signs every member record of the group.
+        #[serde(with = "crate::identity::key_b64")]
+        host_sign_key: [u8; 32],
+        /// The joiner's own record and the host's, both signed by the host.
+        your_record: crate::mesh::Signed,
+        host_record: crate::mesh::Signed,
     },
     Refused {
         reason: Refusal,
@@ -58,9 +71,29 @@ pub enum WireError {
     EncodeMessage,
 }
 
-/// Wraps `msg` in IPv4 + UDP from `src` to `dst`.
+/// Wraps `msg` in IPv4 + UDP from `src` to `dst` on the join port.
 pub fn encode(src: Ipv4Addr, dst: Ipv4Addr, msg: &JoinMessage) -> Result<Vec<u8>, WireError> {
     let payload = serde_json::to_vec(msg).map_err(|_| WireError::EncodeMessage)?;
+    encode_udp(src, dst, JOIN_PORT, &payload)
+}
+
+/// Extracts the join message from a decrypted packet.
+pub fn decode(packet: &[u8]) -> Result<JoinMessage, WireError> {
+    match decode_udp(packet) {
+        Some(d) if d.port == JOIN_PORT => {
+            serde_json::from_slice(d.payload).map_err(|e| WireError::DecodeMessage(e.to_string()))
+        }
+        _ => Err(WireError::NotJoinPacket),
+    }
+}
+
+/// An IPv4 + UDP packet from `src` to `dst`, both ports `port`.
+pub fn encode_udp(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    port: u16,
+    payload: &[u8],
+) -> Result<Vec<u8>, WireError> {
     if payload.len() > MAX_MESSAGE {
         return Err(WireError::EncodeMessage);
     }
@@ -73,26 +106,42 @@ pub fn encode(src: Ipv4Addr, dst: Ipv4Addr, msg: &JoinMessage) -> Result<Vec<u8>
     p.extend_from_slice(&dst.octets());
     let csum = ipv4_checksum(&p[..20]);
     p[10..12].copy_from_slice(&csum.to_be_bytes());
-    p.extend_from_slice(&JOIN_PORT.to_be_bytes());
-    p.extend_from_slice(&JOIN_PORT.to_be_bytes());
+    p.extend_from_slice(&port.to_be_bytes());
+    p.extend_from_slice(&port.to_be_bytes());
     p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
     // A zero UDP checksum is allowed over IPv4, and WireGuard already authenticates.
     p.extend_from_slice(&[0, 0]);
-    p.extend_from_slice(&payload);
+    p.extend_from_slice(payload);
     Ok(p)
 }
 
-/// Extracts the join message from a decrypted packet.
-pub fn decode(packet: &[u8]) -> Result<JoinMessage, WireError> {
+/// A UDP datagram seen inside a decrypted packet.
+pub struct Udp<'a> {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub port: u16,
+    pub payload: &'a [u8],
+}
+
+/// The UDP datagram in `packet`, when it is an unfragmented IPv4/UDP packet.
+pub fn decode_udp(packet: &[u8]) -> Option<Udp<'_>> {
     if packet.len() < 28 || packet[0] != 0x45 || packet[9] != 17 {
-        return Err(WireError::NotJoinPacket);
+        return None;
+    }
+    // A fragment's payload is not a whole datagram.
+    if u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0 {
+        return None;
     }
     let total = u16::from_be_bytes([packet[2], packet[3]]) as usize;
-    let dport = u16::from_be_bytes([packet[22], packet[23]]);
-    if total > packet.len() || total < 28 || dport != JOIN_PORT {
-        return Err(WireError::NotJoinPacket);
+    if total > packet.len() || total < 28 {
+        return None;
     }
-    serde_json::from_slice(&packet[28..total]).map_err(|e| WireError::DecodeMessage(e.to_string()))
+    Some(Udp {
+        src: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
+        dst: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]),
+        port: u16::from_be_bytes([packet[22], packet[23]]),
+        payload: &packet[28..total],
+    })
 }
 
 fn ipv4_checksum(header: &[u8]) -> u16 {
@@ -115,6 +164,7 @@ mod tests {
         let msg = JoinMessage::Request {
             name: "kitchen".into(),
             public_key: [3; 32],
+            sign_key: [4; 32],
         };
         let p = encode(JOINER_ADDRESS, "100.77.0.1".parse().unwrap(), &msg).unwrap();
         assert_eq!(ipv4_checksum(&p[..20]), 0);

@@ -153,6 +153,7 @@ fn ten_concurrent_redemptions_of_a_single_use_link_admit_exactly_one() {
                     watchalong::join::redeem(
                         &invite,
                         key,
+                        [i + 101; 32],
                         &format!("j{i}"),
                         Duration::from_secs(20),
                     )

@@ -1,0 +1,913 @@
+//! The running node: its persisted group and invites under one lock, its tunnel, and the
+//! operations the control API and the daemon's tasks call — create and redeem invites,
+//! join, admit and remove members, handle gossip, keep the tunnel's peers in step with
+//! the membership. Decisions are delegated to the pure modules (`link`, `group`, `mesh`,
+//! `gossip`); this module sequences them with persistence and the tunnel. It spawns
+//! nothing: the daemon owns the tasks.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::SigningKey;
+use hyper::StatusCode;
+
+use crate::config::{split_host_port, Config};
+use crate::control::{
+    ApiError, Empty, GossipReply, Handler, InjectRequest, InviteView, JoinReply, JoinRequest,
+    LinkReply, LinkRequest, NodeStatus, PeerAddRequest, PeerRemoveRequest, PeerView, PeersReply,
+    RemoveRequest, StatusReply,
+};
+use crate::gossip::{Event, Gossip, GossipMessage, Outgoing};
+use crate::group::{Group, StaticPeer};
+use crate::identity::{self, key_to_base64};
+use crate::join::{self, JoinError};
+use crate::link::{self, Invite, InviteBook, InviteId, InviteRecord, LinkError, RedeemError};
+use crate::mesh::{self, Announcement, Key, MemberRecord, Mesh};
+use crate::state::{self, StateError};
+use crate::tunnel::{PeerConfig, Tunnel};
+use crate::wire::{JoinMessage, Refusal};
+
+pub const GROUP_FILE: &str = "group.json";
+pub const INVITES_FILE: &str = "invites.json";
+const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+const TUNNEL_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest an invite may live, so a forgotten link does not stay a way in for ever.
+pub const MAX_INVITE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What is persisted, changed under one lock.
+pub struct Book {
+    pub group: Group,
+    pub invites: InviteBook,
+    pub gossip: Gossip,
+}
+
+pub struct Node {
+    pub config: Config,
+    pub public_key: Key,
+    signing: SigningKey,
+    book: Mutex<Book>,
+    pub tunnel: Arc<Tunnel>,
+    /// One join at a time: a join rewrites the whole group.
+    joining: tokio::sync::Mutex<()>,
+}
+
+/// A node's own group of one, of which it is the host.
+pub fn hosted_group(config: &Config, wg: Key, signing: &SigningKey) -> Group {
+    let network = config.tunnel.network;
+    let my_address = network.hosts().next().unwrap_or(network.addr());
+    let mut mesh = Mesh::new(wg, signing.verifying_key().to_bytes());
+    let me = MemberRecord {
+        wg_key: wg,
+        sign_key: signing.verifying_key().to_bytes(),
+        name: config.node.name.clone(),
+        address: my_address,
+        admitted_at: now_secs(),
+        version: 1,
+        revoked: false,
+    };
+    let _ = mesh.accept_member(&mesh::sign_member(signing, &me));
+    Group {
+        network,
+        host_name: config.node.name.clone(),
+        my_address,
+        mesh,
+        endpoints: BTreeMap::new(),
+        admitted_by: BTreeMap::new(),
+        static_peers: Vec::new(),
+    }
+}
+
+impl Node {
+    pub fn new(
+        config: Config,
+        public_key: Key,
+        signing: SigningKey,
+        book: Book,
+        tunnel: Arc<Tunnel>,
+    ) -> Node {
+        Node {
+            config,
+            public_key,
+            signing,
+            book: Mutex::new(book),
+            tunnel,
+            joining: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.config.node.state_dir.join(file)
+    }
+
+    fn save_group(&self, group: &Group) -> Result<(), StateError> {
+        state::write_json(&self.path(GROUP_FILE), group)
+    }
+
+    pub fn invite_keys(book: &Book) -> HashSet<Key> {
+        book.invites.invites.iter().map(|r| r.public_key).collect()
+    }
+
+    fn host_key(&self, book: &Book) -> Option<Key> {
+        let h = book.group.mesh.host_wg;
+        (h != self.public_key).then_some(h)
+    }
+
+    /// Points the tunnel at this node's address and host, and its peers at the members.
+    pub async fn sync_tunnel(&self) {
+        let (desired, me, host) = {
+            let book = self.book();
+            (
+                self.desired_peers(&book),
+                book.group.my_address,
+                self.host_key(&book),
+            )
+        };
+        self.tunnel.set_local(me, host);
+        let keep: HashSet<Key> = desired.iter().map(|p| p.public_key).collect();
+        for k in self.tunnel.peer_keys() {
+            if !keep.contains(&k) && self.tunnel.remove_peer(&k) {
+                log::info!("tunnel to {} closed", key_to_base64(&k));
+            }
+        }
+        for p in desired {
+            self.tunnel.upsert_peer(p).await;
+        }
+    }
+
+    fn my_site(&self, book: &Book) -> Option<IpAddr> {
+        mesh::site_of(book.group.mesh.announcement(&self.public_key))
+    }
+
+    /// A peer for every active member but this node, knocking at its LAN addresses when
+    /// it is behind the same public IP, else at its public endpoint.
+    fn desired_peers(&self, book: &Book) -> Vec<PeerConfig> {
+        let g = &book.group;
+        let my_site = self.my_site(book);
+        let mut v: Vec<PeerConfig> = g
+            .mesh
+            .active()
+            .filter(|m| m.wg_key != self.public_key)
+            .map(|m| {
+                let ann = g.mesh.announcement(&m.wg_key);
+                let nearby = my_site.is_some() && mesh::site_of(ann) == my_site;
+                let candidates = match ann {
+                    Some(a) if nearby => a.lan.clone(),
+                    Some(a) => a.public_endpoint.into_iter().collect(),
+                    None => Vec::new(),
+                };
+                PeerConfig {
+                    public_key: m.wg_key,
+                    name: m.name.clone(),
+                    address: m.address,
+                    endpoint: g.endpoints.get(&key_to_base64(&m.wg_key)).copied(),
+                    candidates,
+                }
+            })
+            .collect();
+        v.extend(g.static_peers.iter().map(|p| PeerConfig {
+            public_key: p.public_key,
+            name: p.name.clone(),
+            address: p.address,
+            endpoint: p.endpoint,
+            candidates: p.endpoint.into_iter().collect(),
+        }));
+        v
+    }
+
+    /// This node's own addresses (not the VPN's) on its listen port.
+    fn lan_endpoints(&self, book: &Book) -> Vec<SocketAddr> {
+        let port = self.config.tunnel.listen_port;
+        let network = book.group.network;
+        let mut v: Vec<SocketAddr> = if_addrs::get_if_addrs()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| !i.is_loopback())
+            .filter_map(|i| match i.ip() {
+                IpAddr::V4(a) if !network.contains(&a) && !a.is_link_local() => {
+                    Some(SocketAddr::new(IpAddr::V4(a), port))
+                }
+                _ => None,
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Signs and spreads a new announcement of this node's endpoints when they changed.
+    /// `observed` is where the host sees this node (on the host: its own endpoint).
+    pub fn refresh_announcement(
+        &self,
+        book: &mut Book,
+        observed: Option<SocketAddr>,
+        rng: &mut impl rand::Rng,
+    ) -> Vec<Outgoing> {
+        let lan = self.lan_endpoints(book);
+        let held = book.group.mesh.announcement(&self.public_key).cloned();
+        let public_endpoint = observed
+            .or_else(|| held.as_ref().and_then(|a| a.public_endpoint))
+            .or_else(|| {
+                (book.group.is_host(&self.public_key))
+                    .then(|| self.configured_endpoint().or_else(|| lan.first().copied()))
+                    .flatten()
+            });
+        if let Some(h) = &held {
+            if h.lan == lan && h.public_endpoint == public_endpoint {
+                return Vec::new();
+            }
+        }
+        let ann = Announcement {
+            wg_key: self.public_key,
+            seq: now_millis().max(held.map(|h| h.seq + 1).unwrap_or(0)),
+            public_endpoint,
+            lan,
+            relay_port: None,
+        };
+        let signed = mesh::sign_announcement(&self.signing, &ann);
+        let Book { group, gossip, .. } = book;
+        let (out, _) = gossip.publish(
+            &mut group.mesh,
+            GossipMessage::Announce {
+                announcement: signed,
+            },
+            rng,
+        );
+        if let Err(e) = self.save_group(&book.group) {
+            log::warn!("{e}");
+        }
+        out
+    }
+
+    fn configured_endpoint(&self) -> Option<SocketAddr> {
+        self.config
+            .tunnel
+            .endpoint
+            .as_ref()
+            .and_then(|e| e.parse().ok())
+    }
+
+    /// Applies a gossip message from member `from`; returns what to send.
+    pub fn on_gossip(
+        &self,
+        from: Key,
+        msg: GossipMessage,
+        rng: &mut impl rand::Rng,
+    ) -> (Vec<Outgoing>, bool) {
+        let mut book = self.book();
+        let Book { group, gossip, .. } = &mut *book;
+        let (mut out, events) = gossip.receive(&mut group.mesh, from, msg, rng);
+        let mut membership_changed = false;
+        for ev in &events {
+            match ev {
+                Event::Member(rec) => {
+                    membership_changed = true;
+                    if rec.wg_key == self.public_key && rec.revoked {
+                        log::warn!("this node was removed from the group by its host");
+                    } else if rec.revoked {
+                        log::info!("{} was removed from the group", rec.name);
+                    } else {
+                        log::info!("{} ({}) is a member", rec.name, rec.address);
+                    }
+                }
+                Event::Announcement(_) => membership_changed = true,
+                Event::Observed(ep) => {
+                    let ep = *ep;
+                    out.extend(self.refresh_announcement(&mut book, Some(ep), rng));
+                }
+            }
+        }
+        if membership_changed {
+            if let Err(e) = self.save_group(&book.group) {
+                log::warn!("{e}");
+            }
+        }
+        (out, membership_changed)
+    }
+
+    /// One anti-entropy round, and on the host, telling members where it sees them.
+    pub fn gossip_round(&self, rng: &mut impl rand::Rng) -> Vec<Outgoing> {
+        let reachable = self.tunnel.reachable();
+        let seen = self.tunnel.status();
+        let mut book = self.book();
+        let Book { group, gossip, .. } = &mut *book;
+        let mut out = gossip.tick(&group.mesh, &reachable, rng);
+        if group.is_host(&self.public_key) {
+            for p in seen.iter().filter(|p| p.path == "direct") {
+                let (Some(key), Some(ep)) = (identity::key_from_base64(&p.public_key), p.endpoint)
+                else {
+                    continue;
+                };
+                let announced = group
+                    .mesh
+                    .announcement(&key)
+                    .and_then(|a| a.public_endpoint);
+                if group.mesh.member(&key).is_some() && announced != Some(ep) {
+                    out.push(Outgoing {
+                        to: key,
+                        msg: GossipMessage::Observed { endpoint: ep },
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Keeps the persisted endpoints in step with the tunnel's roaming.
+    pub fn save_endpoints(&self) {
+        let seen = self.tunnel.status();
+        let mut book = self.book();
+        let mut changed = false;
+        for p in seen {
+            if let Some(ep) = p.endpoint {
+                if book.group.endpoints.get(&p.public_key) != Some(&ep) {
+                    book.group.endpoints.insert(p.public_key, ep);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            if let Err(e) = self.save_group(&book.group) {
+                log::warn!("{e}");
+            }
+        }
+    }
+
+    /// Makes an invite and its link. Only the host admits members.
+    pub async fn new_link(&self, uses: u32, lifetime: Duration) -> Result<LinkReply, ApiError> {
+        if uses == 0 {
+            return Err(ApiError::bad_request("--uses must be at least 1"));
+        }
+        if lifetime.is_zero() || lifetime > MAX_INVITE_LIFETIME {
+            return Err(ApiError::bad_request(
+                "--expires must be between 1s and 30 days",
+            ));
+        }
+        let endpoints = self.endpoints().await;
+        if endpoints.is_empty() {
+            return Err(ApiError::conflict(
+                "this node knows no address others could reach it at; set [tunnel] endpoint in the config",
+            ));
+        }
+        let now = now_secs();
+        let secret = zeroize::Zeroizing::new(
+            x25519_dalek::StaticSecret::random_from_rng(rand::rngs::OsRng).to_bytes(),
+        );
+        let mut book = self.book();
+        if !book.group.is_host(&self.public_key) {
+            return Err(ApiError::conflict(format!(
+                "only the group's host ({}) can create links",
+                book.group.host_name
+            )));
+        }
+        let invite = Invite {
+            host_key: self.public_key,
+            host_name: self.config.node.name.clone(),
+            host_address: book.group.my_address,
+            network: book.group.network,
+            endpoints,
+            invite_id: InviteId::random(),
+            expires_at: now + lifetime.as_secs(),
+            secret,
+        };
+        let mut invites = book.invites.clone();
+        invites.prune(now);
+        invites.add(InviteRecord {
+            id: invite.invite_id,
+            public_key: invite.secret_public(),
+            created_at: now,
+            expires_at: invite.expires_at,
+            uses_allowed: uses,
+            uses: 0,
+            revoked: false,
+        });
+        state::write_json(&self.path(INVITES_FILE), &invites).map_err(ApiError::internal)?;
+        book.invites = invites;
+        self.tunnel.set_invite_keys(Self::invite_keys(&book));
+        log::info!(
+            "created invite {} for {uses} use(s), expiring {}",
+            invite.invite_id,
+            link::format_utc(invite.expires_at)
+        );
+        Ok(LinkReply {
+            id: invite.invite_id,
+            link: invite.encode(),
+            expires_at: invite.expires_at,
+            uses,
+        })
+    }
+
+    /// The configured endpoint, or else this node's own IPv4 addresses on its listen port.
+    async fn endpoints(&self) -> Vec<SocketAddr> {
+        if let Some(ep) = &self.config.tunnel.endpoint {
+            if let Some((host, p)) = split_host_port(ep) {
+                match tokio::net::lookup_host((host, p)).await {
+                    Ok(addrs) => return addrs.collect(),
+                    Err(e) => log::warn!("cannot resolve the configured endpoint {ep}: {e}"),
+                }
+            }
+        }
+        let book = self.book();
+        self.lan_endpoints(&book)
+    }
+
+    /// The host's answer to one join request, decided and persisted under the book lock.
+    pub fn answer_join(
+        &self,
+        invite_key: &Key,
+        name: &str,
+        key: Key,
+        sign_key: Key,
+        from: SocketAddr,
+        rng: &mut impl rand::Rng,
+    ) -> (JoinMessage, Vec<Outgoing>) {
+        let now = now_secs();
+        let mut book = self.book();
+        let refused = |reason| (JoinMessage::Refused { reason }, Vec::new());
+        let invite_id = match book.invites.find_by_key(invite_key) {
+            Some(r) => r.id,
+            None => return refused(Refusal::Invite(RedeemError::Unknown)),
+        };
+        let key_b64 = key_to_base64(&key);
+        let accepted = |group: &Group, rec: &MemberRecord| {
+            let (Some(your), Some(host)) = (
+                group.mesh.member_signed(&rec.wg_key).cloned(),
+                group.mesh.member_signed(&self.public_key).cloned(),
+            ) else {
+                return JoinMessage::Refused {
+                    reason: Refusal::HostFailure,
+                };
+            };
+            JoinMessage::Accepted {
+                address: rec.address,
+                network: group.network,
+                host_name: self.config.node.name.clone(),
+                host_address: group.my_address,
+                name: rec.name.clone(),
+                host_sign_key: self.signing.verifying_key().to_bytes(),
+                your_record: your,
+                host_record: host,
+            }
+        };
+        // A retry by a joiner this invite already admitted gets the same answer again.
+        if book.group.admitted_by.get(&key_b64) == Some(&invite_id) {
+            if let Some(rec) = book.group.mesh.member(&key).filter(|r| !r.revoked).cloned() {
+                return (accepted(&book.group, &rec), Vec::new());
+            }
+        }
+        if key == self.public_key || book.group.mesh.member(&key).is_some() {
+            return refused(Refusal::Invite(RedeemError::AlreadyUsed));
+        }
+        let mut invites = book.invites.clone();
+        if let Err(e) = invites.redeem(invite_key, now) {
+            return refused(Refusal::Invite(e));
+        }
+        let Ok(address) = book.group.allocate_address() else {
+            return refused(Refusal::GroupFull);
+        };
+        let rec = MemberRecord {
+            wg_key: key,
+            sign_key,
+            name: book.group.unique_name(name),
+            address,
+            admitted_at: now,
+            version: 1,
+            revoked: false,
+        };
+        let signed = mesh::sign_member(&self.signing, &rec);
+        let mut group = book.group.clone();
+        if group.mesh.accept_member(&signed).is_err() {
+            return refused(Refusal::HostFailure);
+        }
+        group.admitted_by.insert(key_b64.clone(), invite_id);
+        group.endpoints.insert(key_b64, from);
+        // Invites first: a crash between the two writes leaves the invite spent and no
+        // member, never a member admitted by an invite that could be spent again.
+        if let Err(e) = state::write_json(&self.path(INVITES_FILE), &invites) {
+            log::error!("{e}");
+            return refused(Refusal::HostFailure);
+        }
+        book.invites = invites;
+        if let Err(e) = self.save_group(&group) {
+            log::error!("{e}");
+            return refused(Refusal::HostFailure);
+        }
+        // The record is in `group` already; spreading it is a push to a few members.
+        let mut spread_from = book.group.mesh.clone();
+        let (out, _) = book.gossip.publish(
+            &mut spread_from,
+            GossipMessage::Member { record: signed },
+            rng,
+        );
+        book.group = group;
+        log::info!(
+            "{} joined as {} through invite {invite_id}",
+            rec.name,
+            rec.address
+        );
+        (accepted(&book.group, &rec), out)
+    }
+
+    async fn do_join(&self, text: &str) -> Result<JoinReply, ApiError> {
+        let _one_at_a_time = self.joining.lock().await;
+        let invite = link::decode(text, None, now_secs()).map_err(|e| match e {
+            LinkError::Expired(_) => ApiError::new(StatusCode::GONE, e),
+            _ => ApiError::bad_request(e),
+        })?;
+        {
+            let book = self.book();
+            let g = &book.group;
+            if invite.host_key == self.public_key {
+                return Err(ApiError::conflict(
+                    "this link was made by this node: open it on another machine",
+                ));
+            }
+            if g.mesh.host_wg == invite.host_key {
+                return Err(ApiError::conflict(format!(
+                    "this node is already a member of {}'s group",
+                    g.host_name
+                )));
+            }
+            if !g.is_host(&self.public_key) {
+                return Err(ApiError::conflict(format!(
+                    "this link is from another group: this node is a member of {}'s group",
+                    g.host_name
+                )));
+            }
+            let others = g
+                .mesh
+                .active()
+                .filter(|m| m.wg_key != self.public_key)
+                .count();
+            if others > 0 {
+                return Err(ApiError::conflict(format!(
+                    "this node hosts a group of {others} member(s) and cannot join another"
+                )));
+            }
+        }
+        let admission = join::redeem(
+            &invite,
+            self.public_key,
+            self.signing.verifying_key().to_bytes(),
+            &self.config.node.name,
+            JOIN_TIMEOUT,
+        )
+        .await
+        .map_err(|e| match e {
+            JoinError::HostUnreachable(_) => ApiError::new(StatusCode::BAD_GATEWAY, e),
+            JoinError::Refused(Refusal::Invite(
+                RedeemError::AlreadyUsed | RedeemError::Expired | RedeemError::Revoked,
+            )) => ApiError::new(StatusCode::GONE, e),
+            JoinError::Refused(_) => ApiError::new(StatusCode::FORBIDDEN, e),
+            _ => ApiError::internal(e),
+        })?;
+        let mut mesh = Mesh::new(invite.host_key, admission.host_sign_key);
+        for r in [&admission.host_record, &admission.your_record] {
+            mesh.accept_member(r).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("the host's records do not verify: {e}"),
+                )
+            })?;
+        }
+        let mine_ok = mesh
+            .member(&self.public_key)
+            .is_some_and(|m| m.address == admission.address);
+        if !mine_ok || mesh.member(&invite.host_key).is_none() {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "the host's records do not match its answer",
+            ));
+        }
+        let mut endpoints = BTreeMap::new();
+        endpoints.insert(key_to_base64(&invite.host_key), admission.host_endpoint);
+        let group = Group {
+            network: admission.network,
+            host_name: admission.host_name.clone(),
+            my_address: admission.address,
+            mesh,
+            endpoints,
+            admitted_by: BTreeMap::new(),
+            static_peers: Vec::new(),
+        };
+        self.save_group(&group).map_err(ApiError::internal)?;
+        self.tunnel
+            .device()
+            .set_network_address(admission.address, admission.network.prefix_len(), None)
+            .map_err(ApiError::internal)?;
+        {
+            let mut book = self.book();
+            book.group = group;
+            book.invites = InviteBook::default();
+        }
+        self.sync_tunnel().await;
+        log::info!(
+            "joined {}'s group as {} ({})",
+            admission.host_name,
+            admission.name,
+            admission.address
+        );
+        let deadline = tokio::time::Instant::now() + TUNNEL_UP_TIMEOUT;
+        let host_key = key_to_base64(&invite.host_key);
+        loop {
+            let up = self
+                .tunnel
+                .status()
+                .iter()
+                .any(|p| p.public_key == host_key && p.last_handshake.is_some());
+            if up {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "joined, but the tunnel to the host did not come up; `watchalong status` shows its progress",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(JoinReply {
+            host_name: admission.host_name,
+            address: admission.address,
+            network: admission.network.to_string(),
+        })
+    }
+
+    /// The host revokes a member: a newer record that says so, sent to everyone.
+    fn revoke(&self, node: &str) -> Result<(Key, Vec<Outgoing>), ApiError> {
+        let mut book = self.book();
+        if !book.group.is_host(&self.public_key) {
+            return Err(ApiError::conflict(format!(
+                "only the group's host ({}) can remove members",
+                book.group.host_name
+            )));
+        }
+        let target = book
+            .group
+            .mesh
+            .active()
+            .find(|m| {
+                m.name == node || m.address.to_string() == node || key_to_base64(&m.wg_key) == node
+            })
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "no member is called {node}; `watchalong peers` lists them"
+                ))
+            })?;
+        if target.wg_key == self.public_key {
+            return Err(ApiError::conflict("the host cannot remove itself"));
+        }
+        let rec = MemberRecord {
+            version: target.version + 1,
+            revoked: true,
+            ..target.clone()
+        };
+        let signed = mesh::sign_member(&self.signing, &rec);
+        let mut group = book.group.clone();
+        group
+            .mesh
+            .accept_member(&signed)
+            .map_err(ApiError::internal)?;
+        self.save_group(&group).map_err(ApiError::internal)?;
+        book.group = group;
+        let Book { group, gossip, .. } = &mut *book;
+        let out = gossip.broadcast(&group.mesh, GossipMessage::Member { record: signed });
+        log::info!(
+            "removed {} ({}) from the group",
+            target.name,
+            target.address
+        );
+        Ok((target.wg_key, out))
+    }
+
+    pub async fn send(&self, out: Vec<Outgoing>) {
+        for o in out {
+            match serde_json::to_vec(&o.msg) {
+                Ok(bytes) => self.tunnel.send_gossip(&o.to, &bytes).await,
+                Err(e) => log::warn!("cannot encode gossip: {e}"),
+            }
+        }
+    }
+
+    fn gossip_reply(&self) -> GossipReply {
+        let book = self.book();
+        GossipReply {
+            members: book.group.mesh.active().count(),
+            revoked: book.group.mesh.members().filter(|m| m.revoked).count(),
+            forwarded_packets: self.tunnel.forwarded_count(),
+            stats: book.gossip.stats.clone(),
+        }
+    }
+}
+
+fn invite_state(r: &InviteRecord, now: u64) -> &'static str {
+    match r.status(now) {
+        Ok(()) => "open",
+        Err(RedeemError::AlreadyUsed) => "used",
+        Err(RedeemError::Expired) => "expired",
+        Err(RedeemError::Revoked) => "revoked",
+        Err(RedeemError::Unknown) => "unknown",
+    }
+}
+
+impl Handler for Node {
+    async fn status(&self) -> Result<StatusReply, ApiError> {
+        let book = self.book();
+        let g = &book.group;
+        Ok(StatusReply {
+            node: NodeStatus {
+                name: self.config.node.name.clone(),
+                public_key: key_to_base64(&self.public_key),
+                address: g.my_address,
+                network: g.network.to_string(),
+                interface: self.config.tunnel.interface.clone(),
+                listen_port: self
+                    .tunnel
+                    .local_port()
+                    .unwrap_or(self.config.tunnel.listen_port),
+                role: if g.is_host(&self.public_key) {
+                    "host"
+                } else {
+                    "member"
+                }
+                .into(),
+                host_name: g.host_name.clone(),
+                spoofed_packets: self.tunnel.spoofed_count(),
+            },
+            peers: self.tunnel.status(),
+        })
+    }
+
+    async fn create_link(&self, req: LinkRequest) -> Result<LinkReply, ApiError> {
+        self.new_link(req.uses, Duration::from_secs(req.expires_secs))
+            .await
+    }
+
+    async fn list_links(&self) -> Result<Vec<InviteView>, ApiError> {
+        let now = now_secs();
+        Ok(self
+            .book()
+            .invites
+            .invites
+            .iter()
+            .map(|r| InviteView {
+                id: r.id,
+                created_at: r.created_at,
+                expires_at: r.expires_at,
+                uses_allowed: r.uses_allowed,
+                uses: r.uses,
+                state: invite_state(r, now).into(),
+            })
+            .collect())
+    }
+
+    async fn revoke_link(&self, id: InviteId) -> Result<Empty, ApiError> {
+        let mut book = self.book();
+        let mut invites = book.invites.clone();
+        invites.revoke(id).map_err(ApiError::not_found)?;
+        state::write_json(&self.path(INVITES_FILE), &invites).map_err(ApiError::internal)?;
+        book.invites = invites;
+        log::info!("revoked invite {id}");
+        Ok(Empty {})
+    }
+
+    async fn join(&self, req: JoinRequest) -> Result<JoinReply, ApiError> {
+        let reply = self.do_join(&req.link).await?;
+        let out = {
+            let mut book = self.book();
+            self.refresh_announcement(&mut book, None, &mut rand::thread_rng())
+        };
+        self.send(out).await;
+        Ok(reply)
+    }
+
+    async fn add_peer(&self, req: PeerAddRequest) -> Result<Empty, ApiError> {
+        let key = identity::key_from_base64(&req.public_key).ok_or_else(|| {
+            ApiError::bad_request(
+                "the public key must be 32 bytes in base64, as `wg pubkey` prints",
+            )
+        })?;
+        let peer = StaticPeer {
+            name: req.name,
+            public_key: key,
+            address: req.address,
+            endpoint: req.endpoint,
+        };
+        {
+            let mut book = self.book();
+            let mut group = book.group.clone();
+            group.add_static(peer).map_err(ApiError::conflict)?;
+            self.save_group(&group).map_err(ApiError::internal)?;
+            book.group = group;
+        }
+        self.sync_tunnel().await;
+        Ok(Empty {})
+    }
+
+    async fn remove_peer(&self, req: PeerRemoveRequest) -> Result<Empty, ApiError> {
+        let key = identity::key_from_base64(&req.public_key)
+            .ok_or_else(|| ApiError::bad_request("the public key must be 32 bytes in base64"))?;
+        {
+            let mut book = self.book();
+            let mut group = book.group.clone();
+            if !group.remove_static(&key) {
+                return Err(ApiError::not_found(
+                    "no peer added by hand has that public key (members leave with `watchalong remove`)",
+                ));
+            }
+            self.save_group(&group).map_err(ApiError::internal)?;
+            book.group = group;
+        }
+        self.sync_tunnel().await;
+        Ok(Empty {})
+    }
+
+    async fn peers(&self) -> Result<PeersReply, ApiError> {
+        let seen = self.tunnel.status();
+        let book = self.book();
+        let g = &book.group;
+        let my_site = self.my_site(&book);
+        let peers = g
+            .mesh
+            .active()
+            .filter(|m| m.wg_key != self.public_key)
+            .map(|m| {
+                let key = key_to_base64(&m.wg_key);
+                let ann = g.mesh.announcement(&m.wg_key);
+                let site = mesh::site_of(ann);
+                let t = seen.iter().find(|p| p.public_key == key);
+                let on_lan = t
+                    .and_then(|t| t.endpoint)
+                    .is_some_and(|ep| ann.is_some_and(|a| a.lan.contains(&ep)));
+                let direct = t.is_some_and(|t| t.path == "direct");
+                let nearby = site.is_some() && site == my_site && direct && on_lan;
+                PeerView {
+                    name: m.name.clone(),
+                    address: m.address,
+                    public_key: key.clone(),
+                    site: site.map(|s| s.to_string()),
+                    nearby,
+                    path: match t.map(|t| t.path.as_str()) {
+                        Some("direct") if on_lan => "lan".into(),
+                        Some(p) => p.into(),
+                        None => "down".into(),
+                    },
+                    endpoint: t.and_then(|t| t.endpoint),
+                    rtt_ms: t.and_then(|t| t.rtt_ms),
+                    last_handshake_secs_ago: t.and_then(|t| t.last_handshake_secs_ago),
+                }
+            })
+            .collect();
+        Ok(PeersReply {
+            name: self.config.node.name.clone(),
+            address: g.my_address,
+            site: my_site.map(|s| s.to_string()),
+            peers,
+        })
+    }
+
+    async fn remove_member(&self, req: RemoveRequest) -> Result<Empty, ApiError> {
+        let (key, out) = self.revoke(&req.node)?;
+        self.send(out).await;
+        self.tunnel.remove_peer(&key);
+        self.sync_tunnel().await;
+        Ok(Empty {})
+    }
+
+    async fn gossip(&self) -> Result<GossipReply, ApiError> {
+        Ok(self.gossip_reply())
+    }
+
+    async fn inject_gossip(&self, req: InjectRequest) -> Result<GossipReply, ApiError> {
+        let from = identity::key_from_base64(&req.from).ok_or_else(|| {
+            ApiError::bad_request("`from` must be a member's public key in base64")
+        })?;
+        let (out, changed) = self.on_gossip(from, req.message, &mut rand::thread_rng());
+        self.send(out).await;
+        if changed {
+            self.sync_tunnel().await;
+        }
+        Ok(self.gossip_reply())
+    }
+}
