@@ -279,6 +279,16 @@ async fn route<H: Handler>(h: &H, req: Request<Incoming>) -> Response<Full<Bytes
             Ok(r) => reply(h.remove_peer(r).await),
             Err(e) => Err(e),
         },
+        (&Method::GET, ["v1", "peers"]) => reply(h.peers().await),
+        (&Method::POST, ["v1", "remove"]) => match parse(&body) {
+            Ok(r) => reply(h.remove_member(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::GET, ["v1", "gossip"]) => reply(h.gossip().await),
+        (&Method::POST, ["v1", "debug", "gossip"]) => match parse(&body) {
+            Ok(r) => reply(h.inject_gossip(r).await),
+            Err(e) => Err(e),
+        },
         _ => Err(ApiError::not_found(format!(
             "no such call: {method} {path}"
         ))),

@@ -95,6 +95,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hand the daemon a gossip message as if a member had sent it: `{"from": KEY,
+    /// "message": {...}}` on stdin. For diagnosis and tests; the daemon checks it as any
+    /// other gossip.
+    #[command(hide = true)]
+    DebugGossip,
     /// Add or remove a standard WireGuard peer by hand.
     #[command(subcommand)]
     Peer(PeerCommand),
@@ -323,6 +328,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     g.members, g.revoked, g.stats.received, g.stats.accepted, g.stats.rejected, g.stats.sent, g.forwarded_packets
                 );
             }
+        }
+        Command::DebugGossip => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+            let req: watchalong::control::InjectRequest =
+                serde_json::from_str(&text).context("stdin is not an inject request")?;
+            let g: GossipReply = client.post("/v1/debug/gossip", &req).await?;
+            println!("{}", serde_json::to_string_pretty(&g)?);
         }
         Command::Peer(PeerCommand::Add {
             public_key,

@@ -869,7 +869,7 @@ impl Handler for Node {
                     site: site.map(|s| s.to_string()),
                     nearby,
                     path: match t.map(|t| t.path.as_str()) {
-                        Some("direct") if on_lan => "lan".into(),
+                        Some("direct") if nearby => "lan".into(),
                         Some(p) => p.into(),
                         None => "down".into(),
                     },

@@ -138,38 +138,20 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
         .expect("thread in namespace panicked")
 }
 
-/// A LAN: a bridge in a namespace of its own; each node plugs a veth into it.
-pub struct Lab {
-    pub dir: tempfile::TempDir,
-    switch: Netns,
-    next_ip: u8,
-    pub subnet: [u8; 3],
+/// A layer-2 segment: a bridge in some namespace, and the /24 its hosts live in.
+pub struct Segment {
+    ns: String,
+    bridge: String,
+    prefix: [u8; 3],
+    next: u8,
+    gateway: Option<Ipv4Addr>,
 }
 
-impl Lab {
-    pub fn new() -> Lab {
-        let switch = Netns::new("sw");
-        must(
-            "ip",
-            &["-n", &switch.name, "link", "add", "br0", "type", "bridge"],
-        );
-        must("ip", &["-n", &switch.name, "link", "set", "br0", "up"]);
-        Lab {
-            dir: tempfile::Builder::new()
-                .prefix("watchalong-test-")
-                .tempdir()
-                .expect("temp dir"),
-            switch,
-            next_ip: 1,
-            subnet: [10, 88, 0],
-        }
-    }
-
-    /// A node on the LAN with its own namespace, config, state dir and control socket.
-    pub fn node(&mut self, name: &str) -> Node {
-        let ns = Netns::new(name);
-        let ip = Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], self.next_ip);
-        self.next_ip += 1;
+impl Segment {
+    /// Plugs namespace `ns` into this segment as `eth0` and gives it the next address.
+    fn attach(&mut self, ns: &Netns) -> Ipv4Addr {
+        let ip = Ipv4Addr::new(self.prefix[0], self.prefix[1], self.prefix[2], self.next);
+        self.next += 1;
         let outer = unique("v");
         must(
             "ip",
@@ -177,17 +159,17 @@ impl Lab {
                 "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
             ],
         );
-        must("ip", &["link", "set", &outer, "netns", &self.switch.name]);
+        must("ip", &["link", "set", &outer, "netns", &self.ns]);
         must(
             "ip",
             &[
                 "-n",
-                &self.switch.name,
+                &self.ns,
                 "link",
                 "set",
                 &outer,
                 "master",
-                "br0",
+                &self.bridge,
                 "up",
             ],
         );
@@ -204,6 +186,185 @@ impl Lab {
             ],
         );
         must("ip", &["-n", &ns.name, "link", "set", "eth0", "up"]);
+        if let Some(gw) = self.gateway {
+            must(
+                "ip",
+                &[
+                    "-n",
+                    &ns.name,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gw.to_string(),
+                ],
+            );
+        }
+        ip
+    }
+}
+
+/// A home router: WAN on the lab's main segment, NAT (MASQUERADE) for a LAN bridge.
+pub struct Router {
+    pub ns: Netns,
+    pub wan_ip: Ipv4Addr,
+    pub lan: Segment,
+}
+
+impl Router {
+    /// Drops inbound UDP from anyone but `allowed`: no hole can be punched through it.
+    pub fn drop_unsolicited_udp_except(&self, allowed: Ipv4Addr) {
+        let ok = self.ns.exec(&[
+            "iptables",
+            "-I",
+            "FORWARD",
+            "-i",
+            "eth0",
+            "-p",
+            "udp",
+            "!",
+            "-s",
+            &allowed.to_string(),
+            "-j",
+            "DROP",
+        ]);
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+    }
+}
+
+/// The lab: one main segment (a LAN, or the internet of a NAT lab), nodes on it, and
+/// routers with their own LANs behind them.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    switch: Netns,
+    main: Segment,
+}
+
+impl Lab {
+    /// Nodes on one LAN, 10.88.0.0/24.
+    pub fn new() -> Lab {
+        Lab::with_prefix([10, 88, 0])
+    }
+
+    /// A public internet, 203.0.113.0/24, for public nodes and routers' WANs.
+    pub fn internet() -> Lab {
+        Lab::with_prefix([203, 0, 113])
+    }
+
+    fn with_prefix(prefix: [u8; 3]) -> Lab {
+        let switch = Netns::new("sw");
+        must(
+            "ip",
+            &["-n", &switch.name, "link", "add", "br0", "type", "bridge"],
+        );
+        must("ip", &["-n", &switch.name, "link", "set", "br0", "up"]);
+        let main = Segment {
+            ns: switch.name.clone(),
+            bridge: "br0".into(),
+            prefix,
+            next: 1,
+            gateway: None,
+        };
+        Lab {
+            dir: tempfile::Builder::new()
+                .prefix("watchalong-test-")
+                .tempdir()
+                .expect("temp dir"),
+            switch,
+            main,
+        }
+    }
+
+    /// A node on the main segment.
+    pub fn node(&mut self, name: &str) -> Node {
+        let ns = Netns::new(name);
+        let ip = self.main.attach(&ns);
+        self.make_node(name, ns, ip)
+    }
+
+    /// A router on the main segment doing NAT for the LAN `lan_prefix`.0/24.
+    pub fn router(&mut self, name: &str, lan_prefix: [u8; 3]) -> Router {
+        let ns = Netns::new(name);
+        let wan_ip = self.main.attach(&ns);
+        must(
+            "ip",
+            &["-n", &ns.name, "link", "add", "lan", "type", "bridge"],
+        );
+        let gw = Ipv4Addr::new(lan_prefix[0], lan_prefix[1], lan_prefix[2], 1);
+        must(
+            "ip",
+            &[
+                "-n",
+                &ns.name,
+                "addr",
+                "add",
+                &format!("{gw}/24"),
+                "dev",
+                "lan",
+            ],
+        );
+        must("ip", &["-n", &ns.name, "link", "set", "lan", "up"]);
+        let o = ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        assert!(o.status.success());
+        let o = ns.exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            "eth0",
+            "-j",
+            "MASQUERADE",
+        ]);
+        assert!(
+            o.status.success(),
+            "iptables: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        // A home router's usual firewall: nothing new comes in to the router itself. Without
+        // it, a peer's early knock leaves a conntrack entry on the router that makes
+        // MASQUERADE pick another port for the answer, and hole punching never meets.
+        let o = ns.exec(&[
+            "iptables",
+            "-A",
+            "INPUT",
+            "-i",
+            "eth0",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW",
+            "-j",
+            "DROP",
+        ]);
+        assert!(
+            o.status.success(),
+            "iptables: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let lan = Segment {
+            ns: ns.name.clone(),
+            bridge: "lan".into(),
+            prefix: lan_prefix,
+            next: 10,
+            gateway: Some(gw),
+        };
+        Router { ns, wan_ip, lan }
+    }
+
+    /// A node on a router's LAN.
+    pub fn node_behind(&mut self, router: &mut Router, name: &str) -> Node {
+        let ns = Netns::new(name);
+        let ip = router.lan.attach(&ns);
+        self.make_node(name, ns, ip)
+    }
+
+    fn make_node(&mut self, name: &str, ns: Netns, ip: Ipv4Addr) -> Node {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir).expect("node dir");
         let config = dir.join("watchalong.toml");

@@ -1,0 +1,362 @@
+//! The group across NATs: member lists that spread by themselves, a full mesh with hole
+//! punching, sites, the host's relay when no direct path forms, and revocation.
+//!
+//! The lab: a public host and a distant node on a public segment (203.0.113.0/24), and
+//! two home sites, each a router doing MASQUERADE for its own LAN.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn peers(n: &Node) -> Value {
+    serde_json::from_str(&n.ok(&["peers", "--json"])).expect("peers json")
+}
+
+fn peer<'a>(p: &'a Value, name: &str) -> Option<&'a Value> {
+    p["peers"].as_array()?.iter().find(|x| x["name"] == name)
+}
+
+fn join(host: &Node, n: &Node) {
+    let link = host.link(&[]);
+    n.ok(&["join", &link]);
+}
+
+/// Waits until `n` lists exactly `expected` (name → site) as its peers.
+fn wait_for_view(n: &Node, expected: &BTreeMap<String, String>) {
+    let mut last = Value::Null;
+    let ok = wait_until(DEADLINE, || {
+        last = peers(n);
+        let list = last["peers"].as_array().cloned().unwrap_or_default();
+        list.len() == expected.len()
+            && list.iter().all(|p| {
+                let name = p["name"].as_str().unwrap_or("");
+                expected
+                    .get(name)
+                    .is_some_and(|site| p["site"].as_str() == Some(site.as_str()))
+            })
+    });
+    assert!(
+        ok,
+        "{} never saw {expected:?}; last view: {last:#}\n{}",
+        n.name,
+        n.log()
+    );
+}
+
+fn address_of(n: &Node) -> String {
+    vpn_address(&n.status())
+}
+
+fn ping_all_pairs(nodes: &[&Node]) {
+    let addrs: Vec<String> = nodes.iter().map(|n| address_of(n)).collect();
+    for a in nodes {
+        for (b, addr) in nodes.iter().zip(&addrs) {
+            if a.name == b.name {
+                continue;
+            }
+            assert!(
+                wait_until(DEADLINE, || a.ping(addr)),
+                "{} cannot ping {} ({addr}): {:#}",
+                a.name,
+                b.name,
+                peers(a)
+            );
+        }
+    }
+}
+
+#[test]
+fn seven_nodes_across_two_nats_find_each_other_and_every_pair_pings() {
+    if !root_or_skip("seven_nodes_across_two_nats_find_each_other_and_every_pair_pings") {
+        return;
+    }
+    let mut lab = Lab::internet();
+    let mut host = lab.node("host");
+    let mut distant = lab.node("distant");
+    let mut r1 = lab.router("r1", [192, 168, 1]);
+    let mut r2 = lab.router("r2", [192, 168, 2]);
+    let mut s1a = lab.node_behind(&mut r1, "s1a");
+    let mut s1b = lab.node_behind(&mut r1, "s1b");
+    let mut s2a = lab.node_behind(&mut r2, "s2a");
+    let mut s2b = lab.node_behind(&mut r2, "s2b");
+    let mut late = lab.node_behind(&mut r2, "late");
+    for n in [
+        &mut host,
+        &mut distant,
+        &mut s1a,
+        &mut s1b,
+        &mut s2a,
+        &mut s2b,
+        &mut late,
+    ] {
+        n.start();
+    }
+    for n in [&distant, &s1a, &s1b, &s2a, &s2b] {
+        join(&host, n);
+    }
+    let site = |n: &Node| -> String {
+        match n.name.as_str() {
+            "s1a" | "s1b" => r1.wan_ip.to_string(),
+            "s2a" | "s2b" | "late" => r2.wan_ip.to_string(),
+            _ => n.ip.to_string(),
+        }
+    };
+    let first: Vec<&Node> = vec![&host, &distant, &s1a, &s1b, &s2a, &s2b];
+    let view_of = |me: &Node, group: &[&Node]| -> BTreeMap<String, String> {
+        group
+            .iter()
+            .filter(|o| o.name != me.name)
+            .map(|o| (o.name.clone(), site(o)))
+            .collect()
+    };
+    for n in &first {
+        wait_for_view(n, &view_of(n, &first));
+    }
+
+    // The last member joins; the list reaches everyone without a restart.
+    join(&host, &late);
+    let all: Vec<&Node> = vec![&host, &distant, &s1a, &s1b, &s2a, &s2b, &late];
+    for n in &all {
+        wait_for_view(n, &view_of(n, &all));
+    }
+    // It spread recursively: some member holds the record the host never sent it.
+    let g: Value = serde_json::from_str(&host.ok(&["gossip", "--json"])).unwrap();
+    let pushed: Vec<String> = g["stats"]["member_pushes"]["late"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let learned_elsewhere: Vec<&str> = ["distant", "s1a", "s1b", "s2a", "s2b"]
+        .into_iter()
+        .filter(|n| !pushed.iter().any(|p| p == n))
+        .collect();
+    assert!(
+        !learned_elsewhere.is_empty(),
+        "the host pushed the new record to every member itself: {pushed:?}"
+    );
+
+    ping_all_pairs(&all);
+    // Nearby members talk over their LAN; the two sites reach each other directly.
+    for (a, b) in [(&s1a, "s1b"), (&s1b, "s1a"), (&s2a, "late"), (&late, "s2b")] {
+        let on_lan = wait_until(DEADLINE, || {
+            let p = peers(a);
+            peer(&p, b).is_some_and(|x| x["path"] == "lan" && x["nearby"] == true)
+        });
+        assert!(
+            on_lan,
+            "{} does not reach {b} over the LAN: {:#}",
+            a.name,
+            peers(a)
+        );
+    }
+    let p = peers(&s1a);
+    assert_eq!(peer(&p, "s2a").unwrap()["nearby"], false);
+    assert_eq!(peer(&p, "distant").unwrap()["nearby"], false);
+    let direct = wait_until(DEADLINE, || {
+        let p = peers(&s1a);
+        ["s2a", "s2b", "late", "distant"]
+            .iter()
+            .all(|n| peer(&p, n).unwrap()["path"] == "direct")
+    });
+    assert!(
+        direct,
+        "no direct path across the two NATs: {:#}",
+        peers(&s1a)
+    );
+
+    drop(all);
+    // The host stops: members keep talking over their direct paths.
+    host.term();
+    let s2b_addr = address_of(&s2b);
+    let distant_addr = address_of(&distant);
+    assert!(
+        wait_until(DEADLINE, || s1a.ping(&s2b_addr)),
+        "s1a lost s2b without the host"
+    );
+    assert!(
+        wait_until(DEADLINE, || s1b.ping(&distant_addr)),
+        "s1b lost distant without the host"
+    );
+    // The host comes back and everyone reconnects to it.
+    host.start();
+    let host_addr = address_of(&host);
+    for n in [&distant, &s1a, &s1b, &s2a, &s2b, &late] {
+        assert!(
+            wait_until(DEADLINE, || n.ping(&host_addr)),
+            "{} did not reconnect to the host",
+            n.name
+        );
+    }
+}
+
+#[test]
+fn behind_a_router_that_drops_unsolicited_udp_traffic_goes_through_the_host() {
+    if !root_or_skip("behind_a_router_that_drops_unsolicited_udp_traffic_goes_through_the_host") {
+        return;
+    }
+    let mut lab = Lab::internet();
+    let mut host = lab.node("host");
+    let mut r1 = lab.router("r1", [192, 168, 1]);
+    let mut r2 = lab.router("r2", [192, 168, 2]);
+    r2.drop_unsolicited_udp_except(host.ip);
+    let mut a = lab.node_behind(&mut r1, "a");
+    let mut b = lab.node_behind(&mut r2, "b");
+    for n in [&mut host, &mut a, &mut b] {
+        n.start();
+    }
+    join(&host, &a);
+    join(&host, &b);
+    let b_addr = address_of(&b);
+    let a_addr = address_of(&a);
+    assert!(
+        wait_until(DEADLINE, || a.ping(&b_addr)),
+        "a cannot reach b: {:#}",
+        peers(&a)
+    );
+    assert!(
+        wait_until(DEADLINE, || b.ping(&a_addr)),
+        "b cannot reach a: {:#}",
+        peers(&b)
+    );
+    let p = peers(&a);
+    assert_eq!(peer(&p, "b").unwrap()["path"], "via-host", "{p:#}");
+    let g: Value = serde_json::from_str(&host.ok(&["gossip", "--json"])).unwrap();
+    assert!(
+        g["forwarded_packets"].as_u64().unwrap() > 0,
+        "the host forwarded nothing: {g}"
+    );
+}
+
+#[test]
+fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
+    if !root_or_skip("a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut host = lab.node("host");
+    let mut a = lab.node("a");
+    let mut b = lab.node("b");
+    let mut gone = lab.node("gone");
+    for n in [&mut host, &mut a, &mut b, &mut gone] {
+        n.start();
+    }
+    for n in [&a, &b, &gone] {
+        join(&host, n);
+    }
+    let gone_addr = address_of(&gone);
+    for n in [&host, &a, &b] {
+        assert!(wait_until(DEADLINE, || n.ping(&gone_addr)));
+    }
+    // What `gone` holds before its removal: its own host-signed record and its keys.
+    let gone_state: Value =
+        serde_json::from_str(&std::fs::read_to_string(gone.dir.join("state/group.json")).unwrap())
+            .unwrap();
+    let gone_key = gone.status()["node"]["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    host.ok(&["remove", "gone"]);
+    for n in [&host, &a, &b] {
+        let closed = wait_until(DEADLINE, || {
+            peer(&peers(n), "gone").is_none()
+                && !n.status()["peers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["name"] == "gone")
+        });
+        assert!(
+            closed,
+            "{} still has a tunnel to the removed member",
+            n.name
+        );
+    }
+    assert!(!a.ping(&gone_addr), "the removed member still answers");
+    assert!(
+        !gone.ping(&address_of(&a)),
+        "the removed member still reaches a member"
+    );
+
+    // Its old record, replayed by a member in good standing, is refused.
+    let b_key = b.status()["node"]["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let old = gone_state["mesh"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["body"].as_str().unwrap().contains(&gone_key))
+        .cloned()
+        .expect("gone's own record");
+    let before: Value = serde_json::from_str(&a.ok(&["gossip", "--json"])).unwrap();
+    let inject = |n: &Node, from: &str, message: Value| {
+        let body = serde_json::json!({"from": from, "message": message});
+        let o = n.cli_stdin(&["debug-gossip"], &body.to_string());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    inject(
+        &a,
+        &b_key,
+        serde_json::json!({"type": "member", "record": old}),
+    );
+    // A record it signed itself, claiming to be back.
+    let forged = watchalong_forge(&gone, &gone_key);
+    inject(
+        &a,
+        &b_key,
+        serde_json::json!({"type": "member", "record": forged}),
+    );
+    // And gossip in its own name.
+    inject(
+        &a,
+        &gone_key,
+        serde_json::json!({"type": "member", "record": old}),
+    );
+    let after: Value = serde_json::from_str(&a.ok(&["gossip", "--json"])).unwrap();
+    assert!(
+        after["stats"]["rejected"].as_u64().unwrap()
+            >= before["stats"]["rejected"].as_u64().unwrap() + 3,
+        "{before} → {after}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    for n in [&host, &a, &b] {
+        assert!(
+            peer(&peers(n), "gone").is_none(),
+            "{} took the removed member back",
+            n.name
+        );
+    }
+}
+
+/// A member record for `node`, signed with its own key instead of the host's.
+fn watchalong_forge(node: &Node, key: &str) -> Value {
+    use base64::Engine;
+    let text = std::fs::read_to_string(node.dir.join("state/signing.key")).unwrap();
+    let bytes: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let sk = ed25519_dalek::SigningKey::from_bytes(&bytes);
+    let rec = watchalong::mesh::MemberRecord {
+        wg_key: watchalong::identity::key_from_base64(key).unwrap(),
+        sign_key: sk.verifying_key().to_bytes(),
+        name: node.name.clone(),
+        address: "100.77.0.4".parse().unwrap(),
+        admitted_at: 0,
+        version: 99,
+        revoked: false,
+    };
+    serde_json::to_value(watchalong::mesh::sign_member(&sk, &rec)).unwrap()
+}
