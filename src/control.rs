@@ -133,6 +133,9 @@ pub struct RemoveRequest {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GossipReply {
+    /// A hash of what this node holds (member versions, announcement sequence numbers):
+    /// equal on two nodes when their views agree.
+    pub view: String,
     pub members: usize,
     pub revoked: usize,
     pub forwarded_packets: u64,

@@ -5,9 +5,10 @@
 //!
 //! Convergence: a change reaches `FANOUT` members at once and each of them passes it on to
 //! `FANOUT` more (an epidemic: about log_FANOUT(N) hops). Whatever that misses is found by
-//! anti-entropy: every node compares digests with one random member per round, so a node
-//! missing a record gets it within a few rounds with high probability (each round it is
-//! picked by, or picks, a node that has it).
+//! anti-entropy: every node sends a short hash of its view to one random member per
+//! round; a member whose view differs answers with its digest and the two push-pull what
+//! the other lacks. So a node missing a record gets it within a few rounds with high
+//! probability (each round it is picked by, or picks, a node that has it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -42,6 +43,10 @@ pub enum GossipMessage {
         /// A reply does not ask for a digest back, which ends the exchange.
         reply: bool,
     },
+    /// The sender's [`Mesh::view_hash`]; a receiver that disagrees answers with its digest.
+    Summary {
+        view: String,
+    },
     /// From the host: where it sees the receiver's packets come from.
     Observed {
         endpoint: SocketAddr,
@@ -68,6 +73,7 @@ pub struct Stats {
     pub accepted: u64,
     pub rejected: u64,
     pub sent: u64,
+    /// Gossip payload bytes handed to the tunnel (without IP, UDP and WireGuard headers).
     pub sent_bytes: u64,
     /// For each member record (by member name), the members this node pushed it to.
     pub member_pushes: BTreeMap<String, BTreeSet<String>>,
@@ -180,6 +186,11 @@ impl Gossip {
                     out.extend(digest_for(mesh, from, *first, *last, true));
                 }
             }
+            GossipMessage::Summary { view } => {
+                if *view != mesh.view_hash() {
+                    out.extend(digest_for(mesh, from, [0; 32], [0xff; 32], false));
+                }
+            }
             GossipMessage::Observed { endpoint } => {
                 if from == mesh.host_wg {
                     events.push(Event::Observed(*endpoint));
@@ -235,7 +246,12 @@ impl Gossip {
         let Some(to) = candidates.choose(rng).copied() else {
             return Vec::new();
         };
-        let out = digest_for(mesh, to, [0; 32], [0xff; 32], false);
+        let out = vec![Outgoing {
+            to,
+            msg: GossipMessage::Summary {
+                view: mesh.view_hash(),
+            },
+        }];
         self.count(mesh, &out);
         out
     }

@@ -702,17 +702,25 @@ impl Node {
     }
 
     pub async fn send(&self, out: Vec<Outgoing>) {
+        let mut total = 0u64;
         for o in out {
             match serde_json::to_vec(&o.msg) {
-                Ok(bytes) => self.tunnel.send_gossip(&o.to, &bytes).await,
+                Ok(bytes) => {
+                    total += bytes.len() as u64;
+                    self.tunnel.send_gossip(&o.to, &bytes).await;
+                }
                 Err(e) => log::warn!("cannot encode gossip: {e}"),
             }
+        }
+        if total > 0 {
+            self.book().gossip.stats.sent_bytes += total;
         }
     }
 
     fn gossip_reply(&self) -> GossipReply {
         let book = self.book();
         GossipReply {
+            view: book.group.mesh.view_hash(),
             members: book.group.mesh.active().count(),
             revoked: book.group.mesh.members().filter(|m| m.revoked).count(),
             forwarded_packets: self.tunnel.forwarded_count(),

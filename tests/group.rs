@@ -360,3 +360,149 @@ fn watchalong_forge(node: &Node, key: &str) -> Value {
     };
     serde_json::to_value(watchalong::mesh::sign_member(&sk, &rec)).unwrap()
 }
+
+fn gossip(n: &Node) -> Value {
+    serde_json::from_str(&n.ok(&["gossip", "--json"])).unwrap()
+}
+
+fn inject(n: &Node, from: &str, message: &Value) -> bool {
+    let body = serde_json::json!({"from": from, "message": message});
+    n.cli_stdin(&["debug-gossip"], &body.to_string())
+        .status
+        .success()
+}
+
+fn key_of(n: &Node) -> String {
+    n.status()["node"]["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn forged_reordered_and_duplicated_gossip_and_a_flapping_endpoint_leave_the_group_converged() {
+    if !root_or_skip(
+        "forged_reordered_and_duplicated_gossip_and_a_flapping_endpoint_leave_the_group_converged",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut host = lab.node("host");
+    let mut a = lab.node("a");
+    let mut b = lab.node("b");
+    let mut c = lab.node("c");
+    for n in [&mut host, &mut a, &mut b, &mut c] {
+        n.start();
+    }
+    for n in [&a, &b, &c] {
+        join(&host, n);
+    }
+    let nodes = [&host, &a, &b, &c];
+    let agree = |nodes: &[&Node]| {
+        let views: Vec<Value> = nodes.iter().map(|n| gossip(n)["view"].clone()).collect();
+        views.windows(2).all(|w| w[0] == w[1]) && gossip(nodes[0])["members"] == 4
+    };
+    assert!(
+        wait_until(DEADLINE, || agree(&nodes)),
+        "the group never agreed"
+    );
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(host.dir.join("state/group.json")).unwrap())
+            .unwrap();
+    let records: Vec<Value> = state["mesh"]["members"].as_array().unwrap().clone();
+    let old_announcements: Vec<Value> = state["mesh"]["announcements"].as_array().unwrap().clone();
+    let b_key = key_of(&b);
+
+    // c's address flaps three times; each time the others follow it.
+    let c_vpn = address_of(&c);
+    let a_vpn = address_of(&a);
+    for (i, addr) in ["10.88.0.201", "10.88.0.202", &c.ip.to_string()]
+        .into_iter()
+        .enumerate()
+    {
+        let old =
+            c.ns.exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+        let old = String::from_utf8_lossy(&old.stdout);
+        let old = old.split_whitespace().nth(3).unwrap().to_string();
+        must(
+            "ip",
+            &["-n", &c.ns.name, "addr", "del", &old, "dev", "eth0"],
+        );
+        must(
+            "ip",
+            &[
+                "-n",
+                &c.ns.name,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ],
+        );
+        assert!(
+            wait_until(DEADLINE, || c.ping(&a_vpn)),
+            "flap {i}: c cannot reach a"
+        );
+        assert!(
+            wait_until(DEADLINE, || a.ping(&c_vpn)),
+            "flap {i}: a cannot reach c"
+        );
+    }
+
+    // Duplicates, old announcements after new ones, and forgeries, all as if from b.
+    let before = gossip(&a)["stats"]["rejected"].as_u64().unwrap();
+    for _ in 0..3 {
+        for r in &records {
+            assert!(inject(
+                &a,
+                &b_key,
+                &serde_json::json!({"type": "member", "record": r})
+            ));
+        }
+    }
+    for ann in &old_announcements {
+        assert!(inject(
+            &a,
+            &b_key,
+            &serde_json::json!({"type": "announce", "announcement": ann})
+        ));
+    }
+    let mut tampered = records[1].clone();
+    let body = tampered["body"]
+        .as_str()
+        .unwrap()
+        .replace("\"revoked\":false", "\"revoked\":true");
+    tampered["body"] = Value::String(body);
+    assert!(inject(
+        &a,
+        &b_key,
+        &serde_json::json!({"type": "member", "record": tampered})
+    ));
+    let garbage = serde_json::json!({"body": "{\"wg_key\": 1}", "sig": "AAAA"});
+    assert!(inject(
+        &a,
+        &b_key,
+        &serde_json::json!({"type": "announce", "announcement": garbage})
+    ));
+    let bogus_digest = serde_json::json!({"type": "digest", "entries": [{"key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=", "version": 999, "seq": 999}],
+        "first": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "last": "//////////////////////////////////////////8=", "reply": false});
+    assert!(inject(&a, &b_key, &bogus_digest));
+    let after = gossip(&a)["stats"]["rejected"].as_u64().unwrap();
+    assert!(
+        after >= before + 2,
+        "forgeries were not rejected: {before} → {after}"
+    );
+
+    // Nothing crashed, nobody was dropped, and the views agree again.
+    for n in nodes {
+        assert_eq!(peers(n)["peers"].as_array().unwrap().len(), 3, "{}", n.name);
+    }
+    assert!(
+        wait_until(DEADLINE, || agree(&nodes)),
+        "the group did not converge again"
+    );
+    for n in [&host, &a, &b] {
+        assert!(wait_until(DEADLINE, || n.ping(&c_vpn)), "{} lost c", n.name);
+    }
+}

@@ -1,0 +1,96 @@
+//! Membership benchmark (issue 3): how long until a new member is known by every other
+//! node, at 7 and at 16 nodes, and how many gossip bytes an idle group sends per member
+//! per minute. Root needed (network namespaces).
+//!
+//!     sudo cargo bench --bench mesh            # 7 and 16 nodes
+//!     sudo cargo bench --bench mesh -- 7 32    # other sizes
+//!
+//! The nodes share one LAN segment; the time is from the joiner's `join` returning to the
+//! last node listing it, polled through each node's control socket.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn sent_bytes(n: &Node) -> u64 {
+    let g: serde_json::Value = serde_json::from_str(&n.ok(&["gossip", "--json"])).unwrap();
+    g["stats"]["sent_bytes"].as_u64().unwrap_or(0)
+}
+
+fn knows(n: &Node, name: &str) -> bool {
+    let p: serde_json::Value = serde_json::from_str(&n.ok(&["peers", "--json"])).unwrap();
+    p["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|x| x["name"] == name)
+}
+
+fn run(size: usize, idle: Duration) -> (Duration, Duration, f64) {
+    let mut lab = Lab::new();
+    let mut nodes: Vec<Node> = (0..size).map(|i| lab.node(&format!("n{i}"))).collect();
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    let (host, rest) = nodes.split_first().unwrap();
+    let (newcomer, early) = rest.split_last().unwrap();
+    for n in early {
+        let link = host.link(&[]);
+        n.ok(&["join", &link]);
+    }
+    for n in std::iter::once(host).chain(early) {
+        assert!(wait_until(Duration::from_secs(120), || early
+            .iter()
+            .all(|o| o.name == n.name || knows(n, &o.name))));
+    }
+    let link = host.link(&[]);
+    let start = Instant::now();
+    newcomer.ok(&["join", &link]);
+    let joined = start.elapsed();
+    let mut pending: Vec<&Node> = std::iter::once(host).chain(early).collect();
+    while !pending.is_empty() {
+        pending.retain(|n| !knows(n, &newcomer.name));
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "never converged"
+        );
+    }
+    let known = start.elapsed();
+    // Idle: everyone knows everyone; count what gossip still sends.
+    std::thread::sleep(Duration::from_secs(5));
+    let before: u64 = nodes.iter().map(sent_bytes).sum();
+    std::thread::sleep(idle);
+    let after: u64 = nodes.iter().map(sent_bytes).sum();
+    let per_member_minute = (after - before) as f64 / size as f64 * 60.0 / idle.as_secs_f64();
+    (joined, known, per_member_minute)
+}
+
+fn main() {
+    // `cargo test --all-targets` runs this binary too, without `--bench`: measure nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("mesh benchmark: run it with `cargo bench --bench mesh`");
+        return;
+    }
+    if !root_or_skip("bench mesh") {
+        return;
+    }
+    let sizes: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let sizes = if sizes.is_empty() { vec![7, 16] } else { sizes };
+    println!("| nodes | join returns | new member known by all | idle gossip, bytes per member per minute |");
+    println!("|---|---|---|---|");
+    for size in sizes {
+        let (joined, known, idle) = run(size, Duration::from_secs(30));
+        println!(
+            "| {size} | {} ms | {} ms | {:.0} |",
+            joined.as_millis(),
+            known.as_millis(),
+            idle
+        );
+    }
+}
