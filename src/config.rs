@@ -14,6 +14,8 @@ pub const DEFAULT_PATH: &str = "/etc/watchalong.toml";
 
 /// A stock WireGuard listens on 51820; we stay clear of it so both can run on one router.
 pub const DEFAULT_LISTEN_PORT: u16 = 51871;
+/// The LAN relay's default TCP port.
+pub const DEFAULT_RELAY_PORT: u16 = 51875;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -39,6 +41,45 @@ pub struct Config {
     pub tunnel: TunnelConfig,
     pub control: ControlConfig,
     pub log: LogConfig,
+    pub relay: RelayConfig,
+    /// `[[share]]` tables: the folders this node offers the group.
+    #[serde(rename = "share")]
+    pub shares: Vec<ShareConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// The LAN relay's TCP port (nearby members fetch through it).
+    pub port: u16,
+    /// Disk the relay may use to cache chunks for nearby members, in MiB.
+    pub cache_mib: u64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            port: DEFAULT_RELAY_PORT,
+            cache_mib: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShareConfig {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub mode: ShareMode,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShareMode {
+    #[default]
+    ReadOnly,
+    ReadWrite,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -58,6 +99,8 @@ pub struct TunnelConfig {
     /// How others reach this node (`host:port`); when absent, the link carries the
     /// addresses of this node's interfaces.
     pub endpoint: Option<String>,
+    /// The TUN device's MTU: the underlay's MTU minus 80 (WireGuard over IPv6).
+    pub mtu: u16,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -110,6 +153,7 @@ impl Default for TunnelConfig {
             listen_port: DEFAULT_LISTEN_PORT,
             network: Ipv4Net::new(Ipv4Addr::new(100, 77, 0, 0), 16).unwrap_or_default(),
             endpoint: None,
+            mtu: 1420,
         }
     }
 }
@@ -226,6 +270,52 @@ impl Config {
         if !self.control.socket.is_absolute() {
             return Err(bad("control", "socket", "expected an absolute path".into()));
         }
+        if !(1280..=9000).contains(&self.tunnel.mtu) {
+            return Err(bad(
+                "tunnel",
+                "mtu",
+                "expected 1280 to 9000 (1420 suits a 1500-byte underlay)".into(),
+            ));
+        }
+        if self.relay.port == 0 {
+            return Err(bad(
+                "relay",
+                "port",
+                "expected a port from 1 to 65535".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, share) in self.shares.iter().enumerate() {
+            let bad_share = |key: &str, message: String| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: line_of_share_key(text, i, key),
+                key: format!("share[{i}].{key}"),
+                message,
+            };
+            let n = &share.name;
+            if n.is_empty()
+                || n.len() > 63
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+                || n.starts_with('.')
+            {
+                return Err(bad_share(
+                    "name",
+                    "expected 1 to 63 letters, digits, '-', '_' or '.' (not starting with '.')"
+                        .into(),
+                ));
+            }
+            if !seen.insert(n.clone()) {
+                return Err(bad_share(
+                    "name",
+                    format!("another [[share]] is already called {n:?}"),
+                ));
+            }
+            if !share.path.is_absolute() {
+                return Err(bad_share("path", "expected an absolute path".into()));
+            }
+        }
         Ok(())
     }
 }
@@ -239,6 +329,35 @@ pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
         return None;
     }
     Some((host, port))
+}
+
+/// The line of `key` inside the `index`th `[[share]]` table, or that table's header.
+fn line_of_share_key(text: &str, index: usize, key: &str) -> usize {
+    let mut shares_seen = 0;
+    let mut in_it = false;
+    let mut header = 1;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.starts_with('[') {
+            in_it = false;
+            if line == "[[share]]" {
+                in_it = shares_seen == index;
+                if in_it {
+                    header = i + 1;
+                }
+                shares_seen += 1;
+            }
+            continue;
+        }
+        if in_it {
+            if let Some((k, _)) = line.split_once('=') {
+                if k.trim() == key {
+                    return i + 1;
+                }
+            }
+        }
+    }
+    header
 }
 
 fn from_toml(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
@@ -297,7 +416,7 @@ fn table_before(text: &str, offset: usize) -> String {
         .lines()
         .rev()
         .map(str::trim)
-        .find(|l| l.starts_with('[') && !l.starts_with("[["))
+        .find(|l| l.starts_with('['))
         .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
         .unwrap_or_default()
 }

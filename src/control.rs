@@ -142,6 +142,72 @@ pub struct GossipReply {
     pub stats: crate::gossip::Stats,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LsEntry {
+    pub name: String,
+    pub dir: bool,
+    pub size: u64,
+    /// For the list of shares: the members offering each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holders: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LsReply {
+    /// The member that answered (none for the list of shares).
+    pub holder: Option<String>,
+    pub entries: Vec<LsEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetRequest {
+    /// `SHARE/PATH`.
+    pub target: String,
+    /// Where to write the file (absolute).
+    pub dest: PathBuf,
+    /// Fetch from this member only.
+    pub from: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetReply {
+    pub id: String,
+    pub source: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TransferView {
+    pub id: String,
+    pub target: String,
+    pub dest: PathBuf,
+    pub source: String,
+    pub size: u64,
+    pub done: u64,
+    pub corrupt_chunks: u64,
+    pub route: String,
+    /// `running`, `done` or `failed`.
+    pub state: String,
+    pub error: Option<String>,
+    pub counters: crate::transfer::Counters,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanRequest {
+    pub target: String,
+    /// Plan for this member instead of this node.
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanReply {
+    pub source: String,
+    pub requester: String,
+    pub size: u64,
+    pub summary: String,
+    pub route: crate::planner::Route,
+}
+
 /// A gossip message handed in as if member `from` had sent it (for diagnosis and tests).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct InjectRequest {
@@ -213,6 +279,11 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         req: InjectRequest,
     ) -> impl Future<Output = Result<GossipReply, ApiError>> + Send;
+    fn ls(&self, target: String) -> impl Future<Output = Result<LsReply, ApiError>> + Send;
+    fn plan(&self, req: PlanRequest) -> impl Future<Output = Result<PlanReply, ApiError>> + Send;
+    fn start_get(&self, req: GetRequest)
+        -> impl Future<Output = Result<GetReply, ApiError>> + Send;
+    fn transfer(&self, id: String) -> impl Future<Output = Result<TransferView, ApiError>> + Send;
 }
 
 /// Serves `listener` until `cancel` fires; connections in flight are awaited.
@@ -288,6 +359,19 @@ async fn route<H: Handler>(h: &H, req: Request<Incoming>) -> Response<Full<Bytes
             Err(e) => Err(e),
         },
         (&Method::GET, ["v1", "gossip"]) => reply(h.gossip().await),
+        (&Method::POST, ["v1", "ls"]) => match parse::<PlanRequest>(&body) {
+            Ok(r) => reply(h.ls(r.target).await),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, ["v1", "plan"]) => match parse(&body) {
+            Ok(r) => reply(h.plan(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, ["v1", "get"]) => match parse(&body) {
+            Ok(r) => reply(h.start_get(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::GET, ["v1", "transfers", id]) => reply(h.transfer(id.to_string()).await),
         (&Method::POST, ["v1", "debug", "gossip"]) => match parse(&body) {
             Ok(r) => reply(h.inject_gossip(r).await),
             Err(e) => Err(e),

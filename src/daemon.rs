@@ -21,8 +21,10 @@ use crate::group::Group;
 use crate::identity::{self, Identity};
 use crate::link::InviteBook;
 use crate::node::{hosted_group, Book, Node, GROUP_FILE, INVITES_FILE};
+use crate::share::Shares;
 use crate::state::{self, StateError};
-use crate::tunnel::{GossipIn, InviteMessage, Tunnel, TunnelError, TUN_MTU};
+use crate::transfer::{self, Engine};
+use crate::tunnel::{GossipIn, InviteMessage, Tunnel, TunnelError};
 use crate::wire::{self, JoinMessage};
 
 pub use crate::node::now_secs;
@@ -46,6 +48,8 @@ pub enum DaemonError {
     },
     #[error("cannot bind UDP port {port}: {source} (set [tunnel] listen_port to a free port)")]
     BindUdp { port: u16, source: std::io::Error },
+    #[error("cannot listen on TCP port {port}: {source} (set [relay] port to a free port)")]
+    BindTcp { port: u16, source: std::io::Error },
     #[error("cannot listen on the control socket {path}: {source}")]
     BindControl {
         path: PathBuf,
@@ -170,7 +174,7 @@ pub async fn run(
     let tun = DeviceBuilder::new()
         .name(&config.tunnel.interface)
         .ipv4(group.my_address, group.network.prefix_len(), None)
-        .mtu(TUN_MTU)
+        .mtu(config.tunnel.mtu)
         .build_async()
         .map_err(|source| DaemonError::CreateTun {
             name: config.tunnel.interface.clone(),
@@ -179,9 +183,14 @@ pub async fn run(
     let port = config.tunnel.listen_port;
     let udp = std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
         .and_then(|s| s.set_nonblocking(true).map(|()| s))
+        .inspect(grow_buffers)
         .and_then(tokio::net::UdpSocket::from_std)
         .map_err(|source| DaemonError::BindUdp { port, source })?;
     let listener = bind_control(&config.control.socket).await?;
+    // Both on every address: the node server answers only on the VPN address and to
+    // members' VPN addresses, the relay only to signed member requests.
+    let node_listener = bind_tcp(transfer::NODE_PORT).await?;
+    let relay_listener = bind_tcp(config.relay.port).await?;
 
     let (invite_tx, invite_rx) = mpsc::channel(64);
     let (gossip_tx, gossip_rx) = mpsc::channel(1024);
@@ -192,13 +201,24 @@ pub async fn run(
         gossip: Gossip::new(public_key),
     };
     tunnel.set_invite_keys(Node::invite_keys(&book));
+    let engine = Arc::new(Engine::new(
+        Shares::new(config.shares.clone()),
+        id.wg_secret.clone(),
+        config.relay.port,
+        config.node.state_dir.join("cache"),
+        config.relay.cache_mib * 1024 * 1024,
+    ));
+    let cancel = CancellationToken::new();
     let node = Arc::new(Node::new(
         config.clone(),
         public_key,
         id.signing.clone(),
         book,
         tunnel.clone(),
+        engine.clone(),
+        cancel.clone(),
     ));
+    node.set_self();
     node.sync_tunnel().await;
     let first = {
         let mut book = node.book();
@@ -206,8 +226,21 @@ pub async fn run(
     };
     node.send(first).await;
 
-    let cancel = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+    {
+        let (e, n, c) = (engine.clone(), node.clone(), cancel.clone());
+        tasks.spawn(async move {
+            transfer::serve_node(node_listener, e, n, c).await;
+            Ok(())
+        });
+    }
+    {
+        let (e, n, c) = (engine.clone(), node.clone(), cancel.clone());
+        tasks.spawn(async move {
+            transfer::serve_relay(relay_listener, e, n, c).await;
+            Ok(())
+        });
+    }
     {
         let (t, c) = (tunnel.clone(), cancel.clone());
         tasks.spawn(async move { t.run(c).await.map_err(DaemonError::from) });
@@ -282,6 +315,8 @@ pub async fn run(
             log::warn!("{e}");
         }
     }
+    node.tasks.close();
+    node.tasks.wait().await;
     node.save_endpoints();
     let _ = std::fs::remove_file(&config.control.socket);
     // The last references to the tunnel go here; closing the TUN fd removes the device.
@@ -289,6 +324,40 @@ pub async fn run(
     drop(tunnel);
     log::info!("stopped");
     result
+}
+
+/// Bursts of a fast TCP flow overflow the default 208 KiB socket buffers, and every
+/// datagram dropped there is a TCP retransmission over the internet. CAP_NET_ADMIN lets
+/// the daemon go past `net.core.rmem_max`; without it the kernel's cap applies.
+fn grow_buffers(s: &std::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
+    const SIZE: libc::c_int = 8 * 1024 * 1024;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        let set = |opt| {
+            // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&SIZE as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            }
+        };
+        if set(force) != 0 {
+            set(plain);
+        }
+    }
+}
+
+async fn bind_tcp(port: u16) -> Result<tokio::net::TcpListener, DaemonError> {
+    tokio::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+        .await
+        .map_err(|source| DaemonError::BindTcp { port, source })
 }
 
 async fn bind_control(path: &std::path::Path) -> Result<tokio::net::UnixListener, DaemonError> {

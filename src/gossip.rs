@@ -508,6 +508,7 @@ mod tests {
                 public_endpoint: None,
                 lan: vec![],
                 relay_port: None,
+                shares: vec![],
             };
             let s = sign_announcement(&skey(i), &ann);
             // Sent twice, and before most nodes know the member it describes.

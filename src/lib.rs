@@ -15,12 +15,17 @@
 //! | [`wire`]     | the join messages carried inside the invite WireGuard session         | none (pure) |
 //! | [`routes`]   | which member owns which VPN address (longest-prefix match)            | none (pure) |
 //! | [`tunnel`]   | userspace WireGuard: one `Tunn` per peer, the TUN device, one UDP socket | sockets, TUN |
+//! | [`share`]    | shared folders: safe paths, listings, BLAKE3 chunk manifests          | files       |
+//! | [`planner`]  | the route of one transfer: tunnel, LAN relay or both (cases 1–4)     | none (pure) |
+//! | [`auth`]     | LAN relay request MACs and replay refusal                             | none (pure) |
+//! | [`transfer`] | node-to-node HTTP, the LAN relay, chunk cache, single flight, `get`   | sockets, files |
 //! | [`join`]     | the joiner's side of redeeming a link against the host                | one UDP socket |
 //! | [`control`]  | the local HTTP API over a Unix socket, server and client              | socket      |
 //! | [`node`]     | the running node: membership operations, persistence, tunnel peers    | via tunnel  |
 //! | [`daemon`]   | composition root: start, supervise, `sd_notify`, ordered shutdown      | —           |
 //! | [`logging`]  | journald when under systemd, stderr otherwise                         | —           |
 
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -32,7 +37,10 @@ pub mod link;
 pub mod logging;
 pub mod mesh;
 pub mod node;
+pub mod planner;
 pub mod routes;
+pub mod share;
 pub mod state;
+pub mod transfer;
 pub mod tunnel;
 pub mod wire;

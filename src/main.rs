@@ -11,8 +11,9 @@ use clap::{Parser, Subcommand};
 
 use watchalong::config::{Config, ConfigError};
 use watchalong::control::{
-    Client, Empty, GossipReply, InviteView, JoinReply, JoinRequest, LinkReply, LinkRequest,
-    PeerAddRequest, PeerRemoveRequest, PeersReply, RemoveRequest, StatusReply,
+    Client, Empty, GetReply, GetRequest, GossipReply, InviteView, JoinReply, JoinRequest,
+    LinkReply, LinkRequest, LsReply, PeerAddRequest, PeerRemoveRequest, PeersReply, PlanReply,
+    PlanRequest, RemoveRequest, StatusReply, TransferView,
 };
 use watchalong::{daemon, link, logging};
 
@@ -89,6 +90,35 @@ enum Command {
     Remove {
         /// The member's name, VPN address or public key.
         node: String,
+    },
+    /// List the shares members offer, or a folder of one.
+    Ls {
+        /// SHARE or SHARE/PATH; nothing lists the shares.
+        #[arg(default_value = "")]
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fetch a shared file, verified chunk by chunk, along the planner's route.
+    Get {
+        /// SHARE/PATH.
+        target: String,
+        /// Where to write it (default: its name in the current folder).
+        dest: Option<PathBuf>,
+        /// Fetch from this member only.
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the route a file would take to this node (or to --to NODE), and why.
+    Plan {
+        /// SHARE/PATH.
+        target: String,
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Show gossip counters (what this node sent to whom).
     Gossip {
@@ -329,6 +359,92 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Ls { target, json } => {
+            let r: LsReply = client
+                .post(
+                    "/v1/ls",
+                    &PlanRequest {
+                        target: target.clone(),
+                        to: None,
+                    },
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else if r.holder.is_none() {
+                if r.entries.is_empty() {
+                    println!("no member offers a share yet");
+                }
+                for e in &r.entries {
+                    println!("{:<24} {}", e.name, e.holders.join(", "));
+                }
+            } else {
+                for e in &r.entries {
+                    if e.dir {
+                        println!("{:>12}  {}/", "-", e.name);
+                    } else {
+                        println!("{:>12}  {}", e.size, e.name);
+                    }
+                }
+            }
+        }
+        Command::Plan { target, to, json } => {
+            let r: PlanReply = client.post("/v1/plan", &PlanRequest { target, to }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} ({} bytes) from {} to {}",
+                    r.summary, r.size, r.source, r.requester
+                );
+                println!("why: {}", r.route.why);
+            }
+        }
+        Command::Get {
+            target,
+            dest,
+            from,
+            json,
+        } => {
+            let name = target.rsplit('/').next().unwrap_or("download").to_string();
+            let dest = match dest {
+                Some(d) if d.is_dir() => d.join(&name),
+                Some(d) => d,
+                None => PathBuf::from(&name),
+            };
+            let dest = if dest.is_absolute() {
+                dest
+            } else {
+                std::env::current_dir()?.join(dest)
+            };
+            let started: GetReply = client
+                .post(
+                    "/v1/get",
+                    &GetRequest {
+                        target: target.clone(),
+                        dest: dest.clone(),
+                        from,
+                    },
+                )
+                .await?;
+            let view = follow_transfer(&client, &started.id, json).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            }
+            if let Some(e) = view.error {
+                bail!("{target}: {e}");
+            }
+            if !json {
+                println!(
+                    "{} -> {} ({} bytes from {}, {})",
+                    target,
+                    dest.display(),
+                    view.size,
+                    view.source,
+                    view.route
+                );
+            }
+        }
         Command::DebugGossip => {
             let mut text = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
@@ -398,6 +514,53 @@ fn read_passphrase(file: Option<&PathBuf>, prompt: &str) -> anyhow::Result<Strin
         bail!("the passphrase is empty");
     }
     Ok(pass)
+}
+
+/// Polls a transfer until it ends: a progress bar on a terminal, a line now and then
+/// otherwise.
+async fn follow_transfer(client: &Client, id: &str, quiet: bool) -> anyhow::Result<TransferView> {
+    let tty = std::io::stderr().is_terminal() && !quiet;
+    let start = std::time::Instant::now();
+    let mut last_line = std::time::Instant::now();
+    loop {
+        let v: TransferView = client.get(&format!("/v1/transfers/{id}")).await?;
+        let secs = start.elapsed().as_secs_f64().max(0.001);
+        let rate = v.done as f64 / secs;
+        let eta = if rate > 0.0 {
+            (v.size.saturating_sub(v.done)) as f64 / rate
+        } else {
+            0.0
+        };
+        let pct = (v.done * 100).checked_div(v.size).unwrap_or(100);
+        let line = format!(
+            "{:>3}% {}/{} MiB {:.1} MiB/s ETA {:.0}s via {}",
+            pct,
+            v.done >> 20,
+            v.size >> 20,
+            rate / 1048576.0,
+            eta,
+            v.route
+        );
+        if tty {
+            let width = 30usize;
+            let filled = (pct as usize * width / 100).min(width);
+            eprint!(
+                "\r[{}{}] {line}\x1b[K",
+                "#".repeat(filled),
+                " ".repeat(width - filled)
+            );
+        } else if !quiet && (last_line.elapsed() > Duration::from_secs(5) || v.state != "running") {
+            eprintln!("{line}");
+            last_line = std::time::Instant::now();
+        }
+        if v.state != "running" {
+            if tty {
+                eprintln!();
+            }
+            return Ok(v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn ago(secs: Option<u64>) -> String {

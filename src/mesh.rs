@@ -46,8 +46,11 @@ pub struct Announcement {
     pub public_endpoint: Option<SocketAddr>,
     /// This node's own addresses with its listen port.
     pub lan: Vec<SocketAddr>,
-    /// The LAN relay's port, once there is one.
+    /// The LAN relay's port.
     pub relay_port: Option<u16>,
+    /// The shares this node offers.
+    #[serde(default)]
+    pub shares: Vec<String>,
 }
 
 /// Signed bytes, kept verbatim: verification never depends on re-encoding.
@@ -359,6 +362,7 @@ mod tests {
             public_endpoint: Some(SocketAddr::from(([203, 0, 113, n], 51871))),
             lan: vec![],
             relay_port: None,
+            shares: vec![],
         }
     }
 

@@ -16,9 +16,10 @@ use hyper::StatusCode;
 
 use crate::config::{split_host_port, Config};
 use crate::control::{
-    ApiError, Empty, GossipReply, Handler, InjectRequest, InviteView, JoinReply, JoinRequest,
-    LinkReply, LinkRequest, NodeStatus, PeerAddRequest, PeerRemoveRequest, PeerView, PeersReply,
-    RemoveRequest, StatusReply,
+    ApiError, Empty, GetReply, GetRequest, GossipReply, Handler, InjectRequest, InviteView,
+    JoinReply, JoinRequest, LinkReply, LinkRequest, LsEntry, LsReply, NodeStatus, PeerAddRequest,
+    PeerRemoveRequest, PeerView, PeersReply, PlanReply, PlanRequest, RemoveRequest, StatusReply,
+    TransferView,
 };
 use crate::gossip::{Event, Gossip, GossipMessage, Outgoing};
 use crate::group::{Group, StaticPeer};
@@ -27,8 +28,11 @@ use crate::join::{self, JoinError};
 use crate::link::{self, Invite, InviteBook, InviteId, InviteRecord, LinkError, RedeemError};
 use crate::mesh::{self, Announcement, Key, MemberRecord, Mesh};
 use crate::state::{self, StateError};
+use crate::transfer::{self, Directory, Engine, Membership, Progress};
 use crate::tunnel::{PeerConfig, Tunnel};
 use crate::wire::{JoinMessage, Refusal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub const GROUP_FILE: &str = "group.json";
 pub const INVITES_FILE: &str = "invites.json";
@@ -64,8 +68,25 @@ pub struct Node {
     signing: SigningKey,
     book: Mutex<Book>,
     pub tunnel: Arc<Tunnel>,
+    pub engine: Arc<Engine>,
     /// One join at a time: a join rewrites the whole group.
     joining: tokio::sync::Mutex<()>,
+    /// `get`s in progress and done, by id.
+    transfers: Mutex<BTreeMap<String, TransferEntry>>,
+    /// The tasks running `get`s; the daemon waits for them on the way out.
+    pub tasks: TaskTracker,
+    pub cancel: CancellationToken,
+    /// This node's own `Arc`, for the tasks it starts (set once by the daemon).
+    this: std::sync::OnceLock<std::sync::Weak<Node>>,
+}
+
+struct TransferEntry {
+    target: String,
+    dest: PathBuf,
+    source: String,
+    progress: Arc<Progress>,
+    error: Arc<Mutex<Option<String>>>,
+    finished: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A node's own group of one, of which it is the host.
@@ -101,6 +122,8 @@ impl Node {
         signing: SigningKey,
         book: Book,
         tunnel: Arc<Tunnel>,
+        engine: Arc<Engine>,
+        cancel: CancellationToken,
     ) -> Node {
         Node {
             config,
@@ -108,8 +131,18 @@ impl Node {
             signing,
             book: Mutex::new(book),
             tunnel,
+            engine,
             joining: tokio::sync::Mutex::new(()),
+            transfers: Mutex::new(BTreeMap::new()),
+            tasks: TaskTracker::new(),
+            cancel,
+            this: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Lets the node hand itself to the tasks it starts.
+    pub fn set_self(self: &Arc<Self>) {
+        let _ = self.this.set(Arc::downgrade(self));
     }
 
     pub fn book(&self) -> MutexGuard<'_, Book> {
@@ -232,8 +265,14 @@ impl Node {
                     .then(|| self.configured_endpoint().or_else(|| lan.first().copied()))
                     .flatten()
             });
+        let shares = self.engine.shares.names();
+        let relay_port = Some(self.engine.relay_port());
         if let Some(h) = &held {
-            if h.lan == lan && h.public_endpoint == public_endpoint {
+            if h.lan == lan
+                && h.public_endpoint == public_endpoint
+                && h.shares == shares
+                && h.relay_port == relay_port
+            {
                 return Vec::new();
             }
         }
@@ -242,7 +281,8 @@ impl Node {
             seq: now_millis().max(held.map(|h| h.seq + 1).unwrap_or(0)),
             public_endpoint,
             lan,
-            relay_port: None,
+            relay_port,
+            shares,
         };
         let signed = mesh::sign_announcement(&self.signing, &ann);
         let Book { group, gossip, .. } = book;
@@ -729,6 +769,132 @@ impl Node {
     }
 }
 
+impl Membership for Node {
+    fn directory(&self) -> Directory {
+        let seen = self.tunnel.status();
+        let book = self.book();
+        let mesh = &book.group.mesh;
+        let peers = mesh
+            .active()
+            .map(|m| {
+                let ann = mesh.announcement(&m.wg_key);
+                let me = m.wg_key == self.public_key;
+                let b64 = key_to_base64(&m.wg_key);
+                let t = seen.iter().find(|p| p.public_key == b64);
+                let relay = ann.and_then(|a| {
+                    let port = a.relay_port?;
+                    let at = t
+                        .and_then(|t| t.endpoint)
+                        .filter(|ep| a.lan.contains(ep))
+                        .or_else(|| a.lan.first().copied())?;
+                    Some(SocketAddr::new(at.ip(), port))
+                });
+                transfer::Peer {
+                    key: m.wg_key,
+                    name: m.name.clone(),
+                    vpn: m.address,
+                    relay,
+                    site: mesh::site_of(ann).map(|s| s.to_string()),
+                    up: me || t.is_some_and(|t| t.path != "down"),
+                    shares: ann.map(|a| a.shares.clone()).unwrap_or_default(),
+                }
+            })
+            .collect();
+        Directory {
+            me: self.public_key,
+            peers,
+        }
+    }
+}
+
+/// `share/path` split in two; the path may be empty (the share's root).
+fn split_target(target: &str) -> Result<(String, String), ApiError> {
+    let t = target.trim_start_matches('/');
+    let (share, path) = t.split_once('/').unwrap_or((t, ""));
+    if share.is_empty() {
+        return Err(ApiError::bad_request(
+            "expected SHARE/PATH, like movies/film.mkv",
+        ));
+    }
+    Ok((share.to_string(), path.to_string()))
+}
+
+impl Node {
+    /// Members holding `share`, this node first, then nearby ones, then the rest.
+    fn holders(
+        &self,
+        dir: &Directory,
+        share: &str,
+        from: Option<&str>,
+    ) -> Result<Vec<transfer::Peer>, ApiError> {
+        let my_site = dir.get(&dir.me).and_then(|p| p.site.clone());
+        let mut v: Vec<transfer::Peer> = dir
+            .peers
+            .iter()
+            .filter(|p| p.shares.iter().any(|s| s == share))
+            .filter(|p| from.is_none_or(|f| p.name == f))
+            .cloned()
+            .collect();
+        v.sort_by_key(|p| {
+            (
+                p.key != dir.me,
+                !(p.site.is_some() && p.site == my_site),
+                !p.up,
+            )
+        });
+        if v.is_empty() {
+            return Err(ApiError::not_found(match from {
+                Some(f) => format!("{f} does not offer a share called {share:?}"),
+                None => {
+                    format!("no member offers a share called {share:?}; `watchalong ls` lists them")
+                }
+            }));
+        }
+        Ok(v)
+    }
+
+    /// The file's manifest from the first holder that has it.
+    async fn find_manifest(
+        &self,
+        dir: &Directory,
+        share: &str,
+        path: &str,
+        from: Option<&str>,
+    ) -> Result<(transfer::Peer, crate::share::Manifest), ApiError> {
+        let mut last = String::new();
+        for p in self.holders(dir, share, from)? {
+            let got = if p.key == dir.me {
+                self.engine
+                    .shares
+                    .manifest(share, path)
+                    .map_err(|e| e.to_string())
+            } else {
+                let q = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("share", share)
+                    .append_pair("path", path)
+                    .finish();
+                match transfer::http_get(
+                    SocketAddr::from((p.vpn, transfer::NODE_PORT)),
+                    &format!("/v1/manifest?{q}"),
+                    &[],
+                )
+                .await
+                {
+                    Ok(b) => serde_json::from_slice(&b).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match got {
+                Ok(m) => return Ok((p, m)),
+                Err(e) => last = format!("{}: {e}", p.name),
+            }
+        }
+        Err(ApiError::not_found(format!(
+            "{share}/{path} is not available ({last})"
+        )))
+    }
+}
+
 fn invite_state(r: &InviteRecord, now: u64) -> &'static str {
     match r.status(now) {
         Ok(()) => "open",
@@ -905,6 +1071,195 @@ impl Handler for Node {
 
     async fn gossip(&self) -> Result<GossipReply, ApiError> {
         Ok(self.gossip_reply())
+    }
+
+    async fn ls(&self, target: String) -> Result<LsReply, ApiError> {
+        let dir = self.directory();
+        if target.trim_matches('/').is_empty() {
+            let mut shares: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for p in &dir.peers {
+                for s in &p.shares {
+                    shares.entry(s.clone()).or_default().push(p.name.clone());
+                }
+            }
+            let entries = shares
+                .into_iter()
+                .map(|(name, holders)| LsEntry {
+                    name,
+                    dir: true,
+                    size: 0,
+                    holders,
+                })
+                .collect();
+            return Ok(LsReply {
+                holder: None,
+                entries,
+            });
+        }
+        let (share, path) = split_target(&target)?;
+        let mut last = String::new();
+        for p in self.holders(&dir, &share, None)? {
+            let got: Result<Vec<crate::share::Entry>, String> = if p.key == dir.me {
+                self.engine
+                    .shares
+                    .ls(&share, &path)
+                    .map_err(|e| e.to_string())
+            } else {
+                let q = form_urlencoded::Serializer::new(String::new())
+                    .append_pair("share", &share)
+                    .append_pair("path", &path)
+                    .finish();
+                match transfer::http_get(
+                    SocketAddr::from((p.vpn, transfer::NODE_PORT)),
+                    &format!("/v1/ls?{q}"),
+                    &[],
+                )
+                .await
+                {
+                    Ok(b) => serde_json::from_slice(&b).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            };
+            match got {
+                Ok(v) => {
+                    return Ok(LsReply {
+                        holder: Some(p.name.clone()),
+                        entries: v
+                            .into_iter()
+                            .map(|e| LsEntry {
+                                name: e.name,
+                                dir: e.dir,
+                                size: e.size,
+                                holders: vec![],
+                            })
+                            .collect(),
+                    })
+                }
+                Err(e) => last = format!("{}: {e}", p.name),
+            }
+        }
+        Err(ApiError::not_found(format!("cannot list {target}: {last}")))
+    }
+
+    async fn plan(&self, req: PlanRequest) -> Result<PlanReply, ApiError> {
+        let (share, path) = split_target(&req.target)?;
+        let dir = self.directory();
+        let (source, manifest) = self.find_manifest(&dir, &share, &path, None).await?;
+        let requester = match &req.to {
+            Some(name) => {
+                dir.by_name(name)
+                    .ok_or_else(|| ApiError::not_found(format!("no member is called {name}")))?
+                    .key
+            }
+            None => dir.me,
+        };
+        let route = dir
+            .plan(&source.key, &requester, &manifest.id(), &[])
+            .map_err(ApiError::internal)?;
+        Ok(PlanReply {
+            source: source.name,
+            requester: dir
+                .get(&requester)
+                .map(|p| p.name.clone())
+                .unwrap_or_default(),
+            size: manifest.size,
+            summary: transfer::describe(&route),
+            route,
+        })
+    }
+
+    async fn start_get(&self, req: GetRequest) -> Result<GetReply, ApiError> {
+        let (share, path) = split_target(&req.target)?;
+        if !req.dest.is_absolute() {
+            return Err(ApiError::bad_request(
+                "the destination must be an absolute path",
+            ));
+        }
+        let dir = self.directory();
+        let (source, manifest) = self
+            .find_manifest(&dir, &share, &path, req.from.as_deref())
+            .await?;
+        let mut id_bytes = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id_bytes);
+        let id: String = id_bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let progress = Arc::new(Progress::default());
+        let error = Arc::new(Mutex::new(None));
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        self.transfers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.clone(),
+                TransferEntry {
+                    target: req.target.clone(),
+                    dest: req.dest.clone(),
+                    source: source.name.clone(),
+                    progress: progress.clone(),
+                    error: error.clone(),
+                    finished: finished.clone(),
+                },
+            );
+        let members: Arc<dyn Membership> = self
+            .this
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| ApiError::internal("the node is shutting down"))?;
+        let source_name = source.name.clone();
+        let (engine, cancel) = (self.engine.clone(), self.cancel.clone());
+        let size = manifest.size;
+        let (target, dest) = (req.target.clone(), req.dest.clone());
+        self.tasks.spawn(async move {
+            let work = transfer::get_file(engine, members, source.key, manifest, dest, progress);
+            let r = tokio::select! {
+                r = work => r.map_err(|e| e.to_string()),
+                () = cancel.cancelled() => Err("the daemon is stopping".to_string()),
+            };
+            match &r {
+                Ok(()) => log::info!("got {target}"),
+                Err(e) => log::warn!("get {target} failed: {e}"),
+            }
+            *error.lock().unwrap_or_else(|p| p.into_inner()) = r.err();
+            finished.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        Ok(GetReply {
+            id,
+            source: source_name,
+            size,
+        })
+    }
+
+    async fn transfer(&self, id: String) -> Result<TransferView, ApiError> {
+        let t = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
+        let e = t
+            .get(&id)
+            .ok_or_else(|| ApiError::not_found(format!("no transfer {id}")))?;
+        let finished = e.finished.load(std::sync::atomic::Ordering::SeqCst);
+        let error = e.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        use std::sync::atomic::Ordering::Relaxed;
+        let route = e
+            .progress
+            .route
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(TransferView {
+            id,
+            target: e.target.clone(),
+            dest: e.dest.clone(),
+            source: e.source.clone(),
+            size: e.progress.size.load(Relaxed),
+            done: e.progress.done.load(Relaxed),
+            corrupt_chunks: e.progress.corrupt.load(Relaxed),
+            route,
+            state: match (finished, &error) {
+                (false, _) => "running",
+                (true, None) => "done",
+                (true, Some(_)) => "failed",
+            }
+            .into(),
+            error,
+            counters: self.engine.counters(),
+        })
     }
 
     async fn inject_gossip(&self, req: InjectRequest) -> Result<GossipReply, ApiError> {

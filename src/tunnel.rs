@@ -29,9 +29,6 @@ use x25519_dalek::{PublicKey, StaticSecret};
 use crate::routes::Routes;
 use crate::wire;
 
-/// 1500 minus the outer IPv4 (20) + UDP (8) + WireGuard (32) headers, rounded down as
-/// `wg-quick` does so IPv6 underlays fit too.
-pub const TUN_MTU: u16 = 1420;
 const BUF: usize = 65536;
 const TIMER_TICK: Duration = Duration::from_millis(250);
 /// Keeps NAT mappings open between members.

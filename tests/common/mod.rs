@@ -145,6 +145,7 @@ pub struct Segment {
     prefix: [u8; 3],
     next: u8,
     gateway: Option<Ipv4Addr>,
+    mtu: u16,
 }
 
 impl Segment {
@@ -212,6 +213,20 @@ pub struct Router {
 }
 
 impl Router {
+    /// Bytes (received, sent) on the router's WAN side.
+    pub fn wan_bytes(&self) -> (u64, u64) {
+        let read = |f: &str| -> u64 {
+            let o = self
+                .ns
+                .exec(&["cat", &format!("/sys/class/net/eth0/statistics/{f}")]);
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse()
+                .unwrap_or(0)
+        };
+        (read("rx_bytes"), read("tx_bytes"))
+    }
+
     /// Drops inbound UDP from anyone but `allowed`: no hole can be punched through it.
     pub fn drop_unsolicited_udp_except(&self, allowed: Ipv4Addr) {
         let ok = self.ns.exec(&[
@@ -242,6 +257,8 @@ pub struct Lab {
     pub dir: tempfile::TempDir,
     switch: Netns,
     main: Segment,
+    /// The MTU of every link, and each node's tunnel MTU is 80 less.
+    mtu: u16,
 }
 
 impl Lab {
@@ -253,6 +270,15 @@ impl Lab {
     /// A public internet, 203.0.113.0/24, for public nodes and routers' WANs.
     pub fn internet() -> Lab {
         Lab::with_prefix([203, 0, 113])
+    }
+
+    /// The same with 9000-byte frames everywhere, so that counted WAN bytes are mostly
+    /// payload (at 1500 bytes WireGuard, UDP, IP and Ethernet headers add about 9%).
+    pub fn internet_jumbo() -> Lab {
+        let mut lab = Lab::with_prefix([203, 0, 113]);
+        lab.mtu = 9000;
+        lab.main.mtu = 9000;
+        lab
     }
 
     fn with_prefix(prefix: [u8; 3]) -> Lab {
@@ -268,6 +294,7 @@ impl Lab {
             prefix,
             next: 1,
             gateway: None,
+            mtu: 1500,
         };
         Lab {
             dir: tempfile::Builder::new()
@@ -276,6 +303,7 @@ impl Lab {
                 .expect("temp dir"),
             switch,
             main,
+            mtu: 1500,
         }
     }
 
@@ -353,6 +381,7 @@ impl Lab {
             prefix: lan_prefix,
             next: 10,
             gateway: Some(gw),
+            mtu: self.mtu,
         };
         Router { ns, wan_ip, lan }
     }
@@ -371,8 +400,9 @@ impl Lab {
         std::fs::write(
             &config,
             format!(
-                "[node]\nname = \"{name}\"\nstate_dir = \"{}\"\n\n[control]\nsocket = \"{}\"\n\n[log]\nlevel = \"debug\"\n",
+                "[node]\nname = \"{name}\"\nstate_dir = \"{}\"\n\n[tunnel]\nmtu = {}\n\n[control]\nsocket = \"{}\"\n\n[log]\nlevel = \"debug\"\n",
                 dir.join("state").display(),
+                self.mtu - 80,
                 dir.join("control.sock").display()
             ),
         )
@@ -400,6 +430,38 @@ pub struct Node {
 }
 
 impl Node {
+    /// Offers a new share called `name` (before `start`); returns its folder.
+    pub fn share(&self, name: &str) -> PathBuf {
+        let dir = self.dir.join(format!("share-{name}"));
+        std::fs::create_dir_all(&dir).expect("share dir");
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)
+            .expect("config");
+        writeln!(
+            f,
+            "\n[[share]]\nname = \"{name}\"\npath = \"{}\"",
+            dir.display()
+        )
+        .expect("config");
+        dir
+    }
+
+    /// Limits what this node sends to `mbit` Mbit/s (tbf on its uplink).
+    pub fn shape(&self, mbit: u32) {
+        let rate = format!("{mbit}mbit");
+        let o = self.ns.exec(&[
+            "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", &rate, "burst", "256kb",
+            "latency", "500ms",
+        ]);
+        assert!(
+            o.status.success(),
+            "tc: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.join(format!("daemon-{}.log", self.runs))
     }

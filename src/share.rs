@@ -1,0 +1,366 @@
+//! Shared folders on this node's disk: turning a request path into a file inside the
+//! share and nowhere else, listing, cutting files into BLAKE3-hashed chunks (the
+//! manifest), and reading one chunk. It must never open a path outside a share root:
+//! `..`, `.`, absolute paths, NUL bytes, backslashes and symlinks that lead out are all
+//! refused before or after resolution.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Mutex;
+use std::time::UNIX_EPOCH;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ShareConfig, ShareMode};
+
+/// Chosen by measurement (docs/benchmarks.md): small enough that the first chunk of a
+/// video arrives quickly, large enough that per-request overhead stays a few percent.
+pub const CHUNK_SIZE: u64 = 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("no share is called {0:?}")]
+    UnknownShare(String),
+    #[error("the path {0:?} is not allowed (it must stay inside the share)")]
+    RefusePath(String),
+    #[error("{0} does not exist in the share")]
+    NotFound(String),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("chunk {index} of {path} has changed since its manifest was made")]
+    ChunkChanged { path: String, index: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub share: String,
+    pub path: String,
+    pub size: u64,
+    pub mtime: u64,
+    pub mode: u32,
+    pub chunk_size: u64,
+    /// BLAKE3 of each chunk, hex.
+    pub chunks: Vec<String>,
+}
+
+impl Manifest {
+    /// Names this version of the file: the same bytes give the same id on every node.
+    pub fn id(&self) -> String {
+        let mut h = blake3::Hasher::new();
+        h.update(&self.size.to_le_bytes());
+        for c in &self.chunks {
+            h.update(c.as_bytes());
+        }
+        h.finalize().to_hex().to_string()
+    }
+
+    pub fn chunk_len(&self, index: u64) -> u64 {
+        let start = index * self.chunk_size;
+        self.chunk_size.min(self.size.saturating_sub(start))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub name: String,
+    pub dir: bool,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareInfo {
+    pub name: String,
+    pub mode: String,
+}
+
+pub struct Shares {
+    shares: Vec<ShareConfig>,
+    /// Manifests by (share, path), valid while size and mtime match.
+    cache: Mutex<HashMap<(String, String), Manifest>>,
+}
+
+/// Splits a request path into plain components, refusing anything that could climb out.
+pub fn clean_path(raw: &str) -> Result<Vec<String>, ShareError> {
+    let refuse = || ShareError::RefusePath(raw.to_string());
+    if raw.contains('\0') || raw.contains('\\') || raw.starts_with('/') {
+        return Err(refuse());
+    }
+    let mut parts = Vec::new();
+    for c in Path::new(raw).components() {
+        match c {
+            Component::Normal(s) => {
+                let s = s.to_str().ok_or_else(refuse)?;
+                parts.push(s.to_string());
+            }
+            Component::CurDir => {}
+            _ => return Err(refuse()),
+        }
+    }
+    // `Path::components` drops a lone "." and normalises "a/./b"; refuse literal ".."
+    // written any way the components would not show.
+    if raw.split('/').any(|p| p == "..") {
+        return Err(refuse());
+    }
+    Ok(parts)
+}
+
+impl Shares {
+    pub fn new(shares: Vec<ShareConfig>) -> Shares {
+        Shares {
+            shares,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn list(&self) -> Vec<ShareInfo> {
+        self.shares
+            .iter()
+            .map(|s| ShareInfo {
+                name: s.name.clone(),
+                mode: match s.mode {
+                    ShareMode::ReadOnly => "read-only".into(),
+                    ShareMode::ReadWrite => "read-write".into(),
+                },
+            })
+            .collect()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.shares.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// The file or folder `raw` names inside `share`, after following symlinks, only if
+    /// it is still inside the share's root.
+    pub fn resolve(&self, share: &str, raw: &str) -> Result<PathBuf, ShareError> {
+        let cfg = self
+            .shares
+            .iter()
+            .find(|s| s.name == share)
+            .ok_or_else(|| ShareError::UnknownShare(share.to_string()))?;
+        let parts = clean_path(raw)?;
+        let root = cfg.path.canonicalize().map_err(|source| ShareError::Read {
+            path: cfg.path.clone(),
+            source,
+        })?;
+        let mut p = root.clone();
+        for part in &parts {
+            p.push(part);
+        }
+        let real = p
+            .canonicalize()
+            .map_err(|_| ShareError::NotFound(raw.to_string()))?;
+        if !real.starts_with(&root) {
+            return Err(ShareError::RefusePath(raw.to_string()));
+        }
+        Ok(real)
+    }
+
+    pub fn ls(&self, share: &str, raw: &str) -> Result<Vec<Entry>, ShareError> {
+        let dir = self.resolve(share, raw)?;
+        let read = |source| ShareError::Read {
+            path: dir.clone(),
+            source,
+        };
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(read)? {
+            let e = e.map_err(read)?;
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
+            // What a symlink points at is checked when it is opened, not listed here.
+            let meta = match e.metadata() {
+                Ok(m) => m,
+                Err(_) => continue,
+            };
+            v.push(Entry {
+                name,
+                dir: meta.is_dir(),
+                size: if meta.is_dir() { 0 } else { meta.len() },
+            });
+        }
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// The file's manifest, from the cache when the file has not changed.
+    pub fn manifest(&self, share: &str, raw: &str) -> Result<Manifest, ShareError> {
+        let path = self.resolve(share, raw)?;
+        let meta = std::fs::metadata(&path).map_err(|source| ShareError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(ShareError::NotFound(raw.to_string()));
+        }
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let key = (share.to_string(), raw.to_string());
+        if let Some(m) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            if m.size == meta.len() && m.mtime == mtime {
+                return Ok(m.clone());
+            }
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let read = |source| ShareError::Read {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::File::open(&path).map_err(read)?;
+        let mut chunks = Vec::new();
+        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        let mut size = 0u64;
+        loop {
+            let n = read_full(&mut f, &mut buf).map_err(read)?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            chunks.push(blake3::hash(&buf[..n]).to_hex().to_string());
+            if n < buf.len() {
+                break;
+            }
+        }
+        let m = Manifest {
+            share: share.to_string(),
+            path: raw.trim_start_matches("./").to_string(),
+            size,
+            mtime,
+            mode: meta.permissions().mode() & 0o777,
+            chunk_size: CHUNK_SIZE,
+            chunks,
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, m.clone());
+        Ok(m)
+    }
+
+    /// Chunk `index` of the file, checked against `hash` so a file that changed since
+    /// its manifest never passes for the old content.
+    pub fn chunk(
+        &self,
+        share: &str,
+        raw: &str,
+        index: u64,
+        hash: &str,
+    ) -> Result<Vec<u8>, ShareError> {
+        let path = self.resolve(share, raw)?;
+        let read = |source| ShareError::Read {
+            path: path.clone(),
+            source,
+        };
+        let mut f = std::fs::File::open(&path).map_err(read)?;
+        f.seek(SeekFrom::Start(index * CHUNK_SIZE)).map_err(read)?;
+        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        let n = read_full(&mut f, &mut buf).map_err(read)?;
+        buf.truncate(n);
+        if blake3::hash(&buf).to_hex().as_str() != hash {
+            return Err(ShareError::ChunkChanged {
+                path: raw.to_string(),
+                index,
+            });
+        }
+        Ok(buf)
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shares(dir: &Path) -> Shares {
+        Shares::new(vec![ShareConfig {
+            name: "s".into(),
+            path: dir.join("root"),
+            mode: ShareMode::ReadOnly,
+        }])
+    }
+
+    fn setup() -> (tempfile::TempDir, Shares) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("root/sub")).unwrap();
+        std::fs::write(dir.path().join("root/sub/a.txt"), b"hello").unwrap();
+        std::fs::write(dir.path().join("secret.txt"), b"secret").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("secret.txt"), dir.path().join("root/out"))
+            .unwrap();
+        std::os::unix::fs::symlink(
+            dir.path().join("root/sub/a.txt"),
+            dir.path().join("root/in"),
+        )
+        .unwrap();
+        let s = shares(dir.path());
+        (dir, s)
+    }
+
+    #[test]
+    fn paths_that_climb_out_of_the_share_are_refused() {
+        let (_d, s) = setup();
+        for bad in [
+            "../secret.txt",
+            "sub/../../secret.txt",
+            "/etc/passwd",
+            "sub/\0a.txt",
+            "..",
+            "sub\\..\\..\\x",
+            "out",
+        ] {
+            assert!(s.resolve("s", bad).is_err(), "{bad:?} resolved");
+            assert!(s.manifest("s", bad).is_err(), "{bad:?} opened");
+        }
+        assert!(s.resolve("s", "sub/a.txt").is_ok());
+        assert!(
+            s.resolve("s", "in").is_ok(),
+            "a symlink that stays inside is fine"
+        );
+    }
+
+    #[test]
+    fn manifest_chunks_hash_the_content() {
+        let (d, s) = setup();
+        let big = vec![7u8; (CHUNK_SIZE + 10) as usize];
+        std::fs::write(d.path().join("root/big"), &big).unwrap();
+        let m = s.manifest("s", "big").unwrap();
+        assert_eq!(m.size, big.len() as u64);
+        assert_eq!(m.chunks.len(), 2);
+        assert_eq!(m.chunk_len(1), 10);
+        let c1 = s.chunk("s", "big", 1, &m.chunks[1]).unwrap();
+        assert_eq!(c1.len(), 10);
+        assert!(
+            s.chunk("s", "big", 0, &m.chunks[1]).is_err(),
+            "wrong hash must not pass"
+        );
+    }
+
+    #[test]
+    fn empty_file_has_no_chunks() {
+        let (d, s) = setup();
+        std::fs::write(d.path().join("root/empty"), b"").unwrap();
+        let m = s.manifest("s", "empty").unwrap();
+        assert_eq!((m.size, m.chunks.len()), (0, 0));
+    }
+}

@@ -1,0 +1,524 @@
+//! Moving data: each of the four cases takes its planned route and crosses the internet
+//! as often as it should; a site downloads a file once however many of its members want
+//! it; strangers, replays, removed members and escaping paths get nothing; a corrupting
+//! relay and a dying gateway cost time, never data.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+const MIB: u64 = 1024 * 1024;
+
+fn write_random(path: &Path, size: u64, seed: &str) -> blake3::Hash {
+    let mut data = vec![0u8; size as usize];
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut data);
+    std::fs::write(path, &data).unwrap();
+    blake3::hash(&data)
+}
+
+fn hash_file(path: &Path) -> blake3::Hash {
+    blake3::hash(&std::fs::read(path).unwrap_or_default())
+}
+
+fn json(n: &Node, args: &[&str]) -> Value {
+    serde_json::from_str(&n.ok(args)).unwrap_or_else(|e| panic!("{} {args:?}: {e}", n.name))
+}
+
+fn join(host: &Node, n: &Node) {
+    let link = host.link(&[]);
+    n.ok(&["join", &link]);
+}
+
+/// Waits until every node lists every other with a site, and offers what it should.
+fn wait_for_group(nodes: &[&Node]) {
+    for n in nodes {
+        let ok = wait_until(DEADLINE, || {
+            let p = json(n, &["peers", "--json"]);
+            let list = p["peers"].as_array().cloned().unwrap_or_default();
+            list.len() == nodes.len() - 1
+                && list
+                    .iter()
+                    .all(|x| !x["site"].is_null() && x["path"] != "down" && x["path"] != "via-host")
+        });
+        assert!(
+            ok,
+            "{} never saw the whole group: {:#}",
+            n.name,
+            json(n, &["peers", "--json"])
+        );
+    }
+}
+
+fn plan(n: &Node, target: &str) -> Value {
+    json(n, &["plan", target, "--json"])
+}
+
+fn get(n: &Node, target: &str) -> (PathBuf, Value) {
+    let dest = n.dir.join(format!("got-{}", target.replace('/', "_")));
+    let v = json(n, &["get", target, dest.to_str().unwrap(), "--json"]);
+    assert_eq!(v["state"], "done", "{}: {v}", n.name);
+    (dest, v)
+}
+
+fn hop_names(route: &Value) -> Vec<(String, String, String)> {
+    route["route"]["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["from"].as_str().unwrap().to_string(),
+                h["via"].as_str().unwrap().to_string(),
+                h["to"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn each_case_takes_its_route_and_a_site_downloads_a_file_once() {
+    if !root_or_skip("each_case_takes_its_route_and_a_site_downloads_a_file_once") {
+        return;
+    }
+    let mut lab = Lab::internet_jumbo();
+    let mut host = lab.node("host");
+    let mut distant = lab.node("distant");
+    let mut r1 = lab.router("r1", [192, 168, 1]);
+    let mut r2 = lab.router("r2", [192, 168, 2]);
+    let mut s1a = lab.node_behind(&mut r1, "s1a");
+    let mut s1b = lab.node_behind(&mut r1, "s1b");
+    let mut s2a = lab.node_behind(&mut r2, "s2a");
+    let mut s2b = lab.node_behind(&mut r2, "s2b");
+    let mut s2c = lab.node_behind(&mut r2, "s2c");
+    let films = distant.share("films");
+    let home = s1a.share("home");
+    let a_hash = write_random(&films.join("a.bin"), 8 * MIB, "a");
+    let big_hash = write_random(&films.join("big.bin"), 64 * MIB, "big");
+    let b_hash = write_random(&home.join("b.bin"), 8 * MIB, "b");
+    for n in [
+        &mut host,
+        &mut distant,
+        &mut s1a,
+        &mut s1b,
+        &mut s2a,
+        &mut s2b,
+        &mut s2c,
+    ] {
+        n.start();
+    }
+    for n in [&distant, &s1a, &s1b, &s2a, &s2b, &s2c] {
+        join(&host, n);
+    }
+    wait_for_group(&[&host, &distant, &s1a, &s1b, &s2a, &s2b, &s2c]);
+    let listing = json(&host, &["ls", "films", "--json"]);
+    assert!(
+        listing["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "a.bin"),
+        "{listing}"
+    );
+
+    // Case 1, distant to distant: the tunnel only; no router sees it.
+    let p = plan(&host, "films/a.bin");
+    assert_eq!(p["route"]["case"], 1, "{p}");
+    assert_eq!(
+        hop_names(&p),
+        vec![("distant".into(), "tunnel".into(), "host".into())]
+    );
+    let (r1_before, r2_before) = (r1.wan_bytes(), r2.wan_bytes());
+    let (dest, _) = get(&host, "films/a.bin");
+    assert_eq!(hash_file(&dest), a_hash);
+    let (r1_after, r2_after) = (r1.wan_bytes(), r2.wan_bytes());
+    assert!(
+        r1_after.0 - r1_before.0 < MIB && r2_after.0 - r2_before.0 < MIB,
+        "case 1 crossed a site's WAN"
+    );
+
+    // Case 2, distant to nearby: one copy crosses the site's WAN, through its gateway.
+    let p = plan(&s1b, "films/a.bin");
+    assert_eq!(p["route"]["case"], 2, "{p}");
+    let hops = hop_names(&p);
+    assert_eq!(
+        (hops[0].0.as_str(), hops[0].1.as_str()),
+        ("distant", "tunnel")
+    );
+    assert!(["s1a", "s1b"].contains(&hops[0].2.as_str()), "{hops:?}");
+    let before = r1.wan_bytes().0;
+    let (dest, _) = get(&s1b, "films/a.bin");
+    assert_eq!(hash_file(&dest), a_hash);
+    let crossed = r1.wan_bytes().0 - before;
+    assert!(
+        crossed >= 8 * MIB && crossed < 8 * MIB * 105 / 100,
+        "case 2 brought {crossed} bytes into the site"
+    );
+
+    // Case 3, nearby to distant: one copy leaves the site.
+    let p = plan(&distant, "home/b.bin");
+    assert_eq!(p["route"]["case"], 3, "{p}");
+    assert_eq!(hop_names(&p).last().unwrap().1, "tunnel");
+    let before = r1.wan_bytes().1;
+    let (dest, _) = get(&distant, "home/b.bin");
+    assert_eq!(hash_file(&dest), b_hash);
+    let crossed = r1.wan_bytes().1 - before;
+    assert!(
+        crossed >= 8 * MIB && crossed < 8 * MIB * 105 / 100,
+        "case 3 sent {crossed} bytes out of the site"
+    );
+
+    // Case 4, nearby to nearby: the LAN only.
+    let p = plan(&s1b, "home/b.bin");
+    assert_eq!(p["route"]["case"], 4, "{p}");
+    assert_eq!(
+        hop_names(&p),
+        vec![("s1a".into(), "lan".into(), "s1b".into())]
+    );
+    let before = r1.wan_bytes();
+    let (dest, _) = get(&s1b, "home/b.bin");
+    assert_eq!(hash_file(&dest), b_hash);
+    let after = r1.wan_bytes();
+    assert!(
+        after.0 - before.0 < MIB && after.1 - before.1 < MIB,
+        "case 4 crossed the WAN"
+    );
+
+    // Three nearby members want the same 64 MiB at the same moment: the site downloads it once.
+    let before = r2.wan_bytes().0;
+    let children: Vec<(String, PathBuf, std::process::Child)> = [&s2a, &s2b, &s2c]
+        .iter()
+        .map(|n| {
+            let dest = n.dir.join("big.bin");
+            let child = std::process::Command::new(BIN)
+                .arg("--config")
+                .arg(&n.config)
+                .args(["get", "films/big.bin", dest.to_str().unwrap(), "--json"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (n.name.clone(), dest, child)
+        })
+        .collect();
+    for (name, dest, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(hash_file(&dest), big_hash, "{name} got a damaged copy");
+    }
+    let crossed = r2.wan_bytes().0 - before;
+    assert!(
+        crossed < 64 * MIB * 105 / 100,
+        "three nearby members brought {crossed} bytes into the site for one 64 MiB file"
+    );
+}
+
+/// Sends one raw HTTP request from inside `ns` and returns (status, body).
+fn raw_http(ns: &str, addr: String, request: String) -> (u16, Vec<u8>) {
+    in_netns(ns, move || {
+        use std::io::{Read, Write};
+        let mut s = match std::net::TcpStream::connect_timeout(
+            &addr.parse().unwrap(),
+            Duration::from_secs(5),
+        ) {
+            Ok(s) => s,
+            Err(_) => return (0, Vec::new()),
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = match text.find("\r\n\r\n") {
+            Some(i) => buf[i + 4..].to_vec(),
+            None => Vec::new(),
+        };
+        (status, body)
+    })
+}
+
+fn request(path_and_query: &str, headers: &BTreeMap<String, String>) -> String {
+    let mut r = format!("GET {path_and_query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str("\r\n");
+    r
+}
+
+/// Relay headers signed as `from` (whose state dir the test reads) for `to`.
+fn signed(from: &Node, to_key: &str, pq: &str, nonce: &str) -> BTreeMap<String, String> {
+    use base64::Engine;
+    let text = std::fs::read_to_string(from.dir.join("state/wireguard.key")).unwrap();
+    let secret: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let secret = x25519_dalek::StaticSecret::from(secret);
+    let to = watchalong::identity::key_from_base64(to_key).unwrap();
+    let key = watchalong::auth::pair_key(&secret, &to);
+    let time = watchalong::daemon::now_secs();
+    let me = watchalong::identity::key_to_base64(x25519_dalek::PublicKey::from(&secret).as_bytes());
+    let mut h = BTreeMap::new();
+    h.insert(watchalong::auth::HEADER_MEMBER.to_string(), me);
+    h.insert(watchalong::auth::HEADER_TIME.to_string(), time.to_string());
+    h.insert(
+        watchalong::auth::HEADER_NONCE.to_string(),
+        nonce.to_string(),
+    );
+    h.insert(
+        watchalong::auth::HEADER_MAC.to_string(),
+        watchalong::auth::mac(&key, "GET", pq, time, nonce),
+    );
+    h
+}
+
+#[test]
+fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
+    if !root_or_skip("strangers_replays_removed_members_and_escaping_paths_get_nothing") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut host = lab.node("host");
+    let mut a = lab.node("a");
+    let stranger = lab.node("stranger");
+    let share = host.share("s");
+    std::fs::write(share.join("ok.txt"), b"fine").unwrap();
+    let secret = host.dir.join("secret.txt");
+    std::fs::write(&secret, b"TOP-SECRET").unwrap();
+    std::os::unix::fs::symlink(&secret, share.join("out")).unwrap();
+    host.start();
+    a.start();
+    join(&host, &a);
+    let host_key = host.status()["node"]["public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let host_vpn = vpn_address(&host.status());
+    assert!(wait_until(DEADLINE, || a.ping(&host_vpn)));
+    let relay = format!("{}:51875", host.ip);
+    let node_lan = format!("{}:51874", host.ip);
+    let node_vpn = format!("{host_vpn}:51874");
+    let manifest = |path: &str| format!("/v1/manifest?share=s&path={path}");
+    let none = BTreeMap::new();
+
+    // A stranger on the LAN: 401 and an empty body, on the relay and the node port alike.
+    for (addr, pq) in [
+        (
+            &relay,
+            "/v1/chunk?source=x&share=s&path=ok.txt&index=0&hash=x&transfer=x".to_string(),
+        ),
+        (&node_lan, manifest("ok.txt")),
+        (&relay, "/".to_string()),
+    ] {
+        let (status, body) = raw_http(&stranger.ns.name, addr.clone(), request(&pq, &none));
+        assert_eq!(
+            (status, body.len()),
+            (401, 0),
+            "stranger got {status} from {addr}{pq}"
+        );
+    }
+    let mut forged = signed(&a, &host_key, "/v1/chunk?x=1", "n0");
+    forged.insert(watchalong::auth::HEADER_MAC.to_string(), "00".repeat(32));
+    assert_eq!(
+        raw_http(
+            &stranger.ns.name,
+            relay.clone(),
+            request("/v1/chunk?x=1", &forged)
+        )
+        .0,
+        401
+    );
+
+    // A member's signed request passes once; the same bytes again are a replay.
+    let pq = "/v1/chunk?source=x&share=s&path=ok.txt&index=0&hash=x&transfer=x";
+    let h = signed(&a, &host_key, pq, "nonce-1");
+    let (first, _) = raw_http(&a.ns.name, relay.clone(), request(pq, &h));
+    assert_ne!(first, 401, "a member's signed request was refused");
+    let (again, body) = raw_http(&a.ns.name, relay.clone(), request(pq, &h));
+    assert_eq!(
+        (again, body.len()),
+        (401, 0),
+        "a replayed request was served"
+    );
+
+    // Paths that try to leave the share open nothing, over the tunnel.
+    for bad in [
+        "..%2Fsecret.txt",
+        "%2e%2e%2Fsecret.txt",
+        "%2Fetc%2Fpasswd",
+        "out",
+        "ok.txt%00",
+        "sub%2F..%2F..%2Fsecret.txt",
+        "%252e%252e%2Fsecret.txt",
+    ] {
+        let (status, body) = raw_http(&a.ns.name, node_vpn.clone(), request(&manifest(bad), &none));
+        assert!(status == 403 || status == 404, "{bad}: {status}");
+        assert!(!String::from_utf8_lossy(&body).contains("TOP-SECRET"));
+    }
+    let (ok, body) = raw_http(
+        &a.ns.name,
+        node_vpn.clone(),
+        request(&manifest("ok.txt"), &none),
+    );
+    assert_eq!(ok, 200, "{}", String::from_utf8_lossy(&body));
+
+    // Once removed, a's signed requests are refused.
+    host.ok(&["remove", "a"]);
+    let h = signed(&a, &host_key, pq, "nonce-2");
+    let (status, body) = raw_http(&a.ns.name, relay.clone(), request(pq, &h));
+    assert_eq!(
+        (status, body.len()),
+        (401, 0),
+        "a removed member was served"
+    );
+}
+
+/// A site (r1: s1a, s1b) and a distant holder; a file whose gateway for s1a is s1b.
+struct GatewayLab {
+    _lab: Lab,
+    _r1: Router,
+    _host: Node,
+    distant: Node,
+    s1a: Node,
+    s1b: Node,
+    target: String,
+    hash: blake3::Hash,
+}
+
+fn gateway_lab(size: u64, shape_mbit: Option<u32>) -> GatewayLab {
+    let mut lab = Lab::internet();
+    let mut host = lab.node("host");
+    let mut distant = lab.node("distant");
+    let mut r1 = lab.router("r1", [192, 168, 1]);
+    let mut s1a = lab.node_behind(&mut r1, "s1a");
+    let mut s1b = lab.node_behind(&mut r1, "s1b");
+    let films = distant.share("films");
+    let mut hashes = Vec::new();
+    for i in 0..8 {
+        hashes.push(write_random(
+            &films.join(format!("f{i}.bin")),
+            size,
+            &format!("f{i}"),
+        ));
+    }
+    for n in [&mut host, &mut distant, &mut s1a, &mut s1b] {
+        n.start();
+    }
+    for n in [&distant, &s1a, &s1b] {
+        join(&host, n);
+    }
+    wait_for_group(&[&host, &distant, &s1a, &s1b]);
+    let (target, hash) = (0..8)
+        .map(|i| (format!("films/f{i}.bin"), hashes[i]))
+        .find(|(t, _)| {
+            let hops = hop_names(&plan(&s1a, t));
+            hops.last().is_some_and(|h| h.0 == "s1b" && h.1 == "lan")
+        })
+        .expect("some file has s1b as s1a's gateway");
+    if let Some(m) = shape_mbit {
+        distant.shape(m);
+    }
+    GatewayLab {
+        _lab: lab,
+        _r1: r1,
+        _host: host,
+        distant,
+        s1a,
+        s1b,
+        target,
+        hash,
+    }
+}
+
+#[test]
+fn a_relay_serving_corrupted_bytes_is_caught_and_the_file_still_arrives() {
+    if !root_or_skip("a_relay_serving_corrupted_bytes_is_caught_and_the_file_still_arrives") {
+        return;
+    }
+    let g = gateway_lab(4 * MIB, None);
+    // The gateway fetches the file for itself, which fills its cache...
+    let (dest, _) = get(&g.s1b, &g.target);
+    assert_eq!(hash_file(&dest), g.hash);
+    // ...and then its disk rots.
+    let cache = g.s1b.dir.join("state/cache");
+    let mut rotted = 0;
+    for e in std::fs::read_dir(&cache).unwrap() {
+        let p = e.unwrap().path();
+        let mut data = std::fs::read(&p).unwrap();
+        data[100] ^= 0xff;
+        std::fs::write(&p, data).unwrap();
+        rotted += 1;
+    }
+    assert!(rotted > 0, "the gateway cached nothing");
+    let (dest, v) = get(&g.s1a, &g.target);
+    assert_eq!(
+        hash_file(&dest),
+        g.hash,
+        "the damaged bytes reached the file"
+    );
+    assert!(
+        v["corrupt_chunks"].as_u64().unwrap() > 0,
+        "the corruption went unnoticed: {v}"
+    );
+    let _ = &g.distant;
+}
+
+#[test]
+fn the_gateway_killed_in_the_middle_of_a_fetch_is_replaced_and_the_file_arrives_intact() {
+    if !root_or_skip(
+        "the_gateway_killed_in_the_middle_of_a_fetch_is_replaced_and_the_file_arrives_intact",
+    ) {
+        return;
+    }
+    let mut g = gateway_lab(24 * MIB, Some(40));
+    let dest = g.s1a.dir.join("got.bin");
+    let child = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&g.s1a.config)
+        .args(["get", &g.target, dest.to_str().unwrap(), "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the gateway has served part of the file, it dies.
+    let cache = g.s1b.dir.join("state/cache");
+    let started = wait_until(DEADLINE, || {
+        std::fs::read_dir(&cache)
+            .map(|d| d.count() >= 3)
+            .unwrap_or(false)
+    });
+    assert!(started, "the gateway never started serving");
+    g.s1b.kill9();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["state"], "done");
+    assert_eq!(hash_file(&dest), g.hash, "the file arrived damaged");
+    assert!(
+        !v["route"].as_str().unwrap().contains("s1b"),
+        "still routed through the dead gateway: {v}"
+    );
+}
