@@ -202,7 +202,13 @@ pub async fn run(
     };
     tunnel.set_invite_keys(Node::invite_keys(&book));
     let engine = Arc::new(Engine::new(
-        Shares::new(config.shares.clone()),
+        Shares::new(
+            config.shares.clone(),
+            std::env::var(crate::share::CHUNK_SIZE_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(crate::share::CHUNK_SIZE),
+        ),
         id.wg_secret.clone(),
         config.relay.port,
         config.node.state_dir.join("cache"),

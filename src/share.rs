@@ -17,6 +17,9 @@ use crate::config::{ShareConfig, ShareMode};
 /// Chosen by measurement (docs/benchmarks.md): small enough that the first chunk of a
 /// video arrives quickly, large enough that per-request overhead stays a few percent.
 pub const CHUNK_SIZE: u64 = 1024 * 1024;
+/// Overrides [`CHUNK_SIZE`] for benchmarks that compare chunk sizes; manifests carry
+/// their chunk size, so nodes with different settings still understand each other.
+pub const CHUNK_SIZE_ENV: &str = "WATCHALONG_CHUNK_SIZE";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
@@ -79,6 +82,7 @@ pub struct ShareInfo {
 
 pub struct Shares {
     shares: Vec<ShareConfig>,
+    chunk_size: u64,
     /// Manifests by (share, path), valid while size and mtime match.
     cache: Mutex<HashMap<(String, String), Manifest>>,
 }
@@ -109,9 +113,10 @@ pub fn clean_path(raw: &str) -> Result<Vec<String>, ShareError> {
 }
 
 impl Shares {
-    pub fn new(shares: Vec<ShareConfig>) -> Shares {
+    pub fn new(shares: Vec<ShareConfig>, chunk_size: u64) -> Shares {
         Shares {
             shares,
+            chunk_size: chunk_size.clamp(4096, 64 * 1024 * 1024),
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -220,7 +225,7 @@ impl Shares {
         };
         let mut f = std::fs::File::open(&path).map_err(read)?;
         let mut chunks = Vec::new();
-        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        let mut buf = vec![0u8; self.chunk_size as usize];
         let mut size = 0u64;
         loop {
             let n = read_full(&mut f, &mut buf).map_err(read)?;
@@ -239,7 +244,7 @@ impl Shares {
             size,
             mtime,
             mode: meta.permissions().mode() & 0o777,
-            chunk_size: CHUNK_SIZE,
+            chunk_size: self.chunk_size,
             chunks,
         };
         self.cache
@@ -264,8 +269,9 @@ impl Shares {
             source,
         };
         let mut f = std::fs::File::open(&path).map_err(read)?;
-        f.seek(SeekFrom::Start(index * CHUNK_SIZE)).map_err(read)?;
-        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        f.seek(SeekFrom::Start(index * self.chunk_size))
+            .map_err(read)?;
+        let mut buf = vec![0u8; self.chunk_size as usize];
         let n = read_full(&mut f, &mut buf).map_err(read)?;
         buf.truncate(n);
         if blake3::hash(&buf).to_hex().as_str() != hash {
@@ -294,11 +300,14 @@ mod tests {
     use super::*;
 
     fn shares(dir: &Path) -> Shares {
-        Shares::new(vec![ShareConfig {
-            name: "s".into(),
-            path: dir.join("root"),
-            mode: ShareMode::ReadOnly,
-        }])
+        Shares::new(
+            vec![ShareConfig {
+                name: "s".into(),
+                path: dir.join("root"),
+                mode: ShareMode::ReadOnly,
+            }],
+            CHUNK_SIZE,
+        )
     }
 
     fn setup() -> (tempfile::TempDir, Shares) {

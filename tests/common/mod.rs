@@ -146,6 +146,8 @@ pub struct Segment {
     next: u8,
     gateway: Option<Ipv4Addr>,
     mtu: u16,
+    /// (namespace, its veth's outer end in the segment's namespace)
+    attached: Vec<(String, String)>,
 }
 
 impl Segment {
@@ -161,6 +163,9 @@ impl Segment {
             ],
         );
         must("ip", &["link", "set", &outer, "netns", &self.ns]);
+        let mtu = self.mtu.to_string();
+        must("ip", &["-n", &self.ns, "link", "set", &outer, "mtu", &mtu]);
+        must("ip", &["-n", &ns.name, "link", "set", "eth0", "mtu", &mtu]);
         must(
             "ip",
             &[
@@ -201,6 +206,7 @@ impl Segment {
                 ],
             );
         }
+        self.attached.push((ns.name.clone(), outer));
         ip
     }
 }
@@ -295,6 +301,7 @@ impl Lab {
             next: 1,
             gateway: None,
             mtu: 1500,
+            attached: Vec::new(),
         };
         Lab {
             dir: tempfile::Builder::new()
@@ -304,6 +311,30 @@ impl Lab {
             switch,
             main,
             mtu: 1500,
+        }
+    }
+
+    /// Shapes every link of the main segment (the internet) to `mbit` Mbit/s each way.
+    pub fn shape_wan(&self, mbit: u32) {
+        let rate = format!("{mbit}mbit");
+        for (ns, outer) in &self.main.attached {
+            for (where_, dev) in [
+                (ns.as_str(), "eth0"),
+                (self.main.ns.as_str(), outer.as_str()),
+            ] {
+                let o = run(
+                    "ip",
+                    &[
+                        "netns", "exec", where_, "tc", "qdisc", "replace", "dev", dev, "root",
+                        "tbf", "rate", &rate, "burst", "256kb", "latency", "100ms",
+                    ],
+                );
+                assert!(
+                    o.status.success(),
+                    "tc: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
         }
     }
 
@@ -321,6 +352,18 @@ impl Lab {
         must(
             "ip",
             &["-n", &ns.name, "link", "add", "lan", "type", "bridge"],
+        );
+        must(
+            "ip",
+            &[
+                "-n",
+                &ns.name,
+                "link",
+                "set",
+                "lan",
+                "mtu",
+                &self.mtu.to_string(),
+            ],
         );
         let gw = Ipv4Addr::new(lan_prefix[0], lan_prefix[1], lan_prefix[2], 1);
         must(
@@ -382,6 +425,7 @@ impl Lab {
             next: 10,
             gateway: Some(gw),
             mtu: self.mtu,
+            attached: Vec::new(),
         };
         Router { ns, wan_ip, lan }
     }

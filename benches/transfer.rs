@@ -1,0 +1,288 @@
+//! Transfer benchmark (issue 4). Root needed (network namespaces, tc).
+//!
+//!     sudo cargo bench --bench transfer            # 1 GiB per case
+//!     sudo cargo bench --bench transfer -- 256     # another size, in MiB
+//!
+//! A. Chunk size: time to first byte and throughput of a 64 MiB `get` (case 1) for
+//!    several chunk sizes, WAN shaped to 100 Mbit/s.
+//! B. `get` of one file per case 1–4 with every internet link shaped to 100 Mbit/s
+//!    (htb/tbf) and the LANs unshaped, beside iperf3 between the same two members over
+//!    their VPN addresses in the same run.
+//! C. Bytes that cross a site's WAN when 1, 2 or 3 of its members fetch one file at once.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use watchalong::control::{Client, GetReply, GetRequest, TransferView};
+
+const MIB: u64 = 1024 * 1024;
+
+fn write_random(path: &Path, size: u64, seed: &str) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut xof = blake3::Hasher::new().update(seed.as_bytes()).finalize_xof();
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        xof.fill(&mut buf[..n]);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+}
+
+fn join(host: &Node, n: &Node) {
+    let link = host.link(&[]);
+    n.ok(&["join", &link]);
+}
+
+fn vpn(n: &Node) -> String {
+    vpn_address(&n.status())
+}
+
+/// (time to first byte, total time) of one `get`, through the control socket.
+fn timed_get(rt: &tokio::runtime::Runtime, n: &Node, target: &str) -> (Duration, Duration) {
+    let socket = n.dir.join("control.sock");
+    let dest = n.dir.join(format!(
+        "got-{}-{}",
+        target.replace('/', "_"),
+        rand_suffix()
+    ));
+    rt.block_on(async {
+        let client = Client::new(&socket);
+        let start = Instant::now();
+        let r: GetReply = client
+            .post(
+                "/v1/get",
+                &GetRequest {
+                    target: target.into(),
+                    dest: dest.clone(),
+                    from: None,
+                },
+            )
+            .await
+            .unwrap();
+        let mut first = None;
+        loop {
+            let v: TransferView = client
+                .get(&format!("/v1/transfers/{}", r.id))
+                .await
+                .unwrap();
+            if first.is_none() && v.done > 0 {
+                first = Some(start.elapsed());
+            }
+            if v.state != "running" {
+                assert_eq!(v.state, "done", "{target}: {:?}", v.error);
+                let _ = std::fs::remove_file(&dest);
+                return (first.unwrap_or_default(), start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+fn mbit(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 * 8.0 / d.as_secs_f64() / 1e6
+}
+
+/// iperf3 from `client` to `server` over the VPN, Mbit/s.
+fn iperf(server: &Node, client: &Node) -> f64 {
+    let addr = vpn(server);
+    let mut srv = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &server.ns.name,
+            "iperf3",
+            "-s",
+            "-1",
+            "-B",
+            &addr,
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 (apt-get install iperf3)");
+    let mut out = None;
+    for _ in 0..50 {
+        let o = client.ns.exec(&["iperf3", "-c", &addr, "-t", "10", "-J"]);
+        if o.status.success() {
+            out = Some(o);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = srv.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.expect("iperf3 ran").stdout).unwrap();
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e6
+}
+
+fn chunk_sizes(rt: &tokio::runtime::Runtime) {
+    let mut lab = Lab::internet();
+    let mut host = lab.node("host");
+    let mut distant = lab.node("distant");
+    let films = distant.share("films");
+    write_random(&films.join("c.bin"), 64 * MIB, "c");
+    host.start();
+    distant.start();
+    join(&host, &distant);
+    lab.shape_wan(100);
+    println!("\n### A. Chunk size (64 MiB, case 1, WAN 100 Mbit/s)\n");
+    println!("| chunk | time to first byte | total | Mbit/s |");
+    println!("|---|---|---|---|");
+    for kib in [64u64, 256, 1024, 4096] {
+        distant.term();
+        distant.start_with_env(&[(watchalong::share::CHUNK_SIZE_ENV, &(kib * 1024).to_string())]);
+        assert!(wait_until(Duration::from_secs(30), || host.ping(&vpn(&distant))));
+        let (ttfb, total) = timed_get(rt, &host, "films/c.bin");
+        println!(
+            "| {kib} KiB | {} ms | {:.1} s | {:.0} |",
+            ttfb.as_millis(),
+            total.as_secs_f64(),
+            mbit(64 * MIB, total)
+        );
+    }
+}
+
+fn cases(rt: &tokio::runtime::Runtime, size: u64) {
+    let mut lab = Lab::internet();
+    let mut host = lab.node("host");
+    let mut distant = lab.node("distant");
+    let mut r1 = lab.router("r1", [192, 168, 1]);
+    let mut r2 = lab.router("r2", [192, 168, 2]);
+    let mut s1a = lab.node_behind(&mut r1, "s1a");
+    let mut s1b = lab.node_behind(&mut r1, "s1b");
+    let mut s2: Vec<Node> = (0..3)
+        .map(|i| lab.node_behind(&mut r2, &format!("s2{i}")))
+        .collect();
+    let films = distant.share("films");
+    let home = s1a.share("home");
+    write_random(&films.join("big.bin"), size, "big");
+    write_random(&home.join("big.bin"), size, "home");
+    for k in 1..=3 {
+        write_random(
+            &films.join(format!("site{k}.bin")),
+            256 * MIB,
+            &format!("site{k}"),
+        );
+    }
+    for n in [&mut host, &mut distant, &mut s1a, &mut s1b] {
+        n.start();
+    }
+    for n in s2.iter_mut() {
+        n.start();
+    }
+    for n in [&distant, &s1a, &s1b].into_iter().chain(s2.iter()) {
+        join(&host, n);
+    }
+    // Let every pair find its direct path before measuring.
+    let all: Vec<&Node> = [&host, &distant, &s1a, &s1b]
+        .into_iter()
+        .chain(s2.iter())
+        .collect();
+    for n in &all {
+        assert!(wait_until(Duration::from_secs(60), || {
+            let p: serde_json::Value = serde_json::from_str(&n.ok(&["peers", "--json"])).unwrap();
+            let list = p["peers"].as_array().cloned().unwrap_or_default();
+            list.len() == all.len() - 1
+                && list
+                    .iter()
+                    .all(|x| x["path"] == "direct" || x["path"] == "lan")
+        }));
+    }
+    lab.shape_wan(100);
+    println!(
+        "\n### B. One {} MiB file per case, WAN 100 Mbit/s, LAN unshaped\n",
+        size / MIB
+    );
+    println!("| case | from → to | route | get Mbit/s | iperf3 Mbit/s, same two members |");
+    println!("|---|---|---|---|---|");
+    let runs: [(&str, &Node, &Node, &str); 4] = [
+        ("1 DN→DN", &distant, &host, "films/big.bin"),
+        ("2 DN→NN", &distant, &s1b, "films/big.bin"),
+        ("3 NN→DN", &s1a, &distant, "home/big.bin"),
+        ("4 NN→NN", &s1a, &s1b, "home/big.bin"),
+    ];
+    for (case, from, to, target) in runs {
+        let plan: serde_json::Value =
+            serde_json::from_str(&to.ok(&["plan", target, "--json"])).unwrap();
+        let (_, total) = timed_get(rt, to, target);
+        let ip = iperf(to, from);
+        println!(
+            "| {case} | {} → {} | {} | {:.0} | {:.0} |",
+            from.name,
+            to.name,
+            plan["summary"].as_str().unwrap_or(""),
+            mbit(size, total),
+            ip
+        );
+    }
+    println!("\n### C. WAN bytes into a site for one 256 MiB file, 1 to 3 receivers at once\n");
+    println!("| receivers | bytes into the site | × file size | slowest get |");
+    println!("|---|---|---|---|");
+    for k in 1..=3usize {
+        let target = format!("films/site{k}.bin");
+        let before = r2.wan_bytes().0;
+        let start = Instant::now();
+        let handles: Vec<std::process::Child> = s2[..k]
+            .iter()
+            .map(|n| {
+                let dest = n.dir.join(format!("site{k}.bin"));
+                std::process::Command::new(BIN)
+                    .arg("--config")
+                    .arg(&n.config)
+                    .args(["get", &target, dest.to_str().unwrap(), "--json"])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut h in handles {
+            assert!(h.wait().unwrap().success());
+        }
+        let crossed = r2.wan_bytes().0 - before;
+        println!(
+            "| {k} | {crossed} | {:.3} | {:.1} s |",
+            crossed as f64 / (256 * MIB) as f64,
+            start.elapsed().as_secs_f64()
+        );
+    }
+}
+
+fn main() {
+    // `cargo test --all-targets` runs this binary too, without `--bench`: measure nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("transfer benchmark: run it with `cargo bench --bench transfer`");
+        return;
+    }
+    if !root_or_skip("bench transfer") {
+        return;
+    }
+    let size = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse::<u64>().ok())
+        .next()
+        .unwrap_or(1024)
+        * MIB;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    chunk_sizes(&rt);
+    cases(&rt, size);
+}
