@@ -194,16 +194,7 @@ fn cases(rt: &tokio::runtime::Runtime, size: u64) {
         .into_iter()
         .chain(s2.iter())
         .collect();
-    for n in &all {
-        assert!(wait_until(Duration::from_secs(60), || {
-            let p: serde_json::Value = serde_json::from_str(&n.ok(&["peers", "--json"])).unwrap();
-            let list = p["peers"].as_array().cloned().unwrap_or_default();
-            list.len() == all.len() - 1
-                && list
-                    .iter()
-                    .all(|x| x["path"] == "direct" || x["path"] == "lan")
-        }));
-    }
+    wait_for_direct_mesh(&all, Duration::from_secs(60));
     lab.shape_wan(100);
     println!(
         "\n### B. One {} MiB file per case, WAN 100 Mbit/s, LAN unshaped\n",

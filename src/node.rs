@@ -869,20 +869,7 @@ impl Node {
                     .manifest(share, path)
                     .map_err(|e| e.to_string())
             } else {
-                let q = form_urlencoded::Serializer::new(String::new())
-                    .append_pair("share", share)
-                    .append_pair("path", path)
-                    .finish();
-                match transfer::http_get(
-                    SocketAddr::from((p.vpn, transfer::NODE_PORT)),
-                    &format!("/v1/manifest?{q}"),
-                    &[],
-                )
-                .await
-                {
-                    Ok(b) => serde_json::from_slice(&b).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                }
+                transfer::ask(p.vpn, "manifest", share, path).await
             };
             match got {
                 Ok(m) => return Ok((p, m)),
@@ -1105,20 +1092,7 @@ impl Handler for Node {
                     .ls(&share, &path)
                     .map_err(|e| e.to_string())
             } else {
-                let q = form_urlencoded::Serializer::new(String::new())
-                    .append_pair("share", &share)
-                    .append_pair("path", &path)
-                    .finish();
-                match transfer::http_get(
-                    SocketAddr::from((p.vpn, transfer::NODE_PORT)),
-                    &format!("/v1/ls?{q}"),
-                    &[],
-                )
-                .await
-                {
-                    Ok(b) => serde_json::from_slice(&b).map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                }
+                transfer::ask(p.vpn, "ls", &share, &path).await
             };
             match got {
                 Ok(v) => {

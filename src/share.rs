@@ -16,7 +16,7 @@ use crate::config::{ShareConfig, ShareMode};
 
 /// Chosen by measurement (docs/benchmarks.md): small enough that the first chunk of a
 /// video arrives quickly, large enough that per-request overhead stays a few percent.
-pub const CHUNK_SIZE: u64 = 1024 * 1024;
+pub const CHUNK_SIZE: u64 = 256 * 1024;
 /// Overrides [`CHUNK_SIZE`] for benchmarks that compare chunk sizes; manifests carry
 /// their chunk size, so nodes with different settings still understand each other.
 pub const CHUNK_SIZE_ENV: &str = "WATCHALONG_CHUNK_SIZE";

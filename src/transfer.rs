@@ -595,6 +595,27 @@ fn temp_beside(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.watchalong-{}", std::process::id()))
 }
 
+/// Asks the node server of the member at `vpn` for a listing or a manifest.
+pub async fn ask<T: serde::de::DeserializeOwned>(
+    vpn: Ipv4Addr,
+    what: &str,
+    share: &str,
+    path: &str,
+) -> Result<T, String> {
+    let q = form_urlencoded::Serializer::new(String::new())
+        .append_pair("share", share)
+        .append_pair("path", path)
+        .finish();
+    let body = http_get(
+        SocketAddr::from((vpn, NODE_PORT)),
+        &format!("/v1/{what}?{q}"),
+        &[],
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
 /// GET over a fresh HTTP/1.1 connection, with deadlines.
 pub async fn http_get(
     addr: SocketAddr,

@@ -38,26 +38,6 @@ fn join(host: &Node, n: &Node) {
     n.ok(&["join", &link]);
 }
 
-/// Waits until every node lists every other with a site, and offers what it should.
-fn wait_for_group(nodes: &[&Node]) {
-    for n in nodes {
-        let ok = wait_until(DEADLINE, || {
-            let p = json(n, &["peers", "--json"]);
-            let list = p["peers"].as_array().cloned().unwrap_or_default();
-            list.len() == nodes.len() - 1
-                && list
-                    .iter()
-                    .all(|x| !x["site"].is_null() && x["path"] != "down" && x["path"] != "via-host")
-        });
-        assert!(
-            ok,
-            "{} never saw the whole group: {:#}",
-            n.name,
-            json(n, &["peers", "--json"])
-        );
-    }
-}
-
 fn plan(n: &Node, target: &str) -> Value {
     json(n, &["plan", target, "--json"])
 }
@@ -118,7 +98,7 @@ fn each_case_takes_its_route_and_a_site_downloads_a_file_once() {
     for n in [&distant, &s1a, &s1b, &s2a, &s2b, &s2c] {
         join(&host, n);
     }
-    wait_for_group(&[&host, &distant, &s1a, &s1b, &s2a, &s2b, &s2c]);
+    wait_for_direct_mesh(&[&host, &distant, &s1a, &s1b, &s2a, &s2b, &s2c], DEADLINE);
     let listing = json(&host, &["ls", "films", "--json"]);
     assert!(
         listing["entries"]
@@ -426,7 +406,7 @@ fn gateway_lab(size: u64, shape_mbit: Option<u32>) -> GatewayLab {
     for n in [&distant, &s1a, &s1b] {
         join(&host, n);
     }
-    wait_for_group(&[&host, &distant, &s1a, &s1b]);
+    wait_for_direct_mesh(&[&host, &distant, &s1a, &s1b], DEADLINE);
     let (target, hash) = (0..8)
         .map(|i| (format!("films/f{i}.bin"), hashes[i]))
         .find(|(t, _)| {

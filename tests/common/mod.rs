@@ -668,3 +668,23 @@ pub fn vpn_address(status: &serde_json::Value) -> String {
         .expect("address")
         .to_string()
 }
+
+/// Waits until every node lists every other, with a site and a direct (or LAN) path.
+pub fn wait_for_direct_mesh(nodes: &[&Node], deadline: Duration) {
+    for n in nodes {
+        let mut last = serde_json::Value::Null;
+        let ok = wait_until(deadline, || {
+            last = serde_json::from_str(&n.ok(&["peers", "--json"])).unwrap_or_default();
+            let list = last["peers"].as_array().cloned().unwrap_or_default();
+            list.len() == nodes.len() - 1
+                && list
+                    .iter()
+                    .all(|x| !x["site"].is_null() && (x["path"] == "direct" || x["path"] == "lan"))
+        });
+        assert!(
+            ok,
+            "{} never saw the whole group directly: {last:#}",
+            n.name
+        );
+    }
+}
