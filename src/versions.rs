@@ -1,0 +1,259 @@
+//! The rules folder sync will decide by (issue 5), written first as a pure core: version
+//! vectors, which of two versions of a path wins, what the loser of a conflict is called
+//! (the same on every node, whichever node decides), and when deletions may spread.
+//! Nothing here touches a file, the clock or the network; the index, the watcher and the
+//! replication that will use it are not built yet.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How many changes each node made to one path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionVector(pub BTreeMap<String, u64>);
+
+/// How two version vectors relate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Equal,
+    /// Self happened before the other: the other supersedes it.
+    Before,
+    After,
+    /// Neither saw the other: both changed the path independently.
+    Concurrent,
+}
+
+impl VersionVector {
+    /// The vector after `node` made one more change.
+    pub fn bumped(&self, node: &str) -> VersionVector {
+        let mut v = self.clone();
+        *v.0.entry(node.to_string()).or_insert(0) += 1;
+        v
+    }
+
+    /// Every counter at its highest of the two: what a node knows after seeing both.
+    pub fn merged(&self, other: &VersionVector) -> VersionVector {
+        let mut v = self.clone();
+        for (k, n) in &other.0 {
+            let e = v.0.entry(k.clone()).or_insert(0);
+            *e = (*e).max(*n);
+        }
+        v
+    }
+
+    pub fn compare(&self, other: &VersionVector) -> Order {
+        let keys = self.0.keys().chain(other.0.keys());
+        let (mut less, mut more) = (false, false);
+        for k in keys {
+            let a = self.0.get(k).copied().unwrap_or(0);
+            let b = other.0.get(k).copied().unwrap_or(0);
+            match a.cmp(&b) {
+                Ordering::Less => less = true,
+                Ordering::Greater => more = true,
+                Ordering::Equal => {}
+            }
+        }
+        match (less, more) {
+            (false, false) => Order::Equal,
+            (true, false) => Order::Before,
+            (false, true) => Order::After,
+            (true, true) => Order::Concurrent,
+        }
+    }
+}
+
+/// One version of one path, as the index will hold it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileVersion {
+    pub path: String,
+    pub vv: VersionVector,
+    pub deleted: bool,
+    /// Seconds since the epoch, as the writer's clock had it.
+    pub mtime: u64,
+    /// The node that made this version.
+    pub node: String,
+    /// The content's manifest id (empty for a deletion).
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// Ours is as new or newer: nothing to do.
+    KeepLocal,
+    /// Theirs supersedes ours: apply it.
+    TakeRemote,
+    /// Both changed it: `winner` stays at the path, the loser is kept beside it as
+    /// `loser_path`, and the path's vector becomes `merged` on every node.
+    Conflict {
+        remote_wins: bool,
+        loser_path: String,
+        merged: VersionVector,
+    },
+}
+
+/// Decides between this node's version and one that arrived. Every node reaches the same
+/// outcome for the same two versions, whichever of them it holds.
+pub fn resolve(local: &FileVersion, remote: &FileVersion) -> Resolution {
+    match local.vv.compare(&remote.vv) {
+        Order::Equal | Order::After => Resolution::KeepLocal,
+        Order::Before => Resolution::TakeRemote,
+        Order::Concurrent => {
+            if local.content == remote.content && local.deleted == remote.deleted {
+                // The same change made twice is no conflict; keep ours under the merged vector.
+                return Resolution::KeepLocal;
+            }
+            // A deletion never beats an edit: nothing is lost by keeping the file.
+            let remote_wins = match (local.deleted, remote.deleted) {
+                (true, false) => true,
+                (false, true) => false,
+                _ => (remote.mtime, &remote.node) > (local.mtime, &local.node),
+            };
+            let loser = if remote_wins { local } else { remote };
+            Resolution::Conflict {
+                remote_wins,
+                loser_path: conflict_name(&loser.path, loser.mtime, &loser.node),
+                merged: local.vv.merged(&remote.vv),
+            }
+        }
+    }
+}
+
+/// `NAME.sync-conflict-YYYYMMDD-HHMMSS-NODE.EXT`, from the losing version's own data.
+pub fn conflict_name(path: &str, mtime: u64, node: &str) -> String {
+    let (dir, file) = match path.rsplit_once('/') {
+        Some((d, f)) => (format!("{d}/"), f),
+        None => (String::new(), path),
+    };
+    let (stem, ext) = match file.rsplit_once('.') {
+        Some((s, e)) if !s.is_empty() => (s, format!(".{e}")),
+        _ => (file, String::new()),
+    };
+    let stamp = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime),
+    )
+    .to_string()
+    .replace(['-', ':'], "")
+    .replace('T', "-")
+    .trim_end_matches('Z')
+    .to_string();
+    format!("{dir}{stem}.sync-conflict-{stamp}-{node}{ext}")
+}
+
+/// Whether deletions seen in a share may be sent to others: only while its root is there
+/// and still holds the marker the daemon put in it. An unmounted disk or an emptied root
+/// looks like "everything was deleted" and must not empty every other node.
+pub fn may_propagate_deletions(root_exists: bool, marker_present: bool) -> bool {
+    root_exists && marker_present
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vv(pairs: &[(&str, u64)]) -> VersionVector {
+        VersionVector(pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect())
+    }
+
+    fn version(node: &str, v: VersionVector, mtime: u64, content: &str) -> FileVersion {
+        FileVersion {
+            path: "films/movie.mkv".into(),
+            vv: v,
+            deleted: false,
+            mtime,
+            node: node.into(),
+            content: content.into(),
+        }
+    }
+
+    #[test]
+    fn vectors_order_by_what_each_has_seen() {
+        let a = vv(&[("a", 1)]);
+        let b = a.bumped("b");
+        assert_eq!(a.compare(&b), Order::Before);
+        assert_eq!(b.compare(&a), Order::After);
+        assert_eq!(a.compare(&a.clone()), Order::Equal);
+        let c = a.bumped("c");
+        assert_eq!(b.compare(&c), Order::Concurrent);
+        assert_eq!(b.merged(&c), vv(&[("a", 1), ("b", 1), ("c", 1)]));
+    }
+
+    #[test]
+    fn a_newer_version_replaces_an_older_one() {
+        let old = version("a", vv(&[("a", 1)]), 10, "x");
+        let new = version("b", vv(&[("a", 1), ("b", 1)]), 5, "y");
+        assert_eq!(resolve(&old, &new), Resolution::TakeRemote);
+        assert_eq!(resolve(&new, &old), Resolution::KeepLocal);
+    }
+
+    #[test]
+    fn concurrent_edits_conflict_and_every_node_names_the_loser_alike() {
+        let base = vv(&[("a", 1)]);
+        let on_a = version("a", base.bumped("a"), 1_764_000_000, "x");
+        let on_b = version("b", base.bumped("b"), 1_764_000_100, "y");
+        let at_a = resolve(&on_a, &on_b);
+        let at_b = resolve(&on_b, &on_a);
+        let (
+            Resolution::Conflict {
+                remote_wins: wa,
+                loser_path: la,
+                merged: ma,
+            },
+            Resolution::Conflict {
+                remote_wins: wb,
+                loser_path: lb,
+                merged: mb,
+            },
+        ) = (at_a, at_b)
+        else {
+            panic!("not a conflict");
+        };
+        assert!(wa && !wb, "the later edit (b's) wins on both nodes");
+        assert_eq!(la, lb);
+        assert_eq!(la, "films/movie.sync-conflict-20251124-160000-a.mkv");
+        assert_eq!(ma, mb);
+    }
+
+    #[test]
+    fn an_edit_beats_a_concurrent_deletion() {
+        let base = vv(&[("a", 1)]);
+        let edited = version("a", base.bumped("a"), 1, "x");
+        let mut deleted = version("b", base.bumped("b"), 99, "");
+        deleted.deleted = true;
+        match resolve(&deleted, &edited) {
+            Resolution::Conflict { remote_wins, .. } => assert!(remote_wins),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    #[test]
+    fn the_same_change_made_twice_is_no_conflict() {
+        let base = vv(&[("a", 1)]);
+        let x = version("a", base.bumped("a"), 1, "same");
+        let y = version("b", base.bumped("b"), 2, "same");
+        assert_eq!(resolve(&x, &y), Resolution::KeepLocal);
+    }
+
+    #[test]
+    fn conflict_names_keep_folders_and_handle_missing_extensions() {
+        assert_eq!(
+            conflict_name("notes", 0, "n"),
+            "notes.sync-conflict-19700101-000000-n"
+        );
+        assert_eq!(
+            conflict_name("a/b/.hidden", 0, "n"),
+            "a/b/.hidden.sync-conflict-19700101-000000-n"
+        );
+        assert_eq!(
+            conflict_name("a/x.tar.gz", 0, "n"),
+            "a/x.tar.sync-conflict-19700101-000000-n.gz"
+        );
+    }
+
+    #[test]
+    fn a_vanished_or_unmarked_root_never_spreads_deletions() {
+        assert!(may_propagate_deletions(true, true));
+        assert!(!may_propagate_deletions(false, false));
+        assert!(!may_propagate_deletions(true, false));
+    }
+}
