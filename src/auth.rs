@@ -93,7 +93,8 @@ impl Replays {
                 break;
             }
         }
-        let id = format!("{given_mac}:{nonce}");
+        // The canonical MAC, not the text sent: hex case must not make a replay look new.
+        let id = format!("{want}:{nonce}");
         if self.seen.contains_key(&id) {
             return Err(AuthError::Replay);
         }
@@ -219,6 +220,24 @@ mod tests {
                 1000
             ),
             Err(AuthError::BadMac)
+        );
+    }
+
+    #[test]
+    fn a_replay_with_the_mac_in_upper_case_is_still_a_replay() {
+        let (ka, kb) = keys();
+        let m = mac(&ka, "GET", "/", 1000, "n3");
+        let mut r = Replays::default();
+        let sig = |mac| Signature {
+            time: 1000,
+            nonce: "n3",
+            mac,
+        };
+        assert_eq!(r.check(&kb, "GET", "/", sig(&m), 1000), Ok(()));
+        let upper = m.to_uppercase();
+        assert_eq!(
+            r.check(&kb, "GET", "/", sig(&upper), 1000),
+            Err(AuthError::Replay)
         );
     }
 

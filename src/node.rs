@@ -864,9 +864,7 @@ impl Node {
         let mut last = String::new();
         for p in self.holders(dir, share, from)? {
             let got = if p.key == dir.me {
-                self.engine
-                    .shares
-                    .manifest(share, path)
+                tokio::task::block_in_place(|| self.engine.shares.manifest(share, path))
                     .map_err(|e| e.to_string())
             } else {
                 transfer::ask(p.vpn, "manifest", share, path).await
@@ -1087,9 +1085,7 @@ impl Handler for Node {
         let mut last = String::new();
         for p in self.holders(&dir, &share, None)? {
             let got: Result<Vec<crate::share::Entry>, String> = if p.key == dir.me {
-                self.engine
-                    .shares
-                    .ls(&share, &path)
+                tokio::task::block_in_place(|| self.engine.shares.ls(&share, &path))
                     .map_err(|e| e.to_string())
             } else {
                 transfer::ask(p.vpn, "ls", &share, &path).await

@@ -176,10 +176,27 @@ impl Shares {
             let Ok(name) = e.file_name().into_string() else {
                 continue;
             };
-            // What a symlink points at is checked when it is opened, not listed here.
-            let meta = match e.metadata() {
-                Ok(m) => m,
-                Err(_) => continue,
+            let Ok(kind) = e.file_type() else { continue };
+            // A symlink is listed only if it leads somewhere inside the share: its target's
+            // size and kind outside would be a leak.
+            let meta = if kind.is_symlink() {
+                let inside = match raw.trim_end_matches('/') {
+                    "" => name.clone(),
+                    dir => format!("{dir}/{name}"),
+                };
+                match self
+                    .resolve(share, &inside)
+                    .ok()
+                    .and_then(|p| std::fs::metadata(p).ok())
+                {
+                    Some(m) => m,
+                    None => continue,
+                }
+            } else {
+                match e.metadata() {
+                    Ok(m) => m,
+                    Err(_) => continue,
+                }
             };
             v.push(Entry {
                 name,
@@ -268,6 +285,10 @@ impl Shares {
             path: path.clone(),
             source,
         };
+        // A FIFO or a device inside a share would block the reader for ever.
+        if !std::fs::metadata(&path).map_err(read)?.is_file() {
+            return Err(ShareError::NotFound(raw.to_string()));
+        }
         let mut f = std::fs::File::open(&path).map_err(read)?;
         f.seek(SeekFrom::Start(index * self.chunk_size))
             .map_err(read)?;
@@ -345,6 +366,12 @@ mod tests {
         assert!(
             s.resolve("s", "in").is_ok(),
             "a symlink that stays inside is fine"
+        );
+        let names: Vec<String> = s.ls("s", "").unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(
+            names,
+            vec!["in", "sub"],
+            "the symlink out is not even listed"
         );
     }
 

@@ -304,7 +304,7 @@ impl Engine {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Bytes, TransferError>>,
     {
-        if let Some(b) = self.cache.get(hash) {
+        if let Some(b) = tokio::task::block_in_place(|| self.cache.get(hash)) {
             return Ok(b);
         }
         let cell = self
@@ -317,7 +317,7 @@ impl Engine {
         let r = cell
             .get_or_try_init(|| async {
                 let b = f().await?;
-                self.cache.put(hash, &b);
+                tokio::task::block_in_place(|| self.cache.put(hash, &b));
                 Ok::<Bytes, TransferError>(b)
             })
             .await
@@ -389,9 +389,10 @@ impl Engine {
             .source_key()
             .ok_or_else(|| TransferError::UnknownPeer(req.source.clone()))?;
         if source == dir.me {
-            let b = self
-                .shares
-                .chunk(&req.share, &req.path, req.index, &req.hash)?;
+            let b = tokio::task::block_in_place(|| {
+                self.shares
+                    .chunk(&req.share, &req.path, req.index, &req.hash)
+            })?;
             return Ok(Bytes::from(b));
         }
         self.single_flight(&req.hash, || async {
@@ -429,9 +430,10 @@ impl Engine {
         route: &Route,
     ) -> Result<Bytes, TransferError> {
         let Some(hop) = route.feeder() else {
-            let b = self
-                .shares
-                .chunk(&req.share, &req.path, req.index, &req.hash)?;
+            let b = tokio::task::block_in_place(|| {
+                self.shares
+                    .chunk(&req.share, &req.path, req.index, &req.hash)
+            })?;
             return Ok(Bytes::from(b));
         };
         if hop.via == Via::Tunnel {
@@ -471,7 +473,13 @@ pub async fn get_file(
         path: tmp.clone(),
         source,
     };
-    let file = std::fs::File::create(&tmp).map_err(write_err)?;
+    // A fresh name, opened only if it does not exist: two gets to one destination never
+    // share a temp file, and a planted symlink is not followed.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(write_err)?;
     file.set_len(manifest.size).map_err(write_err)?;
     let file = Arc::new(file);
     let exclude: Arc<Mutex<Vec<Key>>> = Arc::new(Mutex::new(Vec::new()));
@@ -537,7 +545,7 @@ pub async fn get_file(
                 }
                 let b = got.ok_or(TransferError::GiveUp(index, MAX_TRIES, last))?;
                 use std::os::unix::fs::FileExt;
-                file.write_all_at(&b, index * manifest.chunk_size)
+                tokio::task::block_in_place(|| file.write_all_at(&b, index * manifest.chunk_size))
                     .map_err(|source| TransferError::Write {
                         path: PathBuf::from(&manifest.path),
                         source,
@@ -548,18 +556,22 @@ pub async fn get_file(
     }
     let mut result = Ok(());
     while let Some(r) = workers.join_next().await {
-        if let Ok(Err(e)) = r {
-            if result.is_ok() {
-                result = Err(e);
-                workers.abort_all();
-            }
+        // A worker that panicked left holes in the file: that is a failure too.
+        let failed = match r {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(e) => Some(TransferError::GiveUp(0, 0, format!("a worker died: {e}"))),
+        };
+        if let (Some(e), true) = (failed, result.is_ok()) {
+            result = Err(e);
+            workers.abort_all();
         }
     }
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    file.sync_all().map_err(write_err)?;
+    tokio::task::block_in_place(|| file.sync_all()).map_err(write_err)?;
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(manifest.mode & 0o777));
     std::fs::rename(&tmp, &dest).map_err(|source| TransferError::Write {
@@ -592,7 +604,10 @@ fn temp_beside(dest: &Path) -> PathBuf {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "download".into());
-    dest.with_file_name(format!(".{name}.watchalong-{}", std::process::id()))
+    let mut n = [0u8; 6];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    let tag: String = n.iter().map(|b| format!("{b:02x}")).collect();
+    dest.with_file_name(format!(".{name}.watchalong-{tag}"))
 }
 
 /// Asks the node server of the member at `vpn` for a listing or a manifest.
@@ -734,11 +749,15 @@ pub async fn serve_node<M: Membership>(
             let get = |k: &str| q.get(k).cloned().unwrap_or_default();
             match req.uri().path() {
                 "/v1/shares" => json(&engine.shares.list()),
-                "/v1/ls" => match engine.shares.ls(&get("share"), &get("path")) {
+                "/v1/ls" => match tokio::task::block_in_place(|| {
+                    engine.shares.ls(&get("share"), &get("path"))
+                }) {
                     Ok(v) => json(&v),
                     Err(e) => error_reply(&e.into()),
                 },
-                "/v1/manifest" => match engine.shares.manifest(&get("share"), &get("path")) {
+                "/v1/manifest" => match tokio::task::block_in_place(|| {
+                    engine.shares.manifest(&get("share"), &get("path"))
+                }) {
                     Ok(m) => json(&m),
                     Err(e) => error_reply(&e.into()),
                 },

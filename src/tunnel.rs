@@ -38,6 +38,8 @@ const LIVE: Duration = Duration::from_secs(40);
 /// How often a peer without a direct path is sent a fresh handshake at its candidates.
 const KNOCK_EVERY: Duration = Duration::from_secs(2);
 const MAX_INVITE_SESSIONS: usize = 256;
+/// WireGuard's message type 3: a cookie reply.
+const COOKIE_REPLY: u8 = 3;
 const INVITE_SESSION_LIFETIME: Duration = Duration::from_secs(120);
 
 pub type Key = [u8; 32];
@@ -323,7 +325,18 @@ impl Tunnel {
                 _ => Vec::new(),
             };
             st.slots.insert(index, Slot::Peer(key));
-            if let Ok(net) = Ipv4Net::new(peer.config.address, 32) {
+            let taken = st
+                .peers
+                .values()
+                .any(|p| p.config.address == peer.config.address);
+            if taken {
+                // First come keeps it: members are added before hand-made peers.
+                log::warn!(
+                    "{} claims {}, which another peer already has; it gets no traffic",
+                    peer.config.name,
+                    peer.config.address
+                );
+            } else if let Ok(net) = Ipv4Net::new(peer.config.address, 32) {
                 st.routes.insert(net, key);
             }
             st.peers.insert(key, Peer { tunn, ..peer });
@@ -605,17 +618,30 @@ impl Tunnel {
         let Some(peer) = st.peers.get_mut(&key) else {
             return After::Nothing;
         };
+        let was_data = matches!(
+            Tunn::parse_incoming_packet(datagram),
+            Ok(Packet::PacketData(_))
+        );
         let res = peer.tunn.decapsulate(Some(from.ip()), datagram, tx);
-        if let TunnResult::Err(e) = &res {
-            log::trace!("packet from {from} rejected: {e:?}");
-            return After::Nothing;
-        }
-        // Only an authenticated packet may move a peer's endpoint (roaming).
-        peer.last_rx = Some(now);
-        if peer.config.endpoint != Some(from) {
-            log::info!("{} is now at {from}", peer.config.name);
-            peer.config.endpoint = Some(from);
-            self.roamed.notify_one();
+        // Only an authenticated packet may move a peer's endpoint (roaming) or keep its
+        // path alive. A cookie reply, and the cookie boringtun answers an unverified
+        // handshake with when under load, prove nothing about the sender.
+        let authenticated = match &res {
+            TunnResult::Err(e) => {
+                log::trace!("packet from {from} rejected: {e:?}");
+                return After::Nothing;
+            }
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => true,
+            TunnResult::Done => was_data,
+            TunnResult::WriteToNetwork(p) => p.first() != Some(&COOKIE_REPLY),
+        };
+        if authenticated {
+            peer.last_rx = Some(now);
+            if peer.config.endpoint != Some(from) {
+                log::info!("{} is now at {from}", peer.config.name);
+                peer.config.endpoint = Some(from);
+                self.roamed.notify_one();
+            }
         }
         let (len, src) = match res {
             TunnResult::WriteToNetwork(p) => {
@@ -659,7 +685,10 @@ impl Tunnel {
             st.forwarded += 1;
             return After::Forward(st.encapsulate(&packet, dst, tx, now));
         }
-        After::ToTun(len)
+        // Anything else is not for this node: handing it to the kernel would let a member
+        // reach whatever this machine routes to.
+        log::debug!("dropped a packet from {name} for {dst}");
+        After::Nothing
     }
 
     /// One session per invite holder and endpoint, so concurrent joiners using the same
@@ -713,9 +742,16 @@ impl Tunnel {
             let Some(IpAddr::V4(dst)) = Tunn::dst_address(&rx[..n]) else {
                 continue;
             };
-            let send = self
-                .lock()
-                .encapsulate(&rx[..n], dst, &mut tx, Instant::now());
+            let src = Ipv4Addr::new(rx[12], rx[13], rx[14], rx[15]);
+            let send = {
+                let mut st = self.lock();
+                // Only this node speaks from the TUN device: a packet the kernel forwarded
+                // in with a member's source (from a container, say) would pass for it.
+                if st.me != Some(src) {
+                    continue;
+                }
+                st.encapsulate(&rx[..n], dst, &mut tx, Instant::now())
+            };
             self.dispatch(send, &tx).await;
         }
     }
