@@ -64,42 +64,67 @@ fn hop_names(route: &Value) -> Vec<(String, String, String)> {
         .collect()
 }
 
-#[test]
-fn each_case_takes_its_route_and_a_site_downloads_a_file_once() {
-    if !root_or_skip("each_case_takes_its_route_and_a_site_downloads_a_file_once") {
-        return;
-    }
+/// A lab internet with 9000-byte frames: a host and a distant node offering `films`
+/// (a.bin, 8 MiB; big.bin, 64 MiB), and one site of `site_size` members behind a NAT
+/// router, the first of which offers `home` (b.bin, 8 MiB).
+struct CaseLab {
+    _lab: Lab,
+    host: Node,
+    distant: Node,
+    router: Router,
+    site: Vec<Node>,
+    a: blake3::Hash,
+    big: blake3::Hash,
+    b: blake3::Hash,
+}
+
+fn case_lab(site_size: usize, big: bool) -> CaseLab {
     let mut lab = Lab::internet_jumbo();
     let mut host = lab.node("host");
     let mut distant = lab.node("distant");
-    let mut r1 = lab.router("r1", [192, 168, 1]);
-    let mut r2 = lab.router("r2", [192, 168, 2]);
-    let mut s1a = lab.node_behind(&mut r1, "s1a");
-    let mut s1b = lab.node_behind(&mut r1, "s1b");
-    let mut s2a = lab.node_behind(&mut r2, "s2a");
-    let mut s2b = lab.node_behind(&mut r2, "s2b");
-    let mut s2c = lab.node_behind(&mut r2, "s2c");
+    let mut router = lab.router("r1", [192, 168, 1]);
+    let mut site: Vec<Node> = (0..site_size)
+        .map(|i| lab.node_behind(&mut router, &format!("s{i}")))
+        .collect();
     let films = distant.share("films");
-    let home = s1a.share("home");
-    let a_hash = write_random(&films.join("a.bin"), 8 * MIB, "a");
-    let big_hash = write_random(&films.join("big.bin"), 64 * MIB, "big");
-    let b_hash = write_random(&home.join("b.bin"), 8 * MIB, "b");
-    for n in [
-        &mut host,
-        &mut distant,
-        &mut s1a,
-        &mut s1b,
-        &mut s2a,
-        &mut s2b,
-        &mut s2c,
-    ] {
+    let home = site[0].share("home");
+    let a = write_random(&films.join("a.bin"), 8 * MIB, "a");
+    let big = if big {
+        write_random(&films.join("big.bin"), 64 * MIB, "big")
+    } else {
+        blake3::hash(b"")
+    };
+    let b = write_random(&home.join("b.bin"), 8 * MIB, "b");
+    host.start();
+    distant.start();
+    for n in site.iter_mut() {
         n.start();
     }
-    for n in [&distant, &s1a, &s1b, &s2a, &s2b, &s2c] {
+    join(&host, &distant);
+    for n in &site {
         join(&host, n);
     }
-    wait_for_direct_mesh(&[&host, &distant, &s1a, &s1b, &s2a, &s2b, &s2c], DEADLINE);
-    let listing = json(&host, &["ls", "films", "--json"]);
+    let all: Vec<&Node> = [&host, &distant].into_iter().chain(site.iter()).collect();
+    wait_for_direct_mesh(&all, DEADLINE);
+    CaseLab {
+        _lab: lab,
+        host,
+        distant,
+        router,
+        site,
+        a,
+        big,
+        b,
+    }
+}
+
+#[test]
+fn case_1_distant_to_distant_goes_through_the_tunnel_and_no_site_sees_it() {
+    if !root_or_skip("case_1_distant_to_distant_goes_through_the_tunnel_and_no_site_sees_it") {
+        return;
+    }
+    let l = case_lab(2, false);
+    let listing = json(&l.host, &["ls", "films", "--json"]);
     assert!(
         listing["entries"]
             .as_array()
@@ -108,73 +133,96 @@ fn each_case_takes_its_route_and_a_site_downloads_a_file_once() {
             .any(|e| e["name"] == "a.bin"),
         "{listing}"
     );
-
-    // Case 1, distant to distant: the tunnel only; no router sees it.
-    let p = plan(&host, "films/a.bin");
+    let p = plan(&l.host, "films/a.bin");
     assert_eq!(p["route"]["case"], 1, "{p}");
     assert_eq!(
         hop_names(&p),
         vec![("distant".into(), "tunnel".into(), "host".into())]
     );
-    let (r1_before, r2_before) = (r1.wan_bytes(), r2.wan_bytes());
-    let (dest, _) = get(&host, "films/a.bin");
-    assert_eq!(hash_file(&dest), a_hash);
-    let (r1_after, r2_after) = (r1.wan_bytes(), r2.wan_bytes());
+    let before = l.router.wan_bytes();
+    let (dest, _) = get(&l.host, "films/a.bin");
+    assert_eq!(hash_file(&dest), l.a);
+    let after = l.router.wan_bytes();
     assert!(
-        r1_after.0 - r1_before.0 < MIB && r2_after.0 - r2_before.0 < MIB,
+        after.0 - before.0 < MIB && after.1 - before.1 < MIB,
         "case 1 crossed a site's WAN"
     );
+}
 
-    // Case 2, distant to nearby: one copy crosses the site's WAN, through its gateway.
-    let p = plan(&s1b, "films/a.bin");
+#[test]
+fn case_2_distant_to_nearby_brings_one_copy_into_the_site_through_its_gateway() {
+    if !root_or_skip("case_2_distant_to_nearby_brings_one_copy_into_the_site_through_its_gateway") {
+        return;
+    }
+    let l = case_lab(2, false);
+    let p = plan(&l.site[1], "films/a.bin");
     assert_eq!(p["route"]["case"], 2, "{p}");
     let hops = hop_names(&p);
     assert_eq!(
         (hops[0].0.as_str(), hops[0].1.as_str()),
         ("distant", "tunnel")
     );
-    assert!(["s1a", "s1b"].contains(&hops[0].2.as_str()), "{hops:?}");
-    let before = r1.wan_bytes().0;
-    let (dest, _) = get(&s1b, "films/a.bin");
-    assert_eq!(hash_file(&dest), a_hash);
-    let crossed = r1.wan_bytes().0 - before;
+    assert!(["s0", "s1"].contains(&hops[0].2.as_str()), "{hops:?}");
+    let before = l.router.wan_bytes().0;
+    let (dest, _) = get(&l.site[1], "films/a.bin");
+    assert_eq!(hash_file(&dest), l.a);
+    let crossed = l.router.wan_bytes().0 - before;
     assert!(
         (8 * MIB..8 * MIB * 105 / 100).contains(&crossed),
         "case 2 brought {crossed} bytes into the site"
     );
+}
 
-    // Case 3, nearby to distant: one copy leaves the site.
-    let p = plan(&distant, "home/b.bin");
+#[test]
+fn case_3_nearby_to_distant_sends_one_copy_out_of_the_site() {
+    if !root_or_skip("case_3_nearby_to_distant_sends_one_copy_out_of_the_site") {
+        return;
+    }
+    let l = case_lab(2, false);
+    let p = plan(&l.distant, "home/b.bin");
     assert_eq!(p["route"]["case"], 3, "{p}");
     assert_eq!(hop_names(&p).last().unwrap().1, "tunnel");
-    let before = r1.wan_bytes().1;
-    let (dest, _) = get(&distant, "home/b.bin");
-    assert_eq!(hash_file(&dest), b_hash);
-    let crossed = r1.wan_bytes().1 - before;
+    let before = l.router.wan_bytes().1;
+    let (dest, _) = get(&l.distant, "home/b.bin");
+    assert_eq!(hash_file(&dest), l.b);
+    let crossed = l.router.wan_bytes().1 - before;
     assert!(
         (8 * MIB..8 * MIB * 105 / 100).contains(&crossed),
         "case 3 sent {crossed} bytes out of the site"
     );
+}
 
-    // Case 4, nearby to nearby: the LAN only.
-    let p = plan(&s1b, "home/b.bin");
+#[test]
+fn case_4_nearby_to_nearby_stays_on_the_lan() {
+    if !root_or_skip("case_4_nearby_to_nearby_stays_on_the_lan") {
+        return;
+    }
+    let l = case_lab(2, false);
+    let p = plan(&l.site[1], "home/b.bin");
     assert_eq!(p["route"]["case"], 4, "{p}");
     assert_eq!(
         hop_names(&p),
-        vec![("s1a".into(), "lan".into(), "s1b".into())]
+        vec![("s0".into(), "lan".into(), "s1".into())]
     );
-    let before = r1.wan_bytes();
-    let (dest, _) = get(&s1b, "home/b.bin");
-    assert_eq!(hash_file(&dest), b_hash);
-    let after = r1.wan_bytes();
+    let before = l.router.wan_bytes();
+    let (dest, _) = get(&l.site[1], "home/b.bin");
+    assert_eq!(hash_file(&dest), l.b);
+    let after = l.router.wan_bytes();
     assert!(
         after.0 - before.0 < MIB && after.1 - before.1 < MIB,
         "case 4 crossed the WAN"
     );
+}
 
-    // Three nearby members want the same 64 MiB at the same moment: the site downloads it once.
-    let before = r2.wan_bytes().0;
-    let children: Vec<(String, PathBuf, std::process::Child)> = [&s2a, &s2b, &s2c]
+#[test]
+fn three_nearby_members_fetching_one_file_at_once_download_it_once() {
+    if !root_or_skip("three_nearby_members_fetching_one_file_at_once_download_it_once") {
+        return;
+    }
+    let l = case_lab(3, true);
+    let before = l.router.wan_bytes().0;
+    let children: Vec<(String, PathBuf, std::process::Child)> = l
+        .site
         .iter()
         .map(|n| {
             let dest = n.dir.join("big.bin");
@@ -196,9 +244,9 @@ fn each_case_takes_its_route_and_a_site_downloads_a_file_once() {
             "{name}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert_eq!(hash_file(&dest), big_hash, "{name} got a damaged copy");
+        assert_eq!(hash_file(&dest), l.big, "{name} got a damaged copy");
     }
-    let crossed = r2.wan_bytes().0 - before;
+    let crossed = l.router.wan_bytes().0 - before;
     assert!(
         crossed < 64 * MIB * 105 / 100,
         "three nearby members brought {crossed} bytes into the site for one 64 MiB file"
