@@ -20,7 +20,7 @@ use crate::gossip::{Gossip, GossipMessage};
 use crate::group::Group;
 use crate::identity::{self, Identity};
 use crate::link::InviteBook;
-use crate::node::{hosted_group, Book, Node, GROUP_FILE, INVITES_FILE};
+use crate::node::{hosted_group, Book, Node, Parts, GROUP_FILE, INVITES_FILE};
 use crate::share::Shares;
 use crate::state::{self, StateError};
 use crate::transfer::{self, Engine};
@@ -34,6 +34,9 @@ const GOSSIP_ROUND: Duration = Duration::from_secs(1);
 /// How often the node re-reads its own addresses and re-announces them if they moved.
 const ANNOUNCE_CHECK: Duration = Duration::from_secs(10);
 const ENDPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How often a node announces every version it holds, so members that missed a change
+/// (offline, or an announcement lost) catch up.
+const SYNC_FULL_ROUND: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -151,6 +154,31 @@ async fn run_gossip(node: Arc<Node>, mut rx: mpsc::Receiver<GossipIn>, cancel: C
     }
 }
 
+/// Folder sync: scans read-write shares, announces changes, applies what others announce.
+async fn run_sync(
+    node: Arc<Node>,
+    mut rx: mpsc::Receiver<(crate::mesh::Key, bytes::Bytes)>,
+    cancel: CancellationToken,
+) {
+    if node.syncs.is_empty() {
+        cancel.cancelled().await;
+        return;
+    }
+    let mut scan = tokio::time::interval(crate::sync::SCAN_EVERY);
+    let mut full = tokio::time::interval(SYNC_FULL_ROUND);
+    loop {
+        tokio::select! {
+            _ = scan.tick() => node.sync_scan(false).await,
+            _ = full.tick() => node.sync_scan(true).await,
+            m = rx.recv() => match m {
+                Some((from, body)) => node.sync_apply(from, body).await,
+                None => return,
+            },
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
 /// Runs a node until SIGTERM or SIGINT. `ready` receives the node once the TUN device
 /// and every socket are up, just as systemd hears `READY=1`.
 pub async fn run(
@@ -215,15 +243,19 @@ pub async fn run(
         config.relay.cache_mib * 1024 * 1024,
     ));
     let cancel = CancellationToken::new();
-    let node = Arc::new(Node::new(
-        config.clone(),
+    let syncs = crate::sync::SyncShare::shares(&config.shares, &config.node.state_dir);
+    let (sync_tx, sync_rx) = mpsc::channel(256);
+    let node = Arc::new(Node::new(Parts {
+        config: config.clone(),
         public_key,
-        id.signing.clone(),
+        signing: id.signing.clone(),
         book,
-        tunnel.clone(),
-        engine.clone(),
-        cancel.clone(),
-    ));
+        tunnel: tunnel.clone(),
+        engine: engine.clone(),
+        cancel: cancel.clone(),
+        syncs,
+        sync_tx,
+    }));
     node.set_self();
     node.sync_tunnel().await;
     let first = {
@@ -269,6 +301,13 @@ pub async fn run(
         let (n, c) = (node.clone(), cancel.clone());
         tasks.spawn(async move {
             run_gossip(n, gossip_rx, c).await;
+            Ok(())
+        });
+    }
+    {
+        let (n, c) = (node.clone(), cancel.clone());
+        tasks.spawn(async move {
+            run_sync(n, sync_rx, c).await;
             Ok(())
         });
     }

@@ -19,7 +19,8 @@
 //! | [`planner`]  | the route of one transfer: tunnel, LAN relay or both (cases 1–4)     | none (pure) |
 //! | [`auth`]     | LAN relay request MACs and replay refusal                             | none (pure) |
 //! | [`transfer`] | node-to-node HTTP, the LAN relay, chunk cache, single flight, `get`   | sockets, files |
-//! | [`versions`] | folder sync's rules (issue 5, not wired yet): version vectors, conflicts | none (pure) |
+//! | [`versions`] | folder sync's rules: version vectors, conflicts, deletion safety        | none (pure) |
+//! | [`sync`]     | read-write shares: scan, index, decide what an announced version asks | files       |
 //! | [`join`]     | the joiner's side of redeeming a link against the host                | one UDP socket |
 //! | [`control`]  | the local HTTP API over a Unix socket, server and client              | socket      |
 //! | [`node`]     | the running node: membership operations, persistence, tunnel peers    | via tunnel  |
@@ -42,6 +43,7 @@ pub mod planner;
 pub mod routes;
 pub mod share;
 pub mod state;
+pub mod sync;
 pub mod transfer;
 pub mod tunnel;
 pub mod versions;

@@ -28,8 +28,10 @@ use crate::join::{self, JoinError};
 use crate::link::{self, Invite, InviteBook, InviteId, InviteRecord, LinkError, RedeemError};
 use crate::mesh::{self, Announcement, Key, MemberRecord, Mesh};
 use crate::state::{self, StateError};
+use crate::sync::{Action, Announce, SyncShare};
 use crate::transfer::{self, Directory, Engine, Membership, Progress};
 use crate::tunnel::{PeerConfig, Tunnel};
+use crate::versions::FileVersion;
 use crate::wire::{JoinMessage, Refusal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -78,6 +80,9 @@ pub struct Node {
     pub cancel: CancellationToken,
     /// This node's own `Arc`, for the tasks it starts (set once by the daemon).
     this: std::sync::OnceLock<std::sync::Weak<Node>>,
+    /// Read-write shares kept in sync, and the announcements waiting for the sync task.
+    pub syncs: Vec<Arc<SyncShare>>,
+    sync_tx: tokio::sync::mpsc::Sender<(Key, bytes::Bytes)>,
 }
 
 struct TransferEntry {
@@ -115,28 +120,35 @@ pub fn hosted_group(config: &Config, wg: Key, signing: &SigningKey) -> Group {
     }
 }
 
+/// What the daemon builds a node from.
+pub struct Parts {
+    pub config: Config,
+    pub public_key: Key,
+    pub signing: SigningKey,
+    pub book: Book,
+    pub tunnel: Arc<Tunnel>,
+    pub engine: Arc<Engine>,
+    pub cancel: CancellationToken,
+    pub syncs: Vec<Arc<SyncShare>>,
+    pub sync_tx: tokio::sync::mpsc::Sender<(Key, bytes::Bytes)>,
+}
+
 impl Node {
-    pub fn new(
-        config: Config,
-        public_key: Key,
-        signing: SigningKey,
-        book: Book,
-        tunnel: Arc<Tunnel>,
-        engine: Arc<Engine>,
-        cancel: CancellationToken,
-    ) -> Node {
+    pub fn new(p: Parts) -> Node {
         Node {
-            config,
-            public_key,
-            signing,
-            book: Mutex::new(book),
-            tunnel,
-            engine,
+            config: p.config,
+            public_key: p.public_key,
+            signing: p.signing,
+            book: Mutex::new(p.book),
+            tunnel: p.tunnel,
+            engine: p.engine,
             joining: tokio::sync::Mutex::new(()),
             transfers: Mutex::new(BTreeMap::new()),
             tasks: TaskTracker::new(),
-            cancel,
+            cancel: p.cancel,
             this: std::sync::OnceLock::new(),
+            syncs: p.syncs,
+            sync_tx: p.sync_tx,
         }
     }
 
@@ -770,6 +782,12 @@ impl Node {
 }
 
 impl Membership for Node {
+    fn announced(&self, from: Key, body: bytes::Bytes) {
+        if self.sync_tx.try_send((from, body)).is_err() {
+            log::debug!("sync busy; an announcement waits for the next full round");
+        }
+    }
+
     fn directory(&self) -> Directory {
         let seen = self.tunnel.status();
         let book = self.book();
@@ -805,6 +823,202 @@ impl Membership for Node {
             peers,
         }
     }
+}
+
+impl Node {
+    /// This node's name in version vectors: stable, and safe in a file name.
+    fn sync_id(&self) -> String {
+        self.public_key[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Scans every read-write share and announces what changed (or, with `all`,
+    /// everything held, so members that missed something catch up).
+    pub async fn sync_scan(&self, all: bool) {
+        let me = self.sync_id();
+        for s in &self.syncs {
+            let changed = tokio::task::block_in_place(|| {
+                s.scan(&me, |rel| {
+                    self.engine
+                        .shares
+                        .manifest(&s.name, rel)
+                        .ok()
+                        .map(|m| m.id())
+                })
+            });
+            let changed = match changed {
+                Ok(v) => v,
+                Err(e) => {
+                    log::warn!("share {}: {e}", s.name);
+                    continue;
+                }
+            };
+            if !changed.is_empty() {
+                if let Err(e) = s.save() {
+                    log::warn!("share {}: {e}", s.name);
+                }
+            }
+            let versions = if all { s.all_versions() } else { changed };
+            if versions.is_empty() {
+                continue;
+            }
+            let Ok(body) = serde_json::to_vec(&Announce {
+                share: s.name.clone(),
+                versions,
+            }) else {
+                continue;
+            };
+            // All members at once: one that is gone must not hold up the others.
+            let dir = self.directory();
+            let mut posts = tokio::task::JoinSet::new();
+            for p in dir
+                .peers
+                .iter()
+                .filter(|p| p.key != dir.me && p.up && p.shares.contains(&s.name))
+            {
+                let (vpn, name, body) = (p.vpn, p.name.clone(), body.clone());
+                posts.spawn(async move {
+                    if let Err(e) = transfer::http_post(vpn, "/v1/sync", body).await {
+                        log::debug!("sync announce to {name}: {e}");
+                    }
+                });
+            }
+            while posts.join_next().await.is_some() {}
+        }
+    }
+
+    /// Applies what member `from` announced.
+    pub async fn sync_apply(&self, from: Key, body: bytes::Bytes) {
+        let Ok(a) = serde_json::from_slice::<Announce>(&body) else {
+            return;
+        };
+        let Some(s) = self.syncs.iter().find(|s| s.name == a.share).cloned() else {
+            return;
+        };
+        let dir = self.directory();
+        let Some(peer) = dir.get(&from).cloned() else {
+            return;
+        };
+        for v in a.versions {
+            if crate::share::clean_path(&v.path).is_err() {
+                log::warn!(
+                    "{} announced a path outside the share: {:?}",
+                    peer.name,
+                    v.path
+                );
+                continue;
+            }
+            match s.decide(&v) {
+                Action::Nothing => {}
+                Action::Remove { path, version } => {
+                    if let Ok(p) = inside(&s, &path) {
+                        let _ = std::fs::remove_file(p);
+                    }
+                    s.record(&path, version);
+                }
+                Action::Fetch { path, version } => {
+                    if self.sync_fetch(&s, &peer, &v.path, &path, &version).await {
+                        s.record(&path, version);
+                    }
+                }
+                Action::Conflict {
+                    move_local_to,
+                    fetch_into,
+                    version,
+                } => {
+                    if let Some(to) = &move_local_to {
+                        if let (Ok(a), Ok(b)) = (inside(&s, &v.path), inside(&s, to)) {
+                            let _ = std::fs::rename(a, b);
+                        }
+                    }
+                    if self
+                        .sync_fetch(&s, &peer, &v.path, &fetch_into, &version)
+                        .await
+                    {
+                        s.record(&fetch_into, version.clone());
+                        if move_local_to.is_none() {
+                            // Ours stays at the path and now carries both histories.
+                            let mut index = s.index.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(e) = index.get_mut(&v.path) {
+                                e.version.vv = version.vv.clone();
+                            }
+                        }
+                        log::info!("conflict on {}/{}: both versions kept", s.name, v.path);
+                    }
+                }
+            }
+        }
+        if let Err(e) = s.save() {
+            log::warn!("share {}: {e}", s.name);
+        }
+    }
+
+    /// Pulls `version` of `remote_path` from `peer` into `local_path`.
+    async fn sync_fetch(
+        &self,
+        s: &SyncShare,
+        peer: &transfer::Peer,
+        remote_path: &str,
+        local_path: &str,
+        version: &FileVersion,
+    ) -> bool {
+        let Ok(dest) = inside(s, local_path) else {
+            return false;
+        };
+        let manifest: crate::share::Manifest =
+            match transfer::ask(peer.vpn, "manifest", &s.name, remote_path).await {
+                Ok(m) => m,
+                Err(e) => {
+                    log::debug!(
+                        "sync: no manifest for {remote_path} from {}: {e}",
+                        peer.name
+                    );
+                    return false;
+                }
+            };
+        // The announcer moved on since; its next announcement brings the newer version.
+        if manifest.id() != version.content {
+            return false;
+        }
+        let Some(members) = self.this.get().and_then(std::sync::Weak::upgrade) else {
+            return false;
+        };
+        let progress = Arc::new(Progress::default());
+        match transfer::get_file(
+            self.engine.clone(),
+            members,
+            peer.key,
+            manifest,
+            dest,
+            progress,
+        )
+        .await
+        {
+            Ok(()) => {
+                s.set_mtime(local_path, version.mtime);
+                true
+            }
+            Err(e) => {
+                log::warn!("sync: {}/{local_path}: {e}", s.name);
+                false
+            }
+        }
+    }
+}
+
+/// `path` inside the share's root, its folders made; refused if they lead out.
+fn inside(s: &SyncShare, path: &str) -> Result<PathBuf, ()> {
+    let parts = crate::share::clean_path(path).map_err(|_| ())?;
+    let dest = parts.iter().fold(s.root.clone(), |p, c| p.join(c));
+    let parent = dest.parent().ok_or(())?;
+    std::fs::create_dir_all(parent).map_err(|_| ())?;
+    let root = s.root.canonicalize().map_err(|_| ())?;
+    if !parent.canonicalize().map_err(|_| ())?.starts_with(&root) {
+        return Err(());
+    }
+    Ok(dest)
 }
 
 /// `share/path` split in two; the path may be empty (the share's root).

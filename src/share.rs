@@ -80,11 +80,15 @@ pub struct ShareInfo {
     pub mode: String,
 }
 
+/// (share, path) → (size, mtime in ns, manifest).
+type ManifestCache = HashMap<(String, String), (u64, u128, Manifest)>;
+
 pub struct Shares {
     shares: Vec<ShareConfig>,
     chunk_size: u64,
-    /// Manifests by (share, path), valid while size and mtime match.
-    cache: Mutex<HashMap<(String, String), Manifest>>,
+    /// Manifests by (share, path), valid while size and mtime (in ns: two writes in one
+    /// second must not look alike) match.
+    cache: Mutex<ManifestCache>,
 }
 
 /// Splits a request path into plain components, refusing anything that could climb out.
@@ -224,14 +228,20 @@ impl Shares {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
         let key = (share.to_string(), raw.to_string());
-        if let Some(m) = self
+        if let Some((size, ns, m)) = self
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
         {
-            if m.size == meta.len() && m.mtime == mtime {
+            if *size == meta.len() && *ns == mtime_ns {
                 return Ok(m.clone());
             }
         }
@@ -267,7 +277,7 @@ impl Shares {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, m.clone());
+            .insert(key, (meta.len(), mtime_ns, m.clone()));
         Ok(m)
     }
 

@@ -35,6 +35,9 @@ use crate::share::{Manifest, ShareError, Shares};
 pub const NODE_PORT: u16 = 51874;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// An announcement is small; a member that does not take it in this long is skipped
+/// and catches up at the next full round.
+const POST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Chunks a `get` keeps in flight.
 const PARALLEL: usize = 4;
 const MAX_TRIES: usize = 8;
@@ -139,6 +142,8 @@ impl Directory {
 /// What the node gives the servers: the current directory.
 pub trait Membership: Send + Sync + 'static {
     fn directory(&self) -> Directory;
+    /// Versions of a read-write share that member `from` announced (folder sync).
+    fn announced(&self, _from: Key, _body: Bytes) {}
 }
 
 /// Names one chunk of one file version on one member.
@@ -631,6 +636,42 @@ pub async fn ask<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&body).map_err(|e| e.to_string())
 }
 
+/// POSTs `body` to a member's node server (folder sync announcements).
+pub async fn http_post(vpn: Ipv4Addr, path: &str, body: Vec<u8>) -> Result<(), TransferError> {
+    let addr = SocketAddr::from((vpn, NODE_PORT));
+    let fail = |e: String| TransferError::Connect(addr, e);
+    let work = async {
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| fail("timed out".into()))?
+            .map_err(|e| fail(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let driver = tokio::spawn(conn);
+        let req = Request::post(path)
+            .header(hyper::header::HOST, "watchalong")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| fail(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let status = resp.status();
+        let _ = resp.into_body().collect().await;
+        drop(sender);
+        driver.abort();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(TransferError::Status(addr, status.as_u16()))
+        }
+    };
+    tokio::time::timeout(POST_TIMEOUT, work)
+        .await
+        .map_err(|_| fail("no answer in time".into()))?
+}
+
 /// GET over a fresh HTTP/1.1 connection, with deadlines.
 pub async fn http_get(
     addr: SocketAddr,
@@ -744,6 +785,26 @@ pub async fn serve_node<M: Membership>(
                 .any(|p| p.key != dir.me && IpAddr::V4(p.vpn) == peer.ip());
             if me.map(IpAddr::V4) != Some(local.ip()) || !from_member {
                 return unauthorized();
+            }
+            if req.uri().path() == "/v1/sync" && req.method() == hyper::Method::POST {
+                let Some(from) = dir
+                    .peers
+                    .iter()
+                    .find(|p| IpAddr::V4(p.vpn) == peer.ip())
+                    .map(|p| p.key)
+                else {
+                    return unauthorized();
+                };
+                let body = http_body_util::Limited::new(req.into_body(), 4 * 1024 * 1024)
+                    .collect()
+                    .await;
+                return match body {
+                    Ok(b) => {
+                        members.announced(from, b.to_bytes());
+                        reply(StatusCode::OK, Bytes::new())
+                    }
+                    Err(_) => reply(StatusCode::PAYLOAD_TOO_LARGE, Bytes::new()),
+                };
             }
             let q = query(&req);
             let get = |k: &str| q.get(k).cloned().unwrap_or_default();

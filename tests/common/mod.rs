@@ -492,6 +492,24 @@ impl Node {
         dir
     }
 
+    /// Offers a new read-write share called `name`, kept in sync (before `start`).
+    pub fn share_rw(&self, name: &str) -> PathBuf {
+        let dir = self.dir.join(format!("share-{name}"));
+        std::fs::create_dir_all(&dir).expect("share dir");
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)
+            .expect("config");
+        writeln!(
+            f,
+            "\n[[share]]\nname = \"{name}\"\npath = \"{}\"\nmode = \"read-write\"",
+            dir.display()
+        )
+        .expect("config");
+        dir
+    }
+
     /// Limits what this node sends to `mbit` Mbit/s (tbf on its uplink).
     pub fn shape(&self, mbit: u32) {
         let rate = format!("{mbit}mbit");

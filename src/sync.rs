@@ -1,0 +1,477 @@
+//! Folder sync for read-write shares (issue 5, first slice): each node scans its share,
+//! turns what changed into versions (a version vector per path, see [`crate::versions`]),
+//! announces them to the members holding the same share, and applies what others
+//! announce — pulling content through [`crate::transfer::get_file`] (verified chunks,
+//! temp file, fsync, rename) along the planner's route. It owns the sync index and the
+//! share's marker file; it never deletes anything while the marker is missing.
+//!
+//! Not yet: an inotify watcher (changes are found by a scan every [`SCAN_EVERY`]), an
+//! embedded database for the index (a JSON file for now), directories as entries, modes,
+//! and the fault tests of issue 5.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ShareConfig, ShareMode};
+use crate::state;
+use crate::versions::{self, FileVersion, Resolution, VersionVector};
+
+pub const SCAN_EVERY: Duration = Duration::from_millis(300);
+/// Present in a share's root while it is the real folder (not an empty mount point).
+pub const MARKER: &str = ".watchalong-share";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot scan {path}: {source}")]
+    Scan {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    SaveIndex(#[from] state::StateError),
+}
+
+/// What the index remembers of one path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub version: FileVersion,
+    /// Size and mtime (ns) of the file as last seen or written, to notice local edits
+    /// without hashing.
+    pub size: u64,
+    pub mtime_ns: u128,
+}
+
+/// Versions one node announces for one share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    pub share: String,
+    pub versions: Vec<FileVersion>,
+}
+
+/// One read-write share's sync state.
+pub struct SyncShare {
+    pub name: String,
+    pub root: PathBuf,
+    index_path: PathBuf,
+    pub index: Mutex<BTreeMap<String, Entry>>,
+}
+
+/// What to do with one announced version, decided against the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    /// Fetch this version's content into `path`.
+    Fetch {
+        path: String,
+        version: FileVersion,
+    },
+    /// Remove `path` (a deletion that supersedes ours).
+    Remove {
+        path: String,
+        version: FileVersion,
+    },
+    /// Keep ours at the path and fetch theirs beside it (or move ours aside first).
+    Conflict {
+        move_local_to: Option<String>,
+        fetch_into: String,
+        version: FileVersion,
+    },
+}
+
+fn stat(path: &Path) -> Option<(u64, u128)> {
+    let m = std::fs::metadata(path).ok()?;
+    let mtime = m
+        .modified()
+        .ok()?
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
+    Some((m.len(), mtime))
+}
+
+fn is_ours(name: &str) -> bool {
+    name == MARKER || (name.starts_with('.') && name.contains(".watchalong-"))
+}
+
+impl SyncShare {
+    pub fn open(cfg: &ShareConfig, state_dir: &Path) -> Result<SyncShare, SyncError> {
+        let index_path = state_dir.join(format!("sync-{}.json", cfg.name));
+        let index = state::read_json(&index_path)?.unwrap_or_default();
+        // A root that exists gets its marker once; one that lacks it later was emptied or
+        // unmounted, and then nothing is deleted anywhere.
+        if cfg.path.is_dir() && !cfg.path.join(MARKER).exists() {
+            let _ = std::fs::write(cfg.path.join(MARKER), b"watchalong share root\n");
+        }
+        Ok(SyncShare {
+            name: cfg.name.clone(),
+            root: cfg.path.clone(),
+            index_path,
+            index: Mutex::new(index),
+        })
+    }
+
+    pub fn shares(configs: &[ShareConfig], state_dir: &Path) -> Vec<Arc<SyncShare>> {
+        configs
+            .iter()
+            .filter(|c| c.mode == ShareMode::ReadWrite)
+            .filter_map(|c| match SyncShare::open(c, state_dir) {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    log::warn!("share {}: {e}", c.name);
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn save(&self) -> Result<(), SyncError> {
+        let snapshot = self.lock().clone();
+        state::write_json(&self.index_path, &snapshot)?;
+        Ok(())
+    }
+
+    /// Every regular file under the root, as share-relative paths.
+    fn walk(&self) -> Result<Vec<String>, SyncError> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let rd = std::fs::read_dir(&dir).map_err(|source| SyncError::Scan {
+                path: dir.clone(),
+                source,
+            })?;
+            for e in rd.flatten() {
+                let Ok(name) = e.file_name().into_string() else {
+                    continue;
+                };
+                if is_ours(&name) {
+                    continue;
+                }
+                let Ok(t) = e.file_type() else { continue };
+                if t.is_dir() {
+                    stack.push(e.path());
+                } else if t.is_file() {
+                    if let Ok(rel) = e.path().strip_prefix(&self.root) {
+                        out.push(rel.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Finds local changes; `content_id` names a file's content (its manifest id).
+    pub fn scan(
+        &self,
+        me: &str,
+        content_id: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<FileVersion>, SyncError> {
+        let may_delete =
+            versions::may_propagate_deletions(self.root.is_dir(), self.root.join(MARKER).exists());
+        if !self.root.is_dir() {
+            return Ok(Vec::new());
+        }
+        let files = self.walk()?;
+        let mut changed = Vec::new();
+        let mut index = self.lock();
+        for rel in &files {
+            let Some((size, mtime_ns)) = stat(&self.root.join(rel)) else {
+                continue;
+            };
+            let held = index.get(rel);
+            if held.is_some_and(|e| !e.version.deleted && e.size == size && e.mtime_ns == mtime_ns)
+            {
+                continue;
+            }
+            let Some(content) = content_id(rel) else {
+                continue;
+            };
+            let base = held.map(|e| e.version.vv.clone()).unwrap_or_default();
+            let same = held.is_some_and(|e| !e.version.deleted && e.version.content == content);
+            let version = if same {
+                held.map(|e| e.version.clone())
+                    .unwrap_or_else(|| unreachable_version(rel))
+            } else {
+                FileVersion {
+                    path: rel.clone(),
+                    vv: base.bumped(me),
+                    deleted: false,
+                    mtime: (mtime_ns / 1_000_000_000) as u64,
+                    node: me.to_string(),
+                    content,
+                }
+            };
+            if !same {
+                changed.push(version.clone());
+            }
+            index.insert(
+                rel.clone(),
+                Entry {
+                    version,
+                    size,
+                    mtime_ns,
+                },
+            );
+        }
+        if may_delete {
+            let present: std::collections::HashSet<&String> = files.iter().collect();
+            for (path, e) in index.iter_mut() {
+                if !e.version.deleted && !present.contains(path) {
+                    e.version = FileVersion {
+                        path: path.clone(),
+                        vv: e.version.vv.bumped(me),
+                        deleted: true,
+                        mtime: e.version.mtime,
+                        node: me.to_string(),
+                        content: String::new(),
+                    };
+                    changed.push(e.version.clone());
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Every version held, for a member that wants the whole picture.
+    pub fn all_versions(&self) -> Vec<FileVersion> {
+        self.lock().values().map(|e| e.version.clone()).collect()
+    }
+
+    /// Decides what an announced version asks of this node.
+    pub fn decide(&self, remote: &FileVersion) -> Action {
+        let index = self.lock();
+        let Some(local) = index.get(&remote.path) else {
+            return if remote.deleted {
+                Action::Nothing
+            } else {
+                Action::Fetch {
+                    path: remote.path.clone(),
+                    version: remote.clone(),
+                }
+            };
+        };
+        // A local edit not scanned yet is not overwritten: the next scan announces it.
+        let on_disk = stat(&self.root.join(&remote.path));
+        let untouched = match on_disk {
+            Some((size, mtime)) => {
+                !local.version.deleted && local.size == size && local.mtime_ns == mtime
+            }
+            None => local.version.deleted,
+        };
+        if !untouched {
+            return Action::Nothing;
+        }
+        match versions::resolve(&local.version, remote) {
+            Resolution::KeepLocal => Action::Nothing,
+            Resolution::TakeRemote if remote.deleted => Action::Remove {
+                path: remote.path.clone(),
+                version: remote.clone(),
+            },
+            Resolution::TakeRemote => Action::Fetch {
+                path: remote.path.clone(),
+                version: remote.clone(),
+            },
+            Resolution::Conflict {
+                remote_wins,
+                loser_path,
+                merged,
+            } => {
+                let version = FileVersion {
+                    vv: merged,
+                    ..remote.clone()
+                };
+                if remote.deleted {
+                    // Ours (an edit) won against their deletion: it spreads with the merged vector.
+                    return Action::Nothing;
+                }
+                if local.version.deleted {
+                    return Action::Fetch {
+                        path: remote.path.clone(),
+                        version,
+                    };
+                }
+                if remote_wins {
+                    Action::Conflict {
+                        move_local_to: Some(loser_path),
+                        fetch_into: remote.path.clone(),
+                        version,
+                    }
+                } else {
+                    Action::Conflict {
+                        move_local_to: None,
+                        fetch_into: loser_path,
+                        version,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records that `version` is now what lies at `path` on disk.
+    pub fn record(&self, path: &str, version: FileVersion) {
+        let (size, mtime_ns) = stat(&self.root.join(path)).unwrap_or((0, 0));
+        self.lock().insert(
+            path.to_string(),
+            Entry {
+                version: FileVersion {
+                    path: path.to_string(),
+                    ..version
+                },
+                size,
+                mtime_ns,
+            },
+        );
+    }
+
+    /// Sets a fetched file's mtime to the version's, so every node shows the same.
+    pub fn set_mtime(&self, path: &str, mtime: u64) {
+        let p = self.root.join(path);
+        if let Ok(f) = std::fs::File::options().write(true).open(&p) {
+            let t = UNIX_EPOCH + Duration::from_secs(mtime);
+            let _ = f.set_modified(t);
+        }
+    }
+}
+
+/// Only reached if the index changed under us between two lines holding its lock.
+fn unreachable_version(path: &str) -> FileVersion {
+    FileVersion {
+        path: path.to_string(),
+        vv: VersionVector::default(),
+        deleted: false,
+        mtime: 0,
+        node: String::new(),
+        content: String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(dir: &Path) -> SyncShare {
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        SyncShare::open(
+            &ShareConfig {
+                name: "s".into(),
+                path: dir.join("root"),
+                mode: ShareMode::ReadWrite,
+            },
+            dir,
+        )
+        .unwrap()
+    }
+
+    fn id(s: &SyncShare) -> impl Fn(&str) -> Option<String> + '_ {
+        move |rel| {
+            std::fs::read(s.root.join(rel))
+                .ok()
+                .map(|b| blake3::hash(&b).to_hex().to_string())
+        }
+    }
+
+    #[test]
+    fn a_new_file_an_edit_and_a_deletion_each_become_one_version() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(v.len(), 1);
+        assert!(
+            s.scan("n1", id(&s)).unwrap().is_empty(),
+            "an unchanged file is no news"
+        );
+        std::fs::write(s.root.join("a.txt"), b"two!").unwrap();
+        let v2 = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(v2[0].vv.compare(&v[0].vv), versions::Order::After);
+        std::fs::remove_file(s.root.join("a.txt")).unwrap();
+        let v3 = s.scan("n1", id(&s)).unwrap();
+        assert!(v3[0].deleted);
+    }
+
+    #[test]
+    fn an_emptied_root_without_its_marker_deletes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        s.scan("n1", id(&s)).unwrap();
+        // What an unmount looks like: the folder is there, empty, without the marker.
+        std::fs::remove_file(s.root.join("a.txt")).unwrap();
+        std::fs::remove_file(s.root.join(MARKER)).unwrap();
+        assert!(s.scan("n1", id(&s)).unwrap().is_empty());
+        std::fs::remove_dir(&s.root).unwrap();
+        assert!(s.scan("n1", id(&s)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_announced_newer_version_is_fetched_and_an_older_one_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        let mine = s.scan("n1", id(&s)).unwrap().remove(0);
+        let newer = FileVersion {
+            vv: mine.vv.bumped("n2"),
+            content: "x".into(),
+            node: "n2".into(),
+            ..mine.clone()
+        };
+        assert!(matches!(s.decide(&newer), Action::Fetch { .. }));
+        let older = FileVersion {
+            vv: VersionVector::default(),
+            ..newer.clone()
+        };
+        assert_eq!(s.decide(&older), Action::Nothing);
+    }
+
+    #[test]
+    fn a_local_edit_not_yet_scanned_is_not_overwritten() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        let mine = s.scan("n1", id(&s)).unwrap().remove(0);
+        std::fs::write(s.root.join("a.txt"), b"edited meanwhile").unwrap();
+        let newer = FileVersion {
+            vv: mine.vv.bumped("n2"),
+            content: "x".into(),
+            ..mine
+        };
+        assert_eq!(s.decide(&newer), Action::Nothing);
+    }
+
+    #[test]
+    fn concurrent_edits_keep_both_versions() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        let mine = s.scan("n1", id(&s)).unwrap().remove(0);
+        let theirs = FileVersion {
+            vv: VersionVector::default().bumped("n2"),
+            content: "other".into(),
+            node: "n2".into(),
+            mtime: mine.mtime + 10,
+            ..mine
+        };
+        match s.decide(&theirs) {
+            Action::Conflict {
+                move_local_to: Some(to),
+                fetch_into,
+                ..
+            } => {
+                assert!(
+                    to.starts_with("a.sync-conflict-") && to.ends_with("-n1.txt"),
+                    "{to}"
+                );
+                assert_eq!(fetch_into, "a.txt");
+            }
+            a => panic!("{a:?}"),
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Folder sync, first slice: a file created, changed, renamed or deleted on any member
+//! of a read-write share shows up the same on every other.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Every file under `root` (but the daemon's own) with the BLAKE3 of its content.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == ".watchalong-share" || name.contains(".watchalong-") {
+                continue;
+            }
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(
+                    rel,
+                    blake3::hash(&std::fs::read(&p).unwrap_or_default())
+                        .to_hex()
+                        .to_string(),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn same_everywhere(roots: &[PathBuf]) -> bool {
+    let first = tree(&roots[0]);
+    roots[1..].iter().all(|r| tree(r) == first)
+}
+
+fn wait_same(roots: &[PathBuf], what: &str, expect: impl Fn(&BTreeMap<String, String>) -> bool) {
+    let ok = wait_until(DEADLINE, || {
+        same_everywhere(roots) && expect(&tree(&roots[0]))
+    });
+    let trees: Vec<_> = roots.iter().map(|r| tree(r)).collect();
+    assert!(ok, "{what}: the trees differ: {trees:#?}");
+}
+
+#[test]
+fn create_change_rename_and_delete_on_any_member_reach_every_other() {
+    if !root_or_skip("create_change_rename_and_delete_on_any_member_reach_every_other") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut host = lab.node("host");
+    let mut a = lab.node("a");
+    let mut b = lab.node("b");
+    let roots: Vec<PathBuf> = [&host, &a, &b].iter().map(|n| n.share_rw("docs")).collect();
+    for n in [&mut host, &mut a, &mut b] {
+        n.start();
+    }
+    for n in [&a, &b] {
+        let link = host.link(&[]);
+        n.ok(&["join", &link]);
+    }
+
+    std::fs::write(roots[1].join("notes.txt"), b"written on a\n").unwrap();
+    wait_same(&roots, "create on a", |t| t.contains_key("notes.txt"));
+
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(roots[2].join("notes.txt"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"appended on b\n").unwrap();
+    drop(f);
+    let appended = blake3::hash(b"written on a\nappended on b\n")
+        .to_hex()
+        .to_string();
+    wait_same(&roots, "append on b", |t| {
+        t.get("notes.txt") == Some(&appended)
+    });
+
+    std::fs::create_dir_all(roots[0].join("sub")).unwrap();
+    std::fs::write(roots[0].join("sub/deep.bin"), vec![7u8; 3 * 1024 * 1024]).unwrap();
+    wait_same(&roots, "file in a folder on the host", |t| {
+        t.contains_key("sub/deep.bin")
+    });
+
+    std::fs::rename(roots[0].join("notes.txt"), roots[0].join("renamed.txt")).unwrap();
+    wait_same(&roots, "rename on the host", |t| {
+        t.contains_key("renamed.txt") && !t.contains_key("notes.txt")
+    });
+
+    std::fs::remove_file(roots[1].join("sub/deep.bin")).unwrap();
+    wait_same(&roots, "delete on a", |t| !t.contains_key("sub/deep.bin"));
+    assert_eq!(tree(&roots[2]).len(), 1, "{:?}", tree(&roots[2]));
+}
+
+#[test]
+fn the_same_file_edited_on_two_cut_off_members_keeps_both_versions_everywhere() {
+    if !root_or_skip("the_same_file_edited_on_two_cut_off_members_keeps_both_versions_everywhere") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut host = lab.node("host");
+    let mut a = lab.node("a");
+    let mut b = lab.node("b");
+    let roots: Vec<PathBuf> = [&host, &a, &b].iter().map(|n| n.share_rw("docs")).collect();
+    for n in [&mut host, &mut a, &mut b] {
+        n.start();
+    }
+    for n in [&a, &b] {
+        let link = host.link(&[]);
+        n.ok(&["join", &link]);
+    }
+    std::fs::write(roots[0].join("plan.txt"), b"v1\n").unwrap();
+    wait_same(&roots, "first version", |t| t.contains_key("plan.txt"));
+
+    // a is cut off; a and b both edit the file.
+    must("ip", &["-n", &a.ns.name, "link", "set", "eth0", "down"]);
+    std::fs::write(roots[1].join("plan.txt"), b"v2 from a\n").unwrap();
+    std::fs::write(roots[2].join("plan.txt"), b"v2 from b, longer\n").unwrap();
+    let b_version = blake3::hash(b"v2 from b, longer\n").to_hex().to_string();
+    assert!(wait_until(DEADLINE, || tree(&roots[0]).get("plan.txt")
+        == Some(&b_version)));
+    must("ip", &["-n", &a.ns.name, "link", "set", "eth0", "up"]);
+
+    let a_version = blake3::hash(b"v2 from a\n").to_hex().to_string();
+    wait_same(&roots, "after healing", |t| {
+        let conflicts: Vec<&String> = t.keys().filter(|k| k.contains(".sync-conflict-")).collect();
+        t.len() == 2
+            && conflicts.len() == 1
+            && t.values().any(|v| *v == a_version)
+            && t.values().any(|v| *v == b_version)
+    });
+}
