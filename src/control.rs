@@ -43,6 +43,9 @@ pub struct NodeStatus {
 pub struct StatusReply {
     pub node: NodeStatus,
     pub peers: Vec<PeerStatus>,
+    /// Read-write shares kept in sync.
+    #[serde(default)]
+    pub shares: Vec<crate::sync::ShareStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -614,6 +614,18 @@ fn print_status(s: &StatusReply) {
     if n.role != "host" {
         println!("host      {}", n.host_name);
     }
+    for sh in &s.shares {
+        let state = match (sh.root_ok, sh.pulling, &sh.last_error) {
+            (false, _, _) => "root missing: deletions held back".to_string(),
+            (true, 0, None) => "in sync".to_string(),
+            (true, 0, Some(e)) => format!("error: {e}"),
+            (true, n, _) => format!("syncing ({n} file(s) being pulled)"),
+        };
+        println!(
+            "share     {}: {} files, {} bytes, {} conflict(s), {state}",
+            sh.name, sh.files, sh.bytes, sh.conflicts
+        );
+    }
     if s.peers.is_empty() {
         println!("\nno peers yet: `watchalong link` makes an access link");
         return;

@@ -985,26 +985,54 @@ impl Node {
         let Some(members) = self.this.get().and_then(std::sync::Weak::upgrade) else {
             return false;
         };
+        // Pulled beside the target under a name the scanner skips, then moved over it
+        // only if nobody touched the target meanwhile: a local edit made during the pull
+        // wins, and the next scan announces it.
+        let before = crate::sync::stat(&dest);
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut tag = [0u8; 6];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut tag);
+        let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        let staged = dest.with_file_name(format!(".{name}.watchalong-stage-{tag}"));
         let progress = Arc::new(Progress::default());
-        match transfer::get_file(
+        s.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let got = transfer::get_file(
             self.engine.clone(),
             members,
             peer.key,
             manifest,
-            dest,
+            staged.clone(),
             progress,
         )
-        .await
-        {
-            Ok(()) => {
-                s.set_mtime(local_path, version.mtime);
-                true
-            }
-            Err(e) => {
-                log::warn!("sync: {}/{local_path}: {e}", s.name);
-                false
-            }
+        .await;
+        s.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        if let Err(e) = got {
+            log::warn!("sync: {}/{local_path}: {e}", s.name);
+            s.set_error(Some(format!("{local_path}: {e}")));
+            return false;
         }
+        if crate::sync::stat(&dest) != before {
+            log::info!(
+                "sync: {}/{local_path} changed here during the pull; keeping the local edit",
+                s.name
+            );
+            let _ = std::fs::remove_file(&staged);
+            return false;
+        }
+        if let Err(e) = std::fs::rename(&staged, &dest) {
+            let _ = std::fs::remove_file(&staged);
+            s.set_error(Some(format!("{local_path}: {e}")));
+            return false;
+        }
+        if let Some(dir) = dest.parent() {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        s.set_mtime(local_path, version.mtime);
+        s.set_error(None);
+        true
     }
 }
 
@@ -1129,6 +1157,7 @@ impl Handler for Node {
                 spoofed_packets: self.tunnel.spoofed_count(),
             },
             peers: self.tunnel.status(),
+            shares: self.syncs.iter().map(|s| s.status()).collect(),
         })
     }
 

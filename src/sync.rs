@@ -45,6 +45,19 @@ pub struct Entry {
     pub mtime_ns: u128,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareStatus {
+    pub name: String,
+    pub files: usize,
+    pub bytes: u64,
+    pub conflicts: usize,
+    /// Files being pulled now: 0 means in sync as far as this node knows.
+    pub pulling: usize,
+    /// False when the root or its marker is missing: deletions are not spread then.
+    pub root_ok: bool,
+    pub last_error: Option<String>,
+}
+
 /// Versions one node announces for one share.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Announce {
@@ -58,6 +71,9 @@ pub struct SyncShare {
     pub root: PathBuf,
     index_path: PathBuf,
     pub index: Mutex<BTreeMap<String, Entry>>,
+    /// Pulls in progress.
+    pub pending: std::sync::atomic::AtomicUsize,
+    last_error: Mutex<Option<String>>,
 }
 
 /// What to do with one announced version, decided against the index.
@@ -82,7 +98,8 @@ pub enum Action {
     },
 }
 
-fn stat(path: &Path) -> Option<(u64, u128)> {
+/// Size and mtime in ns, or `None` when nothing is there.
+pub fn stat(path: &Path) -> Option<(u64, u128)> {
     let m = std::fs::metadata(path).ok()?;
     let mtime = m
         .modified()
@@ -111,6 +128,8 @@ impl SyncShare {
             root: cfg.path.clone(),
             index_path,
             index: Mutex::new(index),
+            pending: std::sync::atomic::AtomicUsize::new(0),
+            last_error: Mutex::new(None),
         })
     }
 
@@ -130,6 +149,32 @@ impl SyncShare {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_error(&self, e: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
+    /// What `watchalong status` shows for this share.
+    pub fn status(&self) -> ShareStatus {
+        let index = self.lock();
+        let live = index.values().filter(|e| !e.version.deleted);
+        ShareStatus {
+            name: self.name.clone(),
+            files: live.clone().count(),
+            bytes: live.clone().map(|e| e.size).sum(),
+            conflicts: index
+                .values()
+                .filter(|e| !e.version.deleted && e.version.path.contains(".sync-conflict-"))
+                .count(),
+            pulling: self.pending.load(std::sync::atomic::Ordering::SeqCst),
+            root_ok: self.root.join(MARKER).exists(),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
     }
 
     pub fn save(&self) -> Result<(), SyncError> {

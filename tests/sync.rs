@@ -99,6 +99,23 @@ fn create_change_rename_and_delete_on_any_member_reach_every_other() {
     std::fs::remove_file(roots[1].join("sub/deep.bin")).unwrap();
     wait_same(&roots, "delete on a", |t| !t.contains_key("sub/deep.bin"));
     assert_eq!(tree(&roots[2]).len(), 1, "{:?}", tree(&roots[2]));
+    for n in [&host, &a, &b] {
+        let ok = wait_until(DEADLINE, || {
+            let st = n.status();
+            let sh = &st["shares"][0];
+            sh["name"] == "docs"
+                && sh["files"] == 1
+                && sh["pulling"] == 0
+                && sh["root_ok"] == true
+                && sh["last_error"].is_null()
+        });
+        assert!(
+            ok,
+            "{} does not report the share in sync: {}",
+            n.name,
+            n.status()["shares"]
+        );
+    }
 }
 
 #[test]
