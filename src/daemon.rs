@@ -37,6 +37,10 @@ const ENDPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often a node announces every version it holds, so members that missed a change
 /// (offline, or an announcement lost) catch up.
 const SYNC_FULL_ROUND: Duration = Duration::from_secs(10);
+/// Quiet time after a file event before the share is scanned.
+const SETTLE: Duration = Duration::from_millis(30);
+/// A file written without pause ships at least this often.
+const MAX_SETTLE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -154,7 +158,10 @@ async fn run_gossip(node: Arc<Node>, mut rx: mpsc::Receiver<GossipIn>, cancel: C
     }
 }
 
-/// Folder sync: scans read-write shares, announces changes, applies what others announce.
+/// Folder sync: scans read-write shares when inotify says something changed (after a
+/// short quiet time, so a file being written ships once it is finished) and every
+/// [`crate::sync::SCAN_EVERY`] in case an event was missed; announces changes; applies
+/// what others announce.
 async fn run_sync(
     node: Arc<Node>,
     mut rx: mpsc::Receiver<(crate::mesh::Key, bytes::Bytes)>,
@@ -164,10 +171,24 @@ async fn run_sync(
         cancel.cancelled().await;
         return;
     }
+    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
+    // Kept alive for as long as the loop runs; dropping it stops the watch.
+    let _watcher = watch_shares(&node, changed_tx);
     let mut scan = tokio::time::interval(crate::sync::SCAN_EVERY);
     let mut full = tokio::time::interval(SYNC_FULL_ROUND);
     loop {
         tokio::select! {
+            Some(()) = changed.recv() => {
+                // Wait for the writer to pause before looking, but not for ever.
+                let until = tokio::time::Instant::now() + MAX_SETTLE;
+                while tokio::time::Instant::now() < until {
+                    match tokio::time::timeout(SETTLE, changed.recv()).await {
+                        Ok(Some(())) => continue,
+                        _ => break,
+                    }
+                }
+                node.sync_scan(false).await;
+            }
             _ = scan.tick() => node.sync_scan(false).await,
             _ = full.tick() => node.sync_scan(true).await,
             m = rx.recv() => match m {
@@ -177,6 +198,45 @@ async fn run_sync(
             () = cancel.cancelled() => return,
         }
     }
+}
+
+/// An inotify watch on every read-write share; `None` (polling only) if it cannot be set.
+fn watch_shares(node: &Node, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut w = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else {
+            // An error (an overflow, say) may hide changes: look anyway.
+            let _ = tx.try_send(());
+            return;
+        };
+        // Reads (our own scans and chunk reads among them) and our own temp files are
+        // not changes; reacting to them would keep the share busy being rescanned.
+        let relevant = matches!(
+            event.kind,
+            notify::EventKind::Create(_)
+                | notify::EventKind::Modify(_)
+                | notify::EventKind::Remove(_)
+                | notify::EventKind::Any
+        ) && !matches!(
+            event.kind,
+            notify::EventKind::Modify(notify::event::ModifyKind::Metadata(_))
+        ) && event
+            .paths
+            .iter()
+            .any(|p| !p.to_string_lossy().contains(".watchalong-"));
+        if relevant {
+            // A full channel already means "scan soon": nothing is lost by dropping this one.
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|e| log::warn!("no file watcher ({e}); changes are found by polling"))
+    .ok()?;
+    for s in &node.syncs {
+        if let Err(e) = w.watch(&s.root, notify::RecursiveMode::Recursive) {
+            log::warn!("cannot watch {}: {e}; polling it", s.root.display());
+        }
+    }
+    Some(w)
 }
 
 /// Runs a node until SIGTERM or SIGINT. `ready` receives the node once the TUN device

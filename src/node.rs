@@ -860,6 +860,9 @@ impl Node {
                     log::warn!("share {}: {e}", s.name);
                 }
             }
+            for v in &changed {
+                log::debug!("sync: {}/{} changed here ({:?})", s.name, v.path, v.vv);
+            }
             let versions = if all { s.all_versions() } else { changed };
             if versions.is_empty() {
                 continue;
@@ -910,7 +913,15 @@ impl Node {
                 );
                 continue;
             }
-            match s.decide(&v) {
+            let action = s.decide(&v);
+            log::debug!(
+                "sync: {} announced {}/{} ({:?}): {action:?}",
+                peer.name,
+                s.name,
+                v.path,
+                v.vv
+            );
+            match action {
                 Action::Nothing => {}
                 Action::Remove { path, version } => {
                     if let Ok(p) = inside(&s, &path) {
@@ -1027,11 +1038,13 @@ impl Node {
             s.set_error(Some(format!("{local_path}: {e}")));
             return false;
         }
+        log::debug!("sync: {}/{local_path} in place", s.name);
         if let Some(dir) = dest.parent() {
             let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
         }
         s.set_mtime(local_path, version.mtime);
         s.set_error(None);
+        log::debug!("sync: {}/{local_path} done", s.name);
         true
     }
 }

@@ -5,9 +5,9 @@
 //! temp file, fsync, rename) along the planner's route. It owns the sync index and the
 //! share's marker file; it never deletes anything while the marker is missing.
 //!
-//! Not yet: an inotify watcher (changes are found by a scan every [`SCAN_EVERY`]), an
-//! embedded database for the index (a JSON file for now), directories as entries, modes,
-//! and the fault tests of issue 5.
+//! Not yet: an embedded database for the index (a JSON file for now), empty directories
+//! as entries, resuming a pull after a crash without fetching again, a full disk, and the
+//! fault tests of issue 5.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,8 @@ use crate::config::{ShareConfig, ShareMode};
 use crate::state;
 use crate::versions::{self, FileVersion, Resolution, VersionVector};
 
-pub const SCAN_EVERY: Duration = Duration::from_millis(300);
+/// The fallback scan when no file event came (events can be missed, e.g. on overflow).
+pub const SCAN_EVERY: Duration = Duration::from_secs(2);
 /// Present in a share's root while it is the real folder (not an empty mount point).
 pub const MARKER: &str = ".watchalong-share";
 

@@ -156,3 +156,28 @@ fn the_same_file_edited_on_two_cut_off_members_keeps_both_versions_everywhere() 
             && t.values().any(|v| *v == b_version)
     });
 }
+
+#[test]
+fn a_file_rewritten_right_after_it_arrived_elsewhere_arrives_again() {
+    if !root_or_skip("a_file_rewritten_right_after_it_arrived_elsewhere_arrives_again") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut host = lab.node("host");
+    let mut a = lab.node("a");
+    let roots: Vec<PathBuf> = [&host, &a].iter().map(|n| n.share_rw("docs")).collect();
+    host.start();
+    a.start();
+    let link = host.link(&[]);
+    a.ok(&["join", &link]);
+    for i in 0..5 {
+        let name = format!("f{i}.txt");
+        std::fs::write(roots[1].join(&name), format!("first {i}")).unwrap();
+        wait_same(&roots, "create", |t| t.contains_key(&name));
+        std::fs::write(roots[1].join(&name), format!("second, longer {i}")).unwrap();
+        let want = blake3::hash(format!("second, longer {i}").as_bytes())
+            .to_hex()
+            .to_string();
+        wait_same(&roots, "rewrite", |t| t.get(&name) == Some(&want));
+    }
+}

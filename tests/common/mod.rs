@@ -640,6 +640,11 @@ impl Node {
             .success()
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|c| c.id())
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.daemon.take() {
             let _ = c.kill();
