@@ -51,23 +51,31 @@ fn wait_same(roots: &[PathBuf], what: &str, expect: impl Fn(&BTreeMap<String, St
     assert!(ok, "{what}: the trees differ: {trees:#?}");
 }
 
+/// A LAN with a host and `others` members, all offering the read-write share `docs`.
+fn docs_lab(others: &[&str]) -> (Lab, Vec<Node>, Vec<PathBuf>) {
+    let mut lab = Lab::new();
+    let mut nodes = vec![lab.node("host")];
+    for name in others {
+        nodes.push(lab.node(name));
+    }
+    let roots: Vec<PathBuf> = nodes.iter().map(|n| n.share_rw("docs")).collect();
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    for n in &nodes[1..] {
+        let link = nodes[0].link(&[]);
+        n.ok(&["join", &link]);
+    }
+    (lab, nodes, roots)
+}
+
 #[test]
 fn create_change_rename_and_delete_on_any_member_reach_every_other() {
     if !root_or_skip("create_change_rename_and_delete_on_any_member_reach_every_other") {
         return;
     }
-    let mut lab = Lab::new();
-    let mut host = lab.node("host");
-    let mut a = lab.node("a");
-    let mut b = lab.node("b");
-    let roots: Vec<PathBuf> = [&host, &a, &b].iter().map(|n| n.share_rw("docs")).collect();
-    for n in [&mut host, &mut a, &mut b] {
-        n.start();
-    }
-    for n in [&a, &b] {
-        let link = host.link(&[]);
-        n.ok(&["join", &link]);
-    }
+    let (_lab, nodes, roots) = docs_lab(&["a", "b"]);
+    let (host, a, b) = (&nodes[0], &nodes[1], &nodes[2]);
 
     std::fs::write(roots[1].join("notes.txt"), b"written on a\n").unwrap();
     wait_same(&roots, "create on a", |t| t.contains_key("notes.txt"));
@@ -99,7 +107,7 @@ fn create_change_rename_and_delete_on_any_member_reach_every_other() {
     std::fs::remove_file(roots[1].join("sub/deep.bin")).unwrap();
     wait_same(&roots, "delete on a", |t| !t.contains_key("sub/deep.bin"));
     assert_eq!(tree(&roots[2]).len(), 1, "{:?}", tree(&roots[2]));
-    for n in [&host, &a, &b] {
+    for n in [host, a, b] {
         let ok = wait_until(DEADLINE, || {
             let st = n.status();
             let sh = &st["shares"][0];
@@ -123,18 +131,8 @@ fn the_same_file_edited_on_two_cut_off_members_keeps_both_versions_everywhere() 
     if !root_or_skip("the_same_file_edited_on_two_cut_off_members_keeps_both_versions_everywhere") {
         return;
     }
-    let mut lab = Lab::new();
-    let mut host = lab.node("host");
-    let mut a = lab.node("a");
-    let mut b = lab.node("b");
-    let roots: Vec<PathBuf> = [&host, &a, &b].iter().map(|n| n.share_rw("docs")).collect();
-    for n in [&mut host, &mut a, &mut b] {
-        n.start();
-    }
-    for n in [&a, &b] {
-        let link = host.link(&[]);
-        n.ok(&["join", &link]);
-    }
+    let (_lab, nodes, roots) = docs_lab(&["a", "b"]);
+    let a = &nodes[1];
     std::fs::write(roots[0].join("plan.txt"), b"v1\n").unwrap();
     wait_same(&roots, "first version", |t| t.contains_key("plan.txt"));
 
@@ -162,14 +160,7 @@ fn a_file_rewritten_right_after_it_arrived_elsewhere_arrives_again() {
     if !root_or_skip("a_file_rewritten_right_after_it_arrived_elsewhere_arrives_again") {
         return;
     }
-    let mut lab = Lab::new();
-    let mut host = lab.node("host");
-    let mut a = lab.node("a");
-    let roots: Vec<PathBuf> = [&host, &a].iter().map(|n| n.share_rw("docs")).collect();
-    host.start();
-    a.start();
-    let link = host.link(&[]);
-    a.ok(&["join", &link]);
+    let (_lab, _nodes, roots) = docs_lab(&["a"]);
     for i in 0..5 {
         let name = format!("f{i}.txt");
         std::fs::write(roots[1].join(&name), format!("first {i}")).unwrap();

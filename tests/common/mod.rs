@@ -474,26 +474,17 @@ pub struct Node {
 }
 
 impl Node {
-    /// Offers a new share called `name` (before `start`); returns its folder.
+    /// Offers a new read-only share called `name` (before `start`); returns its folder.
     pub fn share(&self, name: &str) -> PathBuf {
-        let dir = self.dir.join(format!("share-{name}"));
-        std::fs::create_dir_all(&dir).expect("share dir");
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.config)
-            .expect("config");
-        writeln!(
-            f,
-            "\n[[share]]\nname = \"{name}\"\npath = \"{}\"",
-            dir.display()
-        )
-        .expect("config");
-        dir
+        self.add_share(name, "read-only")
     }
 
     /// Offers a new read-write share called `name`, kept in sync (before `start`).
     pub fn share_rw(&self, name: &str) -> PathBuf {
+        self.add_share(name, "read-write")
+    }
+
+    fn add_share(&self, name: &str, mode: &str) -> PathBuf {
         let dir = self.dir.join(format!("share-{name}"));
         std::fs::create_dir_all(&dir).expect("share dir");
         use std::io::Write;
@@ -503,7 +494,7 @@ impl Node {
             .expect("config");
         writeln!(
             f,
-            "\n[[share]]\nname = \"{name}\"\npath = \"{}\"\nmode = \"read-write\"",
+            "\n[[share]]\nname = \"{name}\"\npath = \"{}\"\nmode = \"{mode}\"",
             dir.display()
         )
         .expect("config");
