@@ -904,7 +904,15 @@ impl Node {
         let Some(peer) = dir.get(&from).cloned() else {
             return;
         };
-        for v in a.versions {
+        // Folders before what they hold, and what they hold removed before them.
+        let mut versions = a.versions;
+        versions.sort_by(|x, y| match (x.deleted, y.deleted) {
+            (false, false) => x.path.cmp(&y.path),
+            (true, true) => y.path.cmp(&x.path),
+            (false, true) => std::cmp::Ordering::Less,
+            (true, false) => std::cmp::Ordering::Greater,
+        });
+        for v in versions {
             if crate::share::clean_path(&v.path).is_err() {
                 log::warn!(
                     "{} announced a path outside the share: {:?}",
@@ -924,10 +932,28 @@ impl Node {
             match action {
                 Action::Nothing => {}
                 Action::Remove { path, version } => {
-                    if let Ok(p) = inside(&s, &path) {
-                        let _ = std::fs::remove_file(p);
+                    let Some(p) = existing_inside(&s, &path) else {
+                        // Nothing there (its folder went first): the removal is done.
+                        s.record(&path, version);
+                        continue;
+                    };
+                    let gone = if p.is_dir() {
+                        // Only an empty folder goes; one that still holds something waits for
+                        // the removals of its contents, which come in the same round.
+                        std::fs::remove_dir(&p).is_ok()
+                    } else {
+                        std::fs::remove_file(&p).is_ok() || !p.exists()
+                    };
+                    if gone {
+                        s.record(&path, version);
                     }
-                    s.record(&path, version);
+                }
+                Action::Fetch { path, version } if version.content == crate::sync::DIR => {
+                    if let Ok(p) = inside(&s, &path) {
+                        if std::fs::create_dir_all(&p).is_ok() {
+                            s.record(&path, version);
+                        }
+                    }
                 }
                 Action::Fetch { path, version } => {
                     if self.sync_fetch(&s, &peer, &v.path, &path, &version).await {
@@ -1047,6 +1073,16 @@ impl Node {
         log::debug!("sync: {}/{local_path} done", s.name);
         true
     }
+}
+
+/// `path` inside the share's root when its folder exists there (nothing is created).
+fn existing_inside(s: &SyncShare, path: &str) -> Option<PathBuf> {
+    let parts = crate::share::clean_path(path).ok()?;
+    let dest = parts.iter().fold(s.root.clone(), |p, c| p.join(c));
+    let parent = dest.parent()?.canonicalize().ok()?;
+    parent
+        .starts_with(s.root.canonicalize().ok()?)
+        .then_some(dest)
 }
 
 /// `path` inside the share's root, its folders made; refused if they lead out.

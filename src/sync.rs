@@ -5,9 +5,8 @@
 //! temp file, fsync, rename) along the planner's route. It owns the sync index and the
 //! share's marker file; it never deletes anything while the marker is missing.
 //!
-//! Not yet: an embedded database for the index (a JSON file for now), empty directories
-//! as entries, resuming a pull after a crash without fetching again, a full disk, and the
-//! fault tests of issue 5.
+//! Not yet: an embedded database for the index (a JSON file for now), resuming a pull
+//! after a crash without fetching again, a full disk, and the fault tests of issue 5.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +23,8 @@ use crate::versions::{self, FileVersion, Resolution, VersionVector};
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
 /// Present in a share's root while it is the real folder (not an empty mount point).
 pub const MARKER: &str = ".watchalong-share";
+/// The content id of a directory: folders are entries too, so mkdir and rmdir spread.
+pub const DIR: &str = "dir";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -185,7 +186,8 @@ impl SyncShare {
     }
 
     /// Every regular file under the root, as share-relative paths.
-    fn walk(&self) -> Result<Vec<String>, SyncError> {
+    /// Every folder and regular file under the root: (share-relative path, is a folder).
+    fn walk(&self) -> Result<Vec<(String, bool)>, SyncError> {
         let mut out = Vec::new();
         let mut stack = vec![self.root.clone()];
         while let Some(dir) = stack.pop() {
@@ -201,12 +203,14 @@ impl SyncShare {
                     continue;
                 }
                 let Ok(t) = e.file_type() else { continue };
+                if !t.is_dir() && !t.is_file() {
+                    continue;
+                }
+                if let Ok(rel) = e.path().strip_prefix(&self.root) {
+                    out.push((rel.to_string_lossy().into_owned(), t.is_dir()));
+                }
                 if t.is_dir() {
                     stack.push(e.path());
-                } else if t.is_file() {
-                    if let Ok(rel) = e.path().strip_prefix(&self.root) {
-                        out.push(rel.to_string_lossy().into_owned());
-                    }
                 }
             }
         }
@@ -225,19 +229,32 @@ impl SyncShare {
         if !self.root.is_dir() {
             return Ok(Vec::new());
         }
-        let files = self.walk()?;
+        let entries = self.walk()?;
         let mut changed = Vec::new();
         let mut index = self.lock();
-        for rel in &files {
+        for (rel, is_dir) in &entries {
             let Some((size, mtime_ns)) = stat(&self.root.join(rel)) else {
                 continue;
             };
             let held = index.get(rel);
-            if held.is_some_and(|e| !e.version.deleted && e.size == size && e.mtime_ns == mtime_ns)
-            {
+            // A folder's size and mtime move with its contents; only its existence counts.
+            let unchanged = held.is_some_and(|e| {
+                !e.version.deleted
+                    && if *is_dir {
+                        e.version.content == DIR
+                    } else {
+                        e.size == size && e.mtime_ns == mtime_ns
+                    }
+            });
+            if unchanged {
                 continue;
             }
-            let Some(content) = content_id(rel) else {
+            let content = if *is_dir {
+                Some(DIR.to_string())
+            } else {
+                content_id(rel)
+            };
+            let Some(content) = content else {
                 continue;
             };
             let base = held.map(|e| e.version.vv.clone()).unwrap_or_default();
@@ -268,7 +285,8 @@ impl SyncShare {
             );
         }
         if may_delete {
-            let present: std::collections::HashSet<&String> = files.iter().collect();
+            let present: std::collections::HashSet<&String> =
+                entries.iter().map(|(p, _)| p).collect();
             for (path, e) in index.iter_mut() {
                 if !e.version.deleted && !present.contains(path) {
                     e.version = FileVersion {
@@ -307,12 +325,20 @@ impl SyncShare {
         // A local edit not scanned yet is not overwritten: the next scan announces it.
         let on_disk = stat(&self.root.join(&remote.path));
         let untouched = match on_disk {
+            Some(_) if local.version.content == DIR => !local.version.deleted,
             Some((size, mtime)) => {
                 !local.version.deleted && local.size == size && local.mtime_ns == mtime
             }
             None => local.version.deleted,
         };
         if !untouched {
+            return Action::Nothing;
+        }
+        // A folder and a file at one path do not merge; the next change settles it.
+        let kinds_differ = !local.version.deleted
+            && !remote.deleted
+            && (local.version.content == DIR) != (remote.content == DIR);
+        if kinds_differ {
             return Action::Nothing;
         }
         match versions::resolve(&local.version, remote) {
@@ -441,6 +467,23 @@ mod tests {
         std::fs::remove_file(s.root.join("a.txt")).unwrap();
         let v3 = s.scan("n1", id(&s)).unwrap();
         assert!(v3[0].deleted);
+    }
+
+    #[test]
+    fn folders_are_entries_whose_contents_do_not_change_them() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::create_dir(s.root.join("sub")).unwrap();
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert_eq!((v.len(), v[0].content.as_str()), (1, DIR));
+        std::fs::write(s.root.join("sub/x"), b"x").unwrap();
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(v.len(), 1, "only the new file: {v:?}");
+        assert_eq!(v[0].path, "sub/x");
+        std::fs::remove_file(s.root.join("sub/x")).unwrap();
+        std::fs::remove_dir(s.root.join("sub")).unwrap();
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert!(v.iter().all(|v| v.deleted) && v.len() == 2, "{v:?}");
     }
 
     #[test]

@@ -23,6 +23,8 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
             }
             let p = e.path();
             if p.is_dir() {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, "dir".to_string());
                 stack.push(p);
             } else {
                 let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
@@ -70,8 +72,9 @@ fn docs_lab(others: &[&str]) -> (Lab, Vec<Node>, Vec<PathBuf>) {
 }
 
 #[test]
-fn create_change_rename_and_delete_on_any_member_reach_every_other() {
-    if !root_or_skip("create_change_rename_and_delete_on_any_member_reach_every_other") {
+fn create_change_rename_delete_mkdir_and_rmdir_on_any_member_reach_every_other() {
+    if !root_or_skip("create_change_rename_delete_mkdir_and_rmdir_on_any_member_reach_every_other")
+    {
         return;
     }
     let (_lab, nodes, roots) = docs_lab(&["a", "b"]);
@@ -106,6 +109,16 @@ fn create_change_rename_and_delete_on_any_member_reach_every_other() {
 
     std::fs::remove_file(roots[1].join("sub/deep.bin")).unwrap();
     wait_same(&roots, "delete on a", |t| !t.contains_key("sub/deep.bin"));
+
+    std::fs::create_dir(roots[2].join("empty")).unwrap();
+    wait_same(&roots, "mkdir on b", |t| {
+        t.get("empty").map(String::as_str) == Some("dir")
+    });
+    std::fs::remove_dir(roots[0].join("sub")).unwrap();
+    std::fs::remove_dir(roots[0].join("empty")).unwrap();
+    wait_same(&roots, "rmdir on the host", |t| {
+        !t.contains_key("sub") && !t.contains_key("empty")
+    });
     assert_eq!(tree(&roots[2]).len(), 1, "{:?}", tree(&roots[2]));
     for n in [host, a, b] {
         let ok = wait_until(DEADLINE, || {
