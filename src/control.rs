@@ -37,6 +37,9 @@ pub struct NodeStatus {
     pub host_name: String,
     /// Packets dropped because their source address belongs to another peer or none.
     pub spoofed_packets: u64,
+    /// Chunk counters since the daemon started.
+    #[serde(default)]
+    pub chunks: crate::transfer::Counters,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1036,6 +1036,10 @@ impl Node {
         let staged = dest.with_file_name(format!(".{name}.watchalong-stage-{tag}"));
         let progress = Arc::new(Progress::default());
         s.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // The partial file is named by the version, so a pull cut short by a crash picks up
+        // what it already had.
+        let short = &version.content[..version.content.len().min(16)];
+        let part = dest.with_file_name(format!(".{name}.watchalong-part-{short}"));
         let got = transfer::get_file(
             self.engine.clone(),
             members,
@@ -1043,6 +1047,7 @@ impl Node {
             manifest,
             staged.clone(),
             progress,
+            Some(part),
         )
         .await;
         s.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -1204,6 +1209,7 @@ impl Handler for Node {
                 .into(),
                 host_name: g.host_name.clone(),
                 spoofed_packets: self.tunnel.spoofed_count(),
+                chunks: self.engine.counters(),
             },
             peers: self.tunnel.status(),
             shares: self.syncs.iter().map(|s| s.status()).collect(),
@@ -1471,7 +1477,8 @@ impl Handler for Node {
         let size = manifest.size;
         let (target, dest) = (req.target.clone(), req.dest.clone());
         self.tasks.spawn(async move {
-            let work = transfer::get_file(engine, members, source.key, manifest, dest, progress);
+            let work =
+                transfer::get_file(engine, members, source.key, manifest, dest, progress, None);
             let r = tokio::select! {
                 r = work => r.map_err(|e| e.to_string()),
                 () = cancel.cancelled() => Err("the daemon is stopping".to_string()),

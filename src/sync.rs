@@ -5,8 +5,9 @@
 //! temp file, fsync, rename) along the planner's route. It owns the sync index and the
 //! share's marker file; it never deletes anything while the marker is missing.
 //!
-//! Not yet: an embedded database for the index (a JSON file for now), resuming a pull
-//! after a crash without fetching again, a full disk, and the fault tests of issue 5.
+//! Not yet: an embedded database for the index (a JSON file for now), a full disk, the
+//! removal of partial files left by versions nobody wants any more, and the fault tests
+//! of issue 5.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -247,7 +247,7 @@ impl Cache {
     }
 }
 
-#[derive(Debug, Default, Serialize, Deserialize, Clone)]
+#[derive(Debug, Default, Serialize, Deserialize, Clone, PartialEq, Eq)]
 pub struct Counters {
     /// Chunks that arrived damaged and were fetched again another way.
     pub corrupt_chunks: u64,
@@ -255,6 +255,8 @@ pub struct Counters {
     pub served_chunks: u64,
     /// Chunks this node fetched from another member.
     pub fetched_chunks: u64,
+    /// Chunks an interrupted pull already held, checked and kept instead of fetched.
+    pub resumed_chunks: u64,
 }
 
 /// The transfer engine one node runs.
@@ -268,6 +270,7 @@ pub struct Engine {
     corrupt: AtomicU64,
     served: AtomicU64,
     fetched: AtomicU64,
+    resumed: AtomicU64,
 }
 
 impl Engine {
@@ -288,6 +291,7 @@ impl Engine {
             corrupt: AtomicU64::new(0),
             served: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
         }
     }
 
@@ -300,6 +304,7 @@ impl Engine {
             corrupt_chunks: self.corrupt.load(Ordering::Relaxed),
             served_chunks: self.served.load(Ordering::Relaxed),
             fetched_chunks: self.fetched.load(Ordering::Relaxed),
+            resumed_chunks: self.resumed.load(Ordering::Relaxed),
         }
     }
 
@@ -470,19 +475,27 @@ pub async fn get_file(
     manifest: Manifest,
     dest: PathBuf,
     progress: Arc<Progress>,
+    resume: Option<PathBuf>,
 ) -> Result<(), TransferError> {
     progress.size.store(manifest.size, Ordering::Relaxed);
     let id = manifest.id();
-    let tmp = temp_beside(&dest);
+    let resuming = resume.is_some();
+    let tmp = resume.unwrap_or_else(|| temp_beside(&dest));
     let write_err = |source| TransferError::Write {
         path: tmp.clone(),
         source,
     };
-    // A fresh name, opened only if it does not exist: two gets to one destination never
-    // share a temp file, and a planted symlink is not followed.
+    use std::os::unix::fs::OpenOptionsExt;
+    // Without `resume`: a fresh name, opened only if it does not exist, so two gets to
+    // one destination never share a temp file. With it: the caller's name for this
+    // version, kept across a crash, whose chunks already there are checked and kept. A
+    // planted symlink is never followed.
     let file = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
-        .create_new(true)
+        .create(resuming)
+        .create_new(!resuming)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(write_err)?;
     file.set_len(manifest.size).map_err(write_err)?;
@@ -506,6 +519,22 @@ pub async fn get_file(
                 let index = next.fetch_add(1, Ordering::Relaxed);
                 if index as usize >= manifest.chunks.len() {
                     return Ok::<(), TransferError>(());
+                }
+                if resuming {
+                    let len = manifest.chunk_len(index) as usize;
+                    let mut have = vec![0u8; len];
+                    use std::os::unix::fs::FileExt;
+                    let held = tokio::task::block_in_place(|| {
+                        file.read_exact_at(&mut have, index * manifest.chunk_size)
+                    })
+                    .is_ok();
+                    if held
+                        && blake3::hash(&have).to_hex().as_str() == manifest.chunks[index as usize]
+                    {
+                        engine.resumed.fetch_add(1, Ordering::Relaxed);
+                        progress.done.fetch_add(len as u64, Ordering::Relaxed);
+                        continue;
+                    }
                 }
                 let req = ChunkRequest {
                     source: crate::identity::key_to_base64(&source),

@@ -185,3 +185,47 @@ fn a_file_rewritten_right_after_it_arrived_elsewhere_arrives_again() {
         wait_same(&roots, "rewrite", |t| t.get(&name) == Some(&want));
     }
 }
+
+#[test]
+fn a_pull_killed_midway_resumes_without_fetching_again_what_it_held() {
+    if !root_or_skip("a_pull_killed_midway_resumes_without_fetching_again_what_it_held") {
+        return;
+    }
+    let (_lab, mut nodes, roots) = docs_lab(&["a"]);
+    // Slow the holder down so the pull is still running when the puller dies.
+    nodes[0].shape(20);
+    let size = 24 * 1024 * 1024;
+    let mut data = vec![0u8; size];
+    blake3::Hasher::new()
+        .update(b"resume")
+        .finalize_xof()
+        .fill(&mut data);
+    std::fs::write(roots[0].join("big.bin"), &data).unwrap();
+    let want = blake3::hash(&data).to_hex().to_string();
+    let chunks = (size / (256 * 1024)) as u64;
+    let fetched = |n: &Node| {
+        n.status()["node"]["chunks"]["fetched_chunks"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(DEADLINE, || fetched(&nodes[1]) >= chunks / 4),
+        "the pull never got going"
+    );
+    nodes[1].kill9();
+    nodes[1].start();
+    wait_same(&roots, "after the restart", |t| {
+        t.get("big.bin") == Some(&want)
+    });
+    let st = nodes[1].status();
+    let resumed = st["node"]["chunks"]["resumed_chunks"].as_u64().unwrap();
+    let again = st["node"]["chunks"]["fetched_chunks"].as_u64().unwrap();
+    assert!(
+        resumed >= chunks / 4,
+        "only {resumed} chunks were kept: {st}"
+    );
+    assert!(
+        again + resumed <= chunks + 4,
+        "fetched {again} again on top of {resumed} kept"
+    );
+}
