@@ -13,32 +13,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use watchalong::control::{Client, GetReply, GetRequest, TransferView};
 
 const MIB: u64 = 1024 * 1024;
-
-fn write_random(path: &Path, size: u64, seed: &str) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).unwrap();
-    let mut xof = blake3::Hasher::new().update(seed.as_bytes()).finalize_xof();
-    let mut buf = vec![0u8; 4 * MIB as usize];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        xof.fill(&mut buf[..n]);
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-}
-
-fn join(host: &Node, n: &Node) {
-    let link = host.link(&[]);
-    n.ok(&["join", &link]);
-}
 
 fn vpn(n: &Node) -> String {
     vpn_address(&n.status())

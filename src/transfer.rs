@@ -668,37 +668,8 @@ pub async fn ask<T: serde::de::DeserializeOwned>(
 /// POSTs `body` to a member's node server (folder sync announcements).
 pub async fn http_post(vpn: Ipv4Addr, path: &str, body: Vec<u8>) -> Result<(), TransferError> {
     let addr = SocketAddr::from((vpn, NODE_PORT));
-    let fail = |e: String| TransferError::Connect(addr, e);
-    let work = async {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-            .await
-            .map_err(|_| fail("timed out".into()))?
-            .map_err(|e| fail(e.to_string()))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let driver = tokio::spawn(conn);
-        let req = Request::post(path)
-            .header(hyper::header::HOST, "watchalong")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| fail(e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let status = resp.status();
-        let _ = resp.into_body().collect().await;
-        drop(sender);
-        driver.abort();
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(TransferError::Status(addr, status.as_u16()))
-        }
-    };
-    tokio::time::timeout(POST_TIMEOUT, work)
-        .await
-        .map_err(|_| fail("no answer in time".into()))?
+    let req = Request::post(path).body(Full::new(Bytes::from(body)));
+    exchange(addr, req, POST_TIMEOUT).await.map(|_| ())
 }
 
 /// GET over a fresh HTTP/1.1 connection, with deadlines.
@@ -707,7 +678,26 @@ pub async fn http_get(
     path_and_query: &str,
     headers: &[(&str, String)],
 ) -> Result<Bytes, TransferError> {
+    let mut req = Request::get(path_and_query);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    exchange(addr, req.body(Full::new(Bytes::new())), REQUEST_TIMEOUT).await
+}
+
+/// One request on a fresh connection: connect within [`CONNECT_TIMEOUT`], the whole
+/// exchange within `deadline`; a status other than 2xx is an error.
+async fn exchange(
+    addr: SocketAddr,
+    req: Result<Request<Full<Bytes>>, hyper::http::Error>,
+    deadline: Duration,
+) -> Result<Bytes, TransferError> {
     let fail = |e: String| TransferError::Connect(addr, e);
+    let mut req = req.map_err(|e| fail(e.to_string()))?;
+    req.headers_mut().insert(
+        hyper::header::HOST,
+        hyper::header::HeaderValue::from_static("watchalong"),
+    );
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
         .map_err(|_| fail("timed out".into()))?
@@ -718,13 +708,6 @@ pub async fn http_get(
             .await
             .map_err(|e| fail(e.to_string()))?;
         let driver = tokio::spawn(conn);
-        let mut req = Request::get(path_and_query).header(hyper::header::HOST, "watchalong");
-        for (k, v) in headers {
-            req = req.header(*k, v);
-        }
-        let req = req
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| fail(e.to_string()))?;
         let resp = sender
             .send_request(req)
             .await
@@ -743,7 +726,7 @@ pub async fn http_get(
         }
         Ok(body)
     };
-    tokio::time::timeout(REQUEST_TIMEOUT, work)
+    tokio::time::timeout(deadline, work)
         .await
         .map_err(|_| fail("no answer in time".into()))?
 }
@@ -782,6 +765,22 @@ fn error_reply(e: &TransferError) -> Response<Full<Bytes>> {
         _ => StatusCode::BAD_GATEWAY,
     };
     reply(status, Bytes::from(e.to_string()))
+}
+
+/// A chunk for another member, as an HTTP reply, counted when served.
+async fn chunk_reply(
+    engine: &Engine,
+    dir: &Directory,
+    cr: &ChunkRequest,
+    as_gateway: bool,
+) -> Response<Full<Bytes>> {
+    match engine.serve_chunk(dir, cr, as_gateway).await {
+        Ok(b) => {
+            engine.served.fetch_add(1, Ordering::Relaxed);
+            reply(StatusCode::OK, b)
+        }
+        Err(e) => error_reply(&e),
+    }
 }
 
 fn chunk_request(q: &HashMap<String, String>) -> Option<ChunkRequest> {
@@ -852,13 +851,7 @@ pub async fn serve_node<M: Membership>(
                     Err(e) => error_reply(&e.into()),
                 },
                 "/v1/chunk" => match chunk_request(&q) {
-                    Some(cr) => match engine.serve_chunk(&dir, &cr, false).await {
-                        Ok(b) => {
-                            engine.served.fetch_add(1, Ordering::Relaxed);
-                            reply(StatusCode::OK, b)
-                        }
-                        Err(e) => error_reply(&e),
-                    },
+                    Some(cr) => chunk_reply(&engine, &dir, &cr, false).await,
                     None => reply(StatusCode::BAD_REQUEST, Bytes::new()),
                 },
                 _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
@@ -922,13 +915,7 @@ pub async fn serve_relay<M: Membership>(
                 return unauthorized();
             }
             match (req.uri().path(), chunk_request(&query(&req))) {
-                ("/v1/chunk", Some(cr)) => match engine.serve_chunk(&dir, &cr, true).await {
-                    Ok(b) => {
-                        engine.served.fetch_add(1, Ordering::Relaxed);
-                        reply(StatusCode::OK, b)
-                    }
-                    Err(e) => error_reply(&e),
-                },
+                ("/v1/chunk", Some(cr)) => chunk_reply(&engine, &dir, &cr, true).await,
                 _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
             }
         }

@@ -22,11 +22,6 @@ fn peer<'a>(p: &'a Value, name: &str) -> Option<&'a Value> {
     p["peers"].as_array()?.iter().find(|x| x["name"] == name)
 }
 
-fn join(host: &Node, n: &Node) {
-    let link = host.link(&[]);
-    n.ok(&["join", &link]);
-}
-
 /// Waits until `n` lists exactly `expected` (name → site) as its peers.
 fn wait_for_view(n: &Node, expected: &BTreeMap<String, String>) {
     let mut last = Value::Null;

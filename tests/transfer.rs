@@ -15,27 +15,12 @@ use serde_json::Value;
 const DEADLINE: Duration = Duration::from_secs(90);
 const MIB: u64 = 1024 * 1024;
 
-fn write_random(path: &Path, size: u64, seed: &str) -> blake3::Hash {
-    let mut data = vec![0u8; size as usize];
-    blake3::Hasher::new()
-        .update(seed.as_bytes())
-        .finalize_xof()
-        .fill(&mut data);
-    std::fs::write(path, &data).unwrap();
-    blake3::hash(&data)
-}
-
 fn hash_file(path: &Path) -> blake3::Hash {
     blake3::hash(&std::fs::read(path).unwrap_or_default())
 }
 
 fn json(n: &Node, args: &[&str]) -> Value {
     serde_json::from_str(&n.ok(args)).unwrap_or_else(|e| panic!("{} {args:?}: {e}", n.name))
-}
-
-fn join(host: &Node, n: &Node) {
-    let link = host.link(&[]);
-    n.ok(&["join", &link]);
 }
 
 fn plan(n: &Node, target: &str) -> Value {

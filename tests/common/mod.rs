@@ -702,3 +702,28 @@ pub fn wait_for_direct_mesh(nodes: &[&Node], deadline: Duration) {
         );
     }
 }
+
+/// Joins `n` to `host`'s group with a fresh link.
+pub fn join(host: &Node, n: &Node) {
+    let link = host.link(&[]);
+    n.ok(&["join", &link]);
+}
+
+/// Writes `size` pseudo-random bytes derived from `seed` (streamed, so a GiB is fine) and
+/// returns their BLAKE3.
+pub fn write_random(path: &Path, size: u64, seed: &str) -> blake3::Hash {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("create");
+    let mut xof = blake3::Hasher::new().update(seed.as_bytes()).finalize_xof();
+    let mut hash = blake3::Hasher::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        xof.fill(&mut buf[..n]);
+        f.write_all(&buf[..n]).expect("write");
+        hash.update(&buf[..n]);
+        left -= n as u64;
+    }
+    hash.finalize()
+}
