@@ -20,7 +20,8 @@
 //! | [`auth`]     | LAN relay request MACs and replay refusal                             | none (pure) |
 //! | [`transfer`] | node-to-node HTTP, the LAN relay, chunk cache, single flight, `get`   | sockets, files |
 //! | [`versions`] | folder sync's rules: version vectors, conflicts, deletion safety        | none (pure) |
-//! | [`sync`]     | read-write shares: scan, index, decide what an announced version asks | files       |
+//! | [`index`]    | a read-write share's sync index, stored in redb                       | one file    |
+//! | [`sync`]     | read-write shares: scan, decide what an announced version asks        | files       |
 //! | [`join`]     | the joiner's side of redeeming a link against the host                | one UDP socket |
 //! | [`control`]  | the local HTTP API over a Unix socket, server and client              | socket      |
 //! | [`node`]     | the running node: membership operations, persistence, tunnel peers    | via tunnel  |
@@ -34,6 +35,7 @@ pub mod daemon;
 pub mod gossip;
 pub mod group;
 pub mod identity;
+pub mod index;
 pub mod join;
 pub mod link;
 pub mod logging;

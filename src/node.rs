@@ -939,9 +939,12 @@ impl Node {
                     };
                     let gone = if p.is_dir() {
                         // Only an empty folder goes; one that still holds something waits for
-                        // the removals of its contents, which come in the same round.
+                        // the removals of its contents, which come in the same round. Our own
+                        // leftovers in it (partials of pulls nobody wants now) do not count.
+                        crate::sync::remove_leftovers(&p);
                         std::fs::remove_dir(&p).is_ok()
                     } else {
+                        let _ = std::fs::remove_file(crate::sync::partial_path(&p));
                         std::fs::remove_file(&p).is_ok() || !p.exists()
                     };
                     if gone {
@@ -977,10 +980,7 @@ impl Node {
                         s.record(&fetch_into, version.clone());
                         if move_local_to.is_none() {
                             // Ours stays at the path and now carries both histories.
-                            let mut index = s.index.lock().unwrap_or_else(|p| p.into_inner());
-                            if let Some(e) = index.get_mut(&v.path) {
-                                e.version.vv = version.vv.clone();
-                            }
+                            s.merge_history(&v.path, &version.vv);
                         }
                         log::info!("conflict on {}/{}: both versions kept", s.name, v.path);
                     }
@@ -1036,10 +1036,13 @@ impl Node {
         let staged = dest.with_file_name(format!(".{name}.watchalong-stage-{tag}"));
         let progress = Arc::new(Progress::default());
         s.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        // The partial file is named by the version, so a pull cut short by a crash picks up
-        // what it already had.
-        let short = &version.content[..version.content.len().min(16)];
-        let part = dest.with_file_name(format!(".{name}.watchalong-part-{short}"));
+        // One partial file per path, whatever the version: a pull cut short by a crash
+        // keeps every chunk that still matches the version now wanted (checked against
+        // its manifest), and no partial of an abandoned version is left behind. Pulls of
+        // one path take turns so they never write into the same partial at once.
+        let turn = s.pull_turn(local_path);
+        let _turn = turn.lock().await;
+        let part = crate::sync::partial_path(&dest);
         let got = transfer::get_file(
             self.engine.clone(),
             members,

@@ -3,11 +3,9 @@
 //! announces them to the members holding the same share, and applies what others
 //! announce — pulling content through [`crate::transfer::get_file`] (verified chunks,
 //! temp file, fsync, rename) along the planner's route. It owns the sync index and the
-//! share's marker file; it never deletes anything while the marker is missing.
-//!
-//! Not yet: an embedded database for the index (a JSON file for now), a full disk, the
-//! removal of partial files left by versions nobody wants any more, and the fault tests
-//! of issue 5.
+//! share's marker file, the partial files of its pulls and the rules that decide what an
+//! announcement asks for; the index's storage is [`crate::index`]'s. It never deletes
+//! anything while the marker is missing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +15,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ShareConfig, ShareMode};
+pub use crate::index::Entry;
+use crate::index::{Index, IndexError, Store};
 use crate::state;
 use crate::versions::{self, FileVersion, Resolution, VersionVector};
 
@@ -35,17 +35,9 @@ pub enum SyncError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    SaveIndex(#[from] state::StateError),
-}
-
-/// What the index remembers of one path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
-    pub version: FileVersion,
-    /// Size and mtime (ns) of the file as last seen or written, to notice local edits
-    /// without hashing.
-    pub size: u64,
-    pub mtime_ns: u128,
+    Index(#[from] IndexError),
+    #[error("cannot import the old sync index: {0}")]
+    ImportOldIndex(#[from] state::StateError),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,11 +64,24 @@ pub struct Announce {
 pub struct SyncShare {
     pub name: String,
     pub root: PathBuf,
-    index_path: PathBuf,
-    pub index: Mutex<BTreeMap<String, Entry>>,
+    store: Store,
+    index: Mutex<Index>,
+    /// Saves take turns, so an older snapshot never lands after a newer one.
+    saving: Mutex<()>,
     /// Pulls in progress.
     pub pending: std::sync::atomic::AtomicUsize,
     last_error: Mutex<Option<String>>,
+    /// One turn per path being pulled, so two pulls never share its partial file.
+    turns: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The resumable partial file of the pull into `dest`: hidden beside it, skipped by scans.
+pub fn partial_path(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.watchalong-part"))
 }
 
 /// What to do with one announced version, decided against the index.
@@ -117,23 +122,69 @@ fn is_ours(name: &str) -> bool {
     name == MARKER || (name.starts_with('.') && name.contains(".watchalong-"))
 }
 
+/// Removes the partial and staged files this daemon left directly in `dir`.
+pub fn remove_leftovers(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != MARKER && is_ours(&name) && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Removes staged files under `root`: a crash between the two renames of a pull leaves
+/// one, and nothing else would ever claim it. Partials stay: the next pull resumes them.
+fn sweep_stages(root: &Path) {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() && name.contains(".watchalong-stage-") => {
+                    let _ = std::fs::remove_file(e.path());
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 impl SyncShare {
     pub fn open(cfg: &ShareConfig, state_dir: &Path) -> Result<SyncShare, SyncError> {
-        let index_path = state_dir.join(format!("sync-{}.json", cfg.name));
-        let index = state::read_json(&index_path)?.unwrap_or_default();
+        let (store, mut index) = Store::open(&state_dir.join(format!("sync-{}.redb", cfg.name)))?;
+        // Versions before the database kept their index in JSON: taken over once.
+        let old = state_dir.join(format!("sync-{}.json", cfg.name));
+        let imported = match state::read_json::<BTreeMap<String, Entry>>(&old)? {
+            Some(entries) if index.values().next().is_none() => {
+                for (path, entry) in entries {
+                    index.insert(path, entry);
+                }
+                true
+            }
+            _ => false,
+        };
         // A root that exists gets its marker once; one that lacks it later was emptied or
         // unmounted, and then nothing is deleted anywhere.
         if cfg.path.is_dir() && !cfg.path.join(MARKER).exists() {
             let _ = std::fs::write(cfg.path.join(MARKER), b"watchalong share root\n");
         }
-        Ok(SyncShare {
+        sweep_stages(&cfg.path);
+        let share = SyncShare {
             name: cfg.name.clone(),
             root: cfg.path.clone(),
-            index_path,
+            store,
             index: Mutex::new(index),
+            saving: Mutex::new(()),
             pending: std::sync::atomic::AtomicUsize::new(0),
             last_error: Mutex::new(None),
-        })
+            turns: Mutex::new(std::collections::HashMap::new()),
+        };
+        if imported {
+            share.save()?;
+            let _ = std::fs::remove_file(&old);
+        }
+        Ok(share)
     }
 
     pub fn shares(configs: &[ShareConfig], state_dir: &Path) -> Vec<Arc<SyncShare>> {
@@ -150,8 +201,15 @@ impl SyncShare {
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The turn to hold while pulling into `path`; turns nobody holds are dropped here.
+    pub fn pull_turn(&self, path: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        turns.retain(|_, t| Arc::strong_count(t) > 1);
+        turns.entry(path.to_string()).or_default().clone()
     }
 
     pub fn set_error(&self, e: Option<String>) {
@@ -181,8 +239,8 @@ impl SyncShare {
     }
 
     pub fn save(&self) -> Result<(), SyncError> {
-        let snapshot = self.lock().clone();
-        state::write_json(&self.index_path, &snapshot)?;
+        let _turn = self.saving.lock().unwrap_or_else(|p| p.into_inner());
+        self.store.save(&self.index)?;
         Ok(())
     }
 
@@ -288,9 +346,11 @@ impl SyncShare {
         if may_delete {
             let present: std::collections::HashSet<&String> =
                 entries.iter().map(|(p, _)| p).collect();
-            for (path, e) in index.iter_mut() {
-                if !e.version.deleted && !present.contains(path) {
-                    e.version = FileVersion {
+            let gone: Vec<(String, Entry)> = index
+                .iter()
+                .filter(|(path, e)| !e.version.deleted && !present.contains(path))
+                .map(|(path, e)| {
+                    let version = FileVersion {
                         path: path.clone(),
                         vv: e.version.vv.bumped(me),
                         deleted: true,
@@ -298,8 +358,18 @@ impl SyncShare {
                         node: me.to_string(),
                         content: String::new(),
                     };
-                    changed.push(e.version.clone());
-                }
+                    (
+                        path.clone(),
+                        Entry {
+                            version,
+                            ..e.clone()
+                        },
+                    )
+                })
+                .collect();
+            for (path, e) in gone {
+                changed.push(e.version.clone());
+                index.insert(path, e);
             }
         }
         Ok(changed)
@@ -404,6 +474,16 @@ impl SyncShare {
         );
     }
 
+    /// Gives the entry at `path` the history `vv` too: ours stayed there after a conflict
+    /// and now descends from both sides.
+    pub fn merge_history(&self, path: &str, vv: &VersionVector) {
+        let mut index = self.lock();
+        if let Some(mut e) = index.get(path).cloned() {
+            e.version.vv = vv.clone();
+            index.insert(path.to_string(), e);
+        }
+    }
+
     /// Sets a fetched file's mtime to the version's, so every node shows the same.
     pub fn set_mtime(&self, path: &str, mtime: u64) {
         let p = self.root.join(path);
@@ -449,6 +529,46 @@ mod tests {
                 .ok()
                 .map(|b| blake3::hash(&b).to_hex().to_string())
         }
+    }
+
+    #[test]
+    fn the_index_survives_a_restart_and_the_first_scan_finds_what_changed_meanwhile() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("kept.txt"), b"one").unwrap();
+        std::fs::write(s.root.join("edited.txt"), b"one").unwrap();
+        assert_eq!(s.scan("a", id(&s)).unwrap().len(), 2);
+        s.save().unwrap();
+        drop(s);
+        // While the daemon is down: one edit.
+        std::fs::write(d.path().join("root/edited.txt"), b"two, longer").unwrap();
+        let s = share(d.path());
+        let changed = s.scan("a", id(&s)).unwrap();
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert_eq!(changed[0].path, "edited.txt");
+        assert_eq!(
+            changed[0].vv,
+            VersionVector::default().bumped("a").bumped("a")
+        );
+    }
+
+    #[test]
+    fn an_index_kept_in_json_by_an_older_version_is_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("f.txt"), b"one").unwrap();
+        s.scan("a", id(&s)).unwrap();
+        let old: BTreeMap<String, Entry> = s
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        drop(s);
+        std::fs::remove_file(d.path().join("sync-s.redb")).unwrap();
+        state::write_json(&d.path().join("sync-s.json"), &old).unwrap();
+        let s = share(d.path());
+        assert!(s.scan("a", id(&s)).unwrap().is_empty(), "nothing changed");
+        assert!(!d.path().join("sync-s.json").exists());
     }
 
     #[test]

@@ -602,7 +602,10 @@ pub async fn get_file(
         }
     }
     if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
+        // A resumable partial is kept: what it holds is not fetched again next time.
+        if !resuming {
+            let _ = std::fs::remove_file(&tmp);
+        }
         return Err(e);
     }
     tokio::task::block_in_place(|| file.sync_all()).map_err(write_err)?;

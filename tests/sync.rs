@@ -200,7 +200,10 @@ fn a_pull_killed_midway_resumes_without_fetching_again_what_it_held() {
         .update(b"resume")
         .finalize_xof()
         .fill(&mut data);
-    std::fs::write(roots[0].join("big.bin"), &data).unwrap();
+    // Written beside the share and moved in, so the holder announces one version only.
+    let outside = roots[0].parent().unwrap().join("big.bin.tmp");
+    std::fs::write(&outside, &data).unwrap();
+    std::fs::rename(&outside, roots[0].join("big.bin")).unwrap();
     let want = blake3::hash(&data).to_hex().to_string();
     let chunks = (size / (256 * 1024)) as u64;
     let fetched = |n: &Node| {
