@@ -863,15 +863,22 @@ impl Node {
             for v in &changed {
                 log::debug!("sync: {}/{} changed here ({:?})", s.name, v.path, v.vv);
             }
-            let versions = if all { s.all_versions() } else { changed };
-            if versions.is_empty() {
-                continue;
-            }
-            let Ok(body) = serde_json::to_vec(&Announce {
-                share: s.name.clone(),
-                versions,
-            }) else {
-                continue;
+            let body = |versions: Vec<FileVersion>, ask_back: bool| {
+                serde_json::to_vec(&Announce {
+                    share: s.name.clone(),
+                    versions,
+                    ask_back,
+                })
+                .ok()
+            };
+            // A member not heard from since this node started gets everything, and is
+            // asked for everything it holds: what changed while one of us was down is
+            // caught up at once, not at the next full round.
+            let everything = body(s.all_versions(), true);
+            let routine = match (all, changed.is_empty()) {
+                (true, _) => body(s.all_versions(), false),
+                (false, false) => body(changed, false),
+                (false, true) => None,
             };
             // All members at once: one that is gone must not hold up the others.
             let dir = self.directory();
@@ -881,14 +888,40 @@ impl Node {
                 .iter()
                 .filter(|p| p.key != dir.me && p.up && p.shares.contains(&s.name))
             {
-                let (vpn, name, body) = (p.vpn, p.name.clone(), body.clone());
+                let greet = !s.greeted(&p.key);
+                let Some(body) = (if greet { &everything } else { &routine }).clone() else {
+                    continue;
+                };
+                let (vpn, name, key) = (p.vpn, p.name.clone(), p.key);
                 posts.spawn(async move {
-                    if let Err(e) = transfer::http_post(vpn, "/v1/sync", body).await {
-                        log::debug!("sync announce to {name}: {e}");
+                    match transfer::http_post(vpn, "/v1/sync", body).await {
+                        Ok(_) => Some(key),
+                        Err(e) => {
+                            log::debug!("sync announce to {name}: {e}");
+                            None
+                        }
                     }
                 });
             }
-            while posts.join_next().await.is_some() {}
+            while let Some(r) = posts.join_next().await {
+                if let Ok(Some(key)) = r {
+                    s.greet(key);
+                }
+            }
+        }
+    }
+
+    /// Sends member `to` every version held in `s`: the answer to its greeting.
+    async fn sync_answer(&self, s: &SyncShare, to: &transfer::Peer) {
+        let Ok(body) = serde_json::to_vec(&Announce {
+            share: s.name.clone(),
+            versions: s.all_versions(),
+            ask_back: false,
+        }) else {
+            return;
+        };
+        if let Err(e) = transfer::http_post(to.vpn, "/v1/sync", body).await {
+            log::debug!("sync answer to {}: {e}", to.name);
         }
     }
 
@@ -900,10 +933,27 @@ impl Node {
         let Some(s) = self.syncs.iter().find(|s| s.name == a.share).cloned() else {
             return;
         };
+        if !s.root_ok() {
+            let msg = format!(
+                "{root} lacks its marker {m} (unmounted or emptied?): nothing is synced into \
+                 it and no deletion spreads from it until the marker is back; if the folder \
+                 is meant to be empty, `touch {root}/{m}` and its deletions will spread",
+                root = s.root.display(),
+                m = crate::sync::MARKER
+            );
+            if s.set_error(Some(msg.clone())) {
+                log::error!("share {}: {msg}", s.name);
+            }
+            return;
+        }
         let dir = self.directory();
         let Some(peer) = dir.get(&from).cloned() else {
             return;
         };
+        if a.ask_back {
+            self.sync_answer(&s, &peer).await;
+            s.greet(from);
+        }
         // Folders before what they hold, and what they hold removed before them.
         let mut versions = a.versions;
         versions.sort_by(|x, y| match (x.deleted, y.deleted) {
@@ -1001,6 +1051,10 @@ impl Node {
         local_path: &str,
         version: &FileVersion,
     ) -> bool {
+        // A full disk: nothing is tried until space comes back (checked at every round).
+        if !s.space_to_pull() {
+            return false;
+        }
         let Ok(dest) = inside(s, local_path) else {
             return false;
         };
@@ -1043,6 +1097,7 @@ impl Node {
         let turn = s.pull_turn(local_path);
         let _turn = turn.lock().await;
         let part = crate::sync::partial_path(&dest);
+        let size = manifest.size;
         let got = transfer::get_file(
             self.engine.clone(),
             members,
@@ -1055,8 +1110,22 @@ impl Node {
         .await;
         s.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = got {
-            log::warn!("sync: {}/{local_path}: {e}", s.name);
-            s.set_error(Some(format!("{local_path}: {e}")));
+            if e.is_disk_full() {
+                let free = crate::sync::free_bytes(&s.root).unwrap_or(0);
+                let msg = format!(
+                    "disk full: {local_path} ({} bytes) does not fit in {} ({free} bytes free); \
+                     syncing of this share waits until space is freed",
+                    size,
+                    s.root.display()
+                );
+                if s.disk_full() {
+                    log::error!("share {}: {msg}", s.name);
+                }
+                s.set_error(Some(msg));
+            } else {
+                log::warn!("sync: {}/{local_path}: {e}", s.name);
+                s.set_error(Some(format!("{local_path}: {e}")));
+            }
             return false;
         }
         if crate::sync::stat(&dest) != before {

@@ -58,6 +58,9 @@ pub struct ShareStatus {
 pub struct Announce {
     pub share: String,
     pub versions: Vec<FileVersion>,
+    /// The sender has not heard from us since it started: answer with every version.
+    #[serde(default)]
+    pub ask_back: bool,
 }
 
 /// One read-write share's sync state.
@@ -71,6 +74,11 @@ pub struct SyncShare {
     /// Pulls in progress.
     pub pending: std::sync::atomic::AtomicUsize,
     last_error: Mutex<Option<String>>,
+    /// Free bytes on the share's file system when a pull last failed on a full disk:
+    /// pulls wait until there is more than that.
+    full_at: Mutex<Option<u64>>,
+    /// Members that have had every version from us since this node started.
+    greeted: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// One turn per path being pulled, so two pulls never share its partial file.
     turns: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -122,6 +130,22 @@ fn is_ours(name: &str) -> bool {
     name == MARKER || (name.starts_with('.') && name.contains(".watchalong-"))
 }
 
+/// Bytes an unprivileged writer may still use on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st` is written by
+    // statvfs before it is read, only when the call succeeded.
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Removes the partial and staged files this daemon left directly in `dir`.
 pub fn remove_leftovers(dir: &Path) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -164,9 +188,11 @@ impl SyncShare {
             }
             _ => false,
         };
-        // A root that exists gets its marker once; one that lacks it later was emptied or
-        // unmounted, and then nothing is deleted anywhere.
-        if cfg.path.is_dir() && !cfg.path.join(MARKER).exists() {
+        // A root gets its marker once, before anything was synced there. One that lacks it
+        // later was emptied or unmounted (even across a restart: the index remembers
+        // files), and then nothing is written into it or deleted anywhere.
+        let fresh = index.values().next().is_none();
+        if fresh && cfg.path.is_dir() && !cfg.path.join(MARKER).exists() {
             let _ = std::fs::write(cfg.path.join(MARKER), b"watchalong share root\n");
         }
         sweep_stages(&cfg.path);
@@ -178,6 +204,8 @@ impl SyncShare {
             saving: Mutex::new(()),
             pending: std::sync::atomic::AtomicUsize::new(0),
             last_error: Mutex::new(None),
+            full_at: Mutex::new(None),
+            greeted: Mutex::new(std::collections::HashSet::new()),
             turns: Mutex::new(std::collections::HashMap::new()),
         };
         if imported {
@@ -212,8 +240,66 @@ impl SyncShare {
         turns.entry(path.to_string()).or_default().clone()
     }
 
-    pub fn set_error(&self, e: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    pub fn greeted(&self, member: &[u8; 32]) -> bool {
+        self.greeted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(member)
+    }
+
+    pub fn greet(&self, member: [u8; 32]) {
+        self.greeted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(member);
+    }
+
+    /// Notes that a pull found the disk full; true the first time, so it is logged once.
+    pub fn disk_full(&self) -> bool {
+        let free = free_bytes(&self.root).unwrap_or(0);
+        self.full_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(free)
+            .is_none()
+    }
+
+    /// Whether pulls may run: not while the disk is as full as when one last failed.
+    /// Returns false while waiting; true (and forgets the failure) once space came back.
+    pub fn space_to_pull(&self) -> bool {
+        let mut full = self.full_at.lock().unwrap_or_else(|p| p.into_inner());
+        match *full {
+            None => true,
+            Some(at) => {
+                let free = free_bytes(&self.root).unwrap_or(0);
+                if free > at {
+                    log::info!(
+                        "share {}: {free} bytes free again; syncing resumes",
+                        self.name
+                    );
+                    *full = None;
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    /// Sets the error `status` shows; true when it differs from the one before, so a
+    /// condition that lasts is logged once, not at every round.
+    pub fn set_error(&self, e: Option<String>) -> bool {
+        let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = *last != e;
+        *last = e;
+        changed
+    }
+
+    /// The root is the real folder: it exists and holds the marker. When it does not (an
+    /// unmounted disk, a folder emptied or moved away) nothing is written into it and no
+    /// deletion spreads from it.
+    pub fn root_ok(&self) -> bool {
+        self.root.join(MARKER).is_file()
     }
 
     /// What `watchalong status` shows for this share.
@@ -229,7 +315,7 @@ impl SyncShare {
                 .filter(|e| !e.version.deleted && e.version.path.contains(".sync-conflict-"))
                 .count(),
             pulling: self.pending.load(std::sync::atomic::Ordering::SeqCst),
-            root_ok: self.root.join(MARKER).exists(),
+            root_ok: self.root_ok(),
             last_error: self
                 .last_error
                 .lock()
@@ -619,6 +705,22 @@ mod tests {
         assert!(s.scan("n1", id(&s)).unwrap().is_empty());
         std::fs::remove_dir(&s.root).unwrap();
         assert!(s.scan("n1", id(&s)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_restart_while_the_root_is_unmounted_does_not_plant_a_marker_there() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        s.scan("n1", id(&s)).unwrap();
+        s.save().unwrap();
+        drop(s);
+        // The disk is gone while the daemon was down: an empty mount point.
+        std::fs::remove_file(d.path().join("root/a.txt")).unwrap();
+        std::fs::remove_file(d.path().join("root").join(MARKER)).unwrap();
+        let s = share(d.path());
+        assert!(!s.root_ok());
+        assert!(s.scan("n1", id(&s)).unwrap().is_empty(), "no deletion");
     }
 
     #[test]

@@ -65,6 +65,14 @@ pub enum TransferError {
     GiveUp(u64, usize, String),
 }
 
+impl TransferError {
+    /// The write failed because the file system (or the user's quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, TransferError::Write { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
 /// A member as the transfer code needs it.
 #[derive(Debug, Clone)]
 pub struct Peer {
