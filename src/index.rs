@@ -187,6 +187,7 @@ mod tests {
                 mtime: n,
                 node: "a".into(),
                 content: format!("c{n}"),
+                size: n,
             },
             size: n,
             mtime_ns: n as u128,

@@ -616,10 +616,10 @@ fn print_status(s: &StatusReply) {
     }
     for sh in &s.shares {
         let state = match (sh.root_ok, sh.pulling, &sh.last_error) {
-            (false, _, _) => "root missing: deletions held back".to_string(),
+            (false, _, _) => "root or its marker missing (unmounted?): sync held back".to_string(),
             (true, 0, None) => "in sync".to_string(),
             (true, 0, Some(e)) => format!("error: {e}"),
-            (true, n, _) => format!("syncing ({n} file(s) being pulled)"),
+            (true, n, _) => format!("syncing: {n} file(s), {} bytes left", sh.bytes_left),
         };
         println!(
             "share     {}: {} files, {} bytes, {} conflict(s), {state}",

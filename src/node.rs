@@ -962,6 +962,16 @@ impl Node {
             (false, true) => std::cmp::Ordering::Less,
             (true, false) => std::cmp::Ordering::Greater,
         });
+        // What this announcement asks us to pull, for `status` (bytes left).
+        let _queued = s.queue(
+            versions
+                .iter()
+                .filter(|v| {
+                    matches!(s.decide(v), Action::Fetch { .. } | Action::Conflict { .. })
+                        && v.content != crate::sync::DIR
+                })
+                .map(|v| (v.path.clone(), v.size)),
+        );
         for v in versions {
             if crate::share::clean_path(&v.path).is_err() {
                 log::warn!(
@@ -1012,6 +1022,7 @@ impl Node {
                     if self.sync_fetch(&s, &peer, &v.path, &path, &version).await {
                         s.record(&path, version);
                     }
+                    s.unqueue(&v.path);
                 }
                 Action::Conflict {
                     move_local_to,
@@ -1034,6 +1045,7 @@ impl Node {
                         }
                         log::info!("conflict on {}/{}: both versions kept", s.name, v.path);
                     }
+                    s.unqueue(&v.path);
                 }
             }
         }
@@ -1089,7 +1101,7 @@ impl Node {
         let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
         let staged = dest.with_file_name(format!(".{name}.watchalong-stage-{tag}"));
         let progress = Arc::new(Progress::default());
-        s.pending.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        s.pulling(remote_path, progress.clone());
         // One partial file per path, whatever the version: a pull cut short by a crash
         // keeps every chunk that still matches the version now wanted (checked against
         // its manifest), and no partial of an abandoned version is left behind. Pulls of
@@ -1108,7 +1120,6 @@ impl Node {
             Some(part),
         )
         .await;
-        s.pending.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         if let Err(e) = got {
             if e.is_disk_full() {
                 let free = crate::sync::free_bytes(&s.root).unwrap_or(0);

@@ -46,8 +46,10 @@ pub struct ShareStatus {
     pub files: usize,
     pub bytes: u64,
     pub conflicts: usize,
-    /// Files being pulled now: 0 means in sync as far as this node knows.
+    /// Files announced and not pulled yet: 0 means in sync as far as this node knows.
     pub pulling: usize,
+    /// Bytes of those files not here yet.
+    pub bytes_left: u64,
     /// False when the root or its marker is missing: deletions are not spread then.
     pub root_ok: bool,
     pub last_error: Option<String>,
@@ -63,6 +65,9 @@ pub struct Announce {
     pub ask_back: bool,
 }
 
+/// A file still to pull: its size, and the pull's progress once it runs.
+type Left = (u64, Option<Arc<crate::transfer::Progress>>);
+
 /// One read-write share's sync state.
 pub struct SyncShare {
     pub name: String,
@@ -71,8 +76,9 @@ pub struct SyncShare {
     index: Mutex<Index>,
     /// Saves take turns, so an older snapshot never lands after a newer one.
     saving: Mutex<()>,
-    /// Pulls in progress.
-    pub pending: std::sync::atomic::AtomicUsize,
+    /// Files announced to us and still to pull: their size, and the pull's progress once
+    /// it runs.
+    left: Mutex<BTreeMap<String, Left>>,
     last_error: Mutex<Option<String>>,
     /// Free bytes on the share's file system when a pull last failed on a full disk:
     /// pulls wait until there is more than that.
@@ -90,6 +96,20 @@ pub fn partial_path(dest: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     dest.with_file_name(format!(".{name}.watchalong-part"))
+}
+
+/// Files queued by one announcement; whatever is still queued goes when it drops.
+pub struct Queued<'a> {
+    share: &'a SyncShare,
+    paths: Vec<String>,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            self.share.unqueue(p);
+        }
+    }
 }
 
 /// What to do with one announced version, decided against the index.
@@ -202,7 +222,7 @@ impl SyncShare {
             store,
             index: Mutex::new(index),
             saving: Mutex::new(()),
-            pending: std::sync::atomic::AtomicUsize::new(0),
+            left: Mutex::new(BTreeMap::new()),
             last_error: Mutex::new(None),
             full_at: Mutex::new(None),
             greeted: Mutex::new(std::collections::HashSet::new()),
@@ -238,6 +258,39 @@ impl SyncShare {
         let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
         turns.retain(|_, t| Arc::strong_count(t) > 1);
         turns.entry(path.to_string()).or_default().clone()
+    }
+
+    /// Notes files to pull (path, size) until the returned guard goes.
+    pub fn queue(&self, files: impl IntoIterator<Item = (String, u64)>) -> Queued<'_> {
+        let mut left = self.left.lock().unwrap_or_else(|p| p.into_inner());
+        let paths = files
+            .into_iter()
+            .map(|(path, size)| {
+                left.insert(path.clone(), (size, None));
+                path
+            })
+            .collect();
+        Queued { share: self, paths }
+    }
+
+    /// The pull of `path` runs, with this progress.
+    pub fn pulling(&self, path: &str, progress: Arc<crate::transfer::Progress>) {
+        if let Some(e) = self
+            .left
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(path)
+        {
+            e.1 = Some(progress);
+        }
+    }
+
+    /// `path` is no longer to pull (done, or given up until it is announced again).
+    pub fn unqueue(&self, path: &str) {
+        self.left
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(path);
     }
 
     pub fn greeted(&self, member: &[u8; 32]) -> bool {
@@ -304,6 +357,7 @@ impl SyncShare {
 
     /// What `watchalong status` shows for this share.
     pub fn status(&self) -> ShareStatus {
+        let left = self.left.lock().unwrap_or_else(|p| p.into_inner());
         let index = self.lock();
         let live = index.values().filter(|e| !e.version.deleted);
         ShareStatus {
@@ -314,7 +368,16 @@ impl SyncShare {
                 .values()
                 .filter(|e| !e.version.deleted && e.version.path.contains(".sync-conflict-"))
                 .count(),
-            pulling: self.pending.load(std::sync::atomic::Ordering::SeqCst),
+            pulling: left.len(),
+            bytes_left: left
+                .values()
+                .map(|(size, p)| {
+                    let done = p
+                        .as_ref()
+                        .map_or(0, |p| p.done.load(std::sync::atomic::Ordering::Relaxed));
+                    size.saturating_sub(done)
+                })
+                .sum(),
             root_ok: self.root_ok(),
             last_error: self
                 .last_error
@@ -414,6 +477,7 @@ impl SyncShare {
                     deleted: false,
                     mtime: (mtime_ns / 1_000_000_000) as u64,
                     node: me.to_string(),
+                    size: if *is_dir { 0 } else { size },
                     content,
                 }
             };
@@ -443,6 +507,7 @@ impl SyncShare {
                         mtime: e.version.mtime,
                         node: me.to_string(),
                         content: String::new(),
+                        size: 0,
                     };
                     (
                         path.clone(),
@@ -589,6 +654,7 @@ fn unreachable_version(path: &str) -> FileVersion {
         mtime: 0,
         node: String::new(),
         content: String::new(),
+        size: 0,
     }
 }
 

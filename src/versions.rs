@@ -75,6 +75,9 @@ pub struct FileVersion {
     pub node: String,
     /// The content's manifest id (empty for a deletion).
     pub content: String,
+    /// Bytes of content (0 for a deletion or a folder), for progress: what is left to pull.
+    #[serde(default)]
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +166,7 @@ mod tests {
             mtime,
             node: node.into(),
             content: content.into(),
+            size: 1,
         }
     }
 
