@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test from a fresh machine: installs the system packages the tests need
-# (namespaces, NAT, ping, WireGuard tools for the interop test, systemd-analyze), then
+# (namespaces, NAT, ping, WireGuard tools for the interop test, systemd-analyze, mpv and
+# ffmpeg for the watch-along tests), then
 # the whole cargo suite. Root is needed for the namespace tests; without root they print
 # "SKIPPED (needs root)", and under CI=true a skip is a failure.
 set -euo pipefail
@@ -13,6 +14,8 @@ command -v ping >/dev/null || need+=(iputils-ping)
 command -v wg >/dev/null || need+=(wireguard-tools)
 command -v wireguard-go >/dev/null || need+=(wireguard-go)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v mpv >/dev/null || need+=(mpv)
+command -v ffmpeg >/dev/null || need+=(ffmpeg)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages: ${need[*]} (run as root, or: sudo apt-get install -y ${need[*]})" >&2

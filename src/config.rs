@@ -16,6 +16,8 @@ pub const DEFAULT_PATH: &str = "/etc/watchalong.toml";
 pub const DEFAULT_LISTEN_PORT: u16 = 51871;
 /// The LAN relay's default TCP port.
 pub const DEFAULT_RELAY_PORT: u16 = 51875;
+/// The loopback port players open watched files at.
+pub const DEFAULT_WATCH_PORT: u16 = 51876;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,6 +44,7 @@ pub struct Config {
     pub control: ControlConfig,
     pub log: LogConfig,
     pub relay: RelayConfig,
+    pub watch: WatchConfig,
     /// `[[share]]` tables: the folders this node offers the group.
     #[serde(rename = "share")]
     pub shares: Vec<ShareConfig>,
@@ -54,6 +57,25 @@ pub struct RelayConfig {
     pub port: u16,
     /// Disk the relay may use to cache chunks for nearby members, in MiB.
     pub cache_mib: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchConfig {
+    /// The loopback TCP port players open watched files at (0: any free port, shown by
+    /// `watchalong watch`).
+    pub port: u16,
+    /// Pause the room for everyone while one watcher's player waits for data.
+    pub pause_when_buffering: bool,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            port: DEFAULT_WATCH_PORT,
+            pause_when_buffering: true,
+        }
+    }
 }
 
 impl Default for RelayConfig {

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::link::InviteId;
 use crate::tunnel::PeerStatus;
+use crate::watch::{FileRequest, Report, RoomView, WaitRequest, WatchReply};
 
 const MAX_BODY: usize = 64 * 1024;
 
@@ -290,6 +291,14 @@ pub trait Handler: Send + Sync + 'static {
     fn start_get(&self, req: GetRequest)
         -> impl Future<Output = Result<GetReply, ApiError>> + Send;
     fn transfer(&self, id: String) -> impl Future<Output = Result<TransferView, ApiError>> + Send;
+    fn watch(&self, req: FileRequest) -> impl Future<Output = Result<WatchReply, ApiError>> + Send;
+    fn room_report(&self, req: Report) -> impl Future<Output = Result<RoomView, ApiError>> + Send;
+    fn room_wait(
+        &self,
+        req: WaitRequest,
+    ) -> impl Future<Output = Result<RoomView, ApiError>> + Send;
+    fn room_leave(&self, req: FileRequest) -> impl Future<Output = Result<Empty, ApiError>> + Send;
+    fn rooms(&self) -> impl Future<Output = Result<Vec<RoomView>, ApiError>> + Send;
 }
 
 /// Serves `listener` until `cancel` fires; connections in flight are awaited.
@@ -378,6 +387,23 @@ async fn route<H: Handler>(h: &H, req: Request<Incoming>) -> Response<Full<Bytes
             Err(e) => Err(e),
         },
         (&Method::GET, ["v1", "transfers", id]) => reply(h.transfer(id.to_string()).await),
+        (&Method::POST, ["v1", "watch"]) => match parse(&body) {
+            Ok(r) => reply(h.watch(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, ["v1", "room", "report"]) => match parse(&body) {
+            Ok(r) => reply(h.room_report(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, ["v1", "room", "wait"]) => match parse(&body) {
+            Ok(r) => reply(h.room_wait(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, ["v1", "room", "leave"]) => match parse(&body) {
+            Ok(r) => reply(h.room_leave(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::GET, ["v1", "rooms"]) => reply(h.rooms().await),
         (&Method::POST, ["v1", "debug", "gossip"]) => match parse(&body) {
             Ok(r) => reply(h.inject_gossip(r).await),
             Err(e) => Err(e),
@@ -446,6 +472,7 @@ pub enum ControlError {
 }
 
 /// The CLI's side: one connection per call.
+#[derive(Clone)]
 pub struct Client {
     path: PathBuf,
 }

@@ -200,6 +200,23 @@ async fn run_sync(
     }
 }
 
+/// Watch-along rooms: every heartbeat, quiet watchers are forgotten, rooms held for
+/// buffering are released when all are ready, and the rooms local players watch are
+/// sent to the other members.
+async fn run_rooms(node: Arc<Node>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::watch::HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let dir = crate::transfer::Membership::directory(&*node);
+                node.watch.round(&dir, |p| crate::node::key_id(&p.key)).await;
+            }
+            () = cancel.cancelled() => return,
+        }
+    }
+}
+
 /// An inotify watch on every read-write share; `None` (polling only) if it cannot be set.
 fn watch_shares(node: &Node, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
@@ -279,6 +296,13 @@ pub async fn run(
     // members' VPN addresses, the relay only to signed member requests.
     let node_listener = bind_tcp(transfer::NODE_PORT).await?;
     let relay_listener = bind_tcp(config.relay.port).await?;
+    // Players on this machine only: the stream endpoint is bound to loopback.
+    let watch_listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, config.watch.port))
+        .await
+        .map_err(|source| DaemonError::BindTcp {
+            port: config.watch.port,
+            source,
+        })?;
 
     let (invite_tx, invite_rx) = mpsc::channel(64);
     let (gossip_tx, gossip_rx) = mpsc::channel(1024);
@@ -305,6 +329,11 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let syncs = crate::sync::SyncShare::shares(&config.shares, &config.node.state_dir);
     let (sync_tx, sync_rx) = mpsc::channel(256);
+    let streams = Arc::new(crate::stream::Streams::new(
+        config.node.state_dir.join("streams"),
+        cancel.clone(),
+    ));
+    *streams.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = watch_listener.local_addr().ok();
     let node = Arc::new(Node::new(Parts {
         config: config.clone(),
         public_key,
@@ -315,6 +344,7 @@ pub async fn run(
         cancel: cancel.clone(),
         syncs,
         sync_tx,
+        streams: streams.clone(),
     }));
     node.set_self();
     node.sync_tunnel().await;
@@ -371,6 +401,20 @@ pub async fn run(
             Ok(())
         });
     }
+    {
+        let (s, c) = (streams.clone(), cancel.clone());
+        tasks.spawn(async move {
+            crate::stream::serve_local(watch_listener, s, c).await;
+            Ok(())
+        });
+    }
+    {
+        let (n, c) = (node.clone(), cancel.clone());
+        tasks.spawn(async move {
+            run_rooms(n, c).await;
+            Ok(())
+        });
+    }
     let mut watchdog_usec = 0;
     if sd_notify::watchdog_enabled(false, &mut watchdog_usec) && watchdog_usec > 0 {
         let c = cancel.clone();
@@ -422,6 +466,8 @@ pub async fn run(
     }
     node.tasks.close();
     node.tasks.wait().await;
+    streams.tasks.close();
+    streams.tasks.wait().await;
     node.save_endpoints();
     let _ = std::fs::remove_file(&config.control.socket);
     // The last references to the tunnel go here; closing the TUN fd removes the device.

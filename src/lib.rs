@@ -22,6 +22,10 @@
 //! | [`versions`] | folder sync's rules: version vectors, conflicts, deletion safety        | none (pure) |
 //! | [`index`]    | a read-write share's sync index, stored in redb                       | one file    |
 //! | [`sync`]     | read-write shares: scan, decide what an announced version asks        | files       |
+//! | [`stream`]   | a watched file played while it arrives: playhead-first fetch, loopback Range endpoint | files, loopback |
+//! | [`room`]     | a watch-along room: agreed playback, watchers, clock offsets, drift rules | none (pure) |
+//! | [`watch`]    | the node's side of watching along: streams for local players, rooms, room messages | via transfer |
+//! | [`player`]   | mpv kept in step with the room over its IPC socket (run by `watchalong watch`) | process, socket |
 //! | [`join`]     | the joiner's side of redeeming a link against the host                | one UDP socket |
 //! | [`control`]  | the local HTTP API over a Unix socket, server and client              | socket      |
 //! | [`node`]     | the running node: membership operations, persistence, tunnel peers    | via tunnel  |
@@ -42,11 +46,15 @@ pub mod logging;
 pub mod mesh;
 pub mod node;
 pub mod planner;
+pub mod player;
+pub mod room;
 pub mod routes;
 pub mod share;
 pub mod state;
+pub mod stream;
 pub mod sync;
 pub mod transfer;
 pub mod tunnel;
 pub mod versions;
+pub mod watch;
 pub mod wire;

@@ -15,7 +15,14 @@ use watchalong::control::{
     LinkReply, LinkRequest, LsReply, PeerAddRequest, PeerRemoveRequest, PeersReply, PlanReply,
     PlanRequest, RemoveRequest, StatusReply, TransferView,
 };
-use watchalong::{daemon, link, logging};
+use watchalong::watch::{FileRequest, RoomView, WatchReply};
+use watchalong::{daemon, link, logging, player};
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum PlayerKind {
+    Mpv,
+    None,
+}
 
 /// sysexits' EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a restart loop.
 const EX_CONFIG: u8 = 78;
@@ -117,6 +124,27 @@ enum Command {
         target: String,
         #[arg(long)]
         to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Play a shared file while it arrives, in step with everyone watching it.
+    Watch {
+        /// SHARE/PATH.
+        target: String,
+        /// `mpv`, or `none` to print the URL for any player.
+        #[arg(long, value_enum, default_value = "mpv")]
+        player: PlayerKind,
+        /// An argument for mpv, as it is (repeat for more), e.g. `--player-arg=--fs`.
+        #[arg(long = "player-arg", allow_hyphen_values = true, value_name = "ARG")]
+        player_args: Vec<String>,
+        /// mpv's IPC socket (default: a private one in the temp folder).
+        #[arg(long, value_name = "PATH")]
+        ipc: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the rooms: who watches what, where each player is, its drift and buffer.
+    Room {
         #[arg(long)]
         json: bool,
     },
@@ -385,6 +413,88 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     } else {
                         println!("{:>12}  {}", e.size, e.name);
                     }
+                }
+            }
+        }
+        Command::Watch {
+            target,
+            player,
+            player_args,
+            ipc,
+            json,
+        } => {
+            let w: WatchReply = client
+                .post("/v1/watch", &FileRequest { file: target })
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&w)?);
+            }
+            match player {
+                PlayerKind::None => {
+                    if !json {
+                        println!("{}", w.url);
+                    }
+                }
+                PlayerKind::Mpv => {
+                    if !json {
+                        eprintln!(
+                            "watching {} ({} bytes, from {}) at {}",
+                            w.file, w.size, w.source, w.url
+                        );
+                    }
+                    let ipc = ipc.unwrap_or_else(|| {
+                        std::env::temp_dir()
+                            .join(format!("watchalong-mpv-{}.sock", std::process::id()))
+                    });
+                    let opts = player::MpvOptions {
+                        program: "mpv".into(),
+                        ipc,
+                        extra_args: player_args,
+                    };
+                    player::run_mpv(&client, &w, &opts).await?;
+                }
+            }
+        }
+        Command::Room { json } => {
+            let rooms: Vec<RoomView> = client.get("/v1/rooms").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rooms)?);
+            } else if rooms.is_empty() {
+                println!("no rooms: `watchalong watch SHARE/PATH` opens one");
+            }
+            for r in rooms.iter().filter(|_| !json) {
+                let s = &r.state;
+                let what = match (s.playing, s.held) {
+                    (true, false) => "playing",
+                    (true, true) => "held (a player is buffering)",
+                    _ => "paused",
+                };
+                println!(
+                    "{}: {what} at {:.1} s, rate {}{}",
+                    r.file,
+                    r.position_now,
+                    s.rate,
+                    match (r.have_bytes, r.size) {
+                        (Some(h), Some(n)) => format!(", {h} of {n} bytes here"),
+                        _ => String::new(),
+                    }
+                );
+                for w in &r.watchers {
+                    println!(
+                        "  {:<16} at {:>8.1} s  drift {:>5} ms  buffered {:>5.1} s{}{}",
+                        w.node,
+                        w.position,
+                        w.drift_ms,
+                        w.buffered_s,
+                        w.rtt_ms
+                            .map(|r| format!("  rtt {r} ms"))
+                            .unwrap_or_default(),
+                        if w.starved {
+                            "  (waiting for data)"
+                        } else {
+                            ""
+                        }
+                    );
                 }
             }
         }

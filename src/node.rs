@@ -32,6 +32,7 @@ use crate::sync::{Action, Announce, SyncShare};
 use crate::transfer::{self, Directory, Engine, Membership, Progress};
 use crate::tunnel::{PeerConfig, Tunnel};
 use crate::versions::FileVersion;
+use crate::watch::{FileRequest, Report, RoomView, WaitRequest, WatchReply};
 use crate::wire::{JoinMessage, Refusal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -83,6 +84,8 @@ pub struct Node {
     /// Read-write shares kept in sync, and the announcements waiting for the sync task.
     pub syncs: Vec<Arc<SyncShare>>,
     sync_tx: tokio::sync::mpsc::Sender<(Key, bytes::Bytes)>,
+    /// Watch-along: streams for local players and the rooms.
+    pub watch: crate::watch::Watch,
 }
 
 struct TransferEntry {
@@ -131,12 +134,12 @@ pub struct Parts {
     pub cancel: CancellationToken,
     pub syncs: Vec<Arc<SyncShare>>,
     pub sync_tx: tokio::sync::mpsc::Sender<(Key, bytes::Bytes)>,
+    pub streams: Arc<crate::stream::Streams>,
 }
 
 impl Node {
     pub fn new(p: Parts) -> Node {
         Node {
-            config: p.config,
             public_key: p.public_key,
             signing: p.signing,
             book: Mutex::new(p.book),
@@ -149,6 +152,13 @@ impl Node {
             this: std::sync::OnceLock::new(),
             syncs: p.syncs,
             sync_tx: p.sync_tx,
+            watch: crate::watch::Watch::new(
+                p.streams,
+                key_id(&p.public_key),
+                p.config.node.name.clone(),
+                p.config.watch.pause_when_buffering,
+            ),
+            config: p.config,
         }
     }
 
@@ -782,6 +792,10 @@ impl Node {
 }
 
 impl Membership for Node {
+    fn room(&self, from: Key, body: bytes::Bytes) {
+        self.watch.receive(&key_id(&from), &body);
+    }
+
     fn announced(&self, from: Key, body: bytes::Bytes) {
         if self.sync_tx.try_send((from, body)).is_err() {
             log::debug!("sync busy; an announcement waits for the next full round");
@@ -828,10 +842,7 @@ impl Membership for Node {
 impl Node {
     /// This node's name in version vectors: stable, and safe in a file name.
     fn sync_id(&self) -> String {
-        self.public_key[..4]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        key_id(&self.public_key)
     }
 
     /// Scans every read-write share and announces what changed (or, with `all`,
@@ -1186,6 +1197,12 @@ fn inside(s: &SyncShare, path: &str) -> Result<PathBuf, ()> {
     Ok(dest)
 }
 
+/// A member's short name in version vectors and room stamps: the first 4 bytes of its
+/// key in hex.
+pub fn key_id(key: &Key) -> String {
+    key[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// `share/path` split in two; the path may be empty (the share's root).
 fn split_target(target: &str) -> Result<(String, String), ApiError> {
     let t = target.trim_start_matches('/');
@@ -1517,6 +1534,78 @@ impl Handler for Node {
             summary: transfer::describe(&route),
             route,
         })
+    }
+
+    async fn watch(&self, req: FileRequest) -> Result<WatchReply, ApiError> {
+        let (share, path) = split_target(&req.file)?;
+        if path.is_empty() {
+            return Err(ApiError::bad_request(
+                "expected SHARE/PATH of a file to watch",
+            ));
+        }
+        let file = format!("{share}/{path}");
+        let dir = self.directory();
+        let (source, manifest) = self.find_manifest(&dir, &share, &path, None).await?;
+        let stream = if source.key == dir.me {
+            let local = self
+                .engine
+                .shares
+                .resolve(&share, &path)
+                .map_err(ApiError::not_found)?;
+            crate::stream::Stream::local(&file, manifest, dir.me, local)
+        } else {
+            let cache = self.watch.streams.cache_dir.clone();
+            tokio::task::block_in_place(|| {
+                crate::stream::Stream::remote(&file, manifest, source.key, &cache)
+            })
+        }
+        .map_err(ApiError::internal)?;
+        let members: Arc<dyn Membership> = self
+            .this
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| ApiError::internal("the node is shutting down"))?;
+        let stream = self.watch.streams.add(stream, self.engine.clone(), members);
+        let url = self
+            .watch
+            .streams
+            .url(&file)
+            .ok_or_else(|| ApiError::internal("the stream endpoint is not listening"))?;
+        log::info!("watch {file}: from {} at {url}", source.name);
+        Ok(WatchReply {
+            file: file.clone(),
+            url,
+            size: stream.manifest.size,
+            source: source.name,
+            state: self.watch.state(&file),
+        })
+    }
+
+    async fn room_report(&self, req: Report) -> Result<RoomView, ApiError> {
+        let file = req.file.clone();
+        let (view, urgent) = self.watch.report(req);
+        if urgent {
+            let dir = self.directory();
+            self.watch.send_now(&file, &dir, |p| key_id(&p.key)).await;
+        }
+        Ok(view)
+    }
+
+    async fn room_wait(&self, req: WaitRequest) -> Result<RoomView, ApiError> {
+        Ok(self.watch.wait(&req).await)
+    }
+
+    async fn room_leave(&self, req: FileRequest) -> Result<Empty, ApiError> {
+        self.watch.leave(&req.file);
+        let dir = self.directory();
+        self.watch
+            .send_now(&req.file, &dir, |p| key_id(&p.key))
+            .await;
+        Ok(Empty {})
+    }
+
+    async fn rooms(&self) -> Result<Vec<RoomView>, ApiError> {
+        Ok(self.watch.views())
     }
 
     async fn start_get(&self, req: GetRequest) -> Result<GetReply, ApiError> {

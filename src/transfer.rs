@@ -152,6 +152,8 @@ pub trait Membership: Send + Sync + 'static {
     fn directory(&self) -> Directory;
     /// Versions of a read-write share that member `from` announced (folder sync).
     fn announced(&self, _from: Key, _body: Bytes) {}
+    /// A watch-along room message from member `from`.
+    fn room(&self, _from: Key, _body: Bytes) {}
 }
 
 /// Names one chunk of one file version on one member.
@@ -474,6 +476,57 @@ pub struct Progress {
     pub state: Mutex<String>,
 }
 
+/// Fetches chunk `index` of `manifest` from `source` along the planner's route, verified,
+/// trying another route (around a failed gateway) up to `MAX_TRIES` times. Gateways that
+/// failed are added to `exclude`, shared by every worker of one transfer.
+pub async fn fetch_chunk(
+    engine: &Engine,
+    members: &dyn Membership,
+    source: &Key,
+    manifest: &Manifest,
+    index: u64,
+    exclude: &Mutex<Vec<Key>>,
+    progress: &Progress,
+) -> Result<Bytes, TransferError> {
+    let id = manifest.id();
+    let req = ChunkRequest {
+        source: crate::identity::key_to_base64(source),
+        share: manifest.share.clone(),
+        path: manifest.path.clone(),
+        index,
+        hash: manifest.chunks[index as usize].clone(),
+        transfer: id.clone(),
+    };
+    let mut last = String::new();
+    for _ in 0..MAX_TRIES {
+        let dir = members.directory();
+        let ex = exclude.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let route = dir.plan(source, &dir.me, &id, &ex)?;
+        *progress.route.lock().unwrap_or_else(|p| p.into_inner()) = describe(&route);
+        // The hop that delivers to us, when it is a gateway (not the source).
+        let gateway = route
+            .feeder()
+            .map(|h| h.from_key)
+            .filter(|k| k != source && *k != dir.me);
+        match engine.get_chunk(&dir, &req, &route).await {
+            Ok(b) => return Ok(b),
+            Err(e) => {
+                if matches!(e, TransferError::Corrupt(_)) {
+                    progress.corrupt.fetch_add(1, Ordering::Relaxed);
+                }
+                log::info!("chunk {index}: {e}; trying another route");
+                last = e.to_string();
+                // Route around the gateway that failed; the source has no stand-in.
+                match gateway {
+                    Some(g) => exclude.lock().unwrap_or_else(|p| p.into_inner()).push(g),
+                    None => tokio::time::sleep(Duration::from_millis(300)).await,
+                }
+            }
+        }
+    }
+    Err(TransferError::GiveUp(index, MAX_TRIES, last))
+}
+
 /// Fetches every chunk of `manifest` from `source` into `dest`: verified chunks written
 /// at their offsets in a temp file beside `dest`, fsynced, then renamed over it.
 pub async fn get_file(
@@ -486,7 +539,6 @@ pub async fn get_file(
     resume: Option<PathBuf>,
 ) -> Result<(), TransferError> {
     progress.size.store(manifest.size, Ordering::Relaxed);
-    let id = manifest.id();
     let resuming = resume.is_some();
     let tmp = resume.unwrap_or_else(|| temp_beside(&dest));
     let write_err = |source| TransferError::Write {
@@ -512,7 +564,7 @@ pub async fn get_file(
     let next = Arc::new(AtomicU64::new(0));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..PARALLEL.min(manifest.chunks.len().max(1)) {
-        let (engine, members, manifest, file, exclude, next, progress, id) = (
+        let (engine, members, manifest, file, exclude, next, progress) = (
             engine.clone(),
             members.clone(),
             manifest.clone(),
@@ -520,7 +572,6 @@ pub async fn get_file(
             exclude.clone(),
             next.clone(),
             progress.clone(),
-            id.clone(),
         );
         workers.spawn(async move {
             loop {
@@ -544,48 +595,10 @@ pub async fn get_file(
                         continue;
                     }
                 }
-                let req = ChunkRequest {
-                    source: crate::identity::key_to_base64(&source),
-                    share: manifest.share.clone(),
-                    path: manifest.path.clone(),
-                    index,
-                    hash: manifest.chunks[index as usize].clone(),
-                    transfer: id.clone(),
-                };
-                let mut last = String::new();
-                let mut got = None;
-                for _ in 0..MAX_TRIES {
-                    let dir = members.directory();
-                    let ex = exclude.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    let route = dir.plan(&source, &dir.me, &id, &ex)?;
-                    *progress.route.lock().unwrap_or_else(|p| p.into_inner()) = describe(&route);
-                    // The hop that delivers to us, when it is a gateway (not the source).
-                    let gateway = route
-                        .feeder()
-                        .map(|h| h.from_key)
-                        .filter(|k| *k != source && *k != dir.me);
-                    match engine.get_chunk(&dir, &req, &route).await {
-                        Ok(b) => {
-                            got = Some(b);
-                            break;
-                        }
-                        Err(e) => {
-                            if matches!(e, TransferError::Corrupt(_)) {
-                                progress.corrupt.fetch_add(1, Ordering::Relaxed);
-                            }
-                            log::info!("chunk {index}: {e}; trying another route");
-                            last = e.to_string();
-                            // Route around the gateway that failed; the source has no stand-in.
-                            match gateway {
-                                Some(g) => {
-                                    exclude.lock().unwrap_or_else(|p| p.into_inner()).push(g)
-                                }
-                                None => tokio::time::sleep(Duration::from_millis(300)).await,
-                            }
-                        }
-                    }
-                }
-                let b = got.ok_or(TransferError::GiveUp(index, MAX_TRIES, last))?;
+                let b = fetch_chunk(
+                    &engine, &*members, &source, &manifest, index, &exclude, &progress,
+                )
+                .await?;
                 use std::os::unix::fs::FileExt;
                 tokio::task::block_in_place(|| file.write_all_at(&b, index * manifest.chunk_size))
                     .map_err(|source| TransferError::Write {
@@ -825,7 +838,8 @@ pub async fn serve_node<M: Membership>(
             if me.map(IpAddr::V4) != Some(local.ip()) || !from_member {
                 return unauthorized();
             }
-            if req.uri().path() == "/v1/sync" && req.method() == hyper::Method::POST {
+            let path = req.uri().path().to_string();
+            if (path == "/v1/sync" || path == "/v1/room") && req.method() == hyper::Method::POST {
                 let Some(from) = dir
                     .peers
                     .iter()
@@ -838,6 +852,10 @@ pub async fn serve_node<M: Membership>(
                     .collect()
                     .await;
                 return match body {
+                    Ok(b) if path == "/v1/room" => {
+                        members.room(from, b.to_bytes());
+                        reply(StatusCode::OK, Bytes::new())
+                    }
                     Ok(b) => {
                         members.announced(from, b.to_bytes());
                         reply(StatusCode::OK, Bytes::new())
@@ -934,10 +952,12 @@ pub async fn serve_relay<M: Membership>(
     .await
 }
 
-async fn serve<F, Fut>(listener: TcpListener, cancel: CancellationToken, handle: F)
+pub(crate) async fn serve<F, Fut, B>(listener: TcpListener, cancel: CancellationToken, handle: F)
 where
     F: Fn(Request<Incoming>, SocketAddr, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send,
+    Fut: std::future::Future<Output = Response<B>> + Send,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut conns = tokio::task::JoinSet::new();
     loop {

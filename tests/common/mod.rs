@@ -444,7 +444,7 @@ impl Lab {
         std::fs::write(
             &config,
             format!(
-                "[node]\nname = \"{name}\"\nstate_dir = \"{}\"\n\n[tunnel]\nmtu = {}\n\n[control]\nsocket = \"{}\"\n\n[log]\nlevel = \"debug\"\n",
+                "[node]\nname = \"{name}\"\nstate_dir = \"{}\"\n\n[tunnel]\nmtu = {}\n\n[control]\nsocket = \"{}\"\n\n[log]\nlevel = \"debug\"\n\n[watch]\nport = 0\n",
                 dir.join("state").display(),
                 self.mtu - 80,
                 dir.join("control.sock").display()

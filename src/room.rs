@@ -1,0 +1,462 @@
+//! A watch-along room, sans IO: the playback state the members watching one file agree
+//! on (playing or paused, position, rate, when), who watches and how far each has
+//! buffered, the clock offset to each of them, and what a player should do to stay in
+//! step. Inputs are messages, local player events and `now` (ms on this node's clock);
+//! outputs are the states to send and the correction to apply. It owns these rules; it
+//! must not touch sockets, players or files.
+//!
+//! Agreement: every change made on a player becomes a new [`Playback`] stamped with a
+//! Lamport counter and the node that made it; the highest stamp wins everywhere, so
+//! concurrent changes (two pauses, a pause and a seek) settle on one. A state's time is
+//! on its sender's clock and is moved onto ours with the offset estimated NTP-style from
+//! the timestamps every message carries.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A watcher not heard from for this long has left.
+pub const WATCHER_TIMEOUT_MS: i64 = 3_000;
+/// Drift beyond this is fixed by a seek; below it, by nudging the speed.
+pub const SEEK_ABOVE_S: f64 = 1.0;
+/// Drift within this is left alone (the speed goes back to the room's rate).
+pub const IN_STEP_S: f64 = 0.02;
+/// How much faster or slower a player may run to catch up.
+pub const MAX_NUDGE: f64 = 0.1;
+/// Seconds that must be buffered ahead (or the file be whole) to start or resume.
+pub const READY_BUFFER_S: f64 = 2.0;
+
+/// What the room agrees on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Playback {
+    pub playing: bool,
+    /// Seconds into the file at `at_ms`.
+    pub position: f64,
+    pub rate: f64,
+    /// When `position` held, in ms since the epoch on the clock of whoever sent this.
+    pub at_ms: i64,
+    /// Paused by the room because a watcher ran dry, not by a person: it resumes by
+    /// itself when everyone is ready.
+    #[serde(default)]
+    pub held: bool,
+    pub stamp: Stamp,
+}
+
+/// Lamport counter, then the node that made the change: a total order every node agrees
+/// on.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+pub struct Stamp {
+    pub counter: u64,
+    pub node: String,
+}
+
+impl Playback {
+    /// Where the file is at `now_ms` (on the clock `at_ms` is on).
+    pub fn position_at(&self, now_ms: i64) -> f64 {
+        if self.playing && !self.held {
+            (self.position + (now_ms - self.at_ms) as f64 / 1000.0 * self.rate).max(0.0)
+        } else {
+            self.position
+        }
+    }
+
+    /// Whether a player should be running.
+    pub fn running(&self) -> bool {
+        self.playing && !self.held
+    }
+}
+
+/// One watcher as its last message described it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Watcher {
+    pub node: String,
+    /// Its player's position (s) when it sent, and the room's expected one then.
+    pub position: f64,
+    pub drift_s: f64,
+    /// Seconds buffered ahead of its position; `f64::INFINITY` is sent as a large number.
+    pub buffered_s: f64,
+    /// Its player waits for data.
+    pub starved: bool,
+    /// When we last heard from it, on our clock.
+    pub seen_ms: i64,
+}
+
+/// What one member sends the others about one room: its view of the state, itself as a
+/// watcher, and timestamps for the clock estimate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoomMessage {
+    /// The file, as `share/path`.
+    pub file: String,
+    pub state: Playback,
+    /// The sender as a watcher; `None` when it only relays state (it left).
+    pub watcher: Option<Watcher>,
+    /// The sender's clock when it sent this.
+    pub sent_ms: i64,
+    /// The last message the sender got from the receiver: its `sent_ms`, and when it
+    /// arrived on the sender's clock. (0, 0) when there was none.
+    pub echo: (i64, i64),
+}
+
+/// A correction for a player that is not where the room is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Correction {
+    /// Close enough: run at the room's rate.
+    Rate(f64),
+    /// Behind or ahead by a little: run this much faster or slower for a while.
+    Nudge(f64),
+    /// Too far: jump.
+    Seek(f64),
+}
+
+/// What to do about `actual` (s) when the room says `expected` (s) at rate `rate`.
+pub fn correct(expected: f64, actual: f64, rate: f64) -> Correction {
+    let behind = expected - actual;
+    if behind.abs() > SEEK_ABOVE_S {
+        Correction::Seek(expected)
+    } else if behind.abs() <= IN_STEP_S {
+        Correction::Rate(rate)
+    } else {
+        // Catch up over about two seconds, never faster than MAX_NUDGE allows.
+        let k = (behind / 2.0).clamp(-MAX_NUDGE, MAX_NUDGE);
+        Correction::Nudge(rate * (1.0 + k))
+    }
+}
+
+/// Clock offset to one peer: the estimate from the exchange with the shortest round
+/// trip among the last few (the least delayed one says the most about the clocks).
+#[derive(Debug, Clone, Default)]
+pub struct Offset {
+    samples: Vec<(i64, i64)>,
+}
+
+impl Offset {
+    const KEEP: usize = 8;
+
+    /// One exchange: we sent at `t1`, they got it at `t2` and answered at `t3` (their
+    /// clock), we got the answer at `t4` (ours).
+    pub fn sample(&mut self, t1: i64, t2: i64, t3: i64, t4: i64) {
+        let rtt = (t4 - t1) - (t3 - t2);
+        if rtt < 0 {
+            return;
+        }
+        let offset = ((t2 - t1) + (t3 - t4)) / 2;
+        self.samples.push((rtt, offset));
+        if self.samples.len() > Self::KEEP {
+            self.samples.remove(0);
+        }
+    }
+
+    /// Their clock minus ours, in ms; 0 until an exchange completed.
+    pub fn ms(&self) -> i64 {
+        self.samples
+            .iter()
+            .min_by_key(|(rtt, _)| *rtt)
+            .map_or(0, |(_, o)| *o)
+    }
+
+    pub fn rtt_ms(&self) -> Option<i64> {
+        self.samples.iter().map(|(rtt, _)| *rtt).min()
+    }
+}
+
+/// One room as this node sees it.
+#[derive(Debug, Clone)]
+pub struct Room {
+    pub file: String,
+    pub me: String,
+    pub state: Playback,
+    /// Every watcher but us, by node.
+    pub watchers: BTreeMap<String, Watcher>,
+    /// Us, when a local player watches.
+    pub local: Option<Watcher>,
+    offsets: BTreeMap<String, Offset>,
+    /// Per peer: its last `sent_ms` and when it arrived here, echoed back to it.
+    last_from: BTreeMap<String, (i64, i64)>,
+    /// Pause the room when a watcher runs dry.
+    pub hold_when_starved: bool,
+}
+
+impl Room {
+    pub fn new(file: &str, me: &str, now_ms: i64) -> Room {
+        Room {
+            file: file.to_string(),
+            me: me.to_string(),
+            state: Playback {
+                playing: false,
+                position: 0.0,
+                rate: 1.0,
+                at_ms: now_ms,
+                held: false,
+                stamp: Stamp::default(),
+            },
+            watchers: BTreeMap::new(),
+            local: None,
+            offsets: BTreeMap::new(),
+            last_from: BTreeMap::new(),
+            hold_when_starved: true,
+        }
+    }
+
+    fn next_stamp(&self) -> Stamp {
+        Stamp {
+            counter: self.state.stamp.counter + 1,
+            node: self.me.clone(),
+        }
+    }
+
+    /// A person changed the local player: it becomes the room's state.
+    pub fn local_change(&mut self, now_ms: i64, playing: bool, position: f64, rate: f64) {
+        self.state = Playback {
+            playing,
+            position,
+            rate,
+            at_ms: now_ms,
+            held: false,
+            stamp: self.next_stamp(),
+        };
+    }
+
+    /// What the local player reports, every few hundred ms.
+    pub fn local_report(&mut self, now_ms: i64, position: f64, buffered_s: f64, starved: bool) {
+        let expected = self.state.position_at(now_ms);
+        self.local = Some(Watcher {
+            node: self.me.clone(),
+            position,
+            drift_s: position - expected,
+            buffered_s,
+            starved,
+            seen_ms: now_ms,
+        });
+    }
+
+    /// The local player is gone.
+    pub fn local_left(&mut self) {
+        self.local = None;
+    }
+
+    /// A message from `from` arrived at `now_ms`; true when the room's state changed.
+    pub fn receive(&mut self, from: &str, m: RoomMessage, now_ms: i64) -> bool {
+        if m.echo != (0, 0) {
+            let (t1, t2) = m.echo;
+            self.offsets
+                .entry(from.to_string())
+                .or_default()
+                .sample(t1, t2, m.sent_ms, now_ms);
+        }
+        self.last_from.insert(from.to_string(), (m.sent_ms, now_ms));
+        let offset = self.offset_ms(from);
+        match m.watcher {
+            Some(mut w) => {
+                w.seen_ms = now_ms;
+                self.watchers.insert(from.to_string(), w);
+            }
+            None => {
+                self.watchers.remove(from);
+            }
+        }
+        if m.state.stamp > self.state.stamp {
+            // Their time onto ours.
+            self.state = Playback {
+                at_ms: m.state.at_ms - offset,
+                ..m.state
+            };
+            return true;
+        }
+        false
+    }
+
+    /// Their clock minus ours for `peer`, in ms.
+    pub fn offset_ms(&self, peer: &str) -> i64 {
+        self.offsets.get(peer).map_or(0, Offset::ms)
+    }
+
+    pub fn rtt_ms(&self, peer: &str) -> Option<i64> {
+        self.offsets.get(peer).and_then(Offset::rtt_ms)
+    }
+
+    /// The message for `to`, sent at `now_ms`.
+    pub fn message_for(&self, to: &str, now_ms: i64) -> RoomMessage {
+        RoomMessage {
+            file: self.file.clone(),
+            state: self.state.clone(),
+            watcher: self.local.clone(),
+            sent_ms: now_ms,
+            echo: self.last_from.get(to).copied().unwrap_or((0, 0)),
+        }
+    }
+
+    /// Forgets watchers not heard from in a while — our own player too, when it died
+    /// without a word; true if one went.
+    pub fn expire(&mut self, now_ms: i64) -> bool {
+        let before = self.watchers.len();
+        self.watchers
+            .retain(|_, w| now_ms - w.seen_ms <= WATCHER_TIMEOUT_MS);
+        let local_gone = self
+            .local
+            .as_ref()
+            .is_some_and(|w| now_ms - w.seen_ms > WATCHER_TIMEOUT_MS);
+        if local_gone {
+            self.local = None;
+        }
+        self.watchers.len() != before || local_gone
+    }
+
+    /// Every watcher, us first when we watch.
+    pub fn all_watchers(&self) -> impl Iterator<Item = &Watcher> {
+        self.local.iter().chain(self.watchers.values())
+    }
+
+    /// Holds or releases the room for buffering: a running room is held when a watcher
+    /// starves; a held one resumes when every watcher has enough ahead. True when the
+    /// state changed (and must be sent).
+    pub fn settle_readiness(&mut self, now_ms: i64) -> bool {
+        if !self.hold_when_starved {
+            return false;
+        }
+        let starving = self.all_watchers().any(|w| w.starved);
+        let ready = self
+            .all_watchers()
+            .all(|w| !w.starved && w.buffered_s >= READY_BUFFER_S);
+        if self.state.running() && starving {
+            self.state = Playback {
+                position: self.state.position_at(now_ms),
+                at_ms: now_ms,
+                held: true,
+                stamp: self.next_stamp(),
+                ..self.state.clone()
+            };
+            return true;
+        }
+        if self.state.playing && self.state.held && ready {
+            self.state = Playback {
+                at_ms: now_ms,
+                held: false,
+                stamp: self.next_stamp(),
+                ..self.state.clone()
+            };
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(room: &Room, to: &str, now: i64) -> RoomMessage {
+        room.message_for(to, now)
+    }
+
+    #[test]
+    fn a_pause_on_one_member_becomes_the_state_of_the_other() {
+        let mut a = Room::new("s/f.mkv", "a", 0);
+        let mut b = Room::new("s/f.mkv", "b", 0);
+        a.local_change(1_000, true, 0.0, 1.0);
+        assert!(b.receive("a", msg(&a, "b", 1_000), 1_001));
+        assert!(b.state.running());
+        b.local_change(5_000, false, 4.0, 1.0);
+        assert!(a.receive("b", msg(&b, "a", 5_000), 5_002));
+        assert!(!a.state.playing);
+        assert_eq!(a.state.position_at(9_000), 4.0);
+    }
+
+    #[test]
+    fn concurrent_changes_settle_on_the_same_state_everywhere() {
+        let mut a = Room::new("f", "a", 0);
+        let mut b = Room::new("f", "b", 0);
+        a.local_change(100, false, 10.0, 1.0);
+        b.local_change(100, true, 20.0, 1.0);
+        let (ma, mb) = (msg(&a, "b", 101), msg(&b, "a", 101));
+        a.receive("b", mb, 102);
+        b.receive("a", ma, 102);
+        assert_eq!(a.state.stamp, b.state.stamp);
+        assert_eq!(a.state.position, b.state.position);
+        assert_eq!(a.state.playing, b.state.playing);
+    }
+
+    #[test]
+    fn an_older_state_does_not_replace_a_newer_one() {
+        let mut a = Room::new("f", "a", 0);
+        let mut b = Room::new("f", "b", 0);
+        a.local_change(100, true, 0.0, 1.0);
+        let old = msg(&a, "b", 100);
+        a.local_change(200, false, 0.1, 1.0);
+        b.receive("a", msg(&a, "b", 200), 201);
+        assert!(!b.receive("a", old, 202));
+        assert!(!b.state.playing);
+    }
+
+    #[test]
+    fn the_clock_offset_comes_from_the_least_delayed_exchange() {
+        let mut o = Offset::default();
+        // Their clock runs 500 ms ahead; one-way delays 5 ms, then one slow exchange.
+        o.sample(1_000, 1_505, 1_506, 1_011);
+        o.sample(2_000, 2_580, 2_581, 2_161);
+        assert_eq!(o.ms(), 500);
+        assert_eq!(o.rtt_ms(), Some(10));
+    }
+
+    #[test]
+    fn a_state_from_a_skewed_clock_is_moved_onto_ours() {
+        let mut a = Room::new("f", "a", 0);
+        let mut b = Room::new("f", "b", 0);
+        // b's clock is 10 s ahead of a's. One round trip teaches a the offset.
+        b.receive("a", msg(&a, "b", 1_000), 11_002);
+        a.receive("b", msg(&b, "a", 11_003), 1_005);
+        assert!(
+            (a.offset_ms("b") - 10_000).abs() <= 2,
+            "{}",
+            a.offset_ms("b")
+        );
+        b.local_change(12_000, true, 30.0, 1.0);
+        a.receive("b", msg(&b, "a", 12_000), 2_002);
+        // At a's 3_000 (b's 13_000) the file is 31 s in.
+        assert!((a.state.position_at(3_000) - 31.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn small_drift_nudges_the_speed_and_large_drift_seeks() {
+        assert_eq!(correct(10.0, 10.01, 1.0), Correction::Rate(1.0));
+        match correct(10.0, 9.9, 1.0) {
+            Correction::Nudge(r) => assert!(r > 1.0 && r <= 1.0 + MAX_NUDGE),
+            c => panic!("{c:?}"),
+        }
+        match correct(10.0, 10.1, 1.0) {
+            Correction::Nudge(r) => assert!((1.0 - MAX_NUDGE..1.0).contains(&r)),
+            c => panic!("{c:?}"),
+        }
+        assert_eq!(correct(10.0, 3.0, 1.0), Correction::Seek(10.0));
+    }
+
+    #[test]
+    fn a_starved_watcher_holds_the_room_and_it_resumes_when_all_are_ready() {
+        let mut a = Room::new("f", "a", 0);
+        a.local_change(0, true, 0.0, 1.0);
+        a.local_report(1_000, 1.0, 0.0, true);
+        assert!(a.settle_readiness(1_000));
+        assert!(a.state.playing && a.state.held && !a.state.running());
+        assert_eq!(a.state.position_at(5_000), 1.0);
+        a.local_report(2_000, 1.0, READY_BUFFER_S + 1.0, false);
+        assert!(a.settle_readiness(2_000));
+        assert!(a.state.running());
+        assert!((a.state.position_at(3_000) - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_watcher_that_goes_quiet_leaves_the_room() {
+        let mut a = Room::new("f", "a", 0);
+        let mut b = Room::new("f", "b", 0);
+        b.local_report(0, 0.0, 5.0, false);
+        a.receive("b", msg(&b, "a", 0), 0);
+        assert_eq!(a.watchers.len(), 1);
+        assert!(!a.expire(WATCHER_TIMEOUT_MS));
+        assert!(a.expire(WATCHER_TIMEOUT_MS + 1));
+        assert!(a.watchers.is_empty());
+        // Our own player, killed without a word, goes the same way.
+        a.local_report(10_000, 0.0, 5.0, false);
+        assert!(!a.expire(10_000 + WATCHER_TIMEOUT_MS));
+        assert!(a.expire(10_001 + WATCHER_TIMEOUT_MS));
+        assert!(a.local.is_none());
+    }
+}

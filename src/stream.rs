@@ -1,0 +1,529 @@
+//! Playing a shared file while it arrives. A [`Stream`] is one file being watched: its
+//! manifest, a sparse cache file in the state directory, which chunks are there, and the
+//! playhead (the chunk the player reads at). Workers fetch chunks in playhead order — the
+//! chunk under the playhead first, then on ahead, then the rest from the start — through
+//! [`crate::transfer::fetch_chunk`], so the planner's routes, nearby gateways and chunk
+//! verification apply as for `get`. The loopback HTTP endpoint serves each stream with
+//! Range support, waiting for a chunk when the player gets ahead of the network. It owns
+//! the cache files and the endpoint; it must not decide routes nor touch shares (a file
+//! held locally is read in place).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::planner::Key;
+use crate::share::Manifest;
+use crate::transfer::{Engine, Membership, Progress};
+
+/// Chunks fetched at once for one stream.
+const WORKERS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("cannot open the stream cache {path}: {source}")]
+    OpenCache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The chunk to fetch next: the first one neither here nor being fetched, looking from
+/// the playhead to the end, then from the start.
+pub fn next_wanted(have: &[bool], busy: &[bool], playhead: usize) -> Option<usize> {
+    let n = have.len();
+    (0..n)
+        .map(|i| (playhead.min(n) + i) % n.max(1))
+        .find(|&i| !have[i] && !busy[i])
+}
+
+/// One watched file.
+pub struct Stream {
+    /// `share/path`.
+    pub file: String,
+    pub manifest: Manifest,
+    /// The member the chunks come from.
+    pub source: Key,
+    path: PathBuf,
+    data: std::fs::File,
+    /// Which chunks are present, and which are being fetched.
+    chunks: Mutex<(Vec<bool>, Vec<bool>)>,
+    arrived: tokio::sync::Notify,
+    playhead: AtomicU64,
+    pub progress: Arc<Progress>,
+}
+
+impl Stream {
+    /// A stream of a file this node holds in a share: everything is there.
+    pub fn local(
+        file: &str,
+        manifest: Manifest,
+        me: Key,
+        path: PathBuf,
+    ) -> Result<Stream, StreamError> {
+        let data = std::fs::File::open(&path).map_err(|source| StreamError::OpenCache {
+            path: path.clone(),
+            source,
+        })?;
+        let n = manifest.chunks.len();
+        Ok(Stream::new(file, manifest, me, path, data, vec![true; n]))
+    }
+
+    /// A stream of a file held elsewhere, cached in `cache_dir` under its content id (a
+    /// cache left by an earlier watch of the same content is reused, chunk by chunk,
+    /// after checking each against the manifest).
+    pub fn remote(
+        file: &str,
+        manifest: Manifest,
+        source: Key,
+        cache_dir: &std::path::Path,
+    ) -> Result<Stream, StreamError> {
+        let path = cache_dir.join(manifest.id());
+        let open = |source| StreamError::OpenCache {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(cache_dir).map_err(open)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let data = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(open)?;
+        let fresh = data.metadata().map_err(open)?.len() == 0;
+        data.set_len(manifest.size).map_err(open)?;
+        let have = (0..manifest.chunks.len() as u64)
+            .map(|i| {
+                if fresh {
+                    return false;
+                }
+                let mut buf = vec![0u8; manifest.chunk_len(i) as usize];
+                use std::os::unix::fs::FileExt;
+                data.read_exact_at(&mut buf, i * manifest.chunk_size)
+                    .is_ok()
+                    && blake3::hash(&buf).to_hex().as_str() == manifest.chunks[i as usize]
+            })
+            .collect();
+        Ok(Stream::new(file, manifest, source, path, data, have))
+    }
+
+    fn new(
+        file: &str,
+        manifest: Manifest,
+        source: Key,
+        path: PathBuf,
+        data: std::fs::File,
+        have: Vec<bool>,
+    ) -> Stream {
+        let progress = Arc::new(Progress::default());
+        progress.size.store(manifest.size, Ordering::Relaxed);
+        let done: u64 = have
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| **h)
+            .map(|(i, _)| manifest.chunk_len(i as u64))
+            .sum();
+        progress.done.store(done, Ordering::Relaxed);
+        let busy = vec![false; have.len()];
+        Stream {
+            file: file.to_string(),
+            manifest,
+            source,
+            path,
+            data,
+            chunks: Mutex::new((have, busy)),
+            arrived: tokio::sync::Notify::new(),
+            playhead: AtomicU64::new(0),
+            progress,
+        }
+    }
+
+    pub fn complete(&self) -> bool {
+        self.lock().0.iter().all(|h| *h)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<bool>, Vec<bool>)> {
+        self.chunks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes present from the playhead on, without a gap.
+    pub fn ahead_bytes(&self) -> u64 {
+        let at = self.playhead.load(Ordering::Relaxed) as usize;
+        let (have, _) = &*self.lock();
+        have.iter()
+            .enumerate()
+            .skip(at)
+            .take_while(|(_, h)| **h)
+            .map(|(i, _)| self.manifest.chunk_len(i as u64))
+            .sum()
+    }
+
+    /// Up to `len` bytes at `offset` (less at a chunk's end), waiting for their chunk.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, StreamError> {
+        let cs = self.manifest.chunk_size.max(1);
+        let index = offset / cs;
+        self.playhead.store(index, Ordering::Relaxed);
+        loop {
+            let arrived = self.arrived.notified();
+            if self.lock().0.get(index as usize).copied().unwrap_or(true) {
+                break;
+            }
+            arrived.await;
+        }
+        let end = ((index + 1) * cs).min(self.manifest.size).min(offset + len);
+        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+        use std::os::unix::fs::FileExt;
+        tokio::task::block_in_place(|| self.data.read_exact_at(&mut buf, offset)).map_err(
+            |source| StreamError::Read {
+                path: self.path.clone(),
+                source,
+            },
+        )?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Fetches what is missing, in playhead order, until all is there or `cancel`.
+    pub async fn fill(
+        self: Arc<Self>,
+        engine: Arc<Engine>,
+        members: Arc<dyn Membership>,
+        cancel: CancellationToken,
+    ) {
+        let exclude = Arc::new(Mutex::new(Vec::new()));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..WORKERS {
+            let (s, engine, members, exclude, cancel) = (
+                self.clone(),
+                engine.clone(),
+                members.clone(),
+                exclude.clone(),
+                cancel.clone(),
+            );
+            workers.spawn(async move {
+                loop {
+                    let picked = {
+                        let (have, busy) = &mut *s.lock();
+                        let at = s.playhead.load(Ordering::Relaxed) as usize;
+                        let i = next_wanted(have, busy, at);
+                        if let Some(i) = i {
+                            busy[i] = true;
+                        }
+                        i
+                    };
+                    let Some(i) = picked else { return };
+                    let got = tokio::select! {
+                        r = crate::transfer::fetch_chunk(
+                            &engine, &*members, &s.source, &s.manifest, i as u64, &exclude,
+                            &s.progress,
+                        ) => r,
+                        () = cancel.cancelled() => return,
+                    };
+                    let written = got.map_err(|e| e.to_string()).and_then(|b| {
+                        use std::os::unix::fs::FileExt;
+                        tokio::task::block_in_place(|| {
+                            s.data.write_all_at(&b, i as u64 * s.manifest.chunk_size)
+                        })
+                        .map(|()| b.len())
+                        .map_err(|e| e.to_string())
+                    });
+                    let ok = written.is_ok();
+                    {
+                        let (have, busy) = &mut *s.lock();
+                        busy[i] = false;
+                        have[i] = ok;
+                    }
+                    match written {
+                        Ok(n) => {
+                            s.progress.done.fetch_add(n as u64, Ordering::Relaxed);
+                            s.arrived.notify_waiters();
+                        }
+                        Err(e) => {
+                            // A stream being watched never gives up; it waits and tries again.
+                            log::warn!("watch {}: chunk {i}: {e}", s.file);
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                () = cancel.cancelled() => return,
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        while workers.join_next().await.is_some() {}
+        if self.complete() {
+            log::info!("watch {}: all {} bytes here", self.file, self.manifest.size);
+        }
+    }
+}
+
+/// The streams open on this node, by `share/path`, and the tasks filling them.
+pub struct Streams {
+    pub cache_dir: PathBuf,
+    open: Mutex<HashMap<String, Arc<Stream>>>,
+    pub tasks: TaskTracker,
+    pub cancel: CancellationToken,
+    /// Where the loopback endpoint listens, once bound.
+    pub endpoint: Mutex<Option<SocketAddr>>,
+}
+
+impl Streams {
+    pub fn new(cache_dir: PathBuf, cancel: CancellationToken) -> Streams {
+        Streams {
+            cache_dir,
+            open: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            cancel,
+            endpoint: Mutex::new(None),
+        }
+    }
+
+    pub fn get(&self, file: &str) -> Option<Arc<Stream>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(file)
+            .cloned()
+    }
+
+    /// Adds `stream` (keeping one already open for the same content) and starts filling
+    /// it; returns the one in use.
+    pub fn add(
+        &self,
+        stream: Stream,
+        engine: Arc<Engine>,
+        members: Arc<dyn Membership>,
+    ) -> Arc<Stream> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = open.get(&stream.file) {
+            if s.manifest.id() == stream.manifest.id() {
+                return s.clone();
+            }
+        }
+        let s = Arc::new(stream);
+        open.insert(s.file.clone(), s.clone());
+        if !s.complete() {
+            self.tasks
+                .spawn(s.clone().fill(engine, members, self.cancel.child_token()));
+        }
+        s
+    }
+
+    /// The URL a player opens for `file`.
+    pub fn url(&self, file: &str) -> Option<String> {
+        let at = (*self.endpoint.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let path: String = file
+            .split('/')
+            .map(|seg| form_urlencoded::byte_serialize(seg.as_bytes()).collect::<String>())
+            .collect::<Vec<_>>()
+            .join("/");
+        Some(format!("http://{at}/{path}"))
+    }
+}
+
+/// A response body fed by a task as chunks arrive.
+pub struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+type Body = Either<Full<Bytes>, ChannelBody>;
+
+fn plain(status: StatusCode, text: &str) -> Response<Body> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(text.to_string()))));
+    *r.status_mut() = status;
+    r
+}
+
+/// `bytes=START-` or `bytes=START-END` against a file of `size` bytes: (start, end
+/// inclusive), or `None` when it cannot be satisfied.
+pub fn parse_range(header: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    let (a, b) = spec.split_once('-')?;
+    if a.is_empty() {
+        // The last N bytes.
+        let n: u64 = b.parse().ok()?;
+        return (n > 0 && size > 0).then(|| (size.saturating_sub(n), size - 1));
+    }
+    let start: u64 = a.parse().ok()?;
+    let end = if b.is_empty() {
+        size.checked_sub(1)?
+    } else {
+        b.parse::<u64>().ok()?.min(size.checked_sub(1)?)
+    };
+    (start <= end && start < size).then_some((start, end))
+}
+
+fn content_type(file: &str) -> &'static str {
+    match file
+        .rsplit('.')
+        .next()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("mp4" | "m4v") => "video/mp4",
+        Some("mkv") => "video/x-matroska",
+        Some("webm") => "video/webm",
+        Some("mp3") => "audio/mpeg",
+        _ => "application/octet-stream",
+    }
+}
+
+async fn handle(streams: Arc<Streams>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    let file: String = req
+        .uri()
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .map(|seg| {
+            form_urlencoded::parse(format!("x={seg}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("/");
+    let Some(s) = streams.get(&file) else {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not being watched here: `watchalong watch SHARE/PATH` opens it\n",
+        );
+    };
+    let size = s.manifest.size;
+    let range = req
+        .headers()
+        .get(hyper::header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    let (start, end, status) = match range {
+        None => (0, size.saturating_sub(1), StatusCode::OK),
+        Some(h) => match parse_range(h, size) {
+            Some((a, b)) => (a, b, StatusCode::PARTIAL_CONTENT),
+            None => {
+                let mut r = plain(StatusCode::RANGE_NOT_SATISFIABLE, "");
+                if let Ok(v) = format!("bytes */{size}").parse() {
+                    r.headers_mut().insert(hyper::header::CONTENT_RANGE, v);
+                }
+                return r;
+            }
+        },
+    };
+    let len = if size == 0 { 0 } else { end - start + 1 };
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    if req.method() == hyper::Method::GET && len > 0 {
+        let cancel = streams.cancel.clone();
+        streams.tasks.spawn(async move {
+            let mut at = start;
+            while at <= end {
+                let got = tokio::select! {
+                    r = s.read(at, end + 1 - at) => r,
+                    () = cancel.cancelled() => return,
+                };
+                match got {
+                    // The player went away: stop reading for it.
+                    Ok(b) if !b.is_empty() => {
+                        at += b.len() as u64;
+                        if tx.send(b).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => return,
+                    Err(e) => {
+                        log::warn!("watch: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let mut r = Response::new(Either::Right(ChannelBody(rx)));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    let mut set = |k: hyper::header::HeaderName, v: String| {
+        if let Ok(v) = v.parse() {
+            h.insert(k, v);
+        }
+    };
+    set(hyper::header::CONTENT_LENGTH, len.to_string());
+    set(hyper::header::ACCEPT_RANGES, "bytes".into());
+    set(hyper::header::CONTENT_TYPE, content_type(&file).into());
+    if status == StatusCode::PARTIAL_CONTENT {
+        set(
+            hyper::header::CONTENT_RANGE,
+            format!("bytes {start}-{end}/{size}"),
+        );
+    }
+    r
+}
+
+/// Serves the streams on `listener` (bound by the caller to loopback) until `cancel`.
+pub async fn serve_local(listener: TcpListener, streams: Arc<Streams>, cancel: CancellationToken) {
+    crate::transfer::serve(listener, cancel, move |req, _local, _peer| {
+        let streams = streams.clone();
+        async move { handle(streams, req).await }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_come_from_the_playhead_on_then_from_the_start() {
+        let have = [true, false, false, true, false, false];
+        let mut busy = [false; 6];
+        assert_eq!(next_wanted(&have, &busy, 3), Some(4));
+        busy[4] = true;
+        assert_eq!(next_wanted(&have, &busy, 3), Some(5));
+        busy[5] = true;
+        assert_eq!(next_wanted(&have, &busy, 3), Some(1));
+        assert_eq!(next_wanted(&[true; 3], &[false; 3], 1), None);
+        assert_eq!(next_wanted(&[], &[], 0), None);
+        assert_eq!(next_wanted(&[false, false], &[false; 2], 9), Some(0));
+    }
+
+    #[test]
+    fn ranges_are_read_as_players_send_them() {
+        assert_eq!(parse_range("bytes=0-", 100), Some((0, 99)));
+        assert_eq!(parse_range("bytes=10-19", 100), Some((10, 19)));
+        assert_eq!(parse_range("bytes=90-200", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=5-1", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=0-", 0), None);
+    }
+}

@@ -1,0 +1,305 @@
+//! The node's side of watching along: opening a [`crate::stream::Stream`] for a local
+//! player, keeping the [`crate::room::Room`] of every watched file, and exchanging room
+//! messages with the other members over the node server (`/v1/room`). The local player
+//! itself is driven by the CLI (`watchalong watch`), which reports to and reads from
+//! here through the control API. It owns the rooms' runtime (timing, broadcast, wake-ups
+//! of waiting players); the rules are [`crate::room`]'s.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::room::{Playback, Room, RoomMessage};
+use crate::stream::Streams;
+use crate::transfer::{self, Directory};
+
+/// How often a watcher tells the others where it is (and how often rooms are checked).
+pub const HEARTBEAT: Duration = Duration::from_millis(250);
+
+/// Milliseconds since the epoch on this node's clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// What `watchalong watch` gets back when it opens a file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WatchReply {
+    pub file: String,
+    /// Where a player opens it (loopback only).
+    pub url: String,
+    pub size: u64,
+    /// The member the data comes from (this node when it holds the file).
+    pub source: String,
+    pub state: Playback,
+}
+
+/// The local player's report: where it is, how much it holds ahead, and a change a
+/// person made on it, if any.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub file: String,
+    pub position: f64,
+    pub buffered_s: f64,
+    pub starved: bool,
+    #[serde(default)]
+    pub change: Option<Change>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub playing: bool,
+    pub position: f64,
+    pub rate: f64,
+}
+
+/// A wait for the room's state to move past `counter`/`node`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WaitRequest {
+    pub file: String,
+    pub counter: u64,
+    pub node: String,
+    /// At most this long, in ms.
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileRequest {
+    pub file: String,
+}
+
+/// One watcher as `watchalong room` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WatcherView {
+    pub node: String,
+    pub position: f64,
+    pub drift_ms: i64,
+    pub buffered_s: f64,
+    pub starved: bool,
+    pub rtt_ms: Option<i64>,
+    pub clock_offset_ms: i64,
+}
+
+/// A room as the control API shows it; `state.at_ms` is on this node's clock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoomView {
+    pub file: String,
+    pub state: Playback,
+    /// Where the file is now, by the room.
+    pub position_now: f64,
+    pub watchers: Vec<WatcherView>,
+    /// Bytes of the file here, and its size (when this node streams it).
+    pub have_bytes: Option<u64>,
+    pub size: Option<u64>,
+}
+
+/// Every room on this node and the streams its players read.
+pub struct Watch {
+    pub streams: Arc<Streams>,
+    rooms: Mutex<HashMap<String, Room>>,
+    /// Bumped whenever a room's state changes, to wake waiting players.
+    changed: tokio::sync::watch::Sender<u64>,
+    /// This node in stamps and messages (a prefix of its key, in hex) and by name.
+    me: String,
+    name: String,
+    hold_when_starved: bool,
+}
+
+impl Watch {
+    pub fn new(streams: Arc<Streams>, me: String, name: String, hold_when_starved: bool) -> Watch {
+        Watch {
+            streams,
+            rooms: Mutex::new(HashMap::new()),
+            changed: tokio::sync::watch::Sender::new(0),
+            me,
+            name,
+            hold_when_starved,
+        }
+    }
+
+    fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Room>> {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Runs `f` on the room of `file`, made if there is none.
+    fn with_room<T>(&self, file: &str, f: impl FnOnce(&mut Room) -> T) -> T {
+        let mut rooms = self.rooms();
+        let room = rooms.entry(file.to_string()).or_insert_with(|| {
+            let mut r = Room::new(file, &self.me, now_ms());
+            r.hold_when_starved = self.hold_when_starved;
+            r
+        });
+        f(room)
+    }
+
+    pub fn state(&self, file: &str) -> Playback {
+        self.with_room(file, |r| r.state.clone())
+    }
+
+    /// The local player's report; returns the room as it now stands and whether the
+    /// others must hear at once (a change).
+    pub fn report(&self, r: Report) -> (RoomView, bool) {
+        let now = now_ms();
+        let urgent = self.with_room(&r.file, |room| {
+            let mut urgent = room.local.is_none();
+            if let Some(c) = &r.change {
+                room.local_change(now, c.playing, c.position, c.rate);
+                urgent = true;
+            }
+            room.local_report(now, r.position, r.buffered_s, r.starved);
+            if let Some(me) = room.local.as_mut() {
+                me.node = self.name.clone();
+            }
+            urgent | room.settle_readiness(now)
+        });
+        if urgent {
+            self.bump();
+        }
+        (self.view(&r.file), urgent)
+    }
+
+    /// The local player is gone.
+    pub fn leave(&self, file: &str) {
+        self.with_room(file, Room::local_left);
+    }
+
+    /// Waits until the room's state moves past the given stamp, or the timeout.
+    pub async fn wait(&self, w: &WaitRequest) -> RoomView {
+        let mut rx = self.changed.subscribe();
+        let moved = |s: &Playback| s.stamp.counter != w.counter || s.stamp.node != w.node;
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(w.timeout_ms.min(10_000));
+        loop {
+            if moved(&self.state(&w.file)) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        self.view(&w.file)
+    }
+
+    pub fn view(&self, file: &str) -> RoomView {
+        let now = now_ms();
+        let stream = self.streams.get(file);
+        self.with_room(file, |room| RoomView {
+            file: file.to_string(),
+            state: room.state.clone(),
+            position_now: room.state.position_at(now),
+            watchers: room
+                .local
+                .iter()
+                .map(|w| (None, w))
+                .chain(room.watchers.iter().map(|(k, w)| (Some(k), w)))
+                .map(|(k, w)| WatcherView {
+                    node: w.node.clone(),
+                    position: w.position,
+                    drift_ms: (w.drift_s * 1000.0).round() as i64,
+                    buffered_s: w.buffered_s,
+                    starved: w.starved,
+                    rtt_ms: k.and_then(|k| room.rtt_ms(k)),
+                    clock_offset_ms: k.map_or(0, |k| room.offset_ms(k)),
+                })
+                .collect(),
+            have_bytes: stream
+                .as_ref()
+                .map(|s| s.progress.done.load(std::sync::atomic::Ordering::Relaxed)),
+            size: stream.as_ref().map(|s| s.manifest.size),
+        })
+    }
+
+    /// Every room this node knows of.
+    pub fn views(&self) -> Vec<RoomView> {
+        let mut files: Vec<String> = self.rooms().keys().cloned().collect();
+        files.sort();
+        files.iter().map(|f| self.view(f)).collect()
+    }
+
+    /// A message from member `from` (named by its key prefix).
+    pub fn receive(&self, from: &str, body: &[u8]) {
+        let Ok(m) = serde_json::from_slice::<RoomMessage>(body) else {
+            return;
+        };
+        if crate::share::clean_path(&m.file).is_err() {
+            return;
+        }
+        let file = m.file.clone();
+        if self.with_room(&file, |room| room.receive(from, m, now_ms())) {
+            self.bump();
+        }
+    }
+
+    /// One round: forget quiet watchers, hold or release for buffering, and, from every
+    /// room a local player watches, tell the others. `urgent_only` sends just the rooms
+    /// whose state changed since the last round.
+    pub async fn round(&self, dir: &Directory, key_of: impl Fn(&transfer::Peer) -> String) {
+        let now = now_ms();
+        let mut changed = false;
+        let mut outgoing = Vec::new();
+        {
+            let mut rooms = self.rooms();
+            for room in rooms.values_mut() {
+                let had_local = room.local.is_some();
+                room.expire(now);
+                if room.local.is_some() {
+                    changed |= room.settle_readiness(now);
+                    outgoing.push(room.clone());
+                } else if had_local {
+                    // Our player died: the others hear we left.
+                    outgoing.push(room.clone());
+                }
+            }
+        }
+        if changed {
+            self.bump();
+        }
+        for room in outgoing {
+            self.send(&room, dir, &key_of).await;
+        }
+    }
+
+    /// Sends the room of `file` to everyone now (after a change).
+    pub async fn send_now(
+        &self,
+        file: &str,
+        dir: &Directory,
+        key_of: impl Fn(&transfer::Peer) -> String,
+    ) {
+        let room = self.with_room(file, |r| r.clone());
+        self.send(&room, dir, &key_of).await;
+    }
+
+    async fn send(
+        &self,
+        room: &Room,
+        dir: &Directory,
+        key_of: &impl Fn(&transfer::Peer) -> String,
+    ) {
+        let now = now_ms();
+        let mut posts = tokio::task::JoinSet::new();
+        for p in dir.peers.iter().filter(|p| p.key != dir.me && p.up) {
+            let Ok(body) = serde_json::to_vec(&room.message_for(&key_of(p), now)) else {
+                continue;
+            };
+            let (vpn, name) = (p.vpn, p.name.clone());
+            posts.spawn(async move {
+                if let Err(e) = transfer::http_post(vpn, "/v1/room", body).await {
+                    log::debug!("room message to {name}: {e}");
+                }
+            });
+        }
+        while posts.join_next().await.is_some() {}
+    }
+}
