@@ -286,6 +286,9 @@ pub struct Streams {
     pub cancel: CancellationToken,
     /// Where the loopback endpoint listens, once bound.
     pub endpoint: Mutex<Option<SocketAddr>>,
+    /// A secret first path segment: loopback is open to every user of the machine, the
+    /// URL only to whoever `watchalong watch` (the control socket's users) gave it.
+    token: String,
 }
 
 impl Streams {
@@ -296,6 +299,11 @@ impl Streams {
             tasks: TaskTracker::new(),
             cancel,
             endpoint: Mutex::new(None),
+            token: {
+                let mut t = [0u8; 16];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut t);
+                t.iter().map(|b| format!("{b:02x}")).collect()
+            },
         }
     }
 
@@ -338,7 +346,7 @@ impl Streams {
             .map(|seg| form_urlencoded::byte_serialize(seg.as_bytes()).collect::<String>())
             .collect::<Vec<_>>()
             .join("/");
-        Some(format!("http://{at}/{path}"))
+        Some(format!("http://{at}/{}/{path}", self.token))
     }
 }
 
@@ -403,10 +411,14 @@ async fn handle(streams: Arc<Streams>, req: Request<Incoming>) -> Response<Body>
     if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
-    let file: String = req
-        .uri()
-        .path()
-        .trim_start_matches('/')
+    let full = req.uri().path().trim_start_matches('/');
+    let Some(rest) = full
+        .strip_prefix(streams.token.as_str())
+        .and_then(|r| r.strip_prefix('/'))
+    else {
+        return plain(StatusCode::NOT_FOUND, "");
+    };
+    let file: String = rest
         .split('/')
         .map(|seg| {
             form_urlencoded::parse(format!("x={seg}").as_bytes())

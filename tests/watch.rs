@@ -3,177 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
+use common::player::*;
 use common::*;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// A test video: `secs` seconds of a moving test pattern with a tone, a keyframe every
-/// second, at about `kbit` kbit/s.
-fn make_video(path: &Path, secs: u32, kbit: u32) {
-    let o = run(
-        "ffmpeg",
-        &[
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=320x240:rate=25",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440",
-            "-t",
-            &secs.to_string(),
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "25",
-            "-b:v",
-            &format!("{kbit}k"),
-            "-minrate",
-            &format!("{kbit}k"),
-            "-maxrate",
-            &format!("{kbit}k"),
-            "-bufsize",
-            &format!("{kbit}k"),
-            "-c:a",
-            "aac",
-            "-movflags",
-            "+faststart",
-            path.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "ffmpeg: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A `watchalong watch` with headless mpv, run in the node's namespace (mpv must reach
-/// the daemon's loopback endpoint), and its IPC socket for the test to play the person.
-struct Player {
-    child: Option<Child>,
-    ipc: PathBuf,
-    name: String,
-}
-
-impl Player {
-    fn start(n: &Node, file: &str) -> Player {
-        let ipc = n.dir.join(format!("mpv-{}.sock", std::process::id()));
-        let _ = std::fs::remove_file(&ipc);
-        let child = n.ns.spawn(
-            &[
-                BIN,
-                "--config",
-                n.config.to_str().unwrap(),
-                "watch",
-                file,
-                "--player-arg=--vo=null",
-                "--player-arg=--ao=null",
-                "--player-arg=--really-quiet",
-                "--ipc",
-                ipc.to_str().unwrap(),
-            ],
-            &n.dir.join("watch.log"),
-        );
-        let p = Player {
-            child: Some(child),
-            ipc,
-            name: n.name.clone(),
-        };
-        assert!(
-            wait_until(DEADLINE, || p.get("time-pos").is_some()),
-            "{}'s player never started: {}",
-            p.name,
-            std::fs::read_to_string(n.dir.join("watch.log")).unwrap_or_default()
-        );
-        p
-    }
-
-    fn call(&self, command: serde_json::Value) -> Option<serde_json::Value> {
-        let mut s = UnixStream::connect(&self.ipc).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let line = serde_json::json!({ "command": command, "request_id": 7 }).to_string() + "\n";
-        s.write_all(line.as_bytes()).ok()?;
-        let mut r = BufReader::new(s);
-        loop {
-            let mut l = String::new();
-            if r.read_line(&mut l).ok()? == 0 {
-                return None;
-            }
-            let v: serde_json::Value = serde_json::from_str(&l).ok()?;
-            if v.get("request_id").and_then(|i| i.as_u64()) == Some(7) {
-                return (v["error"] == "success").then(|| v["data"].clone());
-            }
-        }
-    }
-
-    fn get(&self, prop: &str) -> Option<serde_json::Value> {
-        self.call(serde_json::json!(["get_property", prop]))
-            .filter(|v| !v.is_null())
-    }
-
-    fn position(&self) -> f64 {
-        self.get("time-pos")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(-1.0)
-    }
-
-    fn paused(&self) -> bool {
-        self.get("pause").and_then(|v| v.as_bool()).unwrap_or(false)
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        // mpv is the CLI's child and goes with it (kill_on_drop does not run on SIGKILL).
-        let _ = run("pkill", &["-KILL", "-f", self.ipc.to_str().unwrap()]);
-    }
-}
-
-impl Drop for Player {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The positions of `players` read as close together as we can, each moved to the
-/// moment of the first reading.
-fn positions(players: &[&Player]) -> Vec<f64> {
-    let t0 = Instant::now();
-    players
-        .iter()
-        .map(|p| {
-            let pos = p.position();
-            let late = t0.elapsed().as_secs_f64();
-            if p.paused() {
-                pos
-            } else {
-                pos - late
-            }
-        })
-        .collect()
-}
-
-fn spread(v: &[f64]) -> f64 {
-    let max = v.iter().cloned().fold(f64::MIN, f64::max);
-    let min = v.iter().cloned().fold(f64::MAX, f64::min);
-    max - min
-}
 
 /// A host offering `movies/film.mp4` and `others` members holding none of it.
 fn movie_lab(others: &[&str], secs: u32, kbit: u32) -> (Lab, Vec<Node>) {
@@ -233,6 +68,52 @@ fn a_member_holding_nothing_starts_playing_before_the_file_is_there() {
         have < size,
         "the whole file was there before playback began"
     );
+
+    // The endpoint answers ranges, and only under the URL `watch` hands out.
+    let w: serde_json::Value = serde_json::from_str(&nodes[1].ok(&[
+        "watch",
+        "movies/film.mp4",
+        "--player",
+        "none",
+        "--json",
+    ]))
+    .unwrap();
+    let url = w["url"].as_str().unwrap().to_string();
+    let film = std::fs::read(nodes[0].dir.join("share-movies/film.mp4")).unwrap();
+    let (status, body) = http_get(&nodes[1], &url, Some("bytes=1000-1999"));
+    assert_eq!(status, 206);
+    assert_eq!(body, film[1000..2000]);
+    let (_, tail) = http_get(&nodes[1], &url, Some("bytes=-10"));
+    assert_eq!(tail, film[film.len() - 10..]);
+    let guessed = url.replacen(url.split('/').nth(3).unwrap(), "0000", 1);
+    assert_eq!(http_get(&nodes[1], &guessed, None).0, 404);
+}
+
+/// A plain HTTP/1.1 GET from inside `n`'s namespace: (status, body).
+fn http_get(n: &Node, url: &str, range: Option<&str>) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (addr, path) = rest.split_at(rest.find('/').unwrap());
+    let (addr, path, range) = (
+        addr.to_string(),
+        path.to_string(),
+        range.map(str::to_string),
+    );
+    in_netns(&n.ns.name, move || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if let Some(r) = range {
+            req += &format!("Range: {r}\r\n");
+        }
+        req += "\r\n";
+        s.write_all(req.as_bytes()).unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&all[..split]).to_string();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, all[split + 4..].to_vec())
+    })
 }
 
 #[test]
@@ -370,19 +251,6 @@ fn a_late_joiner_starts_at_the_room_and_a_player_or_member_that_goes_stops_nobod
         wait_until(DEADLINE, || host.position() > at + 3.0 && !host.paused()),
         "the host stopped when b's node went"
     );
-}
-
-/// Whether `program` is installed; without it a test is a failure under CI.
-fn has(program: &str) -> bool {
-    let found = std::process::Command::new(program)
-        .arg("--version")
-        .output()
-        .is_ok();
-    if !found {
-        assert!(std::env::var("CI").is_err(), "{program} is not installed");
-        eprintln!("SKIPPED ({program} not installed: apt-get install -y {program})");
-    }
-    found
 }
 
 /// Each player's state and each node's room, for a failure message.

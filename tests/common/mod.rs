@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod player;
+
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
