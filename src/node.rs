@@ -1120,6 +1120,8 @@ impl Node {
         let turn = s.pull_turn(local_path);
         let _turn = turn.lock().await;
         let part = crate::sync::partial_path(&dest);
+        // What we hold already (an append, an edit in place) is copied, not fetched.
+        tokio::task::block_in_place(|| crate::sync::seed_partial(&dest, &part, &manifest));
         let size = manifest.size;
         let got = transfer::get_file(
             self.engine.clone(),

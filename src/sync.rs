@@ -166,6 +166,48 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
+/// Starts the partial of a pull into `dest` with every chunk of the current `dest` that
+/// the wanted version has at the same offset, so only the others cross the network
+/// (the pull checks each against the manifest again). Nothing is done when a partial is
+/// there already (it is resumed as it is) or `dest` is not a file.
+pub fn seed_partial(dest: &Path, part: &Path, manifest: &crate::share::Manifest) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    if part.exists() {
+        return;
+    }
+    let Ok(old) = std::fs::File::open(dest) else {
+        return;
+    };
+    if !old.metadata().is_ok_and(|m| m.is_file()) {
+        return;
+    }
+    let Ok(new) = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(part)
+    else {
+        return;
+    };
+    if new.set_len(manifest.size).is_err() {
+        let _ = std::fs::remove_file(part);
+        return;
+    }
+    let mut buf = Vec::new();
+    for (i, want) in manifest.chunks.iter().enumerate() {
+        let i = i as u64;
+        buf.resize(manifest.chunk_len(i) as usize, 0);
+        let offset = i * manifest.chunk_size;
+        if old.read_exact_at(&mut buf, offset).is_ok()
+            && blake3::hash(&buf).to_hex().as_str() == want
+            && new.write_all_at(&buf, offset).is_err()
+        {
+            // A full disk, say: the pull fetches the rest and reports it.
+            return;
+        }
+    }
+}
+
 /// Removes the partial and staged files this daemon left directly in `dir`.
 pub fn remove_leftovers(dir: &Path) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
@@ -721,6 +763,29 @@ mod tests {
         let s = share(d.path());
         assert!(s.scan("a", id(&s)).unwrap().is_empty(), "nothing changed");
         assert!(!d.path().join("sync-s.json").exists());
+    }
+
+    #[test]
+    fn a_partial_starts_with_the_chunks_already_held_at_their_offsets() {
+        let d = tempfile::tempdir().unwrap();
+        let (dest, part) = (d.path().join("f"), d.path().join(".f.watchalong-part"));
+        std::fs::write(&dest, b"aaaabbbbcc").unwrap();
+        let chunk = |b: &[u8]| blake3::hash(b).to_hex().to_string();
+        let m = crate::share::Manifest {
+            share: "s".into(),
+            path: "f".into(),
+            size: 12,
+            mtime: 0,
+            mode: 0o644,
+            chunk_size: 4,
+            chunks: vec![chunk(b"aaaa"), chunk(b"bbbb"), chunk(b"ccdd")],
+        };
+        seed_partial(&dest, &part, &m);
+        assert_eq!(std::fs::read(&part).unwrap(), b"aaaabbbb\0\0\0\0");
+        // A partial already there is resumed as it is, not overwritten.
+        std::fs::write(&part, b"xxxx").unwrap();
+        seed_partial(&dest, &part, &m);
+        assert_eq!(std::fs::read(&part).unwrap(), b"xxxx");
     }
 
     #[test]

@@ -615,3 +615,46 @@ fn a_receiver_killed_twenty_times_during_a_256_mib_pull_never_shows_a_mixed_file
         "{served} chunks served for a {chunks}-chunk file over {kills} kills"
     );
 }
+
+#[test]
+fn an_append_to_a_big_file_fetches_only_the_chunk_that_changed() {
+    if !root_or_skip("an_append_to_a_big_file_fetches_only_the_chunk_that_changed") {
+        return;
+    }
+    // No chunk cache at the receiver: what it reuses must come from the file it holds.
+    let (_lab, nodes, roots) = docs_lab_prepared(&["a"], |roots| {
+        let config = roots[1].parent().unwrap().join("watchalong.toml");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(config)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"\n[relay]\ncache_mib = 0\n").unwrap();
+    });
+    let first = place(&roots[0], "log.bin", 8 << 20, "append");
+    wait_same(&roots, "the first version", |t| {
+        t.get("log.bin") == Some(&first)
+    });
+    let fetched = |n: &Node| {
+        n.status()["node"]["chunks"]["fetched_chunks"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = fetched(&nodes[1]);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(roots[0].join("log.bin"))
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[b'+'; 100]).unwrap();
+    drop(f);
+    let mut want = std::fs::read(roots[0].join("log.bin")).unwrap();
+    let want_hash = blake3::hash(&want).to_hex().to_string();
+    want.clear();
+    wait_same(&roots, "after the append", |t| {
+        t.get("log.bin") == Some(&want_hash)
+    });
+    let again = fetched(&nodes[1]) - before;
+    assert!(
+        again <= 1,
+        "{again} chunks fetched for a 100-byte append to 32 chunks"
+    );
+}
