@@ -117,14 +117,31 @@ fn http_get(n: &Node, url: &str, range: Option<&str>) -> (u16, Vec<u8>) {
 }
 
 #[test]
-fn three_players_pause_seek_and_play_in_step() {
-    if !root_or_skip("three_players_pause_seek_and_play_in_step") {
+fn two_players_pause_seek_change_speed_and_play_in_step() {
+    if !root_or_skip("two_players_pause_seek_change_speed_and_play_in_step") {
         return;
     }
     if !has("mpv") || !has("ffmpeg") {
         return;
     }
-    let (_lab, nodes) = movie_lab(&["a", "b"], 120, 500);
+    in_step(&["a"]);
+}
+
+#[test]
+fn three_players_pause_seek_change_speed_and_play_in_step() {
+    if !root_or_skip("three_players_pause_seek_change_speed_and_play_in_step") {
+        return;
+    }
+    if !has("mpv") || !has("ffmpeg") {
+        return;
+    }
+    in_step(&["a", "b"]);
+}
+
+/// The host and `others` watch one file; the last member pauses, the host plays, the
+/// first other member seeks and changes the speed; then they play for 30 s.
+fn in_step(others: &[&str]) {
+    let (_lab, nodes) = movie_lab(others, 120, 500);
     let players: Vec<Player> = nodes
         .iter()
         .map(|n| Player::start(n, "movies/film.mp4"))
@@ -138,9 +155,10 @@ fn three_players_pause_seek_and_play_in_step() {
         describe(&nodes, &all)
     );
 
-    // Pause on b: everyone pauses.
+    // Pause on the last member: everyone pauses.
+    let last = players.len() - 1;
     let t = Instant::now();
-    players[2]
+    players[last]
         .call(serde_json::json!(["set_property", "pause", true]))
         .unwrap();
     assert!(
@@ -179,6 +197,26 @@ fn three_players_pause_seek_and_play_in_step() {
         positions(&all),
         describe(&nodes, &all)
     );
+
+    // Half again as fast on a: everyone follows, still in step.
+    players[1]
+        .call(serde_json::json!(["set_property", "speed", 1.5]))
+        .unwrap();
+    let faster = wait_until(DEADLINE, || {
+        all.iter().all(|p| {
+            p.get("speed")
+                .and_then(|v| v.as_f64())
+                .is_some_and(|s| (s - 1.5).abs() <= 0.15)
+        }) && spread(&positions(&all)) <= 0.1
+    });
+    assert!(
+        faster,
+        "not all at 1.5x in step: {}",
+        describe(&nodes, &all)
+    );
+    players[1]
+        .call(serde_json::json!(["set_property", "speed", 1.0]))
+        .unwrap();
 
     // Thirty seconds of playing: the largest gap between any two stays within 100 ms.
     let from = players[0].position();
