@@ -306,3 +306,42 @@ fn describe(nodes: &[Node], players: &[&Player]) -> String {
     }
     out
 }
+
+#[test]
+fn a_player_that_runs_dry_holds_the_room_until_it_has_enough_again() {
+    if !root_or_skip("a_player_that_runs_dry_holds_the_room_until_it_has_enough_again") {
+        return;
+    }
+    if !has("mpv") || !has("ffmpeg") {
+        return;
+    }
+    // A 3 Mbit/s video over a 1 Mbit/s uplink: a's player must run out.
+    let (_lab, nodes) = movie_lab(&["a"], 60, 3000);
+    let host = Player::start(&nodes[0], "movies/film.mp4");
+    assert!(wait_until(DEADLINE, || host.position() > 0.5));
+    nodes[0].shape(1);
+    let a = Player::start(&nodes[1], "movies/film.mp4");
+    let held = wait_until(DEADLINE, || {
+        let r = room(&nodes[0]);
+        r["state"]["held"] == true && host.paused()
+    });
+    assert!(
+        held,
+        "the room was not held: {}",
+        describe(&nodes, &[&host, &a])
+    );
+
+    // The link is back: once a has enough ahead, both play on from one position.
+    let o = nodes[0]
+        .ns
+        .exec(&["tc", "qdisc", "del", "dev", "eth0", "root"]);
+    assert!(o.status.success());
+    let resumed = wait_until(DEADLINE, || {
+        !host.paused() && !a.paused() && spread(&positions(&[&host, &a])) <= 0.1
+    });
+    assert!(
+        resumed,
+        "the room never resumed: {}",
+        describe(&nodes, &[&host, &a])
+    );
+}
