@@ -322,23 +322,21 @@ fn main() {
         println!("syncthing is not installed: apt-get install -y syncthing");
         return;
     }
-    let mut lab = Lab::internet();
-    let mut host = lab.node("host");
-    let mut distant = lab.node("distant");
-    let mut r1 = lab.router("r1", [192, 168, 1]);
-    let mut s1a = lab.node_behind(&mut r1, "s1a");
-    let mut s1b = lab.node_behind(&mut r1, "s1b");
-    let roots: Vec<_> = [&host, &distant, &s1a, &s1b]
+    let mut site = SiteLab::new();
+    let roots: Vec<_> = [&site.host, &site.distant, &site.s1a, &site.s1b]
         .iter()
         .map(|n| n.share_rw("docs"))
         .collect();
-    for n in [&mut host, &mut distant, &mut s1a, &mut s1b] {
-        n.start();
-    }
-    for n in [&distant, &s1a, &s1b] {
-        join(&host, n);
-    }
-    wait_for_direct_mesh(&[&host, &distant, &s1a, &s1b], Duration::from_secs(60));
+    site.start(Duration::from_secs(60));
+    // Bound first so they go last: the daemons stop before their namespaces do.
+    let SiteLab {
+        lab: _lab,
+        r1: _r1,
+        mut host,
+        mut distant,
+        mut s1a,
+        mut s1b,
+    } = site;
     wait_connected(&roots[2], &[&roots[1], &roots[3]], "watchalong");
     let pids: Vec<u32> = [&host, &distant, &s1a, &s1b]
         .iter()

@@ -45,26 +45,22 @@ fn main() {
     if !root_or_skip("bench watch") || !has("mpv") || !has("ffmpeg") {
         return;
     }
-    let mut lab = Lab::internet();
-    let mut host = lab.node("host");
-    let mut distant = lab.node("distant");
-    let mut r1 = lab.router("r1", [192, 168, 1]);
-    let mut s1a = lab.node_behind(&mut r1, "s1a");
-    let mut s1b = lab.node_behind(&mut r1, "s1b");
-    let movies = host.share("movies");
+    let mut site = SiteLab::new();
+    let movies = site.host.share("movies");
     let runs = 5;
     for i in 0..runs {
         make_video(&movies.join(format!("v{i}.mp4")), 60, 2000);
     }
-    lab.shape_wan(100);
-    for n in [&mut host, &mut distant, &mut s1a, &mut s1b] {
-        n.start();
-    }
-    for n in [&distant, &s1a, &s1b] {
-        join(&host, n);
-    }
-    wait_for_direct_mesh(&[&host, &distant, &s1a, &s1b], Duration::from_secs(60));
-    for n in [&distant, &s1a, &s1b] {
+    site.lab.shape_wan(100);
+    site.start(Duration::from_secs(60));
+    let SiteLab {
+        host,
+        distant,
+        s1a,
+        s1b,
+        ..
+    } = &site;
+    for n in [distant, s1a, s1b] {
         assert!(wait_until(Duration::from_secs(60), || n
             .cli(&["ls", "movies"])
             .status
@@ -88,21 +84,21 @@ fn main() {
             ],
             &host.dir.join("local-mpv.log"),
         );
-        let probe = Player::attach(&host, ipc);
+        let probe = Player::attach(host, ipc);
         local.push(first_frame(&probe, started));
         let _ = direct.kill();
         let _ = direct.wait();
 
         let started = Instant::now();
-        let a = Player::start(&s1a, &file);
+        let a = Player::start(s1a, &file);
         cold.push(first_frame(&a, started));
         let started = Instant::now();
-        let b = Player::start(&s1b, &file);
+        let b = Player::start(s1b, &file);
         warm.push(first_frame(&b, started));
         drop((a, b));
     }
 
-    let players: Vec<Player> = [&host, &s1a, &distant]
+    let players: Vec<Player> = [host, s1a, distant]
         .iter()
         .map(|n| Player::start(n, "movies/v0.mp4"))
         .collect();

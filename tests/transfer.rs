@@ -407,24 +407,19 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
 
 /// A site (r1: s1a, s1b) and a distant holder; a file whose gateway for s1a is s1b.
 struct GatewayLab {
-    _lab: Lab,
-    _r1: Router,
     _host: Node,
     distant: Node,
     s1a: Node,
     s1b: Node,
+    _r1: Router,
+    _lab: Lab,
     target: String,
     hash: blake3::Hash,
 }
 
 fn gateway_lab(size: u64, shape_mbit: Option<u32>) -> GatewayLab {
-    let mut lab = Lab::internet();
-    let mut host = lab.node("host");
-    let mut distant = lab.node("distant");
-    let mut r1 = lab.router("r1", [192, 168, 1]);
-    let mut s1a = lab.node_behind(&mut r1, "s1a");
-    let mut s1b = lab.node_behind(&mut r1, "s1b");
-    let films = distant.share("films");
+    let mut site = SiteLab::new();
+    let films = site.distant.share("films");
     let mut hashes = Vec::new();
     for i in 0..8 {
         hashes.push(write_random(
@@ -433,13 +428,15 @@ fn gateway_lab(size: u64, shape_mbit: Option<u32>) -> GatewayLab {
             &format!("f{i}"),
         ));
     }
-    for n in [&mut host, &mut distant, &mut s1a, &mut s1b] {
-        n.start();
-    }
-    for n in [&distant, &s1a, &s1b] {
-        join(&host, n);
-    }
-    wait_for_direct_mesh(&[&host, &distant, &s1a, &s1b], DEADLINE);
+    site.start(DEADLINE);
+    let SiteLab {
+        host,
+        distant,
+        s1a,
+        s1b,
+        r1,
+        lab,
+    } = site;
     let (target, hash) = (0..8)
         .map(|i| (format!("films/f{i}.bin"), hashes[i]))
         .find(|(t, _)| {

@@ -465,6 +465,54 @@ impl Lab {
     }
 }
 
+/// The lab of DESIGN.md's transfer cases: a host and a distant node on the lab internet,
+/// s1a and s1b behind the NAT router r1. Nothing runs yet: shares go in first.
+pub struct SiteLab {
+    // Declared in drop order: daemons first, then the router, then the namespaces' lab.
+    pub host: Node,
+    pub distant: Node,
+    pub s1a: Node,
+    pub s1b: Node,
+    pub r1: Router,
+    pub lab: Lab,
+}
+
+impl SiteLab {
+    pub fn new() -> SiteLab {
+        let mut lab = Lab::internet();
+        let host = lab.node("host");
+        let distant = lab.node("distant");
+        let mut r1 = lab.router("r1", [192, 168, 1]);
+        let s1a = lab.node_behind(&mut r1, "s1a");
+        let s1b = lab.node_behind(&mut r1, "s1b");
+        SiteLab {
+            host,
+            distant,
+            s1a,
+            s1b,
+            r1,
+            lab,
+        }
+    }
+
+    /// Starts every daemon, joins the others through links from the host, and waits
+    /// until every pair has a direct path.
+    pub fn start(&mut self, deadline: Duration) {
+        for n in [
+            &mut self.host,
+            &mut self.distant,
+            &mut self.s1a,
+            &mut self.s1b,
+        ] {
+            n.start();
+        }
+        for n in [&self.distant, &self.s1a, &self.s1b] {
+            join(&self.host, n);
+        }
+        wait_for_direct_mesh(&[&self.host, &self.distant, &self.s1a, &self.s1b], deadline);
+    }
+}
+
 pub struct Node {
     pub name: String,
     pub ns: Netns,
