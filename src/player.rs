@@ -173,18 +173,19 @@ impl Follower {
     pub fn follow(&mut self, state: &Playback, now_ms: i64, now: Instant) -> Vec<Command> {
         let mut out = Vec::new();
         self.rate = state.rate;
-        let want_paused = !state.running();
-        if self.paused != want_paused && self.sent_pause != Some(want_paused) {
-            self.sent_pause = Some(want_paused);
-            out.push(Command::Pause(want_paused));
+        // Nothing until the player's position is known: a late joiner must not play a
+        // moment from the start before it is moved to the room's position.
+        if self.read_at.is_none() {
+            return out;
         }
+        let want_paused = !state.running();
         let seeking = self
             .sent_seek
             .is_some_and(|(t, _)| now.saturating_duration_since(t) < OUR_SEEK_WINDOW);
         let expected = state.position_at(now_ms);
         let actual = self.position_now(now);
         let mut speed = state.rate;
-        if self.read_at.is_some() && !seeking {
+        if !seeking {
             if want_paused {
                 if (expected - actual).abs() > PAUSED_SLACK_S {
                     self.sent_seek = Some((now, expected));
@@ -206,6 +207,11 @@ impl Follower {
         if (self.speed - speed).abs() > 1e-3 && self.sent_speed != Some(speed) {
             self.sent_speed = Some(speed);
             out.push(Command::Speed(speed));
+        }
+        // Play (or pause) last, once the seek to the room's position is on its way.
+        if self.paused != want_paused && self.sent_pause != Some(want_paused) {
+            self.sent_pause = Some(want_paused);
+            out.push(Command::Pause(want_paused));
         }
         out
     }
@@ -513,6 +519,22 @@ mod tests {
         f.on_position(3.0, now);
         let cmds = f.follow(&state(true, 10.0, 1_000), 1_000, now);
         assert!(cmds.contains(&Command::Seek(10.0)), "{cmds:?}");
+    }
+
+    #[test]
+    fn a_late_joiner_is_moved_to_the_room_before_it_plays() {
+        let mut f = Follower::default();
+        let now = Instant::now();
+        let room = state(true, 40.0, 0);
+        assert!(
+            f.follow(&room, 0, now).is_empty(),
+            "played before its position was known"
+        );
+        f.on_position(0.0, now);
+        assert_eq!(
+            f.follow(&room, 0, now),
+            vec![Command::Seek(40.0), Command::Pause(false)]
+        );
     }
 
     #[test]
