@@ -65,6 +65,15 @@ impl Manifest {
         let start = index * self.chunk_size;
         self.chunk_size.min(self.size.saturating_sub(start))
     }
+
+    /// Chunk `index` as `file` holds it at its offset, if it is there and matches.
+    pub fn held_chunk(&self, file: &std::fs::File, index: u64) -> Option<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = vec![0u8; self.chunk_len(index) as usize];
+        file.read_exact_at(&mut buf, index * self.chunk_size).ok()?;
+        let want = self.chunks.get(index as usize)?;
+        (blake3::hash(&buf).to_hex().as_str() == want).then_some(buf)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

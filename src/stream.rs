@@ -115,16 +115,7 @@ impl Stream {
         let fresh = data.metadata().map_err(open)?.len() == 0;
         data.set_len(manifest.size).map_err(open)?;
         let have = (0..manifest.chunks.len() as u64)
-            .map(|i| {
-                if fresh {
-                    return false;
-                }
-                let mut buf = vec![0u8; manifest.chunk_len(i) as usize];
-                use std::os::unix::fs::FileExt;
-                data.read_exact_at(&mut buf, i * manifest.chunk_size)
-                    .is_ok()
-                    && blake3::hash(&buf).to_hex().as_str() == manifest.chunks[i as usize]
-            })
+            .map(|i| !fresh && manifest.held_chunk(&data, i).is_some())
             .collect();
         Ok(Stream::new(file, manifest, source, path, data, have))
     }

@@ -193,15 +193,11 @@ pub fn seed_partial(dest: &Path, part: &Path, manifest: &crate::share::Manifest)
         let _ = std::fs::remove_file(part);
         return;
     }
-    let mut buf = Vec::new();
-    for (i, want) in manifest.chunks.iter().enumerate() {
-        let i = i as u64;
-        buf.resize(manifest.chunk_len(i) as usize, 0);
-        let offset = i * manifest.chunk_size;
-        if old.read_exact_at(&mut buf, offset).is_ok()
-            && blake3::hash(&buf).to_hex().as_str() == want
-            && new.write_all_at(&buf, offset).is_err()
-        {
+    for i in 0..manifest.chunks.len() as u64 {
+        let Some(chunk) = manifest.held_chunk(&old, i) else {
+            continue;
+        };
+        if new.write_all_at(&chunk, i * manifest.chunk_size).is_err() {
             // A full disk, say: the pull fetches the rest and reports it.
             return;
         }

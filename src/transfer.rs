@@ -579,21 +579,14 @@ pub async fn get_file(
                 if index as usize >= manifest.chunks.len() {
                     return Ok::<(), TransferError>(());
                 }
-                if resuming {
-                    let len = manifest.chunk_len(index) as usize;
-                    let mut have = vec![0u8; len];
-                    use std::os::unix::fs::FileExt;
-                    let held = tokio::task::block_in_place(|| {
-                        file.read_exact_at(&mut have, index * manifest.chunk_size)
-                    })
-                    .is_ok();
-                    if held
-                        && blake3::hash(&have).to_hex().as_str() == manifest.chunks[index as usize]
-                    {
-                        engine.resumed.fetch_add(1, Ordering::Relaxed);
-                        progress.done.fetch_add(len as u64, Ordering::Relaxed);
-                        continue;
-                    }
+                if resuming
+                    && tokio::task::block_in_place(|| manifest.held_chunk(&file, index)).is_some()
+                {
+                    engine.resumed.fetch_add(1, Ordering::Relaxed);
+                    progress
+                        .done
+                        .fetch_add(manifest.chunk_len(index), Ordering::Relaxed);
+                    continue;
                 }
                 let b = fetch_chunk(
                     &engine, &*members, &source, &manifest, index, &exclude, &progress,
