@@ -84,7 +84,7 @@ fn main() {
             ],
             &host.dir.join("local-mpv.log"),
         );
-        let probe = Player::attach(host, ipc);
+        let probe = Player::attach(host, ipc, &host.dir.join("local-mpv.log"));
         local.push(first_frame(&probe, started));
         let _ = direct.kill();
         let _ = direct.wait();

@@ -210,7 +210,7 @@ async fn run_rooms(node: Arc<Node>, cancel: CancellationToken) {
         tokio::select! {
             _ = tick.tick() => {
                 let dir = crate::transfer::Membership::directory(&*node);
-                node.watch.round(&dir, |p| crate::node::key_id(&p.key)).await;
+                node.watch.round(&dir).await;
             }
             () = cancel.cancelled() => return,
         }

@@ -145,6 +145,12 @@ pub fn key_from_base64(s: &str) -> Option<[u8; 32]> {
     STANDARD.decode(s.trim()).ok()?.try_into().ok()
 }
 
+/// A member's short name in version vectors and room stamps: the first 4 bytes of its
+/// WireGuard key in hex.
+pub fn key_id(key: &[u8; 32]) -> String {
+    key[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use crate::control::{
 };
 use crate::gossip::{Event, Gossip, GossipMessage, Outgoing};
 use crate::group::{Group, StaticPeer};
-use crate::identity::{self, key_to_base64};
+use crate::identity::{self, key_id, key_to_base64};
 use crate::join::{self, JoinError};
 use crate::link::{self, Invite, InviteBook, InviteId, InviteRecord, LinkError, RedeemError};
 use crate::mesh::{self, Announcement, Key, MemberRecord, Mesh};
@@ -840,15 +840,10 @@ impl Membership for Node {
 }
 
 impl Node {
-    /// This node's name in version vectors: stable, and safe in a file name.
-    fn sync_id(&self) -> String {
-        key_id(&self.public_key)
-    }
-
     /// Scans every read-write share and announces what changed (or, with `all`,
     /// everything held, so members that missed something catch up).
     pub async fn sync_scan(&self, all: bool) {
-        let me = self.sync_id();
+        let me = key_id(&self.public_key);
         for s in &self.syncs {
             let changed = tokio::task::block_in_place(|| {
                 s.scan(&me, |rel| {
@@ -973,14 +968,12 @@ impl Node {
             (false, true) => std::cmp::Ordering::Less,
             (true, false) => std::cmp::Ordering::Greater,
         });
-        // What this announcement asks us to pull, for `status` (bytes left).
+        // What this announcement may ask us to pull, for `status` (bytes left); each is
+        // dropped once decided otherwise or pulled.
         let _queued = s.queue(
             versions
                 .iter()
-                .filter(|v| {
-                    matches!(s.decide(v), Action::Fetch { .. } | Action::Conflict { .. })
-                        && v.content != crate::sync::DIR
-                })
+                .filter(|v| s.content_differs(v))
                 .map(|v| (v.path.clone(), v.size)),
         );
         for v in versions {
@@ -993,6 +986,9 @@ impl Node {
                 continue;
             }
             let action = s.decide(&v);
+            if !matches!(action, Action::Fetch { .. } | Action::Conflict { .. }) {
+                s.unqueue(&v.path);
+            }
             log::debug!(
                 "sync: {} announced {}/{} ({:?}): {action:?}",
                 peer.name,
@@ -1197,12 +1193,6 @@ fn inside(s: &SyncShare, path: &str) -> Result<PathBuf, ()> {
         return Err(());
     }
     Ok(dest)
-}
-
-/// A member's short name in version vectors and room stamps: the first 4 bytes of its
-/// key in hex.
-pub fn key_id(key: &Key) -> String {
-    key[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `share/path` split in two; the path may be empty (the share's root).
@@ -1588,7 +1578,7 @@ impl Handler for Node {
         let (view, urgent) = self.watch.report(req);
         if urgent {
             let dir = self.directory();
-            self.watch.send_now(&file, &dir, |p| key_id(&p.key)).await;
+            self.watch.send_now(&file, &dir).await;
         }
         Ok(view)
     }
@@ -1600,9 +1590,7 @@ impl Handler for Node {
     async fn room_leave(&self, req: FileRequest) -> Result<Empty, ApiError> {
         self.watch.leave(&req.file);
         let dir = self.directory();
-        self.watch
-            .send_now(&req.file, &dir, |p| key_id(&p.key))
-            .await;
+        self.watch.send_now(&req.file, &dir).await;
         Ok(Empty {})
     }
 

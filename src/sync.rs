@@ -311,6 +311,17 @@ impl SyncShare {
         Queued { share: self, paths }
     }
 
+    /// `remote` names content this node does not hold at its path (by the index alone,
+    /// no disk access: a cheap first guess at what there is to pull).
+    pub fn content_differs(&self, remote: &FileVersion) -> bool {
+        !remote.deleted
+            && remote.content != DIR
+            && self
+                .lock()
+                .get(&remote.path)
+                .is_none_or(|e| e.version.deleted || e.version.content != remote.content)
+    }
+
     /// The pull of `path` runs, with this progress.
     pub fn pulling(&self, path: &str, progress: Arc<crate::transfer::Progress>) {
         if let Some(e) = self

@@ -242,9 +242,8 @@ impl Watch {
     }
 
     /// One round: forget quiet watchers, hold or release for buffering, and, from every
-    /// room a local player watches, tell the others. `urgent_only` sends just the rooms
-    /// whose state changed since the last round.
-    pub async fn round(&self, dir: &Directory, key_of: impl Fn(&transfer::Peer) -> String) {
+    /// room a local player watches (or just stopped watching), tell the others.
+    pub async fn round(&self, dir: &Directory) {
         let now = now_ms();
         let mut changed = false;
         let mut outgoing = Vec::new();
@@ -266,31 +265,23 @@ impl Watch {
             self.bump();
         }
         for room in outgoing {
-            self.send(&room, dir, &key_of).await;
+            self.send(&room, dir).await;
         }
     }
 
     /// Sends the room of `file` to everyone now (after a change).
-    pub async fn send_now(
-        &self,
-        file: &str,
-        dir: &Directory,
-        key_of: impl Fn(&transfer::Peer) -> String,
-    ) {
+    pub async fn send_now(&self, file: &str, dir: &Directory) {
         let room = self.with_room(file, |r| r.clone());
-        self.send(&room, dir, &key_of).await;
+        self.send(&room, dir).await;
     }
 
-    async fn send(
-        &self,
-        room: &Room,
-        dir: &Directory,
-        key_of: &impl Fn(&transfer::Peer) -> String,
-    ) {
+    async fn send(&self, room: &Room, dir: &Directory) {
         let now = now_ms();
         let mut posts = tokio::task::JoinSet::new();
         for p in dir.peers.iter().filter(|p| p.key != dir.me && p.up) {
-            let Ok(body) = serde_json::to_vec(&room.message_for(&key_of(p), now)) else {
+            let Ok(body) =
+                serde_json::to_vec(&room.message_for(&crate::identity::key_id(&p.key), now))
+            else {
                 continue;
             };
             let (vpn, name) = (p.vpn, p.name.clone());

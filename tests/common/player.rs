@@ -87,8 +87,18 @@ impl Player {
             ],
             &n.dir.join("watch.log"),
         );
+        Player::ready(n, ipc, Some(child), &n.dir.join("watch.log"))
+    }
+
+    /// A player started some other way (writing to `log`), known by its IPC socket.
+    pub fn attach(n: &Node, ipc: PathBuf, log: &Path) -> Player {
+        Player::ready(n, ipc, None, log)
+    }
+
+    /// Waits until the player at `ipc` answers; `log` is shown if it never does.
+    fn ready(n: &Node, ipc: PathBuf, child: Option<Child>, log: &Path) -> Player {
         let p = Player {
-            child: Some(child),
+            child,
             ipc,
             name: n.name.clone(),
         };
@@ -96,22 +106,7 @@ impl Player {
             wait_until(DEADLINE, || p.get("time-pos").is_some()),
             "{}'s player never started: {}",
             p.name,
-            std::fs::read_to_string(n.dir.join("watch.log")).unwrap_or_default()
-        );
-        p
-    }
-
-    /// A player started some other way, known by its IPC socket.
-    pub fn attach(n: &Node, ipc: PathBuf) -> Player {
-        let p = Player {
-            child: None,
-            ipc,
-            name: n.name.clone(),
-        };
-        assert!(
-            wait_until(DEADLINE, || p.get("time-pos").is_some()),
-            "{}'s player never started",
-            p.name
+            std::fs::read_to_string(log).unwrap_or_default()
         );
         p
     }
