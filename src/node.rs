@@ -998,6 +998,7 @@ impl Node {
             );
             match action {
                 Action::Nothing => {}
+                Action::Adopt { path, vv } => s.merge_history(&path, &vv),
                 Action::Remove { path, version } => {
                     let Some(p) = existing_inside(&s, &path) else {
                         // Nothing there (its folder went first): the removal is done.

@@ -126,6 +126,11 @@ pub enum Action {
         path: String,
         version: FileVersion,
     },
+    /// Keep ours, giving it their history too (`vv`, both merged).
+    Adopt {
+        path: String,
+        vv: VersionVector,
+    },
     /// Keep ours at the path and fetch theirs beside it (or move ours aside first).
     Conflict {
         move_local_to: Option<String>,
@@ -613,6 +618,15 @@ impl SyncShare {
             return Action::Nothing;
         }
         match versions::resolve(&local.version, remote) {
+            // The same change made on both sides: ours stays, with both histories.
+            Resolution::KeepLocal
+                if local.version.vv.compare(&remote.vv) == versions::Order::Concurrent =>
+            {
+                Action::Adopt {
+                    path: remote.path.clone(),
+                    vv: local.version.vv.merged(&remote.vv),
+                }
+            }
             Resolution::KeepLocal => Action::Nothing,
             Resolution::TakeRemote if remote.deleted => Action::Remove {
                 path: remote.path.clone(),
@@ -632,8 +646,13 @@ impl SyncShare {
                     ..remote.clone()
                 };
                 if remote.deleted {
-                    // Ours (an edit) won against their deletion: it spreads with the merged vector.
-                    return Action::Nothing;
+                    // Ours (an edit) won against their deletion: it stays, and now descends
+                    // from both, so our next edit supersedes their deletion everywhere
+                    // instead of meeting it again as a conflict.
+                    return Action::Adopt {
+                        path: remote.path.clone(),
+                        vv: version.vv,
+                    };
                 }
                 if local.version.deleted {
                     return Action::Fetch {
@@ -894,6 +913,28 @@ mod tests {
             ..mine
         };
         assert_eq!(s.decide(&newer), Action::Nothing);
+    }
+
+    #[test]
+    fn an_edit_that_beats_a_concurrent_deletion_takes_its_history_too() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        let mine = s.scan("n1", id(&s)).unwrap().remove(0);
+        let gone = FileVersion {
+            vv: VersionVector::default().bumped("n2"),
+            deleted: true,
+            content: String::new(),
+            node: "n2".into(),
+            ..mine.clone()
+        };
+        let Action::Adopt { path, vv } = s.decide(&gone) else {
+            panic!("{:?}", s.decide(&gone))
+        };
+        s.merge_history(&path, &vv);
+        // The deletion is now in our past: seen again, it asks nothing.
+        assert_eq!(s.decide(&gone), Action::Nothing);
+        assert_eq!(vv, mine.vv.merged(&gone.vv));
     }
 
     #[test]

@@ -110,7 +110,11 @@ pub fn resolve(local: &FileVersion, remote: &FileVersion) -> Resolution {
             let remote_wins = match (local.deleted, remote.deleted) {
                 (true, false) => true,
                 (false, true) => false,
-                _ => (remote.mtime, &remote.node) > (local.mtime, &local.node),
+                // The content breaks a tie: two versions one node made in one second.
+                _ => {
+                    (remote.mtime, &remote.node, &remote.content)
+                        > (local.mtime, &local.node, &local.content)
+                }
             };
             let loser = if remote_wins { local } else { remote };
             Resolution::Conflict {
@@ -168,6 +172,22 @@ mod tests {
             content: content.into(),
             size: 1,
         }
+    }
+
+    #[test]
+    fn two_versions_one_node_made_in_one_second_still_settle_the_same_everywhere() {
+        // One node's edit met by another's merge of an older edit: concurrent, and alike
+        // in mtime and node; only the content tells them apart.
+        let x = version("n1", vv(&[("n1", 2)]), 100, "xxx");
+        let y = version("n1", vv(&[("n1", 1), ("n2", 1)]), 100, "yyy");
+        let (
+            Resolution::Conflict { remote_wins: a, .. },
+            Resolution::Conflict { remote_wins: b, .. },
+        ) = (resolve(&x, &y), resolve(&y, &x))
+        else {
+            panic!("not a conflict")
+        };
+        assert_ne!(a, b, "each side kept its own");
     }
 
     #[test]
