@@ -4,10 +4,10 @@
 //!     sudo cargo bench --bench transfer -- 256     # another size, in MiB
 //!
 //! A. Chunk size: time to first byte and throughput of a 64 MiB `get` (case 1) for
-//!    several chunk sizes, WAN shaped to 100 Mbit/s.
+//!    several chunk sizes, WAN shaped to 100 Mbit/s, and throughput unshaped.
 //! B. `get` of one file per case 1–4 with every internet link shaped to 100 Mbit/s
-//!    (htb/tbf) and the LANs unshaped, beside iperf3 between the same two members over
-//!    their VPN addresses in the same run.
+//!    (htb) and the LANs unshaped, beside iperf3 in the same run over the route's
+//!    narrowest hop (the tunnel hop, or the LAN hop of case 4).
 //! C. Bytes that cross a site's WAN when 1, 2 or 3 of its members fetch one file at once.
 
 #[path = "../tests/common/mod.rs"]
@@ -76,9 +76,9 @@ fn mbit(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64() / 1e6
 }
 
-/// iperf3 from `client` to `server` over the VPN, Mbit/s.
-fn iperf(server: &Node, client: &Node) -> f64 {
-    let addr = vpn(server);
+/// iperf3 from `client` to `server` at `addr` (one of the server's addresses), Mbit/s.
+fn iperf(server: &Node, client: &Node, addr: &str) -> f64 {
+    let addr = addr.to_string();
     let mut srv = std::process::Command::new("ip")
         .args([
             "netns",
@@ -120,20 +120,25 @@ fn chunk_sizes(rt: &tokio::runtime::Runtime) {
     host.start();
     distant.start();
     join(&host, &distant);
-    lab.shape_wan(100);
-    println!("\n### A. Chunk size (64 MiB, case 1, WAN 100 Mbit/s)\n");
-    println!("| chunk | time to first byte | total | Mbit/s |");
-    println!("|---|---|---|---|");
+    println!("\n### A. Chunk size (64 MiB, case 1)\n");
+    println!(
+        "| chunk | time to first byte, WAN 100 Mbit/s | total | Mbit/s | Mbit/s, WAN unshaped |"
+    );
+    println!("|---|---|---|---|---|");
     for kib in [64u64, 256, 1024, 4096] {
         distant.term();
         distant.start_with_env(&[(watchalong::share::CHUNK_SIZE_ENV, &(kib * 1024).to_string())]);
         assert!(wait_until(Duration::from_secs(30), || host.ping(&vpn(&distant))));
+        let (_, unshaped) = timed_get(rt, &host, "films/c.bin");
+        lab.shape_wan(100);
         let (ttfb, total) = timed_get(rt, &host, "films/c.bin");
+        lab.unshape_wan();
         println!(
-            "| {kib} KiB | {} ms | {:.1} s | {:.0} |",
+            "| {kib} KiB | {} ms | {:.1} s | {:.0} | {:.0} |",
             ttfb.as_millis(),
             total.as_secs_f64(),
-            mbit(64 * MIB, total)
+            mbit(64 * MIB, total),
+            mbit(64 * MIB, unshaped)
         );
     }
 }
@@ -180,8 +185,18 @@ fn cases(rt: &tokio::runtime::Runtime, size: u64) {
         "\n### B. One {} MiB file per case, WAN 100 Mbit/s, LAN unshaped\n",
         size / MIB
     );
-    println!("| case | from → to | route | get Mbit/s | iperf3 Mbit/s, same two members |");
+    println!(
+        "| case | from → to | route | get Mbit/s | iperf3 Mbit/s over the route's narrowest hop |"
+    );
     println!("|---|---|---|---|---|");
+    let nodes: Vec<&Node> = [&host, &distant, &s1a, &s1b].into_iter().collect();
+    let by_name = |name: &str| -> &Node {
+        nodes
+            .iter()
+            .copied()
+            .find(|n| n.name == name)
+            .expect("a node of the route")
+    };
     let runs: [(&str, &Node, &Node, &str); 4] = [
         ("1 DN→DN", &distant, &host, "films/big.bin"),
         ("2 DN→NN", &distant, &s1b, "films/big.bin"),
@@ -192,14 +207,35 @@ fn cases(rt: &tokio::runtime::Runtime, size: u64) {
         let plan: serde_json::Value =
             serde_json::from_str(&to.ok(&["plan", target, "--json"])).unwrap();
         let (_, total) = timed_get(rt, to, target);
-        let ip = iperf(to, from);
+        // The same path the data took: the tunnel hop (over VPN addresses) where there
+        // is one, else the LAN hop (over LAN addresses, as the relay runs).
+        let hops = plan["route"]["hops"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let hop = hops
+            .iter()
+            .find(|h| h["via"] == "tunnel")
+            .or_else(|| hops.first())
+            .expect("a route with a hop");
+        let (a, b) = (
+            by_name(hop["from"].as_str().unwrap()),
+            by_name(hop["to"].as_str().unwrap()),
+        );
+        let (ip, over) = if hop["via"] == "tunnel" {
+            (iperf(a, b, &vpn(a)), "tunnel")
+        } else {
+            (iperf(a, b, &a.ip.to_string()), "LAN")
+        };
         println!(
-            "| {case} | {} → {} | {} | {:.0} | {:.0} |",
+            "| {case} | {} → {} | {} | {:.0} | {:.0} ({} → {}, {over}) |",
             from.name,
             to.name,
             plan["summary"].as_str().unwrap_or(""),
             mbit(size, total),
-            ip
+            ip,
+            a.name,
+            b.name
         );
     }
     println!("\n### C. WAN bytes into a site for one 256 MiB file, 1 to 3 receivers at once\n");

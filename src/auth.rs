@@ -3,13 +3,15 @@
 //! of their WireGuard keys, so it comes with membership and goes with it. Replays (a nonce
 //! seen before, or a time too far off) are refused. Pure: the caller passes `now`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashSet};
 
 use x25519_dalek::{PublicKey, StaticSecret};
 
 /// How far a request's time may be from ours.
 pub const MAX_SKEW_SECS: u64 = 60;
-const MAX_NONCES: usize = 100_000;
+/// Nonces remembered at once: a bound on memory. Past it, new requests wait (an answer
+/// of "busy") rather than a nonce still inside the window being forgotten.
+const MAX_NONCES: usize = 200_000;
 
 pub const HEADER_MEMBER: &str = "x-watchalong-member";
 pub const HEADER_TIME: &str = "x-watchalong-time";
@@ -26,6 +28,8 @@ pub enum AuthError {
     Replay,
     #[error("the signature does not match")]
     BadMac,
+    #[error("too many requests at once; try again in a moment")]
+    Busy,
 }
 
 /// The MAC key two members share.
@@ -47,11 +51,13 @@ pub struct Signature<'a> {
     pub mac: &'a str,
 }
 
-/// Remembers recent nonces to refuse replays.
+/// Remembers the nonces of requests whose time is still acceptable, to refuse replays.
+/// A nonce is forgotten only once its request's own time is too old to pass the skew
+/// check, so a replay never finds it gone.
 #[derive(Default)]
 pub struct Replays {
-    seen: HashMap<String, u64>,
-    order: VecDeque<(u64, String)>,
+    seen: HashSet<String>,
+    by_time: BTreeSet<(u64, String)>,
 }
 
 impl Replays {
@@ -84,22 +90,24 @@ impl Replays {
         if !ok {
             return Err(AuthError::BadMac);
         }
-        while let Some((t, _)) = self.order.front() {
-            if *t + 2 * MAX_SKEW_SECS < now || self.order.len() > MAX_NONCES {
-                if let Some((_, n)) = self.order.pop_front() {
-                    self.seen.remove(&n);
-                }
-            } else {
+        while let Some((t, _)) = self.by_time.first() {
+            if t + MAX_SKEW_SECS >= now {
                 break;
+            }
+            if let Some((_, id)) = self.by_time.pop_first() {
+                self.seen.remove(&id);
             }
         }
         // The canonical MAC, not the text sent: hex case must not make a replay look new.
         let id = format!("{want}:{nonce}");
-        if self.seen.contains_key(&id) {
+        if self.seen.contains(&id) {
             return Err(AuthError::Replay);
         }
-        self.seen.insert(id.clone(), now);
-        self.order.push_back((now, id));
+        if self.seen.len() >= MAX_NONCES {
+            return Err(AuthError::Busy);
+        }
+        self.seen.insert(id.clone());
+        self.by_time.insert((time, id));
         Ok(())
     }
 }
@@ -239,6 +247,55 @@ mod tests {
             r.check(&kb, "GET", "/", sig(&upper), 1000),
             Err(AuthError::Replay)
         );
+    }
+
+    #[test]
+    fn a_full_memory_of_nonces_refuses_new_requests_and_forgets_none_still_valid() {
+        let (k, _) = keys();
+        let mut r = Replays::default();
+        let sign = |i: usize, t: u64| {
+            let nonce = format!("n{i}");
+            let m = mac(&k, "GET", "/x", t, &nonce);
+            (nonce, m)
+        };
+        let t0 = 1_000_000;
+        for i in 0..MAX_NONCES {
+            let (nonce, m) = sign(i, t0);
+            let sig = Signature {
+                time: t0,
+                nonce: &nonce,
+                mac: &m,
+            };
+            assert_eq!(r.check(&k, "GET", "/x", sig, t0), Ok(()));
+        }
+        let (nonce, m) = sign(MAX_NONCES, t0);
+        let sig = Signature {
+            time: t0,
+            nonce: &nonce,
+            mac: &m,
+        };
+        assert_eq!(r.check(&k, "GET", "/x", sig, t0), Err(AuthError::Busy));
+        // The first request is still remembered: its replay is refused, not served.
+        let (nonce, m) = sign(0, t0);
+        let sig = Signature {
+            time: t0,
+            nonce: &nonce,
+            mac: &m,
+        };
+        assert_eq!(
+            r.check(&k, "GET", "/x", sig, t0 + 10),
+            Err(AuthError::Replay)
+        );
+        // Once those requests' time is too old to pass, room is made for new ones.
+        let later = t0 + MAX_SKEW_SECS + 1;
+        let (nonce, m) = sign(MAX_NONCES + 1, later);
+        let sig = Signature {
+            time: later,
+            nonce: &nonce,
+            mac: &m,
+        };
+        assert_eq!(r.check(&k, "GET", "/x", sig, later), Ok(()));
+        assert_eq!(r.seen.len(), 1);
     }
 
     #[test]

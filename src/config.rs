@@ -208,10 +208,13 @@ impl Config {
     /// Loads `path`. A missing file is an error only when the user named it: the default
     /// path may be absent, and then the built-in defaults apply.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let (path, explicit) = match path {
-            Some(p) => (p.to_path_buf(), true),
-            None => (PathBuf::from(DEFAULT_PATH), false),
-        };
+        match path {
+            Some(p) => Config::load_at(p.to_path_buf(), true),
+            None => Config::load_at(PathBuf::from(DEFAULT_PATH), false),
+        }
+    }
+
+    fn load_at(path: PathBuf, explicit: bool) -> Result<Config, ConfigError> {
         match std::fs::read_to_string(&path) {
             Ok(text) => Config::parse(&path, &text),
             Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
@@ -331,7 +334,9 @@ impl Config {
             if !seen.insert(n.clone()) {
                 return Err(bad_share(
                     "name",
-                    format!("another [[share]] is already called {n:?}"),
+                    format!(
+                        "another [[share]] is already called {n:?}; expected a name of its own"
+                    ),
                 ));
             }
             if !share.path.is_absolute() {
@@ -383,7 +388,7 @@ fn line_of_share_key(text: &str, index: usize, key: &str) -> usize {
 }
 
 fn from_toml(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let message = e.message().trim().to_string();
+    let mut message = e.message().trim().to_string();
     let (line, key) = match e.span() {
         Some(span) => {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
@@ -391,11 +396,28 @@ fn from_toml(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
         }
         None => (1, String::from("(file)")),
     };
+    // Some parsers say what is wrong but not what would be right.
+    if !message.contains("expected") {
+        message.push_str("; expected ");
+        message.push_str(expectation(&key));
+    }
     ConfigError::Invalid {
         path: path.to_path_buf(),
         line,
         key,
         message,
+    }
+}
+
+/// What a value of `key` looks like, for errors whose parser did not say.
+fn expectation(key: &str) -> &'static str {
+    match key {
+        "tunnel.network" => "a network like \"100.77.0.0/16\"",
+        "tunnel.endpoint" => "\"HOST:PORT\", like \"203.0.113.10:51871\"",
+        k if k.starts_with("share") => {
+            "each [[share]] to have name = \"...\", path = \"/absolute/path\" and mode = \"read-only\" or \"read-write\""
+        }
+        _ => "valid TOML, as in the commented example config/watchalong.toml",
     }
 }
 
@@ -502,6 +524,20 @@ mod tests {
         let e = Config::parse(Path::new("/etc/w.toml"), text).unwrap_err();
         let s = e.to_string();
         assert!(s.starts_with("/etc/w.toml:5: `tunnel.listen_prot`"), "{s}");
+    }
+
+    #[test]
+    fn no_file_at_the_default_path_means_the_built_in_defaults_but_a_named_one_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("watchalong.toml");
+        assert_eq!(
+            Config::load_at(absent.clone(), false).unwrap(),
+            Config::default()
+        );
+        assert!(matches!(
+            Config::load_at(absent, true),
+            Err(ConfigError::Read { .. })
+        ));
     }
 
     #[test]

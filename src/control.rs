@@ -291,6 +291,7 @@ pub trait Handler: Send + Sync + 'static {
     fn start_get(&self, req: GetRequest)
         -> impl Future<Output = Result<GetReply, ApiError>> + Send;
     fn transfer(&self, id: String) -> impl Future<Output = Result<TransferView, ApiError>> + Send;
+    fn transfers(&self) -> impl Future<Output = Result<Vec<TransferView>, ApiError>> + Send;
     fn watch(&self, req: FileRequest) -> impl Future<Output = Result<WatchReply, ApiError>> + Send;
     fn room_report(&self, req: Report) -> impl Future<Output = Result<RoomView, ApiError>> + Send;
     fn room_wait(
@@ -386,6 +387,7 @@ async fn route<H: Handler>(h: &H, req: Request<Incoming>) -> Response<Full<Bytes
             Ok(r) => reply(h.start_get(r).await),
             Err(e) => Err(e),
         },
+        (&Method::GET, ["v1", "transfers"]) => reply(h.transfers().await),
         (&Method::GET, ["v1", "transfers", id]) => reply(h.transfer(id.to_string()).await),
         (&Method::POST, ["v1", "watch"]) => match parse(&body) {
             Ok(r) => reply(h.watch(r).await),

@@ -118,6 +118,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List this node's downloads (`get`), running and ended, with their progress.
+    Transfers {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the route a file would take to this node (or to --to NODE), and why.
     Plan {
         /// SHARE/PATH.
@@ -552,6 +557,30 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     view.size,
                     view.source,
                     view.route
+                );
+            }
+        }
+        Command::Transfers { json } => {
+            let list: Vec<TransferView> = client.get("/v1/transfers").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no transfers");
+            }
+            for t in list.iter().filter(|_| !json) {
+                println!(
+                    "{} {:<7} {:>3}% of {} bytes  {} -> {}  via {}{}",
+                    t.id,
+                    t.state,
+                    (t.done * 100).checked_div(t.size).unwrap_or(100),
+                    t.size,
+                    t.target,
+                    t.dest.display(),
+                    t.route,
+                    t.error
+                        .as_deref()
+                        .map(|e| format!("  ({e})"))
+                        .unwrap_or_default()
                 );
             }
         }

@@ -97,6 +97,38 @@ struct TransferEntry {
     finished: Arc<std::sync::atomic::AtomicBool>,
 }
 
+impl Node {
+    fn transfer_view(&self, id: &str, e: &TransferEntry) -> TransferView {
+        use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+        let finished = e.finished.load(SeqCst);
+        let error = e.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let route = e
+            .progress
+            .route
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        TransferView {
+            id: id.to_string(),
+            target: e.target.clone(),
+            dest: e.dest.clone(),
+            source: e.source.clone(),
+            size: e.progress.size.load(Relaxed),
+            done: e.progress.done.load(Relaxed),
+            corrupt_chunks: e.progress.corrupt.load(Relaxed),
+            route,
+            state: match (finished, &error) {
+                (false, _) => "running",
+                (true, None) => "done",
+                (true, Some(_)) => "failed",
+            }
+            .into(),
+            error,
+            counters: self.engine.counters(),
+        }
+    }
+}
+
 /// A node's own group of one, of which it is the host.
 pub fn hosted_group(config: &Config, wg: Key, signing: &SigningKey) -> Group {
     let network = config.tunnel.network;
@@ -1665,33 +1697,12 @@ impl Handler for Node {
         let e = t
             .get(&id)
             .ok_or_else(|| ApiError::not_found(format!("no transfer {id}")))?;
-        let finished = e.finished.load(std::sync::atomic::Ordering::SeqCst);
-        let error = e.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        use std::sync::atomic::Ordering::Relaxed;
-        let route = e
-            .progress
-            .route
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        Ok(TransferView {
-            id,
-            target: e.target.clone(),
-            dest: e.dest.clone(),
-            source: e.source.clone(),
-            size: e.progress.size.load(Relaxed),
-            done: e.progress.done.load(Relaxed),
-            corrupt_chunks: e.progress.corrupt.load(Relaxed),
-            route,
-            state: match (finished, &error) {
-                (false, _) => "running",
-                (true, None) => "done",
-                (true, Some(_)) => "failed",
-            }
-            .into(),
-            error,
-            counters: self.engine.counters(),
-        })
+        Ok(self.transfer_view(&id, e))
+    }
+
+    async fn transfers(&self) -> Result<Vec<TransferView>, ApiError> {
+        let t = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(t.iter().map(|(id, e)| self.transfer_view(id, e)).collect())
     }
 
     async fn inject_gossip(&self, req: InjectRequest) -> Result<GossipReply, ApiError> {

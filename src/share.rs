@@ -36,6 +36,43 @@ pub enum ShareError {
     },
     #[error("chunk {index} of {path} has changed since its manifest was made")]
     ChunkChanged { path: String, index: u64 },
+    #[error("the range {range:?} is outside {path} ({size} bytes)")]
+    ReadRange {
+        path: String,
+        range: String,
+        size: u64,
+    },
+}
+
+/// The most one ranged read returns, so a reply is bounded in memory; a longer range is
+/// answered in part and the reply's `Content-Range` says which.
+pub const MAX_RANGE: u64 = 8 * 1024 * 1024;
+
+/// Bytes read from a file by range: `data` starts at `start` of a file of `size` bytes.
+#[derive(Debug)]
+pub struct RangeRead {
+    pub size: u64,
+    pub start: u64,
+    pub data: Vec<u8>,
+}
+
+/// An HTTP `Range` header (`bytes=START-`, `bytes=START-END` or `bytes=-LAST`) against a
+/// file of `size` bytes: (start, end inclusive), or `None` when it cannot be satisfied.
+pub fn parse_range(header: &str, size: u64) -> Option<(u64, u64)> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    let (a, b) = spec.split_once('-')?;
+    if a.is_empty() {
+        // The last N bytes.
+        let n: u64 = b.parse().ok()?;
+        return (n > 0 && size > 0).then(|| (size.saturating_sub(n), size - 1));
+    }
+    let start: u64 = a.parse().ok()?;
+    let end = if b.is_empty() {
+        size.checked_sub(1)?
+    } else {
+        b.parse::<u64>().ok()?.min(size.checked_sub(1)?)
+    };
+    (start <= end && start < size).then_some((start, end))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -324,6 +361,47 @@ impl Shares {
     }
 }
 
+impl Shares {
+    /// Bytes of a file, by an HTTP `Range` header or from the start when there is none,
+    /// at most [`MAX_RANGE`] of them.
+    pub fn read_range(
+        &self,
+        share: &str,
+        raw: &str,
+        range: Option<&str>,
+    ) -> Result<RangeRead, ShareError> {
+        let path = self.resolve(share, raw)?;
+        let read = |source| ShareError::Read {
+            path: path.clone(),
+            source,
+        };
+        let meta = std::fs::metadata(&path).map_err(read)?;
+        if !meta.is_file() {
+            return Err(ShareError::NotFound(raw.to_string()));
+        }
+        let size = meta.len();
+        let (start, len) = match range {
+            None => (0, size),
+            Some(h) => match parse_range(h, size) {
+                Some((start, end)) => (start, end - start + 1),
+                None => {
+                    return Err(ShareError::ReadRange {
+                        path: raw.to_string(),
+                        range: h.to_string(),
+                        size,
+                    })
+                }
+            },
+        };
+        let mut f = std::fs::File::open(&path).map_err(read)?;
+        f.seek(SeekFrom::Start(start)).map_err(read)?;
+        let mut data = vec![0u8; len.min(MAX_RANGE) as usize];
+        let n = read_full(&mut f, &mut data).map_err(read)?;
+        data.truncate(n);
+        Ok(RangeRead { size, start, data })
+    }
+}
+
 fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
@@ -409,6 +487,36 @@ mod tests {
             s.chunk("s", "big", 0, &m.chunks[1]).is_err(),
             "wrong hash must not pass"
         );
+    }
+
+    #[test]
+    fn ranges_are_read_as_players_send_them() {
+        assert_eq!(parse_range("bytes=0-", 100), Some((0, 99)));
+        assert_eq!(parse_range("bytes=10-19", 100), Some((10, 19)));
+        assert_eq!(parse_range("bytes=90-200", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=5-1", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=0-", 0), None);
+    }
+
+    #[test]
+    fn a_ranged_read_returns_those_bytes_and_no_more_than_the_cap() {
+        let (d, s) = setup();
+        let r = s.read_range("s", "sub/a.txt", Some("bytes=1-3")).unwrap();
+        assert_eq!((r.size, r.start, r.data.as_slice()), (5, 1, &b"ell"[..]));
+        let whole = s.read_range("s", "sub/a.txt", None).unwrap();
+        assert_eq!(whole.data, b"hello");
+        assert!(matches!(
+            s.read_range("s", "sub/a.txt", Some("bytes=9-")),
+            Err(ShareError::ReadRange { size: 5, .. })
+        ));
+        assert!(s.read_range("s", "out", Some("bytes=0-")).is_err());
+        let big = vec![1u8; (MAX_RANGE + 5) as usize];
+        std::fs::write(d.path().join("root/big"), &big).unwrap();
+        let r = s.read_range("s", "big", Some("bytes=2-")).unwrap();
+        assert_eq!((r.start, r.data.len() as u64), (2, MAX_RANGE));
     }
 
     #[test]

@@ -364,25 +364,6 @@ fn plain(status: StatusCode, text: &str) -> Response<Body> {
     r
 }
 
-/// `bytes=START-` or `bytes=START-END` against a file of `size` bytes: (start, end
-/// inclusive), or `None` when it cannot be satisfied.
-pub fn parse_range(header: &str, size: u64) -> Option<(u64, u64)> {
-    let spec = header.trim().strip_prefix("bytes=")?;
-    let (a, b) = spec.split_once('-')?;
-    if a.is_empty() {
-        // The last N bytes.
-        let n: u64 = b.parse().ok()?;
-        return (n > 0 && size > 0).then(|| (size.saturating_sub(n), size - 1));
-    }
-    let start: u64 = a.parse().ok()?;
-    let end = if b.is_empty() {
-        size.checked_sub(1)?
-    } else {
-        b.parse::<u64>().ok()?.min(size.checked_sub(1)?)
-    };
-    (start <= end && start < size).then_some((start, end))
-}
-
 fn content_type(file: &str) -> &'static str {
     match file
         .rsplit('.')
@@ -432,7 +413,7 @@ async fn handle(streams: Arc<Streams>, req: Request<Incoming>) -> Response<Body>
         .and_then(|v| v.to_str().ok());
     let (start, end, status) = match range {
         None => (0, size.saturating_sub(1), StatusCode::OK),
-        Some(h) => match parse_range(h, size) {
+        Some(h) => match crate::share::parse_range(h, size) {
             Some((a, b)) => (a, b, StatusCode::PARTIAL_CONTENT),
             None => {
                 let mut r = plain(StatusCode::RANGE_NOT_SATISFIABLE, "");
@@ -516,17 +497,5 @@ mod tests {
         assert_eq!(next_wanted(&[true; 3], &[false; 3], 1), None);
         assert_eq!(next_wanted(&[], &[], 0), None);
         assert_eq!(next_wanted(&[false, false], &[false; 2], 9), Some(0));
-    }
-
-    #[test]
-    fn ranges_are_read_as_players_send_them() {
-        assert_eq!(parse_range("bytes=0-", 100), Some((0, 99)));
-        assert_eq!(parse_range("bytes=10-19", 100), Some((10, 19)));
-        assert_eq!(parse_range("bytes=90-200", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
-        assert_eq!(parse_range("bytes=100-", 100), None);
-        assert_eq!(parse_range("bytes=5-1", 100), None);
-        assert_eq!(parse_range("items=0-1", 100), None);
-        assert_eq!(parse_range("bytes=0-", 0), None);
     }
 }

@@ -29,7 +29,7 @@ use x25519_dalek::StaticSecret;
 
 use crate::auth::{self, Replays};
 use crate::planner::{self, Key, Route, Via};
-use crate::share::{Manifest, ShareError, Shares};
+use crate::share::{Manifest, RangeRead, ShareError, Shares, MAX_RANGE};
 
 /// The node-to-node HTTP port, on each member's VPN address.
 pub const NODE_PORT: u16 = 51874;
@@ -779,9 +779,43 @@ fn error_reply(e: &TransferError) -> Response<Full<Bytes>> {
         }
         TransferError::Share(ShareError::RefusePath(_)) => StatusCode::FORBIDDEN,
         TransferError::Share(ShareError::ChunkChanged { .. }) => StatusCode::CONFLICT,
+        TransferError::Share(ShareError::ReadRange { .. }) => StatusCode::RANGE_NOT_SATISFIABLE,
         _ => StatusCode::BAD_GATEWAY,
     };
     reply(status, Bytes::from(e.to_string()))
+}
+
+/// A ranged read as an HTTP reply: 206 with its `Content-Range` when a range was asked
+/// for, else the whole file, which must fit in one reply.
+fn file_reply(r: RangeRead, ranged: bool) -> Response<Full<Bytes>> {
+    let len = r.data.len() as u64;
+    if !ranged && len < r.size {
+        return reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Bytes::from(format!(
+                "the file has {} bytes, more than one reply carries ({MAX_RANGE}): ask with a Range header",
+                r.size
+            )),
+        );
+    }
+    let status = if ranged {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let mut resp = reply(status, Bytes::from(r.data));
+    let headers = resp.headers_mut();
+    headers.insert(
+        hyper::header::ACCEPT_RANGES,
+        hyper::header::HeaderValue::from_static("bytes"),
+    );
+    if ranged && len > 0 {
+        let range = format!("bytes {}-{}/{}", r.start, r.start + len - 1, r.size);
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&range) {
+            headers.insert(hyper::header::CONTENT_RANGE, v);
+        }
+    }
+    resp
 }
 
 /// A chunk for another member, as an HTTP reply, counted when served.
@@ -811,7 +845,7 @@ fn chunk_request(q: &HashMap<String, String>) -> Option<ChunkRequest> {
     })
 }
 
-/// Serves members over the tunnel: listing, manifests and chunks. Only connections to
+/// Serves members over the tunnel: listing, manifests, chunks and ranged reads of files. Only connections to
 /// this node's VPN address from a member's VPN address are answered.
 pub async fn serve_node<M: Membership>(
     listener: TcpListener,
@@ -876,6 +910,21 @@ pub async fn serve_node<M: Membership>(
                     Some(cr) => chunk_reply(&engine, &dir, &cr, false).await,
                     None => reply(StatusCode::BAD_REQUEST, Bytes::new()),
                 },
+                "/v1/file" => {
+                    let range = req
+                        .headers()
+                        .get(hyper::header::RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .map(String::from);
+                    match tokio::task::block_in_place(|| {
+                        engine
+                            .shares
+                            .read_range(&get("share"), &get("path"), range.as_deref())
+                    }) {
+                        Ok(r) => file_reply(r, range.is_some()),
+                        Err(e) => error_reply(&e.into()),
+                    }
+                }
                 _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
             }
         }
@@ -932,9 +981,15 @@ pub async fn serve_relay<M: Membership>(
                     sig,
                     crate::node::now_secs(),
                 );
-            if let Err(e) = checked {
-                log::debug!("relay request refused: {e}");
-                return unauthorized();
+            match checked {
+                Ok(()) => {}
+                Err(auth::AuthError::Busy) => {
+                    return reply(StatusCode::SERVICE_UNAVAILABLE, Bytes::new());
+                }
+                Err(e) => {
+                    log::debug!("relay request refused: {e}");
+                    return unauthorized();
+                }
             }
             match (req.uri().path(), chunk_request(&query(&req))) {
                 ("/v1/chunk", Some(cr)) => chunk_reply(&engine, &dir, &cr, true).await,

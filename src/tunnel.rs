@@ -618,9 +618,14 @@ impl Tunnel {
         let Some(peer) = st.peers.get_mut(&key) else {
             return After::Nothing;
         };
-        let was_data = matches!(
-            Tunn::parse_incoming_packet(datagram),
-            Ok(Packet::PacketData(_))
+        let parsed = Tunn::parse_incoming_packet(datagram);
+        let was_data = matches!(parsed, Ok(Packet::PacketData(_)));
+        // A handshake initiation proves only that the peer's packets reach us; a path
+        // counts as alive once packets went both ways: a response to our initiation, or
+        // data (the initiator sends a keepalive as soon as it has our response).
+        let round_trip = matches!(
+            parsed,
+            Ok(Packet::PacketData(_) | Packet::HandshakeResponse(_))
         );
         let res = peer.tunn.decapsulate(Some(from.ip()), datagram, tx);
         // Only an authenticated packet may move a peer's endpoint (roaming) or keep its
@@ -636,7 +641,9 @@ impl Tunnel {
             TunnResult::WriteToNetwork(p) => p.first() != Some(&COOKIE_REPLY),
         };
         if authenticated {
-            peer.last_rx = Some(now);
+            if round_trip {
+                peer.last_rx = Some(now);
+            }
             if peer.config.endpoint != Some(from) {
                 log::info!("{} is now at {from}", peer.config.name);
                 peer.config.endpoint = Some(from);

@@ -75,6 +75,13 @@ fn invalid_config_files_name_file_line_and_key_and_exit_78() {
                 f.display()
             );
             assert_eq!(err.trim().lines().count(), 1, "{err}");
+            // ...and says what would be right.
+            let told = err.split_once(&want).map(|(_, rest)| rest).unwrap_or("");
+            assert!(
+                told.contains("expected"),
+                "{} ({cmd}) does not say what is expected: {err:?}",
+                f.display()
+            );
         }
     }
 }

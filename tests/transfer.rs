@@ -142,14 +142,57 @@ fn case_2_distant_to_nearby_brings_one_copy_into_the_site_through_its_gateway() 
     let l = case_lab(2, false);
     let p = plan(&l.site[1], "films/a.bin");
     assert_eq!(p["route"]["case"], 2, "{p}");
+    // One tunnel hop into the site, to its gateway; from there the LAN to s1, unless s1
+    // is the gateway itself.
     let hops = hop_names(&p);
-    assert_eq!(
-        (hops[0].0.as_str(), hops[0].1.as_str()),
-        ("distant", "tunnel")
+    let through_s0 = vec![
+        ("distant".into(), "tunnel".into(), "s0".into()),
+        ("s0".into(), "lan".into(), "s1".into()),
+    ];
+    let to_s1 = vec![("distant".into(), "tunnel".into(), "s1".into())];
+    assert!(hops == through_s0 || hops == to_s1, "{hops:?}");
+    assert!(
+        p["route"]["why"].as_str().unwrap().contains("gateway"),
+        "{p}"
     );
-    assert!(["s0", "s1"].contains(&hops[0].2.as_str()), "{hops:?}");
+    // Any member can ask for s1's plan, and gets the same one, with its reason.
+    let elsewhere = json(&l.host, &["plan", "films/a.bin", "--to", "s1", "--json"]);
+    assert_eq!(elsewhere["route"], p["route"], "{elsewhere}");
+    let text = l.host.ok(&["plan", "films/a.bin", "--to", "s1"]);
+    assert!(
+        text.contains("from distant to s1") && text.contains("why: "),
+        "{text}"
+    );
     let before = l.router.wan_bytes().0;
-    let (dest, _) = get(&l.site[1], "films/a.bin");
+    // Without a terminal, `get` prints progress as plain lines and a summary at the end.
+    let dest = l.site[1].dir.join("a.bin");
+    let out = l.site[1].cli(&["get", "films/a.bin", dest.to_str().unwrap()]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("100% 8/8 MiB")
+                && l.contains(" MiB/s ETA ")
+                && l.contains(" via ")),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\r'),
+        "a progress bar without a terminal: {stderr:?}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "films/a.bin -> {} ({} bytes from distant",
+            dest.display(),
+            8 * MIB
+        )),
+        "{stdout}"
+    );
     assert_eq!(hash_file(&dest), l.a);
     let crossed = l.router.wan_bytes().0 - before;
     assert!(
@@ -166,7 +209,15 @@ fn case_3_nearby_to_distant_sends_one_copy_out_of_the_site() {
     let l = case_lab(2, false);
     let p = plan(&l.distant, "home/b.bin");
     assert_eq!(p["route"]["case"], 3, "{p}");
-    assert_eq!(hop_names(&p).last().unwrap().1, "tunnel");
+    // The source's site gathers at its gateway (over the LAN, unless the source is the
+    // gateway) and one tunnel hop leaves the site for distant.
+    let hops = hop_names(&p);
+    let from_s0 = vec![("s0".into(), "tunnel".into(), "distant".into())];
+    let through_s1 = vec![
+        ("s0".into(), "lan".into(), "s1".into()),
+        ("s1".into(), "tunnel".into(), "distant".into()),
+    ];
+    assert!(hops == from_s0 || hops == through_s1, "{hops:?}");
     let before = l.router.wan_bytes().1;
     let (dest, _) = get(&l.distant, "home/b.bin");
     assert_eq!(hash_file(&dest), l.b);
@@ -334,13 +385,17 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
     let none = BTreeMap::new();
 
     // A stranger on the LAN: 401 and an empty body, on the relay and the node port alike.
+    let chunk = "/v1/chunk?source=x&share=s&path=ok.txt&index=0&hash=x&transfer=x".to_string();
+    let file = "/v1/file?share=s&path=ok.txt".to_string();
     for (addr, pq) in [
-        (
-            &relay,
-            "/v1/chunk?source=x&share=s&path=ok.txt&index=0&hash=x&transfer=x".to_string(),
-        ),
-        (&node_lan, manifest("ok.txt")),
+        (&relay, chunk.clone()),
+        (&relay, file.clone()),
         (&relay, "/".to_string()),
+        (&node_lan, manifest("ok.txt")),
+        (&node_lan, chunk.clone()),
+        (&node_lan, file.clone()),
+        (&node_lan, "/v1/ls?share=s&path=".to_string()),
+        (&node_lan, "/v1/shares".to_string()),
     ] {
         let (status, body) = raw_http(&stranger.ns.name, addr.clone(), request(&pq, &none));
         assert_eq!(
@@ -373,8 +428,24 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
         "a replayed request was served"
     );
 
-    // Paths that try to leave the share open nothing, over the tunnel.
-    for bad in [
+    // Paths that try to leave the share open nothing, on every endpoint that takes a
+    // path: over the tunnel the manifest, listing, chunk and ranged read, and the relay's
+    // chunk. Chunk requests carry the secret's true hash, so a path that got out would
+    // be answered with the secret itself.
+    let escaped = |ep: &str, status: u16, body: &[u8]| {
+        assert!(status == 403 || status == 404, "{ep}: {status}");
+        assert!(
+            !String::from_utf8_lossy(body).contains("TOP-SECRET"),
+            "{ep} leaked the secret"
+        );
+    };
+    let secret_hash = blake3::hash(b"TOP-SECRET").to_hex().to_string();
+    let host_q = host_key
+        .replace('+', "%2B")
+        .replace('/', "%2F")
+        .replace('=', "%3D");
+    let range = BTreeMap::from([("Range".to_string(), "bytes=0-".to_string())]);
+    for (i, bad) in [
         "..%2Fsecret.txt",
         "%2e%2e%2Fsecret.txt",
         "%2Fetc%2Fpasswd",
@@ -382,10 +453,25 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
         "ok.txt%00",
         "sub%2F..%2F..%2Fsecret.txt",
         "%252e%252e%2Fsecret.txt",
-    ] {
-        let (status, body) = raw_http(&a.ns.name, node_vpn.clone(), request(&manifest(bad), &none));
-        assert!(status == 403 || status == 404, "{bad}: {status}");
-        assert!(!String::from_utf8_lossy(&body).contains("TOP-SECRET"));
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let chunk = format!(
+            "/v1/chunk?source={host_q}&share=s&path={bad}&index=0&hash={secret_hash}&transfer=x"
+        );
+        for (pq, headers) in [
+            (manifest(bad), &none),
+            (format!("/v1/ls?share=s&path={bad}"), &none),
+            (format!("/v1/file?share=s&path={bad}"), &range),
+            (chunk.clone(), &none),
+        ] {
+            let (status, body) = raw_http(&a.ns.name, node_vpn.clone(), request(&pq, headers));
+            escaped(&pq, status, &body);
+        }
+        let h = signed(&a, &host_key, &chunk, &format!("escape-{i}"));
+        let (status, body) = raw_http(&a.ns.name, relay.clone(), request(&chunk, &h));
+        escaped(&format!("relay {chunk}"), status, &body);
     }
     let (ok, body) = raw_http(
         &a.ns.name,
@@ -393,8 +479,13 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
         request(&manifest("ok.txt"), &none),
     );
     assert_eq!(ok, 200, "{}", String::from_utf8_lossy(&body));
+    // A ranged read over the tunnel returns just those bytes.
+    let two = BTreeMap::from([("Range".to_string(), "bytes=1-2".to_string())]);
+    let (status, body) = raw_http(&a.ns.name, node_vpn.clone(), request(&file, &two));
+    assert_eq!((status, body.as_slice()), (206, &b"in"[..]));
 
-    // Once removed, a's signed requests are refused.
+    // Once removed, a's signed requests are refused, and the node server no longer
+    // answers it on either address.
     host.ok(&["remove", "a"]);
     let h = signed(&a, &host_key, pq, "nonce-2");
     let (status, body) = raw_http(&a.ns.name, relay.clone(), request(pq, &h));
@@ -403,6 +494,13 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
         (401, 0),
         "a removed member was served"
     );
+    for addr in [&node_vpn, &node_lan] {
+        let (status, body) = raw_http(&a.ns.name, addr.clone(), request(&file, &none));
+        assert!(
+            status != 200 && !body.starts_with(b"fine"),
+            "a removed member read a file at {addr}: {status}"
+        );
+    }
 }
 
 /// A site (r1: s1a, s1b) and a distant holder; a file whose gateway for s1a is s1b.
@@ -509,15 +607,27 @@ fn the_gateway_killed_in_the_middle_of_a_fetch_is_replaced_and_the_file_arrives_
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Once the gateway has served part of the file, it dies.
+    // Once s1a holds part of the file, from chunks the gateway served, the gateway dies.
     let cache = g.s1b.dir.join("state/cache");
+    let mut part = (0, 0);
     let started = wait_until(DEADLINE, || {
-        std::fs::read_dir(&cache)
+        let list = json(&g.s1a, &["transfers", "--json"]);
+        part = list
+            .as_array()
+            .and_then(|l| l.first())
+            .map(|t| (t["done"].as_u64().unwrap(), t["size"].as_u64().unwrap()))
+            .unwrap_or((0, 0));
+        let served = std::fs::read_dir(&cache)
             .map(|d| d.count() >= 3)
-            .unwrap_or(false)
+            .unwrap_or(false);
+        served && part.0 > 0
     });
     assert!(started, "the gateway never started serving");
     g.s1b.kill9();
+    assert!(
+        part.0 < part.1,
+        "the fetch was over before the kill: {part:?}"
+    );
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),

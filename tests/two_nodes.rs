@@ -10,7 +10,8 @@ use common::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
-fn joined_pair(lab: &mut Lab) -> (Node, Node) {
+/// A host and a joiner that joined with the returned link.
+fn joined_pair(lab: &mut Lab) -> (Node, Node, String) {
     let mut host = lab.node("host");
     let mut joiner = lab.node("joiner");
     host.start();
@@ -19,7 +20,14 @@ fn joined_pair(lab: &mut Lab) -> (Node, Node) {
     assert!(link.starts_with("watchalong://join/"), "{link}");
     let out = joiner.ok(&["join", &link]);
     assert!(out.contains("joined host's group"), "{out}");
-    (host, joiner)
+    // `join` exits only once the tunnel is up: the handshake is already there.
+    let s = joiner.status();
+    let host_peer = Node::peer(&s, "host").unwrap_or_else(|| panic!("no host after join: {s}"));
+    assert!(
+        host_peer["last_handshake_secs_ago"].is_u64(),
+        "join returned before the tunnel was up: {s}"
+    );
+    (host, joiner, link)
 }
 
 /// Sends `bytes` of patterned data from `from`'s namespace to a listener in `to`'s, and
@@ -77,7 +85,7 @@ fn two_nodes_join_with_one_link_and_pass_traffic() {
         return;
     }
     let mut lab = Lab::new();
-    let (host, joiner) = joined_pair(&mut lab);
+    let (host, joiner, used_link) = joined_pair(&mut lab);
     let host_addr = vpn_address(&host.status());
     let joiner_addr = vpn_address(&joiner.status());
     assert_eq!(host_addr, "100.77.0.1");
@@ -116,21 +124,40 @@ fn two_nodes_join_with_one_link_and_pass_traffic() {
         joiner_key.as_str()
     );
 
-    // No secret reaches a log: not the link, not the invite secret, not a private key.
-    let link = host.link(&[]);
-    let invite = watchalong::link::decode(&link, None, watchalong::daemon::now_secs()).unwrap();
-    let secret_b64 = watchalong::identity::key_to_base64(&invite.secret);
+    // No secret reaches a log (at debug level): not the link used for the join nor one
+    // still open, not their invite secrets, not a private key.
+    let open_link = host.link(&[]);
+    let mut secrets: Vec<(String, String)> = Vec::new();
+    for (what, link) in [("the link used", &used_link), ("an open link", &open_link)] {
+        let invite = watchalong::link::decode(link, None, 0).unwrap();
+        let secret = watchalong::identity::key_to_base64(&invite.secret);
+        secrets.push((
+            what.to_string(),
+            link["watchalong://join/".len()..].to_string(),
+        ));
+        secrets.push((format!("the invite secret of {what}"), secret));
+    }
     for node in [&host, &joiner] {
         let log = node.log();
-        let private = std::fs::read_to_string(node.dir.join("state/wireguard.key")).unwrap();
-        let signing = std::fs::read_to_string(node.dir.join("state/signing.key")).unwrap();
-        for (what, secret) in [
-            ("a link", &link[18..]),
-            ("an invite secret", secret_b64.as_str()),
-            ("the private key", private.trim()),
-            ("the signing key", signing.trim()),
+        assert!(
+            log.contains("joined"),
+            "{} logged no join: {log}",
+            node.name
+        );
+        let mut node_secrets = secrets.clone();
+        for (what, file) in [
+            ("the private key", "state/wireguard.key"),
+            ("the signing key", "state/signing.key"),
         ] {
-            assert!(!log.contains(secret), "{}'s log holds {what}", node.name);
+            let key = std::fs::read_to_string(node.dir.join(file)).unwrap();
+            node_secrets.push((what.to_string(), key.trim().to_string()));
+        }
+        for (what, secret) in node_secrets {
+            assert!(
+                secret.len() >= 32,
+                "{what} is too short to search for: {secret}"
+            );
+            assert!(!log.contains(&secret), "{}'s log holds {what}", node.name);
         }
     }
 }
@@ -210,13 +237,62 @@ fn up_prints_the_link_alone_on_the_first_line_once_ready() {
 }
 
 #[test]
+fn a_joiner_that_moves_to_another_address_is_followed_by_the_host() {
+    if !root_or_skip("a_joiner_that_moves_to_another_address_is_followed_by_the_host") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let (host, joiner, _) = joined_pair(&mut lab);
+    assert!(wait_until(DEADLINE, || joiner.ping("100.77.0.1")));
+    let endpoint_at_host = || -> String {
+        let s = host.status();
+        Node::peer(&s, "joiner").unwrap()["endpoint"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(endpoint_at_host().starts_with(&format!("{}:", joiner.ip)));
+
+    // The joiner's address changes under the running daemon (a new DHCP lease).
+    let o = joiner.ip.octets();
+    let moved = std::net::Ipv4Addr::new(o[0], o[1], o[2], o[3] + 100);
+    // Removed first: removing a primary address takes its secondaries along.
+    for (verb, ip) in [("del", joiner.ip), ("add", moved)] {
+        let out = joiner
+            .ns
+            .exec(&["ip", "addr", verb, &format!("{ip}/24"), "dev", "eth0"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Its next authenticated packets move the host's idea of where it is, and the host's
+    // own traffic follows.
+    assert!(
+        wait_until(DEADLINE, || joiner.ping("100.77.0.1")),
+        "the joiner lost the host after moving"
+    );
+    assert!(
+        wait_until(DEADLINE, || endpoint_at_host()
+            .starts_with(&format!("{moved}:"))),
+        "the host still sends to {}",
+        endpoint_at_host()
+    );
+    assert!(
+        host.ping("100.77.0.2"),
+        "the host cannot reach the moved joiner"
+    );
+}
+
+#[test]
 fn tunnel_comes_back_after_either_side_is_killed_and_sigterm_removes_the_device() {
     if !root_or_skip("tunnel_comes_back_after_either_side_is_killed_and_sigterm_removes_the_device")
     {
         return;
     }
     let mut lab = Lab::new();
-    let (mut host, mut joiner) = joined_pair(&mut lab);
+    let (mut host, mut joiner, _) = joined_pair(&mut lab);
     assert!(wait_until(DEADLINE, || joiner.ping("100.77.0.1")));
 
     joiner.kill9();

@@ -316,25 +316,55 @@ impl Lab {
         }
     }
 
-    /// Shapes every link of the main segment (the internet) to `mbit` Mbit/s each way.
+    /// Shapes every link of the main segment (the internet) to `mbit` Mbit/s each way,
+    /// with htb, and a queue of 100 ms at that rate.
     pub fn shape_wan(&self, mbit: u32) {
         let rate = format!("{mbit}mbit");
+        let queue = format!("{}", u64::from(mbit) * 1_000_000 / 8 / 10);
         for (ns, outer) in &self.main.attached {
             for (where_, dev) in [
                 (ns.as_str(), "eth0"),
                 (self.main.ns.as_str(), outer.as_str()),
             ] {
-                let o = run(
+                for tc in [
+                    vec![
+                        "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default",
+                        "10",
+                    ],
+                    vec![
+                        "class", "replace", "dev", dev, "parent", "1:", "classid", "1:10", "htb",
+                        "rate", &rate, "ceil", &rate,
+                    ],
+                    vec![
+                        "qdisc", "replace", "dev", dev, "parent", "1:10", "handle", "10:", "bfifo",
+                        "limit", &queue,
+                    ],
+                ] {
+                    let mut args = vec!["netns", "exec", where_, "tc"];
+                    args.extend(tc);
+                    let o = run("ip", &args);
+                    assert!(
+                        o.status.success(),
+                        "tc: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                }
+            }
+        }
+    }
+
+    /// Removes what [`Lab::shape_wan`] set.
+    pub fn unshape_wan(&self) {
+        for (ns, outer) in &self.main.attached {
+            for (where_, dev) in [
+                (ns.as_str(), "eth0"),
+                (self.main.ns.as_str(), outer.as_str()),
+            ] {
+                run(
                     "ip",
                     &[
-                        "netns", "exec", where_, "tc", "qdisc", "replace", "dev", dev, "root",
-                        "tbf", "rate", &rate, "burst", "256kb", "latency", "100ms",
+                        "netns", "exec", where_, "tc", "qdisc", "del", "dev", dev, "root",
                     ],
-                );
-                assert!(
-                    o.status.success(),
-                    "tc: {}",
-                    String::from_utf8_lossy(&o.stderr)
                 );
             }
         }
