@@ -188,6 +188,10 @@ pub struct TransferView {
     pub id: String,
     pub target: String,
     pub dest: PathBuf,
+    /// Set when the daemon could not write beside `dest`: the file is here once done,
+    /// for the CLI to move to `dest` with its user's rights.
+    #[serde(default)]
+    pub handoff: Option<PathBuf>,
     pub source: String,
     pub size: u64,
     pub done: u64,

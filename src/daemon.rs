@@ -275,6 +275,14 @@ pub async fn run(
     let mut invites = state::read_json::<InviteBook>(&config.node.state_dir.join(INVITES_FILE))?
         .unwrap_or_default();
     invites.prune(now_secs());
+    // Downloads left for a CLI by an earlier run: their transfers died with it, and no
+    // CLI can ask for them any more.
+    let downloads = config.node.state_dir.join(crate::node::DOWNLOADS_DIR);
+    if downloads.exists() {
+        if let Err(e) = std::fs::remove_dir_all(&downloads) {
+            log::warn!("cannot clear {}: {e}", downloads.display());
+        }
+    }
 
     let tun = DeviceBuilder::new()
         .name(&config.tunnel.interface)

@@ -2,7 +2,7 @@
 //! over the control socket. This is an edge: errors become one line and an exit code.
 
 use std::io::{BufRead, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -543,13 +543,16 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 )
                 .await?;
             let view = follow_transfer(&client, &started.id, json).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            }
-            if let Some(e) = view.error {
+            if let Some(e) = &view.error {
                 bail!("{target}: {e}");
             }
-            if !json {
+            if let Some(from) = &view.handoff {
+                move_into_place(from, &dest)
+                    .with_context(|| format!("{target}: cannot write {}", dest.display()))?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
                 println!(
                     "{} -> {} ({} bytes from {}, {})",
                     target,
@@ -653,6 +656,49 @@ fn read_passphrase(file: Option<&PathBuf>, prompt: &str) -> anyhow::Result<Strin
         bail!("the passphrase is empty");
     }
     Ok(pass)
+}
+
+/// Moves a file the daemon could not write at `dest` (it left it in its own folder) to
+/// `dest`, with this user's rights: a rename on the same file system, else a copy to a
+/// temp file beside `dest` renamed over it, so `dest` is never seen half written.
+fn move_into_place(from: &Path, dest: &Path) -> anyhow::Result<()> {
+    match std::fs::rename(from, dest) {
+        Ok(()) => {
+            // The daemon's file: made this user's, readable as a download usually is.
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            // /proc/self belongs to this process's user and group.
+            if let Ok(me) = std::fs::metadata("/proc/self") {
+                let _ = std::os::unix::fs::chown(dest, Some(me.uid()), Some(me.gid()));
+            }
+            std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o644))?;
+            return Ok(());
+        }
+        Err(e) if e.raw_os_error() != Some(libc::EXDEV) => {
+            return Err(e).with_context(|| format!("cannot move {} here", from.display()))
+        }
+        Err(_) => {}
+    }
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "download".into());
+    let tmp = dest.with_file_name(format!(".{name}.watchalong-{}", std::process::id()));
+    let copy = || -> std::io::Result<()> {
+        let mut src = std::fs::File::open(from)?;
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        std::io::copy(&mut src, &mut out)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, dest)
+    };
+    if let Err(e) = copy() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
+    }
+    let _ = std::fs::remove_file(from);
+    Ok(())
 }
 
 /// Polls a transfer until it ends: a progress bar on a terminal, a line now and then

@@ -91,6 +91,8 @@ pub struct Node {
 struct TransferEntry {
     target: String,
     dest: PathBuf,
+    /// Where the daemon writes the file when it may not write `dest` itself.
+    handoff: Option<PathBuf>,
     source: String,
     progress: Arc<Progress>,
     error: Arc<Mutex<Option<String>>>,
@@ -112,6 +114,7 @@ impl Node {
             id: id.to_string(),
             target: e.target.clone(),
             dest: e.dest.clone(),
+            handoff: e.handoff.clone(),
             source: e.source.clone(),
             size: e.progress.size.load(Relaxed),
             done: e.progress.done.load(Relaxed),
@@ -128,6 +131,9 @@ impl Node {
         }
     }
 }
+
+/// Files `get` could not write at their destination, waiting for the CLI to move them.
+pub const DOWNLOADS_DIR: &str = "downloads";
 
 /// A node's own group of one, of which it is the host.
 pub fn hosted_group(config: &Config, wg: Key, signing: &SigningKey) -> Group {
@@ -972,13 +978,15 @@ impl Node {
             return;
         };
         if !s.root_ok() {
-            let msg = format!(
-                "{root} lacks its marker {m} (unmounted or emptied?): nothing is synced into \
+            let msg = s.unwritable().unwrap_or_else(|| {
+                format!(
+                    "{root} lacks its marker {m} (unmounted or emptied?): nothing is synced into \
                  it and no deletion spreads from it until the marker is back; if the folder \
                  is meant to be empty, `touch {root}/{m}` and its deletions will spread",
-                root = s.root.display(),
-                m = crate::sync::MARKER
-            );
+                    root = s.root.display(),
+                    m = crate::sync::MARKER
+                )
+            });
             if s.set_error(Some(msg.clone())) {
                 log::error!("share {}: {msg}", s.name);
             }
@@ -1175,6 +1183,10 @@ impl Node {
                     log::error!("share {}: {msg}", s.name);
                 }
                 s.set_error(Some(msg));
+            } else if let Some(msg) = e.is_write_refused().then(|| s.unwritable()).flatten() {
+                if s.set_error(Some(msg.clone())) {
+                    log::error!("share {}: {msg}", s.name);
+                }
             } else {
                 log::warn!("sync: {}/{local_path}: {e}", s.name);
                 s.set_error(Some(format!("{local_path}: {e}")));
@@ -1645,6 +1657,24 @@ impl Handler for Node {
         let mut id_bytes = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut id_bytes);
         let id: String = id_bytes.iter().map(|b| format!("{b:02x}")).collect();
+        // Under the shipped unit the daemon sees most of the file system read-only (and
+        // no home folders at all): it then writes into its own downloads folder, and
+        // the CLI, which runs with the user's rights, moves the file to its destination.
+        let beside = req.dest.parent().unwrap_or(std::path::Path::new("/"));
+        let handoff = match crate::sync::probe_write(beside) {
+            Ok(()) => None,
+            Err(e) => {
+                let downloads = self.config.node.state_dir.join(DOWNLOADS_DIR);
+                std::fs::create_dir_all(&downloads).map_err(ApiError::internal)?;
+                log::debug!(
+                    "get {}: the daemon cannot write beside {} ({e}); handing it over from {}",
+                    req.target,
+                    req.dest.display(),
+                    downloads.display()
+                );
+                Some(downloads.join(&id))
+            }
+        };
         let progress = Arc::new(Progress::default());
         let error = Arc::new(Mutex::new(None));
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1656,6 +1686,7 @@ impl Handler for Node {
                 TransferEntry {
                     target: req.target.clone(),
                     dest: req.dest.clone(),
+                    handoff: handoff.clone(),
                     source: source.name.clone(),
                     progress: progress.clone(),
                     error: error.clone(),
@@ -1670,7 +1701,8 @@ impl Handler for Node {
         let source_name = source.name.clone();
         let (engine, cancel) = (self.engine.clone(), self.cancel.clone());
         let size = manifest.size;
-        let (target, dest) = (req.target.clone(), req.dest.clone());
+        let target = req.target.clone();
+        let dest = handoff.unwrap_or_else(|| req.dest.clone());
         self.tasks.spawn(async move {
             let work =
                 transfer::get_file(engine, members, source.key, manifest, dest, progress, None);

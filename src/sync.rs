@@ -24,6 +24,39 @@ use crate::versions::{self, FileVersion, Resolution, VersionVector};
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
 /// Present in a share's root while it is the real folder (not an empty mount point).
 pub const MARKER: &str = ".watchalong-share";
+
+/// Whether this process may create a file in `dir`: tried, not guessed, since a
+/// sandbox's read-only view and hidden home folders do not show in permission bits.
+pub fn probe_write(dir: &Path) -> std::io::Result<()> {
+    let tag = rand::random::<u64>();
+    let probe = dir.join(format!(".watchalong-probe-{tag:016x}"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// A write refused by a read-only file system or by permissions.
+pub fn refused(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::PermissionDenied
+        || matches!(
+            e.raw_os_error(),
+            Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
+        )
+}
+
+/// What to tell the user when a read-write share's root refuses writes. Under the shipped
+/// unit (`ProtectSystem=strict`, `ProtectHome=yes`) every path outside the daemon's own
+/// directories is read-only until `ReadWritePaths=` names it.
+pub fn not_writable(root: &Path, e: &std::io::Error) -> String {
+    format!(
+        "{root} is not writable by the daemon ({e}): a read-write share needs it; under \
+         systemd, run `systemctl edit watchalong` and add `[Service]` then \
+         `ReadWritePaths={root}`, and give the service's user write access to it",
+        root = root.display()
+    )
+}
 /// The content id of a directory: folders are entries too, so mkdir and rmdir spread.
 pub const DIR: &str = "dir";
 
@@ -271,6 +304,10 @@ impl SyncShare {
             greeted: Mutex::new(std::collections::HashSet::new()),
             turns: Mutex::new(std::collections::HashMap::new()),
         };
+        if let Some(msg) = share.unwritable() {
+            log::error!("share {}: {msg}", share.name);
+            *share.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+        }
         if imported {
             share.save()?;
             let _ = std::fs::remove_file(&old);
@@ -400,6 +437,15 @@ impl SyncShare {
         let changed = *last != e;
         *last = e;
         changed
+    }
+
+    /// Why nothing can be written into the root, when that is so: the daemon's view of it
+    /// is read-only (a mount, or the sandbox of a systemd unit) or not its to write.
+    pub fn unwritable(&self) -> Option<String> {
+        match probe_write(&self.root) {
+            Err(e) if refused(&e) => Some(not_writable(&self.root, &e)),
+            _ => None,
+        }
     }
 
     /// The root is the real folder: it exists and holds the marker. When it does not (an

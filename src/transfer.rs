@@ -71,6 +71,12 @@ impl TransferError {
         matches!(self, TransferError::Write { source, .. }
             if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
     }
+
+    /// The write was refused: a read-only mount (as a sandbox shows one) or permissions.
+    pub fn is_write_refused(&self) -> bool {
+        matches!(self, TransferError::Write { source, .. }
+            if crate::sync::refused(source))
+    }
 }
 
 /// A member as the transfer code needs it.

@@ -256,6 +256,18 @@ impl Tmpfs {
         );
     }
 
+    /// Remounted with `opts` where `daemon` runs, and here.
+    fn remount_under(&self, daemon: &Node, opts: &str) {
+        let pid = daemon.pid().expect("daemon runs").to_string();
+        let dir = self.0.to_str().unwrap();
+        let remount = format!("remount,{opts}");
+        must(
+            "nsenter",
+            &["--mount", "--target", &pid, "mount", "-o", &remount, dir],
+        );
+        must("mount", &["-o", &remount, dir]);
+    }
+
     /// Unmounted where `daemon` runs, and here.
     fn unmount_under(&self, daemon: &Node) {
         let pid = daemon.pid().expect("daemon runs").to_string();
@@ -330,6 +342,54 @@ fn a_full_disk_stops_the_sync_with_a_clear_error_and_it_resumes_when_space_is_fr
     disk.resize("64m");
     wait_same(&roots, "after space was freed", |t| {
         t.get("big.bin") == Some(&want)
+    });
+    assert!(
+        wait_until(DEADLINE, || share_status(a)["last_error"].is_null()),
+        "the error outlived the condition: {}",
+        share_status(a)
+    );
+}
+
+#[test]
+fn a_root_the_daemon_cannot_write_says_how_to_open_it_and_syncs_once_it_can() {
+    if !root_or_skip("a_root_the_daemon_cannot_write_says_how_to_open_it_and_syncs_once_it_can") {
+        return;
+    }
+    // What the shipped unit's sandbox does to a share not named in ReadWritePaths=.
+    let mut disk = None;
+    let (_lab, nodes, roots) = docs_lab_prepared(&["a"], |roots| {
+        let d = Tmpfs::mount(&roots[1], "16m");
+        std::fs::write(roots[1].join(".watchalong-share"), b"root\n").unwrap();
+        must("mount", &["-o", "remount,ro", roots[1].to_str().unwrap()]);
+        disk = Some(d);
+    });
+    let disk = disk.unwrap();
+    let a = &nodes[1];
+    let want = place(&roots[0], "film.bin", 1 << 20, "read-only");
+    let told = wait_until(DEADLINE, || {
+        share_status(a)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not writable by the daemon"))
+    });
+    assert!(told, "no clear error in status: {}", share_status(a));
+    let err = share_status(a)["last_error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains(&format!("ReadWritePaths={}", roots[1].display())),
+        "{err}"
+    );
+    assert!(
+        a.log().contains("not writable by the daemon"),
+        "{}",
+        a.log()
+    );
+    assert!(
+        a.status()["node"]["name"] == "a",
+        "the daemon is still serving"
+    );
+
+    disk.remount_under(a, "rw");
+    wait_same(&roots, "once the root is writable", |t| {
+        t.get("film.bin") == Some(&want)
     });
     assert!(
         wait_until(DEADLINE, || share_status(a)["last_error"].is_null()),

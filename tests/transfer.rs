@@ -642,3 +642,74 @@ fn the_gateway_killed_in_the_middle_of_a_fetch_is_replaced_and_the_file_arrives_
         "still routed through the dead gateway: {v}"
     );
 }
+
+#[test]
+fn a_destination_the_daemon_cannot_write_is_filled_by_the_cli_with_its_users_rights() {
+    if !root_or_skip(
+        "a_destination_the_daemon_cannot_write_is_filled_by_the_cli_with_its_users_rights",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut host = lab.node("host");
+    let mut a = lab.node("a");
+    let films = host.share("films");
+    let want = write_random(&films.join("f.bin"), 3 * MIB, "handoff");
+    host.start();
+    a.start();
+    join(&host, &a);
+    assert!(
+        wait_until(DEADLINE, || a.cli(&["ls", "films"]).status.success()),
+        "a never saw the host's share"
+    );
+    // As the shipped unit's sandbox shows it (ProtectSystem=strict, ProtectHome=yes):
+    // the destination folder is read-only to the daemon, and only to the daemon.
+    let home = a.dir.join("home");
+    std::fs::create_dir(&home).unwrap();
+    let pid = a.pid().unwrap().to_string();
+    let in_daemon = |args: &[&str]| {
+        let mut all = vec!["--mount", "--target", pid.as_str()];
+        all.extend_from_slice(args);
+        run("nsenter", &all)
+    };
+    let dir = home.to_str().unwrap();
+    for args in [
+        vec!["mount", "--bind", dir, dir],
+        vec!["mount", "-o", "remount,bind,ro", dir],
+    ] {
+        let o = in_daemon(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let probe = format!("{dir}/probe");
+    assert!(
+        !in_daemon(&["touch", &probe]).status.success(),
+        "the daemon can still write there"
+    );
+
+    let dest = home.join("f.bin");
+    let out = a.ok(&["get", "films/f.bin", dest.to_str().unwrap(), "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["state"], "done", "{v}");
+    assert!(v["handoff"].is_string(), "the daemon wrote it itself: {v}");
+    assert_eq!(hash_file(&dest), want);
+    let meta = std::fs::metadata(&dest).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(
+        (meta.uid(), meta.permissions().mode() & 0o777),
+        (0, 0o644),
+        "not the user's file"
+    );
+    let left: Vec<_> = std::fs::read_dir(a.dir.join("state/downloads"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "left in the daemon's folder: {left:?}");
+
+    // Where the daemon may write, it writes the destination itself.
+    let dest = a.dir.join("direct.bin");
+    let v = json(
+        &a,
+        &["get", "films/f.bin", dest.to_str().unwrap(), "--json"],
+    );
+    assert!(v["handoff"].is_null(), "{v}");
+    assert_eq!(hash_file(&dest), want);
+}
