@@ -1009,11 +1009,12 @@ impl Node {
             (true, false) => std::cmp::Ordering::Greater,
         });
         // What this announcement may ask us to pull, for `status` (bytes left); each is
-        // dropped once decided otherwise or pulled.
-        let _queued = s.queue(
+        // dropped once decided otherwise or pulled. A path already in a task's hands
+        // keeps the entry that task updates.
+        let mut queued = s.queue(
             versions
                 .iter()
-                .filter(|v| s.content_differs(v))
+                .filter(|v| s.content_differs(v) && !s.in_flight(&v.path))
                 .map(|v| (v.path.clone(), v.size)),
         );
         for v in versions {
@@ -1025,10 +1026,15 @@ impl Node {
                 );
                 continue;
             }
-            let action = s.decide(&v);
-            if !matches!(action, Action::Fetch { .. } | Action::Conflict { .. }) {
-                s.unqueue(&v.path);
+            // A path a task holds: this version is decided after that task, against
+            // what it leaves there.
+            if s.in_flight(&v.path) {
+                if s.take_off(&v) {
+                    self.spawn_act(s.clone(), peer.clone(), v);
+                }
+                continue;
             }
+            let action = s.decide(&v);
             log::debug!(
                 "sync: {} announced {}/{} ({:?}): {action:?}",
                 peer.name,
@@ -1036,69 +1042,129 @@ impl Node {
                 v.path,
                 v.vv
             );
-            match action {
-                Action::Nothing => {}
-                Action::Adopt { path, vv } => s.merge_history(&path, &vv),
-                Action::Remove { path, version } => {
-                    let Some(p) = existing_inside(&s, &path) else {
-                        // Nothing there (its folder went first): the removal is done.
-                        s.record(&path, version);
-                        continue;
-                    };
-                    let gone = if p.is_dir() {
-                        // Only an empty folder goes; one that still holds something waits for
-                        // the removals of its contents, which come in the same round. Our own
-                        // leftovers in it (partials of pulls nobody wants now) do not count.
-                        crate::sync::remove_leftovers(&p);
-                        std::fs::remove_dir(&p).is_ok()
-                    } else {
-                        let _ = std::fs::remove_file(crate::sync::partial_path(&p));
-                        std::fs::remove_file(&p).is_ok() || !p.exists()
-                    };
-                    if gone {
-                        s.record(&path, version);
-                    }
+            // Pulls run beside this loop, so a big file does not hold up the rest.
+            let pull = match &action {
+                Action::Fetch { version, .. } => version.content != crate::sync::DIR,
+                Action::Conflict { .. } => true,
+                _ => false,
+            };
+            if pull {
+                queued.keep(&v.path);
+                if s.take_off(&v) {
+                    self.spawn_act(s.clone(), peer.clone(), v);
                 }
-                Action::Fetch { path, version } if version.content == crate::sync::DIR => {
-                    if let Ok(p) = inside(&s, &path) {
-                        if std::fs::create_dir_all(&p).is_ok() {
-                            s.record(&path, version);
-                        }
-                    }
-                }
-                Action::Fetch { path, version } => {
-                    if self.sync_fetch(&s, &peer, &v.path, &path, &version).await {
-                        s.record(&path, version);
-                    }
-                    s.unqueue(&v.path);
-                }
-                Action::Conflict {
-                    move_local_to,
-                    fetch_into,
-                    version,
-                } => {
-                    if let Some(to) = &move_local_to {
-                        if let (Ok(a), Ok(b)) = (inside(&s, &v.path), inside(&s, to)) {
-                            let _ = std::fs::rename(a, b);
-                        }
-                    }
-                    if self
-                        .sync_fetch(&s, &peer, &v.path, &fetch_into, &version)
-                        .await
-                    {
-                        s.record(&fetch_into, version.clone());
-                        if move_local_to.is_none() {
-                            // Ours stays at the path and now carries both histories.
-                            s.merge_history(&v.path, &version.vv);
-                        }
-                        log::info!("conflict on {}/{}: both versions kept", s.name, v.path);
-                    }
-                    s.unqueue(&v.path);
-                }
+                continue;
             }
+            s.unqueue(&v.path);
+            self.sync_act(&s, &peer, &v, action).await;
         }
         if let Err(e) = s.save() {
             log::warn!("share {}: {e}", s.name);
+        }
+    }
+
+    /// Runs announced version `v` of a path in a task of its own: it waits for a pull
+    /// slot and the path's turn, then decides and applies it.
+    fn spawn_act(&self, s: Arc<SyncShare>, peer: transfer::Peer, v: FileVersion) {
+        let Some(node) = self.this.get().and_then(std::sync::Weak::upgrade) else {
+            s.land(&v);
+            return;
+        };
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            let work = async {
+                let Ok(_slot) = s.slots.acquire().await else {
+                    return;
+                };
+                let turn = s.pull_turn(&v.path);
+                let _turn = turn.lock().await;
+                let action = s.decide(&v);
+                log::debug!("sync: {}/{} in turn: {action:?}", s.name, v.path);
+                node.sync_act(&s, &peer, &v, action).await;
+                if let Err(e) = s.save() {
+                    log::warn!("share {}: {e}", s.name);
+                }
+            };
+            tokio::select! {
+                () = work => {}
+                () = cancel.cancelled() => {}
+            }
+            s.unqueue(&v.path);
+            s.land(&v);
+        });
+    }
+
+    /// Applies what was decided for announced version `v`.
+    async fn sync_act(
+        &self,
+        s: &SyncShare,
+        peer: &transfer::Peer,
+        v: &FileVersion,
+        action: Action,
+    ) {
+        match action {
+            Action::Nothing => {}
+            Action::Adopt { path, vv } => s.merge_history(&path, &vv),
+            Action::Remove { path, version } => {
+                let Some(p) = existing_inside(s, &path) else {
+                    // Nothing there (its folder went first): the removal is done.
+                    s.record(&path, version);
+                    return;
+                };
+                let gone = if p.is_dir() {
+                    // Only an empty folder goes; one that still holds something waits for
+                    // the removals of its contents, which come in the same round. Our own
+                    // leftovers in it (partials of pulls nobody wants now) do not count,
+                    // unless a task still works in it: then it waits for the next round.
+                    if s.in_flight_under(&path) {
+                        return;
+                    }
+                    crate::sync::remove_leftovers(&p);
+                    std::fs::remove_dir(&p).is_ok()
+                } else {
+                    let _ = std::fs::remove_file(crate::sync::partial_path(&p));
+                    std::fs::remove_file(&p).is_ok() || !p.exists()
+                };
+                if gone {
+                    s.record(&path, version);
+                }
+            }
+            Action::Fetch { path, version } if version.content == crate::sync::DIR => {
+                if let Ok(p) = inside(s, &path) {
+                    if std::fs::create_dir_all(&p).is_ok() {
+                        s.record(&path, version);
+                    }
+                }
+            }
+            Action::Fetch { path, version } => {
+                if self.sync_fetch(s, peer, &v.path, &path, &version).await {
+                    s.record(&path, version);
+                }
+                s.unqueue(&v.path);
+            }
+            Action::Conflict {
+                move_local_to,
+                fetch_into,
+                version,
+            } => {
+                if let Some(to) = &move_local_to {
+                    if let (Ok(a), Ok(b)) = (inside(s, &v.path), inside(s, to)) {
+                        let _ = std::fs::rename(a, b);
+                    }
+                }
+                if self
+                    .sync_fetch(s, peer, &v.path, &fetch_into, &version)
+                    .await
+                {
+                    s.record(&fetch_into, version.clone());
+                    if move_local_to.is_none() {
+                        // Ours stays at the path and now carries both histories.
+                        s.merge_history(&v.path, &version.vv);
+                    }
+                    log::info!("conflict on {}/{}: both versions kept", s.name, v.path);
+                }
+                s.unqueue(&v.path);
+            }
         }
     }
 
@@ -1152,10 +1218,8 @@ impl Node {
         s.pulling(remote_path, progress.clone());
         // One partial file per path, whatever the version: a pull cut short by a crash
         // keeps every chunk that still matches the version now wanted (checked against
-        // its manifest), and no partial of an abandoned version is left behind. Pulls of
-        // one path take turns so they never write into the same partial at once.
-        let turn = s.pull_turn(local_path);
-        let _turn = turn.lock().await;
+        // its manifest), and no partial of an abandoned version is left behind. The
+        // caller holds the path's turn, so two pulls never write into one partial.
         let part = crate::sync::partial_path(&dest);
         // What we hold already (an append, an edit in place) is copied, not fetched.
         tokio::task::block_in_place(|| crate::sync::seed_partial(&dest, &part, &manifest));

@@ -24,6 +24,9 @@ use crate::versions::{self, FileVersion, Resolution, VersionVector};
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
 /// Present in a share's root while it is the real folder (not an empty mount point).
 pub const MARKER: &str = ".watchalong-share";
+/// Pulls of one share that run at once: a small change does not wait behind a big file,
+/// and four pulls of four workers each keep a link busy without flooding it.
+pub const MAX_PULLS: usize = 4;
 
 /// Whether this process may create a file in `dir`: tried, not guessed, since a
 /// sandbox's read-only view and hidden home folders do not show in permission bits.
@@ -120,6 +123,12 @@ pub struct SyncShare {
     greeted: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// One turn per path being pulled, so two pulls never share its partial file.
     turns: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Announced versions handed to a pull task and not yet applied, by path. The scan
+    /// leaves such a path alone: what lies there (or not) is the task's until it has
+    /// recorded the outcome.
+    flights: Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
+    /// Room for [`MAX_PULLS`] pulls at once.
+    pub slots: tokio::sync::Semaphore,
 }
 
 /// The resumable partial file of the pull into `dest`: hidden beside it, skipped by scans.
@@ -135,6 +144,13 @@ pub fn partial_path(dest: &Path) -> PathBuf {
 pub struct Queued<'a> {
     share: &'a SyncShare,
     paths: Vec<String>,
+}
+
+impl Queued<'_> {
+    /// `path` stays queued past this guard: a task pulls it and unqueues it when done.
+    pub fn keep(&mut self, path: &str) {
+        self.paths.retain(|p| p != path);
+    }
 }
 
 impl Drop for Queued<'_> {
@@ -303,6 +319,8 @@ impl SyncShare {
             full_at: Mutex::new(None),
             greeted: Mutex::new(std::collections::HashSet::new()),
             turns: Mutex::new(std::collections::HashMap::new()),
+            flights: Mutex::new(std::collections::HashMap::new()),
+            slots: tokio::sync::Semaphore::new(MAX_PULLS),
         };
         if let Some(msg) = share.unwritable() {
             log::error!("share {}: {msg}", share.name);
@@ -338,6 +356,48 @@ impl SyncShare {
         let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
         turns.retain(|_, t| Arc::strong_count(t) > 1);
         turns.entry(path.to_string()).or_default().clone()
+    }
+
+    /// Hands announced version `v` to a task; false when an identical one is already in
+    /// flight (a full round repeating itself during a long pull).
+    pub fn take_off(&self, v: &FileVersion) -> bool {
+        let key = format!("{:?}", (&v.content, v.deleted, &v.vv));
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(v.path.clone())
+            .or_default()
+            .insert(key)
+    }
+
+    /// The task for `v` is done: its outcome is recorded (or given up).
+    pub fn land(&self, v: &FileVersion) {
+        let key = format!("{:?}", (&v.content, v.deleted, &v.vv));
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(set) = flights.get_mut(&v.path) {
+            set.remove(&key);
+            if set.is_empty() {
+                flights.remove(&v.path);
+            }
+        }
+    }
+
+    /// Some task holds `path`.
+    pub fn in_flight(&self, path: &str) -> bool {
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(path)
+    }
+
+    /// Some task holds a path inside folder `path`.
+    pub fn in_flight_under(&self, path: &str) -> bool {
+        let prefix = format!("{path}/");
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .any(|k| k.starts_with(&prefix))
     }
 
     /// Notes files to pull (path, size) until the returned guard goes.
@@ -541,6 +601,9 @@ impl SyncShare {
         let mut changed = Vec::new();
         let mut index = self.lock();
         for (rel, is_dir) in &entries {
+            if self.in_flight(rel) {
+                continue;
+            }
             let Some((size, mtime_ns)) = stat(&self.root.join(rel)) else {
                 continue;
             };
@@ -598,7 +661,9 @@ impl SyncShare {
                 entries.iter().map(|(p, _)| p).collect();
             let gone: Vec<(String, Entry)> = index
                 .iter()
-                .filter(|(path, e)| !e.version.deleted && !present.contains(path))
+                .filter(|(path, e)| {
+                    !e.version.deleted && !present.contains(path) && !self.in_flight(path)
+                })
                 .map(|(path, e)| {
                     let version = FileVersion {
                         path: path.clone(),

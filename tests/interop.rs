@@ -146,40 +146,68 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
         "{p}"
     );
 
-    // A packet whose source the peer does not own is dropped, and counted.
-    must(
-        "ip",
-        &[
-            "-n",
-            &theirs.ns.name,
-            "addr",
-            "add",
-            "100.77.0.99/32",
-            "dev",
-            &iface,
-        ],
+    // A packet whose source the peer does not own is dropped, and counted: an address
+    // nobody owns, and one that belongs to another peer (added here, never connected).
+    let other = watchalong::identity::key_to_base64(
+        x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([7u8; 32])).as_bytes(),
     );
-    let spoof = theirs.ns.exec(&[
-        "ping",
-        "-c",
-        "2",
-        "-W",
-        "1",
-        "-I",
+    ours.ok(&[
+        "peer",
+        "add",
+        "--public-key",
+        &other,
+        "--address",
         "100.77.0.99",
-        "100.77.0.1",
+        "--endpoint",
+        "192.0.2.1:51820",
+        "--name",
+        "other",
     ]);
-    assert!(!spoof.status.success(), "a spoofed source got an answer");
-    let dropped = ours.status()["node"]["spoofed_packets"].as_u64().unwrap();
-    assert!(dropped >= 2, "spoofed packets not counted: {dropped}");
+    let mut dropped_before = ours.status()["node"]["spoofed_packets"].as_u64().unwrap();
+    for claimed in ["100.77.0.98", "100.77.0.99"] {
+        must(
+            "ip",
+            &[
+                "-n",
+                &theirs.ns.name,
+                "addr",
+                "add",
+                &format!("{claimed}/32"),
+                "dev",
+                &iface,
+            ],
+        );
+        let spoof = theirs
+            .ns
+            .exec(&["ping", "-c", "2", "-W", "1", "-I", claimed, "100.77.0.1"]);
+        assert!(!spoof.status.success(), "{claimed} got an answer");
+        let dropped = ours.status()["node"]["spoofed_packets"].as_u64().unwrap();
+        assert!(
+            dropped >= dropped_before + 2,
+            "packets claiming {claimed} not counted: {dropped_before} -> {dropped}"
+        );
+        dropped_before = dropped;
+    }
     assert!(
         theirs.ping("100.77.0.1"),
         "the genuine address stopped working"
     );
 
-    // Removing the peer at run time cuts it off without a restart.
+    // Removing the peer at run time cuts it off without a restart, both ways.
     ours.ok(&["peer", "remove", "--public-key", &public]);
+    assert!(
+        Node::peer(&ours.status(), "wggo").is_none(),
+        "still listed after removal"
+    );
     assert!(!ours.ping("100.77.0.50"), "a removed peer still answers");
+    assert!(
+        !theirs.ping("100.77.0.1"),
+        "a removed peer still gets answers"
+    );
+    assert!(
+        ours.ping("100.77.0.1"),
+        "this node itself stopped answering"
+    );
 
     let _ = wggo.kill();
     let _ = wggo.wait();

@@ -351,6 +351,38 @@ fn a_full_disk_stops_the_sync_with_a_clear_error_and_it_resumes_when_space_is_fr
 }
 
 #[test]
+fn a_small_change_arrives_while_a_big_file_is_still_being_pulled() {
+    if !root_or_skip("a_small_change_arrives_while_a_big_file_is_still_being_pulled") {
+        return;
+    }
+    let (_lab, nodes, roots) = docs_lab(&["a"]);
+    let a = &nodes[1];
+    // 64 MiB through 40 Mbit/s: about thirteen seconds of pulling.
+    nodes[0].shape(40);
+    let big = place(&roots[0], "big.bin", 64 << 20, "big");
+    assert!(
+        wait_until(DEADLINE, || share_status(a)["bytes_left"]
+            .as_u64()
+            .is_some_and(|b| b > 0)),
+        "the big pull never started: {}",
+        share_status(a)
+    );
+    std::fs::write(roots[0].join("note.txt"), b"meet at eight").unwrap();
+    assert!(
+        wait_until(DEADLINE, || std::fs::read(roots[1].join("note.txt"))
+            .is_ok_and(|b| b == b"meet at eight")),
+        "the note never arrived"
+    );
+    assert!(
+        !roots[1].join("big.bin").exists(),
+        "the note waited for the big file to finish"
+    );
+    wait_same(&roots, "the big file too", |t| {
+        t.get("big.bin") == Some(&big)
+    });
+}
+
+#[test]
 fn a_root_the_daemon_cannot_write_says_how_to_open_it_and_syncs_once_it_can() {
     if !root_or_skip("a_root_the_daemon_cannot_write_says_how_to_open_it_and_syncs_once_it_can") {
         return;
