@@ -480,12 +480,18 @@ fn forged_reordered_and_duplicated_gossip_and_a_flapping_endpoint_leave_the_grou
     let old_announcements: Vec<Value> = state["mesh"]["announcements"].as_array().unwrap().clone();
     let b_key = key_of(&b);
 
-    // c's address flaps three times; each time the others follow it.
+    // c's address flaps three times, back and forth, and ends on a new one; each time
+    // the others follow it.
     let c_vpn = address_of(&c);
     let a_vpn = address_of(&a);
-    for (i, addr) in ["10.88.0.201", "10.88.0.202", &c.ip.to_string()]
-        .into_iter()
-        .enumerate()
+    for (i, addr) in [
+        "10.88.0.201",
+        "10.88.0.202",
+        &c.ip.to_string(),
+        "10.88.0.203",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let old =
             c.ns.exec(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
@@ -517,49 +523,62 @@ fn forged_reordered_and_duplicated_gossip_and_a_flapping_endpoint_leave_the_grou
         );
     }
 
-    // Duplicates, old announcements after new ones, and forgeries, all as if from b.
-    let before = gossip(&a)["stats"]["rejected"].as_u64().unwrap();
-    for _ in 0..3 {
-        for r in &records {
-            assert!(inject(
-                &a,
-                &b_key,
-                &serde_json::json!({"type": "member", "record": r})
-            ));
-        }
-    }
-    for ann in &old_announcements {
-        assert!(inject(
-            &a,
-            &b_key,
-            &serde_json::json!({"type": "announce", "announcement": ann})
-        ));
-    }
+    // Duplicates, records in reverse order, old announcements after new ones, and
+    // forgeries, all as if from b, at two members.
     let mut tampered = records[1].clone();
     let body = tampered["body"]
         .as_str()
         .unwrap()
         .replace("\"revoked\":false", "\"revoked\":true");
     tampered["body"] = Value::String(body);
-    assert!(inject(
-        &a,
-        &b_key,
-        &serde_json::json!({"type": "member", "record": tampered})
-    ));
     let garbage = serde_json::json!({"body": "{\"wg_key\": 1}", "sig": "AAAA"});
-    assert!(inject(
-        &a,
-        &b_key,
-        &serde_json::json!({"type": "announce", "announcement": garbage})
-    ));
     let bogus_digest = serde_json::json!({"type": "digest", "entries": [{"key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=", "version": 999, "seq": 999}],
         "first": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "last": "//////////////////////////////////////////8=", "reply": false});
-    assert!(inject(&a, &b_key, &bogus_digest));
-    let after = gossip(&a)["stats"]["rejected"].as_u64().unwrap();
-    assert!(
-        after >= before + 2,
-        "forgeries were not rejected: {before} → {after}"
-    );
+    for target in [&a, &c] {
+        let before = gossip(target)["stats"]["rejected"].as_u64().unwrap();
+        for round in 0..3 {
+            let mut order: Vec<&Value> = records.iter().collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for r in order {
+                assert!(inject(
+                    target,
+                    &b_key,
+                    &serde_json::json!({"type": "member", "record": r})
+                ));
+            }
+        }
+        for ann in old_announcements.iter().rev() {
+            assert!(inject(
+                target,
+                &b_key,
+                &serde_json::json!({"type": "announce", "announcement": ann})
+            ));
+        }
+        let rejected = |message: &Value| {
+            let before = gossip(target)["stats"]["rejected"].as_u64().unwrap();
+            assert!(inject(target, &b_key, message));
+            gossip(target)["stats"]["rejected"].as_u64().unwrap() > before
+        };
+        assert!(
+            rejected(&serde_json::json!({"type": "member", "record": tampered})),
+            "{} took a tampered record",
+            target.name
+        );
+        assert!(
+            rejected(&serde_json::json!({"type": "announce", "announcement": garbage})),
+            "{} took a garbage announcement",
+            target.name
+        );
+        assert!(inject(target, &b_key, &bogus_digest));
+        let after = gossip(target)["stats"]["rejected"].as_u64().unwrap();
+        assert!(
+            after >= before + 2,
+            "{}: forgeries were not rejected: {before} → {after}",
+            target.name
+        );
+    }
 
     // Nothing crashed, nobody was dropped, and the views agree again.
     for n in nodes {
