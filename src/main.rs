@@ -462,12 +462,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Room { json } => {
             let rooms: Vec<RoomView> = client.get("/v1/rooms").await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rooms)?);
-            } else if rooms.is_empty() {
-                println!("no rooms: `watchalong watch SHARE/PATH` opens one");
-            }
-            for r in rooms.iter().filter(|_| !json) {
+            let text = json_or_empty(
+                &rooms,
+                json,
+                "no rooms: `watchalong watch SHARE/PATH` opens one",
+            )?;
+            for r in rooms.iter().filter(|_| text) {
                 let s = &r.state;
                 let what = match (s.playing, s.held) {
                     (true, false) => "playing",
@@ -565,12 +565,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Transfers { json } => {
             let list: Vec<TransferView> = client.get("/v1/transfers").await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else if list.is_empty() {
-                println!("no transfers");
-            }
-            for t in list.iter().filter(|_| !json) {
+            let text = json_or_empty(&list, json, "no transfers")?;
+            for t in list.iter().filter(|_| text) {
                 println!(
                     "{} {:<7} {:>3}% of {} bytes  {} -> {}  via {}{}",
                     t.id,
@@ -656,6 +652,17 @@ fn read_passphrase(file: Option<&PathBuf>, prompt: &str) -> anyhow::Result<Strin
         bail!("the passphrase is empty");
     }
     Ok(pass)
+}
+
+/// Prints `list` as JSON when that was asked for, or `empty` when there is nothing to
+/// list; true when the caller is to print the list as text.
+fn json_or_empty<T: serde::Serialize>(list: &[T], json: bool, empty: &str) -> anyhow::Result<bool> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(list)?);
+    } else if list.is_empty() {
+        println!("{empty}");
+    }
+    Ok(!json && !list.is_empty())
 }
 
 /// Moves a file the daemon could not write at `dest` (it left it in its own folder) to

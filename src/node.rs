@@ -1147,6 +1147,11 @@ impl Node {
                 fetch_into,
                 version,
             } => {
+                // Both names are this task's until the outcome is recorded.
+                let _held = (
+                    s.hold(&fetch_into),
+                    move_local_to.as_deref().map(|to| s.hold(to)),
+                );
                 if let Some(to) = &move_local_to {
                     if let (Ok(a), Ok(b)) = (inside(s, &v.path), inside(s, to)) {
                         let _ = std::fs::rename(a, b);

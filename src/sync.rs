@@ -146,6 +146,26 @@ pub struct Queued<'a> {
     paths: Vec<String>,
 }
 
+/// What identifies an announced version among a path's flights.
+fn flight_key(v: &FileVersion) -> String {
+    format!("{:?}", (&v.content, v.deleted, &v.vv))
+}
+
+/// The flight key of a path held by [`SyncShare::hold`].
+const HELD: &str = "held";
+
+/// A path the scan leaves alone while this lives.
+pub struct Held<'a> {
+    share: &'a SyncShare,
+    path: String,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.share.flight(&self.path, HELD.to_string(), false);
+    }
+}
+
 impl Queued<'_> {
     /// `path` stays queued past this guard: a task pulls it and unqueues it when done.
     pub fn keep(&mut self, path: &str) {
@@ -361,25 +381,37 @@ impl SyncShare {
     /// Hands announced version `v` to a task; false when an identical one is already in
     /// flight (a full round repeating itself during a long pull).
     pub fn take_off(&self, v: &FileVersion) -> bool {
-        let key = format!("{:?}", (&v.content, v.deleted, &v.vv));
-        self.flights
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(v.path.clone())
-            .or_default()
-            .insert(key)
+        self.flight(&v.path, flight_key(v), true)
     }
 
     /// The task for `v` is done: its outcome is recorded (or given up).
     pub fn land(&self, v: &FileVersion) {
-        let key = format!("{:?}", (&v.content, v.deleted, &v.vv));
+        self.flight(&v.path, flight_key(v), false);
+    }
+
+    /// Keeps the scan off `path` until the guard goes: a task writes there too (the
+    /// two paths of a conflict).
+    pub fn hold(&self, path: &str) -> Held<'_> {
+        self.flight(path, HELD.to_string(), true);
+        Held {
+            share: self,
+            path: path.to_string(),
+        }
+    }
+
+    /// Adds (or removes) `key` among the flights of `path`; false when adding one there.
+    fn flight(&self, path: &str, key: String, on: bool) -> bool {
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(set) = flights.get_mut(&v.path) {
+        if on {
+            return flights.entry(path.to_string()).or_default().insert(key);
+        }
+        if let Some(set) = flights.get_mut(path) {
             set.remove(&key);
             if set.is_empty() {
-                flights.remove(&v.path);
+                flights.remove(path);
             }
         }
+        false
     }
 
     /// Some task holds `path`.

@@ -94,18 +94,13 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
         "wg set: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    must(
-        "ip",
-        &[
-            "-n",
-            &theirs.ns.name,
-            "addr",
-            "add",
-            "100.77.0.50/16",
-            "dev",
-            &iface,
-        ],
-    );
+    let add_address = |cidr: &str| {
+        must(
+            "ip",
+            &["-n", &theirs.ns.name, "addr", "add", cidr, "dev", &iface],
+        )
+    };
+    add_address("100.77.0.50/16");
     must("ip", &["-n", &theirs.ns.name, "link", "set", &iface, "up"]);
 
     ours.ok(&[
@@ -165,18 +160,7 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
     ]);
     let mut dropped_before = ours.status()["node"]["spoofed_packets"].as_u64().unwrap();
     for claimed in ["100.77.0.98", "100.77.0.99"] {
-        must(
-            "ip",
-            &[
-                "-n",
-                &theirs.ns.name,
-                "addr",
-                "add",
-                &format!("{claimed}/32"),
-                "dev",
-                &iface,
-            ],
-        );
+        add_address(&format!("{claimed}/32"));
         let spoof = theirs
             .ns
             .exec(&["ping", "-c", "2", "-W", "1", "-I", claimed, "100.77.0.1"]);

@@ -303,6 +303,17 @@ fn share_status(n: &Node) -> serde_json::Value {
     n.status()["shares"][0].clone()
 }
 
+/// Waits until `n`'s share shows an error containing `needle`, and returns it.
+fn wait_share_error(n: &Node, needle: &str) -> String {
+    let shown = wait_until(DEADLINE, || {
+        share_status(n)["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(needle))
+    });
+    assert!(shown, "no {needle:?} in status: {}", share_status(n));
+    share_status(n)["last_error"].as_str().unwrap().to_string()
+}
+
 #[test]
 fn a_full_disk_stops_the_sync_with_a_clear_error_and_it_resumes_when_space_is_freed() {
     if !root_or_skip(
@@ -318,13 +329,7 @@ fn a_full_disk_stops_the_sync_with_a_clear_error_and_it_resumes_when_space_is_fr
     let want = place(&roots[0], "big.bin", 12 << 20, "full disk");
 
     let a = &nodes[1];
-    let full = wait_until(DEADLINE, || {
-        share_status(a)["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("disk full"))
-    });
-    assert!(full, "no disk-full error in status: {}", share_status(a));
-    let err = share_status(a)["last_error"].as_str().unwrap().to_string();
+    let err = wait_share_error(a, "disk full");
     assert!(
         err.contains("big.bin") && err.contains("space is freed"),
         "{err}"
@@ -398,13 +403,7 @@ fn a_root_the_daemon_cannot_write_says_how_to_open_it_and_syncs_once_it_can() {
     let disk = disk.unwrap();
     let a = &nodes[1];
     let want = place(&roots[0], "film.bin", 1 << 20, "read-only");
-    let told = wait_until(DEADLINE, || {
-        share_status(a)["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("not writable by the daemon"))
-    });
-    assert!(told, "no clear error in status: {}", share_status(a));
-    let err = share_status(a)["last_error"].as_str().unwrap().to_string();
+    let err = wait_share_error(a, "not writable by the daemon");
     assert!(
         err.contains(&format!("ReadWritePaths={}", roots[1].display())),
         "{err}"
