@@ -1078,6 +1078,7 @@ impl Node {
                 };
                 let turn = s.pull_turn(&v.path);
                 let _turn = turn.lock().await;
+                let _held = s.hold(&v.path);
                 let action = s.decide(&v);
                 log::debug!("sync: {}/{} in turn: {action:?}", s.name, v.path);
                 node.sync_act(&s, &peer, &v, action).await;
@@ -1137,7 +1138,11 @@ impl Node {
                 }
             }
             Action::Fetch { path, version } => {
-                if self.sync_fetch(s, peer, &v.path, &path, &version).await {
+                let expected = s.known_stat(&path);
+                if self
+                    .sync_fetch(s, peer, &v.path, &path, &version, expected)
+                    .await
+                {
                     s.record(&path, version);
                 }
                 s.unqueue(&v.path);
@@ -1152,13 +1157,19 @@ impl Node {
                     s.hold(&fetch_into),
                     move_local_to.as_deref().map(|to| s.hold(to)),
                 );
-                if let Some(to) = &move_local_to {
-                    if let (Ok(a), Ok(b)) = (inside(s, &v.path), inside(s, to)) {
-                        let _ = std::fs::rename(a, b);
+                // Ours moved aside leaves nothing at the path; otherwise the remote
+                // version goes to a name of its own, where nothing should stand.
+                let expected = match &move_local_to {
+                    Some(to) => {
+                        if let (Ok(a), Ok(b)) = (inside(s, &v.path), inside(s, to)) {
+                            let _ = std::fs::rename(a, b);
+                        }
+                        None
                     }
-                }
+                    None => s.known_stat(&fetch_into),
+                };
                 if self
-                    .sync_fetch(s, peer, &v.path, &fetch_into, &version)
+                    .sync_fetch(s, peer, &v.path, &fetch_into, &version, expected)
                     .await
                 {
                     s.record(&fetch_into, version.clone());
@@ -1173,7 +1184,8 @@ impl Node {
         }
     }
 
-    /// Pulls `version` of `remote_path` from `peer` into `local_path`.
+    /// Pulls `version` of `remote_path` from `peer` into `local_path`, replacing only
+    /// what `expected` says stands there (size and mtime, or nothing).
     async fn sync_fetch(
         &self,
         s: &SyncShare,
@@ -1181,6 +1193,7 @@ impl Node {
         remote_path: &str,
         local_path: &str,
         version: &FileVersion,
+        expected: Option<(u64, u128)>,
     ) -> bool {
         // A full disk: nothing is tried until space comes back (checked at every round).
         if !s.space_to_pull() {
@@ -1208,9 +1221,9 @@ impl Node {
             return false;
         };
         // Pulled beside the target under a name the scanner skips, then moved over it
-        // only if nobody touched the target meanwhile: a local edit made during the pull
-        // wins, and the next scan announces it.
-        let before = crate::sync::stat(&dest);
+        // only if the target is still what was expected: a local edit, made during the
+        // pull or before it and not scanned yet, wins, and the next scan announces it.
+        let before = expected;
         let name = dest
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

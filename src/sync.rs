@@ -123,9 +123,9 @@ pub struct SyncShare {
     greeted: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// One turn per path being pulled, so two pulls never share its partial file.
     turns: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Announced versions handed to a pull task and not yet applied, by path. The scan
-    /// leaves such a path alone: what lies there (or not) is the task's until it has
-    /// recorded the outcome.
+    /// By path: announced versions handed to a task and not yet applied, and holds of
+    /// the tasks at work there. The scan leaves a held path alone: what lies there (or
+    /// not) is the task's until it has recorded the outcome.
     flights: Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
     /// Room for [`MAX_PULLS`] pulls at once.
     pub slots: tokio::sync::Semaphore,
@@ -151,18 +151,20 @@ fn flight_key(v: &FileVersion) -> String {
     format!("{:?}", (&v.content, v.deleted, &v.vv))
 }
 
-/// The flight key of a path held by [`SyncShare::hold`].
-const HELD: &str = "held";
+/// How the flight keys of [`SyncShare::hold`] begin.
+const HELD: &str = "held:";
 
 /// A path the scan leaves alone while this lives.
 pub struct Held<'a> {
     share: &'a SyncShare,
     path: String,
+    key: String,
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        self.share.flight(&self.path, HELD.to_string(), false);
+        self.share
+            .flight(&self.path, std::mem::take(&mut self.key), false);
     }
 }
 
@@ -389,14 +391,34 @@ impl SyncShare {
         self.flight(&v.path, flight_key(v), false);
     }
 
-    /// Keeps the scan off `path` until the guard goes: a task writes there too (the
-    /// two paths of a conflict).
+    /// Keeps the scan off `path` until the guard goes: a task is changing what lies
+    /// there and has not recorded it yet.
     pub fn hold(&self, path: &str) -> Held<'_> {
-        self.flight(path, HELD.to_string(), true);
+        let key = format!("{HELD}{}", rand::random::<u64>());
+        self.flight(path, key.clone(), true);
         Held {
             share: self,
             path: path.to_string(),
+            key,
         }
+    }
+
+    /// A task is changing `path` right now.
+    fn held(&self, path: &str) -> bool {
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(path)
+            .is_some_and(|keys| keys.iter().any(|k| k.starts_with(HELD)))
+    }
+
+    /// What the index says lies at `path` (size, mtime in ns), when it is a file: a pull
+    /// replaces only that, so a change the scan has not seen yet is never overwritten.
+    pub fn known_stat(&self, path: &str) -> Option<(u64, u128)> {
+        self.lock()
+            .get(path)
+            .filter(|e| !e.version.deleted && e.version.content != DIR)
+            .map(|e| (e.size, e.mtime_ns))
     }
 
     /// Adds (or removes) `key` among the flights of `path`; false when adding one there.
@@ -633,7 +655,7 @@ impl SyncShare {
         let mut changed = Vec::new();
         let mut index = self.lock();
         for (rel, is_dir) in &entries {
-            if self.in_flight(rel) {
+            if self.held(rel) {
                 continue;
             }
             let Some((size, mtime_ns)) = stat(&self.root.join(rel)) else {
@@ -694,7 +716,7 @@ impl SyncShare {
             let gone: Vec<(String, Entry)> = index
                 .iter()
                 .filter(|(path, e)| {
-                    !e.version.deleted && !present.contains(path) && !self.in_flight(path)
+                    !e.version.deleted && !present.contains(path) && !self.held(path)
                 })
                 .map(|(path, e)| {
                     let version = FileVersion {
