@@ -18,6 +18,8 @@ pub const DEFAULT_LISTEN_PORT: u16 = 51871;
 pub const DEFAULT_RELAY_PORT: u16 = 51875;
 /// The loopback port players open watched files at.
 pub const DEFAULT_WATCH_PORT: u16 = 51876;
+/// Disk for watched files from other members, kept for the next watch (MiB).
+pub const DEFAULT_STREAM_CACHE_MIB: u64 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -67,6 +69,9 @@ pub struct WatchConfig {
     pub port: u16,
     /// Pause the room for everyone while one watcher's player waits for data.
     pub pause_when_buffering: bool,
+    /// MiB the caches of files watched from other members may keep on disk; the least
+    /// recently played go first, never one being played.
+    pub cache_mib: u64,
 }
 
 impl Default for WatchConfig {
@@ -74,6 +79,7 @@ impl Default for WatchConfig {
         WatchConfig {
             port: DEFAULT_WATCH_PORT,
             pause_when_buffering: true,
+            cache_mib: DEFAULT_STREAM_CACHE_MIB,
         }
     }
 }

@@ -339,6 +339,7 @@ pub async fn run(
     let (sync_tx, sync_rx) = mpsc::channel(256);
     let streams = Arc::new(crate::stream::Streams::new(
         config.node.state_dir.join("streams"),
+        config.watch.cache_mib.saturating_mul(1024 * 1024),
         cancel.clone(),
     ));
     *streams.endpoint.lock().unwrap_or_else(|p| p.into_inner()) = watch_listener.local_addr().ok();

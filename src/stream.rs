@@ -56,6 +56,39 @@ pub fn next_wanted(have: &[bool], busy: &[bool], playhead: usize) -> Option<usiz
         .find(|&i| !have[i] && !busy[i])
 }
 
+/// A stream cache nobody has read from for this long (seconds) may be evicted.
+pub const IDLE: u64 = 600;
+
+/// One stream cache file, as eviction sees it.
+#[derive(Debug, Clone)]
+pub struct CacheEntry {
+    /// The content id it caches (its file name).
+    pub id: String,
+    /// Bytes it takes on disk.
+    pub bytes: u64,
+    /// When it was last read or written (unix seconds).
+    pub last_used: u64,
+    /// Being played, or just opened: never evicted.
+    pub busy: bool,
+}
+
+/// Which caches to evict so that `need` more bytes fit in `budget` beside the rest:
+/// idle ones, least recently used first, and no more than that.
+pub fn evictions(entries: &[CacheEntry], budget: u64, need: u64) -> Vec<String> {
+    let mut total: u64 = entries.iter().map(|e| e.bytes).sum::<u64>() + need;
+    let mut idle: Vec<&CacheEntry> = entries.iter().filter(|e| !e.busy).collect();
+    idle.sort_by_key(|e| e.last_used);
+    let mut out = Vec::new();
+    for e in idle {
+        if total <= budget {
+            break;
+        }
+        total = total.saturating_sub(e.bytes);
+        out.push(e.id.clone());
+    }
+    out
+}
+
 /// One watched file.
 pub struct Stream {
     /// `share/path`.
@@ -70,6 +103,10 @@ pub struct Stream {
     arrived: tokio::sync::Notify,
     playhead: AtomicU64,
     pub progress: Arc<Progress>,
+    /// When a player last read from it (unix seconds), or it was opened.
+    last_used: AtomicU64,
+    /// Stops the workers filling it (when its cache is evicted).
+    stop: CancellationToken,
 }
 
 impl Stream {
@@ -148,6 +185,8 @@ impl Stream {
             arrived: tokio::sync::Notify::new(),
             playhead: AtomicU64::new(0),
             progress,
+            last_used: AtomicU64::new(crate::node::now_secs()),
+            stop: CancellationToken::new(),
         }
     }
 
@@ -176,6 +215,8 @@ impl Stream {
         let cs = self.manifest.chunk_size.max(1);
         let index = offset / cs;
         self.playhead.store(index, Ordering::Relaxed);
+        self.last_used
+            .store(crate::node::now_secs(), Ordering::Relaxed);
         loop {
             let arrived = self.arrived.notified();
             if self.lock().0.get(index as usize).copied().unwrap_or(true) {
@@ -272,6 +313,8 @@ impl Stream {
 /// The streams open on this node, by `share/path`, and the tasks filling them.
 pub struct Streams {
     pub cache_dir: PathBuf,
+    /// Bytes the caches of streams nobody plays may keep on disk.
+    budget: u64,
     open: Mutex<HashMap<String, Arc<Stream>>>,
     pub tasks: TaskTracker,
     pub cancel: CancellationToken,
@@ -283,9 +326,10 @@ pub struct Streams {
 }
 
 impl Streams {
-    pub fn new(cache_dir: PathBuf, cancel: CancellationToken) -> Streams {
+    pub fn new(cache_dir: PathBuf, budget: u64, cancel: CancellationToken) -> Streams {
         Streams {
             cache_dir,
+            budget,
             open: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             cancel,
@@ -320,13 +364,66 @@ impl Streams {
                 return s.clone();
             }
         }
+        let mut stream = stream;
+        // Its workers stop with the daemon, or when its cache is evicted or replaced.
+        stream.stop = self.cancel.child_token();
         let s = Arc::new(stream);
-        open.insert(s.file.clone(), s.clone());
+        if let Some(replaced) = open.insert(s.file.clone(), s.clone()) {
+            replaced.stop.cancel();
+        }
+        self.make_room(&mut open, &s);
         if !s.complete() {
             self.tasks
-                .spawn(s.clone().fill(engine, members, self.cancel.child_token()));
+                .spawn(s.clone().fill(engine, members, s.stop.clone()));
         }
         s
+    }
+
+    /// Evicts the caches of streams nobody has played for [`IDLE`], least recently used
+    /// first, until what `new` may still need fits in the budget beside the rest. A
+    /// stream being played (or just opened) is never evicted, even past the budget.
+    fn make_room(&self, open: &mut HashMap<String, Arc<Stream>>, new: &Stream) {
+        let now = crate::node::now_secs();
+        let Ok(dir) = std::fs::read_dir(&self.cache_dir) else {
+            return;
+        };
+        let entries: Vec<CacheEntry> = dir
+            .flatten()
+            .filter_map(|e| {
+                let id = e.file_name().to_string_lossy().into_owned();
+                let meta = e.metadata().ok().filter(|m| m.is_file())?;
+                use std::os::unix::fs::MetadataExt;
+                let stream = open.values().find(|s| s.manifest.id() == id);
+                let last_used = match stream {
+                    Some(s) => s.last_used.load(Ordering::Relaxed),
+                    None => meta.mtime().max(0) as u64,
+                };
+                Some(CacheEntry {
+                    // Sparse files: what is on disk, not their length.
+                    bytes: meta.blocks() * 512,
+                    busy: id == new.manifest.id() || now.saturating_sub(last_used) < IDLE,
+                    last_used,
+                    id,
+                })
+            })
+            .collect();
+        let need = new
+            .manifest
+            .size
+            .saturating_sub(new.progress.done.load(Ordering::Relaxed));
+        for id in evictions(&entries, self.budget, need) {
+            open.retain(|_, s| {
+                let keep = s.manifest.id() != id;
+                if !keep {
+                    s.stop.cancel();
+                }
+                keep
+            });
+            match std::fs::remove_file(self.cache_dir.join(&id)) {
+                Ok(()) => log::info!("watch: evicted the cache of {id} (over the budget)"),
+                Err(e) => log::warn!("watch: cannot evict the cache of {id}: {e}"),
+            }
+        }
     }
 
     /// The URL a player opens for `file`.
@@ -484,6 +581,59 @@ pub async fn serve_local(listener: TcpListener, streams: Arc<Streams>, cancel: C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(id: &str, mib: u64, last_used: u64, busy: bool) -> CacheEntry {
+        CacheEntry {
+            id: id.into(),
+            bytes: mib << 20,
+            last_used,
+            busy,
+        }
+    }
+
+    #[test]
+    fn the_least_recently_played_idle_caches_go_first_and_only_as_many_as_needed() {
+        let entries = [
+            entry("old", 3, 100, false),
+            entry("older", 3, 50, false),
+            entry("playing", 3, 10, true),
+            entry("recent", 3, 900, false),
+        ];
+        // 12 MiB held, 2 more wanted, 10 allowed: two idle ones go, oldest first.
+        assert_eq!(evictions(&entries, 10 << 20, 2 << 20), vec!["older", "old"]);
+        assert!(evictions(&entries, 14 << 20, 2 << 20).is_empty(), "it fits");
+        // Past the budget even without them, the one being played still stays.
+        assert_eq!(evictions(&entries, 0, 0), vec!["older", "old", "recent"]);
+    }
+
+    #[test]
+    fn a_new_stream_makes_room_by_evicting_idle_caches_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::new(dir.path().to_path_buf(), 3 << 20, CancellationToken::new());
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(IDLE * 3);
+        for (i, name) in ["a", "b"].iter().enumerate() {
+            let f = std::fs::File::create(dir.path().join(name)).unwrap();
+            std::io::Write::write_all(&mut &f, &vec![1u8; 1 << 20]).unwrap();
+            f.set_modified(long_ago + Duration::from_secs(i as u64))
+                .unwrap();
+        }
+        let manifest = Manifest {
+            share: "s".into(),
+            path: "new.bin".into(),
+            size: 2 << 20,
+            mtime: 0,
+            mode: 0o644,
+            chunk_size: 1 << 20,
+            chunks: vec!["x".into(), "y".into()],
+        };
+        let new = Stream::remote("s/new.bin", manifest, [0; 32], dir.path()).unwrap();
+        let mut open = HashMap::new();
+        streams.make_room(&mut open, &new);
+        // 2 MiB held and 2 MiB wanted against 3 MiB: the older one goes.
+        assert!(!dir.path().join("a").exists());
+        assert!(dir.path().join("b").exists());
+        assert!(dir.path().join(new.manifest.id()).exists());
+    }
 
     #[test]
     fn chunks_come_from_the_playhead_on_then_from_the_start() {
