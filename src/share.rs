@@ -2,7 +2,7 @@
 //! share and nowhere else, listing, cutting files into BLAKE3-hashed chunks (the
 //! manifest), and reading one chunk. It must never open a path outside a share root:
 //! `..`, `.`, absolute paths, NUL bytes, backslashes and symlinks that lead out are all
-//! refused before or after resolution.
+//! refused before or after resolution, and what a file open reached is checked again.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -191,6 +191,39 @@ impl Shares {
     /// The file or folder `raw` names inside `share`, after following symlinks, only if
     /// it is still inside the share's root.
     pub fn resolve(&self, share: &str, raw: &str) -> Result<PathBuf, ShareError> {
+        self.resolve_in(share, raw).map(|(real, _)| real)
+    }
+
+    /// Opens the regular file `raw` names inside `share`, for reading. What was opened
+    /// is checked again through `/proc/self/fd`, so a symlink swapped in between the
+    /// resolution and the open cannot lead out; a FIFO or a device is refused without
+    /// blocking.
+    fn open_file(&self, share: &str, raw: &str) -> Result<(std::fs::File, PathBuf), ShareError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        use std::os::unix::io::AsRawFd;
+        let (path, root) = self.resolve_in(share, raw)?;
+        let read = |source| ShareError::Read {
+            path: path.clone(),
+            source,
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(read)?;
+        if !f.metadata().map_err(read)?.is_file() {
+            return Err(ShareError::NotFound(raw.to_string()));
+        }
+        let opened =
+            std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())).map_err(read)?;
+        if !opened.starts_with(&root) {
+            return Err(ShareError::RefusePath(raw.to_string()));
+        }
+        Ok((f, path))
+    }
+
+    /// The file or folder `raw` names inside `share` and the share's canonical root.
+    fn resolve_in(&self, share: &str, raw: &str) -> Result<(PathBuf, PathBuf), ShareError> {
         let cfg = self
             .shares
             .iter()
@@ -211,7 +244,7 @@ impl Shares {
         if !real.starts_with(&root) {
             return Err(ShareError::RefusePath(raw.to_string()));
         }
-        Ok(real)
+        Ok((real, root))
     }
 
     pub fn ls(&self, share: &str, raw: &str) -> Result<Vec<Entry>, ShareError> {
@@ -296,7 +329,7 @@ impl Shares {
             path: path.clone(),
             source,
         };
-        let mut f = std::fs::File::open(&path).map_err(read)?;
+        let (mut f, _) = self.open_file(share, raw)?;
         let mut chunks = Vec::new();
         let mut buf = vec![0u8; self.chunk_size as usize];
         let mut size = 0u64;
@@ -336,16 +369,11 @@ impl Shares {
         index: u64,
         hash: &str,
     ) -> Result<Vec<u8>, ShareError> {
-        let path = self.resolve(share, raw)?;
+        let (mut f, path) = self.open_file(share, raw)?;
         let read = |source| ShareError::Read {
             path: path.clone(),
             source,
         };
-        // A FIFO or a device inside a share would block the reader for ever.
-        if !std::fs::metadata(&path).map_err(read)?.is_file() {
-            return Err(ShareError::NotFound(raw.to_string()));
-        }
-        let mut f = std::fs::File::open(&path).map_err(read)?;
         f.seek(SeekFrom::Start(index * self.chunk_size))
             .map_err(read)?;
         let mut buf = vec![0u8; self.chunk_size as usize];
@@ -370,16 +398,12 @@ impl Shares {
         raw: &str,
         range: Option<&str>,
     ) -> Result<RangeRead, ShareError> {
-        let path = self.resolve(share, raw)?;
+        let (mut f, path) = self.open_file(share, raw)?;
         let read = |source| ShareError::Read {
             path: path.clone(),
             source,
         };
-        let meta = std::fs::metadata(&path).map_err(read)?;
-        if !meta.is_file() {
-            return Err(ShareError::NotFound(raw.to_string()));
-        }
-        let size = meta.len();
+        let size = f.metadata().map_err(read)?.len();
         let (start, len) = match range {
             None => (0, size),
             Some(h) => match parse_range(h, size) {
@@ -393,7 +417,6 @@ impl Shares {
                 }
             },
         };
-        let mut f = std::fs::File::open(&path).map_err(read)?;
         f.seek(SeekFrom::Start(start)).map_err(read)?;
         let mut data = vec![0u8; len.min(MAX_RANGE) as usize];
         let n = read_full(&mut f, &mut data).map_err(read)?;
@@ -517,6 +540,29 @@ mod tests {
         std::fs::write(d.path().join("root/big"), &big).unwrap();
         let r = s.read_range("s", "big", Some("bytes=2-")).unwrap();
         assert_eq!((r.start, r.data.len() as u64), (2, MAX_RANGE));
+    }
+
+    #[test]
+    fn a_fifo_in_the_share_is_refused_without_blocking() {
+        let (d, s) = setup();
+        let fifo = d.path().join("root/pipe");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert!(matches!(
+            s.manifest("s", "pipe"),
+            Err(ShareError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.read_range("s", "pipe", None),
+            Err(ShareError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.chunk("s", "pipe", 0, "x"),
+            Err(ShareError::NotFound(_))
+        ));
     }
 
     #[test]
