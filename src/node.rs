@@ -1063,8 +1063,8 @@ impl Node {
         }
     }
 
-    /// Runs announced version `v` of a path in a task of its own: it waits for a pull
-    /// slot and the path's turn, then decides and applies it.
+    /// Runs announced version `v` of a path in a task of its own: it waits for the
+    /// path's turn and a pull slot, then decides and applies it.
     fn spawn_act(&self, s: Arc<SyncShare>, peer: transfer::Peer, v: FileVersion) {
         let Some(node) = self.this.get().and_then(std::sync::Weak::upgrade) else {
             s.land(&v);
@@ -1072,12 +1072,17 @@ impl Node {
         };
         let cancel = self.cancel.clone();
         self.tasks.spawn(async move {
+            // However the task ends (done, cancelled, or a panic unwinding), the version
+            // leaves the flights and the queue.
+            let _landing = Landing { share: &s, v: &v };
             let work = async {
+                // The turn before a slot: versions queued behind a long pull of one path
+                // wait without taking the slots other paths need.
+                let turn = s.pull_turn(&v.path);
+                let _turn = turn.lock().await;
                 let Ok(_slot) = s.slots.acquire().await else {
                     return;
                 };
-                let turn = s.pull_turn(&v.path);
-                let _turn = turn.lock().await;
                 let _held = s.hold(&v.path);
                 let action = s.decide(&v);
                 log::debug!("sync: {}/{} in turn: {action:?}", s.name, v.path);
@@ -1090,8 +1095,6 @@ impl Node {
                 () = work => {}
                 () = cancel.cancelled() => {}
             }
-            s.unqueue(&v.path);
-            s.land(&v);
         });
     }
 
@@ -1139,11 +1142,11 @@ impl Node {
             }
             Action::Fetch { path, version } => {
                 let expected = s.known_stat(&path);
-                if self
-                    .sync_fetch(s, peer, &v.path, &path, &version, expected)
+                if let Some(installed) = self
+                    .sync_fetch(s, peer, &v.path, &path, &version, expected, None)
                     .await
                 {
-                    s.record(&path, version);
+                    s.record_installed(&path, version, installed);
                 }
                 s.unqueue(&v.path);
             }
@@ -1157,22 +1160,22 @@ impl Node {
                     s.hold(&fetch_into),
                     move_local_to.as_deref().map(|to| s.hold(to)),
                 );
-                // Ours moved aside leaves nothing at the path; otherwise the remote
+                // Ours is moved aside only once the remote version is here to take its
+                // place, so a failed pull leaves it where it was; otherwise the remote
                 // version goes to a name of its own, where nothing should stand.
-                let expected = match &move_local_to {
-                    Some(to) => {
-                        if let (Ok(a), Ok(b)) = (inside(s, &v.path), inside(s, to)) {
-                            let _ = std::fs::rename(a, b);
-                        }
-                        None
-                    }
-                    None => s.known_stat(&fetch_into),
+                let (expected, aside) = match &move_local_to {
+                    Some(to) => match inside(s, to) {
+                        Ok(to) => (s.known_stat(&v.path), Some(to)),
+                        // Nowhere to keep ours: nothing happens, ours stays.
+                        Err(()) => return,
+                    },
+                    None => (s.known_stat(&fetch_into), None),
                 };
-                if self
-                    .sync_fetch(s, peer, &v.path, &fetch_into, &version, expected)
+                if let Some(installed) = self
+                    .sync_fetch(s, peer, &v.path, &fetch_into, &version, expected, aside)
                     .await
                 {
-                    s.record(&fetch_into, version.clone());
+                    s.record_installed(&fetch_into, version.clone(), installed);
                     if move_local_to.is_none() {
                         // Ours stays at the path and now carries both histories.
                         s.merge_history(&v.path, &version.vv);
@@ -1185,7 +1188,9 @@ impl Node {
     }
 
     /// Pulls `version` of `remote_path` from `peer` into `local_path`, replacing only
-    /// what `expected` says stands there (size and mtime, or nothing).
+    /// what `expected` says stands there (size and mtime, or nothing), after moving that
+    /// to `aside` when given. Returns the installed file's size and mtime.
+    #[allow(clippy::too_many_arguments)]
     async fn sync_fetch(
         &self,
         s: &SyncShare,
@@ -1194,13 +1199,14 @@ impl Node {
         local_path: &str,
         version: &FileVersion,
         expected: Option<(u64, u128)>,
-    ) -> bool {
+        aside: Option<PathBuf>,
+    ) -> Option<(u64, u128)> {
         // A full disk: nothing is tried until space comes back (checked at every round).
         if !s.space_to_pull() {
-            return false;
+            return None;
         }
         let Ok(dest) = inside(s, local_path) else {
-            return false;
+            return None;
         };
         let manifest: crate::share::Manifest =
             match transfer::ask(peer.vpn, "manifest", &s.name, remote_path).await {
@@ -1210,16 +1216,14 @@ impl Node {
                         "sync: no manifest for {remote_path} from {}: {e}",
                         peer.name
                     );
-                    return false;
+                    return None;
                 }
             };
         // The announcer moved on since; its next announcement brings the newer version.
         if manifest.id() != version.content {
-            return false;
+            return None;
         }
-        let Some(members) = self.this.get().and_then(std::sync::Weak::upgrade) else {
-            return false;
-        };
+        let members = self.this.get().and_then(std::sync::Weak::upgrade)?;
         // Pulled beside the target under a name the scanner skips, then moved over it
         // only if the target is still what was expected: a local edit, made during the
         // pull or before it and not scanned yet, wins, and the next scan announces it.
@@ -1273,7 +1277,7 @@ impl Node {
                 log::warn!("sync: {}/{local_path}: {e}", s.name);
                 s.set_error(Some(format!("{local_path}: {e}")));
             }
-            return false;
+            return None;
         }
         if crate::sync::stat(&dest) != before {
             log::info!(
@@ -1281,21 +1285,48 @@ impl Node {
                 s.name
             );
             let _ = std::fs::remove_file(&staged);
-            return false;
+            return None;
+        }
+        // The version's mtime is set on the staged file, and what is recorded is the
+        // staged file's own size and mtime: a write landing on the path right after the
+        // rename is then seen by the next scan as the local edit it is.
+        crate::sync::set_mtime(&staged, version.mtime);
+        let Some(installed) = crate::sync::stat(&staged) else {
+            let _ = std::fs::remove_file(&staged);
+            return None;
+        };
+        if let Some(to) = &aside {
+            if let Err(e) = std::fs::rename(&dest, to) {
+                let _ = std::fs::remove_file(&staged);
+                s.set_error(Some(format!("{local_path}: cannot move ours aside: {e}")));
+                return None;
+            }
         }
         if let Err(e) = std::fs::rename(&staged, &dest) {
             let _ = std::fs::remove_file(&staged);
             s.set_error(Some(format!("{local_path}: {e}")));
-            return false;
+            return None;
         }
         log::debug!("sync: {}/{local_path} in place", s.name);
         if let Some(dir) = dest.parent() {
             let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
         }
-        s.set_mtime(local_path, version.mtime);
         s.set_error(None);
         log::debug!("sync: {}/{local_path} done", s.name);
-        true
+        Some(installed)
+    }
+}
+
+/// Takes an announced version out of its share's flights and queue when dropped.
+struct Landing<'a> {
+    share: &'a SyncShare,
+    v: &'a FileVersion,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.share.unqueue(&self.v.path);
+        self.share.land(self.v);
     }
 }
 

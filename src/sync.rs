@@ -716,7 +716,12 @@ impl SyncShare {
             let gone: Vec<(String, Entry)> = index
                 .iter()
                 .filter(|(path, e)| {
-                    !e.version.deleted && !present.contains(path) && !self.held(path)
+                    !e.version.deleted
+                        && !present.contains(path)
+                        && !self.held(path)
+                        // The walk ran before the lock: a file a task put there since
+                        // (and recorded) is no deletion.
+                        && stat(&self.root.join(path)).is_none()
                 })
                 .map(|(path, e)| {
                     let version = FileVersion {
@@ -844,7 +849,17 @@ impl SyncShare {
 
     /// Records that `version` is now what lies at `path` on disk.
     pub fn record(&self, path: &str, version: FileVersion) {
-        let (size, mtime_ns) = stat(&self.root.join(path)).unwrap_or((0, 0));
+        let installed = stat(&self.root.join(path)).unwrap_or((0, 0));
+        self.record_installed(path, version, installed);
+    }
+
+    /// Records `version` at `path` as the file of this size and mtime (ns) put there.
+    pub fn record_installed(
+        &self,
+        path: &str,
+        version: FileVersion,
+        (size, mtime_ns): (u64, u128),
+    ) {
         self.lock().insert(
             path.to_string(),
             Entry {
@@ -867,14 +882,13 @@ impl SyncShare {
             index.insert(path.to_string(), e);
         }
     }
+}
 
-    /// Sets a fetched file's mtime to the version's, so every node shows the same.
-    pub fn set_mtime(&self, path: &str, mtime: u64) {
-        let p = self.root.join(path);
-        if let Ok(f) = std::fs::File::options().write(true).open(&p) {
-            let t = UNIX_EPOCH + Duration::from_secs(mtime);
-            let _ = f.set_modified(t);
-        }
+/// Sets a fetched file's mtime to the version's, so every node shows the same.
+pub fn set_mtime(path: &Path, mtime: u64) {
+    if let Ok(f) = std::fs::File::options().write(true).open(path) {
+        let t = UNIX_EPOCH + Duration::from_secs(mtime);
+        let _ = f.set_modified(t);
     }
 }
 
