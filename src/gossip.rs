@@ -84,6 +84,8 @@ pub struct Stats {
 pub struct Gossip {
     me: Key,
     pub stats: Stats,
+    /// Members with a live tunnel, as the caller last said: pushes go to them first.
+    reachable: Vec<Key>,
 }
 
 impl Gossip {
@@ -91,7 +93,13 @@ impl Gossip {
         Gossip {
             me,
             stats: Stats::default(),
+            reachable: Vec::new(),
         }
+    }
+
+    /// The members this node is connected to now.
+    pub fn set_reachable(&mut self, keys: Vec<Key>) {
+        self.reachable = keys;
     }
 
     fn peers_except(&self, mesh: &Mesh, not: &[Key]) -> Vec<Key> {
@@ -111,6 +119,9 @@ impl Gossip {
     ) {
         let mut peers = self.peers_except(mesh, not);
         peers.shuffle(rng);
+        // Members it is connected to first (in random order): a push to one that is away
+        // waits for anti-entropy.
+        peers.sort_by_key(|k| !self.reachable.contains(k));
         for to in peers.into_iter().take(FANOUT) {
             out.push(Outgoing {
                 to,
@@ -491,6 +502,37 @@ mod tests {
             host_pushes < 15,
             "the host pushed to {host_pushes} members itself"
         );
+    }
+
+    #[test]
+    fn a_push_goes_to_members_this_node_is_connected_to_first() {
+        let (host, mut nodes) = cluster(6);
+        let mut rng = StdRng::seed_from_u64(3);
+        for i in 2..=6u8 {
+            nodes[0]
+                .mesh
+                .accept_member(&sign_member(&host, &record(i)))
+                .unwrap();
+        }
+        let n0 = &mut nodes[0];
+        n0.g.set_reachable(vec![[4; 32], [6; 32]]);
+        for version in 2..12 {
+            let news = sign_member(
+                &host,
+                &MemberRecord {
+                    version,
+                    ..record(5)
+                },
+            );
+            let (out, _) = n0.g.publish(
+                &mut n0.mesh,
+                GossipMessage::Member { record: news },
+                &mut rng,
+            );
+            let mut to: Vec<Key> = out.iter().map(|o| o.to).collect();
+            to.sort();
+            assert_eq!(to, vec![[4; 32], [6; 32]]);
+        }
     }
 
     #[test]

@@ -411,6 +411,7 @@ impl Node {
         let seen = self.tunnel.status();
         let mut book = self.book();
         let Book { group, gossip, .. } = &mut *book;
+        gossip.set_reachable(reachable.clone());
         let mut out = gossip.tick(&group.mesh, &reachable, rng);
         if group.is_host(&self.public_key) {
             for p in seen.iter().filter(|p| p.path == "direct") {
