@@ -41,6 +41,8 @@ const SYNC_FULL_ROUND: Duration = Duration::from_secs(10);
 const SETTLE: Duration = Duration::from_millis(30);
 /// A file written without pause ships at least this often.
 const MAX_SETTLE: Duration = Duration::from_millis(500);
+/// How long READY=1 waits for the tunnel to read its socket before going out anyway.
+const READY_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -443,6 +445,13 @@ pub async fn run(
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(DaemonError::InstallSignals)?;
 
+    // READY=1 means the node answers: the tunnel's UDP loop must be reading by then.
+    if tokio::time::timeout(READY_WAIT, tunnel.wait_receiving())
+        .await
+        .is_err()
+    {
+        log::warn!("the tunnel's UDP loop did not start within {READY_WAIT:?}");
+    }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     log::info!(
         "{} is up: {} on {}, UDP port {}",

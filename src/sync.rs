@@ -1136,7 +1136,9 @@ mod tests {
                 ..
             } => {
                 assert!(
-                    to.starts_with("a.sync-conflict-") && to.ends_with("-n1.txt"),
+                    to.starts_with("a.sync-conflict-")
+                        && to.contains("-n1-")
+                        && to.ends_with(".txt"),
                     "{to}"
                 );
                 assert_eq!(fetch_into, "a.txt");

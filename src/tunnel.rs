@@ -221,6 +221,8 @@ pub struct Tunnel {
     invite_tx: mpsc::Sender<InviteMessage>,
     gossip_tx: mpsc::Sender<GossipIn>,
     roamed: tokio::sync::Notify,
+    /// Set once the UDP loop reads its socket: until then a handshake gets no answer.
+    receiving: tokio::sync::watch::Sender<bool>,
 }
 
 /// What handling one datagram asks the loop to do once the lock is released.
@@ -250,7 +252,14 @@ impl Tunnel {
             invite_tx,
             gossip_tx,
             roamed: tokio::sync::Notify::new(),
+            receiving: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Returns once the UDP loop runs, so the socket answers handshakes.
+    pub async fn wait_receiving(&self) {
+        let mut rx = self.receiving.subscribe();
+        let _ = rx.wait_for(|on| *on).await;
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -505,6 +514,7 @@ impl Tunnel {
     async fn udp_loop(&self) -> Result<(), TunnelError> {
         let mut rx = vec![0u8; BUF];
         let mut tx = vec![0u8; BUF];
+        self.receiving.send_replace(true);
         loop {
             let (n, from) = match self.udp.recv_from(&mut rx).await {
                 Ok(r) => r,

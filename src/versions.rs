@@ -119,15 +119,18 @@ pub fn resolve(local: &FileVersion, remote: &FileVersion) -> Resolution {
             let loser = if remote_wins { local } else { remote };
             Resolution::Conflict {
                 remote_wins,
-                loser_path: conflict_name(&loser.path, loser.mtime, &loser.node),
+                loser_path: conflict_name(&loser.path, loser.mtime, &loser.node, &loser.content),
                 merged: local.vv.merged(&remote.vv),
             }
         }
     }
 }
 
-/// `NAME.sync-conflict-YYYYMMDD-HHMMSS-NODE.EXT`, from the losing version's own data.
-pub fn conflict_name(path: &str, mtime: u64, node: &str) -> String {
+/// `NAME.sync-conflict-YYYYMMDD-HHMMSS-NODE-CONTENT.EXT`, from the losing version's own
+/// data: every node names it alike. The first 8 digits of its content id keep two
+/// conflicts lost by one node in one second apart; without them the second copy landed
+/// on the first one's name and path histories got mixed.
+pub fn conflict_name(path: &str, mtime: u64, node: &str, content: &str) -> String {
     let (dir, file) = match path.rsplit_once('/') {
         Some((d, f)) => (format!("{d}/"), f),
         None => (String::new(), path),
@@ -144,7 +147,8 @@ pub fn conflict_name(path: &str, mtime: u64, node: &str) -> String {
     .replace('T', "-")
     .trim_end_matches('Z')
     .to_string();
-    format!("{dir}{stem}.sync-conflict-{stamp}-{node}{ext}")
+    let tag: String = content.chars().take(8).collect();
+    format!("{dir}{stem}.sync-conflict-{stamp}-{node}-{tag}{ext}")
 }
 
 /// Whether deletions seen in a share may be sent to others: only while its root is there
@@ -234,7 +238,7 @@ mod tests {
         };
         assert!(wa && !wb, "the later edit (b's) wins on both nodes");
         assert_eq!(la, lb);
-        assert_eq!(la, "films/movie.sync-conflict-20251124-160000-a.mkv");
+        assert_eq!(la, "films/movie.sync-conflict-20251124-160000-a-x.mkv");
         assert_eq!(ma, mb);
     }
 
@@ -259,18 +263,26 @@ mod tests {
     }
 
     #[test]
+    fn two_conflicts_one_node_lost_in_one_second_get_names_of_their_own() {
+        assert_ne!(
+            conflict_name("n9.bin", 7, "n", "aaaaaaaa11"),
+            conflict_name("n9.bin", 7, "n", "bbbbbbbb22")
+        );
+    }
+
+    #[test]
     fn conflict_names_keep_folders_and_handle_missing_extensions() {
         assert_eq!(
-            conflict_name("notes", 0, "n"),
-            "notes.sync-conflict-19700101-000000-n"
+            conflict_name("notes", 0, "n", "0123456789"),
+            "notes.sync-conflict-19700101-000000-n-01234567"
         );
         assert_eq!(
-            conflict_name("a/b/.hidden", 0, "n"),
-            "a/b/.hidden.sync-conflict-19700101-000000-n"
+            conflict_name("a/b/.hidden", 0, "n", "ab"),
+            "a/b/.hidden.sync-conflict-19700101-000000-n-ab"
         );
         assert_eq!(
-            conflict_name("a/x.tar.gz", 0, "n"),
-            "a/x.tar.sync-conflict-19700101-000000-n.gz"
+            conflict_name("a/x.tar.gz", 0, "n", "cd"),
+            "a/x.tar.sync-conflict-19700101-000000-n-cd.gz"
         );
     }
 
