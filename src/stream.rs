@@ -387,21 +387,22 @@ impl Streams {
         let Ok(dir) = std::fs::read_dir(&self.cache_dir) else {
             return;
         };
+        let new_id = new.manifest.id();
+        let used: HashMap<String, u64> = open
+            .values()
+            .map(|s| (s.manifest.id(), s.last_used.load(Ordering::Relaxed)))
+            .collect();
         let entries: Vec<CacheEntry> = dir
             .flatten()
             .filter_map(|e| {
                 let id = e.file_name().to_string_lossy().into_owned();
                 let meta = e.metadata().ok().filter(|m| m.is_file())?;
                 use std::os::unix::fs::MetadataExt;
-                let stream = open.values().find(|s| s.manifest.id() == id);
-                let last_used = match stream {
-                    Some(s) => s.last_used.load(Ordering::Relaxed),
-                    None => meta.mtime().max(0) as u64,
-                };
+                let last_used = used.get(&id).copied().unwrap_or(meta.mtime().max(0) as u64);
                 Some(CacheEntry {
                     // Sparse files: what is on disk, not their length.
                     bytes: meta.blocks() * 512,
-                    busy: id == new.manifest.id() || now.saturating_sub(last_used) < IDLE,
+                    busy: id == new_id || now.saturating_sub(last_used) < IDLE,
                     last_used,
                     id,
                 })
@@ -411,14 +412,15 @@ impl Streams {
             .manifest
             .size
             .saturating_sub(new.progress.done.load(Ordering::Relaxed));
-        for id in evictions(&entries, self.budget, need) {
-            open.retain(|_, s| {
-                let keep = s.manifest.id() != id;
-                if !keep {
-                    s.stop.cancel();
-                }
-                keep
-            });
+        let evicted = evictions(&entries, self.budget, need);
+        open.retain(|_, s| {
+            let keep = !evicted.contains(&s.manifest.id());
+            if !keep {
+                s.stop.cancel();
+            }
+            keep
+        });
+        for id in evicted {
             match std::fs::remove_file(self.cache_dir.join(&id)) {
                 Ok(()) => log::info!("watch: evicted the cache of {id} (over the budget)"),
                 Err(e) => log::warn!("watch: cannot evict the cache of {id}: {e}"),

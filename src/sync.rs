@@ -126,7 +126,7 @@ pub struct SyncShare {
     /// By path: announced versions handed to a task and not yet applied, and holds of
     /// the tasks at work there. The scan leaves a held path alone: what lies there (or
     /// not) is the task's until it has recorded the outcome.
-    flights: Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
+    flights: Mutex<std::collections::HashMap<String, Flights>>,
     /// Room for [`MAX_PULLS`] pulls at once.
     pub slots: tokio::sync::Semaphore,
 }
@@ -151,20 +151,25 @@ fn flight_key(v: &FileVersion) -> String {
     format!("{:?}", (&v.content, v.deleted, &v.vv))
 }
 
-/// How the flight keys of [`SyncShare::hold`] begin.
-const HELD: &str = "held:";
+/// The tasks concerned with one path.
+#[derive(Default)]
+struct Flights {
+    /// Announced versions handed to a task and not yet applied.
+    versions: std::collections::HashSet<String>,
+    /// Tasks changing what lies at the path right now.
+    holds: usize,
+}
 
 /// A path the scan leaves alone while this lives.
 pub struct Held<'a> {
     share: &'a SyncShare,
     path: String,
-    key: String,
 }
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         self.share
-            .flight(&self.path, std::mem::take(&mut self.key), false);
+            .release(&self.path, |f| f.holds = f.holds.saturating_sub(1));
     }
 }
 
@@ -383,23 +388,34 @@ impl SyncShare {
     /// Hands announced version `v` to a task; false when an identical one is already in
     /// flight (a full round repeating itself during a long pull).
     pub fn take_off(&self, v: &FileVersion) -> bool {
-        self.flight(&v.path, flight_key(v), true)
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(v.path.clone())
+            .or_default()
+            .versions
+            .insert(flight_key(v))
     }
 
     /// The task for `v` is done: its outcome is recorded (or given up).
     pub fn land(&self, v: &FileVersion) {
-        self.flight(&v.path, flight_key(v), false);
+        self.release(&v.path, |f| {
+            f.versions.remove(&flight_key(v));
+        });
     }
 
     /// Keeps the scan off `path` until the guard goes: a task is changing what lies
     /// there and has not recorded it yet.
     pub fn hold(&self, path: &str) -> Held<'_> {
-        let key = format!("{HELD}{}", rand::random::<u64>());
-        self.flight(path, key.clone(), true);
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(path.to_string())
+            .or_default()
+            .holds += 1;
         Held {
             share: self,
             path: path.to_string(),
-            key,
         }
     }
 
@@ -409,7 +425,7 @@ impl SyncShare {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(path)
-            .is_some_and(|keys| keys.iter().any(|k| k.starts_with(HELD)))
+            .is_some_and(|f| f.holds > 0)
     }
 
     /// What the index says lies at `path` (size, mtime in ns), when it is a file: a pull
@@ -421,19 +437,15 @@ impl SyncShare {
             .map(|e| (e.size, e.mtime_ns))
     }
 
-    /// Adds (or removes) `key` among the flights of `path`; false when adding one there.
-    fn flight(&self, path: &str, key: String, on: bool) -> bool {
+    /// Changes the flights of `path`, forgetting the path once no task is concerned.
+    fn release(&self, path: &str, change: impl FnOnce(&mut Flights)) {
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if on {
-            return flights.entry(path.to_string()).or_default().insert(key);
-        }
-        if let Some(set) = flights.get_mut(path) {
-            set.remove(&key);
-            if set.is_empty() {
+        if let Some(f) = flights.get_mut(path) {
+            change(f);
+            if f.versions.is_empty() && f.holds == 0 {
                 flights.remove(path);
             }
         }
-        false
     }
 
     /// Some task holds `path`.
