@@ -88,6 +88,7 @@ async fn serve_joins(
             name,
             public_key,
             sign_key,
+            proof,
         }) = wire::decode(&msg.packet)
         else {
             continue;
@@ -97,6 +98,7 @@ async fn serve_joins(
             &name,
             public_key,
             sign_key,
+            proof.as_ref(),
             msg.from,
             &mut rng,
         );
@@ -348,6 +350,7 @@ pub async fn run(
     let node = Arc::new(Node::new(Parts {
         config: config.clone(),
         public_key,
+        wg_secret: id.wg_secret.clone(),
         signing: id.signing.clone(),
         book,
         tunnel: tunnel.clone(),

@@ -7,6 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use boringtun::noise::{Tunn, TunnResult};
+use ed25519_dalek::SigningKey;
 use ipnet::Ipv4Net;
 use rand::RngCore;
 use tokio::net::UdpSocket;
@@ -48,14 +49,28 @@ pub struct Admission {
     pub name: String,
 }
 
-/// Redeems `invite` for the node whose public key is `my_key`, within `timeout`.
+/// Redeems `invite` for the node whose keys are `my_wg` and `my_signing`, within
+/// `timeout`. The private halves stay here: the request carries only a proof made with them.
 pub async fn redeem(
     invite: &Invite,
-    my_key: [u8; 32],
-    my_sign_key: [u8; 32],
+    my_wg: &StaticSecret,
+    my_signing: &SigningKey,
     my_name: &str,
     timeout: Duration,
 ) -> Result<Admission, JoinError> {
+    let my_key = PublicKey::from(my_wg).to_bytes();
+    let my_sign_key = my_signing.verifying_key().to_bytes();
+    let proof = wire::prove_keys(
+        &wire::Transcript {
+            host_key: &invite.host_key,
+            invite_key: &invite.secret_public(),
+            name: my_name,
+            wg_key: &my_key,
+            sign_key: &my_sign_key,
+        },
+        my_wg,
+        my_signing,
+    )?;
     let endpoints: Vec<SocketAddr> = invite
         .endpoints
         .iter()
@@ -83,6 +98,7 @@ pub async fn redeem(
             name: my_name.to_string(),
             public_key: my_key,
             sign_key: my_sign_key,
+            proof: Some(proof),
         },
     )?;
     let deadline = Instant::now() + timeout;

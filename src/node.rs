@@ -33,7 +33,7 @@ use crate::transfer::{self, Directory, Engine, Membership, Progress};
 use crate::tunnel::{PeerConfig, Tunnel};
 use crate::versions::FileVersion;
 use crate::watch::{FileRequest, Report, RoomView, WaitRequest, WatchReply};
-use crate::wire::{JoinMessage, Refusal};
+use crate::wire::{self, JoinMessage, Refusal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -68,6 +68,8 @@ pub struct Book {
 pub struct Node {
     pub config: Config,
     pub public_key: Key,
+    /// The private half of `public_key`: joins prove and check keys with it.
+    wg_secret: x25519_dalek::StaticSecret,
     signing: SigningKey,
     book: Mutex<Book>,
     pub tunnel: Arc<Tunnel>,
@@ -165,6 +167,7 @@ pub fn hosted_group(config: &Config, wg: Key, signing: &SigningKey) -> Group {
 pub struct Parts {
     pub config: Config,
     pub public_key: Key,
+    pub wg_secret: x25519_dalek::StaticSecret,
     pub signing: SigningKey,
     pub book: Book,
     pub tunnel: Arc<Tunnel>,
@@ -179,6 +182,7 @@ impl Node {
     pub fn new(p: Parts) -> Node {
         Node {
             public_key: p.public_key,
+            wg_secret: p.wg_secret,
             signing: p.signing,
             book: Mutex::new(p.book),
             tunnel: p.tunnel,
@@ -539,9 +543,24 @@ impl Node {
         name: &str,
         key: Key,
         sign_key: Key,
+        proof: Option<&wire::KeyProof>,
         from: SocketAddr,
         rng: &mut impl rand::Rng,
     ) -> (JoinMessage, Vec<Outgoing>) {
+        // Before the book is even looked at: a request that does not prove its keys
+        // spends nothing and learns nothing.
+        let transcript = wire::Transcript {
+            host_key: &self.public_key,
+            invite_key,
+            name,
+            wg_key: &key,
+            sign_key: &sign_key,
+        };
+        if let Err(e) = wire::verify_keys(&transcript, proof, &self.wg_secret) {
+            log::debug!("join request from {from} refused: {e}");
+            let reason = Refusal::KeyProof;
+            return (JoinMessage::Refused { reason }, Vec::new());
+        }
         let now = now_secs();
         let mut book = self.book();
         let refused = |reason| (JoinMessage::Refused { reason }, Vec::new());
@@ -668,8 +687,8 @@ impl Node {
         }
         let admission = join::redeem(
             &invite,
-            self.public_key,
-            self.signing.verifying_key().to_bytes(),
+            &self.wg_secret,
+            &self.signing,
             &self.config.node.name,
             JOIN_TIMEOUT,
         )

@@ -149,11 +149,12 @@ fn ten_concurrent_redemptions_of_a_single_use_link_admit_exactly_one() {
             for i in 0..10u8 {
                 let invite = invite.clone();
                 set.spawn(async move {
-                    let key = [i + 1; 32];
+                    let wg = x25519_dalek::StaticSecret::random_from_rng(rand::rngs::OsRng);
+                    let signing = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
                     watchalong::join::redeem(
                         &invite,
-                        key,
-                        [i + 101; 32],
+                        &wg,
+                        &signing,
                         &format!("j{i}"),
                         Duration::from_secs(20),
                     )
