@@ -76,6 +76,14 @@ pub struct InviteView {
     pub uses: u32,
     /// `open`, `used`, `expired` or `revoked`.
     pub state: String,
+    /// Attempts to redeem the invite once spent, by keys it did not admit: a leaked link.
+    #[serde(default)]
+    pub refused_redemptions: u32,
+    #[serde(default)]
+    pub last_refused_at: Option<u64>,
+    /// The WireGuard key (base64) the last refused attempt registered.
+    #[serde(default)]
+    pub last_refused_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +144,10 @@ pub struct PeersReply {
 pub struct RemoveRequest {
     /// A member's name, VPN address or public key.
     pub node: String,
+    /// Leave open the invite that admitted the member. By default it is closed, so a
+    /// removed member cannot come back through the link that let it in (or hand it on).
+    #[serde(default)]
+    pub keep_invite: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -544,5 +556,19 @@ impl Client {
             });
         }
         Ok(serde_json::from_slice(&bytes)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_remove_request_that_does_not_mention_the_invite_asks_to_close_it() {
+        let req: RemoveRequest = serde_json::from_str(r#"{"node":"kitchen"}"#).unwrap();
+        assert!(!req.keep_invite);
+        let req: RemoveRequest =
+            serde_json::from_str(r#"{"node":"kitchen","keep_invite":true}"#).unwrap();
+        assert!(req.keep_invite);
     }
 }

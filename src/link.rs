@@ -358,7 +358,29 @@ pub struct InviteRecord {
     pub uses_allowed: u32,
     pub uses: u32,
     pub revoked: bool,
+    /// Redemptions refused once the invite was spent.
+    #[serde(default)]
+    pub refused: RefusedRedemptions,
 }
+
+/// Attempts to redeem a spent invite with a key it did not admit: a sign that the link
+/// leaked, which the host's owner should hear about.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedRedemptions {
+    /// Attempts: a joiner's retries (one request every 500 ms) make one attempt.
+    pub count: u32,
+    pub last_at: Option<u64>,
+    /// The WireGuard key (base64) the last attempt registered.
+    pub last_key: Option<String>,
+    /// When the last warning was logged, so that the log gets one line a minute at most.
+    pub warned_at: Option<u64>,
+}
+
+/// A request from the last refused key after this long a pause is a new attempt; a
+/// joiner's own retries are 500 ms apart for 10 s.
+const NEW_ATTEMPT_AFTER: u64 = 30;
+/// At most one warning about one invite's refused redemptions per this many seconds.
+const WARN_EVERY: u64 = 60;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum RedeemError {
@@ -421,6 +443,37 @@ impl InviteBook {
         rec.status(now)?;
         rec.uses += 1;
         Ok(rec.id)
+    }
+
+    /// Notes a redemption of the invite whose secret has `public_key`, refused because
+    /// the invite is spent, by a joiner registering `joiner`. Returns the attempt count
+    /// when a warning is due: on a new attempt, once a minute at most. Nothing is noted
+    /// for an invite that was never used (a late or revoked link says nothing about a leak).
+    pub fn note_refused(&mut self, public_key: &[u8; 32], joiner: &[u8; 32], now: u64) -> Option<u32> {
+        let rec = self.invites.iter_mut().find(|r| &r.public_key == public_key)?;
+        let spent = rec.uses > 0
+            && matches!(
+                rec.status(now),
+                Err(RedeemError::AlreadyUsed | RedeemError::Revoked)
+            );
+        if !spent {
+            return None;
+        }
+        let key = crate::identity::key_to_base64(joiner);
+        let r = &mut rec.refused;
+        let retry = r.last_key.as_deref() == Some(key.as_str())
+            && r.last_at.is_some_and(|t| now.saturating_sub(t) < NEW_ATTEMPT_AFTER);
+        r.last_at = Some(now);
+        if retry {
+            return None;
+        }
+        r.count = r.count.saturating_add(1);
+        r.last_key = Some(key);
+        if r.warned_at.is_some_and(|t| now.saturating_sub(t) < WARN_EVERY) {
+            return None;
+        }
+        r.warned_at = Some(now);
+        Some(r.count)
     }
 
     pub fn revoke(&mut self, id: InviteId) -> Result<(), RevokeError> {
@@ -552,6 +605,7 @@ mod tests {
             uses_allowed: 1,
             uses: 0,
             revoked: false,
+            refused: RefusedRedemptions::default(),
         });
         assert!(book.redeem(&[5; 32], 10).is_ok());
         assert_eq!(book.redeem(&[5; 32], 11), Err(RedeemError::AlreadyUsed));
@@ -570,11 +624,73 @@ mod tests {
                 uses_allowed: 3,
                 uses: 0,
                 revoked: false,
+                refused: RefusedRedemptions::default(),
             });
         }
         book.revoke(InviteId([1; 8])).unwrap();
         assert_eq!(book.redeem(&[5; 32], 10), Err(RedeemError::Revoked));
         assert_eq!(book.redeem(&[6; 32], 100), Err(RedeemError::Expired));
         assert_eq!(book.open(10).count(), 1);
+    }
+
+    fn spent_single_use_book() -> InviteBook {
+        let mut book = InviteBook::default();
+        book.add(InviteRecord {
+            id: InviteId([1; 8]),
+            public_key: [5; 32],
+            created_at: 0,
+            expires_at: 1000,
+            uses_allowed: 1,
+            uses: 0,
+            revoked: false,
+            refused: RefusedRedemptions::default(),
+        });
+        book
+    }
+
+    #[test]
+    fn a_second_redemption_by_another_key_is_counted_and_warned_once_per_attempt() {
+        let mut book = spent_single_use_book();
+        assert_eq!(book.note_refused(&[5; 32], &[40; 32], 9), None, "not spent yet");
+        assert_eq!(book.invites[0].refused.count, 0);
+        book.redeem(&[5; 32], 10).unwrap();
+        // The thief's joiner retries every 500 ms for 10 s: one attempt, one warning.
+        assert_eq!(book.redeem(&[5; 32], 11), Err(RedeemError::AlreadyUsed));
+        assert_eq!(book.note_refused(&[5; 32], &[41; 32], 11), Some(1));
+        for t in 12..21 {
+            assert_eq!(book.note_refused(&[5; 32], &[41; 32], t), None, "retry at {t}");
+        }
+        let r = &book.invites[0].refused;
+        assert_eq!((r.count, r.last_at), (1, Some(20)));
+        assert_eq!(r.last_key, Some(crate::identity::key_to_base64(&[41; 32])));
+        // Another key soon after: counted, but the log has had its line this minute.
+        assert_eq!(book.note_refused(&[5; 32], &[42; 32], 25), None);
+        assert_eq!(book.invites[0].refused.count, 2);
+        // The same key back after a pause is a new attempt, warned about once a minute.
+        assert_eq!(book.note_refused(&[5; 32], &[42; 32], 90), Some(3));
+        assert_eq!(book.note_refused(&[6; 32], &[42; 32], 200), None, "unknown invite");
+    }
+
+    #[test]
+    fn a_key_alternating_on_every_packet_is_counted_but_logged_once_a_minute() {
+        let mut book = spent_single_use_book();
+        book.redeem(&[5; 32], 10).unwrap();
+        let warnings = (0..240u64)
+            .filter(|i| {
+                let key = [(i % 2) as u8 + 50; 32];
+                book.note_refused(&[5; 32], &key, 11 + i / 2).is_some()
+            })
+            .count();
+        assert_eq!(warnings, 2, "120 s of alternating keys");
+        assert_eq!(book.invites[0].refused.count, 240);
+    }
+
+    #[test]
+    fn a_late_redemption_of_an_unused_invite_is_not_counted() {
+        let mut book = spent_single_use_book();
+        assert_eq!(book.note_refused(&[5; 32], &[41; 32], 2000), None);
+        book.revoke(InviteId([1; 8])).unwrap();
+        assert_eq!(book.note_refused(&[5; 32], &[41; 32], 20), None);
+        assert_eq!(book.invites[0].refused, RefusedRedemptions::default());
     }
 }

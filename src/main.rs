@@ -97,6 +97,9 @@ enum Command {
     Remove {
         /// The member's name, VPN address or public key.
         node: String,
+        /// Leave open the invite that admitted the member (it is closed by default).
+        #[arg(long)]
+        keep_invite: bool,
     },
     /// List the shares members offer, or a folder of one.
     Ls {
@@ -314,18 +317,27 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 println!("no invites");
             } else {
                 println!(
-                    "{:<18} {:<8} {:>5} {:<20}",
+                    "{:<18} {:<8} {:>5} {:<20} REFUSED",
                     "ID", "STATE", "USES", "EXPIRES (UTC)"
                 );
-                for i in list {
+                for i in &list {
+                    // Refused redemptions of a spent link: someone else holds it.
+                    let refused = match (i.refused_redemptions, i.last_refused_at) {
+                        (0, _) => "-".to_string(),
+                        (n, Some(at)) => format!("{n}, last {} UTC", link::format_utc(at)),
+                        (n, None) => n.to_string(),
+                    };
                     println!(
-                        "{:<18} {:<8} {:>2}/{:<2} {}",
+                        "{:<18} {:<8} {:>2}/{:<2} {:<20} {refused}",
                         i.id.to_string(),
                         i.state,
                         i.uses,
                         i.uses_allowed,
                         link::format_utc(i.expires_at)
                     );
+                }
+                if list.iter().any(|i| i.refused_redemptions > 0) {
+                    eprintln!("a spent link was tried again by another node: it may have leaked; `watchalong links --json` shows the last key that tried");
                 }
             }
         }
@@ -375,10 +387,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 print_peers(&p);
             }
         }
-        Command::Remove { node } => {
-            let _: Empty = client
-                .post("/v1/remove", &RemoveRequest { node: node.clone() })
-                .await?;
+        Command::Remove { node, keep_invite } => {
+            let req = RemoveRequest {
+                node: node.clone(),
+                keep_invite,
+            };
+            let _: Empty = client.post("/v1/remove", &req).await?;
             eprintln!("removed {node}; every member closes its tunnel as the news spreads");
         }
         Command::Gossip { json } => {

@@ -505,6 +505,7 @@ impl Node {
             uses_allowed: uses,
             uses: 0,
             revoked: false,
+            refused: Default::default(),
         });
         state::write_json(&self.path(INVITES_FILE), &invites).map_err(ApiError::internal)?;
         book.invites = invites;
@@ -600,6 +601,16 @@ impl Node {
         }
         let mut invites = book.invites.clone();
         if let Err(e) = invites.redeem(invite_key, now) {
+            // Counted in memory on every refusal, written only with a warning (a minute
+            // apart at most), so a flood of retries costs no disk writes.
+            if let Some(n) = book.invites.note_refused(invite_key, &key, now) {
+                log::warn!(
+                    "invite {invite_id} is spent, and another key ({key_b64}) tried to redeem it: the link may have leaked ({n} such attempt(s) so far; `watchalong links` shows them)"
+                );
+                if let Err(e) = state::write_json(&self.path(INVITES_FILE), &book.invites) {
+                    log::error!("{e}");
+                }
+            }
             return refused(Refusal::Invite(e));
         }
         let Ok(address) = book.group.allocate_address() else {
@@ -773,8 +784,9 @@ impl Node {
         })
     }
 
-    /// The host revokes a member: a newer record that says so, sent to everyone.
-    fn revoke(&self, node: &str) -> Result<(Key, Vec<Outgoing>), ApiError> {
+    /// The host revokes a member: a newer record that says so, sent to everyone. The
+    /// invite that admitted it is closed too, unless `keep_invite`.
+    fn revoke(&self, node: &str, keep_invite: bool) -> Result<(Key, Vec<Outgoing>), ApiError> {
         let mut book = self.book();
         if !book.group.is_host(&self.public_key) {
             return Err(ApiError::conflict(format!(
@@ -809,6 +821,19 @@ impl Node {
             .mesh
             .accept_member(&signed)
             .map_err(ApiError::internal)?;
+        let admitting = group.admitted_by.get(&key_to_base64(&target.wg_key)).copied();
+        // Invites first: a crash between the writes leaves the invite closed and the
+        // member in, which a second `remove` finishes; never the reverse.
+        if let Some(id) = admitting.filter(|_| !keep_invite) {
+            let mut invites = book.invites.clone();
+            // Pruned long ago, the invite is closed already.
+            if invites.revoke(id).is_ok() {
+                state::write_json(&self.path(INVITES_FILE), &invites)
+                    .map_err(ApiError::internal)?;
+                book.invites = invites;
+                log::info!("closed invite {id}, which admitted {}", target.name);
+            }
+        }
         self.save_group(&group).map_err(ApiError::internal)?;
         book.group = group;
         let Book { group, gossip, .. } = &mut *book;
@@ -1505,6 +1530,9 @@ impl Handler for Node {
                 uses_allowed: r.uses_allowed,
                 uses: r.uses,
                 state: invite_state(r, now).into(),
+                refused_redemptions: r.refused.count,
+                last_refused_at: r.refused.last_at,
+                last_refused_key: r.refused.last_key.clone(),
             })
             .collect())
     }
@@ -1615,7 +1643,7 @@ impl Handler for Node {
     }
 
     async fn remove_member(&self, req: RemoveRequest) -> Result<Empty, ApiError> {
-        let (key, out) = self.revoke(&req.node)?;
+        let (key, out) = self.revoke(&req.node, req.keep_invite)?;
         self.send(out).await;
         self.tunnel.remove_peer(&key);
         self.sync_tunnel().await;

@@ -303,9 +303,12 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
     for n in [&mut host, &mut a, &mut b, &mut gone] {
         n.start();
     }
-    for n in [&a, &b, &gone] {
+    for n in [&a, &b] {
         join(&host, n);
     }
+    // `gone` comes in through a link with a use left, which its removal must close.
+    let gone_link: Value = serde_json::from_str(&host.ok(&["link", "--uses", "2", "--json"])).unwrap();
+    gone.ok(&["join", gone_link["link"].as_str().unwrap()]);
     let gone_addr = address_of(&gone);
     for n in [&host, &a, &b] {
         assert!(wait_until(DEADLINE, || n.ping(&gone_addr)));
@@ -320,6 +323,21 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
         .to_string();
 
     host.ok(&["remove", "gone"]);
+    let links: Value = serde_json::from_str(&host.ok(&["links", "--json"])).unwrap();
+    let admitting = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["id"] == gone_link["id"])
+        .expect("the admitting invite is listed");
+    assert_eq!(admitting["state"], "revoked", "{links}");
+    let others_used = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["state"] == "used")
+        .count();
+    assert_eq!(others_used, 2, "only the admitting invite is closed: {links}");
     for n in [&host, &a, &b] {
         let closed = wait_until(DEADLINE, || {
             peer(&peers(n), "gone").is_none()
