@@ -449,8 +449,16 @@ impl InviteBook {
     /// the invite is spent, by a joiner registering `joiner`. Returns the attempt count
     /// when a warning is due: on a new attempt, once a minute at most. Nothing is noted
     /// for an invite that was never used (a late or revoked link says nothing about a leak).
-    pub fn note_refused(&mut self, public_key: &[u8; 32], joiner: &[u8; 32], now: u64) -> Option<u32> {
-        let rec = self.invites.iter_mut().find(|r| &r.public_key == public_key)?;
+    pub fn note_refused(
+        &mut self,
+        public_key: &[u8; 32],
+        joiner: &[u8; 32],
+        now: u64,
+    ) -> Option<u32> {
+        let rec = self
+            .invites
+            .iter_mut()
+            .find(|r| &r.public_key == public_key)?;
         let spent = rec.uses > 0
             && matches!(
                 rec.status(now),
@@ -462,14 +470,17 @@ impl InviteBook {
         let key = crate::identity::key_to_base64(joiner);
         let r = &mut rec.refused;
         let retry = r.last_key.as_deref() == Some(key.as_str())
-            && r.last_at.is_some_and(|t| now.saturating_sub(t) < NEW_ATTEMPT_AFTER);
+            && r.last_at
+                .is_some_and(|t| now.saturating_sub(t) < NEW_ATTEMPT_AFTER);
         r.last_at = Some(now);
         if retry {
             return None;
         }
         r.count = r.count.saturating_add(1);
         r.last_key = Some(key);
-        if r.warned_at.is_some_and(|t| now.saturating_sub(t) < WARN_EVERY) {
+        if r.warned_at
+            .is_some_and(|t| now.saturating_sub(t) < WARN_EVERY)
+        {
             return None;
         }
         r.warned_at = Some(now);
@@ -651,14 +662,22 @@ mod tests {
     #[test]
     fn a_second_redemption_by_another_key_is_counted_and_warned_once_per_attempt() {
         let mut book = spent_single_use_book();
-        assert_eq!(book.note_refused(&[5; 32], &[40; 32], 9), None, "not spent yet");
+        assert_eq!(
+            book.note_refused(&[5; 32], &[40; 32], 9),
+            None,
+            "not spent yet"
+        );
         assert_eq!(book.invites[0].refused.count, 0);
         book.redeem(&[5; 32], 10).unwrap();
         // The thief's joiner retries every 500 ms for 10 s: one attempt, one warning.
         assert_eq!(book.redeem(&[5; 32], 11), Err(RedeemError::AlreadyUsed));
         assert_eq!(book.note_refused(&[5; 32], &[41; 32], 11), Some(1));
         for t in 12..21 {
-            assert_eq!(book.note_refused(&[5; 32], &[41; 32], t), None, "retry at {t}");
+            assert_eq!(
+                book.note_refused(&[5; 32], &[41; 32], t),
+                None,
+                "retry at {t}"
+            );
         }
         let r = &book.invites[0].refused;
         assert_eq!((r.count, r.last_at), (1, Some(20)));
@@ -668,7 +687,11 @@ mod tests {
         assert_eq!(book.invites[0].refused.count, 2);
         // The same key back after a pause is a new attempt, warned about once a minute.
         assert_eq!(book.note_refused(&[5; 32], &[42; 32], 90), Some(3));
-        assert_eq!(book.note_refused(&[6; 32], &[42; 32], 200), None, "unknown invite");
+        assert_eq!(
+            book.note_refused(&[6; 32], &[42; 32], 200),
+            None,
+            "unknown invite"
+        );
     }
 
     #[test]

@@ -821,7 +821,10 @@ impl Node {
             .mesh
             .accept_member(&signed)
             .map_err(ApiError::internal)?;
-        let admitting = group.admitted_by.get(&key_to_base64(&target.wg_key)).copied();
+        let admitting = group
+            .admitted_by
+            .get(&key_to_base64(&target.wg_key))
+            .copied();
         // Invites first: a crash between the writes leaves the invite closed and the
         // member in, which a second `remove` finishes; never the reverse.
         if let Some(id) = admitting.filter(|_| !keep_invite) {

@@ -78,13 +78,17 @@ pub enum WireError {
     DecodeMessage(String),
     #[error("the join message is too large")]
     EncodeMessage,
-    #[error("cannot prove the joiner's keys: the host key in the link is not a usable WireGuard key")]
+    #[error(
+        "cannot prove the joiner's keys: the host key in the link is not a usable WireGuard key"
+    )]
     ProveKeys,
     #[error("the join request carries no proof of the joiner's keys")]
     MissingProof,
     #[error("the joiner's signing key or its signature over the join transcript is invalid")]
     VerifySignature,
-    #[error("the joiner's WireGuard key is not usable, or the join transcript's MAC does not match it")]
+    #[error(
+        "the joiner's WireGuard key is not usable, or the join transcript's MAC does not match it"
+    )]
     VerifyMac,
 }
 
@@ -192,7 +196,9 @@ mod sig_b64 {
         let text = String::deserialize(d)?;
         // A signature is 88 characters of base64; anything longer is not decoded at all.
         if text.len() > 88 {
-            return Err(serde::de::Error::custom("expected a base64 signature of 64 bytes"));
+            return Err(serde::de::Error::custom(
+                "expected a base64 signature of 64 bytes",
+            ));
         }
         STANDARD
             .decode(text.trim())

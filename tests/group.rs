@@ -307,7 +307,8 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
         join(&host, n);
     }
     // `gone` comes in through a link with a use left, which its removal must close.
-    let gone_link: Value = serde_json::from_str(&host.ok(&["link", "--uses", "2", "--json"])).unwrap();
+    let gone_link: Value =
+        serde_json::from_str(&host.ok(&["link", "--uses", "2", "--json"])).unwrap();
     gone.ok(&["join", gone_link["link"].as_str().unwrap()]);
     let gone_addr = address_of(&gone);
     for n in [&host, &a, &b] {
@@ -337,7 +338,10 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
         .iter()
         .filter(|l| l["state"] == "used")
         .count();
-    assert_eq!(others_used, 2, "only the admitting invite is closed: {links}");
+    assert_eq!(
+        others_used, 2,
+        "only the admitting invite is closed: {links}"
+    );
     for n in [&host, &a, &b] {
         let closed = wait_until(DEADLINE, || {
             peer(&peers(n), "gone").is_none()
