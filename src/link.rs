@@ -8,7 +8,10 @@
 //! the network is touched or a passphrase asked for (a damaged kind byte must not make a
 //! plain link look sealed); a sealed link is encrypted with a key derived from a
 //! passphrase (Argon2id, then XChaCha20-Poly1305), and a wrong passphrase is
-//! indistinguishable from a damaged link. The host keeps only the invite's public key, in the [`InviteBook`].
+//! indistinguishable from a damaged link. A sealed link carries its Argon2id parameters,
+//! so they can be raised later without a new format; decoding refuses parameters below a
+//! floor (a weak link) or above a ceiling (a hostile link asking for gigabytes). The host
+//! keeps only the invite's public key, in the [`InviteBook`].
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -24,7 +27,21 @@ use zeroize::Zeroizing;
 pub const PREFIX: &str = "watchalong://join/";
 const VERSION: u8 = 1;
 const KIND_PLAIN: u8 = 0;
-const KIND_SEALED: u8 = 1;
+/// Sealed under Argon2's defaults (19 MiB, t = 2), parameters implied: retired, because
+/// guessing its passphrase was cheap. Such links are refused with a message saying so.
+const KIND_SEALED_RETIRED: u8 = 1;
+/// Sealed under the Argon2id parameters the link carries.
+const KIND_SEALED: u8 = 2;
+/// The only key derivation a sealed link names so far: Argon2id, version 0x13.
+const KDF_ARGON2ID: u8 = 1;
+/// Kind, KDF, memory (u32), passes, lanes: what follows the version byte of a sealed link.
+const KDF_HEADER_LEN: usize = 1 + 1 + 4 + 1 + 1;
+/// A generated passphrase: 20 characters of base32, about 100 bits.
+const GENERATED_PASSPHRASE_CHARS: usize = 20;
+const BASE32: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
+/// Shorter passphrases are refused when sealing: a link travels, and its passphrase is all
+/// that stands between whoever copies it and the group.
+pub const MIN_PASSPHRASE_CHARS: usize = 12;
 const CHECKSUM_LEN: usize = 8;
 const SALT_LEN: usize = 16;
 const NONCE_LEN: usize = 24;
@@ -42,6 +59,61 @@ pub enum LinkError {
     Expired(String),
     #[error("cannot seal the link: {0}")]
     Seal(String),
+    #[error("this sealed link was made by an older watchalong whose sealing was too weak, and is no longer opened; ask the host for a new link")]
+    SealedFormatRetired,
+    #[error("this sealed link asks for a key derivation outside what watchalong accepts ({0}); it was damaged, made by a newer version, or made to waste this machine's memory: ask the host for a new link")]
+    SealParameters(KdfParams),
+    #[error("the passphrase is too short to seal a link ({0} characters, at least {MIN_PASSPHRASE_CHARS} are needed); `watchalong link --generate-passphrase` makes a strong one")]
+    WeakPassphrase(usize),
+}
+
+/// Argon2id's cost parameters, carried in a sealed link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KdfParams {
+    /// Memory in KiB.
+    pub m_kib: u32,
+    /// Passes over the memory.
+    pub t: u32,
+    /// Lanes.
+    pub p: u32,
+}
+
+impl std::fmt::Display for KdfParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Argon2id with {} MiB, {} passes, {} lanes",
+            self.m_kib / 1024,
+            self.t,
+            self.p
+        )
+    }
+}
+
+impl KdfParams {
+    /// What links are sealed with: 64 MiB and 3 passes, one lane (RFC 9106's second
+    /// recommended option), about a third of a second on one core of a small machine.
+    pub const DEFAULT: KdfParams = KdfParams {
+        m_kib: 64 * 1024,
+        t: 3,
+        p: 1,
+    };
+    /// Below this a link is too cheap to guess at; nothing watchalong makes is below it.
+    pub const FLOOR: KdfParams = KdfParams::DEFAULT;
+    /// Above this a link would make the joiner allocate or compute absurdly much.
+    pub const CEILING: KdfParams = KdfParams {
+        m_kib: 1024 * 1024,
+        t: 16,
+        p: 8,
+    };
+
+    /// Whether a link may ask for these: between the floor and the ceiling.
+    pub fn acceptable(&self) -> bool {
+        let (lo, hi) = (Self::FLOOR, Self::CEILING);
+        (lo.m_kib..=hi.m_kib).contains(&self.m_kib)
+            && (lo.t..=hi.t).contains(&self.t)
+            && (lo.p..=hi.p).contains(&self.p)
+    }
 }
 
 /// What a link says. The invite secret is zeroed when dropped.
@@ -213,14 +285,31 @@ impl Invite {
         format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw))
     }
 
-    /// The link text, encrypted under `passphrase`.
+    /// The link text, encrypted under `passphrase` with the default parameters.
     pub fn encode_sealed(&self, passphrase: &str) -> Result<String, LinkError> {
+        self.encode_sealed_with(passphrase, KdfParams::DEFAULT)
+    }
+
+    /// The link text, encrypted under `passphrase` with a key derived by `params`.
+    pub fn encode_sealed_with(
+        &self,
+        passphrase: &str,
+        params: KdfParams,
+    ) -> Result<String, LinkError> {
+        check_passphrase(passphrase)?;
+        if !params.acceptable() {
+            return Err(LinkError::SealParameters(params));
+        }
         let mut salt = [0u8; SALT_LEN];
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut salt);
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let key = derive_key(passphrase, &salt)?;
-        let mut header = vec![VERSION, KIND_SEALED];
+        let key = derive_key(passphrase, &salt, params)?;
+        let mut header = vec![VERSION, KIND_SEALED, KDF_ARGON2ID];
+        header.extend_from_slice(&params.m_kib.to_be_bytes());
+        // Both fit a byte: the ceiling is far below 256.
+        header.push(u8::try_from(params.t).map_err(|_| LinkError::SealParameters(params))?);
+        header.push(u8::try_from(params.p).map_err(|_| LinkError::SealParameters(params))?);
         header.extend_from_slice(&salt);
         header.extend_from_slice(&nonce);
         let body = Zeroizing::new(self.body());
@@ -242,10 +331,65 @@ impl Invite {
     }
 }
 
-/// Whether `text` is a sealed link (so the caller knows to ask for a passphrase).
+/// Whether `text` is a sealed link (so the caller knows to ask for a passphrase). A link
+/// that could not be opened anyway (retired format, unacceptable parameters) is an error
+/// here already, so nobody is asked for a passphrase in vain.
 pub fn is_sealed(text: &str) -> Result<bool, LinkError> {
     let raw = checked_bytes(text)?;
-    Ok(raw[1] == KIND_SEALED)
+    match raw[1] {
+        KIND_SEALED => sealed_header(&raw).map(|_| true),
+        KIND_SEALED_RETIRED => Err(LinkError::SealedFormatRetired),
+        _ => Ok(false),
+    }
+}
+
+/// The parameters of a sealed link and the length of its header (what the AEAD
+/// authenticates), refused before any memory is spent on them when out of bounds.
+fn sealed_header(raw: &[u8]) -> Result<(KdfParams, usize), LinkError> {
+    let mut r = Reader(raw.get(1..).ok_or(LinkError::Invalid)?);
+    let _kind = r.byte()?;
+    if r.byte()? != KDF_ARGON2ID {
+        return Err(LinkError::Invalid);
+    }
+    let params = KdfParams {
+        m_kib: u32::from_be_bytes(r.array::<4>()?),
+        t: u32::from(r.byte()?),
+        p: u32::from(r.byte()?),
+    };
+    if !params.acceptable() {
+        return Err(LinkError::SealParameters(params));
+    }
+    let header_len = 1 + KDF_HEADER_LEN + SALT_LEN + NONCE_LEN;
+    // The ciphertext holds at least the AEAD's 16-byte tag.
+    if raw.len() < header_len + 16 {
+        return Err(LinkError::Invalid);
+    }
+    Ok((params, header_len))
+}
+
+/// Whether `passphrase` is long enough to seal a link with.
+pub fn check_passphrase(passphrase: &str) -> Result<(), LinkError> {
+    let chars = passphrase.chars().count();
+    if chars < MIN_PASSPHRASE_CHARS {
+        return Err(LinkError::WeakPassphrase(chars));
+    }
+    Ok(())
+}
+
+/// A strong passphrase for sealing a link: 20 base32 characters from the OS's generator
+/// (about 100 bits), in groups of five for reading aloud.
+pub fn generate_passphrase(rng: &mut impl RngCore) -> Zeroizing<String> {
+    let mut bytes = Zeroizing::new([0u8; GENERATED_PASSPHRASE_CHARS]);
+    rng.fill_bytes(&mut *bytes);
+    let mut out = Zeroizing::new(String::with_capacity(GENERATED_PASSPHRASE_CHARS + 4));
+    for (i, b) in bytes.iter().enumerate() {
+        if i > 0 && i % 5 == 0 {
+            out.push('-');
+        }
+        // 256 is a multiple of 32, so every character is equally likely.
+        out.push(char::from(BASE32[usize::from(b & 31)]));
+    }
+    out
 }
 
 /// Decodes and checks a link at time `now` (seconds since the Unix epoch).
@@ -253,16 +397,15 @@ pub fn decode(text: &str, passphrase: Option<&str>, now: u64) -> Result<Invite, 
     let raw = checked_bytes(text)?;
     let invite = match raw[1] {
         KIND_PLAIN => Invite::from_body(&raw[2..])?,
+        KIND_SEALED_RETIRED => return Err(LinkError::SealedFormatRetired),
         KIND_SEALED => {
+            let (params, header_len) = sealed_header(&raw)?;
             let passphrase = passphrase.ok_or(LinkError::NeedsPassphrase)?;
-            let header_len = 2 + SALT_LEN + NONCE_LEN;
-            if raw.len() < header_len + 16 {
-                return Err(LinkError::Invalid);
-            }
             let (header, sealed) = raw.split_at(header_len);
-            let salt = &header[2..2 + SALT_LEN];
-            let nonce = &header[2 + SALT_LEN..];
-            let key = derive_key(passphrase, salt).map_err(|_| LinkError::Invalid)?;
+            let salt_at = 1 + KDF_HEADER_LEN;
+            let salt = &header[salt_at..salt_at + SALT_LEN];
+            let nonce = &header[salt_at + SALT_LEN..];
+            let key = derive_key(passphrase, salt, params).map_err(|_| LinkError::Invalid)?;
             let cipher = XChaCha20Poly1305::new((&*key).into());
             let body = Zeroizing::new(
                 cipher
@@ -311,9 +454,16 @@ fn checksum(data: &[u8]) -> [u8; CHECKSUM_LEN] {
     out
 }
 
-fn derive_key(passphrase: &str, salt: &[u8]) -> Result<Zeroizing<[u8; 32]>, LinkError> {
+/// The sealing key, with `params` (bounded by the caller: they size the allocation).
+pub fn derive_key(
+    passphrase: &str,
+    salt: &[u8],
+    params: KdfParams,
+) -> Result<Zeroizing<[u8; 32]>, LinkError> {
     let mut key = Zeroizing::new([0u8; 32]);
-    argon2::Argon2::default()
+    let p = argon2::Params::new(params.m_kib, params.t, params.p, Some(32))
+        .map_err(|_| LinkError::SealParameters(params))?;
+    argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, p)
         .hash_password_into(passphrase.as_bytes(), salt, &mut *key)
         .map_err(|e| LinkError::Seal(e.to_string()))?;
     Ok(key)
@@ -559,7 +709,7 @@ mod tests {
     fn a_damaged_link_never_asks_for_a_passphrase() {
         for text in [
             sample(1000).encode(),
-            sample(1000).encode_sealed("pw").unwrap(),
+            sample(1000).encode_sealed("a long enough pw").unwrap(),
         ] {
             for i in PREFIX.len()..text.len() {
                 let mut b = text.clone().into_bytes();
@@ -589,11 +739,17 @@ mod tests {
     #[test]
     fn sealed_link_needs_the_right_passphrase_and_fails_like_damage() {
         let inv = sample(1000);
-        let text = inv.encode_sealed("correct horse").unwrap();
+        let text = inv.encode_sealed("correct horse battery").unwrap();
         assert!(is_sealed(&text).unwrap());
         assert_eq!(decode(&text, None, 1000), Err(LinkError::NeedsPassphrase));
-        assert_eq!(decode(&text, Some("wrong"), 1000), Err(LinkError::Invalid));
-        assert_eq!(decode(&text, Some("correct horse"), 1000).unwrap(), inv);
+        assert_eq!(
+            decode(&text, Some("correct horse battery!"), 1000),
+            Err(LinkError::Invalid)
+        );
+        assert_eq!(
+            decode(&text, Some("correct horse battery"), 1000).unwrap(),
+            inv
+        );
     }
 
     #[test]
@@ -715,5 +871,113 @@ mod tests {
         book.revoke(InviteId([1; 8])).unwrap();
         assert_eq!(book.note_refused(&[5; 32], &[41; 32], 20), None);
         assert_eq!(book.invites[0].refused, RefusedRedemptions::default());
+    }
+
+    /// `text` with its bytes changed by `edit` and its checksum made right again: what a
+    /// hostile link maker can do.
+    fn tampered(text: &str, edit: impl FnOnce(&mut Vec<u8>)) -> String {
+        let mut raw = raw_bytes(text).unwrap();
+        raw.truncate(raw.len() - CHECKSUM_LEN);
+        edit(&mut raw);
+        let sum = checksum(&raw);
+        raw.extend_from_slice(&sum);
+        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(&raw))
+    }
+
+    #[test]
+    fn a_sealed_link_carries_raised_parameters_and_opens_with_them() {
+        let inv = sample(1000);
+        let raised = KdfParams {
+            t: 4,
+            ..KdfParams::DEFAULT
+        };
+        let text = inv
+            .encode_sealed_with("correct horse battery", raised)
+            .unwrap();
+        let raw = checked_bytes(&text).unwrap();
+        assert_eq!(sealed_header(&raw).unwrap().0, raised);
+        assert_eq!(
+            decode(&text, Some("correct horse battery"), 1000).unwrap(),
+            inv
+        );
+        let default = inv.encode_sealed("correct horse battery").unwrap();
+        let raw = checked_bytes(&default).unwrap();
+        assert_eq!(sealed_header(&raw).unwrap().0, KdfParams::DEFAULT);
+        assert!(KdfParams::DEFAULT.m_kib >= 64 * 1024 && KdfParams::DEFAULT.t >= 3);
+    }
+
+    #[test]
+    fn a_sealed_link_asking_for_parameters_below_the_floor_or_above_the_ceiling_is_refused() {
+        let text = sample(1000).encode_sealed("correct horse battery").unwrap();
+        // Memory starts after the version, kind and KDF bytes; then passes, then lanes.
+        let cases: [(&str, fn(&mut Vec<u8>)); 6] = [
+            ("19 MiB, the old default", |r| {
+                r[3..7].copy_from_slice(&(19 * 1024u32).to_be_bytes())
+            }),
+            ("4 GiB", |r| {
+                r[3..7].copy_from_slice(&u32::MAX.to_be_bytes())
+            }),
+            ("2 passes", |r| r[7] = 2),
+            ("255 passes", |r| r[7] = 255),
+            ("no lane", |r| r[8] = 0),
+            ("another KDF", |r| r[2] = 2),
+        ];
+        for (what, edit) in cases {
+            let bad = tampered(&text, edit);
+            let e = decode(&bad, Some("correct horse battery"), 1000).unwrap_err();
+            assert!(
+                matches!(e, LinkError::SealParameters(_) | LinkError::Invalid),
+                "{what}: {e:?}"
+            );
+            // Refused before a passphrase is asked for.
+            assert_eq!(is_sealed(&bad), Err(e), "{what}");
+        }
+        let low = tampered(&text, cases[0].1);
+        assert_eq!(
+            decode(&low, Some("correct horse battery"), 1000),
+            Err(LinkError::SealParameters(KdfParams {
+                m_kib: 19 * 1024,
+                ..KdfParams::DEFAULT
+            }))
+        );
+    }
+
+    #[test]
+    fn a_link_sealed_in_the_retired_format_is_refused_with_a_message_saying_so() {
+        let text = sample(1000).encode_sealed("correct horse battery").unwrap();
+        let old = tampered(&text, |r| r[1] = KIND_SEALED_RETIRED);
+        assert_eq!(is_sealed(&old), Err(LinkError::SealedFormatRetired));
+        assert_eq!(
+            decode(&old, Some("correct horse battery"), 1000),
+            Err(LinkError::SealedFormatRetired)
+        );
+        assert!(LinkError::SealedFormatRetired
+            .to_string()
+            .contains("ask the host for a new link"));
+    }
+
+    #[test]
+    fn a_short_passphrase_is_refused_when_sealing() {
+        let e = sample(1000).encode_sealed("hunter2").unwrap_err();
+        assert_eq!(e, LinkError::WeakPassphrase(7));
+        assert!(e.to_string().contains("--generate-passphrase"), "{e}");
+        // Characters are counted, not bytes.
+        assert!(sample(1000).encode_sealed("ééééééééééé").is_err());
+    }
+
+    #[test]
+    fn generated_passphrases_are_base32_in_groups_differ_and_seal_a_link() {
+        let mut rng = rand::rngs::OsRng;
+        let a = generate_passphrase(&mut rng);
+        let b = generate_passphrase(&mut rng);
+        assert_ne!(*a, *b);
+        let groups: Vec<&str> = a.split('-').collect();
+        assert_eq!(groups.len(), 4, "{}", *a);
+        assert!(groups
+            .iter()
+            .all(|g| g.len() == 5 && g.bytes().all(|c| BASE32.contains(&c))));
+        let inv = sample(1000);
+        let text = inv.encode_sealed(&a).unwrap();
+        assert_eq!(decode(&text, Some(&a), 1000).unwrap(), inv);
     }
 }

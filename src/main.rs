@@ -1,7 +1,7 @@
 //! The `watchalong` command line: the daemon itself and the commands that talk to it
 //! over the control socket. This is an edge: errors become one line and an exit code.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -57,14 +57,19 @@ enum Command {
         /// How long the link stays valid, like 24h, 30m or 7days.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         expires: Duration,
-        /// Seal the link with a passphrase (asked for, or read from stdin when it is not a terminal).
+        /// Seal the link with a passphrase of at least 12 characters (asked for, or read
+        /// from stdin when it is not a terminal).
         #[arg(long)]
         passphrase: bool,
         /// Read the passphrase from this file instead of asking.
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<PathBuf>,
+        /// Seal the link with a strong passphrase made up here, printed on stderr (send it
+        /// by another way than the link).
+        #[arg(long, conflicts_with_all = ["passphrase", "passphrase_file"])]
+        generate_passphrase: bool,
         /// Revoke the open invite with this id instead of creating one.
-        #[arg(long, value_name = "ID", conflicts_with_all = ["uses", "passphrase"])]
+        #[arg(long, value_name = "ID", conflicts_with_all = ["uses", "passphrase", "generate_passphrase"])]
         revoke: Option<String>,
         #[arg(long)]
         json: bool,
@@ -76,6 +81,8 @@ enum Command {
     },
     /// Join the group an access link leads to; exits once the tunnel to the host is up.
     Join {
+        /// The link, or `-` to read it from stdin (so it stays out of `ps` and the shell's
+        /// history).
         link: String,
         /// Read the passphrase of a sealed link from this file instead of asking.
         #[arg(long, value_name = "FILE")]
@@ -262,6 +269,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             expires,
             passphrase,
             passphrase_file,
+            generate_passphrase,
             revoke,
             json,
         } => {
@@ -270,11 +278,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 eprintln!("revoked {id}");
                 return Ok(());
             }
-            let pass = if passphrase || passphrase_file.is_some() {
-                Some(read_passphrase(
+            // Checked before the invite is made, so a refused passphrase leaves no open
+            // invite behind.
+            let pass = if generate_passphrase {
+                Some(link::generate_passphrase(&mut rand::rngs::OsRng))
+            } else if passphrase || passphrase_file.is_some() {
+                let p = zeroize::Zeroizing::new(read_passphrase(
                     passphrase_file.as_ref(),
                     "Passphrase for the link: ",
-                )?)
+                )?);
+                link::check_passphrase(&p)?;
+                Some(p)
             } else {
                 None
             };
@@ -297,10 +311,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"link": text, "id": reply.id, "expires_at": reply.expires_at, "uses": reply.uses, "sealed": pass.is_some()})
+                    serde_json::json!({"link": text, "id": reply.id, "expires_at": reply.expires_at, "uses": reply.uses, "sealed": pass.is_some(),
+                        "passphrase": pass.as_ref().filter(|_| generate_passphrase).map(|p| p.as_str())})
                 );
             } else {
                 print_link(&text)?;
+                if let Some(p) = pass.as_ref().filter(|_| generate_passphrase) {
+                    eprintln!(
+                        "passphrase: {} (send it by another way than the link)",
+                        p.as_str()
+                    );
+                }
                 eprintln!(
                     "invite {}: {} use(s), expires {} UTC",
                     reply.id,
@@ -346,10 +367,22 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             passphrase_file,
             json,
         } => {
-            let text = text.trim().to_string();
+            let from_stdin = text == "-";
+            let text = if from_stdin {
+                read_link_from_stdin()?
+            } else {
+                text.trim().to_string()
+            };
             // Anything but a sealed link goes to the daemon as it is: it does the checking.
             let plain = if link::is_sealed(&text).unwrap_or(false) {
-                let pass = read_passphrase(passphrase_file.as_ref(), "Passphrase for the link: ")?;
+                let pass = if from_stdin && passphrase_file.is_none() {
+                    // Stdin held the link; the passphrase can only come from the terminal.
+                    rpassword::prompt_password("Passphrase for the link: ").context(
+                        "the link read from stdin is sealed, and no terminal can be asked for its passphrase: give it with --passphrase-file",
+                    )?
+                } else {
+                    read_passphrase(passphrase_file.as_ref(), "Passphrase for the link: ")?
+                };
                 link::decode(&text, Some(&pass), daemon::now_secs())?.encode()
             } else {
                 text
@@ -647,6 +680,29 @@ fn print_link(text: &str) -> anyhow::Result<()> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// The link `join -` reads: stdin must hold the link and nothing else (a trailing newline
+/// aside), read up to a bound so a wrong pipe cannot fill memory.
+fn read_link_from_stdin() -> anyhow::Result<String> {
+    const MAX_LINK: u64 = 4096;
+    let mut text = String::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_LINK + 1)
+        .read_to_string(&mut text)
+        .context("cannot read the link from stdin")?;
+    if text.len() as u64 > MAX_LINK {
+        bail!("stdin holds more than a link ({MAX_LINK} bytes at most): pipe in the link alone");
+    }
+    let link = text.trim();
+    if link.is_empty() {
+        bail!("stdin is empty: pipe in the link, like `watchalong join - < link.txt`");
+    }
+    if link.contains(char::is_whitespace) {
+        bail!("stdin holds more than a link: pipe in the link alone, on one line");
+    }
+    Ok(link.to_string())
 }
 
 fn read_passphrase(file: Option<&PathBuf>, prompt: &str) -> anyhow::Result<String> {

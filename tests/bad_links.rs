@@ -66,8 +66,16 @@ fn bad_links_fail_with_one_line_and_the_daemon_keeps_serving() {
         let e = one_line_error(&c.cli(&["join", junk]), junk);
         assert!(e.contains("invalid"), "{junk}: {e}");
     }
+    // A short passphrase is refused, before any invite is made.
+    let invites_before = host.ok(&["links", "--json"]);
+    let e = one_line_error(
+        &host.cli_stdin(&["link", "--passphrase"], "right horse\n"),
+        "short passphrase",
+    );
+    assert!(e.contains("--generate-passphrase"), "{e}");
+    assert_eq!(host.ok(&["links", "--json"]), invites_before);
     // Wrong passphrase: the same error as any damage.
-    let sealed = host.cli_stdin(&["link", "--passphrase"], "right horse\n");
+    let sealed = host.cli_stdin(&["link", "--passphrase"], "right horse battery\n");
     assert!(sealed.status.success());
     let sealed = String::from_utf8_lossy(&sealed.stdout)
         .lines()
@@ -75,7 +83,7 @@ fn bad_links_fail_with_one_line_and_the_daemon_keeps_serving() {
         .unwrap()
         .to_string();
     let e = one_line_error(
-        &c.cli_stdin(&["join", &sealed], "wrong horse\n"),
+        &c.cli_stdin(&["join", &sealed], "wrong horse battery\n"),
         "wrong passphrase",
     );
     assert_eq!(e, flip_error, "a wrong passphrase must look like damage");
@@ -92,9 +100,16 @@ fn bad_links_fail_with_one_line_and_the_daemon_keeps_serving() {
     host.ok(&["link", "--revoke", j["id"].as_str().unwrap()]);
     let e = one_line_error(&c.cli(&["join", j["link"].as_str().unwrap()]), "revoked");
     assert!(e.contains("revoked"), "{e}");
-    // Already used.
+    // Already used, given on the command line and on stdin.
     let e = one_line_error(&c.cli(&["join", &good]), "used");
     assert!(e.contains("already used"), "{e}");
+    let e = one_line_error(&c.cli_stdin(&["join", "-"], &format!("{good}\n")), "stdin");
+    assert!(e.contains("already used"), "{e}");
+    let e = one_line_error(
+        &c.cli_stdin(&["join", "-"], &format!("{good}\nmore\n")),
+        "two lines",
+    );
+    assert!(e.contains("the link alone"), "{e}");
     // A link from another group, opened on a member of this one.
     let foreign = other_host.link(&[]);
     let e = one_line_error(&member.cli(&["join", &foreign]), "other group");
@@ -119,7 +134,7 @@ fn bad_links_fail_with_one_line_and_the_daemon_keeps_serving() {
     );
 
     // The sealed link still works with the right passphrase.
-    let ok = c.cli_stdin(&["join", &sealed], "right horse\n");
+    let ok = c.cli_stdin(&["join", &sealed], "right horse battery\n");
     assert!(
         ok.status.success(),
         "{}",
