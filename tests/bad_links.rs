@@ -192,6 +192,9 @@ fn ten_concurrent_redemptions_of_a_single_use_link_admit_exactly_one() {
     assert_eq!(host.status()["peers"].as_array().unwrap().len(), 1);
     let links: serde_json::Value = serde_json::from_str(&host.ok(&["links", "--json"])).unwrap();
     assert_eq!(links[0]["uses"], 1);
+    // The nine others tried a spent link with keys it did not admit: each is one attempt.
+    assert_eq!(links[0]["refused_redemptions"], 9, "{links}");
+    assert!(links[0]["last_refused_key"].is_string(), "{links}");
 }
 
 #[test]
