@@ -12,7 +12,7 @@
 //! | [`mesh`]     | signed member records and endpoint announcements, and which to keep   | none (pure) |
 //! | [`gossip`]   | how records spread: fanout push and anti-entropy digests              | none (pure) |
 //! | [`state`]    | atomic, durable JSON files in the state dir                           | files       |
-//! | [`wire`]     | the join messages carried inside the invite WireGuard session         | none (pure) |
+//! | [`wire`]     | the join messages inside the invite WireGuard session, the joiner's proof of keys | none (pure) |
 //! | [`routes`]   | which member owns which VPN address (longest-prefix match)            | none (pure) |
 //! | [`tunnel`]   | userspace WireGuard: one `Tunn` per peer, the TUN device, one UDP socket | sockets, TUN |
 //! | [`share`]    | shared folders: safe paths, listings, BLAKE3 chunk manifests          | files       |
