@@ -82,7 +82,7 @@ impl std::fmt::Display for KdfParams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Argon2id with {} MiB, {} passes, {} lanes",
+            "Argon2id with {} MiB, {} pass(es), {} lane(s)",
             self.m_kib / 1024,
             self.t,
             self.p

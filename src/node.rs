@@ -710,6 +710,8 @@ impl Node {
                 RedeemError::AlreadyUsed | RedeemError::Expired | RedeemError::Revoked,
             )) => ApiError::new(StatusCode::GONE, e),
             JoinError::Refused(_) => ApiError::new(StatusCode::FORBIDDEN, e),
+            // The link names a host key no proof can be made for: the link is at fault.
+            JoinError::BuildMessage(wire::WireError::ProveKeys) => ApiError::bad_request(e),
             _ => ApiError::internal(e),
         })?;
         let mut mesh = Mesh::new(invite.host_key, admission.host_sign_key);
