@@ -903,14 +903,15 @@ mod tests {
         let default = inv.encode_sealed("correct horse battery").unwrap();
         let raw = checked_bytes(&default).unwrap();
         assert_eq!(sealed_header(&raw).unwrap().0, KdfParams::DEFAULT);
-        assert!(KdfParams::DEFAULT.m_kib >= 64 * 1024 && KdfParams::DEFAULT.t >= 3);
+        const { assert!(KdfParams::DEFAULT.m_kib >= 64 * 1024 && KdfParams::DEFAULT.t >= 3) };
     }
 
     #[test]
     fn a_sealed_link_asking_for_parameters_below_the_floor_or_above_the_ceiling_is_refused() {
         let text = sample(1000).encode_sealed("correct horse battery").unwrap();
         // Memory starts after the version, kind and KDF bytes; then passes, then lanes.
-        let cases: [(&str, fn(&mut Vec<u8>)); 6] = [
+        type Edit = fn(&mut Vec<u8>);
+        let cases: [(&str, Edit); 6] = [
             ("19 MiB, the old default", |r| {
                 r[3..7].copy_from_slice(&(19 * 1024u32).to_be_bytes())
             }),

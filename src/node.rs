@@ -538,6 +538,8 @@ impl Node {
     }
 
     /// The host's answer to one join request, decided and persisted under the book lock.
+    // The request's fields one by one, as `serve_joins` takes them apart.
+    #[allow(clippy::too_many_arguments)]
     pub fn answer_join(
         &self,
         invite_key: &Key,
