@@ -87,6 +87,16 @@ fn bad_links_fail_with_one_line_and_the_daemon_keeps_serving() {
         "wrong passphrase",
     );
     assert_eq!(e, flip_error, "a wrong passphrase must look like damage");
+    // A generated passphrase seals a link that it, and only it, opens.
+    let g: serde_json::Value =
+        serde_json::from_str(&host.ok(&["link", "--generate-passphrase", "--json"])).unwrap();
+    let (text, pass) = (
+        g["link"].as_str().unwrap(),
+        g["passphrase"].as_str().unwrap(),
+    );
+    assert!(pass.chars().count() >= link::MIN_PASSPHRASE_CHARS, "{pass}");
+    assert!(link::decode(text, Some(pass), now()).is_ok());
+    assert!(link::decode(text, Some("correct horse battery"), now()).is_err());
     // Expired.
     let short = host.link(&["--expires", "1s"]);
     let expires_at = link::decode(&short, None, now())
