@@ -38,6 +38,13 @@ pub struct NodeStatus {
     pub host_name: String,
     /// Packets dropped because their source address belongs to another peer or none.
     pub spoofed_packets: u64,
+    /// Gossip datagrams refused because no member's daemon sealed them.
+    #[serde(default)]
+    pub refused_gossip: u64,
+    /// Handshake-shaped datagrams dropped before any key work: a bad mac1, or no valid
+    /// cookie while under load (a flood).
+    #[serde(default)]
+    pub handshakes_refused: u64,
     /// Chunk counters since the daemon started.
     #[serde(default)]
     pub chunks: crate::transfer::Counters,

@@ -86,6 +86,8 @@ pub struct Node {
     sync_tx: tokio::sync::mpsc::Sender<(Key, bytes::Bytes)>,
     /// Watch-along: streams for local players and the rooms.
     pub watch: crate::watch::Watch,
+    /// Gossip datagrams refused because no member's daemon sealed them.
+    refused_gossip: std::sync::atomic::AtomicU64,
 }
 
 struct TransferEntry {
@@ -182,7 +184,7 @@ impl Node {
             signing: p.signing,
             book: Mutex::new(p.book),
             tunnel: p.tunnel,
-            engine: p.engine,
+            engine: p.engine.clone(),
             joining: tokio::sync::Mutex::new(()),
             transfers: Mutex::new(BTreeMap::new()),
             tasks: TaskTracker::new(),
@@ -192,11 +194,13 @@ impl Node {
             sync_tx: p.sync_tx,
             watch: crate::watch::Watch::new(
                 p.streams,
+                p.engine.clone(),
                 key_id(&p.public_key),
                 p.config.node.name.clone(),
                 p.config.watch.pause_when_buffering,
             ),
             config: p.config,
+            refused_gossip: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -238,6 +242,8 @@ impl Node {
         };
         self.tunnel.set_local(me, host);
         let keep: HashSet<Key> = desired.iter().map(|p| p.public_key).collect();
+        // A removed member's pair keys and nonce memory go with it.
+        self.engine.proofs().retain(|k| keep.contains(k));
         for k in self.tunnel.peer_keys() {
             if !keep.contains(&k) && self.tunnel.remove_peer(&k) {
                 log::info!("tunnel to {} closed", key_to_base64(&k));
@@ -365,6 +371,27 @@ impl Node {
             .endpoint
             .as_ref()
             .and_then(|e| e.parse().ok())
+    }
+
+    /// The payload of a gossip datagram from member `from`, when its daemon sealed it;
+    /// anything else (a datagram another user on that member sent from its address, a
+    /// replay) is counted and dropped.
+    pub fn open_gossip<'a>(&self, from: &Key, datagram: &'a [u8]) -> Option<&'a [u8]> {
+        static LOG: crate::logging::Throttle = crate::logging::Throttle::new(Duration::from_secs(10));
+        match self.engine.proofs().open_gossip(from, datagram, now_secs()) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.refused_gossip
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(held) = LOG.allow() {
+                    log::info!(
+                        "refused a gossip datagram from {}'s address: {e} ({held} more refused before)",
+                        key_to_base64(from)
+                    );
+                }
+                None
+            }
+        }
     }
 
     /// Applies a gossip message from member `from`; returns what to send.
@@ -808,7 +835,10 @@ impl Node {
             match serde_json::to_vec(&o.msg) {
                 Ok(bytes) => {
                     total += bytes.len() as u64;
-                    self.tunnel.send_gossip(&o.to, &bytes).await;
+                    let mut nonce = [0u8; 16];
+                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
+                    let sealed = self.engine.proofs().seal_gossip(&o.to, &bytes, now_secs(), nonce);
+                    self.tunnel.send_gossip(&o.to, &sealed).await;
                 }
                 Err(e) => log::warn!("cannot encode gossip: {e}"),
             }
@@ -831,6 +861,10 @@ impl Node {
 }
 
 impl Membership for Node {
+    fn vpn_address(&self) -> std::net::Ipv4Addr {
+        self.book().group.my_address
+    }
+
     fn room(&self, from: Key, body: bytes::Bytes) {
         self.watch.receive(&key_id(&from), &body);
     }
@@ -937,9 +971,9 @@ impl Node {
                 let Some(body) = (if greet { &everything } else { &routine }).clone() else {
                     continue;
                 };
-                let (vpn, name, key) = (p.vpn, p.name.clone(), p.key);
+                let (vpn, name, key, engine) = (p.vpn, p.name.clone(), p.key, self.engine.clone());
                 posts.spawn(async move {
-                    match transfer::http_post(vpn, "/v1/sync", body).await {
+                    match engine.post(&key, vpn, "/v1/sync", body).await {
                         Ok(_) => Some(key),
                         Err(e) => {
                             log::debug!("sync announce to {name}: {e}");
@@ -965,7 +999,7 @@ impl Node {
         }) else {
             return;
         };
-        if let Err(e) = transfer::http_post(to.vpn, "/v1/sync", body).await {
+        if let Err(e) = self.engine.post(&to.key, to.vpn, "/v1/sync", body).await {
             log::debug!("sync answer to {}: {e}", to.name);
         }
     }
@@ -1210,7 +1244,7 @@ impl Node {
             return None;
         };
         let manifest: crate::share::Manifest =
-            match transfer::ask(peer.vpn, "manifest", &s.name, remote_path).await {
+            match self.engine.ask(&peer.key, peer.vpn, "manifest", &s.name, remote_path).await {
                 Ok(m) => m,
                 Err(e) => {
                     log::debug!(
@@ -1414,7 +1448,10 @@ impl Node {
                 tokio::task::block_in_place(|| self.engine.shares.manifest(share, path))
                     .map_err(|e| e.to_string())
             } else {
-                transfer::ask(p.vpn, "manifest", share, path).await
+                self.engine
+                    .ask(&p.key, p.vpn, "manifest", share, path)
+                    .await
+                    .map_err(|e| e.to_string())
             };
             match got {
                 Ok(m) => return Ok((p, m)),
@@ -1460,6 +1497,10 @@ impl Handler for Node {
                 .into(),
                 host_name: g.host_name.clone(),
                 spoofed_packets: self.tunnel.spoofed_count(),
+                refused_gossip: self
+                    .refused_gossip
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                handshakes_refused: self.tunnel.handshakes_refused(),
                 chunks: self.engine.counters(),
             },
             peers: self.tunnel.status(),
@@ -1637,7 +1678,10 @@ impl Handler for Node {
                 tokio::task::block_in_place(|| self.engine.shares.ls(&share, &path))
                     .map_err(|e| e.to_string())
             } else {
-                transfer::ask(p.vpn, "ls", &share, &path).await
+                self.engine
+                    .ask(&p.key, p.vpn, "ls", &share, &path)
+                    .await
+                    .map_err(|e| e.to_string())
             };
             match got {
                 Ok(v) => {

@@ -100,6 +100,8 @@ pub struct RoomView {
 /// Every room on this node and the streams its players read.
 pub struct Watch {
     pub streams: Arc<Streams>,
+    /// Signs the room messages sent to other members.
+    engine: Arc<transfer::Engine>,
     rooms: Mutex<HashMap<String, Room>>,
     /// Bumped whenever a room's state changes, to wake waiting players.
     changed: tokio::sync::watch::Sender<u64>,
@@ -110,9 +112,16 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub fn new(streams: Arc<Streams>, me: String, name: String, hold_when_starved: bool) -> Watch {
+    pub fn new(
+        streams: Arc<Streams>,
+        engine: Arc<transfer::Engine>,
+        me: String,
+        name: String,
+        hold_when_starved: bool,
+    ) -> Watch {
         Watch {
             streams,
+            engine,
             rooms: Mutex::new(HashMap::new()),
             changed: tokio::sync::watch::Sender::new(0),
             me,
@@ -284,9 +293,9 @@ impl Watch {
             else {
                 continue;
             };
-            let (vpn, name) = (p.vpn, p.name.clone());
+            let (key, vpn, name, engine) = (p.key, p.vpn, p.name.clone(), self.engine.clone());
             posts.spawn(async move {
-                if let Err(e) = transfer::http_post(vpn, "/v1/room", body).await {
+                if let Err(e) = engine.post(&key, vpn, "/v1/room", body).await {
                     log::debug!("room message to {name}: {e}");
                 }
             });
