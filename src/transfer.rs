@@ -1175,42 +1175,92 @@ pub async fn serve_relay<M: Membership>(
     .await
 }
 
-/// Connections a server holds, in all and per source address; a slot is given back
-/// when its guard drops, however the connection ends.
+/// Connections a server holds per source address. At a source's cap, its oldest
+/// connection with no request in progress is closed to make room: a flood of idle
+/// connections from one address (another user on a member, say) then evicts itself,
+/// never the member daemon's own requests. A slot is given back when its guard drops,
+/// however the connection ends.
 #[derive(Default)]
 struct Slots {
-    by_source: Mutex<HashMap<IpAddr, usize>>,
+    inner: Mutex<SlotsInner>,
+}
+
+#[derive(Default)]
+struct SlotsInner {
+    next: u64,
+    by_source: HashMap<IpAddr, VecDeque<Held>>,
+}
+
+struct Held {
+    id: u64,
+    /// Requests in progress on the connection.
+    busy: Arc<AtomicU64>,
+    close: CancellationToken,
 }
 
 struct Slot {
     slots: Arc<Slots>,
     source: IpAddr,
+    id: u64,
+    busy: Arc<AtomicU64>,
+    close: CancellationToken,
 }
 
 impl Slots {
     fn take(self: &Arc<Self>, source: IpAddr) -> Option<Slot> {
-        let mut m = self.by_source.lock().unwrap_or_else(|p| p.into_inner());
-        let n = m.entry(source).or_insert(0);
-        if *n >= MAX_CONNECTIONS_PER_SOURCE {
-            return None;
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let id = inner.next;
+        inner.next += 1;
+        let list = inner.by_source.entry(source).or_default();
+        if list.len() >= MAX_CONNECTIONS_PER_SOURCE {
+            let idle = list
+                .iter()
+                .position(|c| c.busy.load(Ordering::Relaxed) == 0)?;
+            if let Some(old) = list.remove(idle) {
+                old.close.cancel();
+            }
         }
-        *n += 1;
+        let (busy, close) = (Arc::new(AtomicU64::new(0)), CancellationToken::new());
+        list.push_back(Held {
+            id,
+            busy: busy.clone(),
+            close: close.clone(),
+        });
         Some(Slot {
             slots: self.clone(),
             source,
+            id,
+            busy,
+            close,
         })
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut m = self.slots.by_source.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.source);
+        let mut inner = self.slots.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = inner.by_source.get_mut(&self.source) {
+            list.retain(|c| c.id != self.id);
+            if list.is_empty() {
+                inner.by_source.remove(&self.source);
             }
         }
+    }
+}
+
+/// Marks a connection busy while one request is handled.
+struct Busy(Arc<AtomicU64>);
+
+impl Busy {
+    fn new(n: &Arc<AtomicU64>) -> Busy {
+        n.fetch_add(1, Ordering::Relaxed);
+        Busy(n.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -1300,10 +1350,16 @@ pub(crate) async fn serve_bounded<A, F, Fut, B, R>(
         let handle = handle.clone();
         let cancel = cancel.clone();
         conns.spawn(async move {
+            let (busy, close) = (slot.busy.clone(), slot.close.clone());
             let _slot = slot;
             let svc = service_fn(move |req| {
                 let handle = handle.clone();
-                async move { Ok::<_, Infallible>(handle(req, local, peer).await) }
+                let busy = Busy::new(&busy);
+                async move {
+                    let r = handle(req, local, peer).await;
+                    drop(busy);
+                    Ok::<_, Infallible>(r)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -1313,10 +1369,65 @@ pub(crate) async fn serve_bounded<A, F, Fut, B, R>(
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r { log::debug!("connection from {peer}: {e}") },
+                // Evicted to make room for a newer connection from the same source.
+                () = close.cancelled() => {}
                 () = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
             }
         });
     }
     conns.abort_all();
     while conns.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_a_sources_cap_its_oldest_idle_connection_makes_room_and_a_busy_one_never_does() {
+        let slots = Arc::new(Slots::default());
+        let a: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
+        let b: IpAddr = Ipv4Addr::new(10, 0, 0, 2).into();
+        let held: Vec<Slot> = (0..MAX_CONNECTIONS_PER_SOURCE)
+            .map(|_| slots.take(a).expect("under the cap"))
+            .collect();
+        // The first is handling a request; the second is idle and goes.
+        let _working = Busy::new(&held[0].busy);
+        let newer = slots.take(a).expect("room made");
+        assert!(!held[0].close.is_cancelled());
+        assert!(held[1].close.is_cancelled());
+        assert!(held[2..].iter().all(|s| !s.close.is_cancelled()));
+        // Another source is not affected by a's crowd.
+        let other = slots.take(b).expect("b has its own cap");
+        assert!(!other.close.is_cancelled());
+        // Every connection of a busy: nothing is evicted, the newcomer is refused.
+        let _all_busy: Vec<Busy> = held.iter().chain([&newer]).map(|s| Busy::new(&s.busy)).collect();
+        assert!(slots.take(a).is_none());
+        // Slots come back when their guards drop.
+        drop(held);
+        drop(newer);
+        drop(other);
+        assert!(slots.inner.lock().unwrap().by_source.is_empty());
+    }
+
+    #[test]
+    fn a_chunk_request_with_a_length_past_the_largest_chunk_is_not_parsed() {
+        let q = |len: u64| -> HashMap<String, String> {
+            [
+                ("source", "s"),
+                ("share", "x"),
+                ("path", "p"),
+                ("index", "0"),
+                ("hash", "h"),
+                ("transfer", "t"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain([("len".to_string(), len.to_string())])
+            .collect()
+        };
+        assert_eq!(chunk_request(&q(MAX_CHUNK)).map(|c| c.len), Some(MAX_CHUNK));
+        assert!(chunk_request(&q(MAX_CHUNK + 1)).is_none());
+        assert!(chunk_request(&q(1 << 36)).is_none());
+    }
 }
