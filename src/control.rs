@@ -38,7 +38,8 @@ pub struct NodeStatus {
     pub host_name: String,
     /// Packets dropped because their source address belongs to another peer or none.
     pub spoofed_packets: u64,
-    /// Gossip datagrams refused because no member's daemon sealed them.
+    /// Gossip datagrams refused: from a member's address but not sealed by its daemon, or
+    /// sent through this node's TUN device by another program on this machine.
     #[serde(default)]
     pub refused_gossip: u64,
     /// Handshake-shaped datagrams dropped before any key work: a bad mac1, or no valid

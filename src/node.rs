@@ -1499,7 +1499,8 @@ impl Handler for Node {
                 spoofed_packets: self.tunnel.spoofed_count(),
                 refused_gossip: self
                     .refused_gossip
-                    .load(std::sync::atomic::Ordering::Relaxed),
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    + self.tunnel.local_gossip_dropped(),
                 handshakes_refused: self.tunnel.handshakes_refused(),
                 chunks: self.engine.counters(),
             },

@@ -1207,17 +1207,21 @@ struct Slot {
 }
 
 impl Slots {
-    fn take(self: &Arc<Self>, source: IpAddr) -> Option<Slot> {
+    /// A slot for a new connection from `source`, and whether an idle one was closed
+    /// to make room.
+    fn take(self: &Arc<Self>, source: IpAddr) -> Option<(Slot, bool)> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let id = inner.next;
         inner.next += 1;
         let list = inner.by_source.entry(source).or_default();
+        let mut evicted = false;
         if list.len() >= MAX_CONNECTIONS_PER_SOURCE {
             let idle = list
                 .iter()
                 .position(|c| c.busy.load(Ordering::Relaxed) == 0)?;
             if let Some(old) = list.remove(idle) {
                 old.close.cancel();
+                evicted = true;
             }
         }
         let (busy, close) = (Arc::new(AtomicU64::new(0)), CancellationToken::new());
@@ -1226,13 +1230,14 @@ impl Slots {
             busy: busy.clone(),
             close: close.clone(),
         });
-        Some(Slot {
+        let slot = Slot {
             slots: self.clone(),
             source,
             id,
             busy,
             close,
-        })
+        };
+        Some((slot, evicted))
     }
 }
 
@@ -1338,6 +1343,15 @@ pub(crate) async fn serve_bounded<A, F, Fut, B, R>(
         } else {
             slots.take(peer.ip())
         };
+        let slot = match slot {
+            Some((slot, evicted)) => {
+                if evicted {
+                    refused();
+                }
+                Some(slot)
+            }
+            None => None,
+        };
         let Some(slot) = slot else {
             refused();
             if let Some(held) = REFUSE_LOG.allow() {
@@ -1389,16 +1403,21 @@ mod tests {
         let a: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
         let b: IpAddr = Ipv4Addr::new(10, 0, 0, 2).into();
         let held: Vec<Slot> = (0..MAX_CONNECTIONS_PER_SOURCE)
-            .map(|_| slots.take(a).expect("under the cap"))
+            .map(|_| {
+                let (s, evicted) = slots.take(a).expect("under the cap");
+                assert!(!evicted);
+                s
+            })
             .collect();
         // The first is handling a request; the second is idle and goes.
         let _working = Busy::new(&held[0].busy);
-        let newer = slots.take(a).expect("room made");
+        let (newer, evicted) = slots.take(a).expect("room made");
+        assert!(evicted);
         assert!(!held[0].close.is_cancelled());
         assert!(held[1].close.is_cancelled());
         assert!(held[2..].iter().all(|s| !s.close.is_cancelled()));
         // Another source is not affected by a's crowd.
-        let other = slots.take(b).expect("b has its own cap");
+        let (other, _) = slots.take(b).expect("b has its own cap");
         assert!(!other.close.is_cancelled());
         // Every connection of a busy: nothing is evicted, the newcomer is refused.
         let _all_busy: Vec<Busy> = held.iter().chain([&newer]).map(|s| Busy::new(&s.busy)).collect();

@@ -239,6 +239,8 @@ pub struct Tunnel {
     limiter: Arc<RateLimiter>,
     /// Handshake-shaped datagrams dropped before any key work.
     handshakes_refused: std::sync::atomic::AtomicU64,
+    /// Gossip datagrams some other program on this machine sent through the TUN device.
+    local_gossip_dropped: std::sync::atomic::AtomicU64,
 }
 
 /// What handling one datagram asks the loop to do once the lock is released.
@@ -263,6 +265,7 @@ impl Tunnel {
         Arc::new(Tunnel {
             limiter,
             handshakes_refused: std::sync::atomic::AtomicU64::new(0),
+            local_gossip_dropped: std::sync::atomic::AtomicU64::new(0),
             udp,
             tun,
             secret,
@@ -497,6 +500,12 @@ impl Tunnel {
     /// cookie while under load.
     pub fn handshakes_refused(&self) -> u64 {
         self.handshakes_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Gossip datagrams another program on this machine tried to send as this daemon.
+    pub fn local_gossip_dropped(&self) -> u64 {
+        self.local_gossip_dropped
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
@@ -820,6 +829,8 @@ impl Tunnel {
                 // kernel): a datagram to the gossip port from the TUN device comes from some
                 // other program on this machine.
                 if wire::decode_udp(&rx[..n]).is_some_and(|u| u.port == wire::GOSSIP_PORT) {
+                    self.local_gossip_dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     continue;
                 }
                 st.encapsulate(&rx[..n], dst, &mut tx, Instant::now())
