@@ -521,7 +521,8 @@ impl Engine {
             Via::Tunnel => {
                 let pq = format!("/v1/chunk?{}", req.query());
                 let addr = SocketAddr::from((peer.vpn, NODE_PORT));
-                self.signed(&peer.key, addr, hyper::Method::GET, &pq, Bytes::new(), req.len, REQUEST_TIMEOUT)
+                let limit = req.len.min(MAX_CHUNK);
+                self.signed(&peer.key, addr, hyper::Method::GET, &pq, Bytes::new(), limit, REQUEST_TIMEOUT)
                     .await?
             }
             Via::Lan => {
@@ -566,7 +567,7 @@ impl Engine {
             addr,
             r.body(Full::new(Bytes::from(sealed))),
             REQUEST_TIMEOUT,
-            req.len + SEAL_OVERHEAD,
+            req.len.min(MAX_CHUNK) + SEAL_OVERHEAD,
         )
         .await?;
         self.proofs

@@ -167,35 +167,6 @@ fn form_urlencoded(s: &str) -> String {
     s.replace('+', "%2B").replace('/', "%2F").replace('=', "%3D")
 }
 
-/// Random datagrams shaped as WireGuard handshake initiations (type 1, 148 bytes), sent
-/// from `ns` to `to` at `pps` for `secs`; returns how many were sent.
-fn flood_handshakes(ns: &str, to: std::net::SocketAddr, pps: u64, secs: u64) -> std::thread::JoinHandle<u64> {
-    spawn_in_netns(ns, move || {
-        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        let mut packet = [0u8; 148];
-        let mut xof = blake3::Hasher::new().update(b"flood").finalize_xof();
-        let start = Instant::now();
-        let mut sent = 0u64;
-        // Paced in slices of 5 ms so the rate holds over the whole run.
-        let slice = Duration::from_millis(5);
-        let per_slice = pps * 5 / 1000;
-        while start.elapsed() < Duration::from_secs(secs) {
-            let slice_start = Instant::now();
-            for _ in 0..per_slice {
-                xof.fill(&mut packet);
-                packet[..4].copy_from_slice(&[1, 0, 0, 0]);
-                if sock.send_to(&packet, to).is_ok() {
-                    sent += 1;
-                }
-            }
-            if let Some(rest) = slice.checked_sub(slice_start.elapsed()) {
-                std::thread::sleep(rest);
-            }
-        }
-        sent
-    })
-}
-
 #[test]
 fn a_handshake_flood_from_the_internet_leaves_a_members_ping_fast() {
     if !root_or_skip("a_handshake_flood_from_the_internet_leaves_a_members_ping_fast") {
@@ -249,16 +220,6 @@ fn a_handshake_flood_from_the_internet_leaves_a_members_ping_fast() {
     );
     assert!(loss < 0.01, "ping lost {:.2}% under the flood", loss * 100.0);
     assert!(p99 < 50.0, "ping p99 {p99:.2} ms under the flood");
-}
-
-/// CPU time a process used so far, in clock ticks (1/100 s).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces): utime and stime are the
-    // 12th and 13th of them.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
 /// Opens `n` TCP connections from `ns` to `to` and keeps them open, idle, until the
@@ -392,5 +353,145 @@ fn a_case_4_transfer_shows_nothing_of_the_file_on_the_lan() {
             "{} is readable on the LAN",
             String::from_utf8_lossy(needle)
         );
+    }
+}
+
+/// What the fake member's node server answers for one file.
+#[derive(Clone, Copy)]
+enum Lie {
+    /// A manifest whose chunks are 2^36 bytes each.
+    HugeChunks,
+    /// A manifest whose chunk list does not fit its size.
+    WrongCount,
+    /// A sound manifest, and a chunk answer of 1 GiB.
+    EndlessChunk,
+}
+
+fn lie_for(path: &str) -> Option<Lie> {
+    if path.contains("huge-chunks") {
+        Some(Lie::HugeChunks)
+    } else if path.contains("wrong-count") {
+        Some(Lie::WrongCount)
+    } else if path.contains("endless") {
+        Some(Lie::EndlessChunk)
+    } else {
+        None
+    }
+}
+
+/// A node server that lies, on `port` in namespace `ns`, until the test ends. It answers
+/// without checking anything: only what it sends matters here.
+fn serve_lies(ns: &str, port: u16, share: &'static str) {
+    let listener = in_netns(ns, move || std::net::TcpListener::bind(("0.0.0.0", port)).unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                use std::io::{BufRead, BufReader, Write};
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut first = String::new();
+                if reader.read_line(&mut first).is_err() {
+                    return;
+                }
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let target = first.split_whitespace().nth(1).unwrap_or("").to_string();
+                let Some(lie) = lie_for(&target) else {
+                    let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
+                    return;
+                };
+                let path = target
+                    .split(['?', '&'])
+                    .find_map(|kv| kv.strip_prefix("path="))
+                    .unwrap_or("x")
+                    .to_string();
+                if target.starts_with("/v1/manifest") {
+                    let zero = blake3::hash(&[0u8; 262_144]).to_hex().to_string();
+                    let (size, chunk_size, count) = match lie {
+                        Lie::HugeChunks => (1u64 << 37, 1u64 << 36, 2),
+                        Lie::WrongCount => (1 << 20, 262_144, 40_000),
+                        Lie::EndlessChunk => (1 << 20, 262_144, 4),
+                    };
+                    let body = serde_json::json!({
+                        "share": share, "path": path, "size": size, "mtime": 1,
+                        "mode": 0o4777, "chunk_size": chunk_size,
+                        "chunks": vec![zero; count],
+                    })
+                    .to_string();
+                    let _ = conn.write_all(
+                        format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+                            .as_bytes(),
+                    );
+                } else if target.starts_with("/v1/chunk") {
+                    // 1 GiB announced, and zeros until the reader gives up.
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n");
+                    let zeros = vec![0u8; 1 << 16];
+                    for _ in 0..(1 << 14) {
+                        if conn.write_all(&zeros).is_err() {
+                            break;
+                        }
+                    }
+                } else {
+                    let _ = conn.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_fake_member_lying_about_manifests_and_chunks_cannot_crash_or_bloat_the_daemon() {
+    if !root_or_skip("a_fake_member_lying_about_manifests_and_chunks_cannot_crash_or_bloat_the_daemon") {
+        return;
+    }
+    let _alone = alone();
+    let mut lab = Lab::new();
+    let mut host = lab.node("host");
+    let mut liar = lab.node("liar");
+    let evil = liar.share("evil");
+    for f in ["huge-chunks.bin", "wrong-count.bin", "endless.bin"] {
+        std::fs::write(evil.join(f), b"the real bytes are never asked for").unwrap();
+    }
+    host.start();
+    liar.start();
+    join(&host, &liar);
+    let liar_vpn = vpn_address(&liar.status());
+    assert!(wait_until(DEADLINE, || host.ping(&liar_vpn)));
+    // The liar's kernel hands the node port to the lying server instead of its daemon.
+    let o = liar.ns.exec(&[
+        "iptables", "-t", "nat", "-A", "PREROUTING", "-i", "wa0", "-p", "tcp", "--dport",
+        "51874", "-j", "REDIRECT", "--to-ports", "61874",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serve_lies(&liar.ns.name, 61874, "evil");
+    assert!(wait_until(DEADLINE, || host.ok(&["ls"]).contains("evil")));
+
+    let pid = host.pid().unwrap();
+    for file in ["huge-chunks.bin", "wrong-count.bin", "endless.bin"] {
+        let dest = host.dir.join(file);
+        let o = host.cli(&["get", &format!("evil/{file}"), dest.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        eprintln!("get {file}: {}", err.trim());
+        assert!(!o.status.success(), "the get of {file} succeeded");
+        assert_eq!(err.trim().lines().count(), 1, "not one clear line: {err}");
+        assert!(!dest.exists(), "{file} was written");
+        // Still up, and small.
+        host.status();
+        let rss = rss_kib(pid);
+        eprintln!("host RSS after {file}: {rss} KiB");
+        assert!(rss < 64 * 1024, "the host's RSS reached {rss} KiB after {file}");
     }
 }
