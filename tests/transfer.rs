@@ -414,7 +414,7 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
 
     // A stranger on the LAN: 401 and an empty body from the relay, and not a byte from the
     // node port.
-    let chunk = "/v1/chunk?source=x&share=s&path=ok.txt&index=0&hash=x&transfer=x".to_string();
+    let chunk = "/v1/chunk?source=x&share=s&path=ok.txt&index=0&hash=x&transfer=x&len=4".to_string();
     let file = "/v1/file?share=s&path=ok.txt".to_string();
     for (addr, pq) in [
         (&relay, chunk.clone()),
@@ -500,7 +500,7 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
     .enumerate()
     {
         let chunk = format!(
-            "/v1/chunk?source={host_q}&share=s&path={bad}&index=0&hash={secret_hash}&transfer=x"
+            "/v1/chunk?source={host_q}&share=s&path={bad}&index=0&hash={secret_hash}&transfer=x&len=10"
         );
         for (pq, headers) in [
             (manifest(bad), &none),
