@@ -14,7 +14,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -56,13 +56,13 @@ fn ping(from: &Node, to: &str, count: usize) -> Ping {
     }
 }
 
-fn flood(label: &str, bin: &PathBuf) {
+fn flood(label: &str, bin: &Path) {
     let mut lab = Lab::new();
     let mut host = lab.node("host");
     let mut a = lab.node("a");
     let stranger = lab.node("stranger");
-    host.bin = bin.clone();
-    a.bin = bin.clone();
+    host.bin = bin.to_path_buf();
+    a.bin = bin.to_path_buf();
     host.start();
     a.start();
     join(&host, &a);
@@ -119,10 +119,10 @@ fn iperf(server: &Node, client: &Node, addr: &str) -> f64 {
     result
 }
 
-fn relay(label: &str, bin: &PathBuf, size: u64) {
+fn relay(label: &str, bin: &Path, size: u64) {
     let mut site = SiteLab::new();
     for n in [&mut site.host, &mut site.distant, &mut site.s1a, &mut site.s1b] {
-        n.bin = bin.clone();
+        n.bin = bin.to_path_buf();
     }
     let films = site.s1b.share("films");
     let hash = write_random(&films.join("big.bin"), size, "relay");

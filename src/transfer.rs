@@ -371,7 +371,7 @@ impl Engine {
     }
 
     /// One request to member `to`'s node server, signed by this daemon; its answer is
-    /// read up to `limit` bytes.
+    /// read up to `limit` bytes. A POST (a small announcement) gets a shorter deadline.
     async fn signed(
         &self,
         to: &Key,
@@ -380,8 +380,12 @@ impl Engine {
         pq: &str,
         body: Bytes,
         limit: u64,
-        deadline: Duration,
     ) -> Result<Bytes, TransferError> {
+        let deadline = if method == hyper::Method::POST {
+            POST_TIMEOUT
+        } else {
+            REQUEST_TIMEOUT
+        };
         let h = self
             .proofs
             .sign_request(to, method.as_str(), pq, &body, crate::node::now_secs(), fresh_nonce());
@@ -414,7 +418,6 @@ impl Engine {
                 &format!("/v1/{what}?{q}"),
                 Bytes::new(),
                 MAX_JSON_ANSWER as u64,
-                REQUEST_TIMEOUT,
             )
             .await?;
         serde_json::from_slice(&body).map_err(|source| TransferError::Decode { from: addr, source })
@@ -423,7 +426,7 @@ impl Engine {
     /// POSTs `body` to member `to`'s node server (folder sync announcements, room messages).
     pub async fn post(&self, to: &Key, vpn: Ipv4Addr, path: &str, body: Vec<u8>) -> Result<(), TransferError> {
         let addr = SocketAddr::from((vpn, NODE_PORT));
-        self.signed(to, addr, hyper::Method::POST, path, Bytes::from(body), 1024, POST_TIMEOUT)
+        self.signed(to, addr, hyper::Method::POST, path, Bytes::from(body), 1024)
             .await
             .map(|_| ())
     }
@@ -522,7 +525,7 @@ impl Engine {
                 let pq = format!("/v1/chunk?{}", req.query());
                 let addr = SocketAddr::from((peer.vpn, NODE_PORT));
                 let limit = req.len.min(MAX_CHUNK);
-                self.signed(&peer.key, addr, hyper::Method::GET, &pq, Bytes::new(), limit, REQUEST_TIMEOUT)
+                self.signed(&peer.key, addr, hyper::Method::GET, &pq, Bytes::new(), limit)
                     .await?
             }
             Via::Lan => {
