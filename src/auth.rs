@@ -3,10 +3,11 @@
 //! secret only the two daemons hold — derived from the Diffie-Hellman of their WireGuard
 //! keys, so it comes with membership and goes with it, and another user on the same machine
 //! (who can send from the member's VPN address but cannot read its key) cannot make one.
-//! The MAC binds the sender, the method, path and query, a hash of the body, the time and a
-//! nonce; replays (a nonce seen before, or a time too far off) are refused, with a nonce
-//! memory per member so one member cannot make the others' requests wait. LAN relay bodies
-//! are also sealed with an AEAD, so a stranger on the LAN learns nothing of a file.
+//! A request's MAC binds the sender, the method, path and query, a hash of the body, the
+//! time and a nonce; replays (a nonce seen before, or a time too far off) are refused, with
+//! a nonce memory per member so one member cannot make the others' requests wait. A gossip
+//! datagram's MAC binds the sender and the payload. LAN relay bodies are also sealed with
+//! an AEAD, so a stranger on the LAN learns nothing of a file.
 //!
 //! Pure: the caller passes `now` and the nonces. It holds the node's X25519 secret and a
 //! cache of pair keys, but does no I/O and must not decide membership: callers check that
@@ -27,8 +28,8 @@ pub const MAX_SKEW_SECS: u64 = 60;
 /// requests wait (an answer of "busy") rather than a nonce still inside the window being
 /// forgotten; other members are not affected.
 const MAX_NONCES_PER_MEMBER: usize = 50_000;
-/// Bytes a sealed gossip datagram adds: time, nonce and MAC.
-pub const GOSSIP_OVERHEAD: usize = 8 + 16 + 32;
+/// Bytes a sealed gossip datagram adds: its MAC.
+pub const GOSSIP_OVERHEAD: usize = 32;
 
 pub const HEADER_MEMBER: &str = "x-watchalong-member";
 pub const HEADER_TIME: &str = "x-watchalong-time";
@@ -100,11 +101,9 @@ pub fn request_mac(
     h.finalize()
 }
 
-fn gossip_mac(key: &[u8; 32], from: &Key, time: u64, nonce: &[u8], payload: &[u8]) -> blake3::Hash {
+fn gossip_mac(key: &[u8; 32], from: &Key, payload: &[u8]) -> blake3::Hash {
     let mut h = blake3::Hasher::new_keyed(key);
     h.update(from);
-    h.update(&time.to_be_bytes());
-    h.update(nonce);
     h.update(payload);
     h.finalize()
 }
@@ -306,41 +305,34 @@ impl Proofs {
         self.admit(from, nonce, sig.time, now)
     }
 
-    /// A gossip datagram for member `to`: time, nonce and MAC, then the payload.
-    pub fn seal_gossip(&self, to: &Key, payload: &[u8], now: u64, nonce: [u8; 16]) -> Vec<u8> {
+    /// A gossip datagram for member `to`: the MAC, then the payload.
+    ///
+    /// Gossip carries no time and no nonce, unlike requests: a datagram travels only
+    /// inside WireGuard, so no one but root on the sender or the receiver ever sees one to
+    /// replay it, and a replayed gossip message changes nothing (records are signed by
+    /// their authors and older ones are dropped). Without a clock in the proof, a member
+    /// whose clock is wrong (a router before NTP) still hears who is in the group.
+    pub fn seal_gossip(&self, to: &Key, payload: &[u8]) -> Vec<u8> {
         let key = self.keys(to).gossip;
-        let mac = gossip_mac(&key, &self.public, now, &nonce, payload);
+        let mac = gossip_mac(&key, &self.public, payload);
         let mut v = Vec::with_capacity(GOSSIP_OVERHEAD + payload.len());
-        v.extend_from_slice(&now.to_be_bytes());
-        v.extend_from_slice(&nonce);
         v.extend_from_slice(mac.as_bytes());
         v.extend_from_slice(payload);
         v
     }
 
-    /// The payload of a gossip datagram from member `from`, if `from`'s daemon sealed it
-    /// and it was not seen before.
-    pub fn open_gossip<'a>(&self, from: &Key, datagram: &'a [u8], now: u64) -> Result<&'a [u8], AuthError> {
+    /// The payload of a gossip datagram from member `from`, if `from`'s daemon sealed it.
+    pub fn open_gossip<'a>(&self, from: &Key, datagram: &'a [u8]) -> Result<&'a [u8], AuthError> {
         if datagram.len() < GOSSIP_OVERHEAD {
             return Err(AuthError::Missing);
         }
         let (head, payload) = datagram.split_at(GOSSIP_OVERHEAD);
-        let mut time = [0u8; 8];
-        time.copy_from_slice(&head[..8]);
-        let time = u64::from_be_bytes(time);
-        let nonce = &head[8..24];
-        if time.abs_diff(now) > MAX_SKEW_SECS {
-            return Err(AuthError::Skew);
-        }
         let mut mac = [0u8; 32];
-        mac.copy_from_slice(&head[24..]);
+        mac.copy_from_slice(head);
         let key = self.keys(from).gossip;
-        if blake3::Hash::from(mac) != gossip_mac(&key, from, time, nonce, payload) {
+        if blake3::Hash::from(mac) != gossip_mac(&key, from, payload) {
             return Err(AuthError::BadMac);
         }
-        let mut n = [0u8; 16];
-        n.copy_from_slice(nonce);
-        self.admit(from, u128::from_be_bytes(n), time, now)?;
         Ok(payload)
     }
 
@@ -513,23 +505,24 @@ mod tests {
     }
 
     #[test]
-    fn a_sealed_gossip_datagram_opens_once_and_only_from_its_sender() {
+    fn a_sealed_gossip_datagram_opens_only_from_its_sender_and_unchanged() {
         let (a, b) = pair();
         let c = Proofs::new(StaticSecret::from([3u8; 32]));
-        let d = a.seal_gossip(&b.public(), b"{\"hello\":1}", 500, [4; 16]);
-        assert_eq!(b.open_gossip(&c.public(), &d, 500), Err(AuthError::BadMac));
-        assert_eq!(b.open_gossip(&a.public(), &d, 500), Ok(&b"{\"hello\":1}"[..]));
-        assert_eq!(b.open_gossip(&a.public(), &d, 501), Err(AuthError::Replay));
+        let d = a.seal_gossip(&b.public(), b"{\"hello\":1}");
+        assert_eq!(b.open_gossip(&c.public(), &d), Err(AuthError::BadMac));
+        assert_eq!(b.open_gossip(&a.public(), &d), Ok(&b"{\"hello\":1}"[..]));
+        // Reflected back to its sender as if b had sent it.
+        assert_eq!(a.open_gossip(&b.public(), &d), Err(AuthError::BadMac));
         // Plain JSON, as a local user would send it from the member's address.
         assert_eq!(
-            b.open_gossip(&a.public(), br#"{"type":"digest","members":[],"announcements":[],"padding":"0123456789"}"#, 500),
-            Err(AuthError::Skew)
+            b.open_gossip(&a.public(), br#"{"type":"digest","members":[],"announcements":[]}"#),
+            Err(AuthError::BadMac)
         );
-        assert_eq!(b.open_gossip(&a.public(), b"short", 500), Err(AuthError::Missing));
-        let mut flipped = a.seal_gossip(&b.public(), b"payload", 500, [5; 16]);
+        assert_eq!(b.open_gossip(&a.public(), b"short"), Err(AuthError::Missing));
+        let mut flipped = a.seal_gossip(&b.public(), b"payload");
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
-        assert_eq!(b.open_gossip(&a.public(), &flipped, 500), Err(AuthError::BadMac));
+        assert_eq!(b.open_gossip(&a.public(), &flipped), Err(AuthError::BadMac));
     }
 
     #[test]

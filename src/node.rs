@@ -374,11 +374,11 @@ impl Node {
     }
 
     /// The payload of a gossip datagram from member `from`, when its daemon sealed it;
-    /// anything else (a datagram another user on that member sent from its address, a
-    /// replay) is counted and dropped.
+    /// anything else (a datagram another user on that member sent from its address) is
+    /// counted and dropped.
     pub fn open_gossip<'a>(&self, from: &Key, datagram: &'a [u8]) -> Option<&'a [u8]> {
         static LOG: crate::logging::Throttle = crate::logging::Throttle::new(Duration::from_secs(10));
-        match self.engine.proofs().open_gossip(from, datagram, now_secs()) {
+        match self.engine.proofs().open_gossip(from, datagram) {
             Ok(p) => Some(p),
             Err(e) => {
                 self.refused_gossip
@@ -835,9 +835,7 @@ impl Node {
             match serde_json::to_vec(&o.msg) {
                 Ok(bytes) => {
                     total += bytes.len() as u64;
-                    let mut nonce = [0u8; 16];
-                    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
-                    let sealed = self.engine.proofs().seal_gossip(&o.to, &bytes, now_secs(), nonce);
+                    let sealed = self.engine.proofs().seal_gossip(&o.to, &bytes);
                     self.tunnel.send_gossip(&o.to, &sealed).await;
                 }
                 Err(e) => log::warn!("cannot encode gossip: {e}"),
