@@ -1220,6 +1220,16 @@ impl Node {
                     return None;
                 }
             };
+        // Nothing is sized by a peer's manifest before it is checked.
+        let manifest = match manifest.checked(&peer.name, &s.name, remote_path) {
+            Ok(m) => m,
+            Err(e) => {
+                if s.set_error(Some(e.to_string())) {
+                    log::warn!("sync: {e}");
+                }
+                return None;
+            }
+        };
         // The announcer moved on since; its next announcement brings the newer version.
         if manifest.id() != version.content {
             return None;
@@ -1414,7 +1424,10 @@ impl Node {
                 tokio::task::block_in_place(|| self.engine.shares.manifest(share, path))
                     .map_err(|e| e.to_string())
             } else {
-                transfer::ask(p.vpn, "manifest", share, path).await
+                // Nothing is sized by a peer's manifest before it is checked.
+                transfer::ask::<crate::share::Manifest>(p.vpn, "manifest", share, path)
+                    .await
+                    .and_then(|m| m.checked(&p.name, share, path).map_err(|e| e.to_string()))
             };
             match got {
                 Ok(m) => return Ok((p, m)),
