@@ -30,6 +30,11 @@ pub enum JoinError {
     HostUnreachable(String),
     #[error("the host refused the join: {0}")]
     Refused(Refusal),
+    #[error("this node cannot join under its name {name:?}: {source}")]
+    CheckName {
+        name: String,
+        source: wire::NameRefusal,
+    },
     #[error("cannot build the join message: {0}")]
     BuildMessage(#[from] wire::WireError),
 }
@@ -56,6 +61,11 @@ pub async fn redeem(
     my_name: &str,
     timeout: Duration,
 ) -> Result<Admission, JoinError> {
+    // The host would refuse it, and the invite stays open for a better name.
+    wire::check_name_form(my_name).map_err(|source| JoinError::CheckName {
+        name: my_name.to_string(),
+        source,
+    })?;
     let endpoints: Vec<SocketAddr> = invite
         .endpoints
         .iter()

@@ -33,7 +33,7 @@ use crate::transfer::{self, Directory, Engine, Membership, Progress};
 use crate::tunnel::{PeerConfig, Tunnel};
 use crate::versions::FileVersion;
 use crate::watch::{FileRequest, Report, RoomView, WaitRequest, WatchReply};
-use crate::wire::{JoinMessage, Refusal};
+use crate::wire::{self, JoinMessage, NameRefusal, Refusal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -576,20 +576,18 @@ impl Node {
                 return (accepted(&book.group, &rec), Vec::new());
             }
         }
-        if key == self.public_key || book.group.mesh.member(&key).is_some() {
-            return refused(Refusal::Invite(RedeemError::AlreadyUsed));
-        }
-        let mut invites = book.invites.clone();
-        if let Err(e) = invites.redeem(invite_key, now) {
-            return refused(Refusal::Invite(e));
-        }
-        let Ok(address) = book.group.allocate_address() else {
-            return refused(Refusal::GroupFull);
-        };
+        let (invites, address) =
+            match decide_join(&book.group, &book.invites, invite_key, name, &key, now) {
+                Ok(d) => d,
+                Err(reason) => {
+                    log::info!("join through invite {invite_id} refused: {reason}");
+                    return refused(reason);
+                }
+            };
         let rec = MemberRecord {
             wg_key: key,
             sign_key,
-            name: book.group.unique_name(name),
+            name: name.to_string(),
             address,
             admitted_at: now,
             version: 1,
@@ -680,6 +678,7 @@ impl Node {
                 RedeemError::AlreadyUsed | RedeemError::Expired | RedeemError::Revoked,
             )) => ApiError::new(StatusCode::GONE, e),
             JoinError::Refused(_) => ApiError::new(StatusCode::FORBIDDEN, e),
+            JoinError::CheckName { .. } => ApiError::bad_request(e),
             _ => ApiError::internal(e),
         })?;
         let mut mesh = Mesh::new(invite.host_key, admission.host_sign_key);
@@ -1440,6 +1439,51 @@ impl Node {
     }
 }
 
+/// The host's decision on a join request through the invite whose secret has
+/// `invite_key`, before anything is persisted: the invites with that one redeemed, and
+/// the joiner's address. Everything that can refuse is checked before the redemption,
+/// and nothing is changed in place, so a refused request leaves the invite as it was.
+fn decide_join(
+    group: &Group,
+    invites: &InviteBook,
+    invite_key: &Key,
+    name: &str,
+    key: &Key,
+    now: u64,
+) -> Result<(InviteBook, std::net::Ipv4Addr), Refusal> {
+    if *key == group.mesh.host_wg || group.mesh.member(key).is_some() {
+        return Err(Refusal::Invite(RedeemError::AlreadyUsed));
+    }
+    check_joiner_name(group, name).map_err(Refusal::Name)?;
+    let address = group.allocate_address().map_err(|_| Refusal::GroupFull)?;
+    let mut invites = invites.clone();
+    invites.redeem(invite_key, now).map_err(Refusal::Invite)?;
+    Ok((invites, address))
+}
+
+/// Whether a joiner may be called `name` in `group`: a well-formed name that no member
+/// or hand-added peer has as its name, VPN address or key.
+fn check_joiner_name(group: &Group, name: &str) -> Result<(), NameRefusal> {
+    let members = group.mesh.active().flat_map(|m| {
+        [
+            m.name.clone(),
+            m.address.to_string(),
+            key_to_base64(&m.wg_key),
+        ]
+    });
+    let statics = group.static_peers.iter().flat_map(|p| {
+        [
+            p.name.clone(),
+            p.address.to_string(),
+            key_to_base64(&p.public_key),
+        ]
+    });
+    wire::check_name(
+        name,
+        members.chain(statics).chain([group.host_name.clone()]),
+    )
+}
+
 fn invite_state(r: &InviteRecord, now: u64) -> &'static str {
     match r.status(now) {
         Ok(()) => "open",
@@ -1874,5 +1918,84 @@ impl Handler for Node {
             self.sync_tunnel().await;
         }
         Ok(self.gossip_reply())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_000;
+    const INVITE_KEY: Key = [50; 32];
+
+    /// A host called "living-room" with a member "kitchen", and a one-use invite.
+    fn host() -> (Group, InviteBook) {
+        let mut config = Config::default();
+        config.node.name = "living-room".into();
+        let signing = SigningKey::from_bytes(&[1; 32]);
+        let mut group = hosted_group(&config, [1; 32], &signing);
+        let kitchen = MemberRecord {
+            wg_key: [2; 32],
+            sign_key: [2; 32],
+            name: "kitchen".into(),
+            address: group.allocate_address().unwrap(),
+            admitted_at: NOW,
+            version: 1,
+            revoked: false,
+        };
+        group
+            .mesh
+            .accept_member(&mesh::sign_member(&signing, &kitchen))
+            .unwrap();
+        let mut invites = InviteBook::default();
+        invites.add(InviteRecord {
+            id: InviteId([9; 8]),
+            public_key: INVITE_KEY,
+            created_at: NOW,
+            expires_at: NOW + 60,
+            uses_allowed: 1,
+            uses: 0,
+            revoked: false,
+        });
+        (group, invites)
+    }
+
+    #[test]
+    fn a_refused_name_leaves_the_one_use_invite_to_a_good_name() {
+        let (group, invites) = host();
+        let taken = [
+            "kitchen".to_string(),
+            "KITCHEN".into(),
+            "living-room".into(),
+            key_to_base64(&[2; 32]),
+        ];
+        for name in taken {
+            assert_eq!(
+                decide_join(&group, &invites, &INVITE_KEY, &name, &[3; 32], NOW),
+                Err(Refusal::Name(NameRefusal::Taken)),
+                "{name}"
+            );
+        }
+        let malformed = [
+            ("x".repeat(2000), NameRefusal::TooLong),
+            ("den\u{1b}]0;owned\u{7}".into(), NameRefusal::Unprintable),
+            ("100.77.0.2".into(), NameRefusal::Address),
+            ("1.1.1.1".into(), NameRefusal::Address),
+        ];
+        for (name, why) in malformed {
+            assert_eq!(
+                decide_join(&group, &invites, &INVITE_KEY, &name, &[3; 32], NOW),
+                Err(Refusal::Name(why))
+            );
+        }
+        let (spent, address) =
+            decide_join(&group, &invites, &INVITE_KEY, "den", &[3; 32], NOW).unwrap();
+        assert_eq!(address.to_string(), "100.77.0.3");
+        assert_eq!(spent.invites[0].uses, 1);
+        assert_eq!(
+            decide_join(&group, &spent, &INVITE_KEY, "attic", &[4; 32], NOW),
+            Err(Refusal::Invite(RedeemError::AlreadyUsed)),
+            "the good name did spend it"
+        );
     }
 }
