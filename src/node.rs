@@ -261,6 +261,9 @@ impl Node {
             .mesh
             .active()
             .filter(|m| m.wg_key != self.public_key)
+            // Even a host-signed record never routes an address outside the group's
+            // network, nor this node's own, to a peer.
+            .filter(|m| routable(g, m.address))
             .map(|m| {
                 let ann = g.mesh.announcement(&m.wg_key);
                 let nearby = my_site.is_some() && mesh::site_of(ann) == my_site;
@@ -681,6 +684,12 @@ impl Node {
             JoinError::CheckName { .. } => ApiError::bad_request(e),
             _ => ApiError::internal(e),
         })?;
+        // The host decides membership, never this node's routes: nothing is saved and no
+        // address is set unless the network is the link's, inside the VPN range.
+        join::check_admission(&admission, &invite, self.config.tunnel.network).map_err(|e| {
+            log::warn!("join refused: {e}");
+            ApiError::new(StatusCode::BAD_GATEWAY, JoinError::CheckAnswer(e))
+        })?;
         let mut mesh = Mesh::new(invite.host_key, admission.host_sign_key);
         for r in [&admission.host_record, &admission.your_record] {
             mesh.accept_member(r).map_err(|e| {
@@ -693,7 +702,10 @@ impl Node {
         let mine_ok = mesh
             .member(&self.public_key)
             .is_some_and(|m| m.address == admission.address);
-        if !mine_ok || mesh.member(&invite.host_key).is_none() {
+        let host_ok = mesh
+            .member(&invite.host_key)
+            .is_some_and(|m| m.address == admission.host_address);
+        if !mine_ok || !host_ok {
             return Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "the host's records do not match its answer",
@@ -1439,6 +1451,12 @@ impl Node {
     }
 }
 
+/// Whether traffic for `address` may be sent to the member the host gave it: only inside
+/// the group's network, and never this node's own address.
+fn routable(group: &Group, address: std::net::Ipv4Addr) -> bool {
+    group.network.contains(&address) && address != group.my_address
+}
+
 /// The host's decision on a join request through the invite whose secret has
 /// `invite_key`, before anything is persisted: the invites with that one redeemed, and
 /// the joiner's address. Everything that can refuse is checked before the redemption,
@@ -1958,6 +1976,15 @@ mod tests {
             revoked: false,
         });
         (group, invites)
+    }
+
+    #[test]
+    fn no_address_outside_the_group_network_nor_our_own_is_routed_to_a_member() {
+        let (group, _) = host();
+        assert!(routable(&group, "100.77.0.2".parse().unwrap()));
+        assert!(!routable(&group, "1.1.1.1".parse().unwrap()));
+        assert!(!routable(&group, "100.78.0.2".parse().unwrap()));
+        assert!(!routable(&group, group.my_address));
     }
 
     #[test]
