@@ -236,8 +236,10 @@ impl Watch {
             return;
         }
         let file = m.file.clone();
-        if self.with_room(&file, |room| room.receive(from, m, now_ms())) {
-            self.bump();
+        match self.with_room(&file, |room| room.receive(from, m, now_ms())) {
+            Ok(true) => self.bump(),
+            Ok(false) => {}
+            Err(e) => log::debug!("{e}"),
         }
     }
 
