@@ -5,7 +5,8 @@
 //! Rules: a member record counts only with the host's signature, and replaces the one
 //! held only when its version is higher; a revocation is final. An announcement counts
 //! only with the signature of the member it describes, while that member is not revoked,
-//! and replaces the one held only when its sequence number is higher. Signatures cover the
+//! and replaces the one held only when its sequence number is higher, and lists at most
+//! [`MAX_LAN`] LAN addresses, each private. Signatures cover the
 //! exact bytes received, with a context string per kind, so a record can never pass for
 //! an announcement or be re-encoded into something else.
 
@@ -72,6 +73,28 @@ pub enum MeshError {
     UnknownMember,
     #[error("the member was revoked")]
     Revoked,
+    #[error("the announcement lists {0} LAN addresses; at most {MAX_LAN} are taken")]
+    CountLan(usize),
+    #[error("the announced LAN address {0} is not a private address with a port")]
+    CheckLan(SocketAddr),
+}
+
+/// The most LAN addresses one announcement may list: a node with more interfaces
+/// announces its first ones. Others knock at each, so the list is bounded.
+pub const MAX_LAN: usize = 8;
+
+/// Whether `a` may be announced as a LAN address: a private IPv4 address (RFC 1918), or
+/// an IPv6 unique local (fc00::/7) or link-local (fe80::/10) one, with a port. Nodes
+/// knock at and fetch from these, so a member must not point others at the internet.
+pub fn lan_allowed(a: &SocketAddr) -> bool {
+    a.port() != 0
+        && match a.ip() {
+            IpAddr::V4(ip) => ip.is_private(),
+            IpAddr::V6(ip) => {
+                let first = ip.segments()[0];
+                (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+            }
+        }
 }
 
 pub fn sign_member(key: &SigningKey, rec: &MemberRecord) -> Signed {
@@ -209,6 +232,12 @@ impl Mesh {
             return Err(MeshError::Revoked);
         }
         verify(&member.sign_key, ANNOUNCE_CONTEXT, s)?;
+        if ann.lan.len() > MAX_LAN {
+            return Err(MeshError::CountLan(ann.lan.len()));
+        }
+        if let Some(bad) = ann.lan.iter().find(|a| !lan_allowed(a)) {
+            return Err(MeshError::CheckLan(*bad));
+        }
         match self.index.announcements.get(&ann.wg_key) {
             Some((held, _)) if ann.seq == held.seq => Ok(None),
             Some((held, _)) if ann.seq < held.seq => Err(MeshError::Stale),
@@ -532,5 +561,63 @@ mod tests {
         let mut loaded: Mesh = serde_json::from_str(&forged).unwrap();
         loaded.reindex();
         assert_eq!(loaded.members().count(), 0);
+    }
+
+    #[test]
+    fn lan_addresses_are_private_and_at_most_eight() {
+        let ok = [
+            "10.1.2.3:51871",
+            "172.16.0.9:51871",
+            "192.168.1.20:51871",
+            "[fd12:3456::1]:51871",
+            "[fe80::1]:51871",
+        ];
+        for a in ok {
+            assert!(lan_allowed(&a.parse().unwrap()), "{a}");
+        }
+        let bad = [
+            "1.1.1.1:51871",
+            "203.0.113.5:51871",
+            "100.77.0.3:51871",
+            "127.0.0.1:51871",
+            "172.32.0.1:51871",
+            "192.168.1.20:0",
+            "[2001:db8::1]:51871",
+            "[::1]:51871",
+        ];
+        for a in bad {
+            assert!(!lan_allowed(&a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[test]
+    fn an_announcement_with_a_public_or_a_ninth_lan_address_is_refused() {
+        let mut w = world();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(2, 1, false)))
+            .unwrap();
+        let mut a = ann(2, 5);
+        a.lan = vec![
+            "192.168.1.20:51871".parse().unwrap(),
+            "1.1.1.1:51871".parse().unwrap(),
+        ];
+        assert_eq!(
+            w.mesh.accept_announcement(&sign_announcement(&key(2), &a)),
+            Err(MeshError::CheckLan("1.1.1.1:51871".parse().unwrap()))
+        );
+        a.lan = (1..=9)
+            .map(|i| SocketAddr::from(([192, 168, 1, i], 51871)))
+            .collect();
+        assert_eq!(
+            w.mesh.accept_announcement(&sign_announcement(&key(2), &a)),
+            Err(MeshError::CountLan(9))
+        );
+        assert!(w.mesh.announcement(&[2; 32]).is_none());
+        a.lan.pop();
+        assert!(w
+            .mesh
+            .accept_announcement(&sign_announcement(&key(2), &a))
+            .unwrap()
+            .is_some());
     }
 }

@@ -319,15 +319,21 @@ impl Node {
         observed: Option<SocketAddr>,
         rng: &mut impl rand::Rng,
     ) -> Vec<Outgoing> {
-        let lan = self.lan_endpoints(book);
+        let own = self.lan_endpoints(book);
         let held = book.group.mesh.announcement(&self.public_key).cloned();
         let public_endpoint = observed
             .or_else(|| held.as_ref().and_then(|a| a.public_endpoint))
             .or_else(|| {
                 (book.group.is_host(&self.public_key))
-                    .then(|| self.configured_endpoint().or_else(|| lan.first().copied()))
+                    .then(|| self.configured_endpoint().or_else(|| own.first().copied()))
                     .flatten()
             });
+        // Members take only private LAN addresses, a few of them (mesh::lan_allowed).
+        let lan: Vec<SocketAddr> = own
+            .into_iter()
+            .filter(mesh::lan_allowed)
+            .take(mesh::MAX_LAN)
+            .collect();
         let shares = self.engine.shares.names();
         let relay_port = Some(self.engine.relay_port());
         if let Some(h) = &held {
