@@ -135,6 +135,7 @@ mod tests {
             admitted_at: 0,
             version: 1,
             revoked: false,
+            observed: None,
         };
         mesh.accept_member(&sign_member(&host, &rec)).unwrap();
         (
@@ -161,6 +162,7 @@ mod tests {
             admitted_at: 0,
             version: if revoked { 2 } else { 1 },
             revoked,
+            observed: None,
         };
         g.mesh.accept_member(&sign_member(host, &rec)).unwrap();
         address

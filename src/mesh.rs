@@ -35,6 +35,11 @@ pub struct MemberRecord {
     /// Raised by the host on every change; the highest wins.
     pub version: u64,
     pub revoked: bool,
+    /// Where the host sees this member's packets come from: the public IP in it names
+    /// the member's site. It is the host's word, so a member cannot move itself into
+    /// another site by what it announces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -346,9 +351,19 @@ impl Mesh {
     }
 }
 
-/// The public IP a node is seen behind, which names its site.
-pub fn site_of(ann: Option<&Announcement>) -> Option<IpAddr> {
-    ann.and_then(|a| a.public_endpoint).map(|e| e.ip())
+impl Mesh {
+    /// The public IP a member is seen behind, which names its site: what the host
+    /// observed and signed in the member's record, never the member's own claim. The
+    /// host, which cannot observe itself, is where it announces it is.
+    pub fn site_of(&self, key: &Key) -> Option<IpAddr> {
+        if *key == self.host_wg {
+            return self
+                .announcement(key)
+                .and_then(|a| a.public_endpoint)
+                .map(|e| e.ip());
+        }
+        self.member(key).and_then(|m| m.observed).map(|e| e.ip())
+    }
 }
 
 #[cfg(test)]
@@ -381,6 +396,7 @@ mod tests {
             admitted_at: 1,
             version,
             revoked,
+            observed: None,
         }
     }
 
@@ -619,5 +635,71 @@ mod tests {
             .accept_announcement(&sign_announcement(&key(2), &a))
             .unwrap()
             .is_some());
+    }
+
+    #[test]
+    fn a_member_claiming_another_sites_public_ip_stays_where_the_host_saw_it() {
+        let mut w = world();
+        let seen_at: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let other_site: SocketAddr = "203.0.113.9:51871".parse().unwrap();
+        let observed = MemberRecord {
+            observed: Some(seen_at),
+            ..record(2, 2, false)
+        };
+        w.mesh
+            .accept_member(&sign_member(&w.host, &observed))
+            .unwrap();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(3, 1, false)))
+            .unwrap();
+        for n in [2, 3] {
+            let claim = Announcement {
+                public_endpoint: Some(other_site),
+                ..ann(n, 5)
+            };
+            w.mesh
+                .accept_announcement(&sign_announcement(&key(n), &claim))
+                .unwrap();
+        }
+        assert_eq!(w.mesh.site_of(&[2; 32]), Some(seen_at.ip()));
+        assert_eq!(
+            w.mesh.site_of(&[3; 32]),
+            None,
+            "not observed yet: in no site, whatever it claims"
+        );
+        // Nor can it sign its own observation.
+        let forged = MemberRecord {
+            observed: Some(other_site),
+            ..record(2, 3, false)
+        };
+        assert_eq!(
+            w.mesh.accept_member(&sign_member(&key(2), &forged)),
+            Err(MeshError::VerifySignature)
+        );
+        assert_eq!(w.mesh.site_of(&[2; 32]), Some(seen_at.ip()));
+    }
+
+    #[test]
+    fn the_host_is_in_the_site_it_announces() {
+        // world()'s host has the WireGuard key [100; 32].
+        let mut w = world();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(100, 1, false)))
+            .unwrap();
+        w.mesh
+            .accept_announcement(&sign_announcement(&key(100), &ann(100, 1)))
+            .unwrap();
+        assert_eq!(
+            w.mesh.site_of(&[100; 32]),
+            Some("203.0.113.100".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_record_without_an_observation_is_encoded_as_older_nodes_encode_it() {
+        let body = serde_json::to_string(&record(2, 1, false)).unwrap();
+        assert!(!body.contains("observed"), "{body}");
+        let old: MemberRecord = serde_json::from_str(&body).unwrap();
+        assert_eq!(old.observed, None);
     }
 }

@@ -148,6 +148,7 @@ pub fn hosted_group(config: &Config, wg: Key, signing: &SigningKey) -> Group {
         admitted_at: now_secs(),
         version: 1,
         revoked: false,
+        observed: None,
     };
     let _ = mesh.accept_member(&mesh::sign_member(signing, &me));
     Group {
@@ -249,7 +250,7 @@ impl Node {
     }
 
     fn my_site(&self, book: &Book) -> Option<IpAddr> {
-        mesh::site_of(book.group.mesh.announcement(&self.public_key))
+        book.group.mesh.site_of(&self.public_key)
     }
 
     /// A peer for every active member but this node, knocking at its LAN addresses when
@@ -266,11 +267,15 @@ impl Node {
             .filter(|m| routable(g, m.address))
             .map(|m| {
                 let ann = g.mesh.announcement(&m.wg_key);
-                let nearby = my_site.is_some() && mesh::site_of(ann) == my_site;
+                let nearby = my_site.is_some() && g.mesh.site_of(&m.wg_key) == my_site;
+                // Where the host saw it before where it says it is.
                 let candidates = match ann {
                     Some(a) if nearby => a.lan.clone(),
-                    Some(a) => a.public_endpoint.into_iter().collect(),
-                    None => Vec::new(),
+                    _ => m
+                        .observed
+                        .or_else(|| ann.and_then(|a| a.public_endpoint))
+                        .into_iter()
+                        .collect(),
                 };
                 PeerConfig {
                     public_key: m.wg_key,
@@ -423,20 +428,43 @@ impl Node {
         gossip.set_reachable(reachable.clone());
         let mut out = gossip.tick(&group.mesh, &reachable, rng);
         if group.is_host(&self.public_key) {
+            let mut observed_changed = false;
             for p in seen.iter().filter(|p| p.path == "direct") {
                 let (Some(key), Some(ep)) = (identity::key_from_base64(&p.public_key), p.endpoint)
                 else {
                     continue;
                 };
+                let Some(rec) = group.mesh.member(&key).filter(|r| !r.revoked).cloned() else {
+                    continue;
+                };
+                // The host signs where it sees each member: that, not the member's own
+                // announcement, places it in a site.
+                if rec.observed != Some(ep) && key != self.public_key {
+                    let rec = MemberRecord {
+                        version: rec.version.saturating_add(1),
+                        observed: Some(ep),
+                        ..rec
+                    };
+                    let record = mesh::sign_member(&self.signing, &rec);
+                    let (pushes, _) =
+                        gossip.publish(&mut group.mesh, GossipMessage::Member { record }, rng);
+                    out.extend(pushes);
+                    observed_changed = true;
+                }
                 let announced = group
                     .mesh
                     .announcement(&key)
                     .and_then(|a| a.public_endpoint);
-                if group.mesh.member(&key).is_some() && announced != Some(ep) {
+                if announced != Some(ep) {
                     out.push(Outgoing {
                         to: key,
                         msg: GossipMessage::Observed { endpoint: ep },
                     });
+                }
+            }
+            if observed_changed {
+                if let Err(e) = self.save_group(group) {
+                    log::warn!("{e}");
                 }
             }
         }
@@ -601,6 +629,7 @@ impl Node {
             admitted_at: now,
             version: 1,
             revoked: false,
+            observed: None,
         };
         let signed = mesh::sign_member(&self.signing, &rec);
         let mut group = book.group.clone();
@@ -882,7 +911,7 @@ impl Membership for Node {
                     name: m.name.clone(),
                     vpn: m.address,
                     relay,
-                    site: mesh::site_of(ann).map(|s| s.to_string()),
+                    site: mesh.site_of(&m.wg_key).map(|s| s.to_string()),
                     up: me || t.is_some_and(|t| t.path != "down"),
                     shares: ann.map(|a| a.shares.clone()).unwrap_or_default(),
                 }
@@ -1644,7 +1673,7 @@ impl Handler for Node {
             .map(|m| {
                 let key = key_to_base64(&m.wg_key);
                 let ann = g.mesh.announcement(&m.wg_key);
-                let site = mesh::site_of(ann);
+                let site = g.mesh.site_of(&m.wg_key);
                 let t = seen.iter().find(|p| p.public_key == key);
                 let on_lan = t
                     .and_then(|t| t.endpoint)
@@ -1966,6 +1995,7 @@ mod tests {
             admitted_at: NOW,
             version: 1,
             revoked: false,
+            observed: None,
         };
         group
             .mesh
