@@ -1507,6 +1507,12 @@ fn decide_join(
     if *key == group.mesh.host_wg || group.mesh.member(key).is_some() {
         return Err(Refusal::Invite(RedeemError::AlreadyUsed));
     }
+    // A dead invite says so first: a better name would not help.
+    invites
+        .find_by_key(invite_key)
+        .ok_or(RedeemError::Unknown)
+        .and_then(|r| r.status(now))
+        .map_err(Refusal::Invite)?;
     check_joiner_name(group, name).map_err(Refusal::Name)?;
     let address = group.allocate_address().map_err(|_| Refusal::GroupFull)?;
     let mut invites = invites.clone();
@@ -2059,6 +2065,11 @@ mod tests {
             decide_join(&group, &spent, &INVITE_KEY, "attic", &[4; 32], NOW),
             Err(Refusal::Invite(RedeemError::AlreadyUsed)),
             "the good name did spend it"
+        );
+        assert_eq!(
+            decide_join(&group, &spent, &INVITE_KEY, "kitchen", &[4; 32], NOW),
+            Err(Refusal::Invite(RedeemError::AlreadyUsed)),
+            "a spent invite says so before any name is judged"
         );
     }
 }
