@@ -41,6 +41,8 @@ pub enum ShareError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("chunk {index} is beyond the end of {path}")]
+    SeekChunk { path: String, index: u64 },
     #[error("chunk {index} of {path} has changed since its manifest was made")]
     ChunkChanged { path: String, index: u64 },
     /// A manifest from another member that cannot be trusted to size anything.
@@ -446,8 +448,14 @@ impl Shares {
             path: path.clone(),
             source,
         };
-        f.seek(SeekFrom::Start(index * self.chunk_size))
-            .map_err(read)?;
+        // The index comes from a request: past any file, not an overflow.
+        let offset = index
+            .checked_mul(self.chunk_size)
+            .ok_or_else(|| ShareError::SeekChunk {
+                path: raw.to_string(),
+                index,
+            })?;
+        f.seek(SeekFrom::Start(offset)).map_err(read)?;
         let mut buf = vec![0u8; self.chunk_size as usize];
         let n = read_full(&mut f, &mut buf).map_err(read)?;
         buf.truncate(n);
@@ -582,6 +590,10 @@ mod tests {
             s.chunk("s", "big", 0, &m.chunks[1]).is_err(),
             "wrong hash must not pass"
         );
+        assert!(matches!(
+            s.chunk("s", "big", u64::MAX, &m.chunks[1]),
+            Err(ShareError::SeekChunk { .. })
+        ));
     }
 
     #[test]
