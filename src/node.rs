@@ -1468,16 +1468,19 @@ impl Node {
         for p in self.holders(dir, share, from)? {
             let got = if p.key == dir.me {
                 tokio::task::block_in_place(|| self.engine.shares.manifest(share, path))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| format!("{}: {e}", p.name))
             } else {
-                // Nothing is sized by a peer's manifest before it is checked.
-                transfer::ask::<crate::share::Manifest>(p.vpn, "manifest", share, path)
-                    .await
-                    .and_then(|m| m.checked(&p.name, share, path).map_err(|e| e.to_string()))
+                // Nothing is sized by a peer's manifest before it is checked; a refusal
+                // names the member itself.
+                match transfer::ask::<crate::share::Manifest>(p.vpn, "manifest", share, path).await
+                {
+                    Ok(m) => m.checked(&p.name, share, path).map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("{}: {e}", p.name)),
+                }
             };
             match got {
                 Ok(m) => return Ok((p, m)),
-                Err(e) => last = format!("{}: {e}", p.name),
+                Err(e) => last = e,
             }
         }
         Err(ApiError::not_found(format!(
