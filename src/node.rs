@@ -893,6 +893,8 @@ impl Membership for Node {
         let mesh = &book.group.mesh;
         let peers = mesh
             .active()
+            // Requests go to members' VPN addresses: never to one outside the network.
+            .filter(|m| m.wg_key == self.public_key || routable(&book.group, m.address))
             .map(|m| {
                 let ann = mesh.announcement(&m.wg_key);
                 let me = m.wg_key == self.public_key;
