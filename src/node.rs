@@ -617,7 +617,9 @@ impl Node {
             match decide_join(&book.group, &book.invites, invite_key, name, &key, now) {
                 Ok(d) => d,
                 Err(reason) => {
-                    log::info!("join through invite {invite_id} refused: {reason}");
+                    // Debug only: whoever holds the invite can repeat a request at will,
+                    // and the joiner is told the reason anyway.
+                    log::debug!("join through invite {invite_id} refused: {reason}");
                     return refused(reason);
                 }
             };
