@@ -82,11 +82,23 @@ pub enum MeshError {
     CountLan(usize),
     #[error("the announced LAN address {0} is not a private address with a port")]
     CheckLan(SocketAddr),
+    #[error("the announced share name {0:?} is not one a configuration allows")]
+    CheckShare(String),
 }
 
 /// The most LAN addresses one announcement may list: a node with more interfaces
 /// announces its first ones. Others knock at each, so the list is bounded.
 pub const MAX_LAN: usize = 8;
+
+/// Whether `name` may name a share: what `[[share]] name` allows in a configuration, 1 to
+/// 63 letters, digits, '-', '_' or '.', not starting with '.'.
+pub fn share_name_allowed(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
 
 /// Whether `a` may be announced as a LAN address: a private IPv4 address (RFC 1918), or
 /// an IPv6 unique local (fc00::/7) or link-local (fe80::/10) one, with a port. Nodes
@@ -242,6 +254,10 @@ impl Mesh {
         }
         if let Some(bad) = ann.lan.iter().find(|a| !lan_allowed(a)) {
             return Err(MeshError::CheckLan(*bad));
+        }
+        // Share names show in every member's `ls` and end up in request paths.
+        if let Some(bad) = ann.shares.iter().find(|n| !share_name_allowed(n)) {
+            return Err(MeshError::CheckShare(bad.chars().take(64).collect()));
         }
         match self.index.announcements.get(&ann.wg_key) {
             Some((held, _)) if ann.seq == held.seq => Ok(None),
@@ -607,7 +623,7 @@ mod tests {
     }
 
     #[test]
-    fn an_announcement_with_a_public_or_a_ninth_lan_address_is_refused() {
+    fn an_announcement_with_a_public_or_a_ninth_lan_address_or_a_bad_share_name_is_refused() {
         let mut w = world();
         w.mesh
             .accept_member(&sign_member(&w.host, &record(2, 1, false)))
@@ -630,6 +646,17 @@ mod tests {
         );
         assert!(w.mesh.announcement(&[2; 32]).is_none());
         a.lan.pop();
+        for bad in ["", "..", ".hidden", "a/b", "x\u{1b}[2J", &"s".repeat(64)] {
+            a.shares = vec!["films".into(), bad.to_string()];
+            assert!(
+                matches!(
+                    w.mesh.accept_announcement(&sign_announcement(&key(2), &a)),
+                    Err(MeshError::CheckShare(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        a.shares = vec!["films".into(), "family-photos_2024.v2".into()];
         assert!(w
             .mesh
             .accept_announcement(&sign_announcement(&key(2), &a))
