@@ -2,6 +2,8 @@
 //! keyed by the link's invite secret and pinned to the host's public key, over which the
 //! joiner registers its own long-term public key. It uses a UDP socket of its own for the
 //! few packets of the exchange, and does not touch the TUN device or the group state.
+//! It also decides whether the host's answer may be installed at all
+//! ([`check_admission`]): a host decides membership, never the joiner's routes.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -57,7 +59,7 @@ pub enum AnswerFault {
     OutsideVpnRange(Ipv4Net, Ipv4Net),
     #[error("its network {0} is not a network address with room for two members")]
     NotANetwork(Ipv4Net),
-    #[error("it gives this node the address {0}, which is not a member address of {1}")]
+    #[error("it hands out the address {0}, which is not a member address of {1}")]
     AddressOutside(Ipv4Addr, Ipv4Net),
     #[error("it gives this node the host's own address {0}")]
     HostsAddress(Ipv4Addr),
