@@ -9,7 +9,8 @@
 //! Lamport counter and the node that made it; the highest stamp wins everywhere, so
 //! concurrent changes (two pauses, a pause and a seek) settle on one. A state's time is
 //! on its sender's clock and is moved onto ours with the offset estimated NTP-style from
-//! the timestamps every message carries.
+//! the timestamps every message carries. A message whose stamp runs absurdly far ahead,
+//! or whose numbers are not sane, is refused whole ([`RoomError`]).
 
 use std::collections::BTreeMap;
 

@@ -3,6 +3,8 @@
 //! manifest), and reading one chunk. It must never open a path outside a share root:
 //! `..`, `.`, absolute paths, NUL bytes, backslashes and symlinks that lead out are all
 //! refused before or after resolution, and what a file open reached is checked again.
+//! A manifest another member sent is checked ([`Manifest::checked`]) before anything is
+//! sized by it.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
