@@ -359,3 +359,145 @@ fn bad_joiner_names_are_refused_and_the_single_use_invite_still_admits_a_good_on
     let view = host.ok(&["peers", "--json"]);
     assert!(view.contains(&format!("\"{}\"", joiner.name)), "{view}");
 }
+
+/// A fake node server in a member's namespace: the member's node port is redirected to
+/// it (DNAT on the member's tunnel interface), and it answers every request with
+/// `body` as JSON. Stops on drop.
+struct FakeNodeServer {
+    body: Arc<std::sync::Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    at: SocketAddr,
+    ns: String,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeNodeServer {
+    fn start(member: &Node) -> FakeNodeServer {
+        use std::io::{Read, Write};
+        let ip = member.ip;
+        let listener = in_netns(&member.ns.name, move || {
+            std::net::TcpListener::bind((ip, 0)).expect("bind")
+        });
+        let at = listener.local_addr().expect("local addr");
+        let port = watchalong::transfer::NODE_PORT.to_string();
+        let to = at.to_string();
+        let rule = [
+            "PREROUTING",
+            "-i",
+            "wa0",
+            "-p",
+            "tcp",
+            "--dport",
+            &port,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &to,
+        ];
+        let mut add = vec!["iptables", "-t", "nat", "-A"];
+        add.extend_from_slice(&rule);
+        let o = member.ns.exec(&add);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let body = Arc::new(std::sync::Mutex::new(String::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (body, stop) = (body.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(mut conn) = conn else { continue };
+                    let _ = conn.set_read_timeout(Some(PATIENCE));
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let body = body.lock().expect("body").clone();
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                }
+            })
+        };
+        FakeNodeServer {
+            body,
+            stop,
+            at,
+            ns: member.ns.name.clone(),
+            thread: Some(thread),
+        }
+    }
+
+    fn serve(&self, body: serde_json::Value) {
+        *self.body.lock().expect("body") = body.to_string();
+    }
+}
+
+impl Drop for FakeNodeServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so it sees the flag.
+        let at = self.at;
+        let _ = in_netns(&self.ns, move || std::net::TcpStream::connect(at).is_ok());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_member_serving_absurd_manifests_has_each_get_refused_and_the_puller_stays_up() {
+    if !root_or_skip(
+        "a_member_serving_absurd_manifests_has_each_get_refused_and_the_puller_stays_up",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut host = lab.node("host");
+    let mut liar = lab.node("liar");
+    std::fs::write(liar.share("films").join("a.bin"), b"hello").expect("file");
+    host.start();
+    liar.start();
+    join(&host, &liar);
+    // The real node server answers first: the share is there to be asked about.
+    assert!(
+        wait_until(PATIENCE, || host.cli(&["ls", "films"]).status.success()),
+        "{}",
+        host.log()
+    );
+    let fake = FakeNodeServer::start(&liar);
+    let hash = blake3::hash(b"hello").to_hex().to_string();
+    let manifest = |size: u64, chunk_size: u64, chunks: usize| {
+        serde_json::json!({
+            "share": "films", "path": "a.bin", "size": size, "mtime": 0, "mode": 0o644,
+            "chunk_size": chunk_size, "chunks": vec![hash.clone(); chunks],
+        })
+    };
+    let cases = [
+        (manifest(5, 1 << 36, 1), "chunk size 68719476736"),
+        (manifest(10_000, 4096, 1), "1 chunk hashes for 10000 bytes"),
+    ];
+    for (i, (body, reason)) in cases.into_iter().enumerate() {
+        fake.serve(body);
+        let dest = host.dir.join(format!("got-{i}"));
+        let o = host.cli(&["get", "films/a.bin", dest.to_str().expect("utf-8")]);
+        let e = one_line_error(&o, reason);
+        assert!(
+            e.contains(reason) && e.contains("liar") && e.contains("refused"),
+            "{e}"
+        );
+        assert!(
+            !dest.exists(),
+            "something was written for a refused manifest"
+        );
+        // The puller is still up and answering.
+        assert_eq!(host.status()["node"]["role"], "host");
+    }
+}
