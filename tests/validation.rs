@@ -501,3 +501,73 @@ fn a_member_serving_absurd_manifests_has_each_get_refused_and_the_puller_stays_u
         assert_eq!(host.status()["node"]["role"], "host");
     }
 }
+
+/// The signing key a node keeps in its state dir.
+fn signing_key(n: &Node) -> SigningKey {
+    use base64::Engine;
+    let text = std::fs::read_to_string(n.dir.join("state/signing.key")).expect("signing key");
+    let bytes: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .expect("base64")
+        .try_into()
+        .expect("32 bytes");
+    SigningKey::from_bytes(&bytes)
+}
+
+fn peers(n: &Node) -> serde_json::Value {
+    serde_json::from_str(&n.ok(&["peers", "--json"])).expect("peers json")
+}
+
+/// Whether `n` holds the announcement `body` (its group file lists it).
+fn holds_announcement(n: &Node, body: &str) -> bool {
+    std::fs::read_to_string(n.dir.join("state/group.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|g| g["mesh"]["announcements"].as_array().cloned())
+        .is_some_and(|list| list.iter().any(|a| a["body"] == body))
+}
+
+#[test]
+fn a_member_claiming_another_sites_public_ip_stays_in_its_own_site_everywhere() {
+    if !root_or_skip("a_member_claiming_another_sites_public_ip_stays_in_its_own_site_everywhere") {
+        return;
+    }
+    let mut l = SiteLab::new();
+    l.start(Duration::from_secs(60));
+    let distant_key = l.distant.status()["node"]["public_key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    // The distant member signs, with its own key, an announcement that puts it behind
+    // r1's public IP with an address on r1's LAN, newer than anything it announced.
+    let claim = watchalong::mesh::Announcement {
+        wg_key: watchalong::identity::key_from_base64(&distant_key).expect("key"),
+        seq: u64::try_from(watchalong::watch::now_ms()).expect("time") * 2,
+        public_endpoint: Some(SocketAddr::from((l.r1.wan_ip, 51871))),
+        lan: vec![SocketAddr::from(([192, 168, 1, 77], 51871))],
+        relay_port: None,
+        shares: vec![],
+    };
+    let signed = watchalong::mesh::sign_announcement(&signing_key(&l.distant), &claim);
+    // Stopped, the distant member cannot correct the claim with a newer announcement.
+    l.distant.term();
+    let message = serde_json::json!({"type": "announce", "announcement": signed});
+    for n in [&l.host, &l.s1a, &l.s1b] {
+        let body = serde_json::json!({"from": distant_key, "message": message});
+        let o = n.cli_stdin(&["debug-gossip"], &body.to_string());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for n in [&l.host, &l.s1a, &l.s1b] {
+        assert!(
+            wait_until(PATIENCE, || holds_announcement(n, &signed.body)),
+            "{} did not even take the claim, so it proves nothing",
+            n.name
+        );
+    }
+    for n in [&l.host, &l.s1a, &l.s1b] {
+        let p = peers(n);
+        let d = Node::peer(&p, "distant").unwrap_or_else(|| panic!("{}: {p:#}", n.name));
+        assert_eq!(d["site"], l.distant.ip.to_string(), "{}: {p:#}", n.name);
+        assert_eq!(d["nearby"], false, "{}: {p:#}", n.name);
+    }
+}
