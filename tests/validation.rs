@@ -1,7 +1,9 @@
 //! What a peer says is checked before it is used: a fake host's join answer that would
-//! move the joiner's routes is refused, and a fake joiner's bad names are refused without
-//! spending the invite. The fakes speak the real join protocol (a boringtun session keyed
-//! like `src/join.rs`), from a namespace of their own on the lab LAN.
+//! move the joiner's routes is refused; a fake joiner's bad names are refused without
+//! spending the invite; a member serving absurd manifests has every pull refused; a
+//! member claiming another site's public IP stays in its own site. The fakes speak the
+//! real protocols (a boringtun session keyed like `src/join.rs`, HTTP on the node port
+//! reached through the tunnel), from namespaces on the lab LAN.
 
 mod common;
 
