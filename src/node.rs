@@ -1051,8 +1051,18 @@ impl Node {
             self.sync_answer(&s, &peer).await;
             s.greet(from);
         }
-        // Folders before what they hold, and what they hold removed before them.
+        // Nothing is queued or decided by a version whose numbers are absurd.
         let mut versions = a.versions;
+        versions.retain(|v| match v.check() {
+            Ok(()) => true,
+            Err(e) => {
+                if s.set_error(Some(format!("{}: {e}", peer.name))) {
+                    log::warn!("sync: {}: {e}", peer.name);
+                }
+                false
+            }
+        });
+        // Folders before what they hold, and what they hold removed before them.
         versions.sort_by(|x, y| match (x.deleted, y.deleted) {
             (false, false) => x.path.cmp(&y.path),
             (true, true) => y.path.cmp(&x.path),
