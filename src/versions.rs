@@ -1,6 +1,7 @@
 //! The rules folder sync will decide by (issue 5), written first as a pure core: version
 //! vectors, which of two versions of a path wins, what the loser of a conflict is called
-//! (the same on every node, whichever node decides), and when deletions may spread.
+//! (the same on every node, whichever node decides), when deletions may spread, and what
+//! a version another member announces must look like before anything is decided by it.
 //! Nothing here touches a file, the clock or the network; the index, the watcher and the
 //! replication that will use it are not built yet.
 
