@@ -379,12 +379,32 @@ fn lie_for(path: &str) -> Option<Lie> {
     }
 }
 
-/// A node server that lies, on `port` in namespace `ns`, until the test ends. It answers
-/// without checking anything: only what it sends matters here.
-fn serve_lies(ns: &str, port: u16, share: &'static str) {
+/// Stops the lying server when dropped: the flag, then a connection to wake its accept.
+struct Liar {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ns: String,
+    port: u16,
+}
+
+impl Drop for Liar {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let port = self.port;
+        let _ = in_netns(&self.ns, move || std::net::TcpStream::connect(("127.0.0.1", port)));
+    }
+}
+
+/// A node server that lies, on `port` in namespace `ns`, until the returned guard drops.
+/// It answers without checking anything: only what it sends matters here.
+fn serve_lies(ns: &str, port: u16, share: &'static str) -> Liar {
     let listener = in_netns(ns, move || std::net::TcpListener::bind(("0.0.0.0", port)).unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
+            if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             let Ok(mut conn) = conn else { continue };
             std::thread::spawn(move || {
                 use std::io::{BufRead, BufReader, Write};
@@ -441,6 +461,11 @@ fn serve_lies(ns: &str, port: u16, share: &'static str) {
             });
         }
     });
+    Liar {
+        stop,
+        ns: ns.to_string(),
+        port,
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -476,7 +501,7 @@ fn a_fake_member_lying_about_manifests_and_chunks_cannot_crash_or_bloat_the_daem
         "51874", "-j", "REDIRECT", "--to-ports", "61874",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serve_lies(&liar.ns.name, 61874, "evil");
+    let _lies = serve_lies(&liar.ns.name, 61874, "evil");
     assert!(wait_until(DEADLINE, || host.ok(&["ls"]).contains("evil")));
 
     let pid = host.pid().unwrap();
