@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test from a fresh machine: installs the system packages the tests need
 # (namespaces, NAT, ping, WireGuard tools for the interop test, systemd-analyze, mpv and
-# ffmpeg for the watch-along tests), then
+# ffmpeg for the watch-along tests; curl, tcpdump and setpriv for the attacker tests), then
 # the whole cargo suite. Root is needed for the namespace tests; without root they print
 # "SKIPPED (needs root)", and under CI=true a skip is a failure.
 set -euo pipefail
@@ -16,6 +16,9 @@ command -v wireguard-go >/dev/null || need+=(wireguard-go)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v mpv >/dev/null || need+=(mpv)
 command -v ffmpeg >/dev/null || need+=(ffmpeg)
+command -v curl >/dev/null || need+=(curl)
+command -v tcpdump >/dev/null || need+=(tcpdump)
+command -v setpriv >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing packages: ${need[*]} (run as root, or: sudo apt-get install -y ${need[*]})" >&2

@@ -257,6 +257,14 @@ impl Config {
                 "expected 1 to 63 characters of letters, digits, '-', '_' or '.'".into(),
             ));
         }
+        // Members refuse a name that would pass for an address (wire::check_name_form).
+        if name.parse::<std::net::IpAddr>().is_ok() {
+            return Err(bad(
+                "node",
+                "name",
+                "expected a name, not an IP address (it would pass for a member's address)".into(),
+            ));
+        }
         if !self.node.state_dir.is_absolute() {
             return Err(bad("node", "state_dir", "expected an absolute path".into()));
         }

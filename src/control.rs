@@ -38,6 +38,14 @@ pub struct NodeStatus {
     pub host_name: String,
     /// Packets dropped because their source address belongs to another peer or none.
     pub spoofed_packets: u64,
+    /// Gossip datagrams refused: from a member's address but not sealed by its daemon, or
+    /// sent through this node's TUN device by another program on this machine.
+    #[serde(default)]
+    pub refused_gossip: u64,
+    /// Handshake-shaped datagrams dropped before any key work: a bad mac1, or no valid
+    /// cookie while under load (a flood).
+    #[serde(default)]
+    pub handshakes_refused: u64,
     /// Chunk counters since the daemon started.
     #[serde(default)]
     pub chunks: crate::transfer::Counters,

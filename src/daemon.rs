@@ -128,7 +128,10 @@ async fn run_gossip(node: Arc<Node>, mut rx: mpsc::Receiver<GossipIn>, cancel: C
         tokio::select! {
             m = rx.recv() => {
                 let Some(m) = m else { return };
-                let msg = match serde_json::from_slice::<GossipMessage>(&m.payload) {
+                let Some(payload) = node.open_gossip(&m.from, &m.payload) else {
+                    continue;
+                };
+                let msg = match serde_json::from_slice::<GossipMessage>(payload) {
                     Ok(msg) => msg,
                     Err(e) => {
                         log::debug!("undecodable gossip: {e}");
@@ -266,6 +269,7 @@ pub async fn run(
     config: Config,
     ready: Option<oneshot::Sender<Arc<Node>>>,
 ) -> Result<(), DaemonError> {
+    raise_fd_limit();
     let id = Identity::load_or_create(&config.node.state_dir)?;
     let public_key = id.wg_public.to_bytes();
     let group = match state::read_json::<Group>(&config.node.state_dir.join(GROUP_FILE))? {
@@ -333,7 +337,7 @@ pub async fn run(
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(crate::share::CHUNK_SIZE),
         ),
-        id.wg_secret.clone(),
+        Arc::new(crate::auth::Proofs::new(id.wg_secret.clone())),
         config.relay.port,
         config.node.state_dir.join("cache"),
         config.relay.cache_mib * 1024 * 1024,
@@ -522,6 +526,25 @@ fn grow_buffers(s: &std::net::UdpSocket) {
         };
         if set(force) != 0 {
             set(plain);
+        }
+    }
+}
+
+/// Connections are capped per server, but the caps together, the TUN, the sockets and the
+/// share files need more descriptors than the usual soft limit of 1024: take the hard limit
+/// (systemd's is 524288), so a flood meets our caps before the kernel's.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a pointer to a live rlimit.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                log::debug!("cannot raise the open-file limit");
+            }
         }
     }
 }

@@ -387,6 +387,7 @@ mod tests {
             admitted_at: 0,
             version: 1,
             revoked: false,
+            observed: None,
         }
     }
 

@@ -1,7 +1,8 @@
 //! This node's place in its group, as persisted in `group.json`: the VPN network, its own
 //! address, the host's name, the last endpoint seen for each peer, the invite each member
 //! came in by (on the host), and peers added by hand. Who is a member is the signed
-//! [`Mesh`]'s business; this module only allocates addresses and names against it.
+//! [`Mesh`]'s business; this module only allocates addresses against it (a joiner's name
+//! is checked, never changed: `wire::check_name`).
 //! Pure: no socket, no file.
 
 use std::collections::BTreeMap;
@@ -77,18 +78,6 @@ impl Group {
             .ok_or(GroupError::AllocateAddress(self.network))
     }
 
-    /// A name no other member uses, so `status` lines can be told apart.
-    pub fn unique_name(&self, wanted: &str) -> String {
-        let taken = |n: &str| self.mesh.active().any(|m| m.name == n);
-        if !taken(wanted) {
-            return wanted.to_string();
-        }
-        (2..)
-            .map(|i| format!("{wanted}-{i}"))
-            .find(|n| !taken(n))
-            .unwrap_or_else(|| wanted.to_string())
-    }
-
     pub fn add_static(&mut self, peer: StaticPeer) -> Result<(), GroupError> {
         if !self.network.contains(&peer.address) {
             return Err(GroupError::AddressOutsideNetwork(
@@ -135,6 +124,7 @@ mod tests {
             admitted_at: 0,
             version: 1,
             revoked: false,
+            observed: None,
         };
         mesh.accept_member(&sign_member(&host, &rec)).unwrap();
         (
@@ -156,11 +146,12 @@ mod tests {
         let rec = MemberRecord {
             wg_key: [n; 32],
             sign_key: [n; 32],
-            name: g.unique_name("m"),
+            name: format!("m{n}"),
             address,
             admitted_at: 0,
             version: if revoked { 2 } else { 1 },
             revoked,
+            observed: None,
         };
         g.mesh.accept_member(&sign_member(host, &rec)).unwrap();
         address
@@ -172,13 +163,6 @@ mod tests {
         assert_eq!(admit(&host, &mut g, 2, false).to_string(), "100.77.0.2");
         assert_eq!(admit(&host, &mut g, 3, true).to_string(), "100.77.0.3");
         assert_eq!(g.allocate_address().unwrap().to_string(), "100.77.0.4");
-    }
-
-    #[test]
-    fn same_name_gets_a_suffix() {
-        let (_, g) = group();
-        assert_eq!(g.unique_name("h"), "h-2");
-        assert_eq!(g.unique_name("x"), "x");
     }
 
     #[test]

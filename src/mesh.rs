@@ -5,7 +5,8 @@
 //! Rules: a member record counts only with the host's signature, and replaces the one
 //! held only when its version is higher; a revocation is final. An announcement counts
 //! only with the signature of the member it describes, while that member is not revoked,
-//! and replaces the one held only when its sequence number is higher. Signatures cover the
+//! and replaces the one held only when its sequence number is higher, and lists at most
+//! [`MAX_LAN`] LAN addresses, each private. Signatures cover the
 //! exact bytes received, with a context string per kind, so a record can never pass for
 //! an announcement or be re-encoded into something else.
 
@@ -34,6 +35,11 @@ pub struct MemberRecord {
     /// Raised by the host on every change; the highest wins.
     pub version: u64,
     pub revoked: bool,
+    /// Where the host sees this member's packets come from: the public IP in it names
+    /// the member's site. It is the host's word, so a member cannot move itself into
+    /// another site by what it announces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +78,40 @@ pub enum MeshError {
     UnknownMember,
     #[error("the member was revoked")]
     Revoked,
+    #[error("the announcement lists {0} LAN addresses; at most {MAX_LAN} are taken")]
+    CountLan(usize),
+    #[error("the announced LAN address {0} is not a private address with a port")]
+    CheckLan(SocketAddr),
+    #[error("the announced share name {0:?} is not one a configuration allows")]
+    CheckShare(String),
+}
+
+/// The most LAN addresses one announcement may list: a node with more interfaces
+/// announces its first ones. Others knock at each, so the list is bounded.
+pub const MAX_LAN: usize = 8;
+
+/// Whether `name` may name a share: what `[[share]] name` allows in a configuration, 1 to
+/// 63 letters, digits, '-', '_' or '.', not starting with '.'.
+pub fn share_name_allowed(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Whether `a` may be announced as a LAN address: a private IPv4 address (RFC 1918), or
+/// an IPv6 unique local (fc00::/7) or link-local (fe80::/10) one, with a port. Nodes
+/// knock at and fetch from these, so a member must not point others at the internet.
+pub fn lan_allowed(a: &SocketAddr) -> bool {
+    a.port() != 0
+        && match a.ip() {
+            IpAddr::V4(ip) => ip.is_private(),
+            IpAddr::V6(ip) => {
+                let first = ip.segments()[0];
+                (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+            }
+        }
 }
 
 pub fn sign_member(key: &SigningKey, rec: &MemberRecord) -> Signed {
@@ -209,6 +249,16 @@ impl Mesh {
             return Err(MeshError::Revoked);
         }
         verify(&member.sign_key, ANNOUNCE_CONTEXT, s)?;
+        if ann.lan.len() > MAX_LAN {
+            return Err(MeshError::CountLan(ann.lan.len()));
+        }
+        if let Some(bad) = ann.lan.iter().find(|a| !lan_allowed(a)) {
+            return Err(MeshError::CheckLan(*bad));
+        }
+        // Share names show in every member's `ls` and end up in request paths.
+        if let Some(bad) = ann.shares.iter().find(|n| !share_name_allowed(n)) {
+            return Err(MeshError::CheckShare(bad.chars().take(64).collect()));
+        }
         match self.index.announcements.get(&ann.wg_key) {
             Some((held, _)) if ann.seq == held.seq => Ok(None),
             Some((held, _)) if ann.seq < held.seq => Err(MeshError::Stale),
@@ -317,9 +367,19 @@ impl Mesh {
     }
 }
 
-/// The public IP a node is seen behind, which names its site.
-pub fn site_of(ann: Option<&Announcement>) -> Option<IpAddr> {
-    ann.and_then(|a| a.public_endpoint).map(|e| e.ip())
+impl Mesh {
+    /// The public IP a member is seen behind, which names its site: what the host
+    /// observed and signed in the member's record, never the member's own claim. The
+    /// host, which cannot observe itself, is where it announces it is.
+    pub fn site_of(&self, key: &Key) -> Option<IpAddr> {
+        if *key == self.host_wg {
+            return self
+                .announcement(key)
+                .and_then(|a| a.public_endpoint)
+                .map(|e| e.ip());
+        }
+        self.member(key).and_then(|m| m.observed).map(|e| e.ip())
+    }
 }
 
 #[cfg(test)]
@@ -352,6 +412,7 @@ mod tests {
             admitted_at: 1,
             version,
             revoked,
+            observed: None,
         }
     }
 
@@ -532,5 +593,140 @@ mod tests {
         let mut loaded: Mesh = serde_json::from_str(&forged).unwrap();
         loaded.reindex();
         assert_eq!(loaded.members().count(), 0);
+    }
+
+    #[test]
+    fn lan_addresses_are_private_and_at_most_eight() {
+        let ok = [
+            "10.1.2.3:51871",
+            "172.16.0.9:51871",
+            "192.168.1.20:51871",
+            "[fd12:3456::1]:51871",
+            "[fe80::1]:51871",
+        ];
+        for a in ok {
+            assert!(lan_allowed(&a.parse().unwrap()), "{a}");
+        }
+        let bad = [
+            "1.1.1.1:51871",
+            "203.0.113.5:51871",
+            "100.77.0.3:51871",
+            "127.0.0.1:51871",
+            "172.32.0.1:51871",
+            "192.168.1.20:0",
+            "[2001:db8::1]:51871",
+            "[::1]:51871",
+        ];
+        for a in bad {
+            assert!(!lan_allowed(&a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[test]
+    fn an_announcement_with_a_public_or_a_ninth_lan_address_or_a_bad_share_name_is_refused() {
+        let mut w = world();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(2, 1, false)))
+            .unwrap();
+        let mut a = ann(2, 5);
+        a.lan = vec![
+            "192.168.1.20:51871".parse().unwrap(),
+            "1.1.1.1:51871".parse().unwrap(),
+        ];
+        assert_eq!(
+            w.mesh.accept_announcement(&sign_announcement(&key(2), &a)),
+            Err(MeshError::CheckLan("1.1.1.1:51871".parse().unwrap()))
+        );
+        a.lan = (1..=9)
+            .map(|i| SocketAddr::from(([192, 168, 1, i], 51871)))
+            .collect();
+        assert_eq!(
+            w.mesh.accept_announcement(&sign_announcement(&key(2), &a)),
+            Err(MeshError::CountLan(9))
+        );
+        assert!(w.mesh.announcement(&[2; 32]).is_none());
+        a.lan.pop();
+        for bad in ["", "..", ".hidden", "a/b", "x\u{1b}[2J", &"s".repeat(64)] {
+            a.shares = vec!["films".into(), bad.to_string()];
+            assert!(
+                matches!(
+                    w.mesh.accept_announcement(&sign_announcement(&key(2), &a)),
+                    Err(MeshError::CheckShare(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        a.shares = vec!["films".into(), "family-photos_2024.v2".into()];
+        assert!(w
+            .mesh
+            .accept_announcement(&sign_announcement(&key(2), &a))
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn a_member_claiming_another_sites_public_ip_stays_where_the_host_saw_it() {
+        let mut w = world();
+        let seen_at: SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let other_site: SocketAddr = "203.0.113.9:51871".parse().unwrap();
+        let observed = MemberRecord {
+            observed: Some(seen_at),
+            ..record(2, 2, false)
+        };
+        w.mesh
+            .accept_member(&sign_member(&w.host, &observed))
+            .unwrap();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(3, 1, false)))
+            .unwrap();
+        for n in [2, 3] {
+            let claim = Announcement {
+                public_endpoint: Some(other_site),
+                ..ann(n, 5)
+            };
+            w.mesh
+                .accept_announcement(&sign_announcement(&key(n), &claim))
+                .unwrap();
+        }
+        assert_eq!(w.mesh.site_of(&[2; 32]), Some(seen_at.ip()));
+        assert_eq!(
+            w.mesh.site_of(&[3; 32]),
+            None,
+            "not observed yet: in no site, whatever it claims"
+        );
+        // Nor can it sign its own observation.
+        let forged = MemberRecord {
+            observed: Some(other_site),
+            ..record(2, 3, false)
+        };
+        assert_eq!(
+            w.mesh.accept_member(&sign_member(&key(2), &forged)),
+            Err(MeshError::VerifySignature)
+        );
+        assert_eq!(w.mesh.site_of(&[2; 32]), Some(seen_at.ip()));
+    }
+
+    #[test]
+    fn the_host_is_in_the_site_it_announces() {
+        // world()'s host has the WireGuard key [100; 32].
+        let mut w = world();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(100, 1, false)))
+            .unwrap();
+        w.mesh
+            .accept_announcement(&sign_announcement(&key(100), &ann(100, 1)))
+            .unwrap();
+        assert_eq!(
+            w.mesh.site_of(&[100; 32]),
+            Some("203.0.113.100".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_record_without_an_observation_is_encoded_as_older_nodes_encode_it() {
+        let body = serde_json::to_string(&record(2, 1, false)).unwrap();
+        assert!(!body.contains("observed"), "{body}");
+        let old: MemberRecord = serde_json::from_str(&body).unwrap();
+        assert_eq!(old.observed, None);
     }
 }

@@ -33,7 +33,7 @@ use crate::transfer::{self, Directory, Engine, Membership, Progress};
 use crate::tunnel::{PeerConfig, Tunnel};
 use crate::versions::FileVersion;
 use crate::watch::{FileRequest, Report, RoomView, WaitRequest, WatchReply};
-use crate::wire::{self, JoinMessage, Refusal};
+use crate::wire::{self, JoinMessage, NameRefusal, Refusal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -88,6 +88,8 @@ pub struct Node {
     sync_tx: tokio::sync::mpsc::Sender<(Key, bytes::Bytes)>,
     /// Watch-along: streams for local players and the rooms.
     pub watch: crate::watch::Watch,
+    /// Gossip datagrams refused because no member's daemon sealed them.
+    refused_gossip: std::sync::atomic::AtomicU64,
 }
 
 struct TransferEntry {
@@ -150,6 +152,7 @@ pub fn hosted_group(config: &Config, wg: Key, signing: &SigningKey) -> Group {
         admitted_at: now_secs(),
         version: 1,
         revoked: false,
+        observed: None,
     };
     let _ = mesh.accept_member(&mesh::sign_member(signing, &me));
     Group {
@@ -186,7 +189,7 @@ impl Node {
             signing: p.signing,
             book: Mutex::new(p.book),
             tunnel: p.tunnel,
-            engine: p.engine,
+            engine: p.engine.clone(),
             joining: tokio::sync::Mutex::new(()),
             transfers: Mutex::new(BTreeMap::new()),
             tasks: TaskTracker::new(),
@@ -196,11 +199,13 @@ impl Node {
             sync_tx: p.sync_tx,
             watch: crate::watch::Watch::new(
                 p.streams,
+                p.engine.clone(),
                 key_id(&p.public_key),
                 p.config.node.name.clone(),
                 p.config.watch.pause_when_buffering,
             ),
             config: p.config,
+            refused_gossip: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -242,6 +247,8 @@ impl Node {
         };
         self.tunnel.set_local(me, host);
         let keep: HashSet<Key> = desired.iter().map(|p| p.public_key).collect();
+        // A removed member's pair keys and nonce memory go with it.
+        self.engine.proofs().retain(|k| keep.contains(k));
         for k in self.tunnel.peer_keys() {
             if !keep.contains(&k) && self.tunnel.remove_peer(&k) {
                 log::info!("tunnel to {} closed", key_to_base64(&k));
@@ -253,7 +260,7 @@ impl Node {
     }
 
     fn my_site(&self, book: &Book) -> Option<IpAddr> {
-        mesh::site_of(book.group.mesh.announcement(&self.public_key))
+        book.group.mesh.site_of(&self.public_key)
     }
 
     /// A peer for every active member but this node, knocking at its LAN addresses when
@@ -265,13 +272,20 @@ impl Node {
             .mesh
             .active()
             .filter(|m| m.wg_key != self.public_key)
+            // Even a host-signed record never routes an address outside the group's
+            // network, nor this node's own, to a peer.
+            .filter(|m| routable(g, m.address))
             .map(|m| {
                 let ann = g.mesh.announcement(&m.wg_key);
-                let nearby = my_site.is_some() && mesh::site_of(ann) == my_site;
+                let nearby = my_site.is_some() && g.mesh.site_of(&m.wg_key) == my_site;
+                // Where the host saw it before where it says it is.
                 let candidates = match ann {
                     Some(a) if nearby => a.lan.clone(),
-                    Some(a) => a.public_endpoint.into_iter().collect(),
-                    None => Vec::new(),
+                    _ => m
+                        .observed
+                        .or_else(|| ann.and_then(|a| a.public_endpoint))
+                        .into_iter()
+                        .collect(),
                 };
                 PeerConfig {
                     public_key: m.wg_key,
@@ -320,15 +334,21 @@ impl Node {
         observed: Option<SocketAddr>,
         rng: &mut impl rand::Rng,
     ) -> Vec<Outgoing> {
-        let lan = self.lan_endpoints(book);
+        let own = self.lan_endpoints(book);
         let held = book.group.mesh.announcement(&self.public_key).cloned();
         let public_endpoint = observed
             .or_else(|| held.as_ref().and_then(|a| a.public_endpoint))
             .or_else(|| {
                 (book.group.is_host(&self.public_key))
-                    .then(|| self.configured_endpoint().or_else(|| lan.first().copied()))
+                    .then(|| self.configured_endpoint().or_else(|| own.first().copied()))
                     .flatten()
             });
+        // Members take only private LAN addresses, a few of them (mesh::lan_allowed).
+        let lan: Vec<SocketAddr> = own
+            .into_iter()
+            .filter(mesh::lan_allowed)
+            .take(mesh::MAX_LAN)
+            .collect();
         let shares = self.engine.shares.names();
         let relay_port = Some(self.engine.relay_port());
         if let Some(h) = &held {
@@ -369,6 +389,28 @@ impl Node {
             .endpoint
             .as_ref()
             .and_then(|e| e.parse().ok())
+    }
+
+    /// The payload of a gossip datagram from member `from`, when its daemon sealed it;
+    /// anything else (a datagram another user on that member sent from its address) is
+    /// counted and dropped.
+    pub fn open_gossip<'a>(&self, from: &Key, datagram: &'a [u8]) -> Option<&'a [u8]> {
+        static LOG: crate::logging::Throttle =
+            crate::logging::Throttle::new(Duration::from_secs(10));
+        match self.engine.proofs().open_gossip(from, datagram) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.refused_gossip
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(held) = LOG.allow() {
+                    log::info!(
+                        "refused a gossip datagram from {}'s address: {e} ({held} more refused before)",
+                        key_to_base64(from)
+                    );
+                }
+                None
+            }
+        }
     }
 
     /// Applies a gossip message from member `from`; returns what to send.
@@ -418,20 +460,43 @@ impl Node {
         gossip.set_reachable(reachable.clone());
         let mut out = gossip.tick(&group.mesh, &reachable, rng);
         if group.is_host(&self.public_key) {
+            let mut observed_changed = false;
             for p in seen.iter().filter(|p| p.path == "direct") {
                 let (Some(key), Some(ep)) = (identity::key_from_base64(&p.public_key), p.endpoint)
                 else {
                     continue;
                 };
+                let Some(rec) = group.mesh.member(&key).filter(|r| !r.revoked).cloned() else {
+                    continue;
+                };
+                // The host signs where it sees each member: that, not the member's own
+                // announcement, places it in a site.
+                if rec.observed != Some(ep) && key != self.public_key {
+                    let rec = MemberRecord {
+                        version: rec.version.saturating_add(1),
+                        observed: Some(ep),
+                        ..rec
+                    };
+                    let record = mesh::sign_member(&self.signing, &rec);
+                    let (pushes, _) =
+                        gossip.publish(&mut group.mesh, GossipMessage::Member { record }, rng);
+                    out.extend(pushes);
+                    observed_changed = true;
+                }
                 let announced = group
                     .mesh
                     .announcement(&key)
                     .and_then(|a| a.public_endpoint);
-                if group.mesh.member(&key).is_some() && announced != Some(ep) {
+                if announced != Some(ep) {
                     out.push(Outgoing {
                         to: key,
                         msg: GossipMessage::Observed { endpoint: ep },
                     });
+                }
+            }
+            if observed_changed {
+                if let Err(e) = self.save_group(group) {
+                    log::warn!("{e}");
                 }
             }
         }
@@ -598,34 +663,30 @@ impl Node {
                 return (accepted(&book.group, &rec), Vec::new());
             }
         }
-        if key == self.public_key || book.group.mesh.member(&key).is_some() {
-            return refused(Refusal::Invite(RedeemError::AlreadyUsed));
-        }
-        let mut invites = book.invites.clone();
-        if let Err(e) = invites.redeem(invite_key, now) {
-            // Counted in memory on every refusal, written only with a warning (a minute
-            // apart at most), so a flood of retries costs no disk writes.
-            if let Some(n) = book.invites.note_refused(invite_key, &key, now) {
-                log::warn!(
-                    "invite {invite_id} is spent, and another key ({key_b64}) tried to redeem it: the link may have leaked ({n} such attempt(s) so far; `watchalong links` shows them)"
-                );
-                if let Err(e) = state::write_json(&self.path(INVITES_FILE), &book.invites) {
-                    log::error!("{e}");
+        let (invites, address) =
+            match decide_join(&book.group, &book.invites, invite_key, name, &key, now) {
+                Ok(d) => d,
+                Err(reason) => {
+                    // Debug only: whoever holds the invite can repeat a request at will,
+                    // and the joiner is told the reason anyway.
+                    log::debug!("join through invite {invite_id} refused: {reason}");
+                    if matches!(reason, Refusal::Invite(_))
+                        && book.group.admitted_by.get(&key_b64) != Some(&invite_id)
+                    {
+                        self.note_refused_redemption(&mut book, invite_key, invite_id, &key, now);
+                    }
+                    return refused(reason);
                 }
-            }
-            return refused(Refusal::Invite(e));
-        }
-        let Ok(address) = book.group.allocate_address() else {
-            return refused(Refusal::GroupFull);
-        };
+            };
         let rec = MemberRecord {
             wg_key: key,
             sign_key,
-            name: book.group.unique_name(name),
+            name: name.to_string(),
             address,
             admitted_at: now,
             version: 1,
             revoked: false,
+            observed: None,
         };
         let signed = mesh::sign_member(&self.signing, &rec);
         let mut group = book.group.clone();
@@ -714,7 +775,14 @@ impl Node {
             JoinError::Refused(_) => ApiError::new(StatusCode::FORBIDDEN, e),
             // The link names a host key no proof can be made for: the link is at fault.
             JoinError::BuildMessage(wire::WireError::ProveKeys) => ApiError::bad_request(e),
+            JoinError::CheckName { .. } => ApiError::bad_request(e),
             _ => ApiError::internal(e),
+        })?;
+        // The host decides membership, never this node's routes: nothing is saved and no
+        // address is set unless the network is the link's, inside the VPN range.
+        join::check_admission(&admission, &invite, self.config.tunnel.network).map_err(|e| {
+            log::warn!("join refused: {e}");
+            ApiError::new(StatusCode::BAD_GATEWAY, JoinError::CheckAnswer(e))
         })?;
         let mut mesh = Mesh::new(invite.host_key, admission.host_sign_key);
         for r in [&admission.host_record, &admission.your_record] {
@@ -728,7 +796,10 @@ impl Node {
         let mine_ok = mesh
             .member(&self.public_key)
             .is_some_and(|m| m.address == admission.address);
-        if !mine_ok || mesh.member(&invite.host_key).is_none() {
+        let host_ok = mesh
+            .member(&invite.host_key)
+            .is_some_and(|m| m.address == admission.host_address);
+        if !mine_ok || !host_ok {
             return Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 "the host's records do not match its answer",
@@ -786,6 +857,28 @@ impl Node {
             address: admission.address,
             network: admission.network.to_string(),
         })
+    }
+
+    /// Notes a redemption of a spent invite by a key it did not admit (a sign that the
+    /// link leaked). Counted in memory on every refusal, written only with the warning
+    /// (a minute apart at most), so a flood of retries costs no disk writes.
+    fn note_refused_redemption(
+        &self,
+        book: &mut Book,
+        invite_key: &Key,
+        invite_id: InviteId,
+        key: &Key,
+        now: u64,
+    ) {
+        if let Some(n) = book.invites.note_refused(invite_key, key, now) {
+            log::warn!(
+                "invite {invite_id} is spent, and another key ({}) tried to redeem it: the link may have leaked ({n} such attempt(s) so far; `watchalong links` shows them)",
+                key_to_base64(key)
+            );
+            if let Err(e) = state::write_json(&self.path(INVITES_FILE), &book.invites) {
+                log::error!("{e}");
+            }
+        }
     }
 
     /// The host revokes a member: a newer record that says so, sent to everyone. The
@@ -859,7 +952,8 @@ impl Node {
             match serde_json::to_vec(&o.msg) {
                 Ok(bytes) => {
                     total += bytes.len() as u64;
-                    self.tunnel.send_gossip(&o.to, &bytes).await;
+                    let sealed = self.engine.proofs().seal_gossip(&o.to, &bytes);
+                    self.tunnel.send_gossip(&o.to, &sealed).await;
                 }
                 Err(e) => log::warn!("cannot encode gossip: {e}"),
             }
@@ -882,6 +976,10 @@ impl Node {
 }
 
 impl Membership for Node {
+    fn vpn_address(&self) -> std::net::Ipv4Addr {
+        self.book().group.my_address
+    }
+
     fn room(&self, from: Key, body: bytes::Bytes) {
         self.watch.receive(&key_id(&from), &body);
     }
@@ -898,6 +996,8 @@ impl Membership for Node {
         let mesh = &book.group.mesh;
         let peers = mesh
             .active()
+            // Requests go to members' VPN addresses: never to one outside the network.
+            .filter(|m| m.wg_key == self.public_key || routable(&book.group, m.address))
             .map(|m| {
                 let ann = mesh.announcement(&m.wg_key);
                 let me = m.wg_key == self.public_key;
@@ -916,7 +1016,7 @@ impl Membership for Node {
                     name: m.name.clone(),
                     vpn: m.address,
                     relay,
-                    site: mesh::site_of(ann).map(|s| s.to_string()),
+                    site: mesh.site_of(&m.wg_key).map(|s| s.to_string()),
                     up: me || t.is_some_and(|t| t.path != "down"),
                     shares: ann.map(|a| a.shares.clone()).unwrap_or_default(),
                 }
@@ -988,9 +1088,9 @@ impl Node {
                 let Some(body) = (if greet { &everything } else { &routine }).clone() else {
                     continue;
                 };
-                let (vpn, name, key) = (p.vpn, p.name.clone(), p.key);
+                let (vpn, name, key, engine) = (p.vpn, p.name.clone(), p.key, self.engine.clone());
                 posts.spawn(async move {
-                    match transfer::http_post(vpn, "/v1/sync", body).await {
+                    match engine.post(&key, vpn, "/v1/sync", body).await {
                         Ok(_) => Some(key),
                         Err(e) => {
                             log::debug!("sync announce to {name}: {e}");
@@ -1016,7 +1116,7 @@ impl Node {
         }) else {
             return;
         };
-        if let Err(e) = transfer::http_post(to.vpn, "/v1/sync", body).await {
+        if let Err(e) = self.engine.post(&to.key, to.vpn, "/v1/sync", body).await {
             log::debug!("sync answer to {}: {e}", to.name);
         }
     }
@@ -1052,8 +1152,18 @@ impl Node {
             self.sync_answer(&s, &peer).await;
             s.greet(from);
         }
-        // Folders before what they hold, and what they hold removed before them.
+        // Nothing is queued or decided by a version whose numbers are absurd.
         let mut versions = a.versions;
+        versions.retain(|v| match v.check() {
+            Ok(()) => true,
+            Err(e) => {
+                if s.set_error(Some(format!("{}: {e}", peer.name))) {
+                    log::warn!("sync: {}: {e}", peer.name);
+                }
+                false
+            }
+        });
+        // Folders before what they hold, and what they hold removed before them.
         versions.sort_by(|x, y| match (x.deleted, y.deleted) {
             (false, false) => x.path.cmp(&y.path),
             (true, true) => y.path.cmp(&x.path),
@@ -1260,17 +1370,30 @@ impl Node {
         let Ok(dest) = inside(s, local_path) else {
             return None;
         };
-        let manifest: crate::share::Manifest =
-            match transfer::ask(peer.vpn, "manifest", &s.name, remote_path).await {
-                Ok(m) => m,
-                Err(e) => {
-                    log::debug!(
-                        "sync: no manifest for {remote_path} from {}: {e}",
-                        peer.name
-                    );
-                    return None;
+        let manifest: crate::share::Manifest = match self
+            .engine
+            .ask(&peer.key, peer.vpn, "manifest", &s.name, remote_path)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                log::debug!(
+                    "sync: no manifest for {remote_path} from {}: {e}",
+                    peer.name
+                );
+                return None;
+            }
+        };
+        // Nothing is sized by a peer's manifest before it is checked.
+        let manifest = match manifest.checked(&peer.name, &s.name, remote_path) {
+            Ok(m) => m,
+            Err(e) => {
+                if s.set_error(Some(e.to_string())) {
+                    log::warn!("sync: {e}");
                 }
-            };
+                return None;
+            }
+        };
         // The announcer moved on since; its next announcement brings the newer version.
         if manifest.id() != version.content {
             return None;
@@ -1463,19 +1586,85 @@ impl Node {
         for p in self.holders(dir, share, from)? {
             let got = if p.key == dir.me {
                 tokio::task::block_in_place(|| self.engine.shares.manifest(share, path))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| format!("{}: {e}", p.name))
             } else {
-                transfer::ask(p.vpn, "manifest", share, path).await
+                // Nothing is sized by a peer's manifest before it is checked; a refusal
+                // names the member itself.
+                match self
+                    .engine
+                    .ask::<crate::share::Manifest>(&p.key, p.vpn, "manifest", share, path)
+                    .await
+                {
+                    Ok(m) => m.checked(&p.name, share, path).map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("{}: {e}", p.name)),
+                }
             };
             match got {
                 Ok(m) => return Ok((p, m)),
-                Err(e) => last = format!("{}: {e}", p.name),
+                Err(e) => last = e,
             }
         }
         Err(ApiError::not_found(format!(
             "{share}/{path} is not available ({last})"
         )))
     }
+}
+
+/// Whether traffic for `address` may be sent to the member the host gave it: only inside
+/// the group's network, and never this node's own address.
+fn routable(group: &Group, address: std::net::Ipv4Addr) -> bool {
+    group.network.contains(&address) && address != group.my_address
+}
+
+/// The host's decision on a join request through the invite whose secret has
+/// `invite_key`, before anything is persisted: the invites with that one redeemed, and
+/// the joiner's address. Everything that can refuse is checked before the redemption,
+/// and nothing is changed in place, so a refused request leaves the invite as it was.
+fn decide_join(
+    group: &Group,
+    invites: &InviteBook,
+    invite_key: &Key,
+    name: &str,
+    key: &Key,
+    now: u64,
+) -> Result<(InviteBook, std::net::Ipv4Addr), Refusal> {
+    if *key == group.mesh.host_wg || group.mesh.member(key).is_some() {
+        return Err(Refusal::Invite(RedeemError::AlreadyUsed));
+    }
+    // A dead invite says so first: a better name would not help.
+    invites
+        .find_by_key(invite_key)
+        .ok_or(RedeemError::Unknown)
+        .and_then(|r| r.status(now))
+        .map_err(Refusal::Invite)?;
+    check_joiner_name(group, name).map_err(Refusal::Name)?;
+    let address = group.allocate_address().map_err(|_| Refusal::GroupFull)?;
+    let mut invites = invites.clone();
+    invites.redeem(invite_key, now).map_err(Refusal::Invite)?;
+    Ok((invites, address))
+}
+
+/// Whether a joiner may be called `name` in `group`: a well-formed name that no member
+/// or hand-added peer has as its name, VPN address or key.
+fn check_joiner_name(group: &Group, name: &str) -> Result<(), NameRefusal> {
+    let members = group.mesh.active().flat_map(|m| {
+        [
+            m.name.clone(),
+            m.address.to_string(),
+            key_to_base64(&m.wg_key),
+        ]
+    });
+    let statics = group.static_peers.iter().flat_map(|p| {
+        [
+            p.name.clone(),
+            p.address.to_string(),
+            key_to_base64(&p.public_key),
+        ]
+    });
+    wire::check_name(
+        name,
+        members.chain(statics).chain([group.host_name.clone()]),
+    )
 }
 
 fn invite_state(r: &InviteRecord, now: u64) -> &'static str {
@@ -1511,6 +1700,11 @@ impl Handler for Node {
                 .into(),
                 host_name: g.host_name.clone(),
                 spoofed_packets: self.tunnel.spoofed_count(),
+                refused_gossip: self
+                    .refused_gossip
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    + self.tunnel.local_gossip_dropped(),
+                handshakes_refused: self.tunnel.handshakes_refused(),
                 chunks: self.engine.counters(),
             },
             peers: self.tunnel.status(),
@@ -1617,7 +1811,7 @@ impl Handler for Node {
             .map(|m| {
                 let key = key_to_base64(&m.wg_key);
                 let ann = g.mesh.announcement(&m.wg_key);
-                let site = mesh::site_of(ann);
+                let site = g.mesh.site_of(&m.wg_key);
                 let t = seen.iter().find(|p| p.public_key == key);
                 let on_lan = t
                     .and_then(|t| t.endpoint)
@@ -1691,7 +1885,10 @@ impl Handler for Node {
                 tokio::task::block_in_place(|| self.engine.shares.ls(&share, &path))
                     .map_err(|e| e.to_string())
             } else {
-                transfer::ask(p.vpn, "ls", &share, &path).await
+                self.engine
+                    .ask(&p.key, p.vpn, "ls", &share, &path)
+                    .await
+                    .map_err(|e| e.to_string())
             };
             match got {
                 Ok(v) => {
@@ -1915,5 +2112,100 @@ impl Handler for Node {
             self.sync_tunnel().await;
         }
         Ok(self.gossip_reply())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_000;
+    const INVITE_KEY: Key = [50; 32];
+
+    /// A host called "living-room" with a member "kitchen", and a one-use invite.
+    fn host() -> (Group, InviteBook) {
+        let mut config = Config::default();
+        config.node.name = "living-room".into();
+        let signing = SigningKey::from_bytes(&[1; 32]);
+        let mut group = hosted_group(&config, [1; 32], &signing);
+        let kitchen = MemberRecord {
+            wg_key: [2; 32],
+            sign_key: [2; 32],
+            name: "kitchen".into(),
+            address: group.allocate_address().unwrap(),
+            admitted_at: NOW,
+            version: 1,
+            revoked: false,
+            observed: None,
+        };
+        group
+            .mesh
+            .accept_member(&mesh::sign_member(&signing, &kitchen))
+            .unwrap();
+        let mut invites = InviteBook::default();
+        invites.add(InviteRecord {
+            id: InviteId([9; 8]),
+            public_key: INVITE_KEY,
+            created_at: NOW,
+            expires_at: NOW + 60,
+            uses_allowed: 1,
+            uses: 0,
+            revoked: false,
+            refused: Default::default(),
+        });
+        (group, invites)
+    }
+
+    #[test]
+    fn no_address_outside_the_group_network_nor_our_own_is_routed_to_a_member() {
+        let (group, _) = host();
+        assert!(routable(&group, "100.77.0.2".parse().unwrap()));
+        assert!(!routable(&group, "1.1.1.1".parse().unwrap()));
+        assert!(!routable(&group, "100.78.0.2".parse().unwrap()));
+        assert!(!routable(&group, group.my_address));
+    }
+
+    #[test]
+    fn a_refused_name_leaves_the_one_use_invite_to_a_good_name() {
+        let (group, invites) = host();
+        let taken = [
+            "kitchen".to_string(),
+            "KITCHEN".into(),
+            "living-room".into(),
+            key_to_base64(&[2; 32]),
+        ];
+        for name in taken {
+            assert_eq!(
+                decide_join(&group, &invites, &INVITE_KEY, &name, &[3; 32], NOW),
+                Err(Refusal::Name(NameRefusal::Taken)),
+                "{name}"
+            );
+        }
+        let malformed = [
+            ("x".repeat(2000), NameRefusal::TooLong),
+            ("den\u{1b}]0;owned\u{7}".into(), NameRefusal::Unprintable),
+            ("100.77.0.2".into(), NameRefusal::Address),
+            ("1.1.1.1".into(), NameRefusal::Address),
+        ];
+        for (name, why) in malformed {
+            assert_eq!(
+                decide_join(&group, &invites, &INVITE_KEY, &name, &[3; 32], NOW),
+                Err(Refusal::Name(why))
+            );
+        }
+        let (spent, address) =
+            decide_join(&group, &invites, &INVITE_KEY, "den", &[3; 32], NOW).unwrap();
+        assert_eq!(address.to_string(), "100.77.0.3");
+        assert_eq!(spent.invites[0].uses, 1);
+        assert_eq!(
+            decide_join(&group, &spent, &INVITE_KEY, "attic", &[4; 32], NOW),
+            Err(Refusal::Invite(RedeemError::AlreadyUsed)),
+            "the good name did spend it"
+        );
+        assert_eq!(
+            decide_join(&group, &spent, &INVITE_KEY, "kitchen", &[4; 32], NOW),
+            Err(Refusal::Invite(RedeemError::AlreadyUsed)),
+            "a spent invite says so before any name is judged"
+        );
     }
 }

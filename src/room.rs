@@ -9,7 +9,8 @@
 //! Lamport counter and the node that made it; the highest stamp wins everywhere, so
 //! concurrent changes (two pauses, a pause and a seek) settle on one. A state's time is
 //! on its sender's clock and is moved onto ours with the offset estimated NTP-style from
-//! the timestamps every message carries.
+//! the timestamps every message carries. A message whose stamp runs absurdly far ahead,
+//! or whose numbers are not sane, is refused whole ([`RoomError`]).
 
 use std::collections::BTreeMap;
 
@@ -25,6 +26,32 @@ pub const IN_STEP_S: f64 = 0.02;
 pub const MAX_NUDGE: f64 = 0.1;
 /// Seconds that must be buffered ahead (or the file be whole) to start or resume.
 pub const READY_BUFFER_S: f64 = 2.0;
+
+/// How far a peer's stamp may run ahead of ours. A room's counter grows by one per
+/// change (a pause, a seek, a hold), so no real room gets near this; a stamp beyond it
+/// comes from a broken or hostile member and would pin the room's state for ever.
+pub const MAX_STAMP_LEAD: u64 = 1 << 20;
+/// The latest time a message may carry, in ms since the epoch (about the year 37,600):
+/// keeps every difference of two times inside `i64`.
+pub const MAX_TIME_MS: i64 = 1 << 50;
+/// The longest node id a stamp may carry (ids are short key prefixes).
+pub const MAX_NODE_ID: usize = 64;
+/// The largest position, drift or buffer, in seconds (about 30 years), either way.
+pub const MAX_SECONDS: f64 = 1e9;
+/// The fastest a room may play (mpv's own limit).
+pub const MAX_RATE: f64 = 100.0;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RoomError {
+    #[error("a room message from {from} is refused: its stamp {theirs} is more than {MAX_STAMP_LEAD} ahead of ours ({ours})")]
+    AcceptStamp {
+        from: String,
+        theirs: u64,
+        ours: u64,
+    },
+    #[error("a room message from {from} is refused: its {field} is out of range")]
+    AcceptField { from: String, field: &'static str },
+}
 
 /// What the room agrees on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -199,7 +226,8 @@ impl Room {
 
     fn next_stamp(&self) -> Stamp {
         Stamp {
-            counter: self.state.stamp.counter + 1,
+            // Saturates rather than wraps: a wrapped counter would lose to every state.
+            counter: self.state.stamp.counter.saturating_add(1),
             node: self.me.clone(),
         }
     }
@@ -234,8 +262,52 @@ impl Room {
         self.local = None;
     }
 
+    /// Whether `m` from `from` may be taken in at all: a stamp not absurdly ahead of
+    /// ours, times within [`MAX_TIME_MS`], finite positions within [`MAX_SECONDS`], a rate
+    /// in (0, [`MAX_RATE`]].
+    fn check(&self, from: &str, m: &RoomMessage) -> Result<(), RoomError> {
+        let ours = self.state.stamp.counter;
+        if m.state.stamp.counter > ours.saturating_add(MAX_STAMP_LEAD) {
+            return Err(RoomError::AcceptStamp {
+                from: from.to_string(),
+                theirs: m.state.stamp.counter,
+                ours,
+            });
+        }
+        let time = |t: i64| (0..=MAX_TIME_MS).contains(&t);
+        // A player may report a little before 0; what matters is a number a seek takes.
+        let finite = |x: f64| x.is_finite() && x.abs() <= MAX_SECONDS;
+        let w = m.watcher.as_ref();
+        let bad = if m.state.stamp.node.len() > MAX_NODE_ID {
+            Some("stamp")
+        } else if !time(m.state.at_ms) {
+            Some("state time")
+        } else if !time(m.sent_ms) || !time(m.echo.0) || !time(m.echo.1) {
+            Some("timestamps")
+        } else if !finite(m.state.position) {
+            Some("position")
+        } else if !(m.state.rate > 0.0 && m.state.rate <= MAX_RATE) {
+            Some("rate")
+        } else if w
+            .is_some_and(|w| !(finite(w.position) && finite(w.drift_s) && finite(w.buffered_s)))
+        {
+            Some("watcher report")
+        } else {
+            None
+        };
+        match bad {
+            Some(field) => Err(RoomError::AcceptField {
+                from: from.to_string(),
+                field,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// A message from `from` arrived at `now_ms`; true when the room's state changed.
-    pub fn receive(&mut self, from: &str, m: RoomMessage, now_ms: i64) -> bool {
+    /// A message that fails [`Room::check`] changes nothing.
+    pub fn receive(&mut self, from: &str, m: RoomMessage, now_ms: i64) -> Result<bool, RoomError> {
+        self.check(from, &m)?;
         if m.echo != (0, 0) {
             let (t1, t2) = m.echo;
             self.offsets
@@ -257,12 +329,12 @@ impl Room {
         if m.state.stamp > self.state.stamp {
             // Their time onto ours.
             self.state = Playback {
-                at_ms: m.state.at_ms - offset,
+                at_ms: m.state.at_ms.saturating_sub(offset),
                 ..m.state
             };
-            return true;
+            return Ok(true);
         }
-        false
+        Ok(false)
     }
 
     /// Their clock minus ours for `peer`, in ms.
@@ -353,10 +425,10 @@ mod tests {
         let mut a = Room::new("s/f.mkv", "a", 0);
         let mut b = Room::new("s/f.mkv", "b", 0);
         a.local_change(1_000, true, 0.0, 1.0);
-        assert!(b.receive("a", msg(&a, "b", 1_000), 1_001));
+        assert!(b.receive("a", msg(&a, "b", 1_000), 1_001).unwrap());
         assert!(b.state.running());
         b.local_change(5_000, false, 4.0, 1.0);
-        assert!(a.receive("b", msg(&b, "a", 5_000), 5_002));
+        assert!(a.receive("b", msg(&b, "a", 5_000), 5_002).unwrap());
         assert!(!a.state.playing);
         assert_eq!(a.state.position_at(9_000), 4.0);
     }
@@ -368,8 +440,8 @@ mod tests {
         a.local_change(100, false, 10.0, 1.0);
         b.local_change(100, true, 20.0, 1.0);
         let (ma, mb) = (msg(&a, "b", 101), msg(&b, "a", 101));
-        a.receive("b", mb, 102);
-        b.receive("a", ma, 102);
+        a.receive("b", mb, 102).unwrap();
+        b.receive("a", ma, 102).unwrap();
         assert_eq!(a.state.stamp, b.state.stamp);
         assert_eq!(a.state.position, b.state.position);
         assert_eq!(a.state.playing, b.state.playing);
@@ -382,8 +454,8 @@ mod tests {
         a.local_change(100, true, 0.0, 1.0);
         let old = msg(&a, "b", 100);
         a.local_change(200, false, 0.1, 1.0);
-        b.receive("a", msg(&a, "b", 200), 201);
-        assert!(!b.receive("a", old, 202));
+        b.receive("a", msg(&a, "b", 200), 201).unwrap();
+        assert!(!b.receive("a", old, 202).unwrap());
         assert!(!b.state.playing);
     }
 
@@ -402,15 +474,15 @@ mod tests {
         let mut a = Room::new("f", "a", 0);
         let mut b = Room::new("f", "b", 0);
         // b's clock is 10 s ahead of a's. One round trip teaches a the offset.
-        b.receive("a", msg(&a, "b", 1_000), 11_002);
-        a.receive("b", msg(&b, "a", 11_003), 1_005);
+        b.receive("a", msg(&a, "b", 1_000), 11_002).unwrap();
+        a.receive("b", msg(&b, "a", 11_003), 1_005).unwrap();
         assert!(
             (a.offset_ms("b") - 10_000).abs() <= 2,
             "{}",
             a.offset_ms("b")
         );
         b.local_change(12_000, true, 30.0, 1.0);
-        a.receive("b", msg(&b, "a", 12_000), 2_002);
+        a.receive("b", msg(&b, "a", 12_000), 2_002).unwrap();
         // At a's 3_000 (b's 13_000) the file is 31 s in.
         assert!((a.state.position_at(3_000) - 31.0).abs() < 0.01);
     }
@@ -448,7 +520,7 @@ mod tests {
         let mut a = Room::new("f", "a", 0);
         let mut b = Room::new("f", "b", 0);
         b.local_report(0, 0.0, 5.0, false);
-        a.receive("b", msg(&b, "a", 0), 0);
+        a.receive("b", msg(&b, "a", 0), 0).unwrap();
         assert_eq!(a.watchers.len(), 1);
         assert!(!a.expire(WATCHER_TIMEOUT_MS));
         assert!(a.expire(WATCHER_TIMEOUT_MS + 1));
@@ -458,5 +530,71 @@ mod tests {
         assert!(!a.expire(10_000 + WATCHER_TIMEOUT_MS));
         assert!(a.expire(10_001 + WATCHER_TIMEOUT_MS));
         assert!(a.local.is_none());
+    }
+
+    #[test]
+    fn a_stamp_far_ahead_of_ours_is_refused_and_changes_nothing() {
+        let mut a = Room::new("f", "a", 0);
+        let mut b = Room::new("f", "b", 0);
+        a.local_change(100, true, 0.0, 1.0);
+        b.receive("a", msg(&a, "b", 100), 101).unwrap();
+        let before = b.state.clone();
+        let mut m = msg(&a, "b", 200);
+        m.state.playing = false;
+        for counter in [u64::MAX, b.state.stamp.counter + MAX_STAMP_LEAD + 1] {
+            m.state.stamp.counter = counter;
+            assert!(matches!(
+                b.receive("a", m.clone(), 201),
+                Err(RoomError::AcceptStamp { theirs, .. }) if theirs == counter
+            ));
+            assert_eq!(b.state, before);
+        }
+        // Just inside the bound is an ordinary newer state.
+        m.state.stamp.counter = b.state.stamp.counter + MAX_STAMP_LEAD;
+        assert!(b.receive("a", m, 202).unwrap());
+        assert!(!b.state.playing);
+    }
+
+    #[test]
+    fn a_counter_at_its_maximum_saturates_instead_of_wrapping() {
+        let mut a = Room::new("f", "a", 0);
+        a.state.stamp.counter = u64::MAX;
+        a.local_change(100, true, 0.0, 1.0);
+        assert_eq!(a.state.stamp.counter, u64::MAX);
+        a.local_report(200, 0.0, 0.0, true);
+        assert!(a.settle_readiness(200));
+        assert_eq!(a.state.stamp.counter, u64::MAX);
+    }
+
+    #[test]
+    fn absurd_times_positions_and_rates_are_refused() {
+        let a = Room::new("f", "a", 0);
+        let mut b = Room::new("f", "b", 0);
+        let good = msg(&a, "b", 10);
+        type Spoil = fn(&mut RoomMessage);
+        let spoilers: [(&str, Spoil); 9] = [
+            ("state time", |m| m.state.at_ms = i64::MIN),
+            ("state time", |m| m.state.at_ms = MAX_TIME_MS + 1),
+            ("timestamps", |m| m.sent_ms = -1),
+            ("timestamps", |m| m.echo = (i64::MAX, 0)),
+            ("position", |m| m.state.position = f64::NAN),
+            ("position", |m| m.state.position = -2e9),
+            ("rate", |m| m.state.rate = 0.0),
+            ("rate", |m| m.state.rate = f64::INFINITY),
+            ("stamp", |m| {
+                m.state.stamp.node = "n".repeat(MAX_NODE_ID + 1)
+            }),
+        ];
+        for (field, spoil) in spoilers {
+            let mut m = good.clone();
+            m.state.stamp.counter = 1;
+            spoil(&mut m);
+            match b.receive("a", m, 11) {
+                Err(RoomError::AcceptField { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        assert_eq!(b.state.stamp, Stamp::default(), "nothing was taken in");
+        assert!(b.receive("a", good, 11).is_ok());
     }
 }

@@ -3,6 +3,8 @@
 //! manifest), and reading one chunk. It must never open a path outside a share root:
 //! `..`, `.`, absolute paths, NUL bytes, backslashes and symlinks that lead out are all
 //! refused before or after resolution, and what a file open reached is checked again.
+//! A manifest another member sent is checked ([`Manifest::checked`]) before anything is
+//! sized by it.
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -20,6 +22,13 @@ pub const CHUNK_SIZE: u64 = 256 * 1024;
 /// Overrides [`CHUNK_SIZE`] for benchmarks that compare chunk sizes; manifests carry
 /// their chunk size, so nodes with different settings still understand each other.
 pub const CHUNK_SIZE_ENV: &str = "WATCHALONG_CHUNK_SIZE";
+/// The smallest and largest chunk a manifest may use: below, per-chunk overhead
+/// dominates; above, one chunk held in memory (a verify, a relay reply) costs too much.
+pub const MIN_CHUNK_SIZE: u64 = 4096;
+pub const MAX_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
+/// The largest file a manifest may describe (4 TiB): far beyond any video, and it keeps
+/// every offset computed from a peer's manifest (`index * chunk_size`) inside `u64`.
+pub const MAX_FILE_SIZE: u64 = 1 << 42;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
@@ -34,8 +43,17 @@ pub enum ShareError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("chunk {index} is beyond the end of {path}")]
+    SeekChunk { path: String, index: u64 },
     #[error("chunk {index} of {path} has changed since its manifest was made")]
     ChunkChanged { path: String, index: u64 },
+    /// A manifest from another member that cannot be trusted to size anything.
+    #[error("the manifest {member} sent for {path} is refused ({reason}); that member may run a different version or be misbehaving")]
+    RefuseManifest {
+        member: String,
+        path: String,
+        reason: String,
+    },
     #[error("the range {range:?} is outside {path} ({size} bytes)")]
     ReadRange {
         path: String,
@@ -88,6 +106,62 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// A manifest `member` sent when asked for `path` in `share`, checked before anything
+    /// is sized by it: the chunk size within [`MIN_CHUNK_SIZE`]..=[`MAX_CHUNK_SIZE`], the
+    /// file within [`MAX_FILE_SIZE`], exactly one chunk per `chunk_size` bytes (the last
+    /// one partial), each hash 64 lowercase hex digits, the share and path the ones asked
+    /// for. The mode keeps only its permission bits, so a peer cannot make a setuid file.
+    pub fn checked(
+        mut self,
+        member: &str,
+        share: &str,
+        path: &str,
+    ) -> Result<Manifest, ShareError> {
+        let refuse = |reason: String| ShareError::RefuseManifest {
+            member: member.to_string(),
+            path: format!("{share}/{path}"),
+            reason,
+        };
+        if self.share != share || self.path != path.trim_start_matches("./") {
+            return Err(refuse(format!(
+                "it describes {}/{} instead",
+                self.share.escape_debug(),
+                self.path.escape_debug()
+            )));
+        }
+        if clean_path(&self.path).is_err() {
+            return Err(refuse("its path leaves the share".into()));
+        }
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&self.chunk_size) {
+            return Err(refuse(format!(
+                "chunk size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes",
+                self.chunk_size
+            )));
+        }
+        if self.size > MAX_FILE_SIZE {
+            return Err(refuse(format!(
+                "size {} is above the {MAX_FILE_SIZE}-byte limit",
+                self.size
+            )));
+        }
+        let expected = self.size.div_ceil(self.chunk_size);
+        if self.chunks.len() as u64 != expected {
+            return Err(refuse(format!(
+                "{} chunk hashes for {} bytes in chunks of {} (expected {expected})",
+                self.chunks.len(),
+                self.size,
+                self.chunk_size
+            )));
+        }
+        let hex =
+            |h: &String| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if let Some(i) = self.chunks.iter().position(|h| !hex(h)) {
+            return Err(refuse(format!("chunk {i}'s hash is not 64 hex digits")));
+        }
+        self.mode &= 0o777;
+        Ok(self)
+    }
+
     /// Names this version of the file: the same bytes give the same id on every node.
     pub fn id(&self) -> String {
         let mut h = blake3::Hasher::new();
@@ -99,16 +173,18 @@ impl Manifest {
     }
 
     pub fn chunk_len(&self, index: u64) -> u64 {
-        let start = index * self.chunk_size;
+        let start = index.saturating_mul(self.chunk_size);
         self.chunk_size.min(self.size.saturating_sub(start))
     }
 
-    /// Chunk `index` as `file` holds it at its offset, if it is there and matches.
+    /// Chunk `index` as `file` holds it at its offset, if it is there and matches. The
+    /// buffer is sized by the manifest: only a [`Manifest::checked`] one may come here.
     pub fn held_chunk(&self, file: &std::fs::File, index: u64) -> Option<Vec<u8>> {
         use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; self.chunk_len(index) as usize];
-        file.read_exact_at(&mut buf, index * self.chunk_size).ok()?;
         let want = self.chunks.get(index as usize)?;
+        let mut buf = vec![0u8; self.chunk_len(index).min(MAX_CHUNK_SIZE) as usize];
+        file.read_exact_at(&mut buf, index.checked_mul(self.chunk_size)?)
+            .ok()?;
         (blake3::hash(&buf).to_hex().as_str() == want).then_some(buf)
     }
 }
@@ -374,8 +450,14 @@ impl Shares {
             path: path.clone(),
             source,
         };
-        f.seek(SeekFrom::Start(index * self.chunk_size))
-            .map_err(read)?;
+        // The index comes from a request: past any file, not an overflow.
+        let offset = index
+            .checked_mul(self.chunk_size)
+            .ok_or_else(|| ShareError::SeekChunk {
+                path: raw.to_string(),
+                index,
+            })?;
+        f.seek(SeekFrom::Start(offset)).map_err(read)?;
         let mut buf = vec![0u8; self.chunk_size as usize];
         let n = read_full(&mut f, &mut buf).map_err(read)?;
         buf.truncate(n);
@@ -510,6 +592,10 @@ mod tests {
             s.chunk("s", "big", 0, &m.chunks[1]).is_err(),
             "wrong hash must not pass"
         );
+        assert!(matches!(
+            s.chunk("s", "big", u64::MAX, &m.chunks[1]),
+            Err(ShareError::SeekChunk { .. })
+        ));
     }
 
     #[test]
@@ -563,6 +649,124 @@ mod tests {
             s.chunk("s", "pipe", 0, "x"),
             Err(ShareError::NotFound(_))
         ));
+    }
+
+    /// A manifest as a member would send it for `s/dir/f`: `size` bytes in 4 KiB chunks.
+    fn sent(size: u64) -> Manifest {
+        let n = size.div_ceil(MIN_CHUNK_SIZE) as usize;
+        Manifest {
+            share: "s".into(),
+            path: "dir/f".into(),
+            size,
+            mtime: 1,
+            mode: 0o644,
+            chunk_size: MIN_CHUNK_SIZE,
+            chunks: vec![blake3::hash(b"x").to_hex().to_string(); n],
+        }
+    }
+
+    fn refusal(m: Manifest) -> String {
+        match m.checked("eve", "s", "dir/f") {
+            Err(e @ ShareError::RefuseManifest { .. }) => e.to_string(),
+            other => panic!("accepted or failed otherwise: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_well_formed_manifest_passes_and_its_mode_keeps_only_permission_bits() {
+        for size in [0, 1, MIN_CHUNK_SIZE, MIN_CHUNK_SIZE + 1] {
+            let m = sent(size).checked("eve", "s", "dir/f").unwrap();
+            assert_eq!(m.chunks.len() as u64, size.div_ceil(MIN_CHUNK_SIZE));
+        }
+        let setuid = Manifest {
+            mode: 0o104755,
+            ..sent(10)
+        };
+        assert_eq!(setuid.checked("eve", "s", "./dir/f").unwrap().mode, 0o755);
+        let biggest = Manifest {
+            chunk_size: MAX_CHUNK_SIZE,
+            ..sent(MIN_CHUNK_SIZE)
+        };
+        let biggest = Manifest {
+            chunks: vec![biggest.chunks[0].clone()],
+            ..biggest
+        };
+        assert!(biggest.checked("eve", "s", "dir/f").is_ok());
+    }
+
+    #[test]
+    fn a_chunk_size_outside_4_kib_to_64_mib_is_refused_before_anything_is_allocated() {
+        let mut huge = sent(10);
+        huge.chunk_size = 1 << 36;
+        let e = refusal(huge.clone());
+        assert!(
+            e.contains("chunk size 68719476736") && e.contains("eve"),
+            "{e}"
+        );
+        huge.chunk_size = MAX_CHUNK_SIZE + 1;
+        refusal(huge.clone());
+        huge.chunk_size = MIN_CHUNK_SIZE - 1;
+        refusal(huge.clone());
+        huge.chunk_size = 0;
+        refusal(huge);
+    }
+
+    #[test]
+    fn a_chunk_count_that_contradicts_the_size_is_refused() {
+        let mut m = sent(3 * MIN_CHUNK_SIZE);
+        m.chunks.pop();
+        let e = refusal(m.clone());
+        assert!(
+            e.contains("2 chunk hashes") && e.contains("expected 3"),
+            "{e}"
+        );
+        m.chunks.push(m.chunks[0].clone());
+        m.chunks.push(m.chunks[0].clone());
+        refusal(m);
+        let mut empty = sent(0);
+        empty.chunks.push(blake3::hash(b"").to_hex().to_string());
+        refusal(empty);
+    }
+
+    #[test]
+    fn bad_hashes_sizes_and_other_files_are_refused() {
+        let mut m = sent(10);
+        m.chunks[0] = "zz".repeat(32);
+        refusal(m.clone());
+        m.chunks[0] = m.chunks[0].to_uppercase();
+        refusal(m.clone());
+        m.chunks[0] = "a".repeat(65);
+        refusal(m);
+        let mut big = sent(0);
+        big.size = MAX_FILE_SIZE + 1;
+        big.chunk_size = MAX_CHUNK_SIZE;
+        big.chunks = vec!["a".repeat(64); big.size.div_ceil(MAX_CHUNK_SIZE) as usize];
+        assert!(refusal(big).contains("limit"));
+        refusal(Manifest {
+            share: "t".into(),
+            ..sent(10)
+        });
+        refusal(Manifest {
+            path: "dir/g".into(),
+            ..sent(10)
+        });
+        let climbing = Manifest {
+            path: "../f".into(),
+            ..sent(10)
+        };
+        assert!(climbing.checked("eve", "s", "../f").is_err());
+    }
+
+    #[test]
+    fn a_manifest_made_here_passes_its_own_check() {
+        let (d, s) = setup();
+        std::fs::write(
+            d.path().join("root/big"),
+            vec![7u8; (CHUNK_SIZE + 10) as usize],
+        )
+        .unwrap();
+        let m = s.manifest("s", "big").unwrap();
+        assert_eq!(m.clone().checked("me", "s", "big").unwrap(), m);
     }
 
     #[test]

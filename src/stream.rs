@@ -573,10 +573,16 @@ async fn handle(streams: Arc<Streams>, req: Request<Incoming>) -> Response<Body>
 
 /// Serves the streams on `listener` (bound by the caller to loopback) until `cancel`.
 pub async fn serve_local(listener: TcpListener, streams: Arc<Streams>, cancel: CancellationToken) {
-    crate::transfer::serve(listener, cancel, move |req, _local, _peer| {
-        let streams = streams.clone();
-        async move { handle(streams, req).await }
-    })
+    crate::transfer::serve_bounded(
+        listener,
+        cancel,
+        |_local, _peer| true,
+        move |req, _local, _peer| {
+            let streams = streams.clone();
+            async move { handle(streams, req).await }
+        },
+        || {},
+    )
     .await;
 }
 

@@ -898,8 +898,11 @@ impl SyncShare {
 
 /// Sets a fetched file's mtime to the version's, so every node shows the same.
 pub fn set_mtime(path: &Path, mtime: u64) {
+    // A time the system cannot represent is left alone rather than overflowing.
+    let Some(t) = UNIX_EPOCH.checked_add(Duration::from_secs(mtime)) else {
+        return;
+    };
     if let Ok(f) = std::fs::File::options().write(true).open(path) {
-        let t = UNIX_EPOCH + Duration::from_secs(mtime);
         let _ = f.set_modified(t);
     }
 }

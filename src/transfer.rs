@@ -1,10 +1,13 @@
-//! Moving chunks between members: the node-to-node HTTP server on the VPN address (a
-//! request is identified by its WireGuard-authenticated source address), the LAN relay
-//! (every request MAC-signed by a member, see [`crate::auth`]), the chunk cache with
+//! Moving chunks between members: the node-to-node HTTP server on the VPN address and the
+//! LAN relay (every request MAC-signed by the sending daemon, see [`crate::auth`]: the
+//! source address alone proves nothing, since any user on a member can send from it; relay
+//! bodies are sealed), the chunk cache with
 //! single-flight fetches so a site's gateway pulls each chunk over the internet once, and
 //! the requester's `get` loop, which verifies every chunk and routes around a bad or dead
 //! gateway. Routes come from [`crate::planner`]; who is where comes from a [`Directory`]
 //! the caller builds. It writes only to the cache dir and the requested destination.
+//! Every server here is bounded: header and body deadlines, connection caps in all and per
+//! source, body size limits both ways, throttled logging.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -14,6 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::auth::{self, Direction, Proofs};
+use crate::logging::Throttle;
+use crate::planner::{self, Key, Route, Via};
+use crate::share::{Manifest, RangeRead, ShareError, Shares, MAX_RANGE};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -25,11 +32,6 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
-use x25519_dalek::StaticSecret;
-
-use crate::auth::{self, Replays};
-use crate::planner::{self, Key, Route, Via};
-use crate::share::{Manifest, RangeRead, ShareError, Shares, MAX_RANGE};
 
 /// The node-to-node HTTP port, on each member's VPN address.
 pub const NODE_PORT: u16 = 51874;
@@ -41,6 +43,22 @@ const POST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Chunks a `get` keeps in flight.
 const PARALLEL: usize = 4;
 const MAX_TRIES: usize = 8;
+/// The largest chunk a manifest may name; a chunk answer is never read past its own length.
+pub const MAX_CHUNK: u64 = 64 * 1024 * 1024;
+/// A listing or manifest answer (JSON) is read up to this size.
+const MAX_JSON_ANSWER: usize = 16 * 1024 * 1024;
+/// An announcement or room message POSTed to the node server.
+const MAX_POST: usize = 4 * 1024 * 1024;
+/// A sealed relay request (a chunk request as JSON) is small.
+const MAX_RELAY_REQUEST: usize = 64 * 1024;
+/// A client must send its request head within this long, also between requests on a kept
+/// connection: an idle connection is closed after it.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request body must arrive within this long.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections one server holds at once, and from one source address.
+const MAX_CONNECTIONS: usize = 512;
+const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -63,6 +81,15 @@ pub enum TransferError {
     },
     #[error("gave up on chunk {0} after {1} tries: {2}")]
     GiveUp(u64, usize, String),
+    #[error("{0} answered more than the {1} bytes expected")]
+    TooLarge(SocketAddr, u64),
+    #[error("the answer from {from} is not valid: {source}")]
+    Decode {
+        from: SocketAddr,
+        source: serde_json::Error,
+    },
+    #[error("the sealed answer from {0} does not open: {1}")]
+    Open(String, auth::AuthError),
 }
 
 impl TransferError {
@@ -156,6 +183,8 @@ impl Directory {
 /// What the node gives the servers: the current directory.
 pub trait Membership: Send + Sync + 'static {
     fn directory(&self) -> Directory;
+    /// This node's VPN address: cheap, asked for every connection.
+    fn vpn_address(&self) -> Ipv4Addr;
     /// Versions of a read-write share that member `from` announced (folder sync).
     fn announced(&self, _from: Key, _body: Bytes) {}
     /// A watch-along room message from member `from`.
@@ -171,6 +200,8 @@ pub struct ChunkRequest {
     pub index: u64,
     pub hash: String,
     pub transfer: String,
+    /// The chunk's length from its manifest: no answer is read past it.
+    pub len: u64,
 }
 
 impl ChunkRequest {
@@ -182,6 +213,7 @@ impl ChunkRequest {
             .append_pair("index", &self.index.to_string())
             .append_pair("hash", &self.hash)
             .append_pair("transfer", &self.transfer)
+            .append_pair("len", &self.len.to_string())
             .finish()
     }
 
@@ -273,16 +305,23 @@ pub struct Counters {
     pub fetched_chunks: u64,
     /// Chunks an interrupted pull already held, checked and kept instead of fetched.
     pub resumed_chunks: u64,
+    /// Requests to the node server or the relay refused for want of a member's proof.
+    #[serde(default)]
+    pub refused_requests: u64,
+    /// Connections closed at once: over a cap, or to an address the server does not serve.
+    #[serde(default)]
+    pub refused_connections: u64,
 }
 
 /// The transfer engine one node runs.
 pub struct Engine {
     pub shares: Shares,
-    secret: StaticSecret,
+    proofs: Arc<Proofs>,
     relay_port: u16,
     cache: Cache,
     inflight: Mutex<HashMap<String, Arc<OnceCell<Bytes>>>>,
-    replays: Mutex<Replays>,
+    refused: AtomicU64,
+    refused_connections: AtomicU64,
     corrupt: AtomicU64,
     served: AtomicU64,
     fetched: AtomicU64,
@@ -292,18 +331,19 @@ pub struct Engine {
 impl Engine {
     pub fn new(
         shares: Shares,
-        secret: StaticSecret,
+        proofs: Arc<Proofs>,
         relay_port: u16,
         cache_dir: PathBuf,
         cache_budget: u64,
     ) -> Engine {
         Engine {
             shares,
-            secret,
+            proofs,
             relay_port,
             cache: Cache::new(cache_dir, cache_budget),
             inflight: Mutex::new(HashMap::new()),
-            replays: Mutex::new(Replays::default()),
+            refused: AtomicU64::new(0),
+            refused_connections: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             served: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
@@ -321,6 +361,135 @@ impl Engine {
             served_chunks: self.served.load(Ordering::Relaxed),
             fetched_chunks: self.fetched.load(Ordering::Relaxed),
             resumed_chunks: self.resumed.load(Ordering::Relaxed),
+            refused_requests: self.refused.load(Ordering::Relaxed),
+            refused_connections: self.refused_connections.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn proofs(&self) -> &Arc<Proofs> {
+        &self.proofs
+    }
+
+    /// One request to member `to`'s node server, signed by this daemon; its answer is
+    /// read up to `limit` bytes. A POST (a small announcement) gets a shorter deadline.
+    async fn signed(
+        &self,
+        to: &Key,
+        addr: SocketAddr,
+        method: hyper::Method,
+        pq: &str,
+        body: Bytes,
+        limit: u64,
+    ) -> Result<Bytes, TransferError> {
+        let deadline = if method == hyper::Method::POST {
+            POST_TIMEOUT
+        } else {
+            REQUEST_TIMEOUT
+        };
+        let h = self.proofs.sign_request(
+            to,
+            method.as_str(),
+            pq,
+            &body,
+            crate::node::now_secs(),
+            fresh_nonce(),
+        );
+        let mut req = Request::builder().method(method).uri(pq);
+        for (k, v) in h.pairs() {
+            req = req.header(k, v);
+        }
+        exchange(addr, req.body(Full::new(body)), deadline, limit).await
+    }
+
+    /// Asks member `to`, at VPN address `vpn`, for a listing or a manifest.
+    pub async fn ask<T: serde::de::DeserializeOwned>(
+        &self,
+        to: &Key,
+        vpn: Ipv4Addr,
+        what: &str,
+        share: &str,
+        path: &str,
+    ) -> Result<T, TransferError> {
+        let q = form_urlencoded::Serializer::new(String::new())
+            .append_pair("share", share)
+            .append_pair("path", path)
+            .finish();
+        let addr = SocketAddr::from((vpn, NODE_PORT));
+        let body = self
+            .signed(
+                to,
+                addr,
+                hyper::Method::GET,
+                &format!("/v1/{what}?{q}"),
+                Bytes::new(),
+                MAX_JSON_ANSWER as u64,
+            )
+            .await?;
+        serde_json::from_slice(&body).map_err(|source| TransferError::Decode { from: addr, source })
+    }
+
+    /// POSTs `body` to member `to`'s node server (folder sync announcements, room messages).
+    pub async fn post(
+        &self,
+        to: &Key,
+        vpn: Ipv4Addr,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(), TransferError> {
+        let addr = SocketAddr::from((vpn, NODE_PORT));
+        self.signed(to, addr, hyper::Method::POST, path, Bytes::from(body), 1024)
+            .await
+            .map(|_| ())
+    }
+
+    /// Checks that a request came from member `from`'s daemon: the member it names is
+    /// `from`, and its MAC covers this method, path, query and body.
+    fn verify(
+        &self,
+        from: &Key,
+        parts: &hyper::http::request::Parts,
+        body: &[u8],
+    ) -> Result<(), auth::AuthError> {
+        let h = |k: &str| {
+            parts
+                .headers
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        };
+        if crate::identity::key_from_base64(h(auth::HEADER_MEMBER)).as_ref() != Some(from) {
+            return Err(auth::AuthError::Missing);
+        }
+        let sig = auth::Signature {
+            time: h(auth::HEADER_TIME).parse().unwrap_or(0),
+            nonce: h(auth::HEADER_NONCE),
+            mac: h(auth::HEADER_MAC),
+        };
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        self.proofs.check_request(
+            from,
+            parts.method.as_str(),
+            pq,
+            body,
+            sig,
+            crate::node::now_secs(),
+        )
+    }
+
+    /// The answer to a request that failed [`Engine::verify`], counted.
+    fn refuse(&self, e: &auth::AuthError, peer: SocketAddr) -> Response<Full<Bytes>> {
+        static LOG: Throttle = Throttle::new(Duration::from_secs(10));
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if let Some(held) = LOG.allow() {
+            log::info!("refused a request from {peer}: {e} ({held} more refused before)");
+        }
+        match e {
+            auth::AuthError::Busy => reply(StatusCode::SERVICE_UNAVAILABLE, Bytes::new()),
+            _ => unauthorized(),
         }
     }
 
@@ -366,15 +535,26 @@ impl Engine {
         let peer = dir
             .get(from)
             .ok_or_else(|| TransferError::UnknownPeer(crate::identity::key_to_base64(from)))?;
-        let pq = format!("/v1/chunk?{}", req.query());
         let body = match via {
-            Via::Tunnel => http_get(SocketAddr::from((peer.vpn, NODE_PORT)), &pq, &[]).await?,
+            Via::Tunnel => {
+                let pq = format!("/v1/chunk?{}", req.query());
+                let addr = SocketAddr::from((peer.vpn, NODE_PORT));
+                let limit = req.len.min(MAX_CHUNK);
+                self.signed(
+                    &peer.key,
+                    addr,
+                    hyper::Method::GET,
+                    &pq,
+                    Bytes::new(),
+                    limit,
+                )
+                .await?
+            }
             Via::Lan => {
                 let addr = peer
                     .relay
                     .ok_or_else(|| TransferError::UnknownPeer(peer.name.clone()))?;
-                let headers = self.sign("GET", &pq, &peer.key);
-                http_get(addr, &pq, &headers).await?
+                self.relay_get(&peer.key, &peer.name, addr, req).await?
             }
         };
         self.fetched.fetch_add(1, Ordering::Relaxed);
@@ -385,22 +565,46 @@ impl Engine {
         Ok(body)
     }
 
-    fn sign(&self, method: &str, pq: &str, to: &Key) -> Vec<(&'static str, String)> {
-        let key = auth::pair_key(&self.secret, to);
-        let time = crate::node::now_secs();
-        let mut n = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut n);
-        let nonce: String = n.iter().map(|b| format!("{b:02x}")).collect();
-        let me = x25519_dalek::PublicKey::from(&self.secret);
-        vec![
-            (
-                auth::HEADER_MEMBER,
-                crate::identity::key_to_base64(me.as_bytes()),
-            ),
-            (auth::HEADER_TIME, time.to_string()),
-            (auth::HEADER_MAC, auth::mac(&key, method, pq, time, &nonce)),
-            (auth::HEADER_NONCE, nonce),
-        ]
+    /// A chunk from member `to`'s LAN relay: the request (which names the share and the
+    /// path) and the answer both travel sealed, so the LAN sees neither.
+    async fn relay_get(
+        &self,
+        to: &Key,
+        name: &str,
+        addr: SocketAddr,
+        req: &ChunkRequest,
+    ) -> Result<Bytes, TransferError> {
+        let plain = serde_json::to_vec(req)
+            .map_err(|source| TransferError::Decode { from: addr, source })?;
+        let nonce = fresh_nonce();
+        let nonce_hex = auth::nonce_hex(nonce);
+        let sealed = self
+            .proofs
+            .seal_relay(to, &nonce_hex, Direction::Request, &plain)
+            .map_err(|e| TransferError::Open(name.to_string(), e))?;
+        let h = self.proofs.sign_request(
+            to,
+            "POST",
+            RELAY_PATH,
+            &sealed,
+            crate::node::now_secs(),
+            nonce,
+        );
+        let mut r = Request::post(RELAY_PATH);
+        for (k, v) in h.pairs() {
+            r = r.header(k, v);
+        }
+        let answer = exchange(
+            addr,
+            r.body(Full::new(Bytes::from(sealed))),
+            REQUEST_TIMEOUT,
+            req.len.min(MAX_CHUNK) + SEAL_OVERHEAD,
+        )
+        .await?;
+        self.proofs
+            .open_relay(to, &nonce_hex, Direction::Response, &answer)
+            .map(Bytes::from)
+            .map_err(|e| TransferError::Open(name.to_string(), e))
     }
 
     /// A chunk for a member that asked this node: from disk when this node holds the
@@ -472,6 +676,17 @@ impl Engine {
     }
 }
 
+/// The one path of the LAN relay: what is asked is in the sealed body, not the URL.
+const RELAY_PATH: &str = "/v1/relay";
+/// What sealing adds to a body: the AEAD's tag.
+const SEAL_OVERHEAD: u64 = 16;
+
+fn fresh_nonce() -> [u8; 16] {
+    let mut n = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n
+}
+
 /// Progress of one `get`, read by `watchalong get` while it runs.
 #[derive(Debug, Default)]
 pub struct Progress {
@@ -502,6 +717,7 @@ pub async fn fetch_chunk(
         index,
         hash: manifest.chunks[index as usize].clone(),
         transfer: id.clone(),
+        len: manifest.chunk_len(index),
     };
     let mut last = String::new();
     for _ in 0..MAX_TRIES {
@@ -667,53 +883,14 @@ fn temp_beside(dest: &Path) -> PathBuf {
     dest.with_file_name(format!(".{name}.watchalong-{tag}"))
 }
 
-/// Asks the node server of the member at `vpn` for a listing or a manifest.
-pub async fn ask<T: serde::de::DeserializeOwned>(
-    vpn: Ipv4Addr,
-    what: &str,
-    share: &str,
-    path: &str,
-) -> Result<T, String> {
-    let q = form_urlencoded::Serializer::new(String::new())
-        .append_pair("share", share)
-        .append_pair("path", path)
-        .finish();
-    let body = http_get(
-        SocketAddr::from((vpn, NODE_PORT)),
-        &format!("/v1/{what}?{q}"),
-        &[],
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    serde_json::from_slice(&body).map_err(|e| e.to_string())
-}
-
-/// POSTs `body` to a member's node server (folder sync announcements).
-pub async fn http_post(vpn: Ipv4Addr, path: &str, body: Vec<u8>) -> Result<(), TransferError> {
-    let addr = SocketAddr::from((vpn, NODE_PORT));
-    let req = Request::post(path).body(Full::new(Bytes::from(body)));
-    exchange(addr, req, POST_TIMEOUT).await.map(|_| ())
-}
-
-/// GET over a fresh HTTP/1.1 connection, with deadlines.
-pub async fn http_get(
-    addr: SocketAddr,
-    path_and_query: &str,
-    headers: &[(&str, String)],
-) -> Result<Bytes, TransferError> {
-    let mut req = Request::get(path_and_query);
-    for (k, v) in headers {
-        req = req.header(*k, v);
-    }
-    exchange(addr, req.body(Full::new(Bytes::new())), REQUEST_TIMEOUT).await
-}
-
 /// One request on a fresh connection: connect within [`CONNECT_TIMEOUT`], the whole
-/// exchange within `deadline`; a status other than 2xx is an error.
+/// exchange within `deadline`; a status other than 2xx is an error, and so is an answer
+/// longer than `limit` bytes, which is never read past it.
 async fn exchange(
     addr: SocketAddr,
     req: Result<Request<Full<Bytes>>, hyper::http::Error>,
     deadline: Duration,
+    limit: u64,
 ) -> Result<Bytes, TransferError> {
     let fail = |e: String| TransferError::Connect(addr, e);
     let mut req = req.map_err(|e| fail(e.to_string()))?;
@@ -736,11 +913,26 @@ async fn exchange(
             .await
             .map_err(|e| fail(e.to_string()))?;
         let status = resp.status();
-        let body = resp
-            .into_body()
+        let declared = resp
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            driver.abort();
+            return Err(TransferError::TooLarge(addr, limit));
+        }
+        let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+        let body = http_body_util::Limited::new(resp.into_body(), cap)
             .collect()
             .await
-            .map_err(|e| fail(e.to_string()))?
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    TransferError::TooLarge(addr, limit)
+                } else {
+                    fail(e.to_string())
+                }
+            })?
             .to_bytes();
         drop(sender);
         driver.abort();
@@ -752,12 +944,6 @@ async fn exchange(
     tokio::time::timeout(deadline, work)
         .await
         .map_err(|_| fail("no answer in time".into()))?
-}
-
-fn query(req: &Request<Incoming>) -> HashMap<String, String> {
-    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-        .into_owned()
-        .collect()
 }
 
 fn reply(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
@@ -848,202 +1034,472 @@ fn chunk_request(q: &HashMap<String, String>) -> Option<ChunkRequest> {
         index: q.get("index")?.parse().ok()?,
         hash: q.get("hash")?.clone(),
         transfer: q.get("transfer")?.clone(),
+        len: q.get("len")?.parse().ok().filter(|l| *l <= MAX_CHUNK)?,
     })
 }
 
-/// Serves members over the tunnel: listing, manifests, chunks and ranged reads of files. Only connections to
-/// this node's VPN address from a member's VPN address are answered.
+/// Reads a request body up to `limit` bytes within [`BODY_TIMEOUT`].
+async fn read_body(body: Incoming, limit: usize) -> Option<Bytes> {
+    let collect = http_body_util::Limited::new(body, limit).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+        Ok(Ok(b)) => Some(b.to_bytes()),
+        _ => None,
+    }
+}
+
+/// Serves members over the tunnel: listing, manifests, chunks, ranged reads of files,
+/// and the sync and room messages. Only connections to this node's VPN address from a
+/// member's VPN address are answered, and only requests that member's daemon signed: any
+/// user on that member can send from its address, but none can sign.
 pub async fn serve_node<M: Membership>(
     listener: TcpListener,
     engine: Arc<Engine>,
     members: Arc<M>,
     cancel: CancellationToken,
 ) {
-    serve(listener, cancel, move |req, local, peer| {
-        let (engine, members) = (engine.clone(), members.clone());
-        async move {
-            let dir = members.directory();
-            let me = dir.get(&dir.me).map(|p| p.vpn);
-            let from_member = dir
-                .peers
-                .iter()
-                .any(|p| p.key != dir.me && IpAddr::V4(p.vpn) == peer.ip());
-            if me.map(IpAddr::V4) != Some(local.ip()) || !from_member {
-                return unauthorized();
-            }
-            let path = req.uri().path().to_string();
-            if (path == "/v1/sync" || path == "/v1/room") && req.method() == hyper::Method::POST {
+    let admit = {
+        let members = members.clone();
+        move |local: SocketAddr, _peer: SocketAddr| local.ip() == IpAddr::V4(members.vpn_address())
+    };
+    serve(
+        listener,
+        cancel,
+        engine.clone(),
+        admit,
+        move |req, _local, peer| {
+            let (engine, members) = (engine.clone(), members.clone());
+            async move {
+                let dir = members.directory();
                 let Some(from) = dir
                     .peers
                     .iter()
-                    .find(|p| IpAddr::V4(p.vpn) == peer.ip())
+                    .find(|p| p.key != dir.me && IpAddr::V4(p.vpn) == peer.ip())
                     .map(|p| p.key)
                 else {
-                    return unauthorized();
+                    return engine.refuse(&auth::AuthError::Missing, peer);
                 };
-                let body = http_body_util::Limited::new(req.into_body(), 4 * 1024 * 1024)
-                    .collect()
-                    .await;
-                return match body {
-                    Ok(b) if path == "/v1/room" => {
-                        members.room(from, b.to_bytes());
-                        reply(StatusCode::OK, Bytes::new())
-                    }
-                    Ok(b) => {
-                        members.announced(from, b.to_bytes());
-                        reply(StatusCode::OK, Bytes::new())
-                    }
-                    Err(_) => reply(StatusCode::PAYLOAD_TOO_LARGE, Bytes::new()),
+                let (parts, body) = req.into_parts();
+                let Some(body) = read_body(body, MAX_POST).await else {
+                    return reply(StatusCode::PAYLOAD_TOO_LARGE, Bytes::new());
                 };
-            }
-            let q = query(&req);
-            let get = |k: &str| q.get(k).cloned().unwrap_or_default();
-            match req.uri().path() {
-                "/v1/shares" => json(&engine.shares.list()),
-                "/v1/ls" => match tokio::task::block_in_place(|| {
-                    engine.shares.ls(&get("share"), &get("path"))
-                }) {
-                    Ok(v) => json(&v),
-                    Err(e) => error_reply(&e.into()),
-                },
-                "/v1/manifest" => match tokio::task::block_in_place(|| {
-                    engine.shares.manifest(&get("share"), &get("path"))
-                }) {
-                    Ok(m) => json(&m),
-                    Err(e) => error_reply(&e.into()),
-                },
-                "/v1/chunk" => match chunk_request(&q) {
-                    Some(cr) => chunk_reply(&engine, &dir, &cr, false).await,
-                    None => reply(StatusCode::BAD_REQUEST, Bytes::new()),
-                },
-                "/v1/file" => {
-                    let range = req
-                        .headers()
-                        .get(hyper::header::RANGE)
-                        .and_then(|v| v.to_str().ok())
-                        .map(String::from);
-                    match tokio::task::block_in_place(|| {
-                        engine
-                            .shares
-                            .read_range(&get("share"), &get("path"), range.as_deref())
-                    }) {
-                        Ok(r) => file_reply(r, range.is_some()),
-                        Err(e) => error_reply(&e.into()),
-                    }
+                if let Err(e) = engine.verify(&from, &parts, &body) {
+                    return engine.refuse(&e, peer);
                 }
-                _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
+                let path = parts.uri.path();
+                if parts.method == hyper::Method::POST {
+                    return match path {
+                        "/v1/room" => {
+                            members.room(from, body);
+                            reply(StatusCode::OK, Bytes::new())
+                        }
+                        "/v1/sync" => {
+                            members.announced(from, body);
+                            reply(StatusCode::OK, Bytes::new())
+                        }
+                        _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
+                    };
+                }
+                let q: HashMap<String, String> =
+                    form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+                        .into_owned()
+                        .collect();
+                let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+                match path {
+                    "/v1/shares" => json(&engine.shares.list()),
+                    "/v1/ls" => match tokio::task::block_in_place(|| {
+                        engine.shares.ls(&get("share"), &get("path"))
+                    }) {
+                        Ok(v) => json(&v),
+                        Err(e) => error_reply(&e.into()),
+                    },
+                    "/v1/manifest" => match tokio::task::block_in_place(|| {
+                        engine.shares.manifest(&get("share"), &get("path"))
+                    }) {
+                        Ok(m) => json(&m),
+                        Err(e) => error_reply(&e.into()),
+                    },
+                    "/v1/chunk" => match chunk_request(&q) {
+                        Some(cr) => chunk_reply(&engine, &dir, &cr, false).await,
+                        None => reply(StatusCode::BAD_REQUEST, Bytes::new()),
+                    },
+                    "/v1/file" => {
+                        let range = parts
+                            .headers
+                            .get(hyper::header::RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .map(String::from);
+                        match tokio::task::block_in_place(|| {
+                            engine
+                                .shares
+                                .read_range(&get("share"), &get("path"), range.as_deref())
+                        }) {
+                            Ok(r) => file_reply(r, range.is_some()),
+                            Err(e) => error_reply(&e.into()),
+                        }
+                    }
+                    _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
+                }
             }
-        }
-    })
+        },
+    )
     .await
 }
 
-/// The LAN relay: chunks for members, every request signed; anyone else gets 401.
+/// The LAN relay: chunks for members, every request signed and sealed; anyone else gets
+/// 401. It answers on this node's LAN addresses, never on its VPN address or loopback.
 pub async fn serve_relay<M: Membership>(
     listener: TcpListener,
     engine: Arc<Engine>,
     members: Arc<M>,
     cancel: CancellationToken,
 ) {
-    serve(listener, cancel, move |req, _local, _peer| {
-        let (engine, members) = (engine.clone(), members.clone());
-        async move {
-            let dir = members.directory();
-            let h = |k: &str| {
-                req.headers()
-                    .get(k)
+    let admit = {
+        let members = members.clone();
+        move |local: SocketAddr, _peer: SocketAddr| {
+            !local.ip().is_loopback() && local.ip() != IpAddr::V4(members.vpn_address())
+        }
+    };
+    serve(
+        listener,
+        cancel,
+        engine.clone(),
+        admit,
+        move |req, _local, peer| {
+            let (engine, members) = (engine.clone(), members.clone());
+            async move {
+                let member = req
+                    .headers()
+                    .get(auth::HEADER_MEMBER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(crate::identity::key_from_base64);
+                // Membership is checked before anything costs: no key is derived for a stranger.
+                let dir = members.directory();
+                let Some(member) = member.filter(|m| *m != dir.me && dir.get(m).is_some()) else {
+                    return engine.refuse(&auth::AuthError::Missing, peer);
+                };
+                let (parts, body) = req.into_parts();
+                let Some(body) = read_body(body, MAX_RELAY_REQUEST).await else {
+                    return reply(StatusCode::PAYLOAD_TOO_LARGE, Bytes::new());
+                };
+                if let Err(e) = engine.verify(&member, &parts, &body) {
+                    return engine.refuse(&e, peer);
+                }
+                if parts.method != hyper::Method::POST || parts.uri.path() != RELAY_PATH {
+                    return reply(StatusCode::NOT_FOUND, Bytes::new());
+                }
+                let nonce = parts
+                    .headers
+                    .get(auth::HEADER_NONCE)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
-                    .to_string()
-            };
-            let Some(member) = crate::identity::key_from_base64(&h(auth::HEADER_MEMBER)) else {
-                return unauthorized();
-            };
-            if member == dir.me || dir.get(&member).is_none() {
-                return unauthorized();
-            }
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/")
-                .to_string();
-            let key = auth::pair_key(&engine.secret, &member);
-            let time: u64 = h(auth::HEADER_TIME).parse().unwrap_or(0);
-            let (nonce, mac) = (h(auth::HEADER_NONCE), h(auth::HEADER_MAC));
-            let sig = auth::Signature {
-                time,
-                nonce: &nonce,
-                mac: &mac,
-            };
-            let checked = engine
-                .replays
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .check(
-                    &key,
-                    req.method().as_str(),
-                    &pq,
-                    sig,
-                    crate::node::now_secs(),
-                );
-            match checked {
-                Ok(()) => {}
-                Err(auth::AuthError::Busy) => {
-                    return reply(StatusCode::SERVICE_UNAVAILABLE, Bytes::new());
-                }
-                Err(e) => {
-                    log::debug!("relay request refused: {e}");
-                    return unauthorized();
+                    .to_string();
+                let cr = engine
+                    .proofs
+                    .open_relay(&member, &nonce, Direction::Request, &body)
+                    .ok()
+                    .and_then(|plain| serde_json::from_slice::<ChunkRequest>(&plain).ok())
+                    .filter(|cr| cr.len <= MAX_CHUNK);
+                let Some(cr) = cr else {
+                    return reply(StatusCode::BAD_REQUEST, Bytes::new());
+                };
+                // Statuses only: an error's text could name the share or the path.
+                match engine.serve_chunk(&dir, &cr, true).await {
+                    Ok(b) => {
+                        match engine
+                            .proofs
+                            .seal_relay(&member, &nonce, Direction::Response, &b)
+                        {
+                            Ok(sealed) => {
+                                engine.served.fetch_add(1, Ordering::Relaxed);
+                                reply(StatusCode::OK, Bytes::from(sealed))
+                            }
+                            Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),
+                        }
+                    }
+                    Err(e) => reply(error_reply(&e).status(), Bytes::new()),
                 }
             }
-            match (req.uri().path(), chunk_request(&query(&req))) {
-                ("/v1/chunk", Some(cr)) => chunk_reply(&engine, &dir, &cr, true).await,
-                _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
-            }
-        }
-    })
+        },
+    )
     .await
 }
 
-pub(crate) async fn serve<F, Fut, B>(listener: TcpListener, cancel: CancellationToken, handle: F)
-where
+/// Connections a server holds per source address. At a source's cap, its oldest
+/// connection with no request in progress is closed to make room: a flood of idle
+/// connections from one address (another user on a member, say) then evicts itself,
+/// never the member daemon's own requests. A slot is given back when its guard drops,
+/// however the connection ends.
+#[derive(Default)]
+struct Slots {
+    inner: Mutex<SlotsInner>,
+}
+
+#[derive(Default)]
+struct SlotsInner {
+    next: u64,
+    by_source: HashMap<IpAddr, VecDeque<Held>>,
+}
+
+struct Held {
+    id: u64,
+    /// Requests in progress on the connection.
+    busy: Arc<AtomicU64>,
+    close: CancellationToken,
+}
+
+struct Slot {
+    slots: Arc<Slots>,
+    source: IpAddr,
+    id: u64,
+    busy: Arc<AtomicU64>,
+    close: CancellationToken,
+}
+
+impl Slots {
+    /// A slot for a new connection from `source`, and whether an idle one was closed
+    /// to make room.
+    fn take(self: &Arc<Self>, source: IpAddr) -> Option<(Slot, bool)> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let id = inner.next;
+        inner.next += 1;
+        let list = inner.by_source.entry(source).or_default();
+        let mut evicted = false;
+        if list.len() >= MAX_CONNECTIONS_PER_SOURCE {
+            let idle = list
+                .iter()
+                .position(|c| c.busy.load(Ordering::Relaxed) == 0)?;
+            if let Some(old) = list.remove(idle) {
+                old.close.cancel();
+                evicted = true;
+            }
+        }
+        let (busy, close) = (Arc::new(AtomicU64::new(0)), CancellationToken::new());
+        list.push_back(Held {
+            id,
+            busy: busy.clone(),
+            close: close.clone(),
+        });
+        let slot = Slot {
+            slots: self.clone(),
+            source,
+            id,
+            busy,
+            close,
+        };
+        Some((slot, evicted))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut inner = self.slots.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = inner.by_source.get_mut(&self.source) {
+            list.retain(|c| c.id != self.id);
+            if list.is_empty() {
+                inner.by_source.remove(&self.source);
+            }
+        }
+    }
+}
+
+/// Marks a connection busy while one request is handled.
+struct Busy(Arc<AtomicU64>);
+
+impl Busy {
+    fn new(n: &Arc<AtomicU64>) -> Busy {
+        n.fetch_add(1, Ordering::Relaxed);
+        Busy(n.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs an HTTP/1 server on `listener` until `cancel`: `admit` sees each connection's
+/// addresses before anything is read, and every connection is bounded (see the
+/// constants above). Accept errors (out of file descriptors, say) back off instead of
+/// spinning, and are logged at most once per period.
+pub(crate) async fn serve<A, F, Fut, B>(
+    listener: TcpListener,
+    cancel: CancellationToken,
+    engine: Arc<Engine>,
+    admit: A,
+    handle: F,
+) where
+    A: Fn(SocketAddr, SocketAddr) -> bool,
     F: Fn(Request<Incoming>, SocketAddr, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Response<B>> + Send,
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    serve_bounded(listener, cancel, admit, handle, move || {
+        engine.refused_connections.fetch_add(1, Ordering::Relaxed);
+    })
+    .await
+}
+
+/// [`serve`] for servers that keep no counters (the loopback stream endpoint).
+pub(crate) async fn serve_bounded<A, F, Fut, B, R>(
+    listener: TcpListener,
+    cancel: CancellationToken,
+    admit: A,
+    handle: F,
+    refused: R,
+) where
+    A: Fn(SocketAddr, SocketAddr) -> bool,
+    F: Fn(Request<Incoming>, SocketAddr, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<B>> + Send,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    R: Fn(),
+{
+    static ACCEPT_LOG: Throttle = Throttle::new(Duration::from_secs(10));
+    static REFUSE_LOG: Throttle = Throttle::new(Duration::from_secs(10));
+    let slots = Arc::new(Slots::default());
     let mut conns = tokio::task::JoinSet::new();
+    let mut backoff = Duration::ZERO;
     loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    log::warn!("accept failed: {e}");
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
             () = cancel.cancelled() => break,
         };
+        let (stream, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::ZERO;
+                x
+            }
+            Err(e) => {
+                if let Some(held) = ACCEPT_LOG.allow() {
+                    log::warn!("accept failed: {e} ({held} more failures since the last line)");
+                }
+                // Out of descriptors or memory: retrying at once only spins.
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => continue,
+                    () = cancel.cancelled() => break,
+                }
+            }
+        };
+        while conns.try_join_next().is_some() {}
         let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        let slot = if conns.len() >= MAX_CONNECTIONS || !admit(local, peer) {
+            None
+        } else {
+            slots.take(peer.ip())
+        };
+        let slot = match slot {
+            Some((slot, evicted)) => {
+                if evicted {
+                    refused();
+                }
+                Some(slot)
+            }
+            None => None,
+        };
+        let Some(slot) = slot else {
+            refused();
+            if let Some(held) = REFUSE_LOG.allow() {
+                log::info!(
+                    "closed a connection from {peer} to {local}: over a connection cap or not served here ({held} more since the last line)"
+                );
+            }
             continue;
         };
         let handle = handle.clone();
         let cancel = cancel.clone();
         conns.spawn(async move {
+            let (busy, close) = (slot.busy.clone(), slot.close.clone());
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let handle = handle.clone();
-                async move { Ok::<_, Infallible>(handle(req, local, peer).await) }
+                let busy = Busy::new(&busy);
+                async move {
+                    let r = handle(req, local, peer).await;
+                    drop(busy);
+                    Ok::<_, Infallible>(r)
+                }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(64 * 1024)
+                .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => if let Err(e) = r { log::debug!("connection from {peer}: {e}") },
+                // Evicted to make room for a newer connection from the same source.
+                () = close.cancelled() => {}
                 () = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
             }
         });
-        while conns.try_join_next().is_some() {}
     }
     conns.abort_all();
     while conns.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_a_sources_cap_its_oldest_idle_connection_makes_room_and_a_busy_one_never_does() {
+        let slots = Arc::new(Slots::default());
+        let a: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
+        let b: IpAddr = Ipv4Addr::new(10, 0, 0, 2).into();
+        let held: Vec<Slot> = (0..MAX_CONNECTIONS_PER_SOURCE)
+            .map(|_| {
+                let (s, evicted) = slots.take(a).expect("under the cap");
+                assert!(!evicted);
+                s
+            })
+            .collect();
+        // The first is handling a request; the second is idle and goes.
+        let _working = Busy::new(&held[0].busy);
+        let (newer, evicted) = slots.take(a).expect("room made");
+        assert!(evicted);
+        assert!(!held[0].close.is_cancelled());
+        assert!(held[1].close.is_cancelled());
+        assert!(held[2..].iter().all(|s| !s.close.is_cancelled()));
+        // Another source is not affected by a's crowd.
+        let (other, _) = slots.take(b).expect("b has its own cap");
+        assert!(!other.close.is_cancelled());
+        // Every connection of a busy: nothing is evicted, the newcomer is refused.
+        let _all_busy: Vec<Busy> = held
+            .iter()
+            .chain([&newer])
+            .map(|s| Busy::new(&s.busy))
+            .collect();
+        assert!(slots.take(a).is_none());
+        // Slots come back when their guards drop.
+        drop(held);
+        drop(newer);
+        drop(other);
+        assert!(slots.inner.lock().unwrap().by_source.is_empty());
+    }
+
+    #[test]
+    fn a_chunk_request_with_a_length_past_the_largest_chunk_is_not_parsed() {
+        let q = |len: u64| -> HashMap<String, String> {
+            [
+                ("source", "s"),
+                ("share", "x"),
+                ("path", "p"),
+                ("index", "0"),
+                ("hash", "h"),
+                ("transfer", "t"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain([("len".to_string(), len.to_string())])
+            .collect()
+        };
+        assert_eq!(chunk_request(&q(MAX_CHUNK)).map(|c| c.len), Some(MAX_CHUNK));
+        assert!(chunk_request(&q(MAX_CHUNK + 1)).is_none());
+        assert!(chunk_request(&q(1 << 36)).is_none());
+    }
 }

@@ -9,6 +9,11 @@
 //! reach the TUN device; they are handed over as join messages) and intercepts gossip
 //! addressed to this node. It must not decide membership: the daemon adds and removes
 //! peers.
+//!
+//! Anyone on the internet can send to its port, so a handshake costs nothing before it is
+//! proven cheap to answer: one boringtun `RateLimiter` shared by every session checks mac1
+//! (and, under load, a cookie bound to the source address) before any key is looked at,
+//! and the expensive parse of an initiation runs outside the peer table's lock.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -16,6 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use ipnet::Ipv4Net;
 use rand::RngCore;
@@ -41,6 +47,12 @@ const MAX_INVITE_SESSIONS: usize = 256;
 /// WireGuard's message type 3: a cookie reply.
 const COOKIE_REPLY: u8 = 3;
 const INVITE_SESSION_LIFETIME: Duration = Duration::from_secs(120);
+/// Handshakes per second answered without a cookie; past it, an initiator must prove its
+/// source address first. Each handshake is counted twice (our check, then the session's
+/// own), so this lets about half as many through.
+const HANDSHAKES_PER_SEC: u64 = 200;
+/// A cookie reply is 64 bytes.
+const COOKIE_REPLY_LEN: usize = 64;
 
 pub type Key = [u8; 32];
 
@@ -223,6 +235,12 @@ pub struct Tunnel {
     roamed: tokio::sync::Notify,
     /// Set once the UDP loop reads its socket: until then a handshake gets no answer.
     receiving: tokio::sync::watch::Sender<bool>,
+    /// Shared by every session: mac1 and cookies, and the count of handshakes per second.
+    limiter: Arc<RateLimiter>,
+    /// Handshake-shaped datagrams dropped before any key work.
+    handshakes_refused: std::sync::atomic::AtomicU64,
+    /// Gossip datagrams some other program on this machine sent through the TUN device.
+    local_gossip_dropped: std::sync::atomic::AtomicU64,
 }
 
 /// What handling one datagram asks the loop to do once the lock is released.
@@ -243,7 +261,11 @@ impl Tunnel {
         gossip_tx: mpsc::Sender<GossipIn>,
     ) -> Arc<Tunnel> {
         let public = PublicKey::from(&secret);
+        let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SEC));
         Arc::new(Tunnel {
+            limiter,
+            handshakes_refused: std::sync::atomic::AtomicU64::new(0),
+            local_gossip_dropped: std::sync::atomic::AtomicU64::new(0),
             udp,
             tun,
             secret,
@@ -312,7 +334,7 @@ impl Tunnel {
                 None,
                 Some(KEEPALIVE_SECS),
                 index,
-                None,
+                Some(self.limiter.clone()),
             );
             let key = config.public_key;
             let peer = Peer {
@@ -474,6 +496,19 @@ impl Tunnel {
         self.lock().spoofed
     }
 
+    /// Handshake-shaped datagrams dropped before any key work: a bad mac1, or no valid
+    /// cookie while under load.
+    pub fn handshakes_refused(&self) -> u64 {
+        self.handshakes_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Gossip datagrams another program on this machine tried to send as this daemon.
+    pub fn local_gossip_dropped(&self) -> u64 {
+        self.local_gossip_dropped
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Packets this node passed on between two other members.
     pub fn forwarded_count(&self) -> u64 {
         self.lock().forwarded
@@ -554,16 +589,42 @@ impl Tunnel {
         tx: &mut [u8],
         out: &mut Vec<(Vec<u8>, SocketAddr)>,
     ) -> After {
-        let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
-            return After::Nothing;
+        // mac1 first, and under load a cookie: a flood of handshake-shaped datagrams
+        // costs a keyed hash each and never reaches the X25519 below or the lock.
+        let mut cookie = [0u8; COOKIE_REPLY_LEN];
+        let packet = match self
+            .limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                out.push((reply.to_vec(), from));
+                self.count_refused_handshake();
+                return After::Nothing;
+            }
+            Err(_) => {
+                if datagram.first().is_some_and(|t| matches!(t, 1 | 2)) {
+                    self.count_refused_handshake();
+                }
+                return After::Nothing;
+            }
+        };
+        // Whose initiation this is takes a Diffie-Hellman: done before the lock is taken.
+        let initiator = match &packet {
+            Packet::HandshakeInit(init) => {
+                match parse_handshake_anon(&self.secret, &self.public, init) {
+                    Ok(half) => Some(half.peer_static_public),
+                    Err(_) => return After::Nothing,
+                }
+            }
+            _ => None,
         };
         let mut st = self.lock();
         let slot = match &packet {
-            Packet::HandshakeInit(init) => {
-                let Ok(half) = parse_handshake_anon(&self.secret, &self.public, init) else {
+            Packet::HandshakeInit(_) => {
+                let Some(key) = initiator else {
                     return After::Nothing;
                 };
-                let key = half.peer_static_public;
                 if st.peers.contains_key(&key) {
                     Slot::Peer(key)
                 } else if st.invite_keys.contains(&key) {
@@ -736,7 +797,7 @@ impl Tunnel {
             None,
             None,
             idx,
-            None,
+            Some(self.limiter.clone()),
         );
         st.invites.insert(
             idx,
@@ -767,6 +828,14 @@ impl Tunnel {
                 if st.me != Some(src) {
                     continue;
                 }
+                // Gossip is the daemon's own (sent by `send_gossip`, never through the
+                // kernel): a datagram to the gossip port from the TUN device comes from some
+                // other program on this machine.
+                if wire::decode_udp(&rx[..n]).is_some_and(|u| u.port == wire::GOSSIP_PORT) {
+                    self.local_gossip_dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
                 st.encapsulate(&rx[..n], dst, &mut tx, Instant::now())
             };
             self.dispatch(send, &tx).await;
@@ -779,6 +848,8 @@ impl Tunnel {
         let mut buf = vec![0u8; 256];
         loop {
             tick.tick().await;
+            // The shared limiter counts handshakes per second; no session resets it.
+            self.limiter.reset_count();
             let mut out = Vec::new();
             {
                 let mut st = self.lock();
@@ -817,6 +888,18 @@ impl Tunnel {
                 }
             }
             self.send_all(out).await;
+        }
+    }
+}
+
+impl Tunnel {
+    fn count_refused_handshake(&self) {
+        static LOG: crate::logging::Throttle =
+            crate::logging::Throttle::new(Duration::from_secs(10));
+        self.handshakes_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(held) = LOG.allow() {
+            log::debug!("refused a handshake before key work ({held} more since the last line)");
         }
     }
 }

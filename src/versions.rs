@@ -1,6 +1,7 @@
 //! The rules folder sync will decide by (issue 5), written first as a pure core: version
 //! vectors, which of two versions of a path wins, what the loser of a conflict is called
-//! (the same on every node, whichever node decides), and when deletions may spread.
+//! (the same on every node, whichever node decides), when deletions may spread, and what
+//! a version another member announces must look like before anything is decided by it.
 //! Nothing here touches a file, the clock or the network; the index, the watcher and the
 //! replication that will use it are not built yet.
 
@@ -28,7 +29,10 @@ impl VersionVector {
     /// The vector after `node` made one more change.
     pub fn bumped(&self, node: &str) -> VersionVector {
         let mut v = self.clone();
-        *v.0.entry(node.to_string()).or_insert(0) += 1;
+        // Saturates rather than wraps: a wrapped counter would make the newest version
+        // look like the oldest.
+        let n = v.0.entry(node.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
         v
     }
 
@@ -60,6 +64,64 @@ impl VersionVector {
             (false, true) => Order::After,
             (true, true) => Order::Concurrent,
         }
+    }
+}
+
+/// The latest mtime a version may carry: 9999-12-31 23:59:59 UTC, the last second a
+/// date can be written for (a conflict copy's name carries it).
+pub const MAX_MTIME: u64 = 253_402_300_799;
+/// The most nodes one version vector may name: far more than a group has members, few
+/// enough that comparing two vectors stays cheap.
+pub const MAX_VV_NODES: usize = 1024;
+/// The longest node id in a version (ids are short key prefixes).
+pub const MAX_NODE_ID: usize = 64;
+/// The highest counter a peer may announce: leaves room to count changes for ever.
+pub const MAX_COUNTER: u64 = 1 << 62;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VersionError {
+    #[error("the announced version of {path:?} is refused: {reason}")]
+    CheckVersion { path: String, reason: &'static str },
+}
+
+impl FileVersion {
+    /// Whether a version another member announced is sane enough to decide by: an mtime
+    /// a date can be written for, a content id that is a manifest id (or the folder or
+    /// deletion marker), short node ids, a bounded version vector with counters that
+    /// cannot wrap, a size a manifest may have.
+    pub fn check(&self) -> Result<(), VersionError> {
+        let refuse = |reason| {
+            Err(VersionError::CheckVersion {
+                path: self.path.chars().take(256).collect(),
+                reason,
+            })
+        };
+        let hex =
+            |s: &str| s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if self.mtime > MAX_MTIME {
+            return refuse("its mtime is past the year 9999");
+        }
+        if !(self.content.is_empty() || self.content == crate::sync::DIR || hex(&self.content)) {
+            return refuse("its content id is not a manifest id");
+        }
+        if self.node.len() > MAX_NODE_ID {
+            return refuse("its node id is too long");
+        }
+        if self.vv.0.len() > MAX_VV_NODES {
+            return refuse("its version vector names too many nodes");
+        }
+        if self
+            .vv
+            .0
+            .iter()
+            .any(|(k, n)| k.len() > MAX_NODE_ID || *n > MAX_COUNTER)
+        {
+            return refuse("its version vector holds a too long id or too high a counter");
+        }
+        if self.size > crate::share::MAX_FILE_SIZE {
+            return refuse("its size is above the largest file a manifest may describe");
+        }
+        Ok(())
     }
 }
 
@@ -139,14 +201,20 @@ pub fn conflict_name(path: &str, mtime: u64, node: &str, content: &str) -> Strin
         Some((s, e)) if !s.is_empty() => (s, format!(".{e}")),
         _ => (file, String::new()),
     };
-    let stamp = humantime::format_rfc3339_seconds(
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime),
-    )
-    .to_string()
-    .replace(['-', ':'], "")
-    .replace('T', "-")
-    .trim_end_matches('Z')
-    .to_string();
+    // A time that cannot be shown as a date (past the year 9999) is shown in seconds
+    // rather than failing: the name must exist whatever a clock said.
+    let stamp = std::time::UNIX_EPOCH
+        .checked_add(std::time::Duration::from_secs(mtime))
+        .filter(|_| mtime <= MAX_MTIME)
+        .map(|t| {
+            humantime::format_rfc3339_seconds(t)
+                .to_string()
+                .replace(['-', ':'], "")
+                .replace('T', "-")
+                .trim_end_matches('Z')
+                .to_string()
+        })
+        .unwrap_or_else(|| mtime.to_string());
     let tag: String = content.chars().take(8).collect();
     format!("{dir}{stem}.sync-conflict-{stamp}-{node}-{tag}{ext}")
 }
@@ -291,5 +359,75 @@ mod tests {
         assert!(may_propagate_deletions(true, true));
         assert!(!may_propagate_deletions(false, false));
         assert!(!may_propagate_deletions(true, false));
+    }
+
+    #[test]
+    fn a_counter_at_its_maximum_saturates_instead_of_wrapping() {
+        let v = vv(&[("a", u64::MAX)]).bumped("a");
+        assert_eq!(v.0["a"], u64::MAX);
+    }
+
+    #[test]
+    fn a_conflict_name_exists_for_any_mtime() {
+        let far = conflict_name("f.txt", u64::MAX, "n1", "abcdef0123");
+        assert_eq!(far, format!("f.sync-conflict-{}-n1-abcdef01.txt", u64::MAX));
+        let last = conflict_name("f.txt", MAX_MTIME, "n1", "abcdef0123");
+        assert_eq!(last, "f.sync-conflict-99991231-235959-n1-abcdef01.txt");
+    }
+
+    #[test]
+    fn absurd_announced_versions_are_refused_and_sane_ones_pass() {
+        let id = "a".repeat(64);
+        let good = version("n1", vv(&[("n1", 3)]), 1_700_000_000, &id);
+        assert_eq!(good.check(), Ok(()));
+        let deletion = FileVersion {
+            deleted: true,
+            content: String::new(),
+            ..good.clone()
+        };
+        assert_eq!(deletion.check(), Ok(()));
+        let folder = FileVersion {
+            content: crate::sync::DIR.into(),
+            ..good.clone()
+        };
+        assert_eq!(folder.check(), Ok(()));
+        let many: BTreeMap<String, u64> =
+            (0..=MAX_VV_NODES).map(|i| (format!("n{i}"), 1)).collect();
+        let bad = [
+            FileVersion {
+                mtime: MAX_MTIME + 1,
+                ..good.clone()
+            },
+            FileVersion {
+                mtime: u64::MAX,
+                ..good.clone()
+            },
+            FileVersion {
+                content: "../../etc".into(),
+                ..good.clone()
+            },
+            FileVersion {
+                node: "n".repeat(MAX_NODE_ID + 1),
+                ..good.clone()
+            },
+            FileVersion {
+                vv: vv(&[("n1", u64::MAX)]),
+                ..good.clone()
+            },
+            FileVersion {
+                vv: VersionVector(many),
+                ..good.clone()
+            },
+            FileVersion {
+                size: u64::MAX,
+                ..good.clone()
+            },
+        ];
+        for v in bad {
+            assert!(
+                matches!(v.check(), Err(VersionError::CheckVersion { .. })),
+                "{v:?}"
+            );
+        }
     }
 }

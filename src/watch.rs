@@ -18,6 +18,10 @@ use crate::transfer::{self, Directory};
 /// How often a watcher tells the others where it is (and how often rooms are checked).
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 
+/// Rooms other members' messages may open here. Each lives as long as the daemon, so a
+/// member must not be able to make unboundedly many; a real group watches a few files.
+pub const MAX_ROOMS: usize = 256;
+
 /// Milliseconds since the epoch on this node's clock.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -100,6 +104,8 @@ pub struct RoomView {
 /// Every room on this node and the streams its players read.
 pub struct Watch {
     pub streams: Arc<Streams>,
+    /// Signs the room messages sent to other members.
+    engine: Arc<transfer::Engine>,
     rooms: Mutex<HashMap<String, Room>>,
     /// Bumped whenever a room's state changes, to wake waiting players.
     changed: tokio::sync::watch::Sender<u64>,
@@ -110,9 +116,16 @@ pub struct Watch {
 }
 
 impl Watch {
-    pub fn new(streams: Arc<Streams>, me: String, name: String, hold_when_starved: bool) -> Watch {
+    pub fn new(
+        streams: Arc<Streams>,
+        engine: Arc<transfer::Engine>,
+        me: String,
+        name: String,
+        hold_when_starved: bool,
+    ) -> Watch {
         Watch {
             streams,
+            engine,
             rooms: Mutex::new(HashMap::new()),
             changed: tokio::sync::watch::Sender::new(0),
             me,
@@ -236,8 +249,18 @@ impl Watch {
             return;
         }
         let file = m.file.clone();
-        if self.with_room(&file, |room| room.receive(from, m, now_ms())) {
-            self.bump();
+        let full = {
+            let rooms = self.rooms();
+            !rooms.contains_key(&file) && rooms.len() >= MAX_ROOMS
+        };
+        if full {
+            log::debug!("room message from {from} dropped: {MAX_ROOMS} rooms are open already");
+            return;
+        }
+        match self.with_room(&file, |room| room.receive(from, m, now_ms())) {
+            Ok(true) => self.bump(),
+            Ok(false) => {}
+            Err(e) => log::debug!("{e}"),
         }
     }
 
@@ -284,13 +307,53 @@ impl Watch {
             else {
                 continue;
             };
-            let (vpn, name) = (p.vpn, p.name.clone());
+            let (key, vpn, name, engine) = (p.key, p.vpn, p.name.clone(), self.engine.clone());
             posts.spawn(async move {
-                if let Err(e) = transfer::http_post(vpn, "/v1/room", body).await {
+                if let Err(e) = engine.post(&key, vpn, "/v1/room", body).await {
                     log::debug!("room message to {name}: {e}");
                 }
             });
         }
         while posts.join_next().await.is_some() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::room::Room;
+
+    #[test]
+    fn members_cannot_open_more_than_max_rooms_but_known_rooms_still_hear_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Arc::new(Streams::new(
+            dir.path().to_path_buf(),
+            0,
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let engine = Arc::new(transfer::Engine::new(
+            crate::share::Shares::new(Vec::new(), crate::share::CHUNK_SIZE),
+            Arc::new(crate::auth::Proofs::new(x25519_dalek::StaticSecret::from(
+                [1u8; 32],
+            ))),
+            0,
+            dir.path().join("cache"),
+            0,
+        ));
+        let w = Watch::new(streams, engine, "me".into(), "me".into(), true);
+        let message = |file: &str, playing: bool| {
+            let mut peer = Room::new(file, "peer", now_ms());
+            peer.state.stamp.counter = u64::from(!playing);
+            peer.local_change(now_ms(), playing, 1.0, 1.0);
+            serde_json::to_vec(&peer.message_for("me", now_ms())).unwrap()
+        };
+        for i in 0..MAX_ROOMS + 10 {
+            w.receive("peer", &message(&format!("s/f{i}"), true));
+        }
+        assert_eq!(w.rooms().len(), MAX_ROOMS);
+        assert!(!w.rooms().contains_key(&format!("s/f{MAX_ROOMS}")));
+        // A pause (with a higher stamp) in a room already open still arrives.
+        w.receive("peer", &message("s/f0", false));
+        assert!(!w.rooms()["s/f0"].state.playing);
     }
 }

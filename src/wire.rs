@@ -68,6 +68,68 @@ pub enum Refusal {
     HostFailure,
     #[error("the join request does not prove that the joiner holds the keys it registers (a joiner older than the host sends no proof: update watchalong on it)")]
     KeyProof,
+    #[error("{0}")]
+    Name(NameRefusal),
+}
+
+/// Why a joiner's name is refused. Names show in every member's `status` and `peers`
+/// and select members in commands (`watchalong remove NAME`), so one must never pass
+/// for another member, an address, or carry characters a terminal would act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum NameRefusal {
+    #[error("the node's name is empty; set [node] name in its configuration")]
+    Empty,
+    #[error("the node's name is longer than {MAX_NAME} bytes; set a shorter [node] name")]
+    TooLong,
+    #[error("the node's name holds control, invisible or surrounding blank characters; set a plain [node] name")]
+    Unprintable,
+    #[error("the node's name is an IP address, which would pass for a member's address; set a [node] name that is not")]
+    Address,
+    #[error("another member already has this name (or has it as its address or key); set another [node] name and open the link again")]
+    Taken,
+}
+
+/// The longest name a member may have, in bytes.
+pub const MAX_NAME: usize = 64;
+
+/// Whether `name` may name a member at all, whoever else is in the group: 1 to
+/// [`MAX_NAME`] bytes, printable, no blanks around it, not an IP address.
+pub fn check_name_form(name: &str) -> Result<(), NameRefusal> {
+    if name.is_empty() {
+        return Err(NameRefusal::Empty);
+    }
+    if name.len() > MAX_NAME {
+        return Err(NameRefusal::TooLong);
+    }
+    // Control characters, and the format characters that hide or reorder text
+    // (zero-width, bidirectional overrides, the BOM), so a name reads as what it is.
+    let invisible = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{00ad}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{2069}' | '\u{feff}')
+    };
+    if name.chars().any(invisible) || name.trim() != name {
+        return Err(NameRefusal::Unprintable);
+    }
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Err(NameRefusal::Address);
+    }
+    Ok(())
+}
+
+/// Whether a joiner may be called `name` in a group whose members have `taken` names,
+/// addresses and keys (compared without regard to case).
+pub fn check_name<S: AsRef<str>>(
+    name: &str,
+    taken: impl IntoIterator<Item = S>,
+) -> Result<(), NameRefusal> {
+    check_name_form(name)?;
+    let name = name.to_lowercase();
+    if taken.into_iter().any(|t| t.as_ref().to_lowercase() == name) {
+        return Err(NameRefusal::Taken);
+    }
+    Ok(())
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -310,6 +372,72 @@ mod tests {
         let p = encode(JOINER_ADDRESS, "100.77.0.1".parse().unwrap(), &msg).unwrap();
         assert_eq!(ipv4_checksum(&p[..20]), 0);
         assert_eq!(decode(&p).unwrap(), msg);
+    }
+
+    #[test]
+    fn names_that_are_long_unprintable_or_addresses_are_refused() {
+        assert_eq!(check_name_form("kitchen-pi"), Ok(()));
+        assert_eq!(check_name_form("Zoë's laptop"), Ok(()));
+        assert_eq!(check_name_form(&"a".repeat(MAX_NAME)), Ok(()));
+        assert_eq!(check_name_form(""), Err(NameRefusal::Empty));
+        assert_eq!(
+            check_name_form(&"a".repeat(MAX_NAME + 1)),
+            Err(NameRefusal::TooLong)
+        );
+        assert_eq!(
+            check_name_form(&"a".repeat(2000)),
+            Err(NameRefusal::TooLong)
+        );
+        // Four bytes per character: 17 of them are 68 bytes, too long though 17 chars.
+        assert_eq!(check_name_form(&"😀".repeat(17)), Err(NameRefusal::TooLong));
+        for bad in [
+            "a\nb",
+            "a\u{1b}[31mred",
+            "tab\t",
+            "nul\0",
+            "rtl\u{202e}gpj",
+            "zero\u{200b}width",
+            " pad",
+            "pad ",
+        ] {
+            assert_eq!(
+                check_name_form(bad),
+                Err(NameRefusal::Unprintable),
+                "{bad:?}"
+            );
+        }
+        for addr in ["1.1.1.1", "100.77.0.2", "::1", "fe80::1"] {
+            assert_eq!(check_name_form(addr), Err(NameRefusal::Address), "{addr}");
+        }
+    }
+
+    #[test]
+    fn a_name_another_member_has_as_name_address_or_key_is_taken_whatever_its_case() {
+        let taken = [
+            "Kitchen",
+            "100.77.0.2",
+            "q83vEjRWeJmrze8SNFZ4mqvN7xI0VniZq83vEjRWeJk=",
+        ];
+        assert_eq!(check_name("kitchen", taken), Err(NameRefusal::Taken));
+        assert_eq!(check_name("KITCHEN", taken), Err(NameRefusal::Taken));
+        assert_eq!(
+            check_name("Q83VEJRWEJMRZE8SNFZ4MQVN7XI0VNIZQ83VEJRWEJK=", taken),
+            Err(NameRefusal::Taken)
+        );
+        assert_eq!(check_name("1.1.1.1", taken), Err(NameRefusal::Address));
+        assert_eq!(check_name("den", taken), Ok(()));
+    }
+
+    #[test]
+    fn a_name_refusal_reaches_the_joiner_intact() {
+        let msg = JoinMessage::Refused {
+            reason: Refusal::Name(NameRefusal::Taken),
+        };
+        let p = encode("100.77.0.1".parse().unwrap(), JOINER_ADDRESS, &msg).unwrap();
+        assert_eq!(decode(&p).unwrap(), msg);
+        assert!(Refusal::Name(NameRefusal::Taken)
+            .to_string()
+            .contains("another [node] name"));
     }
 
     #[test]

@@ -446,6 +446,7 @@ fn watchalong_forge(node: &Node, key: &str) -> Value {
         admitted_at: 0,
         version: 99,
         revoked: false,
+        observed: None,
     };
     serde_json::to_value(watchalong::mesh::sign_member(&sk, &rec)).unwrap()
 }

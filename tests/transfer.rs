@@ -291,7 +291,7 @@ fn three_nearby_members_fetching_one_file_at_once_download_it_once() {
 }
 
 /// Sends one raw HTTP request from inside `ns` and returns (status, body).
-fn raw_http(ns: &str, addr: String, request: String) -> (u16, Vec<u8>) {
+fn raw_http(ns: &str, addr: String, request: Vec<u8>) -> (u16, Vec<u8>) {
     in_netns(ns, move || {
         use std::io::{Read, Write};
         let mut s = match std::net::TcpStream::connect_timeout(
@@ -302,7 +302,7 @@ fn raw_http(ns: &str, addr: String, request: String) -> (u16, Vec<u8>) {
             Err(_) => return (0, Vec::new()),
         };
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(request.as_bytes()).unwrap();
+        s.write_all(&request).unwrap();
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
         let text = String::from_utf8_lossy(&buf).to_string();
@@ -319,41 +319,76 @@ fn raw_http(ns: &str, addr: String, request: String) -> (u16, Vec<u8>) {
     })
 }
 
-fn request(path_and_query: &str, headers: &BTreeMap<String, String>) -> String {
-    let mut r = format!("GET {path_and_query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+fn raw_request(method: &str, pq: &str, headers: &BTreeMap<String, String>, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "{method} {pq} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         r.push_str(&format!("{k}: {v}\r\n"));
     }
     r.push_str("\r\n");
+    let mut r = r.into_bytes();
+    r.extend_from_slice(body);
     r
 }
 
-/// Relay headers signed as `from` (whose state dir the test reads) for `to`.
-fn signed(from: &Node, to_key: &str, pq: &str, nonce: &str) -> BTreeMap<String, String> {
+fn request(path_and_query: &str, headers: &BTreeMap<String, String>) -> Vec<u8> {
+    raw_request("GET", path_and_query, headers, b"")
+}
+
+/// The proofs `node`'s daemon makes, from the key in its state dir: what only that
+/// daemon (and root) can read.
+fn proofs_of(node: &Node) -> watchalong::auth::Proofs {
     use base64::Engine;
-    let text = std::fs::read_to_string(from.dir.join("state/wireguard.key")).unwrap();
+    let text = std::fs::read_to_string(node.dir.join("state/wireguard.key")).unwrap();
     let secret: [u8; 32] = base64::engine::general_purpose::STANDARD
         .decode(text.trim())
         .unwrap()
         .try_into()
         .unwrap();
-    let secret = x25519_dalek::StaticSecret::from(secret);
+    watchalong::auth::Proofs::new(x25519_dalek::StaticSecret::from(secret))
+}
+
+fn header_map(h: &watchalong::auth::SignedHeaders) -> BTreeMap<String, String> {
+    h.pairs()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+/// A GET to the node server signed by `from`'s daemon key for `to`.
+fn signed(from: &Node, to_key: &str, pq: &str, nonce: u8) -> BTreeMap<String, String> {
     let to = watchalong::identity::key_from_base64(to_key).unwrap();
-    let key = watchalong::auth::pair_key(&secret, &to);
-    let time = watchalong::daemon::now_secs();
-    let me = watchalong::identity::key_to_base64(x25519_dalek::PublicKey::from(&secret).as_bytes());
-    let mut h = BTreeMap::new();
-    h.insert(watchalong::auth::HEADER_MEMBER.to_string(), me);
-    h.insert(watchalong::auth::HEADER_TIME.to_string(), time.to_string());
-    h.insert(
-        watchalong::auth::HEADER_NONCE.to_string(),
-        nonce.to_string(),
-    );
-    h.insert(
-        watchalong::auth::HEADER_MAC.to_string(),
-        watchalong::auth::mac(&key, "GET", pq, time, nonce),
-    );
-    h
+    let now = watchalong::daemon::now_secs();
+    header_map(&proofs_of(from).sign_request(&to, "GET", pq, b"", now, [nonce; 16]))
+}
+
+/// A relay request for `chunk` (a chunk request as JSON), sealed and signed by `from`'s
+/// daemon key for `to`.
+fn relay_request(from: &Node, to_key: &str, chunk: &serde_json::Value, nonce: u8) -> Vec<u8> {
+    use watchalong::auth::Direction;
+    let to = watchalong::identity::key_from_base64(to_key).unwrap();
+    let p = proofs_of(from);
+    let nonce_hex = watchalong::auth::nonce_hex([nonce; 16]);
+    let sealed = p
+        .seal_relay(
+            &to,
+            &nonce_hex,
+            Direction::Request,
+            chunk.to_string().as_bytes(),
+        )
+        .unwrap();
+    let now = watchalong::daemon::now_secs();
+    let h = p.sign_request(&to, "POST", "/v1/relay", &sealed, now, [nonce; 16]);
+    raw_request("POST", "/v1/relay", &header_map(&h), &sealed)
+}
+
+fn chunk_json(source: &str, path: &str, hash: &str) -> serde_json::Value {
+    serde_json::json!({
+        "source": source, "share": "s", "path": path, "index": 0,
+        "hash": hash, "transfer": "x", "len": 64,
+    })
 }
 
 #[test]
@@ -385,8 +420,10 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
     let manifest = |path: &str| format!("/v1/manifest?share=s&path={path}");
     let none = BTreeMap::new();
 
-    // A stranger on the LAN: 401 and an empty body, on the relay and the node port alike.
-    let chunk = "/v1/chunk?source=x&share=s&path=ok.txt&index=0&hash=x&transfer=x".to_string();
+    // A stranger on the LAN: 401 and an empty body from the relay, and not a byte from the
+    // node port.
+    let chunk =
+        "/v1/chunk?source=x&share=s&path=ok.txt&index=0&hash=x&transfer=x&len=4".to_string();
     let file = "/v1/file?share=s&path=ok.txt".to_string();
     for (addr, pq) in [
         (&relay, chunk.clone()),
@@ -399,30 +436,44 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
         (&node_lan, "/v1/shares".to_string()),
     ] {
         let (status, body) = raw_http(&stranger.ns.name, addr.clone(), request(&pq, &none));
-        assert_eq!(
-            (status, body.len()),
-            (401, 0),
-            "stranger got {status} from {addr}{pq}"
+        // The node server does not even answer on a LAN address: it closes the connection.
+        let refused = if *addr == node_lan {
+            [0, 401]
+        } else {
+            [401, 401]
+        };
+        assert!(
+            refused.contains(&status) && body.is_empty(),
+            "stranger got {status} and {} bytes from {addr}{pq}",
+            body.len()
         );
     }
-    let mut forged = signed(&a, &host_key, "/v1/chunk?x=1", "n0");
+    let mut forged = signed(&a, &host_key, "/v1/relay", 0);
     forged.insert(watchalong::auth::HEADER_MAC.to_string(), "00".repeat(32));
     assert_eq!(
         raw_http(
             &stranger.ns.name,
             relay.clone(),
-            request("/v1/chunk?x=1", &forged)
+            raw_request("POST", "/v1/relay", &forged, b"{}")
         )
         .0,
         401
     );
+    // The node server answers a's address only with a's daemon's signature: an unsigned
+    // request from a (any user there could send it) is refused.
+    let (status, body) = raw_http(&a.ns.name, node_vpn.clone(), request(&file, &none));
+    assert_eq!(
+        (status, body.len()),
+        (401, 0),
+        "an unsigned request from a member's address was served"
+    );
 
     // A member's signed request passes once; the same bytes again are a replay.
-    let pq = "/v1/chunk?source=x&share=s&path=ok.txt&index=0&hash=x&transfer=x";
-    let h = signed(&a, &host_key, pq, "nonce-1");
-    let (first, _) = raw_http(&a.ns.name, relay.clone(), request(pq, &h));
+    let ok_chunk = chunk_json("x", "ok.txt", "x");
+    let r = relay_request(&a, &host_key, &ok_chunk, 1);
+    let (first, _) = raw_http(&a.ns.name, relay.clone(), r.clone());
     assert_ne!(first, 401, "a member's signed request was refused");
-    let (again, body) = raw_http(&a.ns.name, relay.clone(), request(pq, &h));
+    let (again, body) = raw_http(&a.ns.name, relay.clone(), r);
     assert_eq!(
         (again, body.len()),
         (401, 0),
@@ -446,6 +497,13 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
         .replace('/', "%2F")
         .replace('=', "%3D");
     let range = BTreeMap::from([("Range".to_string(), "bytes=0-".to_string())]);
+    let mut nonce = 10u8;
+    let mut signed_get = |pq: &str, extra: &BTreeMap<String, String>| {
+        nonce += 1;
+        let mut h = signed(&a, &host_key, pq, nonce);
+        h.extend(extra.clone());
+        request(pq, &h)
+    };
     for (i, bad) in [
         "..%2Fsecret.txt",
         "%2e%2e%2Fsecret.txt",
@@ -459,7 +517,7 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
     .enumerate()
     {
         let chunk = format!(
-            "/v1/chunk?source={host_q}&share=s&path={bad}&index=0&hash={secret_hash}&transfer=x"
+            "/v1/chunk?source={host_q}&share=s&path={bad}&index=0&hash={secret_hash}&transfer=x&len=10"
         );
         for (pq, headers) in [
             (manifest(bad), &none),
@@ -467,41 +525,66 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
             (format!("/v1/file?share=s&path={bad}"), &range),
             (chunk.clone(), &none),
         ] {
-            let (status, body) = raw_http(&a.ns.name, node_vpn.clone(), request(&pq, headers));
+            let (status, body) = raw_http(&a.ns.name, node_vpn.clone(), signed_get(&pq, headers));
             escaped(&pq, status, &body);
         }
-        let h = signed(&a, &host_key, &chunk, &format!("escape-{i}"));
-        let (status, body) = raw_http(&a.ns.name, relay.clone(), request(&chunk, &h));
-        escaped(&format!("relay {chunk}"), status, &body);
+        let decoded: String = form_urlencoded_decode(bad);
+        let r = relay_request(
+            &a,
+            &host_key,
+            &chunk_json(&host_key, &decoded, &secret_hash),
+            100 + i as u8,
+        );
+        let (status, body) = raw_http(&a.ns.name, relay.clone(), r);
+        escaped(&format!("relay {decoded}"), status, &body);
     }
     let (ok, body) = raw_http(
         &a.ns.name,
         node_vpn.clone(),
-        request(&manifest("ok.txt"), &none),
+        signed_get(&manifest("ok.txt"), &none),
     );
     assert_eq!(ok, 200, "{}", String::from_utf8_lossy(&body));
     // A ranged read over the tunnel returns just those bytes.
     let two = BTreeMap::from([("Range".to_string(), "bytes=1-2".to_string())]);
-    let (status, body) = raw_http(&a.ns.name, node_vpn.clone(), request(&file, &two));
+    let (status, body) = raw_http(&a.ns.name, node_vpn.clone(), signed_get(&file, &two));
     assert_eq!((status, body.as_slice()), (206, &b"in"[..]));
 
     // Once removed, a's signed requests are refused, and the node server no longer
     // answers it on either address.
     host.ok(&["remove", "a"]);
-    let h = signed(&a, &host_key, pq, "nonce-2");
-    let (status, body) = raw_http(&a.ns.name, relay.clone(), request(pq, &h));
+    let r = relay_request(&a, &host_key, &ok_chunk, 200);
+    let (status, body) = raw_http(&a.ns.name, relay.clone(), r);
     assert_eq!(
         (status, body.len()),
         (401, 0),
         "a removed member was served"
     );
     for addr in [&node_vpn, &node_lan] {
-        let (status, body) = raw_http(&a.ns.name, addr.clone(), request(&file, &none));
+        let (status, body) = raw_http(&a.ns.name, addr.clone(), signed_get(&file, &none));
         assert!(
             status != 200 && !body.starts_with(b"fine"),
             "a removed member read a file at {addr}: {status}"
         );
     }
+}
+
+/// A query value as the server reads it (`%XX` decoded), for the relay, whose request is
+/// JSON rather than a URL.
+fn form_urlencoded_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A site (r1: s1a, s1b) and a distant holder; a file whose gateway for s1a is s1b.

@@ -491,6 +491,7 @@ impl Lab {
             config,
             daemon: None,
             runs: 0,
+            bin: PathBuf::from(BIN),
         }
     }
 }
@@ -551,6 +552,9 @@ pub struct Node {
     pub config: PathBuf,
     daemon: Option<Child>,
     runs: usize,
+    /// The program run as daemon and CLI: this build's, unless a benchmark compares
+    /// another (an older build) in the same run.
+    pub bin: PathBuf,
 }
 
 impl Node {
@@ -609,7 +613,9 @@ impl Node {
         self.runs += 1;
         let log = std::fs::File::create(self.log_path()).expect("log file");
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns.name, BIN, "--config"])
+        cmd.args(["netns", "exec", &self.ns.name])
+            .arg(&self.bin)
+            .arg("--config")
             .arg(&self.config)
             .arg("daemon")
             .stdin(Stdio::null())
@@ -640,7 +646,7 @@ impl Node {
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        Command::new(&self.bin)
             .arg("--config")
             .arg(&self.config)
             .args(args)
@@ -651,7 +657,7 @@ impl Node {
 
     pub fn cli_stdin(&self, args: &[&str], input: &str) -> Output {
         use std::io::Write;
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(&self.bin)
             .arg("--config")
             .arg(&self.config)
             .args(args)
@@ -806,4 +812,48 @@ pub fn write_random(path: &Path, size: u64, seed: &str) -> blake3::Hash {
         left -= n as u64;
     }
     hash.finalize()
+}
+
+/// Random datagrams shaped as WireGuard handshake initiations (type 1, 148 bytes), sent
+/// from `ns` to `to` at `pps` for `secs`; returns how many were sent.
+pub fn flood_handshakes(
+    ns: &str,
+    to: std::net::SocketAddr,
+    pps: u64,
+    secs: u64,
+) -> std::thread::JoinHandle<u64> {
+    spawn_in_netns(ns, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut packet = [0u8; 148];
+        let mut xof = blake3::Hasher::new().update(b"flood").finalize_xof();
+        let start = Instant::now();
+        let mut sent = 0u64;
+        // Paced in slices of 5 ms so the rate holds over the whole run.
+        let slice = Duration::from_millis(5);
+        let per_slice = pps * 5 / 1000;
+        while start.elapsed() < Duration::from_secs(secs) {
+            let slice_start = Instant::now();
+            for _ in 0..per_slice {
+                xof.fill(&mut packet);
+                packet[..4].copy_from_slice(&[1, 0, 0, 0]);
+                if sock.send_to(&packet, to).is_ok() {
+                    sent += 1;
+                }
+            }
+            if let Some(rest) = slice.checked_sub(slice_start.elapsed()) {
+                std::thread::sleep(rest);
+            }
+        }
+        sent
+    })
+}
+
+/// CPU time a process used so far, in clock ticks (1/100 s).
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are the
+    // 12th and 13th of them.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
