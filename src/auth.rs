@@ -52,12 +52,17 @@ pub enum AuthError {
     OpenBody,
     #[error("cannot seal the body")]
     SealBody,
+    #[error("the member's key is a low-order point: any secret shared with it is public")]
+    WeakKey,
 }
 
-/// The secret two members share, from which every per-purpose key is derived.
-pub fn pair_key(mine: &StaticSecret, theirs: &Key) -> [u8; 32] {
+/// The secret two members share, from which every per-purpose key is derived; `None`
+/// for a low-order key, whose "shared" secret anyone can compute.
+pub fn pair_key(mine: &StaticSecret, theirs: &Key) -> Option<[u8; 32]> {
     let shared = mine.diffie_hellman(&PublicKey::from(*theirs));
-    blake3::derive_key("watchalong pair key v1", shared.as_bytes())
+    shared
+        .was_contributory()
+        .then(|| blake3::derive_key("watchalong pair key v1", shared.as_bytes()))
 }
 
 /// The keys one pair of members uses, one per purpose, so a MAC made for one kind of
@@ -219,13 +224,13 @@ impl Proofs {
     }
 
     /// The pair keys for `peer`, derived once: the X25519 runs outside the lock.
-    fn keys(&self, peer: &Key) -> PairKeys {
+    fn keys(&self, peer: &Key) -> Result<PairKeys, AuthError> {
         if let Some(k) = self.lock_keys().get(peer) {
-            return *k;
+            return Ok(*k);
         }
-        let k = PairKeys::derive(&pair_key(&self.secret, peer));
+        let k = PairKeys::derive(&pair_key(&self.secret, peer).ok_or(AuthError::WeakKey)?);
         self.lock_keys().insert(*peer, k);
-        k
+        Ok(k)
     }
 
     fn lock_keys(&self) -> std::sync::MutexGuard<'_, HashMap<Key, PairKeys>> {
@@ -268,9 +273,9 @@ impl Proofs {
         body: &[u8],
         now: u64,
         nonce: [u8; 16],
-    ) -> SignedHeaders {
+    ) -> Result<SignedHeaders, AuthError> {
         let nonce = nonce_hex(nonce);
-        let key = self.keys(to).request;
+        let key = self.keys(to)?.request;
         let mac = request_mac(
             &key,
             &self.public,
@@ -280,12 +285,12 @@ impl Proofs {
             now,
             &nonce,
         );
-        SignedHeaders {
+        Ok(SignedHeaders {
             member: crate::identity::key_to_base64(&self.public),
             time: now,
             nonce,
             mac: mac.to_hex().to_string(),
-        }
+        })
     }
 
     /// Checks a request that member `from` signed; admits its nonce once.
@@ -304,7 +309,7 @@ impl Proofs {
             return Err(AuthError::Skew);
         }
         let given = blake3::Hash::from_hex(sig.mac).map_err(|_| AuthError::BadMac)?;
-        let key = self.keys(from).request;
+        let key = self.keys(from)?.request;
         let want = request_mac(
             &key,
             from,
@@ -328,13 +333,13 @@ impl Proofs {
     /// replay it, and a replayed gossip message changes nothing (records are signed by
     /// their authors and older ones are dropped). Without a clock in the proof, a member
     /// whose clock is wrong (a router before NTP) still hears who is in the group.
-    pub fn seal_gossip(&self, to: &Key, payload: &[u8]) -> Vec<u8> {
-        let key = self.keys(to).gossip;
+    pub fn seal_gossip(&self, to: &Key, payload: &[u8]) -> Result<Vec<u8>, AuthError> {
+        let key = self.keys(to)?.gossip;
         let mac = gossip_mac(&key, &self.public, payload);
         let mut v = Vec::with_capacity(GOSSIP_OVERHEAD + payload.len());
         v.extend_from_slice(mac.as_bytes());
         v.extend_from_slice(payload);
-        v
+        Ok(v)
     }
 
     /// The payload of a gossip datagram from member `from`, if `from`'s daemon sealed it.
@@ -345,7 +350,7 @@ impl Proofs {
         let (head, payload) = datagram.split_at(GOSSIP_OVERHEAD);
         let mut mac = [0u8; 32];
         mac.copy_from_slice(head);
-        let key = self.keys(from).gossip;
+        let key = self.keys(from)?.gossip;
         if blake3::Hash::from(mac) != gossip_mac(&key, from, payload) {
             return Err(AuthError::BadMac);
         }
@@ -357,8 +362,8 @@ impl Proofs {
         peer: &Key,
         nonce: &str,
         dir: Direction,
-    ) -> (XChaCha20Poly1305, [u8; 24]) {
-        let key = self.keys(peer).relay;
+    ) -> Result<(XChaCha20Poly1305, [u8; 24]), AuthError> {
+        let key = self.keys(peer)?.relay;
         let mut h = blake3::Hasher::new_keyed(&key);
         h.update(nonce.as_bytes());
         h.update(&[match dir {
@@ -367,7 +372,7 @@ impl Proofs {
         }]);
         let mut n = [0u8; 24];
         n.copy_from_slice(&h.finalize().as_bytes()[..24]);
-        (XChaCha20Poly1305::new((&key).into()), n)
+        Ok((XChaCha20Poly1305::new((&key).into()), n))
     }
 
     /// Seals a relay body exchanged with member `peer` under the request nonce `nonce`.
@@ -378,7 +383,7 @@ impl Proofs {
         dir: Direction,
         plain: &[u8],
     ) -> Result<Vec<u8>, AuthError> {
-        let (cipher, n) = self.relay_cipher(peer, nonce, dir);
+        let (cipher, n) = self.relay_cipher(peer, nonce, dir)?;
         cipher
             .encrypt(
                 XNonce::from_slice(&n),
@@ -398,7 +403,7 @@ impl Proofs {
         dir: Direction,
         sealed: &[u8],
     ) -> Result<Vec<u8>, AuthError> {
-        let (cipher, n) = self.relay_cipher(peer, nonce, dir);
+        let (cipher, n) = self.relay_cipher(peer, nonce, dir)?;
         cipher
             .decrypt(
                 XNonce::from_slice(&n),
@@ -441,9 +446,28 @@ mod tests {
     }
 
     #[test]
+    fn a_low_order_key_gets_no_pair_key_so_nothing_signed_for_it_can_be_forged() {
+        let (a, _) = pair();
+        // The identity point: its "shared secret" is all zeros, known to everyone.
+        let weak = [0u8; 32];
+        assert_eq!(pair_key(&StaticSecret::from([1u8; 32]), &weak), None);
+        assert_eq!(
+            a.sign_request(&weak, "GET", "/", b"", 1000, [1; 16]).err(),
+            Some(AuthError::WeakKey)
+        );
+        assert_eq!(a.seal_gossip(&weak, b"x").err(), Some(AuthError::WeakKey));
+        let sig = Signature {
+            time: 1000,
+            nonce: &"0".repeat(32),
+            mac: &"0".repeat(64),
+        };
+        assert_eq!(a.check_request(&weak, "GET", "/", b"", sig, 1000), Err(AuthError::WeakKey));
+    }
+
+    #[test]
     fn a_signed_request_passes_once_and_its_replay_is_refused() {
         let (a, b) = pair();
-        let h = a.sign_request(&b.public(), "POST", "/v1/sync", b"body", 1000, [7; 16]);
+        let h = a.sign_request(&b.public(), "POST", "/v1/sync", b"body", 1000, [7; 16]).unwrap();
         let check = || b.check_request(&a.public(), "POST", "/v1/sync", b"body", sig(&h), 1001);
         assert_eq!(check(), Ok(()));
         assert_eq!(check(), Err(AuthError::Replay));
@@ -452,7 +476,7 @@ mod tests {
     #[test]
     fn a_changed_body_path_method_time_or_sender_fails() {
         let (a, b) = pair();
-        let h = a.sign_request(&b.public(), "POST", "/v1/sync?x=1", b"keep", 1000, [1; 16]);
+        let h = a.sign_request(&b.public(), "POST", "/v1/sync?x=1", b"keep", 1000, [1; 16]).unwrap();
         let from = a.public();
         assert_eq!(
             b.check_request(&from, "POST", "/v1/sync?x=1", b"delete", sig(&h), 1000),
@@ -486,7 +510,7 @@ mod tests {
     fn a_request_reflected_back_to_its_sender_is_refused() {
         let (a, b) = pair();
         // a signs for b; someone hands it to a as if b had sent it.
-        let h = a.sign_request(&b.public(), "GET", "/v1/ls", b"", 1000, [2; 16]);
+        let h = a.sign_request(&b.public(), "GET", "/v1/ls", b"", 1000, [2; 16]).unwrap();
         assert_eq!(
             a.check_request(&b.public(), "GET", "/v1/ls", b"", sig(&h), 1000),
             Err(AuthError::BadMac)
@@ -518,7 +542,7 @@ mod tests {
     #[test]
     fn an_old_request_is_refused_even_with_a_new_nonce() {
         let (a, b) = pair();
-        let h = a.sign_request(&b.public(), "GET", "/", b"", 1000, [3; 16]);
+        let h = a.sign_request(&b.public(), "GET", "/", b"", 1000, [3; 16]).unwrap();
         assert_eq!(
             b.check_request(
                 &a.public(),
@@ -557,12 +581,12 @@ mod tests {
                 full.admit(i, t0, t0).unwrap();
             }
         }
-        let from_a = a.sign_request(&b.public(), "GET", "/", b"", t0, [9; 16]);
+        let from_a = a.sign_request(&b.public(), "GET", "/", b"", t0, [9; 16]).unwrap();
         assert_eq!(
             b.check_request(&a.public(), "GET", "/", b"", sig(&from_a), t0),
             Err(AuthError::Busy)
         );
-        let from_c = c.sign_request(&b.public(), "GET", "/", b"", t0, [9; 16]);
+        let from_c = c.sign_request(&b.public(), "GET", "/", b"", t0, [9; 16]).unwrap();
         assert_eq!(
             b.check_request(&c.public(), "GET", "/", b"", sig(&from_c), t0),
             Ok(())
@@ -573,7 +597,7 @@ mod tests {
     fn a_sealed_gossip_datagram_opens_only_from_its_sender_and_unchanged() {
         let (a, b) = pair();
         let c = Proofs::new(StaticSecret::from([3u8; 32]));
-        let d = a.seal_gossip(&b.public(), b"{\"hello\":1}");
+        let d = a.seal_gossip(&b.public(), b"{\"hello\":1}").unwrap();
         assert_eq!(b.open_gossip(&c.public(), &d), Err(AuthError::BadMac));
         assert_eq!(b.open_gossip(&a.public(), &d), Ok(&b"{\"hello\":1}"[..]));
         // Reflected back to its sender as if b had sent it.
@@ -590,7 +614,7 @@ mod tests {
             b.open_gossip(&a.public(), b"short"),
             Err(AuthError::Missing)
         );
-        let mut flipped = a.seal_gossip(&b.public(), b"payload");
+        let mut flipped = a.seal_gossip(&b.public(), b"payload").unwrap();
         let last = flipped.len() - 1;
         flipped[last] ^= 1;
         assert_eq!(b.open_gossip(&a.public(), &flipped), Err(AuthError::BadMac));

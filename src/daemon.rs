@@ -344,7 +344,9 @@ pub async fn run(
     ));
     let cancel = CancellationToken::new();
     let syncs = crate::sync::SyncShare::shares(&config.shares, &config.node.state_dir);
-    let (sync_tx, sync_rx) = mpsc::channel(256);
+    // Each waiting announcement may hold a 4 MiB body: a short queue bounds the memory a
+    // chatty member can pin; one dropped when it is full comes again at the next round.
+    let (sync_tx, sync_rx) = mpsc::channel(16);
     let streams = Arc::new(crate::stream::Streams::new(
         config.node.state_dir.join("streams"),
         config.watch.cache_mib.saturating_mul(1024 * 1024),

@@ -17,7 +17,8 @@
 //! | [`tunnel`]   | userspace WireGuard: one `Tunn` per peer, the TUN device, one UDP socket | sockets, TUN |
 //! | [`share`]    | shared folders: safe paths, listings, BLAKE3 chunk manifests          | files       |
 //! | [`planner`]  | the route of one transfer: tunnel, LAN relay or both (cases 1–4)     | none (pure) |
-//! | [`auth`]     | LAN relay request MACs and replay refusal                             | none (pure) |
+//! | [`auth`]     | proof of the sending daemon: request and gossip MACs, replays, sealed relay bodies | none (pure) |
+//! | [`server`]   | the bounded HTTP server loop: deadlines, connection caps, reply budgets | sockets     |
 //! | [`transfer`] | node-to-node HTTP, the LAN relay, chunk cache, single flight, `get`   | sockets, files |
 //! | [`versions`] | folder sync's rules: version vectors, conflicts, deletion safety        | none (pure) |
 //! | [`index`]    | a read-write share's sync index, stored in redb                       | one file    |
@@ -49,6 +50,7 @@ pub mod planner;
 pub mod player;
 pub mod room;
 pub mod routes;
+pub mod server;
 pub mod share;
 pub mod state;
 pub mod stream;

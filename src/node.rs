@@ -41,6 +41,8 @@ pub const GROUP_FILE: &str = "group.json";
 pub const INVITES_FILE: &str = "invites.json";
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 const TUNNEL_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the host signs a member's observed endpoint again when only its port moved.
+const OBSERVED_PORT_EVERY: Duration = Duration::from_secs(60);
 /// Longest an invite may live, so a forgotten link does not stay a way in for ever.
 pub const MAX_INVITE_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -90,6 +92,8 @@ pub struct Node {
     pub watch: crate::watch::Watch,
     /// Gossip datagrams refused because no member's daemon sealed them.
     refused_gossip: std::sync::atomic::AtomicU64,
+    /// When the host last signed where it sees each member.
+    observed_signed: Mutex<std::collections::HashMap<Key, std::time::Instant>>,
 }
 
 struct TransferEntry {
@@ -206,6 +210,7 @@ impl Node {
             ),
             config: p.config,
             refused_gossip: std::sync::atomic::AtomicU64::new(0),
+            observed_signed: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -470,8 +475,23 @@ impl Node {
                     continue;
                 };
                 // The host signs where it sees each member: that, not the member's own
-                // announcement, places it in a site.
-                if rec.observed != Some(ep) && key != self.public_key {
+                // announcement, places it in a site. A new public IP (a new site) is
+                // signed at once; a port that moves (a NAT's mapping) at most once a
+                // minute, so a member hopping ports cannot make every node re-sign and
+                // rewrite its group file every second.
+                let ip_moved = rec.observed.map(|o| o.ip()) != Some(ep.ip());
+                let port_moved = rec.observed != Some(ep);
+                let now = std::time::Instant::now();
+                let mut last = self
+                    .observed_signed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let due = last
+                    .get(&key)
+                    .is_none_or(|t| now.duration_since(*t) >= OBSERVED_PORT_EVERY);
+                if (ip_moved || (port_moved && due)) && key != self.public_key {
+                    last.insert(key, now);
+                    drop(last);
                     let rec = MemberRecord {
                         version: rec.version.saturating_add(1),
                         observed: Some(ep),
@@ -482,6 +502,8 @@ impl Node {
                         gossip.publish(&mut group.mesh, GossipMessage::Member { record }, rng);
                     out.extend(pushes);
                     observed_changed = true;
+                } else {
+                    drop(last);
                 }
                 let announced = group
                     .mesh
@@ -952,8 +974,10 @@ impl Node {
             match serde_json::to_vec(&o.msg) {
                 Ok(bytes) => {
                     total += bytes.len() as u64;
-                    let sealed = self.engine.proofs().seal_gossip(&o.to, &bytes);
-                    self.tunnel.send_gossip(&o.to, &sealed).await;
+                    match self.engine.proofs().seal_gossip(&o.to, &bytes) {
+                        Ok(sealed) => self.tunnel.send_gossip(&o.to, &sealed).await,
+                        Err(e) => log::debug!("gossip to {}: {e}", key_to_base64(&o.to)),
+                    }
                 }
                 Err(e) => log::warn!("cannot encode gossip: {e}"),
             }
@@ -976,8 +1000,33 @@ impl Node {
 }
 
 impl Membership for Node {
-    fn vpn_address(&self) -> std::net::Ipv4Addr {
-        self.book().group.my_address
+    fn vpn(&self) -> (std::net::Ipv4Addr, ipnet::Ipv4Net) {
+        let book = self.book();
+        (book.group.my_address, book.group.network)
+    }
+
+    fn member_at(&self, ip: IpAddr) -> Option<Key> {
+        let IpAddr::V4(ip) = ip else {
+            return None;
+        };
+        let book = self.book();
+        let found = book
+            .group
+            .mesh
+            .active()
+            .find(|m| m.address == ip && m.wg_key != self.public_key)
+            .map(|m| m.wg_key);
+        found
+    }
+
+    fn is_member(&self, key: &Key) -> bool {
+        *key != self.public_key
+            && self
+                .book()
+                .group
+                .mesh
+                .member(key)
+                .is_some_and(|m| !m.revoked)
     }
 
     fn room(&self, from: Key, body: bytes::Bytes) {
@@ -1155,6 +1204,17 @@ impl Node {
         // Nothing is queued or decided by a version whose numbers are absurd.
         let mut versions = a.versions;
         versions.retain(|v| match v.check() {
+            Ok(()) if s.leaps(v) => {
+                let e = format!(
+                    "{}: the announced version of {:?} leaps past the one held here",
+                    peer.name,
+                    v.path.chars().take(256).collect::<String>()
+                );
+                if s.set_error(Some(e.clone())) {
+                    log::warn!("sync: {e}");
+                }
+                false
+            }
             Ok(()) => true,
             Err(e) => {
                 if s.set_error(Some(format!("{}: {e}", peer.name))) {

@@ -573,9 +573,10 @@ async fn handle(streams: Arc<Streams>, req: Request<Incoming>) -> Response<Body>
 
 /// Serves the streams on `listener` (bound by the caller to loopback) until `cancel`.
 pub async fn serve_local(listener: TcpListener, streams: Arc<Streams>, cancel: CancellationToken) {
-    crate::transfer::serve_bounded(
+    crate::server::serve(
         listener,
         cancel,
+        crate::server::LOOPBACK,
         |_local, _peer| true,
         move |req, _local, _peer| {
             let streams = streams.clone();

@@ -762,6 +762,15 @@ impl SyncShare {
         Ok(changed)
     }
 
+    /// Whether `remote`'s version vector leaps far past the one held for its path (see
+    /// [`crate::versions::VersionVector::leaps_past`]).
+    pub fn leaps(&self, remote: &FileVersion) -> bool {
+        let index = self.lock();
+        let held = index.get(&remote.path).map(|e| &e.version.vv);
+        let none = crate::versions::VersionVector::default();
+        remote.vv.leaps_past(held.unwrap_or(&none))
+    }
+
     /// Every version held, for a member that wants the whole picture.
     pub fn all_versions(&self) -> Vec<FileVersion> {
         self.lock().values().map(|e| e.version.clone()).collect()

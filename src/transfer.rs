@@ -10,7 +10,6 @@
 //! source, body size limits both ways, throttled logging.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,11 +19,11 @@ use std::time::Duration;
 use crate::auth::{self, Direction, Proofs};
 use crate::logging::Throttle;
 use crate::planner::{self, Key, Route, Via};
+use crate::server::{self, Budget, Guarded};
 use crate::share::{Manifest, RangeRead, ShareError, Shares, MAX_RANGE};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rand::RngCore;
@@ -51,14 +50,11 @@ const MAX_JSON_ANSWER: usize = 16 * 1024 * 1024;
 const MAX_POST: usize = 4 * 1024 * 1024;
 /// A sealed relay request (a chunk request as JSON) is small.
 const MAX_RELAY_REQUEST: usize = 64 * 1024;
-/// A client must send its request head within this long, also between requests on a kept
-/// connection: an idle connection is closed after it.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request body must arrive within this long.
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections one server holds at once, and from one source address.
-const MAX_CONNECTIONS: usize = 512;
-const MAX_CONNECTIONS_PER_SOURCE: usize = 32;
+/// Bytes of chunk and file replies one member may have in flight from this node: one
+/// that never reads what it asked for holds no more.
+const REPLY_BUDGET: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -88,6 +84,8 @@ pub enum TransferError {
         from: SocketAddr,
         source: serde_json::Error,
     },
+    #[error("cannot sign a request to a member: {0}")]
+    Sign(auth::AuthError),
     #[error("the sealed answer from {0} does not open: {1}")]
     Open(String, auth::AuthError),
 }
@@ -183,8 +181,15 @@ impl Directory {
 /// What the node gives the servers: the current directory.
 pub trait Membership: Send + Sync + 'static {
     fn directory(&self) -> Directory;
-    /// This node's VPN address: cheap, asked for every connection.
-    fn vpn_address(&self) -> Ipv4Addr;
+    /// This node's VPN address and the group's network: cheap, asked for every
+    /// connection.
+    fn vpn(&self) -> (Ipv4Addr, ipnet::Ipv4Net);
+    /// The member (not this node) whose VPN address is `ip`: cheap, asked for every
+    /// request.
+    fn member_at(&self, ip: IpAddr) -> Option<Key>;
+    /// Whether `key` is a member other than this node: cheap, asked for every relay
+    /// request before anything costs.
+    fn is_member(&self, key: &Key) -> bool;
     /// Versions of a read-write share that member `from` announced (folder sync).
     fn announced(&self, _from: Key, _body: Bytes) {}
     /// A watch-along room message from member `from`.
@@ -393,7 +398,8 @@ impl Engine {
             &body,
             crate::node::now_secs(),
             fresh_nonce(),
-        );
+        )
+        .map_err(TransferError::Sign)?;
         let mut req = Request::builder().method(method).uri(pq);
         for (k, v) in h.pairs() {
             req = req.header(k, v);
@@ -478,6 +484,20 @@ impl Engine {
             sig,
             crate::node::now_secs(),
         )
+    }
+
+    /// The checks that cost nothing, before a body is read: the member named is the one
+    /// expected, a nonce is there and the time is close to ours.
+    fn precheck(&self, from: &Key, parts: &hyper::http::request::Parts) -> Result<(), auth::AuthError> {
+        let h = |k: &str| parts.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if crate::identity::key_from_base64(h(auth::HEADER_MEMBER)).as_ref() != Some(from) {
+            return Err(auth::AuthError::Missing);
+        }
+        let time: u64 = h(auth::HEADER_TIME).parse().map_err(|_| auth::AuthError::Missing)?;
+        if time.abs_diff(crate::node::now_secs()) > auth::MAX_SKEW_SECS {
+            return Err(auth::AuthError::Skew);
+        }
+        Ok(())
     }
 
     /// The answer to a request that failed [`Engine::verify`], counted.
@@ -589,7 +609,8 @@ impl Engine {
             &sealed,
             crate::node::now_secs(),
             nonce,
-        );
+        )
+        .map_err(TransferError::Sign)?;
         let mut r = Request::post(RELAY_PATH);
         for (k, v) in h.pairs() {
             r = r.header(k, v);
@@ -1047,10 +1068,18 @@ async fn read_body(body: Incoming, limit: usize) -> Option<Bytes> {
     }
 }
 
+type Reply = Response<Guarded<Full<Bytes>>>;
+
+/// A reply that holds nothing: a refusal or a small answer.
+fn plain(r: Response<Full<Bytes>>) -> Reply {
+    r.map(Guarded::new)
+}
+
 /// Serves members over the tunnel: listing, manifests, chunks, ranged reads of files,
-/// and the sync and room messages. Only connections to this node's VPN address from a
-/// member's VPN address are answered, and only requests that member's daemon signed: any
-/// user on that member can send from its address, but none can sign.
+/// and the sync and room messages. Only connections to this node's VPN address from an
+/// address inside the group's network are taken, only requests from a member's VPN
+/// address are read, and only those that member's daemon signed are answered: any user
+/// on that member can send from its address, but none can sign.
 pub async fn serve_node<M: Membership>(
     listener: TcpListener,
     engine: Arc<Engine>,
@@ -1059,90 +1088,125 @@ pub async fn serve_node<M: Membership>(
 ) {
     let admit = {
         let members = members.clone();
-        move |local: SocketAddr, _peer: SocketAddr| local.ip() == IpAddr::V4(members.vpn_address())
+        move |local: SocketAddr, peer: SocketAddr| {
+            let (me, network) = members.vpn();
+            // Linux takes packets for the VPN address on any interface: a LAN stranger
+            // who routes the VPN's range at this node must not reach this server.
+            local.ip() == IpAddr::V4(me) && matches!(peer.ip(), IpAddr::V4(p) if network.contains(&p))
+        }
     };
-    serve(
+    let budget = Budget::new(REPLY_BUDGET);
+    let counted = engine.clone();
+    server::serve(
         listener,
         cancel,
-        engine.clone(),
+        server::PEERS,
         admit,
         move |req, _local, peer| {
-            let (engine, members) = (engine.clone(), members.clone());
-            async move {
-                let dir = members.directory();
-                let Some(from) = dir
-                    .peers
-                    .iter()
-                    .find(|p| p.key != dir.me && IpAddr::V4(p.vpn) == peer.ip())
-                    .map(|p| p.key)
-                else {
-                    return engine.refuse(&auth::AuthError::Missing, peer);
-                };
-                let (parts, body) = req.into_parts();
-                let Some(body) = read_body(body, MAX_POST).await else {
-                    return reply(StatusCode::PAYLOAD_TOO_LARGE, Bytes::new());
-                };
-                if let Err(e) = engine.verify(&from, &parts, &body) {
-                    return engine.refuse(&e, peer);
-                }
-                let path = parts.uri.path();
-                if parts.method == hyper::Method::POST {
-                    return match path {
-                        "/v1/room" => {
-                            members.room(from, body);
-                            reply(StatusCode::OK, Bytes::new())
-                        }
-                        "/v1/sync" => {
-                            members.announced(from, body);
-                            reply(StatusCode::OK, Bytes::new())
-                        }
-                        _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
-                    };
-                }
-                let q: HashMap<String, String> =
-                    form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
-                        .into_owned()
-                        .collect();
-                let get = |k: &str| q.get(k).cloned().unwrap_or_default();
-                match path {
-                    "/v1/shares" => json(&engine.shares.list()),
-                    "/v1/ls" => match tokio::task::block_in_place(|| {
-                        engine.shares.ls(&get("share"), &get("path"))
-                    }) {
-                        Ok(v) => json(&v),
-                        Err(e) => error_reply(&e.into()),
-                    },
-                    "/v1/manifest" => match tokio::task::block_in_place(|| {
-                        engine.shares.manifest(&get("share"), &get("path"))
-                    }) {
-                        Ok(m) => json(&m),
-                        Err(e) => error_reply(&e.into()),
-                    },
-                    "/v1/chunk" => match chunk_request(&q) {
-                        Some(cr) => chunk_reply(&engine, &dir, &cr, false).await,
-                        None => reply(StatusCode::BAD_REQUEST, Bytes::new()),
-                    },
-                    "/v1/file" => {
-                        let range = parts
-                            .headers
-                            .get(hyper::header::RANGE)
-                            .and_then(|v| v.to_str().ok())
-                            .map(String::from);
-                        match tokio::task::block_in_place(|| {
-                            engine
-                                .shares
-                                .read_range(&get("share"), &get("path"), range.as_deref())
-                        }) {
-                            Ok(r) => file_reply(r, range.is_some()),
-                            Err(e) => error_reply(&e.into()),
-                        }
-                    }
-                    _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
-                }
-            }
+            let (engine, members, budget) = (engine.clone(), members.clone(), budget.clone());
+            async move { node_request(&engine, &*members, &budget, req, peer).await }
+        },
+        move || {
+            counted.refused_connections.fetch_add(1, Ordering::Relaxed);
         },
     )
     .await
+}
+
+async fn node_request<M: Membership>(
+    engine: &Engine,
+    members: &M,
+    budget: &Arc<Budget>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Reply {
+    let Some(from) = members.member_at(peer.ip()) else {
+        return plain(engine.refuse(&auth::AuthError::Missing, peer));
+    };
+    let (parts, body) = req.into_parts();
+    if let Err(e) = engine.precheck(&from, &parts) {
+        return plain(engine.refuse(&e, peer));
+    }
+    // Only a POST has a body worth reading; a GET's is refused unread.
+    let limit = if parts.method == hyper::Method::POST { MAX_POST } else { 0 };
+    let Some(body) = read_body(body, limit).await else {
+        return plain(engine.refuse(&auth::AuthError::Missing, peer));
+    };
+    if let Err(e) = engine.verify(&from, &parts, &body) {
+        return plain(engine.refuse(&e, peer));
+    }
+    // Proven: from here the connection is busy until the reply's last byte.
+    let busy = server::mark_busy(&parts.extensions);
+    let path = parts.uri.path();
+    if parts.method == hyper::Method::POST {
+        let r = match path {
+            "/v1/room" => {
+                members.room(from, body);
+                reply(StatusCode::OK, Bytes::new())
+            }
+            "/v1/sync" => {
+                members.announced(from, body);
+                reply(StatusCode::OK, Bytes::new())
+            }
+            _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
+        };
+        return plain(r);
+    }
+    let q: HashMap<String, String> = form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect();
+    let get = |k: &str| q.get(k).cloned().unwrap_or_default();
+    let r = match path {
+        "/v1/shares" => json(&engine.shares.list()),
+        "/v1/ls" => match tokio::task::block_in_place(|| engine.shares.ls(&get("share"), &get("path"))) {
+            Ok(v) => json(&v),
+            Err(e) => error_reply(&e.into()),
+        },
+        "/v1/manifest" => {
+            match tokio::task::block_in_place(|| engine.shares.manifest(&get("share"), &get("path"))) {
+                Ok(m) => json(&m),
+                Err(e) => error_reply(&e.into()),
+            }
+        }
+        "/v1/chunk" => match chunk_request(&q) {
+            Some(cr) => {
+                let dir = members.directory();
+                chunk_reply(engine, &dir, &cr, false).await
+            }
+            None => reply(StatusCode::BAD_REQUEST, Bytes::new()),
+        },
+        "/v1/file" => {
+            let range = parts
+                .headers
+                .get(hyper::header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .map(String::from);
+            match tokio::task::block_in_place(|| {
+                engine
+                    .shares
+                    .read_range(&get("share"), &get("path"), range.as_deref())
+            }) {
+                Ok(r) => file_reply(r, range.is_some()),
+                Err(e) => error_reply(&e.into()),
+            }
+        }
+        _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
+    };
+    hold_reply(r, budget, peer, busy)
+}
+
+/// A reply that keeps its connection busy and its bytes counted against the asker's
+/// budget until it is sent; past the budget, 503 (the asker reads what it has first).
+fn hold_reply(r: Response<Full<Bytes>>, budget: &Arc<Budget>, peer: SocketAddr, busy: Option<server::Busy>) -> Reply {
+    let len = hyper::body::Body::size_hint(r.body()).exact().unwrap_or(0);
+    let Some(reserved) = budget.reserve(peer.ip(), len) else {
+        return plain(reply(StatusCode::SERVICE_UNAVAILABLE, Bytes::new()));
+    };
+    let r = r.map(|b| Guarded::new(b).hold(reserved));
+    match busy {
+        Some(b) => r.map(|g| g.hold(b)),
+        None => r,
+    }
 }
 
 /// The LAN relay: chunks for members, every request signed and sealed; anyone else gets
@@ -1156,331 +1220,92 @@ pub async fn serve_relay<M: Membership>(
     let admit = {
         let members = members.clone();
         move |local: SocketAddr, _peer: SocketAddr| {
-            !local.ip().is_loopback() && local.ip() != IpAddr::V4(members.vpn_address())
+            !local.ip().is_loopback() && local.ip() != IpAddr::V4(members.vpn().0)
         }
     };
-    serve(
+    let budget = Budget::new(REPLY_BUDGET);
+    let counted = engine.clone();
+    server::serve(
         listener,
         cancel,
-        engine.clone(),
+        server::PEERS,
         admit,
         move |req, _local, peer| {
-            let (engine, members) = (engine.clone(), members.clone());
-            async move {
-                let member = req
-                    .headers()
-                    .get(auth::HEADER_MEMBER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(crate::identity::key_from_base64);
-                // Membership is checked before anything costs: no key is derived for a stranger.
-                let dir = members.directory();
-                let Some(member) = member.filter(|m| *m != dir.me && dir.get(m).is_some()) else {
-                    return engine.refuse(&auth::AuthError::Missing, peer);
-                };
-                let (parts, body) = req.into_parts();
-                let Some(body) = read_body(body, MAX_RELAY_REQUEST).await else {
-                    return reply(StatusCode::PAYLOAD_TOO_LARGE, Bytes::new());
-                };
-                if let Err(e) = engine.verify(&member, &parts, &body) {
-                    return engine.refuse(&e, peer);
-                }
-                if parts.method != hyper::Method::POST || parts.uri.path() != RELAY_PATH {
-                    return reply(StatusCode::NOT_FOUND, Bytes::new());
-                }
-                let nonce = parts
-                    .headers
-                    .get(auth::HEADER_NONCE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                let cr = engine
-                    .proofs
-                    .open_relay(&member, &nonce, Direction::Request, &body)
-                    .ok()
-                    .and_then(|plain| serde_json::from_slice::<ChunkRequest>(&plain).ok())
-                    .filter(|cr| cr.len <= MAX_CHUNK);
-                let Some(cr) = cr else {
-                    return reply(StatusCode::BAD_REQUEST, Bytes::new());
-                };
-                // Statuses only: an error's text could name the share or the path.
-                match engine.serve_chunk(&dir, &cr, true).await {
-                    Ok(b) => {
-                        match engine
-                            .proofs
-                            .seal_relay(&member, &nonce, Direction::Response, &b)
-                        {
-                            Ok(sealed) => {
-                                engine.served.fetch_add(1, Ordering::Relaxed);
-                                reply(StatusCode::OK, Bytes::from(sealed))
-                            }
-                            Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),
-                        }
-                    }
-                    Err(e) => reply(error_reply(&e).status(), Bytes::new()),
-                }
-            }
+            let (engine, members, budget) = (engine.clone(), members.clone(), budget.clone());
+            async move { relay_request(&engine, &*members, &budget, req, peer).await }
+        },
+        move || {
+            counted.refused_connections.fetch_add(1, Ordering::Relaxed);
         },
     )
     .await
 }
 
-/// Connections a server holds per source address. At a source's cap, its oldest
-/// connection with no request in progress is closed to make room: a flood of idle
-/// connections from one address (another user on a member, say) then evicts itself,
-/// never the member daemon's own requests. A slot is given back when its guard drops,
-/// however the connection ends.
-#[derive(Default)]
-struct Slots {
-    inner: Mutex<SlotsInner>,
-}
-
-#[derive(Default)]
-struct SlotsInner {
-    next: u64,
-    by_source: HashMap<IpAddr, VecDeque<Held>>,
-}
-
-struct Held {
-    id: u64,
-    /// Requests in progress on the connection.
-    busy: Arc<AtomicU64>,
-    close: CancellationToken,
-}
-
-struct Slot {
-    slots: Arc<Slots>,
-    source: IpAddr,
-    id: u64,
-    busy: Arc<AtomicU64>,
-    close: CancellationToken,
-}
-
-impl Slots {
-    /// A slot for a new connection from `source`, and whether an idle one was closed
-    /// to make room.
-    fn take(self: &Arc<Self>, source: IpAddr) -> Option<(Slot, bool)> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let id = inner.next;
-        inner.next += 1;
-        let list = inner.by_source.entry(source).or_default();
-        let mut evicted = false;
-        if list.len() >= MAX_CONNECTIONS_PER_SOURCE {
-            let idle = list
-                .iter()
-                .position(|c| c.busy.load(Ordering::Relaxed) == 0)?;
-            if let Some(old) = list.remove(idle) {
-                old.close.cancel();
-                evicted = true;
-            }
-        }
-        let (busy, close) = (Arc::new(AtomicU64::new(0)), CancellationToken::new());
-        list.push_back(Held {
-            id,
-            busy: busy.clone(),
-            close: close.clone(),
-        });
-        let slot = Slot {
-            slots: self.clone(),
-            source,
-            id,
-            busy,
-            close,
-        };
-        Some((slot, evicted))
+async fn relay_request<M: Membership>(
+    engine: &Engine,
+    members: &M,
+    budget: &Arc<Budget>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Reply {
+    // Membership and the time are checked before anything costs: no body is read and no
+    // key derived for a stranger, and every refusal looks the same from outside.
+    let member = req
+        .headers()
+        .get(auth::HEADER_MEMBER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::identity::key_from_base64)
+        .filter(|m| members.is_member(m));
+    let Some(member) = member else {
+        return plain(engine.refuse(&auth::AuthError::Missing, peer));
+    };
+    let (parts, body) = req.into_parts();
+    if let Err(e) = engine.precheck(&member, &parts) {
+        return plain(engine.refuse(&e, peer));
     }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut inner = self.slots.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = inner.by_source.get_mut(&self.source) {
-            list.retain(|c| c.id != self.id);
-            if list.is_empty() {
-                inner.by_source.remove(&self.source);
-            }
-        }
+    if parts.method != hyper::Method::POST || parts.uri.path() != RELAY_PATH {
+        return plain(engine.refuse(&auth::AuthError::Missing, peer));
     }
-}
-
-/// Marks a connection busy while one request is handled.
-struct Busy(Arc<AtomicU64>);
-
-impl Busy {
-    fn new(n: &Arc<AtomicU64>) -> Busy {
-        n.fetch_add(1, Ordering::Relaxed);
-        Busy(n.clone())
+    let Some(body) = read_body(body, MAX_RELAY_REQUEST).await else {
+        return plain(engine.refuse(&auth::AuthError::Missing, peer));
+    };
+    if let Err(e) = engine.verify(&member, &parts, &body) {
+        return plain(engine.refuse(&e, peer));
     }
-}
-
-impl Drop for Busy {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Runs an HTTP/1 server on `listener` until `cancel`: `admit` sees each connection's
-/// addresses before anything is read, and every connection is bounded (see the
-/// constants above). Accept errors (out of file descriptors, say) back off instead of
-/// spinning, and are logged at most once per period.
-pub(crate) async fn serve<A, F, Fut, B>(
-    listener: TcpListener,
-    cancel: CancellationToken,
-    engine: Arc<Engine>,
-    admit: A,
-    handle: F,
-) where
-    A: Fn(SocketAddr, SocketAddr) -> bool,
-    F: Fn(Request<Incoming>, SocketAddr, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<B>> + Send,
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    serve_bounded(listener, cancel, admit, handle, move || {
-        engine.refused_connections.fetch_add(1, Ordering::Relaxed);
-    })
-    .await
-}
-
-/// [`serve`] for servers that keep no counters (the loopback stream endpoint).
-pub(crate) async fn serve_bounded<A, F, Fut, B, R>(
-    listener: TcpListener,
-    cancel: CancellationToken,
-    admit: A,
-    handle: F,
-    refused: R,
-) where
-    A: Fn(SocketAddr, SocketAddr) -> bool,
-    F: Fn(Request<Incoming>, SocketAddr, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response<B>> + Send,
-    B: hyper::body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    R: Fn(),
-{
-    static ACCEPT_LOG: Throttle = Throttle::new(Duration::from_secs(10));
-    static REFUSE_LOG: Throttle = Throttle::new(Duration::from_secs(10));
-    let slots = Arc::new(Slots::default());
-    let mut conns = tokio::task::JoinSet::new();
-    let mut backoff = Duration::ZERO;
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            () = cancel.cancelled() => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => {
-                backoff = Duration::ZERO;
-                x
+    let busy = server::mark_busy(&parts.extensions);
+    let nonce = parts
+        .headers
+        .get(auth::HEADER_NONCE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let cr = engine
+        .proofs
+        .open_relay(&member, &nonce, Direction::Request, &body)
+        .ok()
+        .and_then(|plain| serde_json::from_slice::<ChunkRequest>(&plain).ok())
+        .filter(|cr| cr.len <= MAX_CHUNK);
+    let Some(cr) = cr else {
+        return plain(reply(StatusCode::BAD_REQUEST, Bytes::new()));
+    };
+    let dir = members.directory();
+    // Statuses only: an error's text could name the share or the path.
+    let r = match engine.serve_chunk(&dir, &cr, true).await {
+        Ok(b) => match engine.proofs.seal_relay(&member, &nonce, Direction::Response, &b) {
+            Ok(sealed) => {
+                engine.served.fetch_add(1, Ordering::Relaxed);
+                reply(StatusCode::OK, Bytes::from(sealed))
             }
-            Err(e) => {
-                if let Some(held) = ACCEPT_LOG.allow() {
-                    log::warn!("accept failed: {e} ({held} more failures since the last line)");
-                }
-                // Out of descriptors or memory: retrying at once only spins.
-                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                tokio::select! {
-                    () = tokio::time::sleep(backoff) => continue,
-                    () = cancel.cancelled() => break,
-                }
-            }
-        };
-        while conns.try_join_next().is_some() {}
-        let Ok(local) = stream.local_addr() else {
-            continue;
-        };
-        let slot = if conns.len() >= MAX_CONNECTIONS || !admit(local, peer) {
-            None
-        } else {
-            slots.take(peer.ip())
-        };
-        let slot = match slot {
-            Some((slot, evicted)) => {
-                if evicted {
-                    refused();
-                }
-                Some(slot)
-            }
-            None => None,
-        };
-        let Some(slot) = slot else {
-            refused();
-            if let Some(held) = REFUSE_LOG.allow() {
-                log::info!(
-                    "closed a connection from {peer} to {local}: over a connection cap or not served here ({held} more since the last line)"
-                );
-            }
-            continue;
-        };
-        let handle = handle.clone();
-        let cancel = cancel.clone();
-        conns.spawn(async move {
-            let (busy, close) = (slot.busy.clone(), slot.close.clone());
-            let _slot = slot;
-            let svc = service_fn(move |req| {
-                let handle = handle.clone();
-                let busy = Busy::new(&busy);
-                async move {
-                    let r = handle(req, local, peer).await;
-                    drop(busy);
-                    Ok::<_, Infallible>(r)
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(64 * 1024)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r { log::debug!("connection from {peer}: {e}") },
-                // Evicted to make room for a newer connection from the same source.
-                () = close.cancelled() => {}
-                () = cancel.cancelled() => conn.as_mut().graceful_shutdown(),
-            }
-        });
-    }
-    conns.abort_all();
-    while conns.join_next().await.is_some() {}
+            Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),
+        },
+        Err(e) => reply(error_reply(&e).status(), Bytes::new()),
+    };
+    hold_reply(r, budget, peer, busy)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn at_a_sources_cap_its_oldest_idle_connection_makes_room_and_a_busy_one_never_does() {
-        let slots = Arc::new(Slots::default());
-        let a: IpAddr = Ipv4Addr::new(10, 0, 0, 1).into();
-        let b: IpAddr = Ipv4Addr::new(10, 0, 0, 2).into();
-        let held: Vec<Slot> = (0..MAX_CONNECTIONS_PER_SOURCE)
-            .map(|_| {
-                let (s, evicted) = slots.take(a).expect("under the cap");
-                assert!(!evicted);
-                s
-            })
-            .collect();
-        // The first is handling a request; the second is idle and goes.
-        let _working = Busy::new(&held[0].busy);
-        let (newer, evicted) = slots.take(a).expect("room made");
-        assert!(evicted);
-        assert!(!held[0].close.is_cancelled());
-        assert!(held[1].close.is_cancelled());
-        assert!(held[2..].iter().all(|s| !s.close.is_cancelled()));
-        // Another source is not affected by a's crowd.
-        let (other, _) = slots.take(b).expect("b has its own cap");
-        assert!(!other.close.is_cancelled());
-        // Every connection of a busy: nothing is evicted, the newcomer is refused.
-        let _all_busy: Vec<Busy> = held
-            .iter()
-            .chain([&newer])
-            .map(|s| Busy::new(&s.busy))
-            .collect();
-        assert!(slots.take(a).is_none());
-        // Slots come back when their guards drop.
-        drop(held);
-        drop(newer);
-        drop(other);
-        assert!(slots.inner.lock().unwrap().by_source.is_empty());
-    }
 
     #[test]
     fn a_chunk_request_with_a_length_past_the_largest_chunk_is_not_parsed() {

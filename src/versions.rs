@@ -36,6 +36,15 @@ impl VersionVector {
         v
     }
 
+    /// Whether some counter here is more than [`MAX_LEAP`] ahead of the same node's in
+    /// `held`. Honest counters grow by one an edit; a member that announces a leap to
+    /// near the ceiling would leave no room for the next honest edit, and freeze the path.
+    pub fn leaps_past(&self, held: &VersionVector) -> bool {
+        self.0
+            .iter()
+            .any(|(k, n)| *n > held.0.get(k).copied().unwrap_or(0).saturating_add(MAX_LEAP))
+    }
+
     /// Every counter at its highest of the two: what a node knows after seeing both.
     pub fn merged(&self, other: &VersionVector) -> VersionVector {
         let mut v = self.clone();
@@ -77,6 +86,9 @@ pub const MAX_VV_NODES: usize = 1024;
 pub const MAX_NODE_ID: usize = 64;
 /// The highest counter a peer may announce: leaves room to count changes for ever.
 pub const MAX_COUNTER: u64 = 1 << 62;
+/// How far past what this node holds an announced counter may leap: a million edits of one
+/// path unseen here.
+pub const MAX_LEAP: u64 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VersionError {
@@ -229,6 +241,18 @@ pub fn may_propagate_deletions(root_exists: bool, marker_present: bool) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_counter_leaping_far_past_what_is_held_is_caught_and_an_honest_step_is_not() {
+        let held = VersionVector::default().bumped("a").bumped("a");
+        assert!(!held.bumped("a").leaps_past(&held));
+        assert!(!held.bumped("b").leaps_past(&held));
+        let mut leap = held.clone();
+        leap.0.insert("b".into(), MAX_COUNTER);
+        assert!(leap.leaps_past(&held));
+        leap.0.insert("b".into(), MAX_LEAP + 1);
+        assert!(leap.leaps_past(&VersionVector::default()));
+    }
 
     fn vv(pairs: &[(&str, u64)]) -> VersionVector {
         VersionVector(pairs.iter().map(|(k, n)| (k.to_string(), *n)).collect())

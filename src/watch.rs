@@ -21,6 +21,8 @@ pub const HEARTBEAT: Duration = Duration::from_millis(250);
 /// Rooms other members' messages may open here. Each lives as long as the daemon, so a
 /// member must not be able to make unboundedly many; a real group watches a few files.
 pub const MAX_ROOMS: usize = 256;
+/// The longest room name taken from another member: a share name, a slash and a path.
+const MAX_FILE_NAME: usize = 64 + 4096;
 
 /// Milliseconds since the epoch on this node's clock.
 pub fn now_ms() -> i64 {
@@ -248,16 +250,35 @@ impl Watch {
         if crate::share::clean_path(&m.file).is_err() {
             return;
         }
-        let file = m.file.clone();
-        let full = {
-            let rooms = self.rooms();
-            !rooms.contains_key(&file) && rooms.len() >= MAX_ROOMS
-        };
-        if full {
-            log::debug!("room message from {from} dropped: {MAX_ROOMS} rooms are open already");
+        // A room lives as long as the daemon: its name is bounded like a share path.
+        if m.file.len() > MAX_FILE_NAME {
             return;
         }
-        match self.with_room(&file, |room| room.receive(from, m, now_ms())) {
+        let file = m.file.clone();
+        let result = {
+            let mut rooms = self.rooms();
+            let open = rooms.len();
+            match rooms.get_mut(&file) {
+                Some(room) => room.receive(from, m, now_ms()),
+                None if open >= MAX_ROOMS => {
+                    log::debug!(
+                        "room message from {from} dropped: {MAX_ROOMS} rooms are open already"
+                    );
+                    return;
+                }
+                // A room is opened only by a message it accepts.
+                None => {
+                    let mut room = Room::new(&file, &self.me, now_ms());
+                    room.hold_when_starved = self.hold_when_starved;
+                    let r = room.receive(from, m, now_ms());
+                    if r.is_ok() {
+                        rooms.insert(file, room);
+                    }
+                    r
+                }
+            }
+        };
+        match result {
             Ok(true) => self.bump(),
             Ok(false) => {}
             Err(e) => log::debug!("{e}"),
@@ -351,6 +372,20 @@ mod tests {
             w.receive("peer", &message(&format!("s/f{i}"), true));
         }
         assert_eq!(w.rooms().len(), MAX_ROOMS);
+        // A message refused by the room's checks, or with an over-long name, opens none.
+        let fresh = Watch::new(
+            w.streams.clone(),
+            w.engine.clone(),
+            "me".into(),
+            "me".into(),
+            true,
+        );
+        let mut absurd = Room::new("s/absurd", "peer", now_ms());
+        absurd.state.stamp.counter = u64::MAX - 1;
+        absurd.local_change(now_ms(), true, 1.0, 1.0);
+        fresh.receive("peer", &serde_json::to_vec(&absurd.message_for("me", now_ms())).unwrap());
+        fresh.receive("peer", &message(&format!("s/{}", "x".repeat(MAX_FILE_NAME)), true));
+        assert!(fresh.rooms().is_empty());
         assert!(!w.rooms().contains_key(&format!("s/f{MAX_ROOMS}")));
         // A pause (with a higher stamp) in a room already open still arrives.
         w.receive("peer", &message("s/f0", false));

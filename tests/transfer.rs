@@ -361,7 +361,11 @@ fn header_map(h: &watchalong::auth::SignedHeaders) -> BTreeMap<String, String> {
 fn signed(from: &Node, to_key: &str, pq: &str, nonce: u8) -> BTreeMap<String, String> {
     let to = watchalong::identity::key_from_base64(to_key).unwrap();
     let now = watchalong::daemon::now_secs();
-    header_map(&proofs_of(from).sign_request(&to, "GET", pq, b"", now, [nonce; 16]))
+    header_map(
+        &proofs_of(from)
+            .sign_request(&to, "GET", pq, b"", now, [nonce; 16])
+            .unwrap(),
+    )
 }
 
 /// A relay request for `chunk` (a chunk request as JSON), sealed and signed by `from`'s
@@ -380,7 +384,9 @@ fn relay_request(from: &Node, to_key: &str, chunk: &serde_json::Value, nonce: u8
         )
         .unwrap();
     let now = watchalong::daemon::now_secs();
-    let h = p.sign_request(&to, "POST", "/v1/relay", &sealed, now, [nonce; 16]);
+    let h = p
+        .sign_request(&to, "POST", "/v1/relay", &sealed, now, [nonce; 16])
+        .unwrap();
     raw_request("POST", "/v1/relay", &header_map(&h), &sealed)
 }
 
