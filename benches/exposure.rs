@@ -21,41 +21,6 @@ use common::*;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-struct Ping {
-    avg: f64,
-    p99: f64,
-    loss: f64,
-}
-
-fn ping(from: &Node, to: &str, count: usize) -> Ping {
-    let o = from.ns.exec(&[
-        "ping",
-        "-c",
-        &count.to_string(),
-        "-i",
-        "0.02",
-        "-W",
-        "1",
-        to,
-    ]);
-    let text = String::from_utf8_lossy(&o.stdout);
-    let mut rtts: Vec<f64> = text
-        .lines()
-        .filter_map(|l| l.split("time=").nth(1))
-        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
-        .collect();
-    rtts.sort_by(|x, y| x.total_cmp(y));
-    let n = rtts.len().max(1);
-    Ping {
-        avg: rtts.iter().sum::<f64>() / n as f64,
-        p99: rtts
-            .get((rtts.len() * 99 / 100).min(rtts.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN),
-        loss: 1.0 - rtts.len() as f64 / count as f64,
-    }
-}
-
 fn flood(label: &str, bin: &Path) {
     let mut lab = Lab::new();
     let mut host = lab.node("host");
@@ -79,7 +44,7 @@ fn flood(label: &str, bin: &Path) {
                 10,
             )
         });
-        let p = ping(&a, &host_vpn, 500);
+        let p = ping_stats(&a, &host_vpn, 500);
         let sent = f.map(|f| f.join().unwrap()).unwrap_or(0);
         let cpu = (cpu_ticks(pid) - cpu0) as f64 / t0.elapsed().as_secs_f64();
         println!(

@@ -1086,13 +1086,46 @@ pub async fn serve_node<M: Membership>(
     members: Arc<M>,
     cancel: CancellationToken,
 ) {
+    serve_peers(listener, engine, members, cancel, PeerServer::Node).await
+}
+
+/// The LAN relay: chunks for members, every request signed and sealed; anyone else gets
+/// 401. It answers on this node's LAN addresses, never on its VPN address or loopback.
+pub async fn serve_relay<M: Membership>(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    members: Arc<M>,
+    cancel: CancellationToken,
+) {
+    serve_peers(listener, engine, members, cancel, PeerServer::Relay).await
+}
+
+#[derive(Clone, Copy)]
+enum PeerServer {
+    Node,
+    Relay,
+}
+
+async fn serve_peers<M: Membership>(
+    listener: TcpListener,
+    engine: Arc<Engine>,
+    members: Arc<M>,
+    cancel: CancellationToken,
+    kind: PeerServer,
+) {
     let admit = {
         let members = members.clone();
         move |local: SocketAddr, peer: SocketAddr| {
             let (me, network) = members.vpn();
-            // Linux takes packets for the VPN address on any interface: a LAN stranger
-            // who routes the VPN's range at this node must not reach this server.
-            local.ip() == IpAddr::V4(me) && matches!(peer.ip(), IpAddr::V4(p) if network.contains(&p))
+            match kind {
+                // Linux takes packets for the VPN address on any interface: a LAN
+                // stranger who routes the VPN's range at this node must not reach this.
+                PeerServer::Node => {
+                    local.ip() == IpAddr::V4(me)
+                        && matches!(peer.ip(), IpAddr::V4(p) if network.contains(&p))
+                }
+                PeerServer::Relay => !local.ip().is_loopback() && local.ip() != IpAddr::V4(me),
+            }
         }
     };
     let budget = Budget::new(REPLY_BUDGET);
@@ -1104,7 +1137,12 @@ pub async fn serve_node<M: Membership>(
         admit,
         move |req, _local, peer| {
             let (engine, members, budget) = (engine.clone(), members.clone(), budget.clone());
-            async move { node_request(&engine, &*members, &budget, req, peer).await }
+            async move {
+                match kind {
+                    PeerServer::Node => node_request(&engine, &*members, &budget, req, peer).await,
+                    PeerServer::Relay => relay_request(&engine, &*members, &budget, req, peer).await,
+                }
+            }
         },
         move || {
             counted.refused_connections.fetch_add(1, Ordering::Relaxed);
@@ -1207,38 +1245,6 @@ fn hold_reply(r: Response<Full<Bytes>>, budget: &Arc<Budget>, peer: SocketAddr, 
         Some(b) => r.map(|g| g.hold(b)),
         None => r,
     }
-}
-
-/// The LAN relay: chunks for members, every request signed and sealed; anyone else gets
-/// 401. It answers on this node's LAN addresses, never on its VPN address or loopback.
-pub async fn serve_relay<M: Membership>(
-    listener: TcpListener,
-    engine: Arc<Engine>,
-    members: Arc<M>,
-    cancel: CancellationToken,
-) {
-    let admit = {
-        let members = members.clone();
-        move |local: SocketAddr, _peer: SocketAddr| {
-            !local.ip().is_loopback() && local.ip() != IpAddr::V4(members.vpn().0)
-        }
-    };
-    let budget = Budget::new(REPLY_BUDGET);
-    let counted = engine.clone();
-    server::serve(
-        listener,
-        cancel,
-        server::PEERS,
-        admit,
-        move |req, _local, peer| {
-            let (engine, members, budget) = (engine.clone(), members.clone(), budget.clone());
-            async move { relay_request(&engine, &*members, &budget, req, peer).await }
-        },
-        move || {
-            counted.refused_connections.fetch_add(1, Ordering::Relaxed);
-        },
-    )
-    .await
 }
 
 async fn relay_request<M: Membership>(

@@ -213,27 +213,14 @@ fn a_handshake_flood_from_the_internet_leaves_a_members_ping_fast() {
     let (cpu_before, t0) = (cpu_ticks(pid), Instant::now());
     let flood = flood_handshakes(&stranger.ns.name, target, 20_000, 10);
     // 500 pings, 20 ms apart: the ten seconds of the flood.
-    let o =
-        a.ns.exec(&["ping", "-c", "500", "-i", "0.02", "-W", "1", &host_vpn]);
+    let ping = ping_stats(&a, &host_vpn, 500);
     let sent = flood.join().unwrap();
     let cpu = (cpu_ticks(pid) - cpu_before) as f64 / 100.0 / t0.elapsed().as_secs_f64();
-    let text = String::from_utf8_lossy(&o.stdout);
-    let mut rtts: Vec<f64> = text
-        .lines()
-        .filter_map(|l| l.split("time=").nth(1))
-        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
-        .collect();
-    rtts.sort_by(|x, y| x.total_cmp(y));
-    let loss = 1.0 - rtts.len() as f64 / 500.0;
-    let p99 = rtts
-        .get((rtts.len() * 99 / 100).min(rtts.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or(f64::INFINITY);
+    let (loss, p99) = (ping.loss, ping.p99);
     let refused = host.status()["node"]["handshakes_refused"]
         .as_u64()
         .unwrap();
-    let avg = rtts.iter().sum::<f64>() / rtts.len().max(1) as f64;
-    let worst = rtts.last().copied().unwrap_or(f64::INFINITY);
+    let (avg, worst) = (ping.avg, ping.worst);
     eprintln!(
         "flood: {sent} datagrams sent, {refused} refused by the host (daemon CPU {:.0}% of a core); ping loss {:.2}%, avg {avg:.2} ms, p99 {p99:.2} ms, worst {worst:.2} ms",
         cpu * 100.0,

@@ -857,3 +857,41 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
+
+/// Round trips of `count` pings, 20 ms apart, from `from` to `addr`.
+pub struct PingStats {
+    pub avg: f64,
+    pub p99: f64,
+    pub worst: f64,
+    /// The share of pings that got no answer.
+    pub loss: f64,
+}
+
+pub fn ping_stats(from: &Node, addr: &str, count: usize) -> PingStats {
+    let o = from.ns.exec(&[
+        "ping",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.02",
+        "-W",
+        "1",
+        addr,
+    ]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut rtts: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .collect();
+    rtts.sort_by(|x, y| x.total_cmp(y));
+    PingStats {
+        avg: rtts.iter().sum::<f64>() / rtts.len().max(1) as f64,
+        p99: rtts
+            .get((rtts.len() * 99 / 100).min(rtts.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::INFINITY),
+        worst: rtts.last().copied().unwrap_or(f64::INFINITY),
+        loss: 1.0 - rtts.len() as f64 / count.max(1) as f64,
+    }
+}
