@@ -44,6 +44,11 @@ fn round(mut guess: impl FnMut(u64)) -> (u64, Duration) {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs this binary too, without `--bench`: measure nothing then.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("link benchmark: run it with `cargo bench --bench link`");
+        return;
+    }
     let rounds: u32 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
