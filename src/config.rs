@@ -135,6 +135,9 @@ pub struct TunnelConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     pub socket: PathBuf,
+    /// Members of this group may change the node through the socket (links, removals,
+    /// joins, gets, watching); root always may, anyone else who can open it only reads.
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -190,6 +193,7 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             socket: PathBuf::from("/run/watchalong/control.sock"),
+            group: None,
         }
     }
 }
@@ -308,6 +312,19 @@ impl Config {
         }
         if !self.control.socket.is_absolute() {
             return Err(bad("control", "socket", "expected an absolute path".into()));
+        }
+        if let Some(g) = &self.control.group {
+            let name_like = !g.is_empty()
+                && g.len() <= 32
+                && g.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if !name_like {
+                return Err(bad(
+                    "control",
+                    "group",
+                    "expected a group name, like \"films\"".into(),
+                ));
+            }
         }
         if !(1280..=9000).contains(&self.tunnel.mtu) {
             return Err(bad(

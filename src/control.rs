@@ -2,6 +2,11 @@
 //! runs and the client the CLI uses. It owns the request and reply types and the mapping
 //! of errors to HTTP status codes; what each call does is the [`Handler`]'s business.
 //! The listener is bound by the caller, so tests can bind a socket of their own.
+//!
+//! Who calls is the kernel's word ([`Caller`], from `SO_PEERCRED`), never the request's:
+//! any user who can open the socket may read (status, peers, ls, plan, rooms); only root
+//! and members of `[control] group` may change anything (links, removals, joins, peers,
+//! gets, watching), and a `get` writes only where its caller could write.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,6 +29,93 @@ use crate::tunnel::PeerStatus;
 use crate::watch::{FileRequest, Report, RoomView, WaitRequest, WatchReply};
 
 const MAX_BODY: usize = 64 * 1024;
+
+/// Who is on the other end of a control connection, as the kernel saw it connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (from `/proc/PID/status`).
+    pub groups: Vec<u32>,
+}
+
+impl Caller {
+    /// The peer of `stream`; a peer the kernel cannot name is nobody in particular.
+    fn of(stream: &UnixStream) -> Caller {
+        match stream.peer_cred() {
+            Ok(c) => Caller {
+                uid: c.uid(),
+                gid: c.gid(),
+                groups: c.pid().map(supplementary_groups).unwrap_or_default(),
+            },
+            Err(_) => Caller {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                groups: Vec::new(),
+            },
+        }
+    }
+
+    fn in_group(&self, gid: u32) -> bool {
+        self.gid == gid || self.groups.contains(&gid)
+    }
+
+    /// Whether this caller may change the node: root, or a member of `admin`.
+    pub fn may_change(&self, admin: Option<u32>) -> bool {
+        self.uid == 0 || admin.is_some_and(|g| self.in_group(g))
+    }
+
+    /// Whether this caller could create and replace files in `dir` itself: every folder
+    /// on the way searchable, `dir` writable, by the mode bits that apply to it (ACLs
+    /// are not read: a user they alone let in is refused, never the other way).
+    pub fn may_write_in(&self, dir: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if self.uid == 0 {
+            return true;
+        }
+        let bits = |m: &std::fs::Metadata| {
+            let mode = m.mode();
+            if m.uid() == self.uid {
+                (mode >> 6) & 0o7
+            } else if self.in_group(m.gid()) {
+                (mode >> 3) & 0o7
+            } else {
+                mode & 0o7
+            }
+        };
+        for a in dir.ancestors().skip(1) {
+            match std::fs::metadata(a) {
+                Ok(m) if bits(&m) & 0o1 != 0 => {}
+                _ => return false,
+            }
+        }
+        match std::fs::metadata(dir) {
+            Ok(m) => m.is_dir() && bits(&m) & 0o3 == 0o3,
+            Err(_) => false,
+        }
+    }
+}
+
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// Whether a call changes the node (and so needs root or `[control] group`).
+fn changes(method: &Method, segs: &[&str]) -> bool {
+    match (method, segs) {
+        (&Method::GET, _) => false,
+        (&Method::POST, ["v1", "ls" | "plan"]) => false,
+        (&Method::POST, ["v1", "room", "wait"]) => false,
+        _ => true,
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct NodeStatus {
@@ -312,8 +404,12 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<GossipReply, ApiError>> + Send;
     fn ls(&self, target: String) -> impl Future<Output = Result<LsReply, ApiError>> + Send;
     fn plan(&self, req: PlanRequest) -> impl Future<Output = Result<PlanReply, ApiError>> + Send;
-    fn start_get(&self, req: GetRequest)
-        -> impl Future<Output = Result<GetReply, ApiError>> + Send;
+    /// `caller` is who asked: the file goes only where that user could write it.
+    fn start_get(
+        &self,
+        req: GetRequest,
+        caller: &Caller,
+    ) -> impl Future<Output = Result<GetReply, ApiError>> + Send;
     fn transfer(&self, id: String) -> impl Future<Output = Result<TransferView, ApiError>> + Send;
     fn transfers(&self) -> impl Future<Output = Result<Vec<TransferView>, ApiError>> + Send;
     fn watch(&self, req: FileRequest) -> impl Future<Output = Result<WatchReply, ApiError>> + Send;
@@ -327,7 +423,14 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// Serves `listener` until `cancel` fires; connections in flight are awaited.
-pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, cancel: CancellationToken) {
+/// Serves the control API on `listener` until `cancel`. `admin` is the group whose members
+/// may change the node besides root.
+pub async fn serve<H: Handler>(
+    listener: UnixListener,
+    handler: Arc<H>,
+    admin: Option<u32>,
+    cancel: CancellationToken,
+) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
@@ -342,10 +445,11 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, cancel: 
         };
         let handler = handler.clone();
         let cancel = cancel.clone();
+        let caller = Arc::new(Caller::of(&stream));
         conns.spawn(async move {
             let svc = service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(route(&*handler, req).await) }
+                let (handler, caller) = (handler.clone(), caller.clone());
+                async move { Ok::<_, Infallible>(route(&*handler, req, &caller, admin).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
@@ -360,14 +464,34 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>, cancel: 
     while conns.join_next().await.is_some() {}
 }
 
-async fn route<H: Handler>(h: &H, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route<H: Handler>(
+    h: &H,
+    req: Request<Incoming>,
+    caller: &Caller,
+    admin: Option<u32>,
+) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if changes(&method, &segs) && !caller.may_change(admin) {
+        let call = segs.get(1..).map(|s| s.join(" ")).unwrap_or_default();
+        let who = if admin.is_some() {
+            "root or a member of the node's control group"
+        } else {
+            "root (or a member of a group set as [control] group in the configuration)"
+        };
+        return error_response(&ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "`{call}` changes this node, which only {who} may do; user {} may read (status, peers, ls, plan, rooms)",
+                caller.uid
+            ),
+        ));
+    }
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return error_response(&e),
     };
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let res = match (&method, segs.as_slice()) {
         (&Method::GET, ["v1", "status"]) => reply(h.status().await),
         (&Method::POST, ["v1", "links"]) => match parse(&body) {
@@ -408,7 +532,7 @@ async fn route<H: Handler>(h: &H, req: Request<Incoming>) -> Response<Full<Bytes
             Err(e) => Err(e),
         },
         (&Method::POST, ["v1", "get"]) => match parse(&body) {
-            Ok(r) => reply(h.start_get(r).await),
+            Ok(r) => reply(h.start_get(r, caller).await),
             Err(e) => Err(e),
         },
         (&Method::GET, ["v1", "transfers"]) => reply(h.transfers().await),

@@ -66,6 +66,14 @@ pub enum DaemonError {
     },
     #[error("another daemon already answers on {0}")]
     ControlInUse(PathBuf),
+    #[error("[control] group names {0:?}, which is no group on this machine (add it with `groupadd {0}`, or remove the key)")]
+    FindGroup(String),
+    #[error("cannot give the control socket {path} to group {group}: {source}")]
+    ChownControl {
+        path: PathBuf,
+        group: String,
+        source: std::io::Error,
+    },
     #[error("cannot install the signal handler: {0}")]
     InstallSignals(#[source] std::io::Error),
     #[error(transparent)]
@@ -308,6 +316,10 @@ pub async fn run(
         .and_then(tokio::net::UdpSocket::from_std)
         .map_err(|source| DaemonError::BindUdp { port, source })?;
     let listener = bind_control(&config.control.socket).await?;
+    let admin = match &config.control.group {
+        Some(name) => Some(control_group(&config.control.socket, name)?),
+        None => None,
+    };
     // Both on every address: the node server answers only on the VPN address and to
     // members' VPN addresses, the relay only to signed member requests.
     let node_listener = bind_tcp(transfer::NODE_PORT).await?;
@@ -396,7 +408,7 @@ pub async fn run(
     {
         let (n, c) = (node.clone(), cancel.clone());
         tasks.spawn(async move {
-            control::serve(listener, n, c).await;
+            control::serve(listener, n, admin, c).await;
             Ok(())
         });
     }
@@ -502,6 +514,29 @@ pub async fn run(
     drop(tunnel);
     log::info!("stopped");
     result
+}
+
+/// The id of `[control] group`, to whom the control socket is given (mode 0660), so its
+/// members can open it and change the node.
+fn control_group(socket: &std::path::Path, name: &str) -> Result<u32, DaemonError> {
+    let c = std::ffi::CString::new(name).map_err(|_| DaemonError::FindGroup(name.into()))?;
+    // SAFETY: getgrnam with a NUL-terminated name; the gid is read at once, before any
+    // other call could reuse the static buffer it points into.
+    let gid = unsafe {
+        let g = libc::getgrnam(c.as_ptr());
+        if g.is_null() {
+            return Err(DaemonError::FindGroup(name.into()));
+        }
+        (*g).gr_gid
+    };
+    std::os::unix::fs::chown(socket, None, Some(gid)).map_err(|source| {
+        DaemonError::ChownControl {
+            path: socket.to_path_buf(),
+            group: name.into(),
+            source,
+        }
+    })?;
+    Ok(gid)
 }
 
 /// Bursts of a fast TCP flow overflow the default 208 KiB socket buffers, and every

@@ -594,7 +594,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 bail!("{target}: {e}");
             }
             if let Some(from) = &view.handoff {
-                move_into_place(from, &dest)
+                let downloads = config.node.state_dir.join(watchalong::node::DOWNLOADS_DIR);
+                move_into_place(from, &downloads, &dest)
                     .with_context(|| format!("{target}: cannot write {}", dest.display()))?;
             }
             if json {
@@ -738,18 +739,47 @@ fn json_or_empty<T: serde::Serialize>(list: &[T], json: bool, empty: &str) -> an
 /// Moves a file the daemon could not write at `dest` (it left it in its own folder) to
 /// `dest`, with this user's rights: a rename on the same file system, else a copy to a
 /// temp file beside `dest` renamed over it, so `dest` is never seen half written.
-fn move_into_place(from: &Path, dest: &Path) -> anyhow::Result<()> {
+/// Moves a file the daemon downloaded for this user into place, with this user's rights.
+///
+/// The CLI may run as root while the daemon does not, so the daemon's word is not taken
+/// for which file that is: the handoff must be a plain file directly in the daemon's
+/// downloads folder, owned by that folder's owner and linked once (not a symlink, not a
+/// hard link to someone else's file), and its owner and mode are changed through the file
+/// opened, never by path.
+fn move_into_place(from: &Path, downloads: &Path, dest: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let folder = std::fs::symlink_metadata(downloads)
+        .with_context(|| format!("the daemon's downloads folder {}", downloads.display()))?;
+    let name_ok = from
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_hexdigit()));
+    if !folder.is_dir() || from.parent() != Some(downloads) || !name_ok {
+        bail!(
+            "the daemon handed over {}, which is not a download in {}: refused",
+            from.display(),
+            downloads.display()
+        );
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(from)
+        .with_context(|| format!("the handed-over file {} (a link is refused)", from.display()))?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 || meta.uid() != folder.uid() {
+        bail!(
+            "the handed-over file {} is not the daemon's own plain file: refused",
+            from.display()
+        );
+    }
+    // The daemon's file: made this user's, readable as a download usually is. /proc/self
+    // belongs to this process's user and group.
+    let me = std::fs::metadata("/proc/self")?;
+    std::os::unix::fs::fchown(&file, Some(me.uid()), Some(me.gid()))?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
     match std::fs::rename(from, dest) {
-        Ok(()) => {
-            // The daemon's file: made this user's, readable as a download usually is.
-            use std::os::unix::fs::{MetadataExt, PermissionsExt};
-            // /proc/self belongs to this process's user and group.
-            if let Ok(me) = std::fs::metadata("/proc/self") {
-                let _ = std::os::unix::fs::chown(dest, Some(me.uid()), Some(me.gid()));
-            }
-            std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o644))?;
-            return Ok(());
-        }
+        Ok(()) => return Ok(()),
         Err(e) if e.raw_os_error() != Some(libc::EXDEV) => {
             return Err(e).with_context(|| format!("cannot move {} here", from.display()))
         }
@@ -760,11 +790,13 @@ fn move_into_place(from: &Path, dest: &Path) -> anyhow::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "download".into());
     let tmp = dest.with_file_name(format!(".{name}.watchalong-{}", std::process::id()));
+    // Another file system: copied from the file opened above, not from the path.
     let copy = || -> std::io::Result<()> {
-        let mut src = std::fs::File::open(from)?;
+        let mut src = &file;
         let mut out = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o644)
             .open(&tmp)?;
         std::io::copy(&mut src, &mut out)?;
         out.sync_all()?;

@@ -16,7 +16,7 @@ use hyper::StatusCode;
 
 use crate::config::{split_host_port, Config};
 use crate::control::{
-    ApiError, Empty, GetReply, GetRequest, GossipReply, Handler, InjectRequest, InviteView,
+    ApiError, Caller, Empty, GetReply, GetRequest, GossipReply, Handler, InjectRequest, InviteView,
     JoinReply, JoinRequest, LinkReply, LinkRequest, LsEntry, LsReply, NodeStatus, PeerAddRequest,
     PeerRemoveRequest, PeerView, PeersReply, PlanReply, PlanRequest, RemoveRequest, StatusReply,
     TransferView,
@@ -2068,11 +2068,24 @@ impl Handler for Node {
         Ok(self.watch.views())
     }
 
-    async fn start_get(&self, req: GetRequest) -> Result<GetReply, ApiError> {
+    async fn start_get(&self, req: GetRequest, caller: &Caller) -> Result<GetReply, ApiError> {
         let (share, path) = split_target(&req.target)?;
         if !req.dest.is_absolute() {
             return Err(ApiError::bad_request(
                 "the destination must be an absolute path",
+            ));
+        }
+        // The daemon may write where its caller may not (it often runs as root): the
+        // file goes only where the user who asked could have put it.
+        let folder = req.dest.parent().unwrap_or(std::path::Path::new("/"));
+        if !tokio::task::block_in_place(|| caller.may_write_in(folder)) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "user {} may not write in {}: choose a destination of your own",
+                    caller.uid,
+                    folder.display()
+                ),
             ));
         }
         let dir = self.directory();
