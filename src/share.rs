@@ -122,7 +122,8 @@ impl Manifest {
             path: format!("{share}/{path}"),
             reason,
         };
-        if self.share != share || self.path != path.trim_start_matches("./") {
+        let canonical = |p: &str| clean_path(p).map(|parts| parts.join("/")).ok();
+        if self.share != share || canonical(&self.path).is_none() || canonical(&self.path) != canonical(path) {
             return Err(refuse(format!(
                 "it describes {}/{} instead",
                 self.share.escape_debug(),
@@ -202,14 +203,53 @@ pub struct ShareInfo {
     pub mode: String,
 }
 
-/// (share, path) → (size, mtime in ns, manifest).
-type ManifestCache = HashMap<(String, String), (u64, u128, Manifest)>;
+/// Manifests by (share, canonical path), valid while size and mtime (in ns: two writes
+/// in one second must not look alike) match; bounded in entries and in chunk hashes held,
+/// the oldest entry going first, since every path a member asks about lands here.
+#[derive(Default)]
+struct ManifestCache {
+    map: HashMap<(String, String), (u64, u128, Manifest)>,
+    order: std::collections::VecDeque<(String, String)>,
+    hashes: usize,
+}
+
+/// Manifests cached at most, and chunk hashes in them (64 bytes of hex each).
+const CACHE_ENTRIES: usize = 4096;
+const CACHE_HASHES: usize = 256 * 1024;
+
+impl ManifestCache {
+    fn get(&self, key: &(String, String), size: u64, ns: u128) -> Option<Manifest> {
+        self.map
+            .get(key)
+            .filter(|(s, n, _)| *s == size && *n == ns)
+            .map(|(_, _, m)| m.clone())
+    }
+
+    fn insert(&mut self, key: (String, String), size: u64, ns: u128, m: Manifest) {
+        if m.chunks.len() > CACHE_HASHES {
+            return;
+        }
+        if let Some((_, _, old)) = self.map.remove(&key) {
+            self.hashes -= old.chunks.len();
+            self.order.retain(|k| k != &key);
+        }
+        while self.map.len() >= CACHE_ENTRIES || self.hashes + m.chunks.len() > CACHE_HASHES {
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((_, _, old)) = self.map.remove(&oldest) {
+                self.hashes -= old.chunks.len();
+            }
+        }
+        self.hashes += m.chunks.len();
+        self.order.push_back(key.clone());
+        self.map.insert(key, (size, ns, m));
+    }
+}
 
 pub struct Shares {
     shares: Vec<ShareConfig>,
     chunk_size: u64,
-    /// Manifests by (share, path), valid while size and mtime (in ns: two writes in one
-    /// second must not look alike) match.
     cache: Mutex<ManifestCache>,
 }
 
@@ -243,7 +283,7 @@ impl Shares {
         Shares {
             shares,
             chunk_size: chunk_size.clamp(4096, 64 * 1024 * 1024),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(ManifestCache::default()),
         }
     }
 
@@ -389,16 +429,16 @@ impl Shares {
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let key = (share.to_string(), raw.to_string());
-        if let Some((size, ns, m)) = self
+        // Every spelling of one path ("a/./b", "./a/b") is one entry.
+        let canonical = clean_path(raw)?.join("/");
+        let key = (share.to_string(), canonical.clone());
+        if let Some(m) = self
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
+            .get(&key, meta.len(), mtime_ns)
         {
-            if *size == meta.len() && *ns == mtime_ns {
-                return Ok(m.clone());
-            }
+            return Ok(m);
         }
         use std::os::unix::fs::PermissionsExt;
         let read = |source| ShareError::Read {
@@ -422,7 +462,7 @@ impl Shares {
         }
         let m = Manifest {
             share: share.to_string(),
-            path: raw.trim_start_matches("./").to_string(),
+            path: canonical,
             size,
             mtime,
             mode: meta.permissions().mode() & 0o777,
@@ -432,7 +472,7 @@ impl Shares {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, (meta.len(), mtime_ns, m.clone()));
+            .insert(key, meta.len(), mtime_ns, m.clone());
         Ok(m)
     }
 
@@ -575,6 +615,39 @@ mod tests {
             vec!["in", "sub"],
             "the symlink out is not even listed"
         );
+    }
+
+    #[test]
+    fn every_spelling_of_a_path_is_one_cache_entry_and_the_cache_stays_bounded() {
+        let (d, s) = setup();
+        std::fs::create_dir_all(d.path().join("root/a")).unwrap();
+        std::fs::write(d.path().join("root/a/b"), b"x").unwrap();
+        for spelling in ["a/b", "./a/b", "a/./b", "a//b"] {
+            assert_eq!(s.manifest("s", spelling).unwrap().path, "a/b");
+        }
+        assert_eq!(s.cache.lock().unwrap().map.len(), 1);
+
+        let mut c = ManifestCache::default();
+        let m = |n: usize| Manifest {
+            share: "s".into(),
+            path: format!("f{n}"),
+            size: 0,
+            mtime: 0,
+            mode: 0o644,
+            chunk_size: CHUNK_SIZE,
+            chunks: vec!["0".repeat(64); n],
+        };
+        for i in 0..CACHE_ENTRIES + 10 {
+            c.insert(("s".into(), format!("f{i}")), 0, 0, m(1));
+        }
+        assert_eq!(c.map.len(), CACHE_ENTRIES);
+        // The oldest went first.
+        assert!(c.get(&("s".into(), "f0".into()), 0, 0).is_none());
+        assert!(c.get(&("s".into(), format!("f{}", CACHE_ENTRIES + 9)), 0, 0).is_some());
+        // A big manifest pushes out as many hashes as it brings.
+        c.insert(("s".into(), "big".into()), 0, 0, m(CACHE_HASHES - 100));
+        assert!(c.hashes <= CACHE_HASHES);
+        assert_eq!(c.hashes, c.map.values().map(|(_, _, m)| m.chunks.len()).sum::<usize>());
     }
 
     #[test]
