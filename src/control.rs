@@ -35,7 +35,7 @@ const MAX_BODY: usize = 64 * 1024;
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
-    /// Supplementary groups (from `/proc/PID/status`).
+    /// Supplementary groups (from the group database, or `/proc/PID/status`).
     pub groups: Vec<u32>,
 }
 
@@ -46,7 +46,7 @@ impl Caller {
             Ok(c) => Caller {
                 uid: c.uid(),
                 gid: c.gid(),
-                groups: c.pid().map(supplementary_groups).unwrap_or_default(),
+                groups: supplementary_groups(c.uid(), c.gid(), c.pid()),
             },
             Err(_) => Caller {
                 uid: u32::MAX,
@@ -96,7 +96,16 @@ impl Caller {
     }
 }
 
-fn supplementary_groups(pid: i32) -> Vec<u32> {
+/// The groups user `uid` belongs to, from the user and group databases (what `id` shows),
+/// else from the process's `/proc/PID/status` (which the unit's `ProtectProc=invisible`
+/// may hide).
+fn supplementary_groups(uid: u32, gid: u32, pid: Option<i32>) -> Vec<u32> {
+    groups_of_user(uid, gid)
+        .or_else(|| pid.map(groups_of_process))
+        .unwrap_or_default()
+}
+
+fn groups_of_process(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -105,6 +114,27 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
                 .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
         })
         .unwrap_or_default()
+}
+
+fn groups_of_user(uid: u32, gid: u32) -> Option<Vec<u32>> {
+    // SAFETY: `passwd` is plain C data for which all zeroes is a valid value.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: getpwuid_r writes into `pw` and `buf`, both live and sized as passed.
+    let r = unsafe { libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if r != 0 || found.is_null() {
+        return None;
+    }
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut n = groups.len() as libc::c_int;
+    // SAFETY: `pw.pw_name` points into `buf`, still live; `groups` holds `n` entries.
+    let r = unsafe { libc::getgrouplist(pw.pw_name, gid, groups.as_mut_ptr(), &mut n) };
+    if r < 0 {
+        return None;
+    }
+    groups.truncate(usize::try_from(n).unwrap_or(0));
+    Some(groups)
 }
 
 /// Whether a call changes the node (and so needs root or `[control] group`).

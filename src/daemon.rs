@@ -68,12 +68,7 @@ pub enum DaemonError {
     ControlInUse(PathBuf),
     #[error("[control] group names {0:?}, which is no group on this machine (add it with `groupadd {0}`, or remove the key)")]
     FindGroup(String),
-    #[error("cannot give the control socket {path} to group {group}: {source}")]
-    ChownControl {
-        path: PathBuf,
-        group: String,
-        source: std::io::Error,
-    },
+
     #[error("cannot install the signal handler: {0}")]
     InstallSignals(#[source] std::io::Error),
     #[error(transparent)]
@@ -529,13 +524,14 @@ fn control_group(socket: &std::path::Path, name: &str) -> Result<u32, DaemonErro
         }
         (*g).gr_gid
     };
-    std::os::unix::fs::chown(socket, None, Some(gid)).map_err(|source| {
-        DaemonError::ChownControl {
-            path: socket.to_path_buf(),
-            group: name.into(),
-            source,
-        }
-    })?;
+    // Its members may change the node whether or not they can open the socket; giving
+    // it to them takes membership of the group (or CAP_CHOWN): say how, and go on.
+    if let Err(e) = std::os::unix::fs::chown(socket, None, Some(gid)) {
+        log::warn!(
+            "cannot give the control socket {} to group {name} ({e}): only root can reach it; run the daemon in that group (SupplementaryGroups={name} in the unit)",
+            socket.display()
+        );
+    }
     Ok(gid)
 }
 
