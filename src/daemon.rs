@@ -525,10 +525,16 @@ fn control_group(socket: &std::path::Path, name: &str) -> Result<u32, DaemonErro
         (*g).gr_gid
     };
     // Its members may change the node whether or not they can open the socket; giving
-    // it to them takes membership of the group (or CAP_CHOWN): say how, and go on.
+    // it to them takes membership of the group (the unit's syscall filter refuses chown
+    // anyway: there, Group= creates the socket in the group): say how, and go on.
+    use std::os::unix::fs::MetadataExt;
+    let given = std::fs::metadata(socket).is_ok_and(|m| m.gid() == gid);
+    if given {
+        return Ok(gid);
+    }
     if let Err(e) = std::os::unix::fs::chown(socket, None, Some(gid)) {
         log::warn!(
-            "cannot give the control socket {} to group {name} ({e}): only root can reach it; run the daemon in that group (SupplementaryGroups={name} in the unit)",
+            "cannot give the control socket {} to group {name} ({e}): only root can reach it; run the daemon in that group (Group={name} in the unit)",
             socket.display()
         );
     }
