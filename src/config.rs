@@ -47,6 +47,7 @@ pub struct Config {
     pub log: LogConfig,
     pub relay: RelayConfig,
     pub watch: WatchConfig,
+    pub sync: SyncConfig,
     /// `[[share]]` tables: the folders this node offers the group.
     #[serde(rename = "share")]
     pub shares: Vec<ShareConfig>,
@@ -72,6 +73,22 @@ pub struct WatchConfig {
     /// MiB the caches of files watched from other members may keep on disk; the least
     /// recently played go first, never one being played.
     pub cache_mib: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// Days a file that sync replaced or deleted here stays in the share's
+    /// `.watchalong-versions` folder; 0 keeps none.
+    pub keep_versions_days: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        SyncConfig {
+            keep_versions_days: 30,
+        }
+    }
 }
 
 impl Default for WatchConfig {
@@ -312,6 +329,13 @@ impl Config {
         }
         if !self.control.socket.is_absolute() {
             return Err(bad("control", "socket", "expected an absolute path".into()));
+        }
+        if self.sync.keep_versions_days > 36_500 {
+            return Err(bad(
+                "sync",
+                "keep_versions_days",
+                "expected a number of days from 0 (keep none) to 36500".into(),
+            ));
         }
         if let Some(g) = &self.control.group {
             let name_like = !g.is_empty()

@@ -141,7 +141,7 @@ fn groups_of_user(uid: u32, gid: u32) -> Option<Vec<u32>> {
 fn changes(method: &Method, segs: &[&str]) -> bool {
     match (method, segs) {
         (&Method::GET, _) => false,
-        (&Method::POST, ["v1", "ls" | "plan"]) => false,
+        (&Method::POST, ["v1", "ls" | "plan" | "versions"]) => false,
         (&Method::POST, ["v1", "room", "wait"]) => false,
         _ => true,
     }
@@ -345,6 +345,16 @@ pub struct TransferView {
     pub counters: crate::transfer::Counters,
 }
 
+/// `versions` and `restore`: a share or a file in it, and for a restore which version.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VersionsRequest {
+    /// `SHARE` or `SHARE/PATH`.
+    pub target: String,
+    /// The version kept at this time (seconds since the epoch); the newest when absent.
+    #[serde(default)]
+    pub at: Option<u64>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlanRequest {
     pub target: String,
@@ -450,6 +460,14 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<RoomView, ApiError>> + Send;
     fn room_leave(&self, req: FileRequest) -> impl Future<Output = Result<Empty, ApiError>> + Send;
     fn rooms(&self) -> impl Future<Output = Result<Vec<RoomView>, ApiError>> + Send;
+    fn versions(
+        &self,
+        req: VersionsRequest,
+    ) -> impl Future<Output = Result<Vec<crate::kept::Kept>, ApiError>> + Send;
+    fn restore(
+        &self,
+        req: VersionsRequest,
+    ) -> impl Future<Output = Result<crate::kept::Kept, ApiError>> + Send;
 }
 
 /// Serves `listener` until `cancel` fires; connections in flight are awaited.
@@ -584,6 +602,14 @@ async fn route<H: Handler>(
             Err(e) => Err(e),
         },
         (&Method::GET, ["v1", "rooms"]) => reply(h.rooms().await),
+        (&Method::POST, ["v1", "versions"]) => match parse(&body) {
+            Ok(r) => reply(h.versions(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, ["v1", "restore"]) => match parse(&body) {
+            Ok(r) => reply(h.restore(r).await),
+            Err(e) => Err(e),
+        },
         (&Method::POST, ["v1", "debug", "gossip"]) => match parse(&body) {
             Ok(r) => reply(h.inject_gossip(r).await),
             Err(e) => Err(e),

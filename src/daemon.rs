@@ -37,6 +37,8 @@ const ENDPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often a node announces every version it holds, so members that missed a change
 /// (offline, or an announcement lost) catch up.
 const SYNC_FULL_ROUND: Duration = Duration::from_secs(10);
+/// How often versions past `[sync] keep_versions_days` are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Quiet time after a file event before the share is scanned.
 const SETTLE: Duration = Duration::from_millis(30);
 /// A file written without pause ships at least this often.
@@ -186,6 +188,8 @@ async fn run_sync(
     let _watcher = watch_shares(&node, changed_tx);
     let mut scan = tokio::time::interval(crate::sync::SCAN_EVERY);
     let mut full = tokio::time::interval(SYNC_FULL_ROUND);
+    // At start, then hourly: a version kept 30 days needs no finer clock.
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
     loop {
         tokio::select! {
             Some(()) = changed.recv() => {
@@ -201,6 +205,7 @@ async fn run_sync(
             }
             _ = scan.tick() => node.sync_scan(false).await,
             _ = full.tick() => node.sync_scan(true).await,
+            _ = prune.tick() => tokio::task::block_in_place(|| node.prune_versions()),
             m = rx.recv() => match m {
                 Some((from, body)) => node.sync_apply(from, body).await,
                 None => return,

@@ -22,6 +22,7 @@
 //! | [`transfer`] | node-to-node HTTP, the LAN relay, chunk cache, single flight, `get`   | sockets, files |
 //! | [`versions`] | folder sync's rules: version vectors, conflicts, deletion safety        | none (pure) |
 //! | [`index`]    | a read-write share's sync index, stored in redb                       | one file    |
+//! | [`kept`]     | versions of what sync replaced or deleted, inside the share: keep, list, prune, restore | files |
 //! | [`sync`]     | read-write shares: scan, decide what an announced version asks        | files       |
 //! | [`stream`]   | a watched file played while it arrives: playhead-first fetch, loopback Range endpoint | files, loopback |
 //! | [`room`]     | a watch-along room: agreed playback, watchers, clock offsets, drift rules | none (pure) |
@@ -42,6 +43,7 @@ pub mod group;
 pub mod identity;
 pub mod index;
 pub mod join;
+pub mod kept;
 pub mod link;
 pub mod logging;
 pub mod mesh;

@@ -128,6 +128,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the versions this node kept of files sync replaced or deleted here.
+    Versions {
+        /// SHARE or SHARE/PATH.
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a kept version back (the newest unless --at); it spreads as a change.
+    Restore {
+        /// SHARE/PATH.
+        target: String,
+        /// The version kept at this time: its stamp as `versions` shows it
+        /// (20261130T091300Z), or RFC 3339 (2026-11-30T09:13:00Z).
+        #[arg(long)]
+        at: Option<String>,
+    },
     /// List this node's downloads (`get`), running and ended, with their progress.
     Transfers {
         #[arg(long)]
@@ -611,6 +627,27 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 );
             }
         }
+        Command::Versions { target, json } => {
+            let list: Vec<watchalong::kept::Kept> = client
+                .post("/v1/versions", &watchalong::control::VersionsRequest { target, at: None })
+                .await?;
+            let text = json_or_empty(&list, json, "no versions kept")?;
+            for k in list.iter().filter(|_| text) {
+                println!("{}  {}  {} bytes", stamp_of(k.at), k.path, k.size);
+            }
+        }
+        Command::Restore { target, at } => {
+            let at = match at.as_deref() {
+                Some(t) => Some(parse_time(t).with_context(|| {
+                    format!("--at {t}: expected a stamp as `versions` shows it, like 20261130T091300Z")
+                })?),
+                None => None,
+            };
+            let k: watchalong::kept::Kept = client
+                .post("/v1/restore", &watchalong::control::VersionsRequest { target, at })
+                .await?;
+            println!("restored {} as kept at {}", k.path, stamp_of(k.at));
+        }
         Command::Transfers { json } => {
             let list: Vec<TransferView> = client.get("/v1/transfers").await?;
             let text = json_or_empty(&list, json, "no transfers")?;
@@ -727,6 +764,32 @@ fn read_passphrase(file: Option<&PathBuf>, prompt: &str) -> anyhow::Result<Strin
 
 /// Prints `list` as JSON when that was asked for, or `empty` when there is nothing to
 /// list; true when the caller is to print the list as text.
+/// A kept version's time as `versions` prints it and `restore --at` takes it.
+fn stamp_of(t: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+        .to_string()
+        .replace(['-', ':'], "")
+}
+
+fn parse_time(t: &str) -> anyhow::Result<u64> {
+    let rfc = if t.len() == 16 && t.as_bytes()[8] == b'T' {
+        format!(
+            "{}-{}-{}T{}:{}:{}Z",
+            &t[0..4],
+            &t[4..6],
+            &t[6..8],
+            &t[9..11],
+            &t[11..13],
+            &t[13..15]
+        )
+    } else {
+        t.to_string()
+    };
+    Ok(humantime::parse_rfc3339(&rfc)?
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs())
+}
+
 fn json_or_empty<T: serde::Serialize>(list: &[T], json: bool, empty: &str) -> anyhow::Result<bool> {
     if json {
         println!("{}", serde_json::to_string_pretty(list)?);
@@ -736,9 +799,6 @@ fn json_or_empty<T: serde::Serialize>(list: &[T], json: bool, empty: &str) -> an
     Ok(!json && !list.is_empty())
 }
 
-/// Moves a file the daemon could not write at `dest` (it left it in its own folder) to
-/// `dest`, with this user's rights: a rename on the same file system, else a copy to a
-/// temp file beside `dest` renamed over it, so `dest` is never seen half written.
 /// Moves a file the daemon downloaded for this user into place, with this user's rights.
 ///
 /// The CLI may run as root while the daemon does not, so the daemon's word is not taken

@@ -16,7 +16,7 @@ use hyper::StatusCode;
 
 use crate::config::{split_host_port, Config};
 use crate::control::{
-    ApiError, Caller, Empty, GetReply, GetRequest, GossipReply, Handler, InjectRequest, InviteView,
+    ApiError, Caller, Empty, VersionsRequest, GetReply, GetRequest, GossipReply, Handler, InjectRequest, InviteView,
     JoinReply, JoinRequest, LinkReply, LinkRequest, LsEntry, LsReply, NodeStatus, PeerAddRequest,
     PeerRemoveRequest, PeerView, PeersReply, PlanReply, PlanRequest, RemoveRequest, StatusReply,
     TransferView,
@@ -1349,7 +1349,7 @@ impl Node {
                     std::fs::remove_dir(&p).is_ok()
                 } else {
                     let _ = std::fs::remove_file(crate::sync::partial_path(&p));
-                    std::fs::remove_file(&p).is_ok() || !p.exists()
+                    self.remove_keeping(s, &path, &p)
                 };
                 if gone {
                     s.record(&path, version);
@@ -1405,6 +1405,40 @@ impl Node {
                     log::info!("conflict on {}/{}: both versions kept", s.name, v.path);
                 }
                 s.unqueue(&v.path);
+            }
+        }
+    }
+
+    /// Removes file `p` (at `path` in share `s`) for another member's deletion: moved to
+    /// the share's versions folder unless versions are off. True when it is gone from the
+    /// path; a file that cannot be kept is not removed.
+    fn remove_keeping(&self, s: &SyncShare, path: &str, p: &std::path::Path) -> bool {
+        if !p.exists() {
+            return true;
+        }
+        if self.config.sync.keep_versions_days == 0 {
+            return std::fs::remove_file(p).is_ok();
+        }
+        match crate::kept::keep_moving(&s.root, path, p) {
+            Ok(_) => true,
+            Err(e) => {
+                if s.set_error(Some(format!("{path}: not deleted, since {e}"))) {
+                    log::warn!("share {}: {path}: not deleted, since {e}", s.name);
+                }
+                false
+            }
+        }
+    }
+
+    /// Drops the versions kept longer than `[sync] keep_versions_days` in every
+    /// read-write share.
+    pub fn prune_versions(&self) {
+        let days = self.config.sync.keep_versions_days;
+        for s in &self.syncs {
+            match crate::kept::prune(&s.root, now_secs(), days) {
+                Ok(0) => {}
+                Ok(n) => log::info!("share {}: {n} old version(s) pruned", s.name),
+                Err(e) => log::warn!("share {}: {e}", s.name),
             }
         }
     }
@@ -1537,6 +1571,15 @@ impl Node {
                 return None;
             }
         }
+        // What the pull replaces is kept first (a link: the rename below stays atomic);
+        // a conflict's own copy was moved aside above and is kept as it is.
+        if aside.is_none() && dest.is_file() && self.config.sync.keep_versions_days > 0 {
+            if let Err(e) = crate::kept::keep_linking(&s.root, local_path, &dest) {
+                let _ = std::fs::remove_file(&staged);
+                s.set_error(Some(format!("{local_path}: not replaced, since {e}")));
+                return None;
+            }
+        }
         if let Err(e) = std::fs::rename(&staged, &dest) {
             let _ = std::fs::remove_file(&staged);
             s.set_error(Some(format!("{local_path}: {e}")));
@@ -1562,6 +1605,27 @@ impl Drop for Landing<'_> {
     fn drop(&mut self) {
         self.share.unqueue(&self.v.path);
         self.share.land(self.v);
+    }
+}
+
+fn kept_error(e: crate::kept::KeptError) -> ApiError {
+    match e {
+        crate::kept::KeptError::FindVersion(..) => ApiError::not_found(e),
+        crate::kept::KeptError::CheckPath(_) => ApiError::bad_request(e),
+        _ => ApiError::internal(e),
+    }
+}
+
+impl Node {
+    /// The read-write share `SHARE[/PATH]` names, and the path in it.
+    fn sync_share_of(&self, target: &str) -> Result<(Arc<SyncShare>, String), ApiError> {
+        let (share, path) = target.split_once('/').unwrap_or((target, ""));
+        let s = self.syncs.iter().find(|s| s.name == share).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "{share} is not a read-write share of this node: only those keep versions"
+            ))
+        })?;
+        Ok((s.clone(), path.to_string()))
     }
 }
 
@@ -2066,6 +2130,19 @@ impl Handler for Node {
 
     async fn rooms(&self) -> Result<Vec<RoomView>, ApiError> {
         Ok(self.watch.views())
+    }
+
+    async fn versions(&self, req: VersionsRequest) -> Result<Vec<crate::kept::Kept>, ApiError> {
+        let (s, path) = self.sync_share_of(&req.target)?;
+        tokio::task::block_in_place(|| crate::kept::list(&s.root, &path)).map_err(kept_error)
+    }
+
+    async fn restore(&self, req: VersionsRequest) -> Result<crate::kept::Kept, ApiError> {
+        let (s, path) = self.sync_share_of(&req.target)?;
+        let k = tokio::task::block_in_place(|| crate::kept::restore(&s.root, &path, req.at))
+            .map_err(kept_error)?;
+        log::info!("share {}: {} restored as kept at {}", s.name, k.path, k.at);
+        Ok(k)
     }
 
     async fn start_get(&self, req: GetRequest, caller: &Caller) -> Result<GetReply, ApiError> {

@@ -1,0 +1,125 @@
+//! Nothing lost: what sync replaces or deletes on a node because of another member's
+//! change is kept in the share's versions folder, listed, put back on request (and the
+//! restore spreads), and pruned once older than `[sync] keep_versions_days`.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Every file under `root/.watchalong-versions`.
+fn kept_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.join(".watchalong-versions")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn versions(n: &Node, target: &str) -> Vec<serde_json::Value> {
+    serde_json::from_str::<Vec<serde_json::Value>>(&n.ok(&["versions", target, "--json"]))
+        .expect("versions json")
+}
+
+#[test]
+fn a_remote_overwrite_and_deletion_keep_what_they_replaced_and_a_restore_comes_back_everywhere() {
+    if !root_or_skip("a_remote_overwrite_and_deletion_keep_what_they_replaced_and_a_restore_comes_back_everywhere") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut a = lab.node("a");
+    let mut b = lab.node("b");
+    let ra = a.share_rw("rw");
+    let rb = b.share_rw("rw");
+    a.start();
+    b.start();
+    join(&a, &b);
+    std::fs::create_dir_all(ra.join("sub")).unwrap();
+    std::fs::write(ra.join("sub/f.txt"), b"version one").unwrap();
+    assert!(wait_until(DEADLINE, || std::fs::read(rb.join("sub/f.txt"))
+        .is_ok_and(|c| c == b"version one")));
+
+    // a overwrites: b keeps what it replaced, byte for byte.
+    std::fs::write(ra.join("sub/f.txt"), b"version two, longer").unwrap();
+    assert!(wait_until(DEADLINE, || std::fs::read(rb.join("sub/f.txt"))
+        .is_ok_and(|c| c == b"version two, longer")));
+    let kept = kept_files(&rb);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        blake3::hash(&std::fs::read(&kept[0]).unwrap()),
+        blake3::hash(b"version one")
+    );
+    let listed = versions(&b, "rw/sub/f.txt");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["path"], "sub/f.txt");
+    assert_eq!(listed[0]["size"], 11);
+    // The versions folder is never synced: a holds none of b's.
+    assert!(versions(&a, "rw").is_empty());
+
+    // a deletes: b moves the file into its versions instead of removing it.
+    std::fs::remove_file(ra.join("sub/f.txt")).unwrap();
+    assert!(wait_until(DEADLINE, || !rb.join("sub/f.txt").exists()));
+    let kept = kept_files(&rb);
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    assert!(kept
+        .iter()
+        .any(|k| std::fs::read(k).unwrap() == b"version two, longer"));
+
+    // b puts the newest back, and the restore spreads to a as a change.
+    let out = b.ok(&["restore", "rw/sub/f.txt"]);
+    assert!(out.contains("restored sub/f.txt"), "{out}");
+    for root in [&rb, &ra] {
+        assert!(
+            wait_until(DEADLINE, || std::fs::read(root.join("sub/f.txt"))
+                .is_ok_and(|c| c == b"version two, longer")),
+            "the restore did not reach {}",
+            root.display()
+        );
+    }
+    // A version that is not there is a clear error.
+    let o = b.cli(&["restore", "rw/sub/none.txt"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no kept version"));
+}
+
+#[test]
+fn versions_older_than_the_kept_days_are_pruned_and_newer_ones_stay() {
+    if !root_or_skip("versions_older_than_the_kept_days_are_pruned_and_newer_ones_stay") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut a = lab.node("a");
+    let ra = a.share_rw("rw");
+    let dir = ra.join(".watchalong-versions/sub");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Kept in 2000, and kept now (the time is in the name, as the daemon writes it).
+    let old = dir.join("old.txt~20000101T000000Z");
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        .to_string()
+        .replace(['-', ':'], "");
+    let new = dir.join(format!("new.txt~{now}"));
+    std::fs::write(&old, b"old").unwrap();
+    std::fs::write(&new, b"new").unwrap();
+    a.start();
+    assert!(
+        wait_until(DEADLINE, || !old.exists()),
+        "a version kept in 2000 outlived 30 days"
+    );
+    assert!(new.exists(), "a version kept today was pruned");
+    let listed = versions(&a, "rw");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["path"], "sub/new.txt");
+}
