@@ -593,8 +593,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             if let Some(e) = &view.error {
                 bail!("{target}: {e}");
             }
-            if let Some(from) = &view.handoff {
-                move_into_place(from, &dest)
+            if view.handoff.is_some() {
+                receive_into_place(&client, &started.id, &dest, view.size)
+                    .await
                     .with_context(|| format!("{target}: cannot write {}", dest.display()))?;
             }
             if json {
@@ -735,46 +736,55 @@ fn json_or_empty<T: serde::Serialize>(list: &[T], json: bool, empty: &str) -> an
     Ok(!json && !list.is_empty())
 }
 
-/// Moves a file the daemon could not write at `dest` (it left it in its own folder) to
-/// `dest`, with this user's rights: a rename on the same file system, else a copy to a
-/// temp file beside `dest` renamed over it, so `dest` is never seen half written.
-fn move_into_place(from: &Path, dest: &Path) -> anyhow::Result<()> {
-    match std::fs::rename(from, dest) {
-        Ok(()) => {
-            // The daemon's file: made this user's, readable as a download usually is.
-            use std::os::unix::fs::{MetadataExt, PermissionsExt};
-            // /proc/self belongs to this process's user and group.
-            if let Ok(me) = std::fs::metadata("/proc/self") {
-                let _ = std::os::unix::fs::chown(dest, Some(me.uid()), Some(me.gid()));
-            }
-            std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o644))?;
-            return Ok(());
-        }
-        Err(e) if e.raw_os_error() != Some(libc::EXDEV) => {
-            return Err(e).with_context(|| format!("cannot move {} here", from.display()))
-        }
-        Err(_) => {}
-    }
+/// Writes what transfer `id` handed over to `dest`, from pieces read through the control
+/// socket: the daemon's folder is not this user's to read, and a file this process
+/// creates is this user's. A temp file beside `dest`, fsync, rename, so `dest` is never
+/// half written; then the daemon drops its copy.
+async fn receive_into_place(
+    client: &Client,
+    id: &str,
+    dest: &Path,
+    size: u64,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "download".into());
     let tmp = dest.with_file_name(format!(".{name}.watchalong-{}", std::process::id()));
-    let copy = || -> std::io::Result<()> {
-        let mut src = std::fs::File::open(from)?;
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        std::io::copy(&mut src, &mut out)?;
+    // Readable as a download usually is, as far as this user's umask allows.
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let written = async {
+        let mut offset = 0u64;
+        loop {
+            let piece = client
+                .get_bytes(&format!("/v1/transfers/{id}/file?offset={offset}"))
+                .await?;
+            if piece.is_empty() {
+                break;
+            }
+            out.write_all(&piece)?;
+            offset += piece.len() as u64;
+        }
+        if offset != size {
+            bail!("the daemon handed over {offset} bytes of {size}: run the get again");
+        }
         out.sync_all()?;
-        std::fs::rename(&tmp, dest)
-    };
-    if let Err(e) = copy() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.into());
+        std::fs::rename(&tmp, dest)?;
+        Ok(())
     }
-    let _ = std::fs::remove_file(from);
+    .await;
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let _: Empty = client.delete(&format!("/v1/transfers/{id}/file")).await?;
     Ok(())
 }
 

@@ -108,6 +108,28 @@ struct TransferEntry {
 }
 
 impl Node {
+    /// The file a finished transfer left in the daemon's downloads folder for the CLI,
+    /// which may write where the daemon may not.
+    fn handed_over(&self, id: &str) -> Result<PathBuf, ApiError> {
+        let t = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
+        let e = t
+            .get(id)
+            .ok_or_else(|| ApiError::not_found(format!("no transfer {id}")))?;
+        let path = e.handoff.clone().ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "transfer {id} wrote its destination itself: there is nothing to hand over"
+            ))
+        })?;
+        let done = e.finished.load(std::sync::atomic::Ordering::SeqCst)
+            && e.error.lock().unwrap_or_else(|p| p.into_inner()).is_none();
+        if !done {
+            return Err(ApiError::conflict(format!(
+                "transfer {id} has not finished well: wait for `watchalong transfers` to say done"
+            )));
+        }
+        Ok(path)
+    }
+
     fn transfer_view(&self, id: &str, e: &TransferEntry) -> TransferView {
         use std::sync::atomic::Ordering::{Relaxed, SeqCst};
         let finished = e.finished.load(SeqCst);
@@ -2160,6 +2182,28 @@ impl Handler for Node {
     async fn transfers(&self) -> Result<Vec<TransferView>, ApiError> {
         let t = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
         Ok(t.iter().map(|(id, e)| self.transfer_view(id, e)).collect())
+    }
+
+    async fn transfer_file(&self, id: String, offset: u64) -> Result<bytes::Bytes, ApiError> {
+        let path = self.handed_over(&id)?;
+        let piece = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            use std::io::{Read, Seek};
+            let mut f = std::fs::File::open(&path)?;
+            f.seek(std::io::SeekFrom::Start(offset))?;
+            let mut buf = Vec::new();
+            f.take(crate::control::FILE_PIECE).read_to_end(&mut buf)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+        Ok(bytes::Bytes::from(piece))
+    }
+
+    async fn drop_transfer_file(&self, id: String) -> Result<Empty, ApiError> {
+        let path = self.handed_over(&id)?;
+        std::fs::remove_file(path).map_err(ApiError::internal)?;
+        Ok(Empty {})
     }
 
     async fn inject_gossip(&self, req: InjectRequest) -> Result<GossipReply, ApiError> {

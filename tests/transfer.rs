@@ -784,17 +784,38 @@ fn a_destination_the_daemon_cannot_write_is_filled_by_the_cli_with_its_users_rig
         "the daemon can still write there"
     );
 
+    // The CLI runs as an unprivileged user (nobody) in the control socket's group, and
+    // owns the destination folder; the lab's folders only let it reach its config.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    const USER: u32 = 65534;
+    for d in [lab.dir.path(), a.dir.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    std::os::unix::fs::chown(&home, Some(USER), Some(USER)).unwrap();
+    std::os::unix::fs::chown(a.dir.join("control.sock"), None, Some(USER)).unwrap();
     let dest = home.join("f.bin");
-    let out = a.ok(&["get", "films/f.bin", dest.to_str().unwrap(), "--json"]);
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&a.config)
+        .args(["get", "films/f.bin", dest.to_str().unwrap(), "--json"])
+        .uid(USER)
+        .gid(USER)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "get as an unprivileged user: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["state"], "done", "{v}");
     assert!(v["handoff"].is_string(), "the daemon wrote it itself: {v}");
     assert_eq!(hash_file(&dest), want);
     let meta = std::fs::metadata(&dest).unwrap();
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     assert_eq!(
-        (meta.uid(), meta.permissions().mode() & 0o777),
-        (0, 0o644),
+        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o777),
+        (USER, USER, 0o644),
         "not the user's file"
     );
     let left: Vec<_> = std::fs::read_dir(a.dir.join("state/downloads"))
