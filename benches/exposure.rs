@@ -150,9 +150,7 @@ fn relay(label: &str, bin: &Path, size: u64) {
 }
 
 fn main() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED (needs root): sudo cargo bench --bench exposure");
+    if !root_or_skip("bench exposure (sudo cargo bench --bench exposure)") {
         return;
     }
     let mut builds = vec![("this build".to_string(), PathBuf::from(BIN))];
