@@ -327,8 +327,10 @@ pub trait Handler: Send + Sync + 'static {
         offset: u64,
     ) -> impl Future<Output = Result<Bytes, ApiError>> + Send;
     /// Deletes a handed-over file once the CLI holds it.
-    fn drop_transfer_file(&self, id: String)
-        -> impl Future<Output = Result<Empty, ApiError>> + Send;
+    fn drop_transfer_file(
+        &self,
+        id: String,
+    ) -> impl Future<Output = Result<Empty, ApiError>> + Send;
     fn watch(&self, req: FileRequest) -> impl Future<Output = Result<WatchReply, ApiError>> + Send;
     fn room_report(&self, req: Report) -> impl Future<Output = Result<RoomView, ApiError>> + Send;
     fn room_wait(
@@ -427,15 +429,13 @@ async fn route<H: Handler>(h: &H, req: Request<Incoming>) -> Response<Full<Bytes
         },
         (&Method::GET, ["v1", "transfers"]) => reply(h.transfers().await),
         (&Method::GET, ["v1", "transfers", id]) => reply(h.transfer(id.to_string()).await),
-        (&Method::GET, ["v1", "transfers", id, "file"]) => {
-            match offset_of(req_query.as_deref()) {
-                Ok(offset) => h
-                    .transfer_file(id.to_string(), offset)
-                    .await
-                    .map(bytes_response),
-                Err(e) => Err(e),
-            }
-        }
+        (&Method::GET, ["v1", "transfers", id, "file"]) => match offset_of(req_query.as_deref()) {
+            Ok(offset) => h
+                .transfer_file(id.to_string(), offset)
+                .await
+                .map(bytes_response),
+            Err(e) => Err(e),
+        },
         (&Method::DELETE, ["v1", "transfers", id, "file"]) => {
             reply(h.drop_transfer_file(id.to_string()).await)
         }

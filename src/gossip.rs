@@ -617,7 +617,10 @@ mod tests {
         let (out, ev) = n.g.receive(&mut n.mesh, [3; 32], news.clone(), &mut rng);
         assert!(out.is_empty() && ev.is_empty());
         assert_eq!(n.g.stats.rejected, rejected + 1);
-        assert!(n.mesh.member(&[4; 32]).is_none(), "a revoked sender was heard");
+        assert!(
+            n.mesh.member(&[4; 32]).is_none(),
+            "a revoked sender was heard"
+        );
         let (_, ev) = n.g.receive(&mut n.mesh, [1; 32], news, &mut rng);
         assert_eq!(ev.len(), 1, "the same news from the host was not taken");
         assert!(n.mesh.member(&[4; 32]).is_some());

@@ -299,7 +299,10 @@ mod tests {
         assert_eq!(r.case, 3);
         assert_eq!(
             hops(&r),
-            vec![("n3", ga.as_str(), Via::Lan), (ga.as_str(), "n2", Via::Tunnel)]
+            vec![
+                ("n3", ga.as_str(), Via::Lan),
+                (ga.as_str(), "n2", Via::Tunnel)
+            ]
         );
     }
 
@@ -370,8 +373,12 @@ mod tests {
         let r = plan(&g, &[3; 32], &[6; 32], &id, &[]).unwrap();
         assert_eq!(r.case, 5);
         // The same gateways as each site picks for a distant peer of the same transfer.
-        let ga = plan(&g, &[3; 32], &[2; 32], &id, &[]).unwrap().hops[0].to.clone();
-        let gb = plan(&g, &[2; 32], &[6; 32], &id, &[]).unwrap().hops[0].to.clone();
+        let ga = plan(&g, &[3; 32], &[2; 32], &id, &[]).unwrap().hops[0]
+            .to
+            .clone();
+        let gb = plan(&g, &[2; 32], &[6; 32], &id, &[]).unwrap().hops[0]
+            .to
+            .clone();
         assert_eq!(gb, "n7");
         assert_eq!(
             hops(&r),

@@ -426,7 +426,11 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
             "{}: the removed member's news was not refused",
             n.name
         );
-        assert_eq!(after["view"], before["view"], "{} took news from the removed member", n.name);
+        assert_eq!(
+            after["view"], before["view"],
+            "{} took news from the removed member",
+            n.name
+        );
     }
     // The same news from b is taken: the refusal above was the sender's.
     let before = gossip(&host);

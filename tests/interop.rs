@@ -152,10 +152,22 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
     // one can be told from the first only once the clock has moved past it.
     for args in [
         vec!["wg", "set", &iface, "peer", &our_key, "remove"],
-        vec!["wg", "set", &iface, "peer", &our_key, "allowed-ips", "100.77.0.1/32"],
+        vec![
+            "wg",
+            "set",
+            &iface,
+            "peer",
+            &our_key,
+            "allowed-ips",
+            "100.77.0.1/32",
+        ],
     ] {
         let out = theirs.ns.exec(&args);
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     ours.ok(&["peer", "remove", "--public-key", &public]);
     assert!(wait_until(DEADLINE, || unix_now() > first));
@@ -240,26 +252,55 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
         Node::peer(&ours.status(), "wggo").is_none(),
         "still listed after removal"
     );
-    assert_eq!(route(&ours.ns), route_before, "the route changed, not the tunnel");
+    assert_eq!(
+        route(&ours.ns),
+        route_before,
+        "the route changed, not the tunnel"
+    );
     assert!(!ours.ping("100.77.0.50"), "a removed peer still answers");
     // wireguard-go starts over with our endpoint: each ping may send an initiation (one
     // per 5 s at most); two that reached our port unanswered prove the refusal.
     must(
         "ip",
         &[
-            "netns", "exec", &ours.ns.name, "iptables", "-I", "INPUT", "-p", "udp", "--dport",
-            "51871", "-m", "length", "--length", "176", "-j", "ACCEPT",
+            "netns",
+            "exec",
+            &ours.ns.name,
+            "iptables",
+            "-I",
+            "INPUT",
+            "-p",
+            "udp",
+            "--dport",
+            "51871",
+            "-m",
+            "length",
+            "--length",
+            "176",
+            "-j",
+            "ACCEPT",
         ],
     );
     for args in [
         vec!["wg", "set", &iface, "peer", &our_key, "remove"],
         vec![
-            "wg", "set", &iface, "peer", &our_key, "endpoint", &endpoint, "allowed-ips",
+            "wg",
+            "set",
+            &iface,
+            "peer",
+            &our_key,
+            "endpoint",
+            &endpoint,
+            "allowed-ips",
             "100.77.0.1/32",
         ],
     ] {
         let out = theirs.ns.exec(&args);
-        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let initiations = || {
         let o = ours.ns.exec(&["iptables", "-L", "INPUT", "-v", "-x", "-n"]);
