@@ -66,6 +66,17 @@ extern "C" fn report_skips() {
     );
 }
 
+/// The root queueing discipline of `dev` in namespace `ns`, as `tc` shows it.
+fn root_qdisc(ns: &str, dev: &str) -> String {
+    let o = run(
+        "ip",
+        &[
+            "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev, "root",
+        ],
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// Polls `f` until it is true or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;
@@ -383,22 +394,34 @@ impl Lab {
                         String::from_utf8_lossy(&o.stderr)
                     );
                 }
+                let set = root_qdisc(where_, dev);
+                assert!(
+                    set.contains("htb"),
+                    "{dev} in {where_} is not shaped: {set}"
+                );
             }
         }
     }
 
-    /// Removes what [`Lab::shape_wan`] set.
+    /// Removes what [`Lab::shape_wan`] set, and checks that no link is left shaped (a
+    /// failed `tc` would leave an "unshaped" measurement shaped).
     pub fn unshape_wan(&self) {
         for (ns, outer) in &self.main.attached {
             for (where_, dev) in [
                 (ns.as_str(), "eth0"),
                 (self.main.ns.as_str(), outer.as_str()),
             ] {
+                // Fails harmlessly where nothing was set; what counts is the read-back.
                 run(
                     "ip",
                     &[
                         "netns", "exec", where_, "tc", "qdisc", "del", "dev", dev, "root",
                     ],
+                );
+                let left = root_qdisc(where_, dev);
+                assert!(
+                    !left.contains("htb"),
+                    "{dev} in {where_} is still shaped: {left}"
                 );
             }
         }
