@@ -117,12 +117,10 @@ fn relay(label: &str, bin: &Path, size: u64) {
 fn main() {
     // `cargo test --all-targets` runs this binary too, without `--bench`: measure nothing then.
     if !std::env::args().any(|a| a == "--bench") {
-        println!("exposure benchmark: run it with `cargo bench --bench exposure`");
+        println!("exposure benchmark: run it with `sudo cargo bench --bench exposure`");
         return;
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED (needs root): sudo cargo bench --bench exposure");
+    if !root_or_skip("bench exposure (sudo cargo bench --bench exposure)") {
         return;
     }
     let mut builds = vec![("this build".to_string(), PathBuf::from(BIN))];

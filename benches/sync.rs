@@ -327,6 +327,14 @@ fn main() {
         .iter()
         .map(|n| n.share_rw("docs"))
         .collect();
+    // Both programs at their default log level: the lab's nodes log at debug, which
+    // costs watchalong what Syncthing (at its default) does not pay.
+    for n in [&site.host, &site.distant, &site.s1a, &site.s1b] {
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        let text = text.replace("level = \"debug\"", "level = \"info\"");
+        assert!(text.contains("level = \"info\""), "no log level in {text}");
+        std::fs::write(&n.config, text).unwrap();
+    }
     site.start(Duration::from_secs(60));
     // Bound first so they go last: the daemons stop before their namespaces do.
     let SiteLab {

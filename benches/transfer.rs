@@ -5,10 +5,14 @@
 //!     sudo cargo bench --bench transfer -- chunks  # only the chunk sizes (A)
 //!
 //! A. Chunk size: time to first byte and throughput of a 64 MiB `get` (case 1) for
-//!    several chunk sizes, WAN shaped to 100 Mbit/s, and throughput unshaped.
+//!    several chunk sizes, WAN shaped to 100 Mbit/s, and throughput unshaped. The chunk
+//!    size in effect is checked: the requester must count 64 MiB / chunk size fetches.
 //! B. `get` of one file per case 1–4 with every internet link shaped to 100 Mbit/s
 //!    (htb) and the LANs unshaped, beside iperf3 in the same run over the route's
-//!    narrowest hop (the tunnel hop, or the LAN hop of case 4).
+//!    narrowest hop (the tunnel hop, or the LAN hop of case 4), data flowing the way
+//!    the file did (`-R`). The route shown is the one the transfer reports.
+//!
+//! The page cache is dropped before every `get`, so the holder reads its disk.
 //! C. Bytes that cross a site's WAN when 1, 2 or 3 of its members fetch one file at once.
 
 #[path = "../tests/common/mod.rs"]
@@ -25,8 +29,21 @@ fn vpn(n: &Node) -> String {
     vpn_address(&n.status())
 }
 
-/// (time to first byte, total time) of one `get`, through the control socket.
-fn timed_get(rt: &tokio::runtime::Runtime, n: &Node, target: &str) -> (Duration, Duration) {
+/// Empties the kernel's page cache, so that a file written by the setup is read from
+/// the disk by the `get` that follows, not from memory.
+fn drop_caches() {
+    must("sync", &[]);
+    std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop the page cache (root)");
+}
+
+/// (time to first byte, total time, the transfer's final view) of one `get`, through
+/// the control socket, with the page cache dropped first.
+fn timed_get(
+    rt: &tokio::runtime::Runtime,
+    n: &Node,
+    target: &str,
+) -> (Duration, Duration, TransferView) {
+    drop_caches();
     let socket = n.dir.join("control.sock");
     let dest = n.dir.join(format!(
         "got-{}-{}",
@@ -59,7 +76,7 @@ fn timed_get(rt: &tokio::runtime::Runtime, n: &Node, target: &str) -> (Duration,
             if v.state != "running" {
                 assert_eq!(v.state, "done", "{target}: {:?}", v.error);
                 let _ = std::fs::remove_file(&dest);
-                return (first.unwrap_or_default(), start.elapsed());
+                return (first.unwrap_or_default(), start.elapsed(), v);
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -77,9 +94,10 @@ fn mbit(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64() / 1e6
 }
 
-/// iperf3 from `client` to `server` at `addr` (one of the server's addresses), Mbit/s.
-/// The client starts once the server listens; a run that measured nothing is tried
-/// again with a fresh server.
+/// iperf3 from `server` to `client` (`-R`: the server sends, as the file's holder does)
+/// at `addr` (one of the server's addresses), Mbit/s. The client starts once the server
+/// listens; a run that measured nothing is tried again with a fresh server, and three
+/// that measured nothing stop the benchmark.
 fn iperf(server: &Node, client: &Node, addr: &str) -> f64 {
     for _ in 0..3 {
         let mut srv = std::process::Command::new("ip")
@@ -101,7 +119,9 @@ fn iperf(server: &Node, client: &Node, addr: &str) -> f64 {
             let o = server.ns.exec(&["ss", "-Hltn", "sport", "= :5201"]);
             !String::from_utf8_lossy(&o.stdout).trim().is_empty()
         });
-        let o = client.ns.exec(&["iperf3", "-c", addr, "-t", "10", "-J"]);
+        let o = client
+            .ns
+            .exec(&["iperf3", "-c", addr, "-t", "10", "-R", "-J"]);
         let _ = srv.kill();
         let _ = srv.wait();
         let mbit = serde_json::from_slice::<serde_json::Value>(&o.stdout)
@@ -118,7 +138,10 @@ fn iperf(server: &Node, client: &Node, addr: &str) -> f64 {
             String::from_utf8_lossy(&o.stdout)
         );
     }
-    0.0
+    panic!(
+        "iperf3 {} -> {addr} measured nothing three times: no baseline for this row",
+        client.name
+    );
 }
 
 fn chunk_sizes(rt: &tokio::runtime::Runtime) {
@@ -149,9 +172,14 @@ fn chunk_sizes(rt: &tokio::runtime::Runtime) {
         distant.term();
         distant.start_with_env(&[(watchalong::share::CHUNK_SIZE_ENV, &(kib * 1024).to_string())]);
         assert!(wait_until(Duration::from_secs(30), || host.ping(&vpn(&distant))));
-        let (_, unshaped) = timed_get(rt, &host, &format!("films/unshaped-{kib}.bin"));
+        let chunks = 64 * MIB / (kib * 1024);
+        let (_, unshaped, v) = timed_get(rt, &host, &format!("films/unshaped-{kib}.bin"));
+        assert_eq!(
+            v.counters.fetched_chunks, chunks,
+            "{kib} KiB chunks were asked for, but not fetched"
+        );
         lab.shape_wan(100);
-        let (ttfb, total) = timed_get(rt, &host, &format!("films/shaped-{kib}.bin"));
+        let (ttfb, total, _) = timed_get(rt, &host, &format!("films/shaped-{kib}.bin"));
         lab.unshape_wan();
         println!(
             "| {kib} KiB | {} ms | {:.1} s | {:.0} | {:.0} |",
@@ -226,7 +254,7 @@ fn cases(rt: &tokio::runtime::Runtime, size: u64) {
     for (case, from, to, target) in runs {
         let plan: serde_json::Value =
             serde_json::from_str(&to.ok(&["plan", target, "--json"])).unwrap();
-        let (_, total) = timed_get(rt, to, target);
+        let (_, total, done) = timed_get(rt, to, target);
         // The same path the data took: the tunnel hop (over VPN addresses) where there
         // is one, else the LAN hop (over LAN addresses, as the relay runs).
         let hops = plan["route"]["hops"]
@@ -247,11 +275,17 @@ fn cases(rt: &tokio::runtime::Runtime, size: u64) {
         } else {
             (iperf(a, b, &a.ip.to_string()), "LAN")
         };
+        let planned = plan["summary"].as_str().unwrap_or("");
+        let route = if done.route == planned {
+            done.route.clone()
+        } else {
+            format!("{} (planned: {planned})", done.route)
+        };
         println!(
             "| {case} | {} → {} | {} | {:.0} | {:.0} ({} → {}, {over}) |",
             from.name,
             to.name,
-            plan["summary"].as_str().unwrap_or(""),
+            route,
             mbit(size, total),
             ip,
             a.name,

@@ -3,7 +3,8 @@
 # (namespaces, NAT, ping, WireGuard tools for the interop test, systemd-analyze, mpv and
 # ffmpeg for the watch-along tests; curl, tcpdump and setpriv for the attacker tests), then
 # the whole cargo suite. Root is needed for the namespace tests; without root they print
-# "SKIPPED (needs root)", and under CI=true a skip is a failure.
+# "SKIPPED (needs root)" past the harness's capture and each test binary ends with the
+# count of its skips; under CI (any CI but empty, 0 or false) a skip is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -29,6 +29,9 @@ use crate::tunnel::PeerStatus;
 use crate::watch::{FileRequest, Report, RoomView, WaitRequest, WatchReply};
 
 const MAX_BODY: usize = 64 * 1024;
+/// The most of a handed-over file one call returns: the CLI asks piece by piece, so
+/// neither side holds a whole file in memory.
+pub const FILE_PIECE: u64 = 4 * 1024 * 1024;
 
 /// Who is on the other end of a control connection, as the kernel saw it connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -452,6 +455,21 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<GetReply, ApiError>> + Send;
     fn transfer(&self, id: String) -> impl Future<Output = Result<TransferView, ApiError>> + Send;
     fn transfers(&self) -> impl Future<Output = Result<Vec<TransferView>, ApiError>> + Send;
+    /// Up to [`FILE_PIECE`] bytes of a finished transfer's handed-over file, from `offset`:
+    /// the CLI writes the destination itself, with its user's rights, from these.
+    /// Only the user who started the transfer (or root) may read or drop its file.
+    fn transfer_file(
+        &self,
+        id: String,
+        offset: u64,
+        caller: &Caller,
+    ) -> impl Future<Output = Result<Bytes, ApiError>> + Send;
+    /// Deletes a handed-over file once the CLI holds it.
+    fn drop_transfer_file(
+        &self,
+        id: String,
+        caller: &Caller,
+    ) -> impl Future<Output = Result<Empty, ApiError>> + Send;
     fn watch(&self, req: FileRequest) -> impl Future<Output = Result<WatchReply, ApiError>> + Send;
     fn room_report(&self, req: Report) -> impl Future<Output = Result<RoomView, ApiError>> + Send;
     fn room_wait(
@@ -536,6 +554,7 @@ async fn route<H: Handler>(
             ),
         ));
     }
+    let req_query = req.uri().query().map(str::to_string);
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(e) => return error_response(&e),
@@ -585,6 +604,16 @@ async fn route<H: Handler>(
         },
         (&Method::GET, ["v1", "transfers"]) => reply(h.transfers().await),
         (&Method::GET, ["v1", "transfers", id]) => reply(h.transfer(id.to_string()).await),
+        (&Method::GET, ["v1", "transfers", id, "file"]) => match offset_of(req_query.as_deref()) {
+            Ok(offset) => h
+                .transfer_file(id.to_string(), offset, caller)
+                .await
+                .map(bytes_response),
+            Err(e) => Err(e),
+        },
+        (&Method::DELETE, ["v1", "transfers", id, "file"]) => {
+            reply(h.drop_transfer_file(id.to_string(), caller).await)
+        }
         (&Method::POST, ["v1", "watch"]) => match parse(&body) {
             Ok(r) => reply(h.watch(r).await),
             Err(e) => Err(e),
@@ -640,6 +669,23 @@ fn reply<T: Serialize>(r: Result<T, ApiError>) -> Result<Response<Full<Bytes>>, 
     let value = r?;
     let body = serde_json::to_vec(&value).map_err(ApiError::internal)?;
     Ok(json_response(StatusCode::OK, body))
+}
+
+/// `offset=N` from a query string; no query means 0.
+fn offset_of(query: Option<&str>) -> Result<u64, ApiError> {
+    let Some(q) = query else { return Ok(0) };
+    q.strip_prefix("offset=")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| ApiError::bad_request("expected ?offset=N, a byte offset"))
+}
+
+fn bytes_response(body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/octet-stream"),
+    );
+    resp
 }
 
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
@@ -707,12 +753,27 @@ impl Client {
         self.call(Method::DELETE, path, Bytes::new()).await
     }
 
+    /// A call whose answer is raw bytes (a piece of a file), not JSON.
+    pub async fn get_bytes(&self, path: &str) -> Result<Bytes, ControlError> {
+        self.call_raw(Method::GET, path, Bytes::new()).await
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Bytes,
     ) -> Result<T, ControlError> {
+        let bytes = self.call_raw(method, path, body).await?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Bytes, ControlError> {
         let stream =
             UnixStream::connect(&self.path)
                 .await
@@ -743,7 +804,7 @@ impl Client {
                 message,
             });
         }
-        Ok(serde_json::from_slice(&bytes)?)
+        Ok(bytes)
     }
 }
 

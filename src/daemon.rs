@@ -43,8 +43,6 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 const SETTLE: Duration = Duration::from_millis(30);
 /// A file written without pause ships at least this often.
 const MAX_SETTLE: Duration = Duration::from_millis(500);
-/// How long READY=1 waits for the tunnel to read its socket before going out anyway.
-const READY_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -275,7 +273,7 @@ fn watch_shares(node: &Node, tx: mpsc::Sender<()>) -> Option<notify::Recommended
 /// and every socket are up, just as systemd hears `READY=1`.
 pub async fn run(
     config: Config,
-    ready: Option<oneshot::Sender<Arc<Node>>>,
+    mut ready: Option<oneshot::Sender<Arc<Node>>>,
 ) -> Result<(), DaemonError> {
     raise_fd_limit();
     let id = Identity::load_or_create(&config.node.state_dir)?;
@@ -466,35 +464,38 @@ pub async fn run(
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(DaemonError::InstallSignals)?;
 
-    // READY=1 means the node answers: the tunnel's UDP loop must be reading by then.
-    if tokio::time::timeout(READY_WAIT, tunnel.wait_receiving())
-        .await
-        .is_err()
-    {
-        log::warn!("the tunnel's UDP loop did not start within {READY_WAIT:?}");
-    }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    log::info!(
-        "{} is up: {} on {}, UDP port {}",
-        config.node.name,
-        node.book().group.my_address,
-        config.tunnel.interface,
-        port
-    );
-    if let Some(tx) = ready {
-        let _ = tx.send(node.clone());
-    }
-
+    // READY=1 means the node answers: it waits for the tunnel's UDP loop to read, however
+    // long that takes (systemd's start timeout bounds it), and never goes out before. A
+    // signal or a task that ends meanwhile stops the daemon without it.
     let mut result = Ok(());
-    tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM: shutting down"),
-        _ = int.recv() => log::info!("SIGINT: shutting down"),
-        Some(r) = tasks.join_next() => {
-            if let Ok(Err(e)) = r {
-                log::error!("{e}");
-                result = Err(e);
+    let mut up = false;
+    loop {
+        tokio::select! {
+            () = tunnel.wait_receiving(), if !up => {
+                up = true;
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                log::info!(
+                    "{} is up: {} on {}, UDP port {}",
+                    config.node.name,
+                    node.book().group.my_address,
+                    config.tunnel.interface,
+                    port
+                );
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(node.clone());
+                }
+                continue;
+            }
+            _ = term.recv() => log::info!("SIGTERM: shutting down"),
+            _ = int.recv() => log::info!("SIGINT: shutting down"),
+            Some(r) = tasks.join_next() => {
+                if let Ok(Err(e)) = r {
+                    log::error!("{e}");
+                    result = Err(e);
+                }
             }
         }
+        break;
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     cancel.cancel();

@@ -608,13 +608,22 @@ mod tests {
             },
         );
         n.mesh.accept_member(&revoked).unwrap();
-        let (_, ev) = n.g.receive(
-            &mut n.mesh,
-            [3; 32],
-            GossipMessage::Member { record: s },
-            &mut rng,
+        // News the node lacks (member 4's record, host-signed): from the revoked sender it
+        // is refused for the sender alone, and from a member in good standing it is taken.
+        let news = GossipMessage::Member {
+            record: sign_member(&host, &record(4)),
+        };
+        let rejected = n.g.stats.rejected;
+        let (out, ev) = n.g.receive(&mut n.mesh, [3; 32], news.clone(), &mut rng);
+        assert!(out.is_empty() && ev.is_empty());
+        assert_eq!(n.g.stats.rejected, rejected + 1);
+        assert!(
+            n.mesh.member(&[4; 32]).is_none(),
+            "a revoked sender was heard"
         );
-        assert!(ev.is_empty());
+        let (_, ev) = n.g.receive(&mut n.mesh, [1; 32], news, &mut rng);
+        assert_eq!(ev.len(), 1, "the same news from the host was not taken");
+        assert!(n.mesh.member(&[4; 32]).is_some());
     }
 
     #[test]

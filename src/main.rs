@@ -609,9 +609,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             if let Some(e) = &view.error {
                 bail!("{target}: {e}");
             }
-            if let Some(from) = &view.handoff {
-                let downloads = config.node.state_dir.join(watchalong::node::DOWNLOADS_DIR);
-                move_into_place(from, &downloads, &dest)
+            if view.handoff.is_some() {
+                receive_into_place(&client, &started.id, &dest, view.size)
+                    .await
                     .with_context(|| format!("{target}: cannot write {}", dest.display()))?;
             }
             if json {
@@ -799,74 +799,55 @@ fn json_or_empty<T: serde::Serialize>(list: &[T], json: bool, empty: &str) -> an
     Ok(!json && !list.is_empty())
 }
 
-/// Moves a file the daemon downloaded for this user into place, with this user's rights.
-///
-/// The CLI may run as root while the daemon does not, so the daemon's word is not taken
-/// for which file that is: the handoff must be a plain file directly in the daemon's
-/// downloads folder, owned by that folder's owner and linked once (not a symlink, not a
-/// hard link to someone else's file), and its owner and mode are changed through the file
-/// opened, never by path.
-fn move_into_place(from: &Path, downloads: &Path, dest: &Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let folder = std::fs::symlink_metadata(downloads)
-        .with_context(|| format!("the daemon's downloads folder {}", downloads.display()))?;
-    let name_ok = from
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_hexdigit()));
-    if !folder.is_dir() || from.parent() != Some(downloads) || !name_ok {
-        bail!(
-            "the daemon handed over {}, which is not a download in {}: refused",
-            from.display(),
-            downloads.display()
-        );
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(from)
-        .with_context(|| format!("the handed-over file {} (a link is refused)", from.display()))?;
-    let meta = file.metadata()?;
-    if !meta.is_file() || meta.nlink() != 1 || meta.uid() != folder.uid() {
-        bail!(
-            "the handed-over file {} is not the daemon's own plain file: refused",
-            from.display()
-        );
-    }
-    // The daemon's file: made this user's, readable as a download usually is. /proc/self
-    // belongs to this process's user and group.
-    let me = std::fs::metadata("/proc/self")?;
-    std::os::unix::fs::fchown(&file, Some(me.uid()), Some(me.gid()))?;
-    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
-    match std::fs::rename(from, dest) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.raw_os_error() != Some(libc::EXDEV) => {
-            return Err(e).with_context(|| format!("cannot move {} here", from.display()))
-        }
-        Err(_) => {}
-    }
+/// Writes what transfer `id` handed over to `dest`, from pieces read through the control
+/// socket: the daemon's folder is not this user's to read, and a file this process
+/// creates is this user's. A temp file beside `dest`, fsync, rename, so `dest` is never
+/// half written; then the daemon drops its copy.
+async fn receive_into_place(
+    client: &Client,
+    id: &str,
+    dest: &Path,
+    size: u64,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let name = dest
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "download".into());
     let tmp = dest.with_file_name(format!(".{name}.watchalong-{}", std::process::id()));
-    // Another file system: copied from the file opened above, not from the path.
-    let copy = || -> std::io::Result<()> {
-        let mut src = &file;
-        let mut out = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        std::io::copy(&mut src, &mut out)?;
+    // Readable as a download usually is, as far as this user's umask allows.
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    let written = async {
+        let mut offset = 0u64;
+        loop {
+            let piece = client
+                .get_bytes(&format!("/v1/transfers/{id}/file?offset={offset}"))
+                .await?;
+            if piece.is_empty() {
+                break;
+            }
+            out.write_all(&piece)?;
+            offset += piece.len() as u64;
+        }
+        if offset != size {
+            bail!("the daemon handed over {offset} bytes of {size}: run the get again");
+        }
         out.sync_all()?;
-        std::fs::rename(&tmp, dest)
-    };
-    if let Err(e) = copy() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e.into());
+        std::fs::rename(&tmp, dest)?;
+        Ok(())
     }
-    let _ = std::fs::remove_file(from);
+    .await;
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    let _: Empty = client.delete(&format!("/v1/transfers/{id}/file")).await?;
     Ok(())
 }
 

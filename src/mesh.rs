@@ -516,13 +516,34 @@ mod tests {
     }
 
     #[test]
-    fn a_member_record_cannot_pass_for_an_announcement() {
+    fn a_signature_made_for_a_member_record_cannot_pass_for_an_announcement_nor_the_reverse() {
         let mut w = world();
         w.mesh
             .accept_member(&sign_member(&w.host, &record(2, 1, false)))
             .unwrap();
-        let as_member = sign_member(&key(2), &record(2, 1, false));
-        assert!(w.mesh.accept_announcement(&as_member).is_err());
+        // Valid bodies of the other kind, signed by the right key under the wrong context:
+        // only the context stands between them and acceptance.
+        let wrong = sign(&key(2), MEMBER_CONTEXT, &ann(2, 5));
+        assert_eq!(
+            w.mesh.accept_announcement(&wrong),
+            Err(MeshError::VerifySignature)
+        );
+        let wrong = sign(&w.host, ANNOUNCE_CONTEXT, &record(3, 1, false));
+        assert_eq!(
+            w.mesh.accept_member(&wrong),
+            Err(MeshError::VerifySignature)
+        );
+        // The same bodies under their own context pass.
+        assert!(w
+            .mesh
+            .accept_announcement(&sign(&key(2), ANNOUNCE_CONTEXT, &ann(2, 5)))
+            .unwrap()
+            .is_some());
+        assert!(w
+            .mesh
+            .accept_member(&sign(&w.host, MEMBER_CONTEXT, &record(3, 1, false)))
+            .unwrap()
+            .is_some());
     }
 
     #[test]

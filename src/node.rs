@@ -101,6 +101,8 @@ struct TransferEntry {
     dest: PathBuf,
     /// Where the daemon writes the file when it may not write `dest` itself.
     handoff: Option<PathBuf>,
+    /// The user who asked: the only one (with root) the handed-over file is given to.
+    owner: u32,
     source: String,
     progress: Arc<Progress>,
     error: Arc<Mutex<Option<String>>>,
@@ -108,6 +110,34 @@ struct TransferEntry {
 }
 
 impl Node {
+    /// The file a finished transfer left in the daemon's downloads folder for the CLI,
+    /// which may write where the daemon may not.
+    fn handed_over(&self, id: &str, caller: &Caller) -> Result<PathBuf, ApiError> {
+        let t = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
+        let e = t
+            .get(id)
+            .ok_or_else(|| ApiError::not_found(format!("no transfer {id}")))?;
+        if caller.uid != 0 && caller.uid != e.owner {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("transfer {id} is another user's: its file is theirs to take"),
+            ));
+        }
+        let path = e.handoff.clone().ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "transfer {id} wrote its destination itself: there is nothing to hand over"
+            ))
+        })?;
+        let done = e.finished.load(std::sync::atomic::Ordering::SeqCst)
+            && e.error.lock().unwrap_or_else(|p| p.into_inner()).is_none();
+        if !done {
+            return Err(ApiError::conflict(format!(
+                "transfer {id} has not finished well: wait for `watchalong transfers` to say done"
+            )));
+        }
+        Ok(path)
+    }
+
     fn transfer_view(&self, id: &str, e: &TransferEntry) -> TransferView {
         use std::sync::atomic::Ordering::{Relaxed, SeqCst};
         let finished = e.finished.load(SeqCst);
@@ -2202,6 +2232,7 @@ impl Handler for Node {
                     target: req.target.clone(),
                     dest: req.dest.clone(),
                     handoff: handoff.clone(),
+                    owner: caller.uid,
                     source: source.name.clone(),
                     progress: progress.clone(),
                     error: error.clone(),
@@ -2250,6 +2281,33 @@ impl Handler for Node {
     async fn transfers(&self) -> Result<Vec<TransferView>, ApiError> {
         let t = self.transfers.lock().unwrap_or_else(|p| p.into_inner());
         Ok(t.iter().map(|(id, e)| self.transfer_view(id, e)).collect())
+    }
+
+    async fn transfer_file(
+        &self,
+        id: String,
+        offset: u64,
+        caller: &Caller,
+    ) -> Result<bytes::Bytes, ApiError> {
+        let path = self.handed_over(&id, caller)?;
+        let piece = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            use std::io::{Read, Seek};
+            let mut f = std::fs::File::open(&path)?;
+            f.seek(std::io::SeekFrom::Start(offset))?;
+            let mut buf = Vec::new();
+            f.take(crate::control::FILE_PIECE).read_to_end(&mut buf)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+        Ok(bytes::Bytes::from(piece))
+    }
+
+    async fn drop_transfer_file(&self, id: String, caller: &Caller) -> Result<Empty, ApiError> {
+        let path = self.handed_over(&id, caller)?;
+        std::fs::remove_file(path).map_err(ApiError::internal)?;
+        Ok(Empty {})
     }
 
     async fn inject_gossip(&self, req: InjectRequest) -> Result<GossipReply, ApiError> {

@@ -271,12 +271,39 @@ mod tests {
         }
     }
 
+    /// Each hop as (from, to, via), by name.
+    fn hops(r: &Route) -> Vec<(&str, &str, Via)> {
+        r.hops
+            .iter()
+            .map(|h| (h.from.as_str(), h.to.as_str(), h.via))
+            .collect()
+    }
+
+    /// The first transfer id whose gateway in `site` is not `not`: a route with every hop.
+    fn id_with_gateway_other_than(g: &[Member], site: &[u8], not: u8) -> (String, String) {
+        let site: Vec<&Member> = g.iter().filter(|m| site.contains(&m.key[0])).collect();
+        (0..64)
+            .map(|i| format!("f{i}"))
+            .find_map(|id| {
+                let gw = gateway(&site, &id, &[], site[0]);
+                (gw.key != [not; 32]).then(|| (id.clone(), gw.name.clone()))
+            })
+            .expect("some transfer has another gateway")
+    }
+
     #[test]
     fn nearby_to_distant_gathers_at_the_source_sites_gateway() {
-        let r = plan(&group(), &[3; 32], &[2; 32], "f", &[]).unwrap();
+        let g = group();
+        let (id, ga) = id_with_gateway_other_than(&g, &[3, 4, 5], 3);
+        let r = plan(&g, &[3; 32], &[2; 32], &id, &[]).unwrap();
         assert_eq!(r.case, 3);
-        assert_eq!(r.hops.last().unwrap().via, Via::Tunnel);
-        assert_eq!(r.hops.last().unwrap().to_key, [2; 32]);
+        assert_eq!(
+            hops(&r),
+            vec![
+                ("n3", ga.as_str(), Via::Lan),
+                (ga.as_str(), "n2", Via::Tunnel)
+            ]
+        );
     }
 
     #[test]
@@ -332,8 +359,34 @@ mod tests {
 
     #[test]
     fn across_two_sites_both_gateways_are_used() {
-        let r = plan(&group(), &[3; 32], &[6; 32], "f", &[]).unwrap();
+        let g = group();
+        // A transfer whose gateways are neither end: site B has two members, so n7.
+        let id = (0..64)
+            .map(|i| format!("f{i}"))
+            .find(|id| {
+                let a: Vec<&Member> = g[2..5].iter().collect();
+                let b: Vec<&Member> = g[5..7].iter().collect();
+                gateway(&a, id, &[], &g[2]).key != [3; 32]
+                    && gateway(&b, id, &[], &g[5]).key != [6; 32]
+            })
+            .expect("some transfer has other gateways at both ends");
+        let r = plan(&g, &[3; 32], &[6; 32], &id, &[]).unwrap();
         assert_eq!(r.case, 5);
-        assert!(r.hops.iter().filter(|h| h.via == Via::Tunnel).count() == 1);
+        // The same gateways as each site picks for a distant peer of the same transfer.
+        let ga = plan(&g, &[3; 32], &[2; 32], &id, &[]).unwrap().hops[0]
+            .to
+            .clone();
+        let gb = plan(&g, &[2; 32], &[6; 32], &id, &[]).unwrap().hops[0]
+            .to
+            .clone();
+        assert_eq!(gb, "n7");
+        assert_eq!(
+            hops(&r),
+            vec![
+                ("n3", ga.as_str(), Via::Lan),
+                (ga.as_str(), "n7", Via::Tunnel),
+                ("n7", "n6", Via::Lan),
+            ]
+        );
     }
 }

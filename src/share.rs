@@ -653,14 +653,21 @@ mod tests {
     #[test]
     fn manifest_chunks_hash_the_content() {
         let (d, s) = setup();
-        let big = vec![7u8; (CHUNK_SIZE + 10) as usize];
+        // Two chunks of different bytes, so a hash of the wrong chunk cannot match.
+        let mut big = vec![7u8; (CHUNK_SIZE + 10) as usize];
+        big[CHUNK_SIZE as usize..].fill(9);
         std::fs::write(d.path().join("root/big"), &big).unwrap();
         let m = s.manifest("s", "big").unwrap();
         assert_eq!(m.size, big.len() as u64);
         assert_eq!(m.chunks.len(), 2);
         assert_eq!(m.chunk_len(1), 10);
+        let (first, second) = big.split_at(CHUNK_SIZE as usize);
+        assert_eq!(m.chunks[0], blake3::hash(first).to_hex().as_str());
+        assert_eq!(m.chunks[1], blake3::hash(second).to_hex().as_str());
+        let c0 = s.chunk("s", "big", 0, &m.chunks[0]).unwrap();
+        assert_eq!(&c0[..], first);
         let c1 = s.chunk("s", "big", 1, &m.chunks[1]).unwrap();
-        assert_eq!(c1.len(), 10);
+        assert_eq!(&c1[..], second);
         assert!(
             s.chunk("s", "big", 0, &m.chunks[1]).is_err(),
             "wrong hash must not pass"
@@ -710,18 +717,23 @@ mod tests {
             .status()
             .unwrap();
         assert!(made.success());
-        assert!(matches!(
-            s.manifest("s", "pipe"),
-            Err(ShareError::NotFound(_))
-        ));
-        assert!(matches!(
-            s.read_range("s", "pipe", None),
-            Err(ShareError::NotFound(_))
-        ));
-        assert!(matches!(
-            s.chunk("s", "pipe", 0, "x"),
-            Err(ShareError::NotFound(_))
-        ));
+        // On a thread, so that a regression that blocks on the FIFO fails here within
+        // seconds instead of hanging the suite (the stuck thread dies with the process).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send((
+                s.manifest("s", "pipe").map(|_| ()),
+                s.read_range("s", "pipe", None).map(|_| ()),
+                s.chunk("s", "pipe", 0, "x").map(|_| ()),
+            ));
+        });
+        let (manifest, range, chunk) = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("reading a FIFO in the share blocked");
+        assert!(matches!(manifest, Err(ShareError::NotFound(_))));
+        assert!(matches!(range, Err(ShareError::NotFound(_))));
+        assert!(matches!(chunk, Err(ShareError::NotFound(_))));
+        drop(d);
     }
 
     /// A manifest as a member would send it for `s/dir/f`: `size` bytes in 4 KiB chunks.

@@ -277,13 +277,27 @@ mod tests {
         let x = version("n1", vv(&[("n1", 2)]), 100, "xxx");
         let y = version("n1", vv(&[("n1", 1), ("n2", 1)]), 100, "yyy");
         let (
-            Resolution::Conflict { remote_wins: a, .. },
-            Resolution::Conflict { remote_wins: b, .. },
+            Resolution::Conflict {
+                remote_wins: a,
+                loser_path: la,
+                merged: ma,
+            },
+            Resolution::Conflict {
+                remote_wins: b,
+                loser_path: lb,
+                merged: mb,
+            },
         ) = (resolve(&x, &y), resolve(&y, &x))
         else {
             panic!("not a conflict")
         };
         assert_ne!(a, b, "each side kept its own");
+        // The higher content id wins; both sides name x's copy alike and agree on the vector.
+        assert!(a, "y (the higher content) does not win where x is held");
+        assert_eq!(la, lb, "the two sides name the loser differently");
+        assert_eq!(la, conflict_name("films/movie.mkv", 100, "n1", "xxx"));
+        assert_eq!(ma, vv(&[("n1", 2), ("n2", 1)]));
+        assert_eq!(ma, mb);
     }
 
     #[test]

@@ -408,6 +408,45 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
             n.name
         );
     }
+    // News each node would take from anyone in good standing (a's record, re-signed by
+    // the host one version up) is refused from the removed member for the sender alone:
+    // nothing changes in the view.
+    let newer_a = host_resigned(&host, &a_key);
+    for n in [&host, &a, &b] {
+        let before = gossip(n);
+        assert!(inject(
+            n,
+            &gone_key,
+            &serde_json::json!({"type": "member", "record": newer_a})
+        ));
+        let after = gossip(n);
+        assert_eq!(
+            after["stats"]["rejected"].as_u64().unwrap(),
+            before["stats"]["rejected"].as_u64().unwrap() + 1,
+            "{}: the removed member's news was not refused",
+            n.name
+        );
+        assert_eq!(
+            after["view"], before["view"],
+            "{} took news from the removed member",
+            n.name
+        );
+    }
+    // The same news from b is taken: the refusal above was the sender's.
+    let before = gossip(&host);
+    assert!(inject(
+        &host,
+        &b_key,
+        &serde_json::json!({"type": "member", "record": newer_a})
+    ));
+    let after = gossip(&host);
+    assert_eq!(
+        after["stats"]["accepted"].as_u64().unwrap(),
+        before["stats"]["accepted"].as_u64().unwrap() + 1,
+        "the news itself was refused: {after}"
+    );
+    assert_ne!(after["view"], before["view"]);
+
     // Let a few gossip rounds pass (each node hears from others), then look again.
     let heard: Vec<u64> = [&host, &a, &b]
         .iter()
@@ -448,6 +487,33 @@ fn watchalong_forge(node: &Node, key: &str) -> Value {
         revoked: false,
         observed: None,
     };
+    serde_json::to_value(watchalong::mesh::sign_member(&sk, &rec)).unwrap()
+}
+
+/// `key`'s member record as the host holds it, signed again with the host's key one
+/// version up: news to every member.
+fn host_resigned(host: &Node, key: &str) -> Value {
+    use base64::Engine;
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(host.dir.join("state/group.json")).unwrap())
+            .unwrap();
+    let held = state["mesh"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["body"].as_str().unwrap().contains(key))
+        .cloned()
+        .expect("the member's record at the host");
+    let mut rec: watchalong::mesh::MemberRecord =
+        serde_json::from_str(held["body"].as_str().unwrap()).unwrap();
+    rec.version += 1;
+    let text = std::fs::read_to_string(host.dir.join("state/signing.key")).unwrap();
+    let bytes: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let sk = ed25519_dalek::SigningKey::from_bytes(&bytes);
     serde_json::to_value(watchalong::mesh::sign_member(&sk, &rec)).unwrap()
 }
 

@@ -33,6 +33,23 @@ fn tool(cmd: &str, args: &[&str], input: Option<&str>) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
+/// wireguard-go's latest handshake with its only peer, in Unix seconds (0: none yet).
+fn latest_handshake(ns: &Netns, iface: &str) -> u64 {
+    let out = ns.exec(&["wg", "show", iface, "latest-handshakes"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 #[test]
 fn handshake_and_traffic_both_ways_with_wireguard_go() {
     if !root_or_skip("handshake_and_traffic_both_ways_with_wireguard_go") {
@@ -103,6 +120,57 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
     add_address("100.77.0.50/16");
     must("ip", &["-n", &theirs.ns.name, "link", "set", &iface, "up"]);
 
+    // No endpoint on our side: we cannot start a handshake, so the first one is
+    // wireguard-go's, and what is tested is our answer to it.
+    ours.ok(&[
+        "peer",
+        "add",
+        "--public-key",
+        &public,
+        "--address",
+        "100.77.0.50",
+        "--name",
+        "wggo",
+    ]);
+    assert!(
+        wait_until(DEADLINE, || theirs.ping("100.77.0.1")),
+        "we did not answer wireguard-go's handshake"
+    );
+    let first = latest_handshake(&theirs.ns, &iface);
+    assert!(first > 0, "wireguard-go saw no handshake");
+    let s = ours.status();
+    let p = Node::peer(&s, "wggo").expect("peer listed");
+    assert!(p["last_handshake"].as_u64().is_some(), "{p}");
+    assert_eq!(
+        p["endpoint"],
+        format!("{}:51820", theirs.ip),
+        "we did not learn wireguard-go's endpoint from its handshake"
+    );
+
+    // Now ours: wireguard-go forgets us and keeps no endpoint (so it cannot start one),
+    // we start afresh with its endpoint. Handshake times are in whole seconds: a fresh
+    // one can be told from the first only once the clock has moved past it.
+    for args in [
+        vec!["wg", "set", &iface, "peer", &our_key, "remove"],
+        vec![
+            "wg",
+            "set",
+            &iface,
+            "peer",
+            &our_key,
+            "allowed-ips",
+            "100.77.0.1/32",
+        ],
+    ] {
+        let out = theirs.ns.exec(&args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ours.ok(&["peer", "remove", "--public-key", &public]);
+    assert!(wait_until(DEADLINE, || unix_now() > first));
     ours.ok(&[
         "peer",
         "add",
@@ -115,27 +183,21 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
         "--name",
         "wggo",
     ]);
-
-    // Both directions: each side starts a handshake and gets an answer.
     assert!(
         wait_until(DEADLINE, || ours.ping("100.77.0.50")),
-        "we cannot reach wireguard-go"
+        "wireguard-go did not answer our handshake"
     );
+    let second = latest_handshake(&theirs.ns, &iface);
     assert!(
-        wait_until(DEADLINE, || theirs.ping("100.77.0.1")),
-        "wireguard-go cannot reach us"
+        second > first,
+        "no fresh handshake from our side: {first} then {second}"
     );
-    let hs = theirs.ns.exec(&["wg", "show", &iface, "latest-handshakes"]);
-    let hs = String::from_utf8_lossy(&hs.stdout);
-    let when: u64 = hs
-        .split_whitespace()
-        .nth(1)
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(0);
-    assert!(when > 0, "wireguard-go saw no handshake: {hs}");
     let s = ours.status();
     let p = Node::peer(&s, "wggo").expect("peer listed");
-    assert!(p["last_handshake"].as_u64().is_some(), "{p}");
+    assert!(
+        p["last_handshake"].as_u64().is_some_and(|t| t > first),
+        "our side saw no fresh handshake: {p}"
+    );
     assert!(
         p["rx_bytes"].as_u64().unwrap() > 0 && p["tx_bytes"].as_u64().unwrap() > 0,
         "{p}"
@@ -177,16 +239,88 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
         "the genuine address stopped working"
     );
 
-    // Removing the peer at run time cuts it off without a restart, both ways.
+    // Removing the peer at run time cuts it off without a restart, both ways, in the
+    // tunnel: our route to its address stays as it was, and a fresh handshake of
+    // wireguard-go's gets no answer.
+    let route = |ns: &Netns| {
+        let o = ns.exec(&["ip", "route", "get", "100.77.0.50"]);
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let route_before = route(&ours.ns);
     ours.ok(&["peer", "remove", "--public-key", &public]);
     assert!(
         Node::peer(&ours.status(), "wggo").is_none(),
         "still listed after removal"
     );
+    assert_eq!(
+        route(&ours.ns),
+        route_before,
+        "the route changed, not the tunnel"
+    );
     assert!(!ours.ping("100.77.0.50"), "a removed peer still answers");
-    assert!(
-        !theirs.ping("100.77.0.1"),
-        "a removed peer still gets answers"
+    // wireguard-go starts over with our endpoint: each ping may send an initiation (one
+    // per 5 s at most); two that reached our port unanswered prove the refusal.
+    must(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &ours.ns.name,
+            "iptables",
+            "-I",
+            "INPUT",
+            "-p",
+            "udp",
+            "--dport",
+            "51871",
+            "-m",
+            "length",
+            "--length",
+            "176",
+            "-j",
+            "ACCEPT",
+        ],
+    );
+    for args in [
+        vec!["wg", "set", &iface, "peer", &our_key, "remove"],
+        vec![
+            "wg",
+            "set",
+            &iface,
+            "peer",
+            &our_key,
+            "endpoint",
+            &endpoint,
+            "allowed-ips",
+            "100.77.0.1/32",
+        ],
+    ] {
+        let out = theirs.ns.exec(&args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let initiations = || {
+        let o = ours.ns.exec(&["iptables", "-L", "INPUT", "-v", "-x", "-n"]);
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.contains("dpt:51871"))
+            .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut answered = false;
+    let refused = wait_until(DEADLINE, || {
+        answered |= theirs.ping("100.77.0.1");
+        answered || initiations() >= 2
+    });
+    assert!(!answered, "a removed peer still gets answers");
+    assert!(refused, "wireguard-go's handshakes never reached our port");
+    assert_eq!(
+        latest_handshake(&theirs.ns, &iface),
+        0,
+        "a removed peer completed a handshake"
     );
     assert!(
         ours.ping("100.77.0.1"),

@@ -27,24 +27,65 @@ fn ready_is_sent_only_when_the_tunnel_socket_answers() {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let log = std::fs::File::create(node.dir.join("notify-run.log")).unwrap();
     // systemd names the watched process in WATCHDOG_PID; `exec` keeps the shell's PID.
-    let mut daemon = Command::new("sh")
-        .arg("-c")
-        .arg(r#"export WATCHDOG_PID=$$; exec ip netns exec "$0" "$1" --config "$2" daemon"#)
-        .arg(&node.ns.name)
-        .arg(BIN)
-        .arg(&node.config)
-        .env("NOTIFY_SOCKET", &sock_path)
-        .env("WATCHDOG_USEC", "300000")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-
-    let end = Instant::now() + Duration::from_secs(30);
+    let spawn = |log: &str| {
+        let log = std::fs::File::create(node.dir.join(log)).unwrap();
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"export WATCHDOG_PID=$$; exec ip netns exec "$0" "$1" --config "$2" daemon"#)
+            .arg(&node.ns.name)
+            .arg(BIN)
+            .arg(&node.config)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "300000")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
     let mut buf = [0u8; 4096];
+
+    // While another socket holds the tunnel's port, nothing can answer there: no READY=1,
+    // and the daemon stops saying which setting to change.
+    let holder = in_netns(&node.ns.name, || {
+        std::net::UdpSocket::bind("0.0.0.0:51871").unwrap()
+    });
+    let mut blocked = spawn("notify-blocked.log");
+    let mut got = String::new();
+    let end = Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        if let Ok(n) = sock.recv(&mut buf) {
+            got.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        if let Some(status) = blocked.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= end {
+            let _ = blocked.kill();
+            break None;
+        }
+    };
+    while let Ok(n) = sock.recv(&mut buf) {
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let log = std::fs::read_to_string(node.dir.join("notify-blocked.log")).unwrap();
+    assert!(
+        !got.contains("READY=1"),
+        "READY=1 while the tunnel's port was taken: {got:?}\n{log}"
+    );
+    assert!(
+        exited.is_some_and(|s| !s.success()),
+        "the daemon did not stop on a taken port: {exited:?}\n{log}"
+    );
+    assert!(
+        log.contains("cannot bind UDP port 51871") && log.contains("listen_port"),
+        "the log does not say what to change: {log}"
+    );
+    drop(holder);
+
+    let mut daemon = spawn("notify-run.log");
+    let end = Instant::now() + Duration::from_secs(30);
     let mut got = String::new();
     while Instant::now() < end && !got.contains("READY=1") {
         if let Ok(n) = sock.recv(&mut buf) {

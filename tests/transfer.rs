@@ -713,10 +713,20 @@ fn the_gateway_killed_in_the_middle_of_a_fetch_is_replaced_and_the_file_arrives_
         served && part.0 >= 8 * CHUNK
     });
     assert!(started, "the gateway never started serving");
+    // Frozen first, then killed: from the freeze on the gateway sends nothing, so what
+    // s1a holds then is all it gets from it but what sits in socket buffers (a few MiB at
+    // most). With more than 8 MiB still to come, the kill lands mid-fetch for certain.
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(g.s1b.pid().unwrap() as i32, libc::SIGSTOP) };
+    let list = json(&g.s1a, &["transfers", "--json"]);
+    let part = (
+        list[0]["done"].as_u64().unwrap(),
+        list[0]["size"].as_u64().unwrap(),
+    );
     g.s1b.kill9();
     assert!(
-        part.0 < part.1,
-        "the fetch was over before the kill: {part:?}"
+        part.0 + 8 * MIB < part.1,
+        "too little of the fetch was left at the kill: {part:?}"
     );
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -784,17 +794,38 @@ fn a_destination_the_daemon_cannot_write_is_filled_by_the_cli_with_its_users_rig
         "the daemon can still write there"
     );
 
+    // The CLI runs as an unprivileged user (nobody) in the control socket's group, and
+    // owns the destination folder; the lab's folders only let it reach its config.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    const USER: u32 = 65534;
+    for d in [lab.dir.path(), a.dir.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    std::os::unix::fs::chown(&home, Some(USER), Some(USER)).unwrap();
+    std::os::unix::fs::chown(a.dir.join("control.sock"), None, Some(USER)).unwrap();
     let dest = home.join("f.bin");
-    let out = a.ok(&["get", "films/f.bin", dest.to_str().unwrap(), "--json"]);
-    let v: Value = serde_json::from_str(&out).unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("--config")
+        .arg(&a.config)
+        .args(["get", "films/f.bin", dest.to_str().unwrap(), "--json"])
+        .uid(USER)
+        .gid(USER)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "get as an unprivileged user: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["state"], "done", "{v}");
     assert!(v["handoff"].is_string(), "the daemon wrote it itself: {v}");
     assert_eq!(hash_file(&dest), want);
     let meta = std::fs::metadata(&dest).unwrap();
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     assert_eq!(
-        (meta.uid(), meta.permissions().mode() & 0o777),
-        (0, 0o644),
+        (meta.uid(), meta.gid(), meta.permissions().mode() & 0o777),
+        (USER, USER, 0o644),
         "not the user's file"
     );
     let left: Vec<_> = std::fs::read_dir(a.dir.join("state/downloads"))

@@ -218,24 +218,53 @@ fn in_step(others: &[&str]) {
         .call(serde_json::json!(["set_property", "speed", 1.0]))
         .unwrap();
 
-    // Thirty seconds of playing: the largest gap between any two stays within 100 ms.
+    // Back at 1x and in step before the measure starts: the change of speed is not
+    // part of it.
+    assert!(
+        wait_until(DEADLINE, || {
+            all.iter().all(|p| {
+                p.get("speed")
+                    .and_then(|v| v.as_f64())
+                    .is_some_and(|s| (s - 1.0).abs() <= 0.15)
+            }) && spread(&positions(&all)) <= 0.1
+        }),
+        "not all back at 1x in step: {}",
+        describe(&nodes, &all)
+    );
+
+    // Thirty seconds of playing, sampled all along: 95% of the readings show the players
+    // within 100 ms of each other, and none more than 250 ms apart. (A reading is six IPC
+    // round trips on a shared machine and a frame lasts 40 ms: one reading may be late.)
     let from = players[0].position();
-    let mut worst: f64 = 0.0;
+    let mut gaps: Vec<f64> = Vec::new();
     let played = wait_until(Duration::from_secs(90), || {
-        worst = worst.max(spread(&positions(&all)));
+        gaps.push(spread(&positions(&all)));
         players[0].position() >= from + 30.0
     });
     assert!(played, "playback stalled");
-    let end = spread(&positions(&all));
+    assert!(
+        gaps.len() >= 100,
+        "only {} readings in 30 s: too few to judge",
+        gaps.len()
+    );
+    gaps.sort_by(f64::total_cmp);
+    let p95 = gaps[gaps.len() * 95 / 100];
+    let worst = gaps[gaps.len() - 1];
     println!(
-        "largest gap over 30 s: {:.0} ms; at the end: {:.0} ms",
-        worst * 1000.0,
-        end * 1000.0
+        "gaps over 30 s ({} readings): p95 {:.0} ms, worst {:.0} ms",
+        gaps.len(),
+        p95 * 1000.0,
+        worst * 1000.0
     );
     assert!(
-        end <= 0.1,
-        "players {:.0} ms apart after 30 s",
-        end * 1000.0
+        p95 <= 0.1,
+        "players more than 100 ms apart in over 5% of readings: p95 {:.0} ms",
+        p95 * 1000.0
+    );
+    assert!(
+        worst <= 0.25,
+        "players {:.0} ms apart at worst",
+        worst * 1000.0
     );
 }
 

@@ -22,14 +22,59 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 pub fn root_or_skip(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if root {
-        return true;
+    if !root {
+        skip(test, "needs root and namespaces");
     }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test} needs root and namespaces, and CI must run it");
+    root
+}
+
+/// Whether CI runs us: `CI` set to anything but empty, `0` or `false` (CI systems set
+/// `true`, `1` or their name). One rule for every helper that may skip.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| {
+        let v = v.trim();
+        !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false")
+    })
+}
+
+static SKIPPED: AtomicUsize = AtomicUsize::new(0);
+
+/// Skips `test` for `why`; under CI, fails it instead. The harness captures what a test
+/// prints and shows a skipped test as `ok`, so the line goes to stderr past the capture,
+/// and the count of skips is printed under the summary when the test binary exits.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    if under_ci() {
+        panic!("{test} {why}, and CI must run it");
     }
-    eprintln!("\n========== SKIPPED (needs root): {test} ==========\n");
-    false
+    if SKIPPED.fetch_add(1, Ordering::SeqCst) == 0 {
+        // SAFETY: registers a plain extern "C" function that takes no arguments.
+        unsafe { libc::atexit(report_skips) };
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n========== SKIPPED ({why}): {test} ==========\n"
+    );
+}
+
+extern "C" fn report_skips() {
+    use std::io::Write;
+    let n = SKIPPED.load(Ordering::SeqCst);
+    let _ = writeln!(
+        std::io::stderr(),
+        "========== {n} test(s) SKIPPED, counted as ok above ==========\n"
+    );
+}
+
+/// The root queueing discipline of `dev` in namespace `ns`, as `tc` shows it.
+fn root_qdisc(ns: &str, dev: &str) -> String {
+    let o = run(
+        "ip",
+        &[
+            "netns", "exec", ns, "tc", "qdisc", "show", "dev", dev, "root",
+        ],
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Polls `f` until it is true or `timeout` passes.
@@ -349,22 +394,34 @@ impl Lab {
                         String::from_utf8_lossy(&o.stderr)
                     );
                 }
+                let set = root_qdisc(where_, dev);
+                assert!(
+                    set.contains("htb"),
+                    "{dev} in {where_} is not shaped: {set}"
+                );
             }
         }
     }
 
-    /// Removes what [`Lab::shape_wan`] set.
+    /// Removes what [`Lab::shape_wan`] set, and checks that no link is left shaped (a
+    /// failed `tc` would leave an "unshaped" measurement shaped).
     pub fn unshape_wan(&self) {
         for (ns, outer) in &self.main.attached {
             for (where_, dev) in [
                 (ns.as_str(), "eth0"),
                 (self.main.ns.as_str(), outer.as_str()),
             ] {
+                // Fails harmlessly where nothing was set; what counts is the read-back.
                 run(
                     "ip",
                     &[
                         "netns", "exec", where_, "tc", "qdisc", "del", "dev", dev, "root",
                     ],
+                );
+                let left = root_qdisc(where_, dev);
+                assert!(
+                    !left.contains("htb"),
+                    "{dev} in {where_} is still shaped: {left}"
                 );
             }
         }
