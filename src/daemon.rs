@@ -487,7 +487,9 @@ pub async fn run(
     }
     {
         let (t, c) = (tunnel.clone(), cancel.clone());
-        tasks.spawn("tunnel", async move { t.run(c).await.map_err(DaemonError::from) });
+        tasks.spawn("tunnel", async move {
+            t.run(c).await.map_err(DaemonError::from)
+        });
     }
     {
         let (n, c) = (node.clone(), cancel.clone());
@@ -695,7 +697,10 @@ mod tests {
         assert_eq!(task, "broken");
         assert!(matches!(&how, TaskEnd::Panicked(m) if m == "boom"), "{how}");
         still.cancel();
-        let (task, how) = tasks.next().await.expect("the other one ends when cancelled");
+        let (task, how) = tasks
+            .next()
+            .await
+            .expect("the other one ends when cancelled");
         assert_eq!(task, "quiet");
         assert!(matches!(how, TaskEnd::Returned), "{how}");
         assert!(tasks.next().await.is_none());

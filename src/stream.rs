@@ -747,7 +747,12 @@ mod tests {
 
     #[test]
     fn only_a_loopback_host_with_the_endpoints_port_is_accepted() {
-        for ok in ["127.0.0.1:8000", "[::1]:8000", "localhost:8000", "LocalHost:8000"] {
+        for ok in [
+            "127.0.0.1:8000",
+            "[::1]:8000",
+            "localhost:8000",
+            "LocalHost:8000",
+        ] {
             assert!(loopback_host(ok, 8000), "{ok} refused");
         }
         for bad in [
@@ -789,7 +794,11 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, b"film").unwrap();
         let s = Stream::local(&format!("s/{name}"), manifest(name), [0; 32], path).unwrap();
-        streams.open.lock().unwrap().insert(s.file.clone(), Arc::new(s));
+        streams
+            .open
+            .lock()
+            .unwrap()
+            .insert(s.file.clone(), Arc::new(s));
         let url = streams.url(&format!("s/{name}")).unwrap();
         url.split('/').nth(3).unwrap().to_string()
     }
@@ -799,7 +808,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let streams = Streams::new(dir.path().join("c"), 0, CancellationToken::new());
         *streams.endpoint.lock().unwrap() = Some(([127, 0, 0, 1], 8000).into());
-        let (a, b) = (open(&streams, dir.path(), "a"), open(&streams, dir.path(), "b"));
+        let (a, b) = (
+            open(&streams, dir.path(), "a"),
+            open(&streams, dir.path(), "b"),
+        );
         assert_ne!(a, b);
         assert_eq!(a.len(), 64, "{a}");
         assert_eq!(streams.by_token(&a).unwrap().file, "s/a");
@@ -808,7 +820,10 @@ mod tests {
         assert!(streams.by_token(&"0".repeat(64)).is_none());
         let closed = streams.get("s/a").unwrap();
         assert!(streams.close("s/a"));
-        assert!(streams.by_token(&a).is_none(), "a closed stream's token still opens it");
+        assert!(
+            streams.by_token(&a).is_none(),
+            "a closed stream's token still opens it"
+        );
         assert!(closed.stop.is_cancelled(), "its readers would go on");
         assert!(streams.by_token(&b).is_some());
         // Opened again, the same file gets a new token.
@@ -825,7 +840,10 @@ mod tests {
         streams.get("s/played").unwrap().mark_played();
         let now = crate::node::now_secs();
         streams.close_idle(now + IDLE - 1);
-        assert!(streams.get("s/unplayed").is_some(), "closed before it was idle");
+        assert!(
+            streams.get("s/unplayed").is_some(),
+            "closed before it was idle"
+        );
         streams.close_idle(now + IDLE + 1);
         assert!(streams.get("s/unplayed").is_none());
         assert!(streams.get("s/played").is_some(), "its player has not left");
