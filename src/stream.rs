@@ -113,7 +113,7 @@ pub struct Stream {
     /// The secret first segment of its URL. Random, not derived from anything; kept as
     /// a `blake3::Hash` because that compares in constant time.
     token: blake3::Hash,
-    /// A player has reported on it: it then closes when its player leaves, not when idle.
+    /// A local player reports on it: it then closes when its player leaves, not when idle.
     played: AtomicBool,
 }
 
@@ -204,9 +204,10 @@ impl Stream {
         }
     }
 
-    /// A local player reports on this stream: from now on it lives as long as its player.
-    pub fn mark_played(&self) {
-        self.played.store(true, Ordering::Relaxed);
+    /// Whether a local player reports on this stream: while one does, the stream lives
+    /// until it leaves; without one, until nobody has read it for [`IDLE`].
+    pub fn set_played(&self, played: bool) {
+        self.played.store(played, Ordering::Relaxed);
     }
 
     pub fn complete(&self) -> bool {
@@ -386,9 +387,9 @@ impl Streams {
         true
     }
 
-    /// Closes the streams no player ever reported on (opened with `--player none`) that
-    /// nobody has read for [`IDLE`]: their URL was handed out, but nothing will say when
-    /// it is no longer needed.
+    /// Closes the streams no player reports on (opened with `--player none`, or whose
+    /// player went quiet without leaving) that nobody has read for [`IDLE`]: their URL was
+    /// handed out, but nothing will say when it is no longer needed.
     pub fn close_idle(&self, now: u64) {
         let idle: Vec<String> = self
             .lock_open()
@@ -837,7 +838,7 @@ mod tests {
         *streams.endpoint.lock().unwrap() = Some(([127, 0, 0, 1], 8000).into());
         open(&streams, dir.path(), "unplayed");
         open(&streams, dir.path(), "played");
-        streams.get("s/played").unwrap().mark_played();
+        streams.get("s/played").unwrap().set_played(true);
         let now = crate::node::now_secs();
         streams.close_idle(now + IDLE - 1);
         assert!(
@@ -847,6 +848,10 @@ mod tests {
         streams.close_idle(now + IDLE + 1);
         assert!(streams.get("s/unplayed").is_none());
         assert!(streams.get("s/played").is_some(), "its player has not left");
+        // A player gone quiet without leaving: idle rules apply again.
+        streams.get("s/played").unwrap().set_played(false);
+        streams.close_idle(now + IDLE + 1);
+        assert!(streams.get("s/played").is_none());
     }
 
     #[test]

@@ -3,9 +3,9 @@
 //! messages with the other members over the node server (`/v1/room`). The local player
 //! itself is driven by the CLI (`watchalong watch`), which reports to and reads from
 //! here through the control API. It owns the rooms' runtime (timing, broadcast, wake-ups
-//! of waiting players) and when a stream closes: when its local player leaves or goes
-//! quiet, or, if no player ever reported on it, after [`crate::stream::IDLE`] unread;
-//! the rules are [`crate::room`]'s.
+//! of waiting players) and when a stream closes: when its local player leaves, or, while
+//! no player reports on it, after [`crate::stream::IDLE`] unread; the rules are
+//! [`crate::room`]'s.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -166,7 +166,7 @@ impl Watch {
     pub fn report(&self, r: Report) -> (RoomView, bool) {
         let now = now_ms();
         if let Some(s) = self.streams.get(&r.file) {
-            s.mark_played();
+            s.set_played(true);
         }
         let urgent = self.with_room(&r.file, |room| {
             let mut urgent = room.local.is_none();
@@ -309,14 +309,18 @@ impl Watch {
                     changed |= room.settle_readiness(now);
                     outgoing.push(room.clone());
                 } else if had_local {
-                    // Our player died: the others hear we left, and its stream closes.
+                    // Our player went quiet: the others hear we left.
                     outgoing.push(room.clone());
                     gone.push(room.file.clone());
                 }
             }
         }
+        // Its CLI may be stopped (Ctrl-Z) or killed, leaving mpv reading: the stream
+        // closes once nobody reads it, not at once.
         for file in gone {
-            self.streams.close(&file);
+            if let Some(s) = self.streams.get(&file) {
+                s.set_played(false);
+            }
         }
         self.streams.close_idle(crate::node::now_secs());
         if changed {
