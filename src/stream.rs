@@ -483,11 +483,12 @@ impl Streams {
         }
     }
 
-    /// The URL a player opens for `file`, valid while its stream is open.
-    pub fn url(&self, file: &str) -> Option<String> {
-        let token = self.get(file)?.token.to_hex();
+    /// The URL a player opens for `stream`, valid while the stream is open.
+    pub fn url(&self, stream: &Stream) -> Option<String> {
+        let token = stream.token.to_hex();
         let at = (*self.endpoint.lock().unwrap_or_else(|p| p.into_inner()))?;
-        let path: String = file
+        let path: String = stream
+            .file
             .split('/')
             .map(|seg| form_urlencoded::byte_serialize(seg.as_bytes()).collect::<String>())
             .collect::<Vec<_>>()
@@ -800,7 +801,9 @@ mod tests {
             .lock()
             .unwrap()
             .insert(s.file.clone(), Arc::new(s));
-        let url = streams.url(&format!("s/{name}")).unwrap();
+        let url = streams
+            .url(&streams.get(&format!("s/{name}")).unwrap())
+            .unwrap();
         url.split('/').nth(3).unwrap().to_string()
     }
 
