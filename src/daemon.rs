@@ -1,7 +1,9 @@
 //! The composition root. It loads the keys and the persisted group, builds the TUN
 //! device, binds the UDP and control sockets, starts the tunnel, the join handler, the
 //! gossip loop and the control server under one cancellation token, tells systemd it is
-//! ready, and on SIGTERM stops them in order and awaits each. What the node does lives in
+//! ready, and on SIGTERM stops them in order and awaits each. A task that ends on its own
+//! (returns, fails or panics) while the daemon runs is logged by name and stops the daemon
+//! the same way, with an error, so that systemd restarts it. What the node does lives in
 //! [`crate::node`]; protocol rules live in the pure modules.
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -73,6 +75,100 @@ pub enum DaemonError {
     InstallSignals(#[source] std::io::Error),
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
+    #[error("the {task} task ended while the daemon ran, so the daemon stopped (a bug: report it with the log; systemd's Restart=on-failure starts the daemon again)")]
+    TaskEnded {
+        task: &'static str,
+        #[source]
+        how: TaskEnd,
+    },
+}
+
+/// How a daemon task ended.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskEnd {
+    #[error("returned")]
+    Returned,
+    #[error("failed: {0}")]
+    Failed(Box<DaemonError>),
+    #[error("panicked: {0}")]
+    Panicked(String),
+    #[error("was aborted")]
+    Aborted,
+}
+
+/// A test hook: the daemon task named in this variable (as the log names it, e.g.
+/// `gossip`) panics once the daemon is up, so that tests can see the supervisor at
+/// work. Read once at start; unset (as in any real deployment) it does nothing.
+pub const PANIC_TASK_ENV: &str = "WATCHALONG_TEST_PANIC_TASK";
+
+/// The daemon's long-running tasks, by name. Each runs until the daemon's cancellation
+/// token fires; [`Supervisor::next`] says which one ended and how.
+struct Supervisor {
+    set: tokio::task::JoinSet<Result<(), DaemonError>>,
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
+    /// The task [`PANIC_TASK_ENV`] names, if any.
+    panic_in: Option<String>,
+    /// Fired once the daemon has told systemd it is ready.
+    up: CancellationToken,
+}
+
+impl Supervisor {
+    fn new() -> Supervisor {
+        let panic_in = std::env::var(PANIC_TASK_ENV).ok().filter(|v| !v.is_empty());
+        if let Some(t) = &panic_in {
+            log::warn!("{PANIC_TASK_ENV}={t}: the {t} task will panic once the daemon is up (a test hook; unset it)");
+        }
+        Supervisor {
+            set: tokio::task::JoinSet::new(),
+            names: std::collections::HashMap::new(),
+            panic_in,
+            up: CancellationToken::new(),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl std::future::Future<Output = Result<(), DaemonError>> + Send + 'static,
+    ) {
+        let handle = if self.panic_in.as_deref() == Some(name) {
+            let up = self.up.clone();
+            self.set.spawn(async move {
+                tokio::select! {
+                    r = task => r,
+                    () = up.cancelled() => panic!("{PANIC_TASK_ENV} asked the {name} task to panic"),
+                }
+            })
+        } else {
+            self.set.spawn(task)
+        };
+        self.names.insert(handle.id(), name);
+    }
+
+    /// The next task to end, and how; `None` when none is left.
+    async fn next(&mut self) -> Option<(&'static str, TaskEnd)> {
+        let (id, how) = match self.set.join_next_with_id().await? {
+            Ok((id, Ok(()))) => (id, TaskEnd::Returned),
+            Ok((id, Err(e))) => (id, TaskEnd::Failed(Box::new(e))),
+            Err(e) => {
+                let id = e.id();
+                let how = if e.is_panic() {
+                    let payload = e.into_panic();
+                    TaskEnd::Panicked(
+                        payload
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "(no message)".into()),
+                    )
+                } else {
+                    TaskEnd::Aborted
+                };
+                (id, how)
+            }
+        };
+        Some((self.names.remove(&id).unwrap_or("unnamed"), how))
+    }
 }
 
 /// Answers join requests arriving in invite sessions until cancelled.
@@ -384,63 +480,65 @@ pub async fn run(
     };
     node.send(first).await;
 
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Supervisor::new();
     {
         let (e, n, c) = (engine.clone(), node.clone(), cancel.clone());
-        tasks.spawn(async move {
+        tasks.spawn("node server", async move {
             transfer::serve_node(node_listener, e, n, c).await;
             Ok(())
         });
     }
     {
         let (e, n, c) = (engine.clone(), node.clone(), cancel.clone());
-        tasks.spawn(async move {
+        tasks.spawn("relay", async move {
             transfer::serve_relay(relay_listener, e, n, c).await;
             Ok(())
         });
     }
     {
         let (t, c) = (tunnel.clone(), cancel.clone());
-        tasks.spawn(async move { t.run(c).await.map_err(DaemonError::from) });
+        tasks.spawn("tunnel", async move {
+            t.run(c).await.map_err(DaemonError::from)
+        });
     }
     {
         let (n, c) = (node.clone(), cancel.clone());
-        tasks.spawn(async move {
+        tasks.spawn("control", async move {
             control::serve(listener, n, admin, c).await;
             Ok(())
         });
     }
     {
         let (n, c) = (node.clone(), cancel.clone());
-        tasks.spawn(async move {
+        tasks.spawn("joins", async move {
             serve_joins(n, invite_rx, c).await;
             Ok(())
         });
     }
     {
         let (n, c) = (node.clone(), cancel.clone());
-        tasks.spawn(async move {
+        tasks.spawn("gossip", async move {
             run_gossip(n, gossip_rx, c).await;
             Ok(())
         });
     }
     {
         let (n, c) = (node.clone(), cancel.clone());
-        tasks.spawn(async move {
+        tasks.spawn("sync", async move {
             run_sync(n, sync_rx, c).await;
             Ok(())
         });
     }
     {
         let (s, c) = (streams.clone(), cancel.clone());
-        tasks.spawn(async move {
+        tasks.spawn("stream endpoint", async move {
             crate::stream::serve_local(watch_listener, s, c).await;
             Ok(())
         });
     }
     {
         let (n, c) = (node.clone(), cancel.clone());
-        tasks.spawn(async move {
+        tasks.spawn("rooms", async move {
             run_rooms(n, c).await;
             Ok(())
         });
@@ -448,7 +546,7 @@ pub async fn run(
     let mut watchdog_usec = 0;
     if sd_notify::watchdog_enabled(false, &mut watchdog_usec) && watchdog_usec > 0 {
         let c = cancel.clone();
-        tasks.spawn(async move {
+        tasks.spawn("watchdog", async move {
             let mut tick = tokio::time::interval(Duration::from_micros(watchdog_usec / 2));
             loop {
                 tokio::select! {
@@ -474,6 +572,7 @@ pub async fn run(
             () = tunnel.wait_receiving(), if !up => {
                 up = true;
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                tasks.up.cancel();
                 log::info!(
                     "{} is up: {} on {}, UDP port {}",
                     config.node.name,
@@ -488,20 +587,20 @@ pub async fn run(
             }
             _ = term.recv() => log::info!("SIGTERM: shutting down"),
             _ = int.recv() => log::info!("SIGINT: shutting down"),
-            Some(r) = tasks.join_next() => {
-                if let Ok(Err(e)) = r {
-                    log::error!("{e}");
-                    result = Err(e);
-                }
+            Some((task, how)) = tasks.next() => {
+                // Every task runs until cancelled: one that stops on its own leaves the node
+                // half alive. Exiting non-zero lets systemd (Restart=on-failure) restart it.
+                log::error!("the {task} task {how} while the daemon ran: stopping the others and exiting with an error so that systemd restarts the daemon");
+                result = Err(DaemonError::TaskEnded { task, how });
             }
         }
         break;
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     cancel.cancel();
-    while let Some(r) = tasks.join_next().await {
-        if let Ok(Err(e)) = r {
-            log::warn!("{e}");
+    while let Some((task, how)) = tasks.next().await {
+        if !matches!(how, TaskEnd::Returned) {
+            log::warn!("the {task} task {how} while stopping");
         }
     }
     node.tasks.close();
@@ -621,4 +720,32 @@ async fn bind_control(path: &std::path::Path) -> Result<tokio::net::UnixListener
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660));
     Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_supervisor_names_the_task_that_panicked_and_how() {
+        let mut tasks = Supervisor::new();
+        let still = CancellationToken::new();
+        let s = still.clone();
+        tasks.spawn("quiet", async move {
+            s.cancelled().await;
+            Ok(())
+        });
+        tasks.spawn("broken", async { panic!("boom") });
+        let (task, how) = tasks.next().await.expect("a task ended");
+        assert_eq!(task, "broken");
+        assert!(matches!(&how, TaskEnd::Panicked(m) if m == "boom"), "{how}");
+        still.cancel();
+        let (task, how) = tasks
+            .next()
+            .await
+            .expect("the other one ends when cancelled");
+        assert_eq!(task, "quiet");
+        assert!(matches!(how, TaskEnd::Returned), "{how}");
+        assert!(tasks.next().await.is_none());
+    }
 }

@@ -168,7 +168,8 @@ enum Command {
         /// An argument for mpv, as it is (repeat for more), e.g. `--player-arg=--fs`.
         #[arg(long = "player-arg", allow_hyphen_values = true, value_name = "ARG")]
         player_args: Vec<String>,
-        /// mpv's IPC socket (default: a private one in the temp folder).
+        /// mpv's IPC socket (default: in a new 0700 folder under $XDG_RUNTIME_DIR or the
+        /// temp folder). Whoever can open it controls mpv and can read the stream's URL.
         #[arg(long, value_name = "PATH")]
         ipc: Option<PathBuf>,
         #[arg(long)]
@@ -510,10 +511,6 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                             w.file, w.size, w.source, w.url
                         );
                     }
-                    let ipc = ipc.unwrap_or_else(|| {
-                        std::env::temp_dir()
-                            .join(format!("watchalong-mpv-{}.sock", std::process::id()))
-                    });
                     let opts = player::MpvOptions {
                         program: "mpv".into(),
                         ipc,

@@ -2125,9 +2125,10 @@ impl Handler for Node {
         let url = self
             .watch
             .streams
-            .url(&file)
+            .url(&stream)
             .ok_or_else(|| ApiError::internal("the stream endpoint is not listening"))?;
-        log::info!("watch {file}: from {} at {url}", source.name);
+        // Not the URL: it holds the stream's token, and the log has other readers.
+        log::info!("watch {file}: from {}", source.name);
         Ok(WatchReply {
             file: file.clone(),
             url,

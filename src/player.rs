@@ -3,8 +3,10 @@
 //! seek, speed) from the effects of our own commands, so nothing echoes between players,
 //! and turns the room's state into commands (pause or play, seek when far off, nudge the
 //! speed when a little off). [`run_mpv`] is the IO around it: the mpv process, its
-//! socket, and the daemon's control API. It must not decide what the room agrees on;
-//! that is [`crate::room`]'s.
+//! socket, and the daemon's control API. The stream's URL holds its secret token, so it
+//! goes to mpv over the IPC socket, never on mpv's command line (which every local user
+//! can read), and that socket sits in a folder only we can open. It must not decide what
+//! the room agrees on; that is [`crate::room`]'s.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -35,6 +37,11 @@ pub enum PlayerError {
     },
     #[error("{program} did not open its IPC socket {path} within 10 s")]
     Connect { program: String, path: PathBuf },
+    #[error("cannot create a private folder for mpv's IPC socket in {path}: {source} (pass `--ipc PATH` in a folder only you can open)")]
+    PrivateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("lost the player's IPC socket: {0}")]
     Ipc(#[source] std::io::Error),
     #[error(transparent)]
@@ -273,8 +280,49 @@ impl Mpv {
 /// How `watch` runs mpv.
 pub struct MpvOptions {
     pub program: String,
-    pub ipc: PathBuf,
+    /// mpv's IPC socket; `None` puts it in a [`PrivateDir`].
+    pub ipc: Option<PathBuf>,
     pub extra_args: Vec<String>,
+}
+
+/// A folder only this user can open (0700, a random name, made by us: an existing one,
+/// or a link planted there, is refused), removed with what it holds when dropped. Whoever
+/// can connect to mpv's IPC socket can make it open any file or URL, and read the
+/// stream's URL from it.
+pub struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    /// A new one under `$XDG_RUNTIME_DIR` (already private to the user) if set, else
+    /// under the temp folder.
+    pub fn new() -> Result<PrivateDir, PlayerError> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .unwrap_or_else(std::env::temp_dir);
+        let mut r = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut r);
+        let name: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let path = base.join(format!("watchalong-mpv-{name}"));
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|source| PlayerError::PrivateDir {
+                path: base.clone(),
+                source,
+            })?;
+        Ok(PrivateDir(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Plays `w` in mpv, in step with the room, until the player exits.
@@ -283,24 +331,34 @@ pub async fn run_mpv(
     w: &WatchReply,
     opts: &MpvOptions,
 ) -> Result<(), PlayerError> {
-    let _ = std::fs::remove_file(&opts.ipc);
+    // The folder lives until this returns, after mpv (declared later, dropped first).
+    let (ipc, _private) = match &opts.ipc {
+        Some(p) => (p.clone(), None),
+        None => {
+            let d = PrivateDir::new()?;
+            (d.path().join("mpv.sock"), Some(d))
+        }
+    };
+    let _ = std::fs::remove_file(&ipc);
+    // Idle, with no file: the URL follows over the IPC socket.
     let mut child = tokio::process::Command::new(&opts.program)
-        .arg(format!("--input-ipc-server={}", opts.ipc.display()))
+        .arg(format!("--input-ipc-server={}", ipc.display()))
+        .arg("--idle=yes")
         .arg("--pause")
         .arg("--keep-open=yes")
         .arg(format!("--force-media-title={}", w.file))
         .args(&opts.extra_args)
-        .arg(&w.url)
         .kill_on_drop(true)
         .spawn()
         .map_err(|source| PlayerError::Spawn {
             program: opts.program.clone(),
             source,
         })?;
-    let mut mpv = Mpv::connect(&opts.program, &opts.ipc, &mut child).await?;
+    let mut mpv = Mpv::connect(&opts.program, &ipc, &mut child).await?;
     for (i, prop) in ["pause", "speed", "paused-for-cache"].iter().enumerate() {
         mpv.send(json!(["observe_property", i + 1, prop])).await?;
     }
+    mpv.send(json!(["loadfile", w.url])).await?;
     let mut f = Follower::default();
     let mut state = w.state.clone();
     let mut pending_change: Option<Change> = None;
@@ -465,6 +523,20 @@ mod tests {
             held: false,
             stamp: Stamp::default(),
         }
+    }
+
+    #[test]
+    fn the_ipc_folder_is_new_private_to_its_user_and_removed_when_dropped() {
+        use std::os::unix::fs::PermissionsExt;
+        let (a, b) = (PrivateDir::new().unwrap(), PrivateDir::new().unwrap());
+        assert_ne!(a.path(), b.path(), "a predictable name");
+        let meta = std::fs::symlink_metadata(a.path()).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        std::fs::write(a.path().join("mpv.sock"), b"").unwrap();
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!path.exists(), "left behind");
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! chunk under the playhead first, then on ahead, then the rest from the start — through
 //! [`crate::transfer::fetch_chunk`], so the planner's routes, nearby gateways and chunk
 //! verification apply as for `get`. The loopback HTTP endpoint serves each stream with
-//! Range support, waiting for a chunk when the player gets ahead of the network. It owns
+//! Range support, waiting for a chunk when the player gets ahead of the network. Loopback
+//! is open to every user and every web page of the machine: each stream has its own
+//! unguessable token in its URL, which dies when the stream closes, and a request must
+//! name the endpoint by a loopback `Host` (a DNS-rebinding page names its own). It owns
 //! the cache files and the endpoint; it must not decide routes nor touch shares (a file
 //! held locally is read in place).
 
@@ -12,7 +15,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -105,8 +108,13 @@ pub struct Stream {
     pub progress: Arc<Progress>,
     /// When a player last read from it (unix seconds), or it was opened.
     last_used: AtomicU64,
-    /// Stops the workers filling it (when its cache is evicted).
+    /// Stops the workers filling it and the replies reading it (when it closes).
     stop: CancellationToken,
+    /// The secret first segment of its URL. Random, not derived from anything; kept as
+    /// a `blake3::Hash` because that compares in constant time.
+    token: blake3::Hash,
+    /// A local player reports on it: it then closes when its player leaves, not when idle.
+    played: AtomicBool,
 }
 
 impl Stream {
@@ -187,7 +195,19 @@ impl Stream {
             progress,
             last_used: AtomicU64::new(crate::node::now_secs()),
             stop: CancellationToken::new(),
+            token: {
+                let mut t = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut t);
+                blake3::Hash::from_bytes(t)
+            },
+            played: AtomicBool::new(false),
         }
+    }
+
+    /// Whether a local player reports on this stream: while one does, the stream lives
+    /// until it leaves; without one, until nobody has read it for [`IDLE`].
+    pub fn set_played(&self, played: bool) {
+        self.played.store(played, Ordering::Relaxed);
     }
 
     pub fn complete(&self) -> bool {
@@ -320,9 +340,6 @@ pub struct Streams {
     pub cancel: CancellationToken,
     /// Where the loopback endpoint listens, once bound.
     pub endpoint: Mutex<Option<SocketAddr>>,
-    /// A secret first path segment: loopback is open to every user of the machine, the
-    /// URL only to whoever `watchalong watch` (the control socket's users) gave it.
-    token: String,
 }
 
 impl Streams {
@@ -334,20 +351,58 @@ impl Streams {
             tasks: TaskTracker::new(),
             cancel,
             endpoint: Mutex::new(None),
-            token: {
-                let mut t = [0u8; 16];
-                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut t);
-                t.iter().map(|b| format!("{b:02x}")).collect()
-            },
         }
     }
 
+    fn lock_open(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Stream>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn get(&self, file: &str) -> Option<Arc<Stream>> {
-        self.open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(file)
-            .cloned()
+        self.lock_open().get(file).cloned()
+    }
+
+    /// The open stream whose URL token is `token` (hex), compared in constant time with
+    /// every open stream's, so that timing tells nothing of the tokens.
+    fn by_token(&self, token: &str) -> Option<Arc<Stream>> {
+        let token = blake3::Hash::from_hex(token).ok()?;
+        let mut found = None;
+        for s in self.lock_open().values() {
+            if s.token == token {
+                found = Some(s.clone());
+            }
+        }
+        found
+    }
+
+    /// Closes the stream of `file`: its URL stops working, the replies reading it and
+    /// the workers filling it stop. Its cache stays on disk for the next watch of the
+    /// same content (and for eviction). True if it was open.
+    pub fn close(&self, file: &str) -> bool {
+        let Some(s) = self.lock_open().remove(file) else {
+            return false;
+        };
+        s.stop.cancel();
+        log::info!("watch {file}: stream closed");
+        true
+    }
+
+    /// Closes the streams no player reports on (opened with `--player none`, or whose
+    /// player went quiet without leaving) that nobody has read for [`IDLE`]: their URL was
+    /// handed out, but nothing will say when it is no longer needed.
+    pub fn close_idle(&self, now: u64) {
+        let idle: Vec<String> = self
+            .lock_open()
+            .iter()
+            .filter(|(_, s)| {
+                !s.played.load(Ordering::Relaxed)
+                    && now.saturating_sub(s.last_used.load(Ordering::Relaxed)) >= IDLE
+            })
+            .map(|(f, _)| f.clone())
+            .collect();
+        for f in idle {
+            self.close(&f);
+        }
     }
 
     /// Adds `stream` (keeping one already open for the same content) and starts filling
@@ -428,15 +483,17 @@ impl Streams {
         }
     }
 
-    /// The URL a player opens for `file`.
-    pub fn url(&self, file: &str) -> Option<String> {
+    /// The URL a player opens for `stream`, valid while the stream is open.
+    pub fn url(&self, stream: &Stream) -> Option<String> {
+        let token = stream.token.to_hex();
         let at = (*self.endpoint.lock().unwrap_or_else(|p| p.into_inner()))?;
-        let path: String = file
+        let path: String = stream
+            .file
             .split('/')
             .map(|seg| form_urlencoded::byte_serialize(seg.as_bytes()).collect::<String>())
             .collect::<Vec<_>>()
             .join("/");
-        Some(format!("http://{at}/{}/{path}", self.token))
+        Some(format!("http://{at}/{token}/{path}"))
     }
 }
 
@@ -478,16 +535,63 @@ fn content_type(file: &str) -> &'static str {
     }
 }
 
-async fn handle(streams: Arc<Streams>, req: Request<Incoming>) -> Response<Body> {
+/// True when `host` (a `Host` header or a URI's authority) names the endpoint listening
+/// on `port` by a loopback name: `127.0.0.1`, `[::1]` or `localhost`, with the port (which
+/// may be left out only for port 80). A page that a browser loaded from `evil.example`,
+/// whose name was then pointed at 127.0.0.1 (DNS rebinding), sends `Host: evil.example`.
+pub fn loopback_host(host: &str, port: u16) -> bool {
+    let (name, rest) = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, rest)) => (&host[..addr.len() + 2], rest),
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, _)) => (name, &host[name.len()..]),
+            None => (host, ""),
+        },
+    };
+    let named = name == "127.0.0.1" || name == "[::1]" || name.eq_ignore_ascii_case("localhost");
+    let port_ok = match rest.strip_prefix(':') {
+        Some(p) => p.parse::<u16>().ok() == Some(port) && !p.starts_with('+'),
+        None => rest.is_empty() && port == 80,
+    };
+    named && port_ok
+}
+
+/// Every stream's URL answers the same for a wrong token, a closed stream and a path
+/// that is not the token's: a local user learns nothing by guessing.
+fn no_stream() -> Response<Body> {
+    plain(
+        StatusCode::NOT_FOUND,
+        "no open stream at this address: `watchalong watch SHARE/PATH` gives one\n",
+    )
+}
+
+async fn handle(streams: Arc<Streams>, req: Request<Incoming>, port: u16) -> Response<Body> {
+    let host_ok = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| loopback_host(h, port))
+        && req
+            .uri()
+            .authority()
+            .is_none_or(|a| loopback_host(a.as_str(), port));
+    if !host_ok {
+        return plain(
+            StatusCode::FORBIDDEN,
+            "refused: this endpoint serves players on this machine, addressed as 127.0.0.1, [::1] or localhost with its port\n",
+        );
+    }
     if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
     let full = req.uri().path().trim_start_matches('/');
-    let Some(rest) = full
-        .strip_prefix(streams.token.as_str())
-        .and_then(|r| r.strip_prefix('/'))
-    else {
-        return plain(StatusCode::NOT_FOUND, "");
+    let Some((token, rest)) = full.split_once('/') else {
+        return no_stream();
+    };
+    let Some(s) = streams.by_token(token) else {
+        return no_stream();
     };
     let file: String = rest
         .split('/')
@@ -499,12 +603,10 @@ async fn handle(streams: Arc<Streams>, req: Request<Incoming>) -> Response<Body>
         })
         .collect::<Vec<_>>()
         .join("/");
-    let Some(s) = streams.get(&file) else {
-        return plain(
-            StatusCode::NOT_FOUND,
-            "not being watched here: `watchalong watch SHARE/PATH` opens it\n",
-        );
-    };
+    // The token opens its own stream only.
+    if file != s.file {
+        return no_stream();
+    }
     let size = s.manifest.size;
     let range = req
         .headers()
@@ -526,7 +628,8 @@ async fn handle(streams: Arc<Streams>, req: Request<Incoming>) -> Response<Body>
     let len = if size == 0 { 0 } else { end - start + 1 };
     let (tx, rx) = mpsc::channel::<Bytes>(4);
     if req.method() == hyper::Method::GET && len > 0 {
-        let cancel = streams.cancel.clone();
+        // Stops with the daemon or when the stream closes.
+        let cancel = s.stop.clone();
         streams.tasks.spawn(async move {
             let mut at = start;
             while at <= end {
@@ -578,9 +681,9 @@ pub async fn serve_local(listener: TcpListener, streams: Arc<Streams>, cancel: C
         cancel,
         crate::server::LOOPBACK,
         |_local, _peer| true,
-        move |req, _local, _peer| {
+        move |req, local: SocketAddr, _peer| {
             let streams = streams.clone();
-            async move { handle(streams, req).await }
+            async move { handle(streams, req, local.port()).await }
         },
         || {},
     )
@@ -642,6 +745,116 @@ mod tests {
         assert!(!dir.path().join("a").exists());
         assert!(dir.path().join("b").exists());
         assert!(dir.path().join(new.manifest.id()).exists());
+    }
+
+    #[test]
+    fn only_a_loopback_host_with_the_endpoints_port_is_accepted() {
+        for ok in [
+            "127.0.0.1:8000",
+            "[::1]:8000",
+            "localhost:8000",
+            "LocalHost:8000",
+        ] {
+            assert!(loopback_host(ok, 8000), "{ok} refused");
+        }
+        for bad in [
+            "evil.example:8000",
+            "evil.example",
+            "127.0.0.1:8001",
+            "127.0.0.1",
+            "127.0.0.1:+8000",
+            "localhost.:8000",
+            "localhost.evil.example:8000",
+            "127.0.0.1.evil.example:8000",
+            "[::1",
+            "[::2]:8000",
+            "[::1]x:8000",
+            "127.0.0.1:8000:8000",
+            "",
+        ] {
+            assert!(!loopback_host(bad, 8000), "{bad} accepted");
+        }
+        // Port 80 is the one a client may leave out.
+        assert!(loopback_host("localhost", 80));
+        assert!(loopback_host("[::1]", 80));
+    }
+
+    fn manifest(path: &str) -> Manifest {
+        Manifest {
+            share: "s".into(),
+            path: path.into(),
+            size: 4,
+            mtime: 0,
+            mode: 0o644,
+            chunk_size: 1 << 20,
+            chunks: vec!["x".into()],
+        }
+    }
+
+    /// Opens `s/NAME` (held locally) in `streams`; returns its URL token.
+    fn open(streams: &Streams, dir: &std::path::Path, name: &str) -> String {
+        let path = dir.join(name);
+        std::fs::write(&path, b"film").unwrap();
+        let s = Stream::local(&format!("s/{name}"), manifest(name), [0; 32], path).unwrap();
+        streams
+            .open
+            .lock()
+            .unwrap()
+            .insert(s.file.clone(), Arc::new(s));
+        let url = streams
+            .url(&streams.get(&format!("s/{name}")).unwrap())
+            .unwrap();
+        url.split('/').nth(3).unwrap().to_string()
+    }
+
+    #[test]
+    fn each_stream_has_its_own_token_which_dies_when_the_stream_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::new(dir.path().join("c"), 0, CancellationToken::new());
+        *streams.endpoint.lock().unwrap() = Some(([127, 0, 0, 1], 8000).into());
+        let (a, b) = (
+            open(&streams, dir.path(), "a"),
+            open(&streams, dir.path(), "b"),
+        );
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64, "{a}");
+        assert_eq!(streams.by_token(&a).unwrap().file, "s/a");
+        assert_eq!(streams.by_token(&b).unwrap().file, "s/b");
+        assert!(streams.by_token("00").is_none());
+        assert!(streams.by_token(&"0".repeat(64)).is_none());
+        let closed = streams.get("s/a").unwrap();
+        assert!(streams.close("s/a"));
+        assert!(
+            streams.by_token(&a).is_none(),
+            "a closed stream's token still opens it"
+        );
+        assert!(closed.stop.is_cancelled(), "its readers would go on");
+        assert!(streams.by_token(&b).is_some());
+        // Opened again, the same file gets a new token.
+        assert_ne!(open(&streams, dir.path(), "a"), a);
+    }
+
+    #[test]
+    fn an_idle_stream_closes_unless_a_player_reported_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::new(dir.path().join("c"), 0, CancellationToken::new());
+        *streams.endpoint.lock().unwrap() = Some(([127, 0, 0, 1], 8000).into());
+        open(&streams, dir.path(), "unplayed");
+        open(&streams, dir.path(), "played");
+        streams.get("s/played").unwrap().set_played(true);
+        let now = crate::node::now_secs();
+        streams.close_idle(now + IDLE - 1);
+        assert!(
+            streams.get("s/unplayed").is_some(),
+            "closed before it was idle"
+        );
+        streams.close_idle(now + IDLE + 1);
+        assert!(streams.get("s/unplayed").is_none());
+        assert!(streams.get("s/played").is_some(), "its player has not left");
+        // A player gone quiet without leaving: idle rules apply again.
+        streams.get("s/played").unwrap().set_played(false);
+        streams.close_idle(now + IDLE + 1);
+        assert!(streams.get("s/played").is_none());
     }
 
     #[test]

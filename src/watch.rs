@@ -3,7 +3,9 @@
 //! messages with the other members over the node server (`/v1/room`). The local player
 //! itself is driven by the CLI (`watchalong watch`), which reports to and reads from
 //! here through the control API. It owns the rooms' runtime (timing, broadcast, wake-ups
-//! of waiting players); the rules are [`crate::room`]'s.
+//! of waiting players) and when a stream closes: when its local player leaves, or, while
+//! no player reports on it, after [`crate::stream::IDLE`] unread; the rules are
+//! [`crate::room`]'s.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -163,6 +165,9 @@ impl Watch {
     /// others must hear at once (a change).
     pub fn report(&self, r: Report) -> (RoomView, bool) {
         let now = now_ms();
+        if let Some(s) = self.streams.get(&r.file) {
+            s.set_played(true);
+        }
         let urgent = self.with_room(&r.file, |room| {
             let mut urgent = room.local.is_none();
             if let Some(c) = &r.change {
@@ -181,9 +186,12 @@ impl Watch {
         (self.view(&r.file), urgent)
     }
 
-    /// The local player is gone.
+    /// The local player is gone, and with it the stream it read (and the stream's URL).
+    /// A room holds one local player per file, so a second player of the same file on
+    /// this node loses its stream too.
     pub fn leave(&self, file: &str) {
         self.with_room(file, Room::local_left);
+        self.streams.close(file);
     }
 
     /// Waits until the room's state moves past the given stamp, or the timeout.
@@ -291,6 +299,7 @@ impl Watch {
         let now = now_ms();
         let mut changed = false;
         let mut outgoing = Vec::new();
+        let mut gone = Vec::new();
         {
             let mut rooms = self.rooms();
             for room in rooms.values_mut() {
@@ -300,11 +309,20 @@ impl Watch {
                     changed |= room.settle_readiness(now);
                     outgoing.push(room.clone());
                 } else if had_local {
-                    // Our player died: the others hear we left.
+                    // Our player went quiet: the others hear we left.
                     outgoing.push(room.clone());
+                    gone.push(room.file.clone());
                 }
             }
         }
+        // Its CLI may be stopped (Ctrl-Z) or killed, leaving mpv reading: the stream
+        // closes once nobody reads it, not at once.
+        for file in gone {
+            if let Some(s) = self.streams.get(&file) {
+                s.set_played(false);
+            }
+        }
+        self.streams.close_idle(crate::node::now_secs());
         if changed {
             self.bump();
         }

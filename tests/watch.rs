@@ -91,9 +91,15 @@ fn a_member_holding_nothing_starts_playing_before_the_file_is_there() {
 
 /// A plain HTTP/1.1 GET from inside `n`'s namespace: (status, body).
 fn http_get(n: &Node, url: &str, range: Option<&str>) -> (u16, Vec<u8>) {
+    http_get_as(n, url, None, range)
+}
+
+/// [`http_get`] with the `Host` header given (the URL's address when `None`).
+fn http_get_as(n: &Node, url: &str, host: Option<&str>, range: Option<&str>) -> (u16, Vec<u8>) {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").unwrap();
     let (addr, path) = rest.split_at(rest.find('/').unwrap());
+    let host = host.unwrap_or(addr).to_string();
     let (addr, path, range) = (
         addr.to_string(),
         path.to_string(),
@@ -101,7 +107,7 @@ fn http_get(n: &Node, url: &str, range: Option<&str>) -> (u16, Vec<u8>) {
     );
     in_netns(&n.ns.name, move || {
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
         if let Some(r) = range {
             req += &format!("Range: {r}\r\n");
         }
@@ -114,6 +120,116 @@ fn http_get(n: &Node, url: &str, range: Option<&str>) -> (u16, Vec<u8>) {
         let status = head.split(' ').nth(1).unwrap().parse().unwrap();
         (status, all[split + 4..].to_vec())
     })
+}
+
+/// Every process's command line, read from /proc (the PID namespace is shared).
+fn command_lines() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .collect()
+}
+
+#[test]
+fn a_stream_url_opens_its_own_stream_only_by_a_loopback_host_while_it_plays_and_is_on_no_command_line(
+) {
+    if !root_or_skip("a_stream_url_opens_its_own_stream_only_by_a_loopback_host_while_it_plays_and_is_on_no_command_line") {
+        return;
+    }
+    if !has("mpv") || !has("ffmpeg") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut host = lab.node("host");
+    let movies = host.share("movies");
+    make_video(&movies.join("film.mp4"), 20, 300);
+    let other = write_random(&movies.join("other.bin"), 100_000, "other");
+    host.start();
+    let p = Player::start(&host, "movies/film.mp4");
+    assert!(
+        wait_until(DEADLINE, || p.position() > 0.0),
+        "no frame was ever decoded (the player's Host refused?)"
+    );
+    // The URL mpv plays, as mpv itself tells it over its socket.
+    let film_url = p
+        .get("path")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .expect("mpv's path");
+    let film_token = film_url.split('/').nth(3).unwrap().to_string();
+    let port = film_url
+        .split('/')
+        .nth(2)
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(film_url.starts_with("http://127.0.0.1:"), "{film_url}");
+
+    // mpv runs, and neither its command line nor any other holds the token.
+    let lines = command_lines();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(p.ipc.to_str().unwrap()) && l.contains("--idle")),
+        "mpv is not among the processes: {lines:?}"
+    );
+    let holders: Vec<&String> = lines.iter().filter(|l| l.contains(&film_token)).collect();
+    assert!(
+        holders.is_empty(),
+        "command lines holding the token: {holders:?}"
+    );
+
+    // A page whose name was rebound to 127.0.0.1 is refused; the loopback names are not.
+    let film = std::fs::read(movies.join("film.mp4")).unwrap();
+    let evil = format!("evil.example:{port}");
+    assert_eq!(
+        http_get_as(&host, &film_url, Some(&evil), Some("bytes=0-9")).0,
+        403
+    );
+    assert_eq!(
+        http_get_as(&host, &film_url, Some("evil.example"), Some("bytes=0-9")).0,
+        403
+    );
+    for name in ["127.0.0.1", "localhost", "[::1]"] {
+        let (status, body) = http_get_as(
+            &host,
+            &film_url,
+            Some(&format!("{name}:{port}")),
+            Some("bytes=0-9"),
+        );
+        assert_eq!((status, body.as_slice()), (206, &film[..10]), "Host {name}");
+    }
+
+    // A second stream has its own token, and neither token opens the other's file.
+    let w: serde_json::Value = serde_json::from_str(&host.ok(&[
+        "watch",
+        "movies/other.bin",
+        "--player",
+        "none",
+        "--json",
+    ]))
+    .unwrap();
+    let other_url = w["url"].as_str().unwrap().to_string();
+    let other_token = other_url.split('/').nth(3).unwrap().to_string();
+    assert_ne!(other_token, film_token);
+    let (status, body) = http_get(&host, &other_url, None);
+    assert_eq!((status, blake3::hash(&body)), (200, other));
+    let crossed = other_url.replacen(&other_token, &film_token, 1);
+    assert_eq!(http_get(&host, &crossed, Some("bytes=0-9")).0, 404);
+    let crossed = film_url.replacen(&film_token, &other_token, 1);
+    assert_eq!(http_get(&host, &crossed, Some("bytes=0-9")).0, 404);
+
+    // The player quits: its stream closes and its token opens nothing; the other lives.
+    p.call(serde_json::json!(["quit"]));
+    assert!(
+        wait_until(DEADLINE, || http_get(&host, &film_url, Some("bytes=0-9")).0
+            == 404),
+        "the token outlived its stream"
+    );
+    assert_eq!(http_get(&host, &other_url, Some("bytes=0-9")).0, 206);
 }
 
 #[test]
