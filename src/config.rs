@@ -81,12 +81,16 @@ pub struct SyncConfig {
     /// Days a file that sync replaced or deleted here stays in the share's
     /// `.watchalong-versions` folder; 0 keeps none.
     pub keep_versions_days: u64,
+    /// Remote deletions that would remove more than this share of a share's files
+    /// (within a minute) are held until `watchalong sync release`; 100 turns it off.
+    pub max_delete_percent: u64,
 }
 
 impl Default for SyncConfig {
     fn default() -> Self {
         SyncConfig {
             keep_versions_days: 30,
+            max_delete_percent: 50,
         }
     }
 }
@@ -335,6 +339,13 @@ impl Config {
                 "sync",
                 "keep_versions_days",
                 "expected a number of days from 0 (keep none) to 36500".into(),
+            ));
+        }
+        if self.sync.max_delete_percent > 100 {
+            return Err(bad(
+                "sync",
+                "max_delete_percent",
+                "expected a percentage from 0 to 100 (100 turns the hold off)".into(),
             ));
         }
         if let Some(g) = &self.control.group {

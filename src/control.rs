@@ -482,6 +482,8 @@ pub trait Handler: Send + Sync + 'static {
         &self,
         req: VersionsRequest,
     ) -> impl Future<Output = Result<Vec<crate::kept::Kept>, ApiError>> + Send;
+    /// Lets a share's held deletions through.
+    fn release(&self, req: VersionsRequest) -> impl Future<Output = Result<Empty, ApiError>> + Send;
     fn restore(
         &self,
         req: VersionsRequest,
@@ -633,6 +635,10 @@ async fn route<H: Handler>(
         (&Method::GET, ["v1", "rooms"]) => reply(h.rooms().await),
         (&Method::POST, ["v1", "versions"]) => match parse(&body) {
             Ok(r) => reply(h.versions(r).await),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, ["v1", "sync", "release"]) => match parse(&body) {
+            Ok(r) => reply(h.release(r).await),
             Err(e) => Err(e),
         },
         (&Method::POST, ["v1", "restore"]) => match parse(&body) {

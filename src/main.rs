@@ -128,6 +128,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Folder sync: `sync release SHARE` lets deletions a share holds go ahead.
+    #[command(subcommand)]
+    Sync(SyncCommand),
     /// List the versions this node kept of files sync replaced or deleted here.
     Versions {
         /// SHARE or SHARE/PATH.
@@ -193,6 +196,16 @@ enum Command {
     /// Add or remove a standard WireGuard peer by hand.
     #[command(subcommand)]
     Peer(PeerCommand),
+}
+
+#[derive(Subcommand)]
+enum SyncCommand {
+    /// Let the deletions SHARE holds (a member removed most of its files) go ahead;
+    /// what they remove is kept in the share's versions.
+    Release {
+        /// The read-write share.
+        share: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -623,6 +636,18 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     view.route
                 );
             }
+        }
+        Command::Sync(SyncCommand::Release { share }) => {
+            let _: Empty = client
+                .post(
+                    "/v1/sync/release",
+                    &watchalong::control::VersionsRequest {
+                        target: share.clone(),
+                        at: None,
+                    },
+                )
+                .await?;
+            println!("{share}: held deletions go ahead at the next announcement");
         }
         Command::Versions { target, json } => {
             let list: Vec<watchalong::kept::Kept> = client

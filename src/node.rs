@@ -1253,6 +1253,15 @@ impl Node {
                 false
             }
         });
+        // A burst of deletions (a member's `rm -rf`) is held until someone says yes.
+        if let Some(reason) = s.screen_deletions(
+            &peer.name,
+            &mut versions,
+            self.config.sync.max_delete_percent,
+            std::time::Instant::now(),
+        ) {
+            log::warn!("share {}: {reason}", s.name);
+        }
         // Folders before what they hold, and what they hold removed before them.
         versions.sort_by(|x, y| match (x.deleted, y.deleted) {
             (false, false) => x.path.cmp(&y.path),
@@ -2161,6 +2170,14 @@ impl Handler for Node {
 
     async fn rooms(&self) -> Result<Vec<RoomView>, ApiError> {
         Ok(self.watch.views())
+    }
+
+    async fn release(&self, req: VersionsRequest) -> Result<Empty, ApiError> {
+        let (s, _) = self.sync_share_of(&req.target)?;
+        if s.release_deletions(std::time::Instant::now()) {
+            log::info!("share {}: held deletions released", s.name);
+        }
+        Ok(Empty {})
     }
 
     async fn versions(&self, req: VersionsRequest) -> Result<Vec<crate::kept::Kept>, ApiError> {

@@ -7,10 +7,10 @@
 //! announcement asks for; the index's storage is [`crate::index`]'s. It never deletes
 //! anything while the marker is missing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -89,6 +89,9 @@ pub struct ShareStatus {
     /// False when the root or its marker is missing: deletions are not spread then.
     pub root_ok: bool,
     pub last_error: Option<String>,
+    /// Why remote deletions are held here, until `watchalong sync release SHARE`.
+    #[serde(default)]
+    pub held: Option<String>,
 }
 
 /// Versions one node announces for one share.
@@ -129,6 +132,30 @@ pub struct SyncShare {
     flights: Mutex<std::collections::HashMap<String, Flights>>,
     /// Room for [`MAX_PULLS`] pulls at once.
     pub slots: tokio::sync::Semaphore,
+    /// The hold on mass deletions.
+    deletions: Mutex<DeleteGuard>,
+}
+
+/// How long deletions applied count toward the hold's threshold.
+const DELETE_WINDOW: Duration = Duration::from_secs(60);
+/// How long `sync release` lets deletions through.
+const RELEASE_FOR: Duration = Duration::from_secs(600);
+
+/// A share's hold on mass deletions: held (and why), released until when, and the
+/// deletions applied within the last [`DELETE_WINDOW`].
+#[derive(Default)]
+struct DeleteGuard {
+    held: Option<String>,
+    released_until: Option<Instant>,
+    recent: VecDeque<Instant>,
+}
+
+/// Whether deleting `deleting` files now, after `recent` in the last minute, passes
+/// `max_percent` of the `live` files a share holds. One file alone never does, and 100
+/// turns the hold off.
+pub fn deletes_too_much(live: usize, deleting: usize, recent: usize, max_percent: u64) -> bool {
+    let total = (deleting + recent) as u64;
+    max_percent < 100 && deleting > 0 && total >= 2 && total * 100 > max_percent * live as u64
 }
 
 /// The resumable partial file of the pull into `dest`: hidden beside it, skipped by scans.
@@ -348,6 +375,7 @@ impl SyncShare {
             turns: Mutex::new(std::collections::HashMap::new()),
             flights: Mutex::new(std::collections::HashMap::new()),
             slots: tokio::sync::Semaphore::new(MAX_PULLS),
+            deletions: Mutex::new(DeleteGuard::default()),
         };
         if let Some(msg) = share.unwritable() {
             log::error!("share {}: {msg}", share.name);
@@ -605,6 +633,7 @@ impl SyncShare {
                 })
                 .sum(),
             root_ok: self.root_ok(),
+            held: self.deletions_held(),
             last_error: self
                 .last_error
                 .lock()
@@ -771,6 +800,90 @@ impl SyncShare {
         remote.vv.leaps_past(held.unwrap_or(&none))
     }
 
+    /// Screens the deletions member `from` announced: when, with those applied in the
+    /// last minute, they would remove more than `max_percent` of this share's files, every
+    /// deletion is dropped and the share is held until [`SyncShare::release_deletions`]; other
+    /// changes still apply. A deletion whose content reappears elsewhere in the same
+    /// announcement is a move and does not count. Returns the reason when the share is
+    /// held by this announcement (to be logged once).
+    pub fn screen_deletions(
+        &self,
+        from: &str,
+        versions: &mut Vec<FileVersion>,
+        max_percent: u64,
+        now: Instant,
+    ) -> Option<String> {
+        let moved_to: HashSet<&str> = versions
+            .iter()
+            .filter(|v| !v.deleted && v.content != DIR)
+            .map(|v| v.content.as_str())
+            .collect();
+        let (live, deleting) = {
+            let index = self.lock();
+            let live = index
+                .values()
+                .filter(|e| !e.version.deleted && e.version.content != DIR)
+                .count();
+            let deleting = versions
+                .iter()
+                .filter(|v| v.deleted)
+                .filter(|v| {
+                    index.get(&v.path).is_some_and(|e| {
+                        !e.version.deleted
+                            && e.version.content != DIR
+                            && !moved_to.contains(e.version.content.as_str())
+                    })
+                })
+                .count();
+            (live, deleting)
+        };
+        if deleting == 0 {
+            return None;
+        }
+        let mut g = self.deletions.lock().unwrap_or_else(|p| p.into_inner());
+        while g
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > DELETE_WINDOW)
+        {
+            g.recent.pop_front();
+        }
+        let released = g.released_until.is_some_and(|t| now < t);
+        let hold = !released
+            && (g.held.is_some() || deletes_too_much(live, deleting, g.recent.len(), max_percent));
+        if !hold {
+            g.recent.extend(std::iter::repeat_n(now, deleting));
+            return None;
+        }
+        versions.retain(|v| !v.deleted);
+        if g.held.is_some() {
+            return None;
+        }
+        let reason = format!(
+            "held: {from} deletes {deleting} of {live} files (more than {max_percent}% within a minute); nothing was deleted here. If that is meant, run `watchalong sync release {}`",
+            self.name
+        );
+        g.held = Some(reason.clone());
+        Some(reason)
+    }
+
+    /// Lets the held deletions through (for [`RELEASE_FOR`]): they apply at the next
+    /// announcement.
+    pub fn release_deletions(&self, now: Instant) -> bool {
+        let mut g = self.deletions.lock().unwrap_or_else(|p| p.into_inner());
+        g.released_until = Some(now + RELEASE_FOR);
+        g.held.take().is_some()
+    }
+
+    /// Why the share holds deletions, when it does.
+    pub fn deletions_held(&self) -> Option<String> {
+        self.deletions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .held
+            .clone()
+    }
+
     /// Every version held, for a member that wants the whole picture.
     pub fn all_versions(&self) -> Vec<FileVersion> {
         self.lock().values().map(|e| e.version.clone()).collect()
@@ -932,6 +1045,20 @@ fn unreachable_version(path: &str) -> FileVersion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deletion_of_most_files_is_too_much_and_a_few_or_one_are_not() {
+        // Half of ten is the limit; more, counting the last minute's, is held.
+        assert!(!deletes_too_much(10, 5, 0, 50));
+        assert!(deletes_too_much(10, 6, 0, 50));
+        assert!(deletes_too_much(10, 2, 4, 50));
+        // One file alone never, even the only one; nothing to delete never.
+        assert!(!deletes_too_much(1, 1, 0, 50));
+        assert!(!deletes_too_much(10, 0, 9, 50));
+        // 100 turns the hold off; 0 holds any two.
+        assert!(!deletes_too_much(10, 10, 0, 100));
+        assert!(deletes_too_much(100, 2, 0, 0));
+    }
 
     fn share(dir: &Path) -> SyncShare {
         std::fs::create_dir_all(dir.join("root")).unwrap();

@@ -1,6 +1,7 @@
 //! Nothing lost: what sync replaces or deletes on a node because of another member's
 //! change is kept in the share's versions folder, listed, put back on request (and the
-//! restore spreads), and pruned once older than `[sync] keep_versions_days`.
+//! restore spreads), and pruned once older than `[sync] keep_versions_days`; and a member
+//! that deletes most of a share is held everywhere until someone releases it.
 
 mod common;
 
@@ -122,4 +123,88 @@ fn versions_older_than_the_kept_days_are_pruned_and_newer_ones_stay() {
     let listed = versions(&a, "rw");
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["path"], "sub/new.txt");
+}
+
+fn held(n: &Node) -> Option<String> {
+    n.status()["shares"][0]["held"].as_str().map(String::from)
+}
+
+#[test]
+fn a_member_emptying_a_share_is_held_everywhere_until_released_and_what_goes_is_kept() {
+    if !root_or_skip("a_member_emptying_a_share_is_held_everywhere_until_released_and_what_goes_is_kept") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mut a = lab.node("a");
+    let mut b = lab.node("b");
+    let mut c = lab.node("c");
+    let ra = a.share_rw("rw");
+    let (rb, rc) = (b.share_rw("rw"), c.share_rw("rw"));
+    for i in 0..6 {
+        std::fs::write(ra.join(format!("f{i}.txt")), format!("file {i}")).unwrap();
+    }
+    for n in [&mut a, &mut b, &mut c] {
+        n.start();
+    }
+    join(&a, &b);
+    join(&a, &c);
+    for root in [&rb, &rc] {
+        assert!(wait_until(DEADLINE, || (0..6).all(|i| root
+            .join(format!("f{i}.txt"))
+            .exists())));
+    }
+
+    // `rm -rf share/*` on a: the marker stays, every file goes.
+    for i in 0..6 {
+        std::fs::remove_file(ra.join(format!("f{i}.txt"))).unwrap();
+    }
+    for n in [&b, &c] {
+        assert!(
+            wait_until(DEADLINE, || held(n).is_some()),
+            "{} did not hold the deletions",
+            n.name
+        );
+        let why = held(n).unwrap();
+        assert!(why.contains("sync release rw") && why.contains("6 of 6"), "{why}");
+    }
+    // Nothing is deleted while held, over more than a full round of announcements.
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < until {
+        for root in [&rb, &rc] {
+            assert!((0..6).all(|i| root.join(format!("f{i}.txt")).exists()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Someone says yes: the deletion proceeds, and everything removed is kept.
+    for n in [&b, &c] {
+        n.ok(&["sync", "release", "rw"]);
+    }
+    for (n, root) in [(&b, &rb), (&c, &rc)] {
+        assert!(
+            wait_until(DEADLINE, || (0..6).all(|i| !root
+                .join(format!("f{i}.txt"))
+                .exists())),
+            "{} never deleted after the release",
+            n.name
+        );
+        assert!(held(n).is_none());
+        let kept: Vec<String> = versions(n, "rw")
+            .iter()
+            .map(|k| k["path"].as_str().unwrap().to_string())
+            .collect();
+        for i in 0..6 {
+            assert!(kept.contains(&format!("f{i}.txt")), "{}: {kept:?}", n.name);
+        }
+    }
+    // And one is brought back from c's versions on every node.
+    c.ok(&["restore", "rw/f3.txt"]);
+    for root in [&ra, &rb, &rc] {
+        assert!(
+            wait_until(DEADLINE, || std::fs::read(root.join("f3.txt"))
+                .is_ok_and(|x| x == b"file 3")),
+            "f3.txt did not come back in {}",
+            root.display()
+        );
+    }
 }
