@@ -26,6 +26,12 @@ pub const MAX_ROOMS: usize = 256;
 /// The longest room name taken from another member: a share name, a slash and a path.
 const MAX_FILE_NAME: usize = 64 + 4096;
 
+/// Forgets the rooms nobody watches any more: no local player, and no member heard from
+/// lately. A room lives only while someone is in it, so rooms do not pile up.
+fn forget_empty(rooms: &mut HashMap<String, Room>) {
+    rooms.retain(|_, r| r.local.is_some() || !r.watchers.is_empty());
+}
+
 /// Milliseconds since the epoch on this node's clock.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -314,6 +320,7 @@ impl Watch {
                     gone.push(room.file.clone());
                 }
             }
+            forget_empty(&mut rooms);
         }
         // Its CLI may be stopped (Ctrl-Z) or killed, leaving mpv reading: the stream
         // closes once nobody reads it, not at once.
@@ -361,6 +368,27 @@ impl Watch {
 mod tests {
     use super::*;
     use crate::room::Room;
+
+    #[test]
+    fn a_room_is_forgotten_once_nobody_watches_it_and_kept_while_someone_does() {
+        let now = now_ms();
+        let mut peer = Room::new("s/film.mkv", "peer", now);
+        peer.local_change(now, true, 1.0, 1.0);
+        // The peer's player reports: the peer watches.
+        peer.local_report(now, 1.0, 5.0, false);
+        let mut rooms = HashMap::new();
+        let mut room = Room::new("s/film.mkv", "me", now);
+        room.receive("peer", peer.message_for("me", now), now).unwrap();
+        rooms.insert("s/film.mkv".to_string(), room);
+        forget_empty(&mut rooms);
+        assert_eq!(rooms.len(), 1, "a member still watches");
+        // An hour on, the member is long quiet.
+        for r in rooms.values_mut() {
+            r.expire(now + 3_600_000);
+        }
+        forget_empty(&mut rooms);
+        assert!(rooms.is_empty());
+    }
 
     #[test]
     fn members_cannot_open_more_than_max_rooms_but_known_rooms_still_hear_them() {
