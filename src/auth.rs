@@ -461,13 +461,18 @@ mod tests {
             nonce: &"0".repeat(32),
             mac: &"0".repeat(64),
         };
-        assert_eq!(a.check_request(&weak, "GET", "/", b"", sig, 1000), Err(AuthError::WeakKey));
+        assert_eq!(
+            a.check_request(&weak, "GET", "/", b"", sig, 1000),
+            Err(AuthError::WeakKey)
+        );
     }
 
     #[test]
     fn a_signed_request_passes_once_and_its_replay_is_refused() {
         let (a, b) = pair();
-        let h = a.sign_request(&b.public(), "POST", "/v1/sync", b"body", 1000, [7; 16]).unwrap();
+        let h = a
+            .sign_request(&b.public(), "POST", "/v1/sync", b"body", 1000, [7; 16])
+            .unwrap();
         let check = || b.check_request(&a.public(), "POST", "/v1/sync", b"body", sig(&h), 1001);
         assert_eq!(check(), Ok(()));
         assert_eq!(check(), Err(AuthError::Replay));
@@ -476,7 +481,9 @@ mod tests {
     #[test]
     fn a_changed_body_path_method_time_or_sender_fails() {
         let (a, b) = pair();
-        let h = a.sign_request(&b.public(), "POST", "/v1/sync?x=1", b"keep", 1000, [1; 16]).unwrap();
+        let h = a
+            .sign_request(&b.public(), "POST", "/v1/sync?x=1", b"keep", 1000, [1; 16])
+            .unwrap();
         let from = a.public();
         assert_eq!(
             b.check_request(&from, "POST", "/v1/sync?x=1", b"delete", sig(&h), 1000),
@@ -510,7 +517,9 @@ mod tests {
     fn a_request_reflected_back_to_its_sender_is_refused() {
         let (a, b) = pair();
         // a signs for b; someone hands it to a as if b had sent it.
-        let h = a.sign_request(&b.public(), "GET", "/v1/ls", b"", 1000, [2; 16]).unwrap();
+        let h = a
+            .sign_request(&b.public(), "GET", "/v1/ls", b"", 1000, [2; 16])
+            .unwrap();
         assert_eq!(
             a.check_request(&b.public(), "GET", "/v1/ls", b"", sig(&h), 1000),
             Err(AuthError::BadMac)
@@ -542,7 +551,9 @@ mod tests {
     #[test]
     fn an_old_request_is_refused_even_with_a_new_nonce() {
         let (a, b) = pair();
-        let h = a.sign_request(&b.public(), "GET", "/", b"", 1000, [3; 16]).unwrap();
+        let h = a
+            .sign_request(&b.public(), "GET", "/", b"", 1000, [3; 16])
+            .unwrap();
         assert_eq!(
             b.check_request(
                 &a.public(),
@@ -581,12 +592,16 @@ mod tests {
                 full.admit(i, t0, t0).unwrap();
             }
         }
-        let from_a = a.sign_request(&b.public(), "GET", "/", b"", t0, [9; 16]).unwrap();
+        let from_a = a
+            .sign_request(&b.public(), "GET", "/", b"", t0, [9; 16])
+            .unwrap();
         assert_eq!(
             b.check_request(&a.public(), "GET", "/", b"", sig(&from_a), t0),
             Err(AuthError::Busy)
         );
-        let from_c = c.sign_request(&b.public(), "GET", "/", b"", t0, [9; 16]).unwrap();
+        let from_c = c
+            .sign_request(&b.public(), "GET", "/", b"", t0, [9; 16])
+            .unwrap();
         assert_eq!(
             b.check_request(&c.public(), "GET", "/", b"", sig(&from_c), t0),
             Ok(())

@@ -112,9 +112,11 @@ fn groups_of_process(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }
@@ -483,7 +485,8 @@ pub trait Handler: Send + Sync + 'static {
         req: VersionsRequest,
     ) -> impl Future<Output = Result<Vec<crate::kept::Kept>, ApiError>> + Send;
     /// Lets a share's held deletions through.
-    fn release(&self, req: VersionsRequest) -> impl Future<Output = Result<Empty, ApiError>> + Send;
+    fn release(&self, req: VersionsRequest)
+        -> impl Future<Output = Result<Empty, ApiError>> + Send;
     fn restore(
         &self,
         req: VersionsRequest,

@@ -237,10 +237,12 @@ pub fn restore(root: &Path, rel: &str, at: Option<u64>) -> Result<Kept, KeptErro
         .ok_or_else(|| {
             KeptError::FindVersion(
                 canonical.clone(),
-                at.map(|t| format!(" kept at {}", stamp(t))).unwrap_or_default(),
+                at.map(|t| format!(" kept at {}", stamp(t)))
+                    .unwrap_or_default(),
             )
         })?;
-    let from = file_of(root, &k).ok_or_else(|| KeptError::FindVersion(canonical.clone(), String::new()))?;
+    let from = file_of(root, &k)
+        .ok_or_else(|| KeptError::FindVersion(canonical.clone(), String::new()))?;
     let dest = parts.iter().fold(root.to_path_buf(), |p, c| p.join(c));
     let err = |source| KeptError::Restore {
         path: dest.clone(),
@@ -306,6 +308,9 @@ mod tests {
             restore(root, "sub/none.txt", None),
             Err(KeptError::FindVersion(..))
         ));
-        assert!(matches!(restore(root, "../x", None), Err(KeptError::CheckPath(_))));
+        assert!(matches!(
+            restore(root, "../x", None),
+            Err(KeptError::CheckPath(_))
+        ));
     }
 }

@@ -651,7 +651,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
         Command::Versions { target, json } => {
             let list: Vec<watchalong::kept::Kept> = client
-                .post("/v1/versions", &watchalong::control::VersionsRequest { target, at: None })
+                .post(
+                    "/v1/versions",
+                    &watchalong::control::VersionsRequest { target, at: None },
+                )
                 .await?;
             let text = json_or_empty(&list, json, "no versions kept")?;
             for k in list.iter().filter(|_| text) {
@@ -661,12 +664,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Restore { target, at } => {
             let at = match at.as_deref() {
                 Some(t) => Some(parse_time(t).with_context(|| {
-                    format!("--at {t}: expected a stamp as `versions` shows it, like 20261130T091300Z")
+                    format!(
+                        "--at {t}: expected a stamp as `versions` shows it, like 20261130T091300Z"
+                    )
                 })?),
                 None => None,
             };
             let k: watchalong::kept::Kept = client
-                .post("/v1/restore", &watchalong::control::VersionsRequest { target, at })
+                .post(
+                    "/v1/restore",
+                    &watchalong::control::VersionsRequest { target, at },
+                )
                 .await?;
             println!("restored {} as kept at {}", k.path, stamp_of(k.at));
         }

@@ -16,10 +16,10 @@ use hyper::StatusCode;
 
 use crate::config::{split_host_port, Config};
 use crate::control::{
-    ApiError, Caller, Empty, VersionsRequest, GetReply, GetRequest, GossipReply, Handler, InjectRequest, InviteView,
+    ApiError, Caller, Empty, GetReply, GetRequest, GossipReply, Handler, InjectRequest, InviteView,
     JoinReply, JoinRequest, LinkReply, LinkRequest, LsEntry, LsReply, NodeStatus, PeerAddRequest,
     PeerRemoveRequest, PeerView, PeersReply, PlanReply, PlanRequest, RemoveRequest, StatusReply,
-    TransferView,
+    TransferView, VersionsRequest,
 };
 use crate::gossip::{Event, Gossip, GossipMessage, Outgoing};
 use crate::group::{Group, StaticPeer};

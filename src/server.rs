@@ -215,7 +215,10 @@ impl SlotsInner {
         let Some(list) = self.by_source.get_mut(source) else {
             return false;
         };
-        let Some(i) = list.iter().position(|c| c.busy.load(Ordering::Relaxed) == 0) else {
+        let Some(i) = list
+            .iter()
+            .position(|c| c.busy.load(Ordering::Relaxed) == 0)
+        else {
             return false;
         };
         if let Some(old) = list.remove(i) {
@@ -447,7 +450,11 @@ mod tests {
         let (other, evicted) = slots.take(ip(2)).expect("its own cap");
         assert!(!evicted && !other.close.is_cancelled());
         // Every connection busy: nothing is evicted, the newcomer is refused.
-        let _all: Vec<Busy> = held.iter().chain([&newer]).map(|s| Busy::new(&s.busy)).collect();
+        let _all: Vec<Busy> = held
+            .iter()
+            .chain([&newer])
+            .map(|s| Busy::new(&s.busy))
+            .collect();
         assert!(slots.take(ip(1)).is_none());
         drop((held, newer, other));
         let inner = slots.inner.lock().unwrap();

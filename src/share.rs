@@ -123,7 +123,10 @@ impl Manifest {
             reason,
         };
         let canonical = |p: &str| clean_path(p).map(|parts| parts.join("/")).ok();
-        if self.share != share || canonical(&self.path).is_none() || canonical(&self.path) != canonical(path) {
+        if self.share != share
+            || canonical(&self.path).is_none()
+            || canonical(&self.path) != canonical(path)
+        {
             return Err(refuse(format!(
                 "it describes {}/{} instead",
                 self.share.escape_debug(),
@@ -432,11 +435,11 @@ impl Shares {
         // Every spelling of one path ("a/./b", "./a/b") is one entry.
         let canonical = clean_path(raw)?.join("/");
         let key = (share.to_string(), canonical.clone());
-        if let Some(m) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key, meta.len(), mtime_ns)
+        if let Some(m) =
+            self.cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key, meta.len(), mtime_ns)
         {
             return Ok(m);
         }
@@ -469,10 +472,12 @@ impl Shares {
             chunk_size: self.chunk_size,
             chunks,
         };
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, meta.len(), mtime_ns, m.clone());
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            key,
+            meta.len(),
+            mtime_ns,
+            m.clone(),
+        );
         Ok(m)
     }
 
@@ -643,11 +648,19 @@ mod tests {
         assert_eq!(c.map.len(), CACHE_ENTRIES);
         // The oldest went first.
         assert!(c.get(&("s".into(), "f0".into()), 0, 0).is_none());
-        assert!(c.get(&("s".into(), format!("f{}", CACHE_ENTRIES + 9)), 0, 0).is_some());
+        assert!(c
+            .get(&("s".into(), format!("f{}", CACHE_ENTRIES + 9)), 0, 0)
+            .is_some());
         // A big manifest pushes out as many hashes as it brings.
         c.insert(("s".into(), "big".into()), 0, 0, m(CACHE_HASHES - 100));
         assert!(c.hashes <= CACHE_HASHES);
-        assert_eq!(c.hashes, c.map.values().map(|(_, _, m)| m.chunks.len()).sum::<usize>());
+        assert_eq!(
+            c.hashes,
+            c.map
+                .values()
+                .map(|(_, _, m)| m.chunks.len())
+                .sum::<usize>()
+        );
     }
 
     #[test]

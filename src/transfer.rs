@@ -391,15 +391,17 @@ impl Engine {
         } else {
             REQUEST_TIMEOUT
         };
-        let h = self.proofs.sign_request(
-            to,
-            method.as_str(),
-            pq,
-            &body,
-            crate::node::now_secs(),
-            fresh_nonce(),
-        )
-        .map_err(TransferError::Sign)?;
+        let h = self
+            .proofs
+            .sign_request(
+                to,
+                method.as_str(),
+                pq,
+                &body,
+                crate::node::now_secs(),
+                fresh_nonce(),
+            )
+            .map_err(TransferError::Sign)?;
         let mut req = Request::builder().method(method).uri(pq);
         for (k, v) in h.pairs() {
             req = req.header(k, v);
@@ -488,12 +490,24 @@ impl Engine {
 
     /// The checks that cost nothing, before a body is read: the member named is the one
     /// expected, a nonce is there and the time is close to ours.
-    fn precheck(&self, from: &Key, parts: &hyper::http::request::Parts) -> Result<(), auth::AuthError> {
-        let h = |k: &str| parts.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("");
+    fn precheck(
+        &self,
+        from: &Key,
+        parts: &hyper::http::request::Parts,
+    ) -> Result<(), auth::AuthError> {
+        let h = |k: &str| {
+            parts
+                .headers
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        };
         if crate::identity::key_from_base64(h(auth::HEADER_MEMBER)).as_ref() != Some(from) {
             return Err(auth::AuthError::Missing);
         }
-        let time: u64 = h(auth::HEADER_TIME).parse().map_err(|_| auth::AuthError::Missing)?;
+        let time: u64 = h(auth::HEADER_TIME)
+            .parse()
+            .map_err(|_| auth::AuthError::Missing)?;
         if time.abs_diff(crate::node::now_secs()) > auth::MAX_SKEW_SECS {
             return Err(auth::AuthError::Skew);
         }
@@ -602,15 +616,17 @@ impl Engine {
             .proofs
             .seal_relay(to, &nonce_hex, Direction::Request, &plain)
             .map_err(|e| TransferError::Open(name.to_string(), e))?;
-        let h = self.proofs.sign_request(
-            to,
-            "POST",
-            RELAY_PATH,
-            &sealed,
-            crate::node::now_secs(),
-            nonce,
-        )
-        .map_err(TransferError::Sign)?;
+        let h = self
+            .proofs
+            .sign_request(
+                to,
+                "POST",
+                RELAY_PATH,
+                &sealed,
+                crate::node::now_secs(),
+                nonce,
+            )
+            .map_err(TransferError::Sign)?;
         let mut r = Request::post(RELAY_PATH);
         for (k, v) in h.pairs() {
             r = r.header(k, v);
@@ -1140,7 +1156,9 @@ async fn serve_peers<M: Membership>(
             async move {
                 match kind {
                     PeerServer::Node => node_request(&engine, &*members, &budget, req, peer).await,
-                    PeerServer::Relay => relay_request(&engine, &*members, &budget, req, peer).await,
+                    PeerServer::Relay => {
+                        relay_request(&engine, &*members, &budget, req, peer).await
+                    }
                 }
             }
         },
@@ -1166,7 +1184,11 @@ async fn node_request<M: Membership>(
         return plain(engine.refuse(&e, peer));
     }
     // Only a POST has a body worth reading; a GET's is refused unread.
-    let limit = if parts.method == hyper::Method::POST { MAX_POST } else { 0 };
+    let limit = if parts.method == hyper::Method::POST {
+        MAX_POST
+    } else {
+        0
+    };
     let Some(body) = read_body(body, limit).await else {
         return plain(engine.refuse(&auth::AuthError::Missing, peer));
     };
@@ -1190,18 +1212,23 @@ async fn node_request<M: Membership>(
         };
         return plain(r);
     }
-    let q: HashMap<String, String> = form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
-        .into_owned()
-        .collect();
+    let q: HashMap<String, String> =
+        form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
     let get = |k: &str| q.get(k).cloned().unwrap_or_default();
     let r = match path {
         "/v1/shares" => json(&engine.shares.list()),
-        "/v1/ls" => match tokio::task::block_in_place(|| engine.shares.ls(&get("share"), &get("path"))) {
-            Ok(v) => json(&v),
-            Err(e) => error_reply(&e.into()),
-        },
+        "/v1/ls" => {
+            match tokio::task::block_in_place(|| engine.shares.ls(&get("share"), &get("path"))) {
+                Ok(v) => json(&v),
+                Err(e) => error_reply(&e.into()),
+            }
+        }
         "/v1/manifest" => {
-            match tokio::task::block_in_place(|| engine.shares.manifest(&get("share"), &get("path"))) {
+            match tokio::task::block_in_place(|| {
+                engine.shares.manifest(&get("share"), &get("path"))
+            }) {
                 Ok(m) => json(&m),
                 Err(e) => error_reply(&e.into()),
             }
@@ -1235,7 +1262,12 @@ async fn node_request<M: Membership>(
 
 /// A reply that keeps its connection busy and its bytes counted against the asker's
 /// budget until it is sent; past the budget, 503 (the asker reads what it has first).
-fn hold_reply(r: Response<Full<Bytes>>, budget: &Arc<Budget>, peer: SocketAddr, busy: Option<server::Busy>) -> Reply {
+fn hold_reply(
+    r: Response<Full<Bytes>>,
+    budget: &Arc<Budget>,
+    peer: SocketAddr,
+    busy: Option<server::Busy>,
+) -> Reply {
     let len = hyper::body::Body::size_hint(r.body()).exact().unwrap_or(0);
     let Some(reserved) = budget.reserve(peer.ip(), len) else {
         return plain(reply(StatusCode::SERVICE_UNAVAILABLE, Bytes::new()));
@@ -1297,7 +1329,10 @@ async fn relay_request<M: Membership>(
     let dir = members.directory();
     // Statuses only: an error's text could name the share or the path.
     let r = match engine.serve_chunk(&dir, &cr, true).await {
-        Ok(b) => match engine.proofs.seal_relay(&member, &nonce, Direction::Response, &b) {
+        Ok(b) => match engine
+            .proofs
+            .seal_relay(&member, &nonce, Direction::Response, &b)
+        {
             Ok(sealed) => {
                 engine.served.fetch_add(1, Ordering::Relaxed);
                 reply(StatusCode::OK, Bytes::from(sealed))

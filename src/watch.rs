@@ -378,7 +378,8 @@ mod tests {
         peer.local_report(now, 1.0, 5.0, false);
         let mut rooms = HashMap::new();
         let mut room = Room::new("s/film.mkv", "me", now);
-        room.receive("peer", peer.message_for("me", now), now).unwrap();
+        room.receive("peer", peer.message_for("me", now), now)
+            .unwrap();
         rooms.insert("s/film.mkv".to_string(), room);
         forget_empty(&mut rooms);
         assert_eq!(rooms.len(), 1, "a member still watches");
@@ -429,8 +430,14 @@ mod tests {
         let mut absurd = Room::new("s/absurd", "peer", now_ms());
         absurd.state.stamp.counter = u64::MAX - 1;
         absurd.local_change(now_ms(), true, 1.0, 1.0);
-        fresh.receive("peer", &serde_json::to_vec(&absurd.message_for("me", now_ms())).unwrap());
-        fresh.receive("peer", &message(&format!("s/{}", "x".repeat(MAX_FILE_NAME)), true));
+        fresh.receive(
+            "peer",
+            &serde_json::to_vec(&absurd.message_for("me", now_ms())).unwrap(),
+        );
+        fresh.receive(
+            "peer",
+            &message(&format!("s/{}", "x".repeat(MAX_FILE_NAME)), true),
+        );
         assert!(fresh.rooms().is_empty());
         assert!(!w.rooms().contains_key(&format!("s/f{MAX_ROOMS}")));
         // A pause (with a higher stamp) in a room already open still arrives.

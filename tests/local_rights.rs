@@ -105,13 +105,27 @@ fn a_user_outside_the_control_group_may_read_but_not_change_and_a_get_goes_only_
     std::fs::create_dir(&private).unwrap();
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o755)).unwrap();
     let dest = private.join("f.txt");
-    let o = cli_as(&host, INSIDER, CONTROL_GID, &["get", "s/f.txt", dest.to_str().unwrap()]);
+    let o = cli_as(
+        &host,
+        INSIDER,
+        CONTROL_GID,
+        &["get", "s/f.txt", dest.to_str().unwrap()],
+    );
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("may not write in"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("may not write in"),
+        "{err}"
+    );
     assert!(!dest.exists(), "the daemon wrote where its caller may not");
-    let o = cli_as(&host, INSIDER, CONTROL_GID, &["get", "s/f.txt", got.to_str().unwrap()]);
+    let o = cli_as(
+        &host,
+        INSIDER,
+        CONTROL_GID,
+        &["get", "s/f.txt", got.to_str().unwrap()],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(wait_until(DEADLINE, || std::fs::read(&got).is_ok_and(|b| b == b"shared")));
+    assert!(wait_until(DEADLINE, || std::fs::read(&got)
+        .is_ok_and(|b| b == b"shared")));
 }
 
 /// A control socket that answers like a daemon whose `get` is done and whose file waits
@@ -144,7 +158,11 @@ fn fake_daemon(socket: &Path, handoff: &Path) -> std::thread::JoinHandle<()> {
                 let mut body = vec![0u8; len];
                 let _ = reader.read_exact(&mut body);
                 if first.starts_with("GET /v1/transfers/abcdef0123456789/file") {
-                    let piece: &[u8] = if first.contains("offset=0 ") { b"hello" } else { b"" };
+                    let piece: &[u8] = if first.contains("offset=0 ") {
+                        b"hello"
+                    } else {
+                        b""
+                    };
                     let mut head = format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\ncontent-length: {}\r\n\r\n",
                         piece.len()
@@ -229,11 +247,7 @@ fn a_forged_handoff_path_is_never_opened_and_the_file_it_names_is_left_alone() {
             .args(["get", "s/f.txt", dest.to_str().unwrap()])
             .output()
             .unwrap();
-        assert!(
-            o.status.success(),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let m = std::fs::metadata(&victim).unwrap();
         assert_eq!(
             (m.uid(), m.gid(), m.mode() & 0o7777),

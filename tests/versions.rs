@@ -131,7 +131,9 @@ fn held(n: &Node) -> Option<String> {
 
 #[test]
 fn a_member_emptying_a_share_is_held_everywhere_until_released_and_what_goes_is_kept() {
-    if !root_or_skip("a_member_emptying_a_share_is_held_everywhere_until_released_and_what_goes_is_kept") {
+    if !root_or_skip(
+        "a_member_emptying_a_share_is_held_everywhere_until_released_and_what_goes_is_kept",
+    ) {
         return;
     }
     let mut lab = Lab::new();
@@ -149,9 +151,8 @@ fn a_member_emptying_a_share_is_held_everywhere_until_released_and_what_goes_is_
     join(&a, &b);
     join(&a, &c);
     for root in [&rb, &rc] {
-        assert!(wait_until(DEADLINE, || (0..6).all(|i| root
-            .join(format!("f{i}.txt"))
-            .exists())));
+        assert!(wait_until(DEADLINE, || (0..6)
+            .all(|i| root.join(format!("f{i}.txt")).exists())));
     }
 
     // `rm -rf share/*` on a: the marker stays, every file goes.
@@ -165,7 +166,10 @@ fn a_member_emptying_a_share_is_held_everywhere_until_released_and_what_goes_is_
             n.name
         );
         let why = held(n).unwrap();
-        assert!(why.contains("sync release rw") && why.contains("6 of 6"), "{why}");
+        assert!(
+            why.contains("sync release rw") && why.contains("6 of 6"),
+            "{why}"
+        );
     }
     // Nothing is deleted while held, over more than a full round of announcements.
     let until = std::time::Instant::now() + Duration::from_secs(12);
@@ -182,9 +186,8 @@ fn a_member_emptying_a_share_is_held_everywhere_until_released_and_what_goes_is_
     }
     for (n, root) in [(&b, &rb), (&c, &rc)] {
         assert!(
-            wait_until(DEADLINE, || (0..6).all(|i| !root
-                .join(format!("f{i}.txt"))
-                .exists())),
+            wait_until(DEADLINE, || (0..6)
+                .all(|i| !root.join(format!("f{i}.txt")).exists())),
             "{} never deleted after the release",
             n.name
         );
