@@ -144,12 +144,13 @@ fn groups_of_user(uid: u32, gid: u32) -> Option<Vec<u32>> {
 
 /// Whether a call changes the node (and so needs root or `[control] group`).
 fn changes(method: &Method, segs: &[&str]) -> bool {
-    match (method, segs) {
-        (&Method::GET, _) => false,
-        (&Method::POST, ["v1", "ls" | "plan" | "versions"]) => false,
-        (&Method::POST, ["v1", "room", "wait"]) => false,
-        _ => true,
-    }
+    let reads = matches!(
+        (method, segs),
+        (&Method::GET, _)
+            | (&Method::POST, ["v1", "ls" | "plan" | "versions"])
+            | (&Method::POST, ["v1", "room", "wait"])
+    );
+    !reads
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
