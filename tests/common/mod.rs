@@ -885,20 +885,21 @@ pub fn flood_handshakes(
         let mut xof = blake3::Hasher::new().update(b"flood").finalize_xof();
         let start = Instant::now();
         let mut sent = 0u64;
-        // Paced in slices of 5 ms so the rate holds over the whole run.
-        let slice = Duration::from_millis(5);
-        let per_slice = pps * 5 / 1000;
-        while start.elapsed() < Duration::from_secs(secs) {
-            let slice_start = Instant::now();
-            for _ in 0..per_slice {
+        // Paced by what is due so far, so a slow moment is made up for after it and the
+        // whole run carries `pps` × `secs` datagrams.
+        let total = pps * secs;
+        while sent < total && start.elapsed() < Duration::from_secs(secs + 5) {
+            let due = (start.elapsed().as_secs_f64() * pps as f64) as u64;
+            if sent >= due.min(total) {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            for _ in sent..due.min(total) {
                 xof.fill(&mut packet);
                 packet[..4].copy_from_slice(&[1, 0, 0, 0]);
                 if sock.send_to(&packet, to).is_ok() {
                     sent += 1;
                 }
-            }
-            if let Some(rest) = slice.checked_sub(slice_start.elapsed()) {
-                std::thread::sleep(rest);
             }
         }
         sent
