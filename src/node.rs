@@ -1155,9 +1155,11 @@ impl Node {
                 (false, false) => body(changed, false),
                 (false, true) => None,
             };
-            // All members at once: one that is gone must not hold up the others.
+            // All members at once, and beside the sync loop: a member that is gone (each
+            // post to it waits out its timeout) must hold up neither the others nor the
+            // announcements coming in. Posts to one member overlap at most for as long
+            // as its timeout lasts past the next scan: a bounded few.
             let dir = self.directory();
-            let mut posts = tokio::task::JoinSet::new();
             for p in dir
                 .peers
                 .iter()
@@ -1168,20 +1170,13 @@ impl Node {
                     continue;
                 };
                 let (vpn, name, key, engine) = (p.vpn, p.name.clone(), p.key, self.engine.clone());
-                posts.spawn(async move {
+                let share = s.clone();
+                self.tasks.spawn(async move {
                     match engine.post(&key, vpn, "/v1/sync", body).await {
-                        Ok(_) => Some(key),
-                        Err(e) => {
-                            log::debug!("sync announce to {name}: {e}");
-                            None
-                        }
+                        Ok(_) => share.greet(key),
+                        Err(e) => log::debug!("sync announce to {name}: {e}"),
                     }
                 });
-            }
-            while let Some(r) = posts.join_next().await {
-                if let Ok(Some(key)) = r {
-                    s.greet(key);
-                }
             }
         }
     }
