@@ -394,12 +394,20 @@ pub fn generate_passphrase(rng: &mut impl RngCore) -> Zeroizing<String> {
 
 /// Decodes and checks a link at time `now` (seconds since the Unix epoch).
 pub fn decode(text: &str, passphrase: Option<&str>, now: u64) -> Result<Invite, LinkError> {
-    let raw = checked_bytes(text)?;
+    decode_raw(&checked_bytes(text)?, passphrase, now)
+}
+
+/// Decodes a link's bytes once its checksum held (version byte first, checksum cut off).
+/// Public so a fuzzer can reach past the checksum, which random bytes never pass.
+pub fn decode_raw(raw: &[u8], passphrase: Option<&str>, now: u64) -> Result<Invite, LinkError> {
+    if raw.len() < 2 {
+        return Err(LinkError::Invalid);
+    }
     let invite = match raw[1] {
         KIND_PLAIN => Invite::from_body(&raw[2..])?,
         KIND_SEALED_RETIRED => return Err(LinkError::SealedFormatRetired),
         KIND_SEALED => {
-            let (params, header_len) = sealed_header(&raw)?;
+            let (params, header_len) = sealed_header(raw)?;
             let passphrase = passphrase.ok_or(LinkError::NeedsPassphrase)?;
             let (header, sealed) = raw.split_at(header_len);
             let salt_at = 1 + KDF_HEADER_LEN;
