@@ -42,6 +42,11 @@ pub struct Entry {
     pub mtime_ns: u128,
 }
 
+/// One stored record of the index file (the file may have been damaged or edited).
+pub fn decode_entry(bytes: &[u8]) -> Result<Entry, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}
+
 /// The index in memory, with the paths changed since the last save.
 #[derive(Debug, Default)]
 pub struct Index {
@@ -122,12 +127,11 @@ impl Store {
         for row in table.iter().map_err(|e| read(e.into()))? {
             let (k, v) = row.map_err(|e| read(e.into()))?;
             let key = k.value().to_string();
-            let entry: Entry =
-                serde_json::from_slice(v.value()).map_err(|source| IndexError::Decode {
-                    path: self.path.clone(),
-                    key: key.clone(),
-                    source,
-                })?;
+            let entry = decode_entry(v.value()).map_err(|source| IndexError::Decode {
+                path: self.path.clone(),
+                key: key.clone(),
+                source,
+            })?;
             map.insert(key, entry);
         }
         Ok(Index {

@@ -46,6 +46,8 @@ const CHECKSUM_LEN: usize = 8;
 const SALT_LEN: usize = 16;
 const NONCE_LEN: usize = 24;
 const MAX_ENDPOINTS: usize = 8;
+/// The longest host name a link carries, in bytes: what `[node] name` allows.
+const MAX_HOST_NAME: usize = 63;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LinkError {
@@ -226,8 +228,13 @@ impl Invite {
             }
             b.extend_from_slice(&ep.port().to_be_bytes());
         }
-        let name = self.host_name.as_bytes();
-        let name = &name[..name.len().min(63)];
+        // Cut at a character boundary: a cut inside one would make a link its own
+        // decoder refuses. Config names are ASCII and shorter, so nothing is cut today.
+        let mut end = self.host_name.len().min(MAX_HOST_NAME);
+        while !self.host_name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let name = &self.host_name.as_bytes()[..end];
         b.push(name.len() as u8);
         b.extend_from_slice(name);
         b
@@ -258,6 +265,10 @@ impl Invite {
             endpoints.push(SocketAddr::new(ip, port));
         }
         let name_len = r.byte()? as usize;
+        // Longer than any encoder writes: such a link was not made by a host.
+        if name_len > MAX_HOST_NAME {
+            return Err(LinkError::Invalid);
+        }
         let host_name = std::str::from_utf8(r.take(name_len)?)
             .map_err(|_| LinkError::Invalid)?
             .to_string();
@@ -394,12 +405,20 @@ pub fn generate_passphrase(rng: &mut impl RngCore) -> Zeroizing<String> {
 
 /// Decodes and checks a link at time `now` (seconds since the Unix epoch).
 pub fn decode(text: &str, passphrase: Option<&str>, now: u64) -> Result<Invite, LinkError> {
-    let raw = checked_bytes(text)?;
+    decode_raw(&checked_bytes(text)?, passphrase, now)
+}
+
+/// Decodes a link's bytes once its checksum held (version byte first, checksum cut off).
+/// Public so a fuzzer can reach past the checksum, which random bytes never pass.
+pub fn decode_raw(raw: &[u8], passphrase: Option<&str>, now: u64) -> Result<Invite, LinkError> {
+    if raw.len() < 2 {
+        return Err(LinkError::Invalid);
+    }
     let invite = match raw[1] {
         KIND_PLAIN => Invite::from_body(&raw[2..])?,
         KIND_SEALED_RETIRED => return Err(LinkError::SealedFormatRetired),
         KIND_SEALED => {
-            let (params, header_len) = sealed_header(&raw)?;
+            let (params, header_len) = sealed_header(raw)?;
             let passphrase = passphrase.ok_or(LinkError::NeedsPassphrase)?;
             let (header, sealed) = raw.split_at(header_len);
             let salt_at = 1 + KDF_HEADER_LEN;
@@ -955,6 +974,24 @@ mod tests {
         assert!(LinkError::SealedFormatRetired
             .to_string()
             .contains("ask the host for a new link"));
+    }
+
+    #[test]
+    fn a_host_name_longer_than_any_link_carries_is_refused_and_a_long_one_is_cut_between_characters(
+    ) {
+        // Found by the `link` fuzz target: decode took up to 255 bytes of name, encode
+        // wrote 63, cutting a character in two.
+        let mut raw = vec![VERSION, KIND_PLAIN];
+        let mut body = sample(1000).body();
+        body.truncate(body.len() - 1 - "living-room".len());
+        body.push(64);
+        body.extend_from_slice(&[b'a'; 64]);
+        raw.extend_from_slice(&body);
+        assert_eq!(decode_raw(&raw, None, 1000).err(), Some(LinkError::Invalid));
+        let mut inv = sample(1000);
+        inv.host_name = "é".repeat(40);
+        let back = decode(&inv.encode(), None, 1000).unwrap();
+        assert_eq!(back.host_name, "é".repeat(31));
     }
 
     #[test]

@@ -1063,6 +1063,19 @@ async fn chunk_reply(
     }
 }
 
+/// The chunk a `/v1/chunk` query string asks for, if it names one within bounds. Pure, so
+/// the fuzzer and the replay test run the same parse as the node server.
+pub fn parse_chunk_query(query: &str) -> Option<ChunkRequest> {
+    chunk_request(&parse_query(query))
+}
+
+/// A request's query string as a map; a repeated key keeps its last value.
+fn parse_query(query: &str) -> HashMap<String, String> {
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
+}
+
 fn chunk_request(q: &HashMap<String, String>) -> Option<ChunkRequest> {
     Some(ChunkRequest {
         source: q.get("source")?.clone(),
@@ -1212,10 +1225,7 @@ async fn node_request<M: Membership>(
         };
         return plain(r);
     }
-    let q: HashMap<String, String> =
-        form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
-            .into_owned()
-            .collect();
+    let q = parse_query(parts.uri.query().unwrap_or(""));
     let get = |k: &str| q.get(k).cloned().unwrap_or_default();
     let r = match path {
         "/v1/shares" => json(&engine.shares.list()),

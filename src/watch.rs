@@ -111,6 +111,17 @@ pub struct RoomView {
     pub size: Option<u64>,
 }
 
+/// A room message from a member's bytes, if it names a file a room may be opened for.
+/// Pure, so the fuzzer and the replay test run the same decoding as [`Watch::receive`].
+pub fn decode_room_message(body: &[u8]) -> Option<RoomMessage> {
+    let m = serde_json::from_slice::<RoomMessage>(body).ok()?;
+    // A room lives as long as the daemon: its name is bounded like a share path.
+    if m.file.len() > MAX_FILE_NAME || crate::share::clean_path(&m.file).is_err() {
+        return None;
+    }
+    Some(m)
+}
+
 /// Every room on this node and the streams its players read.
 pub struct Watch {
     pub streams: Arc<Streams>,
@@ -258,16 +269,9 @@ impl Watch {
 
     /// A message from member `from` (named by its key prefix).
     pub fn receive(&self, from: &str, body: &[u8]) {
-        let Ok(m) = serde_json::from_slice::<RoomMessage>(body) else {
+        let Some(m) = decode_room_message(body) else {
             return;
         };
-        if crate::share::clean_path(&m.file).is_err() {
-            return;
-        }
-        // A room lives as long as the daemon: its name is bounded like a share path.
-        if m.file.len() > MAX_FILE_NAME {
-            return;
-        }
         let file = m.file.clone();
         let result = {
             let mut rooms = self.rooms();

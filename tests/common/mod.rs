@@ -894,12 +894,15 @@ pub fn flood_handshakes(
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
-            for _ in sent..due.min(total) {
+            let target = due.min(total);
+            while sent < target {
                 xof.fill(&mut packet);
                 packet[..4].copy_from_slice(&[1, 0, 0, 0]);
-                if sock.send_to(&packet, to).is_ok() {
-                    sent += 1;
+                if sock.send_to(&packet, to).is_err() {
+                    // The socket's buffer is full: the next round tries again.
+                    break;
                 }
+                sent += 1;
             }
         }
         sent
