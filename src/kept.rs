@@ -53,12 +53,13 @@ pub struct Kept {
 
 /// `20261130T091300Z` for a time: sortable, and with no character a file system or a
 /// shell finds awkward.
-fn stamp(t: u64) -> String {
+pub fn stamp(t: u64) -> String {
     let rfc = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t)).to_string();
     rfc.chars().filter(|c| *c != '-' && *c != ':').collect()
 }
 
-fn parse_stamp(s: &str) -> Option<u64> {
+/// The time a [`stamp`] names.
+pub fn parse_stamp(s: &str) -> Option<u64> {
     let b = s.as_bytes();
     if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
         return None;

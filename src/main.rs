@@ -796,26 +796,15 @@ fn read_passphrase(file: Option<&PathBuf>, prompt: &str) -> anyhow::Result<Strin
 /// list; true when the caller is to print the list as text.
 /// A kept version's time as `versions` prints it and `restore --at` takes it.
 fn stamp_of(t: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
-        .to_string()
-        .replace(['-', ':'], "")
+    watchalong::kept::stamp(t)
 }
 
+/// `--at`: a stamp as `versions` prints it, or RFC 3339.
 fn parse_time(t: &str) -> anyhow::Result<u64> {
-    let rfc = if t.len() == 16 && t.as_bytes()[8] == b'T' {
-        format!(
-            "{}-{}-{}T{}:{}:{}Z",
-            &t[0..4],
-            &t[4..6],
-            &t[6..8],
-            &t[9..11],
-            &t[11..13],
-            &t[13..15]
-        )
-    } else {
-        t.to_string()
-    };
-    Ok(humantime::parse_rfc3339(&rfc)?
+    if let Some(secs) = watchalong::kept::parse_stamp(t) {
+        return Ok(secs);
+    }
+    Ok(humantime::parse_rfc3339(t)?
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs())
 }
