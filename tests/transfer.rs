@@ -763,6 +763,13 @@ fn a_destination_the_daemon_cannot_write_is_filled_by_the_cli_with_its_users_rig
     let mut a = lab.node("a");
     let films = host.share("films");
     let want = write_random(&films.join("f.bin"), 3 * MIB, "handoff");
+    // nobody's group may change the node (a `get` does): the daemon gives it the socket.
+    let config = std::fs::read_to_string(&a.config).unwrap();
+    std::fs::write(
+        &a.config,
+        config.replace("[control]\n", "[control]\ngroup = \"nogroup\"\n"),
+    )
+    .unwrap();
     host.start();
     a.start();
     join(&host, &a);
@@ -794,8 +801,8 @@ fn a_destination_the_daemon_cannot_write_is_filled_by_the_cli_with_its_users_rig
         "the daemon can still write there"
     );
 
-    // The CLI runs as an unprivileged user (nobody) in the control socket's group, and
-    // owns the destination folder; the lab's folders only let it reach its config.
+    // The CLI runs as an unprivileged user (nobody) in the control group, and owns the
+    // destination folder; the lab's folders only let it reach its config.
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::os::unix::process::CommandExt;
     const USER: u32 = 65534;
@@ -803,7 +810,6 @@ fn a_destination_the_daemon_cannot_write_is_filled_by_the_cli_with_its_users_rig
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
     }
     std::os::unix::fs::chown(&home, Some(USER), Some(USER)).unwrap();
-    std::os::unix::fs::chown(a.dir.join("control.sock"), None, Some(USER)).unwrap();
     let dest = home.join("f.bin");
     let out = std::process::Command::new(BIN)
         .arg("--config")
