@@ -458,13 +458,7 @@ impl Engine {
         parts: &hyper::http::request::Parts,
         body: &[u8],
     ) -> Result<(), auth::AuthError> {
-        let h = |k: &str| {
-            parts
-                .headers
-                .get(k)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-        };
+        let h = |k: &str| header(parts, k);
         if crate::identity::key_from_base64(h(auth::HEADER_MEMBER)).as_ref() != Some(from) {
             return Err(auth::AuthError::Missing);
         }
@@ -495,13 +489,7 @@ impl Engine {
         from: &Key,
         parts: &hyper::http::request::Parts,
     ) -> Result<(), auth::AuthError> {
-        let h = |k: &str| {
-            parts
-                .headers
-                .get(k)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-        };
+        let h = |k: &str| header(parts, k);
         if crate::identity::key_from_base64(h(auth::HEADER_MEMBER)).as_ref() != Some(from) {
             return Err(auth::AuthError::Missing);
         }
@@ -711,6 +699,15 @@ impl Engine {
         }
         self.fetch_from(dir, &hop.from_key, hop.via, req).await
     }
+}
+
+/// A request header as text, empty when absent or not text.
+fn header<'a>(parts: &'a hyper::http::request::Parts, name: &str) -> &'a str {
+    parts
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
 }
 
 /// The one path of the LAN relay: what is asked is in the sealed body, not the URL.
