@@ -296,6 +296,11 @@ fn thousands_of_idle_connections_from_a_stranger_and_a_member_starve_nothing() {
     join(&host, &a);
     let host_vpn = vpn_address(&host.status());
     assert!(wait_until(DEADLINE, || a.ping(&host_vpn)));
+    // a knows the host offers films (its announcement came by gossip) before the crowd.
+    assert!(wait_until(DEADLINE, || a
+        .cli(&["ls", "films"])
+        .status
+        .success()));
     let lines_before = host.log().lines().count();
 
     let relay = std::net::SocketAddr::from((host.ip, 51875));
