@@ -1319,32 +1319,42 @@ impl Node {
         }
     }
 
-    /// Runs announced version `v` of a path in a task of its own: it waits for the
-    /// path's turn and a pull slot, then decides and applies it.
+    /// Queues announced version `v` from `peer` for the share's pull workers, starting
+    /// one when fewer than [`crate::sync::MAX_PULLS`] run: a burst of announcements costs
+    /// queue entries, not tasks. A worker waits for nothing but its pull; a path's
+    /// versions run one after another, in the order they came.
     fn spawn_act(&self, s: Arc<SyncShare>, peer: transfer::Peer, v: FileVersion) {
+        if !s.enqueue(peer.key, v) {
+            return;
+        }
         let Some(node) = self.this.get().and_then(std::sync::Weak::upgrade) else {
-            s.land(&v);
+            s.worker_done(None);
             return;
         };
         let cancel = self.cancel.clone();
         self.tasks.spawn(async move {
-            // However the task ends (done, cancelled, or a panic unwinding), the version
-            // leaves the flights and the queue.
-            let _landing = Landing { share: &s, v: &v };
+            // However the worker ends (queue empty, cancelled, or a panic unwinding), it
+            // gives back its place and the path it holds.
+            let mut worker = Worker {
+                share: s.clone(),
+                held: None,
+                ended: false,
+            };
             let work = async {
-                // The turn before a slot: versions queued behind a long pull of one path
-                // wait without taking the slots other paths need.
-                let turn = s.pull_turn(&v.path);
-                let _turn = turn.lock().await;
-                let Ok(_slot) = s.slots.acquire().await else {
-                    return;
-                };
-                let _held = s.hold(&v.path);
-                let action = s.decide(&v);
-                log::debug!("sync: {}/{} in turn: {action:?}", s.name, v.path);
-                node.sync_act(&s, &peer, &v, action).await;
-                if let Err(e) = s.save() {
-                    log::warn!("share {}: {e}", s.name);
+                while let Some((from, v)) = worker.next() {
+                    let _landing = Landing { share: &s, v: &v };
+                    // A member gone since it announced: a later round from another
+                    // holder brings the version again.
+                    let Some(peer) = node.directory().get(&from).cloned() else {
+                        continue;
+                    };
+                    let _held = s.hold(&v.path);
+                    let action = s.decide(&v);
+                    log::debug!("sync: {}/{} in turn: {action:?}", s.name, v.path);
+                    node.sync_act(&s, &peer, &v, action).await;
+                    if let Err(e) = s.save() {
+                        log::warn!("share {}: {e}", s.name);
+                    }
                 }
             };
             tokio::select! {
@@ -1626,6 +1636,33 @@ impl Node {
         s.set_error(None);
         log::debug!("sync: {}/{local_path} done", s.name);
         Some(installed)
+    }
+}
+
+/// One pull worker of a share: takes queued versions until none is free, and gives back
+/// its place (and the path it holds) however it ends.
+struct Worker {
+    share: Arc<SyncShare>,
+    held: Option<String>,
+    ended: bool,
+}
+
+impl Worker {
+    fn next(&mut self) -> Option<(Key, FileVersion)> {
+        let job = self.share.next_work(self.held.take().as_deref());
+        match &job {
+            Some((_, v)) => self.held = Some(v.path.clone()),
+            None => self.ended = true,
+        }
+        job
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.share.worker_done(self.held.as_deref());
+        }
     }
 }
 

@@ -104,6 +104,14 @@ pub struct Announce {
     pub ask_back: bool,
 }
 
+/// Announced versions waiting for a worker, the paths workers hold, how many run.
+#[derive(Default)]
+struct Work {
+    queue: VecDeque<([u8; 32], FileVersion)>,
+    busy: HashSet<String>,
+    workers: usize,
+}
+
 /// A file still to pull: its size, and the pull's progress once it runs.
 type Left = (u64, Option<Arc<crate::transfer::Progress>>);
 
@@ -124,14 +132,13 @@ pub struct SyncShare {
     full_at: Mutex<Option<u64>>,
     /// Members that have had every version from us since this node started.
     greeted: Mutex<std::collections::HashSet<[u8; 32]>>,
-    /// One turn per path being pulled, so two pulls never share its partial file.
-    turns: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Announced versions waiting for one of at most [`MAX_PULLS`] workers, and the
+    /// paths the workers hold: one queue per share, not one task per version.
+    work: Mutex<Work>,
     /// By path: announced versions handed to a task and not yet applied, and holds of
     /// the tasks at work there. The scan leaves a held path alone: what lies there (or
     /// not) is the task's until it has recorded the outcome.
     flights: Mutex<std::collections::HashMap<String, Flights>>,
-    /// Room for [`MAX_PULLS`] pulls at once.
-    pub slots: tokio::sync::Semaphore,
     /// The hold on mass deletions.
     deletions: Mutex<DeleteGuard>,
 }
@@ -372,9 +379,8 @@ impl SyncShare {
             last_error: Mutex::new(None),
             full_at: Mutex::new(None),
             greeted: Mutex::new(std::collections::HashSet::new()),
-            turns: Mutex::new(std::collections::HashMap::new()),
+            work: Mutex::new(Work::default()),
             flights: Mutex::new(std::collections::HashMap::new()),
-            slots: tokio::sync::Semaphore::new(MAX_PULLS),
             deletions: Mutex::new(DeleteGuard::default()),
         };
         if let Some(msg) = share.unwritable() {
@@ -406,11 +412,55 @@ impl SyncShare {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The turn to hold while pulling into `path`; turns nobody holds are dropped here.
-    pub fn pull_turn(&self, path: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
-        turns.retain(|_, t| Arc::strong_count(t) > 1);
-        turns.entry(path.to_string()).or_default().clone()
+    /// Queues announced version `v` from member `from` for a worker. True when the
+    /// caller must start a new worker (it then owns one of the [`MAX_PULLS`] places and
+    /// must end with [`SyncShare::worker_done`]); false when a running one will take it.
+    pub fn enqueue(&self, from: [u8; 32], v: FileVersion) -> bool {
+        let mut w = self.work.lock().unwrap_or_else(|p| p.into_inner());
+        w.queue.push_back((from, v));
+        if w.workers < MAX_PULLS {
+            w.workers += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The next version for a worker that finished `done` (if any): the first queued
+    /// one whose path no other worker holds, so two pulls never share a partial file and
+    /// versions of one path run in the order they came. `None` ends the worker: what
+    /// is left belongs to paths held by workers that take it after their own.
+    pub fn next_work(&self, done: Option<&str>) -> Option<([u8; 32], FileVersion)> {
+        let mut w = self.work.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(done) = done {
+            w.busy.remove(done);
+        }
+        let at = w.queue.iter().position(|(_, v)| !w.busy.contains(&v.path));
+        match at.and_then(|i| w.queue.remove(i)) {
+            Some(job) => {
+                w.busy.insert(job.1.path.clone());
+                Some(job)
+            }
+            None => {
+                w.workers = w.workers.saturating_sub(1);
+                None
+            }
+        }
+    }
+
+    /// Ends a worker that stops early (cancelled, or unwinding) while holding `held`.
+    pub fn worker_done(&self, held: Option<&str>) {
+        let mut w = self.work.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(path) = held {
+            w.busy.remove(path);
+        }
+        w.workers = w.workers.saturating_sub(1);
+    }
+
+    /// Versions queued and workers running, for tests and `status`.
+    pub fn work_load(&self) -> (usize, usize) {
+        let w = self.work.lock().unwrap_or_else(|p| p.into_inner());
+        (w.queue.len(), w.workers)
     }
 
     /// Hands announced version `v` to a task; false when an identical one is already in
@@ -1296,5 +1346,73 @@ mod tests {
             }
             a => panic!("{a:?}"),
         }
+    }
+
+    #[test]
+    fn a_burst_of_announcements_runs_on_a_few_workers_one_path_at_a_time_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        let v = |path: &str, n: u64| FileVersion {
+            content: format!("c{n}"),
+            ..unreachable_version(path)
+        };
+        // Ten thousand versions over a hundred paths: only MAX_PULLS workers start.
+        let mut started = 0;
+        for n in 0..10_000u64 {
+            if s.enqueue([1; 32], v(&format!("p{}", n % 100), n)) {
+                started += 1;
+            }
+        }
+        assert_eq!(started, MAX_PULLS);
+        assert_eq!(s.work_load(), (10_000, MAX_PULLS));
+        // Each worker takes a path no other holds; a path's versions come in order.
+        let mut held: Vec<Option<String>> = vec![None; MAX_PULLS];
+        let mut last_of: std::collections::HashMap<String, u64> = Default::default();
+        let mut done = 0;
+        let mut alive = MAX_PULLS;
+        while alive > 0 {
+            for h in held.iter_mut() {
+                let current = h.take().unwrap_or_default();
+                if current == "-" {
+                    *h = Some(current);
+                    continue;
+                }
+                let finished = (!current.is_empty()).then_some(current.as_str());
+                match s.next_work(finished) {
+                    Some((_, v)) => {
+                        let holders = s.work.lock().unwrap().busy.clone();
+                        assert!(holders.contains(&v.path));
+                        let n: u64 = v.content[1..].parse().unwrap();
+                        if let Some(prev) = last_of.insert(v.path.clone(), n) {
+                            assert!(prev < n, "{} ran {n} after {prev}", v.path);
+                        }
+                        done += 1;
+                        *h = Some(v.path);
+                    }
+                    None => {
+                        alive -= 1;
+                        *h = Some("-".into());
+                    }
+                }
+            }
+        }
+        assert_eq!(done, 10_000);
+        assert_eq!(s.work_load(), (0, 0));
+    }
+
+    #[test]
+    fn a_worker_that_stops_early_gives_back_its_place_and_its_path() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        assert!(s.enqueue([1; 32], unreachable_version("a")));
+        assert!(s.enqueue([1; 32], unreachable_version("a")));
+        let (_, first) = s.next_work(None).unwrap();
+        // The second version of "a" waits while the first is held.
+        assert!(s.next_work(None).is_none());
+        s.worker_done(Some(&first.path));
+        assert_eq!(s.work_load(), (1, 0));
+        // A new worker (the next announcement starts one) takes it.
+        assert!(s.enqueue([1; 32], unreachable_version("b")));
+        assert_eq!(s.next_work(None).unwrap().1.path, "a");
     }
 }
