@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
-use watchalong::link::{self, Invite, InviteId, KdfParams};
+use watchalong::group::link::{self, Invite, InviteId, KdfParams};
 use zeroize::Zeroizing;
 
 const ROUND: Duration = Duration::from_secs(2);

@@ -170,7 +170,10 @@ fn chunk_sizes(rt: &tokio::runtime::Runtime) {
     println!("|---|---|---|---|---|");
     for kib in [64u64, 256, 1024, 4096] {
         distant.term();
-        distant.start_with_env(&[(watchalong::share::CHUNK_SIZE_ENV, &(kib * 1024).to_string())]);
+        distant.start_with_env(&[(
+            watchalong::data::share::CHUNK_SIZE_ENV,
+            &(kib * 1024).to_string(),
+        )]);
         assert!(wait_until(Duration::from_secs(30), || host.ping(&vpn(&distant))));
         let chunks = 64 * MIB / (kib * 1024);
         // The counters run since the daemon started: this get's are the difference.

@@ -14,7 +14,7 @@
 use std::path::Path;
 
 use ed25519_dalek::SigningKey;
-use watchalong::mesh::{self, MemberRecord, Mesh};
+use watchalong::group::mesh::{self, MemberRecord, Mesh};
 
 /// One fuzz target: what it is fed to.
 pub type Target = fn(&[u8]);
@@ -49,7 +49,7 @@ fn split(data: &[u8]) -> (u8, &[u8]) {
 /// the fuzzer, and a sealed body, once decrypted, goes through the same body parser as a
 /// plain one. A link that decodes must encode back to a link that decodes the same.
 pub fn link(data: &[u8]) {
-    use watchalong::link;
+    use watchalong::group::link;
     let (mode, rest) = split(data);
     let decoded = if mode & 1 == 0 {
         match std::str::from_utf8(rest) {
@@ -72,7 +72,7 @@ pub fn link(data: &[u8]) {
 /// wrapped in one for the join port, then the name check the host runs.
 pub fn join(data: &[u8]) {
     use std::net::Ipv4Addr;
-    use watchalong::wire;
+    use watchalong::net::wire;
     let (mode, rest) = split(data);
     let packet = if mode & 1 == 0 {
         rest.to_vec()
@@ -120,8 +120,8 @@ fn group() -> Mesh {
 /// gossip core. Mode 1 seals the payload with member 2's real key first, so the fuzzer
 /// reaches the JSON and the core; mode 0 offers the raw datagram, MAC and all.
 pub fn gossip(data: &[u8]) {
-    use watchalong::auth::Proofs;
-    use watchalong::gossip::{Gossip, GossipMessage};
+    use watchalong::group::auth::Proofs;
+    use watchalong::group::gossip::{Gossip, GossipMessage};
     use x25519_dalek::StaticSecret;
     let (mode, rest) = split(data);
     let ours = Proofs::new(StaticSecret::from([1; 32]));
@@ -214,7 +214,7 @@ fn sign_raw(key: &SigningKey, kind: &str, body: &str) -> mesh::Signed {
 /// Manifests a member sends, checked as asked for their own share and path; a checked
 /// one is then sized by, so its chunk lengths must add up to its size.
 pub fn manifest(data: &[u8]) {
-    use watchalong::share::{Manifest, MAX_CHUNK_SIZE};
+    use watchalong::data::share::{Manifest, MAX_CHUNK_SIZE};
     let Ok(m) = serde_json::from_slice::<Manifest>(data) else {
         return;
     };
@@ -231,11 +231,11 @@ pub fn manifest(data: &[u8]) {
     assert!((0..m.chunks.len() as u64).all(|i| m.chunk_len(i) <= MAX_CHUNK_SIZE));
 }
 
-/// Room messages: decoded as [`watchalong::watch::Watch::receive`] does, then taken by
+/// Room messages: decoded as [`watchalong::watch::hub::Watch::receive`] does, then taken by
 /// a room twice, at two times.
 pub fn room(data: &[u8]) {
-    use watchalong::room::Room;
-    let Some(m) = watchalong::watch::decode_room_message(data) else {
+    use watchalong::watch::room::Room;
+    let Some(m) = watchalong::watch::hub::decode_room_message(data) else {
         return;
     };
     let now = 1_700_000_000_000;
@@ -248,7 +248,7 @@ pub fn room(data: &[u8]) {
 /// Node request queries: the chunk request parser of `/v1/chunk`, the `Range` header of
 /// `/v1/file` (against a size from the first 8 bytes) and the share path check.
 pub fn node_request(data: &[u8]) {
-    use watchalong::share;
+    use watchalong::data::share;
     let (size, rest) = match data.split_first_chunk::<8>() {
         Some((s, rest)) => (u64::from_le_bytes(*s), rest),
         None => (0, data),
@@ -256,9 +256,9 @@ pub fn node_request(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(rest) else {
         return;
     };
-    if let Some(cr) = watchalong::transfer::parse_chunk_query(text) {
+    if let Some(cr) = watchalong::data::transfer::parse_chunk_query(text) {
         let _ = share::clean_path(&cr.path);
-        let _ = watchalong::identity::key_from_base64(&cr.source);
+        let _ = watchalong::group::identity::key_from_base64(&cr.source);
     }
     let _ = share::clean_path(text);
     if let Some((start, end)) = share::parse_range(text, size) {
@@ -272,7 +272,7 @@ pub fn node_request(data: &[u8]) {
 /// Control API bodies, as every call's request type, and an invite id from a path.
 pub fn control(data: &[u8]) {
     use watchalong::control::*;
-    use watchalong::watch::{FileRequest, Report, WaitRequest};
+    use watchalong::watch::hub::{FileRequest, Report, WaitRequest};
     fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) {
         let _ = serde_json::from_slice::<T>(b);
     }
@@ -288,28 +288,28 @@ pub fn control(data: &[u8]) {
     parse::<Report>(data);
     parse::<WaitRequest>(data);
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = text.parse::<watchalong::link::InviteId>();
+        let _ = text.parse::<watchalong::group::link::InviteId>();
     }
 }
 
 /// The configuration file, parsed and validated (line-precise errors included).
 pub fn config(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = watchalong::config::Config::parse(Path::new("fuzz.toml"), text);
+        let _ = watchalong::base::config::Config::parse(Path::new("fuzz.toml"), text);
     }
 }
 
 /// Sync announcements from a member: decoded, each version checked as the node does
 /// before deciding, and the decision rule run on those that pass.
 pub fn sync_announce(data: &[u8]) {
-    use watchalong::versions::resolve;
-    let Ok(a) = serde_json::from_slice::<watchalong::sync::Announce>(data) else {
+    use watchalong::sync::versions::resolve;
+    let Ok(a) = serde_json::from_slice::<watchalong::sync::folder::Announce>(data) else {
         return;
     };
     let good: Vec<_> = a
         .versions
         .iter()
-        .filter(|v| v.check().is_ok() && watchalong::share::clean_path(&v.path).is_ok())
+        .filter(|v| v.check().is_ok() && watchalong::data::share::clean_path(&v.path).is_ok())
         .collect();
     for pair in good.windows(2) {
         let _ = resolve(pair[0], pair[1]);
@@ -319,7 +319,7 @@ pub fn sync_announce(data: &[u8]) {
 
 /// Records of a share's sync index file (redb values), decoded and checked as versions.
 pub fn index_record(data: &[u8]) {
-    if let Ok(e) = watchalong::index::decode_entry(data) {
+    if let Ok(e) = watchalong::sync::index::decode_entry(data) {
         let _ = e.version.check();
     }
 }

@@ -9,14 +9,14 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
-use watchalong::config::{Config, ConfigError};
+use watchalong::base::config::{Config, ConfigError};
 use watchalong::control::{
     Client, Empty, GetReply, GetRequest, GossipReply, InviteView, JoinReply, JoinRequest,
     LinkReply, LinkRequest, LsReply, PeerAddRequest, PeerRemoveRequest, PeersReply, PlanReply,
     PlanRequest, RemoveRequest, StatusReply, TransferView,
 };
-use watchalong::watch::{FileRequest, RoomView, WatchReply};
-use watchalong::{daemon, link, logging, player};
+use watchalong::watch::hub::{FileRequest, RoomView, WatchReply};
+use watchalong::{base::logging, cli::player, daemon, group::link};
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum PlayerKind {
@@ -333,7 +333,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .await?;
             let text = match &pass {
                 Some(p) => {
-                    let inv = link::decode(&reply.link, None, daemon::now_secs())?;
+                    let inv = link::decode(&reply.link, None, watchalong::base::clock::now_secs())?;
                     inv.encode_sealed(p)?
                 }
                 None => reply.link.clone(),
@@ -413,7 +413,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 } else {
                     read_passphrase(passphrase_file.as_ref(), "Passphrase for the link: ")?
                 };
-                link::decode(&text, Some(&pass), daemon::now_secs())?.encode()
+                link::decode(&text, Some(&pass), watchalong::base::clock::now_secs())?.encode()
             } else {
                 text
             };
@@ -650,7 +650,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             println!("{share}: held deletions go ahead at the next announcement");
         }
         Command::Versions { target, json } => {
-            let list: Vec<watchalong::kept::Kept> = client
+            let list: Vec<watchalong::sync::kept::Kept> = client
                 .post(
                     "/v1/versions",
                     &watchalong::control::VersionsRequest { target, at: None },
@@ -670,7 +670,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 })?),
                 None => None,
             };
-            let k: watchalong::kept::Kept = client
+            let k: watchalong::sync::kept::Kept = client
                 .post(
                     "/v1/restore",
                     &watchalong::control::VersionsRequest { target, at },
@@ -796,12 +796,12 @@ fn read_passphrase(file: Option<&PathBuf>, prompt: &str) -> anyhow::Result<Strin
 /// list; true when the caller is to print the list as text.
 /// A kept version's time as `versions` prints it and `restore --at` takes it.
 fn stamp_of(t: u64) -> String {
-    watchalong::kept::stamp(t)
+    watchalong::sync::kept::stamp(t)
 }
 
 /// `--at`: a stamp as `versions` prints it, or RFC 3339.
 fn parse_time(t: &str) -> anyhow::Result<u64> {
-    if let Some(secs) = watchalong::kept::parse_stamp(t) {
+    if let Some(secs) = watchalong::sync::kept::parse_stamp(t) {
         return Ok(secs);
     }
     Ok(humantime::parse_rfc3339(t)?

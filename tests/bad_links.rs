@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use watchalong::link;
+use watchalong::group::link;
 
 fn one_line_error(o: &std::process::Output, what: &str) -> String {
     assert!(!o.status.success(), "{what}: the join succeeded");
@@ -20,7 +20,7 @@ fn one_line_error(o: &std::process::Output, what: &str) -> String {
 }
 
 fn now() -> u64 {
-    watchalong::daemon::now_secs()
+    watchalong::base::clock::now_secs()
 }
 
 #[test]
@@ -176,7 +176,7 @@ fn ten_concurrent_redemptions_of_a_single_use_link_admit_exactly_one() {
                 set.spawn(async move {
                     let wg = x25519_dalek::StaticSecret::random_from_rng(rand::rngs::OsRng);
                     let signing = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
-                    watchalong::join::redeem(
+                    watchalong::net::join::redeem(
                         &invite,
                         &wg,
                         &signing,

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use common::BIN;
-use watchalong::config::Config;
+use watchalong::base::config::Config;
 
 fn files(dir: &str) -> Vec<std::path::PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))

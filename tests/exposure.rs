@@ -87,8 +87,8 @@ fn a_local_user_on_a_member_cannot_read_change_or_gossip_as_the_member() {
             .as_str()
             .unwrap()
             .to_string();
-        let k = watchalong::identity::key_from_base64(&key).unwrap();
-        watchalong::identity::key_id(&k)
+        let k = watchalong::group::identity::key_from_base64(&key).unwrap();
+        watchalong::group::identity::key_id(&k)
     };
     let (host_id, a_id) = (ids(&host), ids(&a));
 
@@ -106,7 +106,7 @@ fn a_local_user_on_a_member_cannot_read_change_or_gossip_as_the_member() {
             "path": "keep.txt",
             "vv": { host_id.clone(): 1000, a_id.clone(): 1000 },
             "deleted": true,
-            "mtime": watchalong::daemon::now_secs() + 10,
+            "mtime": watchalong::base::clock::now_secs() + 10,
             "node": a_id,
             "content": "",
             "size": 0,

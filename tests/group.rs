@@ -477,8 +477,8 @@ fn watchalong_forge(node: &Node, key: &str) -> Value {
         .try_into()
         .unwrap();
     let sk = ed25519_dalek::SigningKey::from_bytes(&bytes);
-    let rec = watchalong::mesh::MemberRecord {
-        wg_key: watchalong::identity::key_from_base64(key).unwrap(),
+    let rec = watchalong::group::mesh::MemberRecord {
+        wg_key: watchalong::group::identity::key_from_base64(key).unwrap(),
         sign_key: sk.verifying_key().to_bytes(),
         name: node.name.clone(),
         address: "100.77.0.4".parse().unwrap(),
@@ -487,7 +487,7 @@ fn watchalong_forge(node: &Node, key: &str) -> Value {
         revoked: false,
         observed: None,
     };
-    serde_json::to_value(watchalong::mesh::sign_member(&sk, &rec)).unwrap()
+    serde_json::to_value(watchalong::group::mesh::sign_member(&sk, &rec)).unwrap()
 }
 
 /// `key`'s member record as the host holds it, signed again with the host's key one
@@ -504,7 +504,7 @@ fn host_resigned(host: &Node, key: &str) -> Value {
         .find(|m| m["body"].as_str().unwrap().contains(key))
         .cloned()
         .expect("the member's record at the host");
-    let mut rec: watchalong::mesh::MemberRecord =
+    let mut rec: watchalong::group::mesh::MemberRecord =
         serde_json::from_str(held["body"].as_str().unwrap()).unwrap();
     rec.version += 1;
     let text = std::fs::read_to_string(host.dir.join("state/signing.key")).unwrap();
@@ -514,7 +514,7 @@ fn host_resigned(host: &Node, key: &str) -> Value {
         .try_into()
         .unwrap();
     let sk = ed25519_dalek::SigningKey::from_bytes(&bytes);
-    serde_json::to_value(watchalong::mesh::sign_member(&sk, &rec)).unwrap()
+    serde_json::to_value(watchalong::group::mesh::sign_member(&sk, &rec)).unwrap()
 }
 
 fn gossip(n: &Node) -> Value {

@@ -205,7 +205,7 @@ fn handshake_and_traffic_both_ways_with_wireguard_go() {
 
     // A packet whose source the peer does not own is dropped, and counted: an address
     // nobody owns, and one that belongs to another peer (added here, never connected).
-    let other = watchalong::identity::key_to_base64(
+    let other = watchalong::group::identity::key_to_base64(
         x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from([7u8; 32])).as_bytes(),
     );
     ours.ok(&[

@@ -21,7 +21,8 @@ fn ready_is_sent_only_when_the_tunnel_socket_answers() {
     node.start();
     let text = node.link(&["--uses", "5"]);
     assert!(node.term().success());
-    let invite = watchalong::link::decode(&text, None, watchalong::daemon::now_secs()).unwrap();
+    let invite =
+        watchalong::group::link::decode(&text, None, watchalong::base::clock::now_secs()).unwrap();
 
     let sock_path = node.dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();

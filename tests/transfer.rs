@@ -14,7 +14,7 @@ use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(90);
 const MIB: u64 = 1024 * 1024;
-const CHUNK: u64 = watchalong::share::CHUNK_SIZE;
+const CHUNK: u64 = watchalong::data::share::CHUNK_SIZE;
 
 fn hash_file(path: &Path) -> blake3::Hash {
     blake3::hash(&std::fs::read(path).unwrap_or_default())
@@ -339,7 +339,7 @@ fn request(path_and_query: &str, headers: &BTreeMap<String, String>) -> Vec<u8> 
 
 /// The proofs `node`'s daemon makes, from the key in its state dir: what only that
 /// daemon (and root) can read.
-fn proofs_of(node: &Node) -> watchalong::auth::Proofs {
+fn proofs_of(node: &Node) -> watchalong::group::auth::Proofs {
     use base64::Engine;
     let text = std::fs::read_to_string(node.dir.join("state/wireguard.key")).unwrap();
     let secret: [u8; 32] = base64::engine::general_purpose::STANDARD
@@ -347,10 +347,10 @@ fn proofs_of(node: &Node) -> watchalong::auth::Proofs {
         .unwrap()
         .try_into()
         .unwrap();
-    watchalong::auth::Proofs::new(x25519_dalek::StaticSecret::from(secret))
+    watchalong::group::auth::Proofs::new(x25519_dalek::StaticSecret::from(secret))
 }
 
-fn header_map(h: &watchalong::auth::SignedHeaders) -> BTreeMap<String, String> {
+fn header_map(h: &watchalong::group::auth::SignedHeaders) -> BTreeMap<String, String> {
     h.pairs()
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -359,8 +359,8 @@ fn header_map(h: &watchalong::auth::SignedHeaders) -> BTreeMap<String, String> {
 
 /// A GET to the node server signed by `from`'s daemon key for `to`.
 fn signed(from: &Node, to_key: &str, pq: &str, nonce: u8) -> BTreeMap<String, String> {
-    let to = watchalong::identity::key_from_base64(to_key).unwrap();
-    let now = watchalong::daemon::now_secs();
+    let to = watchalong::group::identity::key_from_base64(to_key).unwrap();
+    let now = watchalong::base::clock::now_secs();
     header_map(
         &proofs_of(from)
             .sign_request(&to, "GET", pq, b"", now, [nonce; 16])
@@ -371,10 +371,10 @@ fn signed(from: &Node, to_key: &str, pq: &str, nonce: u8) -> BTreeMap<String, St
 /// A relay request for `chunk` (a chunk request as JSON), sealed and signed by `from`'s
 /// daemon key for `to`.
 fn relay_request(from: &Node, to_key: &str, chunk: &serde_json::Value, nonce: u8) -> Vec<u8> {
-    use watchalong::auth::Direction;
-    let to = watchalong::identity::key_from_base64(to_key).unwrap();
+    use watchalong::group::auth::Direction;
+    let to = watchalong::group::identity::key_from_base64(to_key).unwrap();
     let p = proofs_of(from);
-    let nonce_hex = watchalong::auth::nonce_hex([nonce; 16]);
+    let nonce_hex = watchalong::group::auth::nonce_hex([nonce; 16]);
     let sealed = p
         .seal_relay(
             &to,
@@ -383,7 +383,7 @@ fn relay_request(from: &Node, to_key: &str, chunk: &serde_json::Value, nonce: u8
             chunk.to_string().as_bytes(),
         )
         .unwrap();
-    let now = watchalong::daemon::now_secs();
+    let now = watchalong::base::clock::now_secs();
     let h = p
         .sign_request(&to, "POST", "/v1/relay", &sealed, now, [nonce; 16])
         .unwrap();
@@ -455,7 +455,10 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
         );
     }
     let mut forged = signed(&a, &host_key, "/v1/relay", 0);
-    forged.insert(watchalong::auth::HEADER_MAC.to_string(), "00".repeat(32));
+    forged.insert(
+        watchalong::group::auth::HEADER_MAC.to_string(),
+        "00".repeat(32),
+    );
     assert_eq!(
         raw_http(
             &stranger.ns.name,

@@ -129,8 +129,8 @@ fn two_nodes_join_with_one_link_and_pass_traffic() {
     let open_link = host.link(&[]);
     let mut secrets: Vec<(String, String)> = Vec::new();
     for (what, link) in [("the link used", &used_link), ("an open link", &open_link)] {
-        let invite = watchalong::link::decode(link, None, 0).unwrap();
-        let secret = watchalong::identity::key_to_base64(&invite.secret);
+        let invite = watchalong::group::link::decode(link, None, 0).unwrap();
+        let secret = watchalong::group::identity::key_to_base64(&invite.secret);
         secrets.push((
             what.to_string(),
             link["watchalong://join/".len()..].to_string(),
@@ -220,7 +220,8 @@ fn up_prints_the_link_alone_on_the_first_line_once_ready() {
         first.starts_with("watchalong://join/") && !first.contains(' '),
         "{first:?}"
     );
-    let invite = watchalong::link::decode(first, None, watchalong::daemon::now_secs()).unwrap();
+    let invite =
+        watchalong::group::link::decode(first, None, watchalong::base::clock::now_secs()).unwrap();
     assert!(
         invite
             .endpoints

@@ -18,15 +18,15 @@ use ed25519_dalek::SigningKey;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use common::*;
-use watchalong::link::{Invite, InviteId};
-use watchalong::mesh::{sign_member, MemberRecord};
-use watchalong::wire::{self, JoinMessage};
+use watchalong::group::link::{Invite, InviteId};
+use watchalong::group::mesh::{sign_member, MemberRecord};
+use watchalong::net::wire::{self, JoinMessage};
 
 /// How long one side waits for the other's packets.
 const PATIENCE: Duration = Duration::from_secs(10);
 
 fn now() -> u64 {
-    watchalong::daemon::now_secs()
+    watchalong::base::clock::now_secs()
 }
 
 fn one_line_error(o: &std::process::Output, what: &str) -> String {
@@ -255,7 +255,7 @@ fn a_host_answering_with_a_network_outside_the_link_is_refused_and_no_route_move
 /// A joiner that sends `name` through `link`'s invite session and returns the host's
 /// answer. Runs in namespace `ns`.
 fn fake_join(ns: &Netns, link: &str, name: String) -> JoinMessage {
-    let invite = watchalong::link::decode(link, None, now()).expect("link");
+    let invite = watchalong::group::link::decode(link, None, now()).expect("link");
     in_netns(&ns.name, move || {
         let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
         sock.set_read_timeout(Some(Duration::from_millis(200)))
@@ -416,15 +416,15 @@ fn a_member_claiming_another_sites_public_ip_stays_in_its_own_site_everywhere() 
         .to_string();
     // The distant member signs, with its own key, an announcement that puts it behind
     // r1's public IP with an address on r1's LAN, newer than anything it announced.
-    let claim = watchalong::mesh::Announcement {
-        wg_key: watchalong::identity::key_from_base64(&distant_key).expect("key"),
-        seq: u64::try_from(watchalong::watch::now_ms()).expect("time") * 2,
+    let claim = watchalong::group::mesh::Announcement {
+        wg_key: watchalong::group::identity::key_from_base64(&distant_key).expect("key"),
+        seq: u64::try_from(watchalong::base::clock::now_ms()).expect("time") * 2,
         public_endpoint: Some(SocketAddr::from((l.r1.wan_ip, 51871))),
         lan: vec![SocketAddr::from(([192, 168, 1, 77], 51871))],
         relay_port: None,
         shares: vec![],
     };
-    let signed = watchalong::mesh::sign_announcement(&signing_key(&l.distant), &claim);
+    let signed = watchalong::group::mesh::sign_announcement(&signing_key(&l.distant), &claim);
     // Stopped, the distant member cannot correct the claim with a newer announcement.
     l.distant.term();
     let message = serde_json::json!({"type": "announce", "announcement": signed});

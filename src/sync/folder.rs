@@ -1,0 +1,1369 @@
+//! Folder sync for read-write shares (issue 5, first slice): each node scans its share,
+//! turns what changed into versions (a version vector per path, see [`crate::sync::versions`]),
+//! announces them to the members holding the same share, and applies what others
+//! announce — pulling content through [`crate::data::transfer::get_file`] (verified chunks,
+//! temp file, fsync, rename) along the planner's route. It owns the sync index and the
+//! share's marker file, the partial files of its pulls and the rules that decide what an
+//! announcement asks for; the index's storage is [`crate::sync::index`]'s. It never deletes
+//! anything while the marker is missing.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::base::config::{ShareConfig, ShareMode};
+use crate::base::lock::Recover;
+use crate::base::state;
+pub use crate::sync::index::Entry;
+use crate::sync::index::{Index, IndexError, Store};
+use crate::sync::versions::{self, FileVersion, Resolution, VersionVector};
+
+/// The fallback scan when no file event came (events can be missed, e.g. on overflow).
+pub const SCAN_EVERY: Duration = Duration::from_secs(2);
+/// Present in a share's root while it is the real folder (not an empty mount point).
+pub const MARKER: &str = ".watchalong-share";
+/// Pulls of one share that run at once: a small change does not wait behind a big file,
+/// and four pulls of four workers each keep a link busy without flooding it.
+pub const MAX_PULLS: usize = 4;
+
+/// Whether this process may create a file in `dir`: tried, not guessed, since a
+/// sandbox's read-only view and hidden home folders do not show in permission bits.
+pub fn probe_write(dir: &Path) -> std::io::Result<()> {
+    let tag = rand::random::<u64>();
+    let probe = dir.join(format!(".watchalong-probe-{tag:016x}"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// What to tell the user when a read-write share's root refuses writes. Under the shipped
+/// unit (`ProtectSystem=strict`, `ProtectHome=yes`) every path outside the daemon's own
+/// directories is read-only until `ReadWritePaths=` names it.
+pub fn not_writable(root: &Path, e: &std::io::Error) -> String {
+    format!(
+        "{root} is not writable by the daemon ({e}): a read-write share needs it; under \
+         systemd, run `systemctl edit watchalong` and add `[Service]` then \
+         `ReadWritePaths={root}`, and give the service's user write access to it",
+        root = root.display()
+    )
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("cannot scan {path}: {source}")]
+    Scan {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("cannot import the old sync index: {0}")]
+    ImportOldIndex(#[from] state::StateError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareStatus {
+    pub name: String,
+    pub files: usize,
+    pub bytes: u64,
+    pub conflicts: usize,
+    /// Files announced and not pulled yet: 0 means in sync as far as this node knows.
+    pub pulling: usize,
+    /// Bytes of those files not here yet.
+    pub bytes_left: u64,
+    /// False when the root or its marker is missing: deletions are not spread then.
+    pub root_ok: bool,
+    pub last_error: Option<String>,
+    /// Why remote deletions are held here, until `watchalong sync release SHARE`.
+    #[serde(default)]
+    pub held: Option<String>,
+}
+
+/// Versions one node announces for one share.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    pub share: String,
+    pub versions: Vec<FileVersion>,
+    /// The sender has not heard from us since it started: answer with every version.
+    #[serde(default)]
+    pub ask_back: bool,
+}
+
+/// Announced versions waiting for a worker, the paths workers hold, how many run.
+#[derive(Default)]
+struct Work {
+    queue: VecDeque<([u8; 32], FileVersion)>,
+    busy: HashSet<String>,
+    workers: usize,
+}
+
+/// A file still to pull: its size, and the pull's progress once it runs.
+type Left = (u64, Option<Arc<crate::data::transfer::Progress>>);
+
+/// One read-write share's sync state.
+pub struct SyncShare {
+    pub name: String,
+    pub root: PathBuf,
+    store: Store,
+    index: Mutex<Index>,
+    /// Saves take turns, so an older snapshot never lands after a newer one.
+    saving: Mutex<()>,
+    /// Files announced to us and still to pull: their size, and the pull's progress once
+    /// it runs.
+    left: Mutex<BTreeMap<String, Left>>,
+    last_error: Mutex<Option<String>>,
+    /// Free bytes on the share's file system when a pull last failed on a full disk:
+    /// pulls wait until there is more than that.
+    full_at: Mutex<Option<u64>>,
+    /// Members that have had every version from us since this node started.
+    greeted: Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// Announced versions waiting for one of at most [`MAX_PULLS`] workers, and the
+    /// paths the workers hold: one queue per share, not one task per version.
+    work: Mutex<Work>,
+    /// By path: announced versions handed to a task and not yet applied, and holds of
+    /// the tasks at work there. The scan leaves a held path alone: what lies there (or
+    /// not) is the task's until it has recorded the outcome.
+    flights: Mutex<std::collections::HashMap<String, Flights>>,
+    /// The hold on mass deletions.
+    deletions: Mutex<DeleteGuard>,
+}
+
+/// How long deletions applied count toward the hold's threshold.
+const DELETE_WINDOW: Duration = Duration::from_secs(60);
+/// How long `sync release` lets deletions through.
+const RELEASE_FOR: Duration = Duration::from_secs(600);
+
+/// A share's hold on mass deletions: held (and why), released until when, and the
+/// deletions applied within the last [`DELETE_WINDOW`].
+#[derive(Default)]
+struct DeleteGuard {
+    held: Option<String>,
+    released_until: Option<Instant>,
+    recent: VecDeque<Instant>,
+}
+
+/// Whether deleting `deleting` files now, after `recent` in the last minute, passes
+/// `max_percent` of the `live` files a share holds. One file alone never does, and 100
+/// turns the hold off.
+pub fn deletes_too_much(live: usize, deleting: usize, recent: usize, max_percent: u64) -> bool {
+    let total = (deleting + recent) as u64;
+    max_percent < 100 && deleting > 0 && total >= 2 && total * 100 > max_percent * live as u64
+}
+
+/// The resumable partial file of the pull into `dest`: hidden beside it, skipped by scans.
+pub fn partial_path(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.watchalong-part"))
+}
+
+/// Files queued by one announcement; whatever is still queued goes when it drops.
+pub struct Queued<'a> {
+    share: &'a SyncShare,
+    paths: Vec<String>,
+}
+
+/// What identifies an announced version among a path's flights.
+fn flight_key(v: &FileVersion) -> String {
+    format!("{:?}", (&v.content, v.deleted, &v.vv))
+}
+
+/// The tasks concerned with one path.
+#[derive(Default)]
+struct Flights {
+    /// Announced versions handed to a task and not yet applied.
+    versions: std::collections::HashSet<String>,
+    /// Tasks changing what lies at the path right now.
+    holds: usize,
+}
+
+/// A path the scan leaves alone while this lives.
+pub struct Held<'a> {
+    share: &'a SyncShare,
+    path: String,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.share
+            .release(&self.path, |f| f.holds = f.holds.saturating_sub(1));
+    }
+}
+
+impl Queued<'_> {
+    /// `path` stays queued past this guard: a task pulls it and unqueues it when done.
+    pub fn keep(&mut self, path: &str) {
+        self.paths.retain(|p| p != path);
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            self.share.unqueue(p);
+        }
+    }
+}
+
+/// What to do with one announced version, decided against the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    /// Fetch this version's content into `path`.
+    Fetch {
+        path: String,
+        version: FileVersion,
+    },
+    /// Remove `path` (a deletion that supersedes ours).
+    Remove {
+        path: String,
+        version: FileVersion,
+    },
+    /// Keep ours, giving it their history too (`vv`, both merged).
+    Adopt {
+        path: String,
+        vv: VersionVector,
+    },
+    /// Keep ours at the path and fetch theirs beside it (or move ours aside first).
+    Conflict {
+        move_local_to: Option<String>,
+        fetch_into: String,
+        version: FileVersion,
+    },
+}
+
+/// Size and mtime in ns, or `None` when nothing is there.
+pub fn stat(path: &Path) -> Option<(u64, u128)> {
+    let m = std::fs::metadata(path).ok()?;
+    let mtime = m
+        .modified()
+        .ok()?
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
+    Some((m.len(), mtime))
+}
+
+fn is_ours(name: &str) -> bool {
+    name == MARKER || (name.starts_with('.') && name.contains(".watchalong-"))
+}
+
+/// Bytes an unprivileged writer may still use on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st` is written by
+    // statvfs before it is read, only when the call succeeded.
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Starts the partial of a pull into `dest` with every chunk of the current `dest` that
+/// the wanted version has at the same offset, so only the others cross the network
+/// (the pull checks each against the manifest again). Nothing is done when a partial is
+/// there already (it is resumed as it is) or `dest` is not a file.
+pub fn seed_partial(dest: &Path, part: &Path, manifest: &crate::data::share::Manifest) {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    if part.exists() {
+        return;
+    }
+    let Ok(old) = std::fs::File::open(dest) else {
+        return;
+    };
+    if !old.metadata().is_ok_and(|m| m.is_file()) {
+        return;
+    }
+    let Ok(new) = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(part)
+    else {
+        return;
+    };
+    if new.set_len(manifest.size).is_err() {
+        let _ = std::fs::remove_file(part);
+        return;
+    }
+    for i in 0..manifest.chunks.len() as u64 {
+        let Some(chunk) = manifest.held_chunk(&old, i) else {
+            continue;
+        };
+        if new.write_all_at(&chunk, i * manifest.chunk_size).is_err() {
+            // A full disk, say: the pull fetches the rest and reports it.
+            return;
+        }
+    }
+}
+
+/// Removes the partial and staged files this daemon left directly in `dir`.
+pub fn remove_leftovers(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != MARKER && is_ours(&name) && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Removes staged files under `root`: a crash between the two renames of a pull leaves
+/// one, and nothing else would ever claim it. Partials stay: the next pull resumes them.
+fn sweep_stages(root: &Path) {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(e.path()),
+                Ok(t) if t.is_file() && name.contains(".watchalong-stage-") => {
+                    let _ = std::fs::remove_file(e.path());
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+impl SyncShare {
+    pub fn open(cfg: &ShareConfig, state_dir: &Path) -> Result<SyncShare, SyncError> {
+        let (store, mut index) = Store::open(&state_dir.join(format!("sync-{}.redb", cfg.name)))?;
+        // Versions before the database kept their index in JSON: taken over once.
+        let old = state_dir.join(format!("sync-{}.json", cfg.name));
+        let imported = match state::read_json::<BTreeMap<String, Entry>>(&old)? {
+            Some(entries) if index.values().next().is_none() => {
+                for (path, entry) in entries {
+                    index.insert(path, entry);
+                }
+                true
+            }
+            _ => false,
+        };
+        // A root gets its marker once, before anything was synced there. One that lacks it
+        // later was emptied or unmounted (even across a restart: the index remembers
+        // files), and then nothing is written into it or deleted anywhere.
+        let fresh = index.values().next().is_none();
+        if fresh && cfg.path.is_dir() && !cfg.path.join(MARKER).exists() {
+            let _ = std::fs::write(cfg.path.join(MARKER), b"watchalong share root\n");
+        }
+        sweep_stages(&cfg.path);
+        let share = SyncShare {
+            name: cfg.name.clone(),
+            root: cfg.path.clone(),
+            store,
+            index: Mutex::new(index),
+            saving: Mutex::new(()),
+            left: Mutex::new(BTreeMap::new()),
+            last_error: Mutex::new(None),
+            full_at: Mutex::new(None),
+            greeted: Mutex::new(std::collections::HashSet::new()),
+            work: Mutex::new(Work::default()),
+            flights: Mutex::new(std::collections::HashMap::new()),
+            deletions: Mutex::new(DeleteGuard::default()),
+        };
+        if let Some(msg) = share.unwritable() {
+            log::error!("share {}: {msg}", share.name);
+            *share.last_error.locked() = Some(msg);
+        }
+        if imported {
+            share.save()?;
+            let _ = std::fs::remove_file(&old);
+        }
+        Ok(share)
+    }
+
+    pub fn shares(configs: &[ShareConfig], state_dir: &Path) -> Vec<Arc<SyncShare>> {
+        configs
+            .iter()
+            .filter(|c| c.mode == ShareMode::ReadWrite)
+            .filter_map(|c| match SyncShare::open(c, state_dir) {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    log::warn!("share {}: {e}", c.name);
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.locked()
+    }
+
+    /// Queues announced version `v` from member `from` for a worker. True when the
+    /// caller must start a new worker (it then owns one of the [`MAX_PULLS`] places and
+    /// must end with [`SyncShare::worker_done`]); false when a running one will take it.
+    pub fn enqueue(&self, from: [u8; 32], v: FileVersion) -> bool {
+        let mut w = self.work.locked();
+        w.queue.push_back((from, v));
+        if w.workers < MAX_PULLS {
+            w.workers += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The next version for a worker that finished `done` (if any): the first queued
+    /// one whose path no other worker holds, so two pulls never share a partial file and
+    /// versions of one path run in the order they came. `None` ends the worker: what
+    /// is left belongs to paths held by workers that take it after their own.
+    pub fn next_work(&self, done: Option<&str>) -> Option<([u8; 32], FileVersion)> {
+        let mut w = self.work.locked();
+        if let Some(done) = done {
+            w.busy.remove(done);
+        }
+        let at = w.queue.iter().position(|(_, v)| !w.busy.contains(&v.path));
+        match at.and_then(|i| w.queue.remove(i)) {
+            Some(job) => {
+                w.busy.insert(job.1.path.clone());
+                Some(job)
+            }
+            None => {
+                w.workers = w.workers.saturating_sub(1);
+                None
+            }
+        }
+    }
+
+    /// Ends a worker that stops early (cancelled, or unwinding) while holding `held`.
+    pub fn worker_done(&self, held: Option<&str>) {
+        let mut w = self.work.locked();
+        if let Some(path) = held {
+            w.busy.remove(path);
+        }
+        w.workers = w.workers.saturating_sub(1);
+    }
+
+    /// Versions queued and workers running, for tests and `status`.
+    pub fn work_load(&self) -> (usize, usize) {
+        let w = self.work.locked();
+        (w.queue.len(), w.workers)
+    }
+
+    /// Hands announced version `v` to a task; false when an identical one is already in
+    /// flight (a full round repeating itself during a long pull).
+    pub fn take_off(&self, v: &FileVersion) -> bool {
+        self.flights
+            .locked()
+            .entry(v.path.clone())
+            .or_default()
+            .versions
+            .insert(flight_key(v))
+    }
+
+    /// The task for `v` is done: its outcome is recorded (or given up).
+    pub fn land(&self, v: &FileVersion) {
+        self.release(&v.path, |f| {
+            f.versions.remove(&flight_key(v));
+        });
+    }
+
+    /// Keeps the scan off `path` until the guard goes: a task is changing what lies
+    /// there and has not recorded it yet.
+    pub fn hold(&self, path: &str) -> Held<'_> {
+        self.flights
+            .locked()
+            .entry(path.to_string())
+            .or_default()
+            .holds += 1;
+        Held {
+            share: self,
+            path: path.to_string(),
+        }
+    }
+
+    /// A task is changing `path` right now.
+    fn held(&self, path: &str) -> bool {
+        self.flights.locked().get(path).is_some_and(|f| f.holds > 0)
+    }
+
+    /// What the index says lies at `path` (size, mtime in ns), when it is a file: a pull
+    /// replaces only that, so a change the scan has not seen yet is never overwritten.
+    pub fn known_stat(&self, path: &str) -> Option<(u64, u128)> {
+        self.lock()
+            .get(path)
+            .filter(|e| !e.version.deleted && e.version.content != versions::DIR)
+            .map(|e| (e.size, e.mtime_ns))
+    }
+
+    /// Changes the flights of `path`, forgetting the path once no task is concerned.
+    fn release(&self, path: &str, change: impl FnOnce(&mut Flights)) {
+        let mut flights = self.flights.locked();
+        if let Some(f) = flights.get_mut(path) {
+            change(f);
+            if f.versions.is_empty() && f.holds == 0 {
+                flights.remove(path);
+            }
+        }
+    }
+
+    /// Some task holds `path`.
+    pub fn in_flight(&self, path: &str) -> bool {
+        self.flights.locked().contains_key(path)
+    }
+
+    /// Some task holds a path inside folder `path`.
+    pub fn in_flight_under(&self, path: &str) -> bool {
+        let prefix = format!("{path}/");
+        self.flights.locked().keys().any(|k| k.starts_with(&prefix))
+    }
+
+    /// Notes files to pull (path, size) until the returned guard goes.
+    pub fn queue(&self, files: impl IntoIterator<Item = (String, u64)>) -> Queued<'_> {
+        let mut left = self.left.locked();
+        let paths = files
+            .into_iter()
+            .map(|(path, size)| {
+                left.insert(path.clone(), (size, None));
+                path
+            })
+            .collect();
+        Queued { share: self, paths }
+    }
+
+    /// `remote` names content this node does not hold at its path (by the index alone,
+    /// no disk access: a cheap first guess at what there is to pull).
+    pub fn content_differs(&self, remote: &FileVersion) -> bool {
+        !remote.deleted
+            && remote.content != versions::DIR
+            && self
+                .lock()
+                .get(&remote.path)
+                .is_none_or(|e| e.version.deleted || e.version.content != remote.content)
+    }
+
+    /// The pull of `path` runs, with this progress.
+    pub fn pulling(&self, path: &str, progress: Arc<crate::data::transfer::Progress>) {
+        if let Some(e) = self.left.locked().get_mut(path) {
+            e.1 = Some(progress);
+        }
+    }
+
+    /// `path` is no longer to pull (done, or given up until it is announced again).
+    pub fn unqueue(&self, path: &str) {
+        self.left.locked().remove(path);
+    }
+
+    pub fn greeted(&self, member: &[u8; 32]) -> bool {
+        self.greeted.locked().contains(member)
+    }
+
+    pub fn greet(&self, member: [u8; 32]) {
+        self.greeted.locked().insert(member);
+    }
+
+    /// Notes that a pull found the disk full; true the first time, so it is logged once.
+    pub fn disk_full(&self) -> bool {
+        let free = free_bytes(&self.root).unwrap_or(0);
+        self.full_at.locked().replace(free).is_none()
+    }
+
+    /// Whether pulls may run: not while the disk is as full as when one last failed.
+    /// Returns false while waiting; true (and forgets the failure) once space came back.
+    pub fn space_to_pull(&self) -> bool {
+        let mut full = self.full_at.locked();
+        match *full {
+            None => true,
+            Some(at) => {
+                let free = free_bytes(&self.root).unwrap_or(0);
+                if free > at {
+                    log::info!(
+                        "share {}: {free} bytes free again; syncing resumes",
+                        self.name
+                    );
+                    *full = None;
+                    true
+                } else {
+                    false
+                }
+            }
+        }
+    }
+
+    /// Sets the error `status` shows; true when it differs from the one before, so a
+    /// condition that lasts is logged once, not at every round.
+    pub fn set_error(&self, e: Option<String>) -> bool {
+        let mut last = self.last_error.locked();
+        let changed = *last != e;
+        *last = e;
+        changed
+    }
+
+    /// Why nothing can be written into the root, when that is so: the daemon's view of it
+    /// is read-only (a mount, or the sandbox of a systemd unit) or not its to write.
+    pub fn unwritable(&self) -> Option<String> {
+        match probe_write(&self.root) {
+            Err(e) if crate::data::share::refused(&e) => Some(not_writable(&self.root, &e)),
+            _ => None,
+        }
+    }
+
+    /// The root is the real folder: it exists and holds the marker. When it does not (an
+    /// unmounted disk, a folder emptied or moved away) nothing is written into it and no
+    /// deletion spreads from it.
+    pub fn root_ok(&self) -> bool {
+        self.root.join(MARKER).is_file()
+    }
+
+    /// What `watchalong status` shows for this share.
+    pub fn status(&self) -> ShareStatus {
+        let left = self.left.locked();
+        let index = self.lock();
+        let live = index.values().filter(|e| !e.version.deleted);
+        ShareStatus {
+            name: self.name.clone(),
+            files: live.clone().count(),
+            bytes: live.clone().map(|e| e.size).sum(),
+            conflicts: index
+                .values()
+                .filter(|e| !e.version.deleted && e.version.path.contains(".sync-conflict-"))
+                .count(),
+            pulling: left.len(),
+            bytes_left: left
+                .values()
+                .map(|(size, p)| {
+                    let done = p
+                        .as_ref()
+                        .map_or(0, |p| p.done.load(std::sync::atomic::Ordering::Relaxed));
+                    size.saturating_sub(done)
+                })
+                .sum(),
+            root_ok: self.root_ok(),
+            held: self.deletions_held(),
+            last_error: self.last_error.locked().clone(),
+        }
+    }
+
+    pub fn save(&self) -> Result<(), SyncError> {
+        let _turn = self.saving.locked();
+        self.store.save(&self.index)?;
+        Ok(())
+    }
+
+    /// Every regular file under the root, as share-relative paths.
+    /// Every folder and regular file under the root: (share-relative path, is a folder).
+    fn walk(&self) -> Result<Vec<(String, bool)>, SyncError> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let rd = std::fs::read_dir(&dir).map_err(|source| SyncError::Scan {
+                path: dir.clone(),
+                source,
+            })?;
+            for e in rd.flatten() {
+                let Ok(name) = e.file_name().into_string() else {
+                    continue;
+                };
+                if is_ours(&name) {
+                    continue;
+                }
+                let Ok(t) = e.file_type() else { continue };
+                if !t.is_dir() && !t.is_file() {
+                    continue;
+                }
+                if let Ok(rel) = e.path().strip_prefix(&self.root) {
+                    out.push((rel.to_string_lossy().into_owned(), t.is_dir()));
+                }
+                if t.is_dir() {
+                    stack.push(e.path());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Finds local changes; `content_id` names a file's content (its manifest id).
+    pub fn scan(
+        &self,
+        me: &str,
+        content_id: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<FileVersion>, SyncError> {
+        let may_delete =
+            versions::may_propagate_deletions(self.root.is_dir(), self.root.join(MARKER).exists());
+        if !self.root.is_dir() {
+            return Ok(Vec::new());
+        }
+        let entries = self.walk()?;
+        let mut changed = Vec::new();
+        let mut index = self.lock();
+        for (rel, is_dir) in &entries {
+            if self.held(rel) {
+                continue;
+            }
+            let Some((size, mtime_ns)) = stat(&self.root.join(rel)) else {
+                continue;
+            };
+            let held = index.get(rel);
+            // A folder's size and mtime move with its contents; only its existence counts.
+            let unchanged = held.is_some_and(|e| {
+                !e.version.deleted
+                    && if *is_dir {
+                        e.version.content == versions::DIR
+                    } else {
+                        e.size == size && e.mtime_ns == mtime_ns
+                    }
+            });
+            if unchanged {
+                continue;
+            }
+            let content = if *is_dir {
+                Some(versions::DIR.to_string())
+            } else {
+                content_id(rel)
+            };
+            let Some(content) = content else {
+                continue;
+            };
+            let base = held.map(|e| e.version.vv.clone()).unwrap_or_default();
+            let same = held.is_some_and(|e| !e.version.deleted && e.version.content == content);
+            let version = if same {
+                held.map(|e| e.version.clone())
+                    .unwrap_or_else(|| unreachable_version(rel))
+            } else {
+                FileVersion {
+                    path: rel.clone(),
+                    vv: base.bumped(me),
+                    deleted: false,
+                    mtime: (mtime_ns / 1_000_000_000) as u64,
+                    node: me.to_string(),
+                    size: if *is_dir { 0 } else { size },
+                    content,
+                }
+            };
+            if !same {
+                changed.push(version.clone());
+            }
+            index.insert(
+                rel.clone(),
+                Entry {
+                    version,
+                    size,
+                    mtime_ns,
+                },
+            );
+        }
+        if may_delete {
+            let present: std::collections::HashSet<&String> =
+                entries.iter().map(|(p, _)| p).collect();
+            let gone: Vec<(String, Entry)> = index
+                .iter()
+                .filter(|(path, e)| {
+                    !e.version.deleted
+                        && !present.contains(path)
+                        && !self.held(path)
+                        // The walk ran before the lock: a file a task put there since
+                        // (and recorded) is no deletion.
+                        && stat(&self.root.join(path)).is_none()
+                })
+                .map(|(path, e)| {
+                    let version = FileVersion {
+                        path: path.clone(),
+                        vv: e.version.vv.bumped(me),
+                        deleted: true,
+                        mtime: e.version.mtime,
+                        node: me.to_string(),
+                        content: String::new(),
+                        size: 0,
+                    };
+                    (
+                        path.clone(),
+                        Entry {
+                            version,
+                            ..e.clone()
+                        },
+                    )
+                })
+                .collect();
+            for (path, e) in gone {
+                changed.push(e.version.clone());
+                index.insert(path, e);
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Whether `remote`'s version vector leaps far past the one held for its path (see
+    /// [`crate::sync::versions::VersionVector::leaps_past`]).
+    pub fn leaps(&self, remote: &FileVersion) -> bool {
+        let index = self.lock();
+        let held = index.get(&remote.path).map(|e| &e.version.vv);
+        let none = crate::sync::versions::VersionVector::default();
+        remote.vv.leaps_past(held.unwrap_or(&none))
+    }
+
+    /// Screens the deletions member `from` announced: when, with those applied in the
+    /// last minute, they would remove more than `max_percent` of this share's files, every
+    /// deletion is dropped and the share is held until [`SyncShare::release_deletions`]; other
+    /// changes still apply. A deletion whose content reappears elsewhere in the same
+    /// announcement is a move and does not count. Returns the reason when the share is
+    /// held by this announcement (to be logged once).
+    pub fn screen_deletions(
+        &self,
+        from: &str,
+        versions: &mut Vec<FileVersion>,
+        max_percent: u64,
+        now: Instant,
+    ) -> Option<String> {
+        let moved_to: HashSet<&str> = versions
+            .iter()
+            .filter(|v| !v.deleted && v.content != versions::DIR)
+            .map(|v| v.content.as_str())
+            .collect();
+        let (live, deleting) = {
+            let index = self.lock();
+            let live = index
+                .values()
+                .filter(|e| !e.version.deleted && e.version.content != versions::DIR)
+                .count();
+            let deleting = versions
+                .iter()
+                .filter(|v| v.deleted)
+                .filter(|v| {
+                    index.get(&v.path).is_some_and(|e| {
+                        !e.version.deleted
+                            && e.version.content != versions::DIR
+                            && !moved_to.contains(e.version.content.as_str())
+                    })
+                })
+                .count();
+            (live, deleting)
+        };
+        if deleting == 0 {
+            return None;
+        }
+        let mut g = self.deletions.locked();
+        while g
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > DELETE_WINDOW)
+        {
+            g.recent.pop_front();
+        }
+        let released = g.released_until.is_some_and(|t| now < t);
+        let hold = !released
+            && (g.held.is_some() || deletes_too_much(live, deleting, g.recent.len(), max_percent));
+        if !hold {
+            g.recent.extend(std::iter::repeat_n(now, deleting));
+            return None;
+        }
+        versions.retain(|v| !v.deleted);
+        if g.held.is_some() {
+            return None;
+        }
+        let reason = format!(
+            "held: {from} deletes {deleting} of {live} files (more than {max_percent}% within a minute); nothing was deleted here. If that is meant, run `watchalong sync release {}`",
+            self.name
+        );
+        g.held = Some(reason.clone());
+        Some(reason)
+    }
+
+    /// Lets the held deletions through (for [`RELEASE_FOR`]): they apply at the next
+    /// announcement.
+    pub fn release_deletions(&self, now: Instant) -> bool {
+        let mut g = self.deletions.locked();
+        g.released_until = Some(now + RELEASE_FOR);
+        g.held.take().is_some()
+    }
+
+    /// Why the share holds deletions, when it does.
+    pub fn deletions_held(&self) -> Option<String> {
+        self.deletions.locked().held.clone()
+    }
+
+    /// Every version held, for a member that wants the whole picture.
+    pub fn all_versions(&self) -> Vec<FileVersion> {
+        self.lock().values().map(|e| e.version.clone()).collect()
+    }
+
+    /// Decides what an announced version asks of this node.
+    pub fn decide(&self, remote: &FileVersion) -> Action {
+        let index = self.lock();
+        let Some(local) = index.get(&remote.path) else {
+            return if remote.deleted {
+                Action::Nothing
+            } else {
+                Action::Fetch {
+                    path: remote.path.clone(),
+                    version: remote.clone(),
+                }
+            };
+        };
+        // A local edit not scanned yet is not overwritten: the next scan announces it.
+        let on_disk = stat(&self.root.join(&remote.path));
+        let untouched = match on_disk {
+            Some(_) if local.version.content == versions::DIR => !local.version.deleted,
+            Some((size, mtime)) => {
+                !local.version.deleted && local.size == size && local.mtime_ns == mtime
+            }
+            None => local.version.deleted,
+        };
+        if !untouched {
+            return Action::Nothing;
+        }
+        // A folder and a file at one path do not merge; the next change settles it.
+        let kinds_differ = !local.version.deleted
+            && !remote.deleted
+            && (local.version.content == versions::DIR) != (remote.content == versions::DIR);
+        if kinds_differ {
+            return Action::Nothing;
+        }
+        match versions::resolve(&local.version, remote) {
+            // The same change made on both sides: ours stays, with both histories.
+            Resolution::KeepLocal
+                if local.version.vv.compare(&remote.vv) == versions::Order::Concurrent =>
+            {
+                Action::Adopt {
+                    path: remote.path.clone(),
+                    vv: local.version.vv.merged(&remote.vv),
+                }
+            }
+            Resolution::KeepLocal => Action::Nothing,
+            Resolution::TakeRemote if remote.deleted => Action::Remove {
+                path: remote.path.clone(),
+                version: remote.clone(),
+            },
+            Resolution::TakeRemote => Action::Fetch {
+                path: remote.path.clone(),
+                version: remote.clone(),
+            },
+            Resolution::Conflict {
+                remote_wins,
+                loser_path,
+                merged,
+            } => {
+                let version = FileVersion {
+                    vv: merged,
+                    ..remote.clone()
+                };
+                if remote.deleted {
+                    // Ours (an edit) won against their deletion: it stays, and now descends
+                    // from both, so our next edit supersedes their deletion everywhere
+                    // instead of meeting it again as a conflict.
+                    return Action::Adopt {
+                        path: remote.path.clone(),
+                        vv: version.vv,
+                    };
+                }
+                if local.version.deleted {
+                    return Action::Fetch {
+                        path: remote.path.clone(),
+                        version,
+                    };
+                }
+                if remote_wins {
+                    Action::Conflict {
+                        move_local_to: Some(loser_path),
+                        fetch_into: remote.path.clone(),
+                        version,
+                    }
+                } else {
+                    Action::Conflict {
+                        move_local_to: None,
+                        fetch_into: loser_path,
+                        version,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records that `version` is now what lies at `path` on disk.
+    pub fn record(&self, path: &str, version: FileVersion) {
+        let installed = stat(&self.root.join(path)).unwrap_or((0, 0));
+        self.record_installed(path, version, installed);
+    }
+
+    /// Records `version` at `path` as the file of this size and mtime (ns) put there.
+    pub fn record_installed(
+        &self,
+        path: &str,
+        version: FileVersion,
+        (size, mtime_ns): (u64, u128),
+    ) {
+        self.lock().insert(
+            path.to_string(),
+            Entry {
+                version: FileVersion {
+                    path: path.to_string(),
+                    ..version
+                },
+                size,
+                mtime_ns,
+            },
+        );
+    }
+
+    /// Gives the entry at `path` the history `vv` too: ours stayed there after a conflict
+    /// and now descends from both sides.
+    pub fn merge_history(&self, path: &str, vv: &VersionVector) {
+        let mut index = self.lock();
+        if let Some(mut e) = index.get(path).cloned() {
+            e.version.vv = vv.clone();
+            index.insert(path.to_string(), e);
+        }
+    }
+}
+
+/// Sets a fetched file's mtime to the version's, so every node shows the same.
+pub fn set_mtime(path: &Path, mtime: u64) {
+    // A time the system cannot represent is left alone rather than overflowing.
+    let Some(t) = UNIX_EPOCH.checked_add(Duration::from_secs(mtime)) else {
+        return;
+    };
+    if let Ok(f) = std::fs::File::options().write(true).open(path) {
+        let _ = f.set_modified(t);
+    }
+}
+
+/// Only reached if the index changed under us between two lines holding its lock.
+fn unreachable_version(path: &str) -> FileVersion {
+    FileVersion {
+        path: path.to_string(),
+        vv: VersionVector::default(),
+        deleted: false,
+        mtime: 0,
+        node: String::new(),
+        content: String::new(),
+        size: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deletion_of_most_files_is_too_much_and_a_few_or_one_are_not() {
+        // Half of ten is the limit; more, counting the last minute's, is held.
+        assert!(!deletes_too_much(10, 5, 0, 50));
+        assert!(deletes_too_much(10, 6, 0, 50));
+        assert!(deletes_too_much(10, 2, 4, 50));
+        // One file alone never, even the only one; nothing to delete never.
+        assert!(!deletes_too_much(1, 1, 0, 50));
+        assert!(!deletes_too_much(10, 0, 9, 50));
+        // 100 turns the hold off; 0 holds any two.
+        assert!(!deletes_too_much(10, 10, 0, 100));
+        assert!(deletes_too_much(100, 2, 0, 0));
+    }
+
+    fn share(dir: &Path) -> SyncShare {
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        SyncShare::open(
+            &ShareConfig {
+                name: "s".into(),
+                path: dir.join("root"),
+                mode: ShareMode::ReadWrite,
+            },
+            dir,
+        )
+        .unwrap()
+    }
+
+    fn id(s: &SyncShare) -> impl Fn(&str) -> Option<String> + '_ {
+        move |rel| {
+            std::fs::read(s.root.join(rel))
+                .ok()
+                .map(|b| blake3::hash(&b).to_hex().to_string())
+        }
+    }
+
+    #[test]
+    fn the_index_survives_a_restart_and_the_first_scan_finds_what_changed_meanwhile() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("kept.txt"), b"one").unwrap();
+        std::fs::write(s.root.join("edited.txt"), b"one").unwrap();
+        assert_eq!(s.scan("a", id(&s)).unwrap().len(), 2);
+        s.save().unwrap();
+        drop(s);
+        // While the daemon is down: one edit.
+        std::fs::write(d.path().join("root/edited.txt"), b"two, longer").unwrap();
+        let s = share(d.path());
+        let changed = s.scan("a", id(&s)).unwrap();
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert_eq!(changed[0].path, "edited.txt");
+        assert_eq!(
+            changed[0].vv,
+            VersionVector::default().bumped("a").bumped("a")
+        );
+    }
+
+    #[test]
+    fn an_index_kept_in_json_by_an_older_version_is_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("f.txt"), b"one").unwrap();
+        s.scan("a", id(&s)).unwrap();
+        let old: BTreeMap<String, Entry> = s
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        drop(s);
+        std::fs::remove_file(d.path().join("sync-s.redb")).unwrap();
+        state::write_json(&d.path().join("sync-s.json"), &old).unwrap();
+        let s = share(d.path());
+        assert!(s.scan("a", id(&s)).unwrap().is_empty(), "nothing changed");
+        assert!(!d.path().join("sync-s.json").exists());
+    }
+
+    #[test]
+    fn a_partial_starts_with_the_chunks_already_held_at_their_offsets() {
+        let d = tempfile::tempdir().unwrap();
+        let (dest, part) = (d.path().join("f"), d.path().join(".f.watchalong-part"));
+        std::fs::write(&dest, b"aaaabbbbcc").unwrap();
+        let chunk = |b: &[u8]| blake3::hash(b).to_hex().to_string();
+        let m = crate::data::share::Manifest {
+            share: "s".into(),
+            path: "f".into(),
+            size: 12,
+            mtime: 0,
+            mode: 0o644,
+            chunk_size: 4,
+            chunks: vec![chunk(b"aaaa"), chunk(b"bbbb"), chunk(b"ccdd")],
+        };
+        seed_partial(&dest, &part, &m);
+        assert_eq!(std::fs::read(&part).unwrap(), b"aaaabbbb\0\0\0\0");
+        // A partial already there is resumed as it is, not overwritten.
+        std::fs::write(&part, b"xxxx").unwrap();
+        seed_partial(&dest, &part, &m);
+        assert_eq!(std::fs::read(&part).unwrap(), b"xxxx");
+    }
+
+    #[test]
+    fn a_new_file_an_edit_and_a_deletion_each_become_one_version() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(v.len(), 1);
+        assert!(
+            s.scan("n1", id(&s)).unwrap().is_empty(),
+            "an unchanged file is no news"
+        );
+        std::fs::write(s.root.join("a.txt"), b"two!").unwrap();
+        let v2 = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(v2[0].vv.compare(&v[0].vv), versions::Order::After);
+        std::fs::remove_file(s.root.join("a.txt")).unwrap();
+        let v3 = s.scan("n1", id(&s)).unwrap();
+        assert!(v3[0].deleted);
+    }
+
+    #[test]
+    fn folders_are_entries_whose_contents_do_not_change_them() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::create_dir(s.root.join("sub")).unwrap();
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert_eq!((v.len(), v[0].content.as_str()), (1, versions::DIR));
+        std::fs::write(s.root.join("sub/x"), b"x").unwrap();
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(v.len(), 1, "only the new file: {v:?}");
+        assert_eq!(v[0].path, "sub/x");
+        std::fs::remove_file(s.root.join("sub/x")).unwrap();
+        std::fs::remove_dir(s.root.join("sub")).unwrap();
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert!(v.iter().all(|v| v.deleted) && v.len() == 2, "{v:?}");
+    }
+
+    #[test]
+    fn an_emptied_root_without_its_marker_deletes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        s.scan("n1", id(&s)).unwrap();
+        // What an unmount looks like: the folder is there, empty, without the marker.
+        std::fs::remove_file(s.root.join("a.txt")).unwrap();
+        std::fs::remove_file(s.root.join(MARKER)).unwrap();
+        assert!(s.scan("n1", id(&s)).unwrap().is_empty());
+        std::fs::remove_dir(&s.root).unwrap();
+        assert!(s.scan("n1", id(&s)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_restart_while_the_root_is_unmounted_does_not_plant_a_marker_there() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        s.scan("n1", id(&s)).unwrap();
+        s.save().unwrap();
+        drop(s);
+        // The disk is gone while the daemon was down: an empty mount point.
+        std::fs::remove_file(d.path().join("root/a.txt")).unwrap();
+        std::fs::remove_file(d.path().join("root").join(MARKER)).unwrap();
+        let s = share(d.path());
+        assert!(!s.root_ok());
+        assert!(s.scan("n1", id(&s)).unwrap().is_empty(), "no deletion");
+    }
+
+    #[test]
+    fn an_announced_newer_version_is_fetched_and_an_older_one_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        let mine = s.scan("n1", id(&s)).unwrap().remove(0);
+        let newer = FileVersion {
+            vv: mine.vv.bumped("n2"),
+            content: "x".into(),
+            node: "n2".into(),
+            ..mine.clone()
+        };
+        assert!(matches!(s.decide(&newer), Action::Fetch { .. }));
+        let older = FileVersion {
+            vv: VersionVector::default(),
+            ..newer.clone()
+        };
+        assert_eq!(s.decide(&older), Action::Nothing);
+    }
+
+    #[test]
+    fn a_local_edit_not_yet_scanned_is_not_overwritten() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        let mine = s.scan("n1", id(&s)).unwrap().remove(0);
+        std::fs::write(s.root.join("a.txt"), b"edited meanwhile").unwrap();
+        let newer = FileVersion {
+            vv: mine.vv.bumped("n2"),
+            content: "x".into(),
+            ..mine
+        };
+        assert_eq!(s.decide(&newer), Action::Nothing);
+    }
+
+    #[test]
+    fn an_edit_that_beats_a_concurrent_deletion_takes_its_history_too() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        let mine = s.scan("n1", id(&s)).unwrap().remove(0);
+        let gone = FileVersion {
+            vv: VersionVector::default().bumped("n2"),
+            deleted: true,
+            content: String::new(),
+            node: "n2".into(),
+            ..mine.clone()
+        };
+        let Action::Adopt { path, vv } = s.decide(&gone) else {
+            panic!("{:?}", s.decide(&gone))
+        };
+        s.merge_history(&path, &vv);
+        // The deletion is now in our past: seen again, it asks nothing.
+        assert_eq!(s.decide(&gone), Action::Nothing);
+        assert_eq!(vv, mine.vv.merged(&gone.vv));
+    }
+
+    #[test]
+    fn concurrent_edits_keep_both_versions() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        let mine = s.scan("n1", id(&s)).unwrap().remove(0);
+        let theirs = FileVersion {
+            vv: VersionVector::default().bumped("n2"),
+            content: "other".into(),
+            node: "n2".into(),
+            mtime: mine.mtime + 10,
+            ..mine
+        };
+        match s.decide(&theirs) {
+            Action::Conflict {
+                move_local_to: Some(to),
+                fetch_into,
+                ..
+            } => {
+                assert!(
+                    to.starts_with("a.sync-conflict-")
+                        && to.contains("-n1-")
+                        && to.ends_with(".txt"),
+                    "{to}"
+                );
+                assert_eq!(fetch_into, "a.txt");
+            }
+            a => panic!("{a:?}"),
+        }
+    }
+
+    #[test]
+    fn a_burst_of_announcements_runs_on_a_few_workers_one_path_at_a_time_in_order() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        let v = |path: &str, n: u64| FileVersion {
+            content: format!("c{n}"),
+            ..unreachable_version(path)
+        };
+        // Ten thousand versions over a hundred paths: only MAX_PULLS workers start.
+        let mut started = 0;
+        for n in 0..10_000u64 {
+            if s.enqueue([1; 32], v(&format!("p{}", n % 100), n)) {
+                started += 1;
+            }
+        }
+        assert_eq!(started, MAX_PULLS);
+        assert_eq!(s.work_load(), (10_000, MAX_PULLS));
+        // Each worker takes a path no other holds; a path's versions come in order.
+        let mut held: Vec<Option<String>> = vec![None; MAX_PULLS];
+        let mut last_of: std::collections::HashMap<String, u64> = Default::default();
+        let mut done = 0;
+        let mut alive = MAX_PULLS;
+        while alive > 0 {
+            for h in held.iter_mut() {
+                let current = h.take().unwrap_or_default();
+                if current == "-" {
+                    *h = Some(current);
+                    continue;
+                }
+                let finished = (!current.is_empty()).then_some(current.as_str());
+                match s.next_work(finished) {
+                    Some((_, v)) => {
+                        let holders = s.work.lock().unwrap().busy.clone();
+                        assert!(holders.contains(&v.path));
+                        let n: u64 = v.content[1..].parse().unwrap();
+                        if let Some(prev) = last_of.insert(v.path.clone(), n) {
+                            assert!(prev < n, "{} ran {n} after {prev}", v.path);
+                        }
+                        done += 1;
+                        *h = Some(v.path);
+                    }
+                    None => {
+                        alive -= 1;
+                        *h = Some("-".into());
+                    }
+                }
+            }
+        }
+        assert_eq!(done, 10_000);
+        assert_eq!(s.work_load(), (0, 0));
+    }
+
+    #[test]
+    fn a_worker_that_stops_early_gives_back_its_place_and_its_path() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        assert!(s.enqueue([1; 32], unreachable_version("a")));
+        assert!(s.enqueue([1; 32], unreachable_version("a")));
+        let (_, first) = s.next_work(None).unwrap();
+        // The second version of "a" waits while the first is held.
+        assert!(s.next_work(None).is_none());
+        s.worker_done(Some(&first.path));
+        assert_eq!(s.work_load(), (1, 0));
+        // A new worker (the next announcement starts one) takes it.
+        assert!(s.enqueue([1; 32], unreachable_version("b")));
+        assert_eq!(s.next_work(None).unwrap().1.path, "a");
+    }
+}

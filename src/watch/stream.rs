@@ -1,0 +1,874 @@
+//! Playing a shared file while it arrives. A [`Stream`] is one file being watched: its
+//! manifest, a sparse cache file in the state directory, which chunks are there, and the
+//! playhead (the chunk the player reads at). Workers fetch chunks in playhead order — the
+//! chunk under the playhead first, then on ahead, then the rest from the start — through
+//! [`crate::data::transfer::fetch_chunk`], so the planner's routes, nearby gateways and chunk
+//! verification apply as for `get`. The loopback HTTP endpoint serves each stream with
+//! Range support, waiting for a chunk when the player gets ahead of the network. Loopback
+//! is open to every user and every web page of the machine: each stream has its own
+//! unguessable token in its URL, which dies when the stream closes, and a request must
+//! name the endpoint by a loopback `Host` (a DNS-rebinding page names its own). It owns
+//! the cache files and the endpoint; it must not decide routes nor touch shares (a file
+//! held locally is read in place).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::base::lock::Recover;
+use crate::data::share::Manifest;
+use crate::data::transfer::{Engine, Membership, Progress};
+use crate::group::identity::Key;
+
+/// Chunks fetched at once for one stream.
+const WORKERS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("cannot open the stream cache {path}: {source}")]
+    OpenCache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The chunk to fetch next: the first one neither here nor being fetched, looking from
+/// the playhead to the end, then from the start.
+pub fn next_wanted(have: &[bool], busy: &[bool], playhead: usize) -> Option<usize> {
+    let n = have.len();
+    (0..n)
+        .map(|i| (playhead.min(n) + i) % n.max(1))
+        .find(|&i| !have[i] && !busy[i])
+}
+
+/// A stream cache nobody has read from for this long (seconds) may be evicted.
+pub const IDLE: u64 = 600;
+
+/// One stream cache file, as eviction sees it.
+#[derive(Debug, Clone)]
+pub struct CacheEntry {
+    /// The content id it caches (its file name).
+    pub id: String,
+    /// Bytes it takes on disk.
+    pub bytes: u64,
+    /// When it was last read or written (unix seconds).
+    pub last_used: u64,
+    /// Being played, or just opened: never evicted.
+    pub busy: bool,
+}
+
+/// Which caches to evict so that `need` more bytes fit in `budget` beside the rest:
+/// idle ones, least recently used first, and no more than that.
+pub fn evictions(entries: &[CacheEntry], budget: u64, need: u64) -> Vec<String> {
+    let mut total: u64 = entries.iter().map(|e| e.bytes).sum::<u64>() + need;
+    let mut idle: Vec<&CacheEntry> = entries.iter().filter(|e| !e.busy).collect();
+    idle.sort_by_key(|e| e.last_used);
+    let mut out = Vec::new();
+    for e in idle {
+        if total <= budget {
+            break;
+        }
+        total = total.saturating_sub(e.bytes);
+        out.push(e.id.clone());
+    }
+    out
+}
+
+/// One watched file.
+pub struct Stream {
+    /// `share/path`.
+    pub file: String,
+    pub manifest: Manifest,
+    /// The member the chunks come from.
+    pub source: Key,
+    path: PathBuf,
+    data: std::fs::File,
+    /// Which chunks are present, and which are being fetched.
+    chunks: Mutex<(Vec<bool>, Vec<bool>)>,
+    arrived: tokio::sync::Notify,
+    playhead: AtomicU64,
+    pub progress: Arc<Progress>,
+    /// When a player last read from it (unix seconds), or it was opened.
+    last_used: AtomicU64,
+    /// Stops the workers filling it and the replies reading it (when it closes).
+    stop: CancellationToken,
+    /// The secret first segment of its URL. Random, not derived from anything; kept as
+    /// a `blake3::Hash` because that compares in constant time.
+    token: blake3::Hash,
+    /// A local player reports on it: it then closes when its player leaves, not when idle.
+    played: AtomicBool,
+}
+
+impl Stream {
+    /// A stream of a file this node holds in a share: everything is there.
+    pub fn local(
+        file: &str,
+        manifest: Manifest,
+        me: Key,
+        path: PathBuf,
+    ) -> Result<Stream, StreamError> {
+        let data = std::fs::File::open(&path).map_err(|source| StreamError::OpenCache {
+            path: path.clone(),
+            source,
+        })?;
+        let n = manifest.chunks.len();
+        Ok(Stream::new(file, manifest, me, path, data, vec![true; n]))
+    }
+
+    /// A stream of a file held elsewhere, cached in `cache_dir` under its content id (a
+    /// cache left by an earlier watch of the same content is reused, chunk by chunk,
+    /// after checking each against the manifest).
+    pub fn remote(
+        file: &str,
+        manifest: Manifest,
+        source: Key,
+        cache_dir: &std::path::Path,
+    ) -> Result<Stream, StreamError> {
+        let path = cache_dir.join(manifest.id());
+        let open = |source| StreamError::OpenCache {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(cache_dir).map_err(open)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let data = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(open)?;
+        let fresh = data.metadata().map_err(open)?.len() == 0;
+        data.set_len(manifest.size).map_err(open)?;
+        let have = (0..manifest.chunks.len() as u64)
+            .map(|i| !fresh && manifest.held_chunk(&data, i).is_some())
+            .collect();
+        Ok(Stream::new(file, manifest, source, path, data, have))
+    }
+
+    fn new(
+        file: &str,
+        manifest: Manifest,
+        source: Key,
+        path: PathBuf,
+        data: std::fs::File,
+        have: Vec<bool>,
+    ) -> Stream {
+        let progress = Arc::new(Progress::default());
+        progress.size.store(manifest.size, Ordering::Relaxed);
+        let done: u64 = have
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| **h)
+            .map(|(i, _)| manifest.chunk_len(i as u64))
+            .sum();
+        progress.done.store(done, Ordering::Relaxed);
+        let busy = vec![false; have.len()];
+        Stream {
+            file: file.to_string(),
+            manifest,
+            source,
+            path,
+            data,
+            chunks: Mutex::new((have, busy)),
+            arrived: tokio::sync::Notify::new(),
+            playhead: AtomicU64::new(0),
+            progress,
+            last_used: AtomicU64::new(crate::base::clock::now_secs()),
+            stop: CancellationToken::new(),
+            token: {
+                let mut t = [0u8; 32];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut t);
+                blake3::Hash::from_bytes(t)
+            },
+            played: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a local player reports on this stream: while one does, the stream lives
+    /// until it leaves; without one, until nobody has read it for [`IDLE`].
+    pub fn set_played(&self, played: bool) {
+        self.played.store(played, Ordering::Relaxed);
+    }
+
+    pub fn complete(&self) -> bool {
+        self.lock().0.iter().all(|h| *h)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<bool>, Vec<bool>)> {
+        self.chunks.locked()
+    }
+
+    /// Bytes present from the playhead on, without a gap.
+    pub fn ahead_bytes(&self) -> u64 {
+        let at = self.playhead.load(Ordering::Relaxed) as usize;
+        let (have, _) = &*self.lock();
+        have.iter()
+            .enumerate()
+            .skip(at)
+            .take_while(|(_, h)| **h)
+            .map(|(i, _)| self.manifest.chunk_len(i as u64))
+            .sum()
+    }
+
+    /// Up to `len` bytes at `offset` (less at a chunk's end), waiting for their chunk.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, StreamError> {
+        let cs = self.manifest.chunk_size.max(1);
+        let index = offset / cs;
+        self.playhead.store(index, Ordering::Relaxed);
+        self.last_used
+            .store(crate::base::clock::now_secs(), Ordering::Relaxed);
+        loop {
+            let arrived = self.arrived.notified();
+            if self.lock().0.get(index as usize).copied().unwrap_or(true) {
+                break;
+            }
+            arrived.await;
+        }
+        let end = ((index + 1) * cs).min(self.manifest.size).min(offset + len);
+        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+        use std::os::unix::fs::FileExt;
+        tokio::task::block_in_place(|| self.data.read_exact_at(&mut buf, offset)).map_err(
+            |source| StreamError::Read {
+                path: self.path.clone(),
+                source,
+            },
+        )?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Fetches what is missing, in playhead order, until all is there or `cancel`.
+    pub async fn fill(
+        self: Arc<Self>,
+        engine: Arc<Engine>,
+        members: Arc<dyn Membership>,
+        cancel: CancellationToken,
+    ) {
+        let exclude = Arc::new(Mutex::new(Vec::new()));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..WORKERS {
+            let (s, engine, members, exclude, cancel) = (
+                self.clone(),
+                engine.clone(),
+                members.clone(),
+                exclude.clone(),
+                cancel.clone(),
+            );
+            workers.spawn(async move {
+                loop {
+                    let picked = {
+                        let (have, busy) = &mut *s.lock();
+                        let at = s.playhead.load(Ordering::Relaxed) as usize;
+                        let i = next_wanted(have, busy, at);
+                        if let Some(i) = i {
+                            busy[i] = true;
+                        }
+                        i
+                    };
+                    let Some(i) = picked else { return };
+                    let got = tokio::select! {
+                        r = crate::data::transfer::fetch_chunk(
+                            &engine, &*members, &s.source, &s.manifest, i as u64, &exclude,
+                            &s.progress,
+                        ) => r,
+                        () = cancel.cancelled() => return,
+                    };
+                    let written = got.map_err(|e| e.to_string()).and_then(|b| {
+                        use std::os::unix::fs::FileExt;
+                        tokio::task::block_in_place(|| {
+                            s.data.write_all_at(&b, i as u64 * s.manifest.chunk_size)
+                        })
+                        .map(|()| b.len())
+                        .map_err(|e| e.to_string())
+                    });
+                    let ok = written.is_ok();
+                    {
+                        let (have, busy) = &mut *s.lock();
+                        busy[i] = false;
+                        have[i] = ok;
+                    }
+                    match written {
+                        Ok(n) => {
+                            s.progress.done.fetch_add(n as u64, Ordering::Relaxed);
+                            s.arrived.notify_waiters();
+                        }
+                        Err(e) => {
+                            // A stream being watched never gives up; it waits and tries again.
+                            log::warn!("watch {}: chunk {i}: {e}", s.file);
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                () = cancel.cancelled() => return,
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        while workers.join_next().await.is_some() {}
+        if self.complete() {
+            log::info!("watch {}: all {} bytes here", self.file, self.manifest.size);
+        }
+    }
+}
+
+/// The streams open on this node, by `share/path`, and the tasks filling them.
+pub struct Streams {
+    pub cache_dir: PathBuf,
+    /// Bytes the caches of streams nobody plays may keep on disk.
+    budget: u64,
+    open: Mutex<HashMap<String, Arc<Stream>>>,
+    pub tasks: TaskTracker,
+    pub cancel: CancellationToken,
+    /// Where the loopback endpoint listens, once bound.
+    pub endpoint: Mutex<Option<SocketAddr>>,
+}
+
+impl Streams {
+    pub fn new(cache_dir: PathBuf, budget: u64, cancel: CancellationToken) -> Streams {
+        Streams {
+            cache_dir,
+            budget,
+            open: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            cancel,
+            endpoint: Mutex::new(None),
+        }
+    }
+
+    fn lock_open(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Stream>>> {
+        self.open.locked()
+    }
+
+    pub fn get(&self, file: &str) -> Option<Arc<Stream>> {
+        self.lock_open().get(file).cloned()
+    }
+
+    /// The open stream whose URL token is `token` (hex), compared in constant time with
+    /// every open stream's, so that timing tells nothing of the tokens.
+    fn by_token(&self, token: &str) -> Option<Arc<Stream>> {
+        let token = blake3::Hash::from_hex(token).ok()?;
+        let mut found = None;
+        for s in self.lock_open().values() {
+            if s.token == token {
+                found = Some(s.clone());
+            }
+        }
+        found
+    }
+
+    /// Closes the stream of `file`: its URL stops working, the replies reading it and
+    /// the workers filling it stop. Its cache stays on disk for the next watch of the
+    /// same content (and for eviction). True if it was open.
+    pub fn close(&self, file: &str) -> bool {
+        let Some(s) = self.lock_open().remove(file) else {
+            return false;
+        };
+        s.stop.cancel();
+        log::info!("watch {file}: stream closed");
+        true
+    }
+
+    /// Closes the streams no player reports on (opened with `--player none`, or whose
+    /// player went quiet without leaving) that nobody has read for [`IDLE`]: their URL was
+    /// handed out, but nothing will say when it is no longer needed.
+    pub fn close_idle(&self, now: u64) {
+        let idle: Vec<String> = self
+            .lock_open()
+            .iter()
+            .filter(|(_, s)| {
+                !s.played.load(Ordering::Relaxed)
+                    && now.saturating_sub(s.last_used.load(Ordering::Relaxed)) >= IDLE
+            })
+            .map(|(f, _)| f.clone())
+            .collect();
+        for f in idle {
+            self.close(&f);
+        }
+    }
+
+    /// Adds `stream` (keeping one already open for the same content) and starts filling
+    /// it; returns the one in use.
+    pub fn add(
+        &self,
+        stream: Stream,
+        engine: Arc<Engine>,
+        members: Arc<dyn Membership>,
+    ) -> Arc<Stream> {
+        let mut open = self.open.locked();
+        if let Some(s) = open.get(&stream.file) {
+            if s.manifest.id() == stream.manifest.id() {
+                return s.clone();
+            }
+        }
+        let mut stream = stream;
+        // Its workers stop with the daemon, or when its cache is evicted or replaced.
+        stream.stop = self.cancel.child_token();
+        let s = Arc::new(stream);
+        if let Some(replaced) = open.insert(s.file.clone(), s.clone()) {
+            replaced.stop.cancel();
+        }
+        self.make_room(&mut open, &s);
+        if !s.complete() {
+            self.tasks
+                .spawn(s.clone().fill(engine, members, s.stop.clone()));
+        }
+        s
+    }
+
+    /// Evicts the caches of streams nobody has played for [`IDLE`], least recently used
+    /// first, until what `new` may still need fits in the budget beside the rest. A
+    /// stream being played (or just opened) is never evicted, even past the budget.
+    fn make_room(&self, open: &mut HashMap<String, Arc<Stream>>, new: &Stream) {
+        let now = crate::base::clock::now_secs();
+        let Ok(dir) = std::fs::read_dir(&self.cache_dir) else {
+            return;
+        };
+        let new_id = new.manifest.id();
+        let used: HashMap<String, u64> = open
+            .values()
+            .map(|s| (s.manifest.id(), s.last_used.load(Ordering::Relaxed)))
+            .collect();
+        let entries: Vec<CacheEntry> = dir
+            .flatten()
+            .filter_map(|e| {
+                let id = e.file_name().to_string_lossy().into_owned();
+                let meta = e.metadata().ok().filter(|m| m.is_file())?;
+                use std::os::unix::fs::MetadataExt;
+                let last_used = used.get(&id).copied().unwrap_or(meta.mtime().max(0) as u64);
+                Some(CacheEntry {
+                    // Sparse files: what is on disk, not their length.
+                    bytes: meta.blocks() * 512,
+                    busy: id == new_id || now.saturating_sub(last_used) < IDLE,
+                    last_used,
+                    id,
+                })
+            })
+            .collect();
+        let need = new
+            .manifest
+            .size
+            .saturating_sub(new.progress.done.load(Ordering::Relaxed));
+        let evicted = evictions(&entries, self.budget, need);
+        open.retain(|_, s| {
+            let keep = !evicted.contains(&s.manifest.id());
+            if !keep {
+                s.stop.cancel();
+            }
+            keep
+        });
+        for id in evicted {
+            match std::fs::remove_file(self.cache_dir.join(&id)) {
+                Ok(()) => log::info!("watch: evicted the cache of {id} (over the budget)"),
+                Err(e) => log::warn!("watch: cannot evict the cache of {id}: {e}"),
+            }
+        }
+    }
+
+    /// The URL a player opens for `stream`, valid while the stream is open.
+    pub fn url(&self, stream: &Stream) -> Option<String> {
+        let token = stream.token.to_hex();
+        let at = (*self.endpoint.locked())?;
+        let path: String = stream
+            .file
+            .split('/')
+            .map(|seg| form_urlencoded::byte_serialize(seg.as_bytes()).collect::<String>())
+            .collect::<Vec<_>>()
+            .join("/");
+        Some(format!("http://{at}/{token}/{path}"))
+    }
+}
+
+/// A response body fed by a task as chunks arrive.
+pub struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+type Body = Either<Full<Bytes>, ChannelBody>;
+
+fn plain(status: StatusCode, text: &str) -> Response<Body> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(text.to_string()))));
+    *r.status_mut() = status;
+    r
+}
+
+fn content_type(file: &str) -> &'static str {
+    match file
+        .rsplit('.')
+        .next()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("mp4" | "m4v") => "video/mp4",
+        Some("mkv") => "video/x-matroska",
+        Some("webm") => "video/webm",
+        Some("mp3") => "audio/mpeg",
+        _ => "application/octet-stream",
+    }
+}
+
+/// True when `host` (a `Host` header or a URI's authority) names the endpoint listening
+/// on `port` by a loopback name: `127.0.0.1`, `[::1]` or `localhost`, with the port (which
+/// may be left out only for port 80). A page that a browser loaded from `evil.example`,
+/// whose name was then pointed at 127.0.0.1 (DNS rebinding), sends `Host: evil.example`.
+pub fn loopback_host(host: &str, port: u16) -> bool {
+    let (name, rest) = match host.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, rest)) => (&host[..addr.len() + 2], rest),
+            None => return false,
+        },
+        None => match host.rsplit_once(':') {
+            Some((name, _)) => (name, &host[name.len()..]),
+            None => (host, ""),
+        },
+    };
+    let named = name == "127.0.0.1" || name == "[::1]" || name.eq_ignore_ascii_case("localhost");
+    let port_ok = match rest.strip_prefix(':') {
+        Some(p) => p.parse::<u16>().ok() == Some(port) && !p.starts_with('+'),
+        None => rest.is_empty() && port == 80,
+    };
+    named && port_ok
+}
+
+/// Every stream's URL answers the same for a wrong token, a closed stream and a path
+/// that is not the token's: a local user learns nothing by guessing.
+fn no_stream() -> Response<Body> {
+    plain(
+        StatusCode::NOT_FOUND,
+        "no open stream at this address: `watchalong watch SHARE/PATH` gives one\n",
+    )
+}
+
+async fn handle(streams: Arc<Streams>, req: Request<Incoming>, port: u16) -> Response<Body> {
+    let host_ok = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| loopback_host(h, port))
+        && req
+            .uri()
+            .authority()
+            .is_none_or(|a| loopback_host(a.as_str(), port));
+    if !host_ok {
+        return plain(
+            StatusCode::FORBIDDEN,
+            "refused: this endpoint serves players on this machine, addressed as 127.0.0.1, [::1] or localhost with its port\n",
+        );
+    }
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+    }
+    let full = req.uri().path().trim_start_matches('/');
+    let Some((token, rest)) = full.split_once('/') else {
+        return no_stream();
+    };
+    let Some(s) = streams.by_token(token) else {
+        return no_stream();
+    };
+    let file: String = rest
+        .split('/')
+        .map(|seg| {
+            form_urlencoded::parse(format!("x={seg}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default()
+        })
+        .collect::<Vec<_>>()
+        .join("/");
+    // The token opens its own stream only.
+    if file != s.file {
+        return no_stream();
+    }
+    let size = s.manifest.size;
+    let range = req
+        .headers()
+        .get(hyper::header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    let (start, end, status) = match range {
+        None => (0, size.saturating_sub(1), StatusCode::OK),
+        Some(h) => match crate::data::share::parse_range(h, size) {
+            Some((a, b)) => (a, b, StatusCode::PARTIAL_CONTENT),
+            None => {
+                let mut r = plain(StatusCode::RANGE_NOT_SATISFIABLE, "");
+                if let Ok(v) = format!("bytes */{size}").parse() {
+                    r.headers_mut().insert(hyper::header::CONTENT_RANGE, v);
+                }
+                return r;
+            }
+        },
+    };
+    let len = if size == 0 { 0 } else { end - start + 1 };
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    if req.method() == hyper::Method::GET && len > 0 {
+        // Stops with the daemon or when the stream closes.
+        let cancel = s.stop.clone();
+        streams.tasks.spawn(async move {
+            let mut at = start;
+            while at <= end {
+                let got = tokio::select! {
+                    r = s.read(at, end + 1 - at) => r,
+                    () = cancel.cancelled() => return,
+                };
+                match got {
+                    // The player went away: stop reading for it.
+                    Ok(b) if !b.is_empty() => {
+                        at += b.len() as u64;
+                        if tx.send(b).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => return,
+                    Err(e) => {
+                        log::warn!("watch: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let mut r = Response::new(Either::Right(ChannelBody(rx)));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    let mut set = |k: hyper::header::HeaderName, v: String| {
+        if let Ok(v) = v.parse() {
+            h.insert(k, v);
+        }
+    };
+    set(hyper::header::CONTENT_LENGTH, len.to_string());
+    set(hyper::header::ACCEPT_RANGES, "bytes".into());
+    set(hyper::header::CONTENT_TYPE, content_type(&file).into());
+    if status == StatusCode::PARTIAL_CONTENT {
+        set(
+            hyper::header::CONTENT_RANGE,
+            format!("bytes {start}-{end}/{size}"),
+        );
+    }
+    r
+}
+
+/// Serves the streams on `listener` (bound by the caller to loopback) until `cancel`.
+pub async fn serve_local(listener: TcpListener, streams: Arc<Streams>, cancel: CancellationToken) {
+    crate::net::server::serve(
+        listener,
+        cancel,
+        crate::net::server::LOOPBACK,
+        |_local, _peer| true,
+        move |req, local: SocketAddr, _peer| {
+            let streams = streams.clone();
+            async move { handle(streams, req, local.port()).await }
+        },
+        || {},
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, mib: u64, last_used: u64, busy: bool) -> CacheEntry {
+        CacheEntry {
+            id: id.into(),
+            bytes: mib << 20,
+            last_used,
+            busy,
+        }
+    }
+
+    #[test]
+    fn the_least_recently_played_idle_caches_go_first_and_only_as_many_as_needed() {
+        let entries = [
+            entry("old", 3, 100, false),
+            entry("older", 3, 50, false),
+            entry("playing", 3, 10, true),
+            entry("recent", 3, 900, false),
+        ];
+        // 12 MiB held, 2 more wanted, 10 allowed: two idle ones go, oldest first.
+        assert_eq!(evictions(&entries, 10 << 20, 2 << 20), vec!["older", "old"]);
+        assert!(evictions(&entries, 14 << 20, 2 << 20).is_empty(), "it fits");
+        // Past the budget even without them, the one being played still stays.
+        assert_eq!(evictions(&entries, 0, 0), vec!["older", "old", "recent"]);
+    }
+
+    #[test]
+    fn a_new_stream_makes_room_by_evicting_idle_caches_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::new(dir.path().to_path_buf(), 3 << 20, CancellationToken::new());
+        let long_ago = std::time::SystemTime::now() - Duration::from_secs(IDLE * 3);
+        for (i, name) in ["a", "b"].iter().enumerate() {
+            let f = std::fs::File::create(dir.path().join(name)).unwrap();
+            std::io::Write::write_all(&mut &f, &vec![1u8; 1 << 20]).unwrap();
+            f.set_modified(long_ago + Duration::from_secs(i as u64))
+                .unwrap();
+        }
+        let manifest = Manifest {
+            share: "s".into(),
+            path: "new.bin".into(),
+            size: 2 << 20,
+            mtime: 0,
+            mode: 0o644,
+            chunk_size: 1 << 20,
+            chunks: vec!["x".into(), "y".into()],
+        };
+        let new = Stream::remote("s/new.bin", manifest, [0; 32], dir.path()).unwrap();
+        let mut open = HashMap::new();
+        streams.make_room(&mut open, &new);
+        // 2 MiB held and 2 MiB wanted against 3 MiB: the older one goes.
+        assert!(!dir.path().join("a").exists());
+        assert!(dir.path().join("b").exists());
+        assert!(dir.path().join(new.manifest.id()).exists());
+    }
+
+    #[test]
+    fn only_a_loopback_host_with_the_endpoints_port_is_accepted() {
+        for ok in [
+            "127.0.0.1:8000",
+            "[::1]:8000",
+            "localhost:8000",
+            "LocalHost:8000",
+        ] {
+            assert!(loopback_host(ok, 8000), "{ok} refused");
+        }
+        for bad in [
+            "evil.example:8000",
+            "evil.example",
+            "127.0.0.1:8001",
+            "127.0.0.1",
+            "127.0.0.1:+8000",
+            "localhost.:8000",
+            "localhost.evil.example:8000",
+            "127.0.0.1.evil.example:8000",
+            "[::1",
+            "[::2]:8000",
+            "[::1]x:8000",
+            "127.0.0.1:8000:8000",
+            "",
+        ] {
+            assert!(!loopback_host(bad, 8000), "{bad} accepted");
+        }
+        // Port 80 is the one a client may leave out.
+        assert!(loopback_host("localhost", 80));
+        assert!(loopback_host("[::1]", 80));
+    }
+
+    fn manifest(path: &str) -> Manifest {
+        Manifest {
+            share: "s".into(),
+            path: path.into(),
+            size: 4,
+            mtime: 0,
+            mode: 0o644,
+            chunk_size: 1 << 20,
+            chunks: vec!["x".into()],
+        }
+    }
+
+    /// Opens `s/NAME` (held locally) in `streams`; returns its URL token.
+    fn open(streams: &Streams, dir: &std::path::Path, name: &str) -> String {
+        let path = dir.join(name);
+        std::fs::write(&path, b"film").unwrap();
+        let s = Stream::local(&format!("s/{name}"), manifest(name), [0; 32], path).unwrap();
+        streams
+            .open
+            .lock()
+            .unwrap()
+            .insert(s.file.clone(), Arc::new(s));
+        let url = streams
+            .url(&streams.get(&format!("s/{name}")).unwrap())
+            .unwrap();
+        url.split('/').nth(3).unwrap().to_string()
+    }
+
+    #[test]
+    fn each_stream_has_its_own_token_which_dies_when_the_stream_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::new(dir.path().join("c"), 0, CancellationToken::new());
+        *streams.endpoint.lock().unwrap() = Some(([127, 0, 0, 1], 8000).into());
+        let (a, b) = (
+            open(&streams, dir.path(), "a"),
+            open(&streams, dir.path(), "b"),
+        );
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 64, "{a}");
+        assert_eq!(streams.by_token(&a).unwrap().file, "s/a");
+        assert_eq!(streams.by_token(&b).unwrap().file, "s/b");
+        assert!(streams.by_token("00").is_none());
+        assert!(streams.by_token(&"0".repeat(64)).is_none());
+        let closed = streams.get("s/a").unwrap();
+        assert!(streams.close("s/a"));
+        assert!(
+            streams.by_token(&a).is_none(),
+            "a closed stream's token still opens it"
+        );
+        assert!(closed.stop.is_cancelled(), "its readers would go on");
+        assert!(streams.by_token(&b).is_some());
+        // Opened again, the same file gets a new token.
+        assert_ne!(open(&streams, dir.path(), "a"), a);
+    }
+
+    #[test]
+    fn an_idle_stream_closes_unless_a_player_reported_on_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::new(dir.path().join("c"), 0, CancellationToken::new());
+        *streams.endpoint.lock().unwrap() = Some(([127, 0, 0, 1], 8000).into());
+        open(&streams, dir.path(), "unplayed");
+        open(&streams, dir.path(), "played");
+        streams.get("s/played").unwrap().set_played(true);
+        let now = crate::base::clock::now_secs();
+        streams.close_idle(now + IDLE - 1);
+        assert!(
+            streams.get("s/unplayed").is_some(),
+            "closed before it was idle"
+        );
+        streams.close_idle(now + IDLE + 1);
+        assert!(streams.get("s/unplayed").is_none());
+        assert!(streams.get("s/played").is_some(), "its player has not left");
+        // A player gone quiet without leaving: idle rules apply again.
+        streams.get("s/played").unwrap().set_played(false);
+        streams.close_idle(now + IDLE + 1);
+        assert!(streams.get("s/played").is_none());
+    }
+
+    #[test]
+    fn chunks_come_from_the_playhead_on_then_from_the_start() {
+        let have = [true, false, false, true, false, false];
+        let mut busy = [false; 6];
+        assert_eq!(next_wanted(&have, &busy, 3), Some(4));
+        busy[4] = true;
+        assert_eq!(next_wanted(&have, &busy, 3), Some(5));
+        busy[5] = true;
+        assert_eq!(next_wanted(&have, &busy, 3), Some(1));
+        assert_eq!(next_wanted(&[true; 3], &[false; 3], 1), None);
+        assert_eq!(next_wanted(&[], &[], 0), None);
+        assert_eq!(next_wanted(&[false, false], &[false; 2], 9), Some(0));
+    }
+}
