@@ -6,7 +6,11 @@
 //! the same way, with an error, so that systemd restarts it. What the node does lives in
 //! [`crate::daemon::node`]; protocol rules live in the pure modules.
 
+pub mod api_errors;
+pub mod directory;
+pub mod members;
 pub mod node;
+pub mod peers;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -22,7 +26,10 @@ use crate::base::config::Config;
 use crate::base::lock::Recover;
 use crate::base::state::{self, StateError};
 use crate::control;
-use crate::daemon::node::{hosted_group, Book, Node, Parts, GROUP_FILE, INVITES_FILE};
+use crate::daemon::members::{hosted_group, GROUP_FILE, INVITES_FILE};
+use crate::daemon::node::{Book, Node, Parts};
+use crate::sync::apply::Executor;
+use crate::sync::folder::SyncShare;
 use crate::data::share::Shares;
 use crate::data::transfer::{self, Engine};
 use crate::group::gossip::{Gossip, GossipMessage};
@@ -251,10 +258,7 @@ async fn run_gossip(node: Arc<Node>, mut rx: mpsc::Receiver<GossipIn>, cancel: C
                 node.send(out).await;
             }
             _ = announce.tick() => {
-                let out = {
-                    let mut book = node.book();
-                    node.refresh_announcement(&mut book, None, &mut rng)
-                };
+                let out = node.refresh_announcement(None, &mut rng);
                 if !out.is_empty() {
                     node.sync_tunnel().await;
                 }
@@ -272,17 +276,17 @@ async fn run_gossip(node: Arc<Node>, mut rx: mpsc::Receiver<GossipIn>, cancel: C
 /// [`crate::sync::folder::SCAN_EVERY`] in case an event was missed; announces changes; applies
 /// what others announce.
 async fn run_sync(
-    node: Arc<Node>,
+    sync: Arc<Executor>,
     mut rx: mpsc::Receiver<(crate::group::identity::Key, bytes::Bytes)>,
     cancel: CancellationToken,
 ) {
-    if node.syncs.is_empty() {
+    if sync.shares().is_empty() {
         cancel.cancelled().await;
         return;
     }
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
     // Kept alive for as long as the loop runs; dropping it stops the watch.
-    let _watcher = watch_shares(&node, changed_tx);
+    let _watcher = watch_shares(sync.shares(), changed_tx);
     let mut scan = tokio::time::interval(crate::sync::folder::SCAN_EVERY);
     let mut full = tokio::time::interval(SYNC_FULL_ROUND);
     // At start, then hourly: a version kept 30 days needs no finer clock.
@@ -298,13 +302,13 @@ async fn run_sync(
                         _ => break,
                     }
                 }
-                node.sync_scan(false).await;
+                sync.scan(false).await;
             }
-            _ = scan.tick() => node.sync_scan(false).await,
-            _ = full.tick() => node.sync_scan(true).await,
-            _ = prune.tick() => tokio::task::block_in_place(|| node.prune_versions()),
+            _ = scan.tick() => sync.scan(false).await,
+            _ = full.tick() => sync.scan(true).await,
+            _ = prune.tick() => sync.prune_versions().await,
             m = rx.recv() => match m {
-                Some((from, body)) => node.sync_apply(from, body).await,
+                Some((from, body)) => sync.apply(from, body).await,
                 None => return,
             },
             () = cancel.cancelled() => return,
@@ -330,7 +334,10 @@ async fn run_rooms(node: Arc<Node>, cancel: CancellationToken) {
 }
 
 /// An inotify watch on every read-write share; `None` (polling only) if it cannot be set.
-fn watch_shares(node: &Node, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+fn watch_shares(
+    shares: &[Arc<SyncShare>],
+    tx: mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let mut w = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else {
@@ -360,7 +367,7 @@ fn watch_shares(node: &Node, tx: mpsc::Sender<()>) -> Option<notify::Recommended
     })
     .map_err(|e| log::warn!("no file watcher ({e}); changes are found by polling"))
     .ok()?;
-    for s in &node.syncs {
+    for s in shares {
         if let Err(e) = w.watch(&s.root, notify::RecursiveMode::Recursive) {
             log::warn!("cannot watch {}: {e}; polling it", s.root.display());
         }
@@ -480,10 +487,7 @@ pub async fn run(
     }));
     node.set_self();
     node.sync_tunnel().await;
-    let first = {
-        let mut book = node.book();
-        node.refresh_announcement(&mut book, None, &mut rand::thread_rng())
-    };
+    let first = node.refresh_announcement(None, &mut rand::thread_rng());
     node.send(first).await;
 
     let mut tasks = Supervisor::new();
@@ -529,9 +533,20 @@ pub async fn run(
         });
     }
     {
-        let (n, c) = (node.clone(), cancel.clone());
+        // Sync's executor reaches the members through the node; the node does not hold
+        // it, so nothing points back.
+        let sync = Arc::new(Executor::new(
+            public_key,
+            engine.clone(),
+            node.clone(),
+            node.syncs.clone(),
+            config.sync.clone(),
+            node.tasks.clone(),
+            cancel.clone(),
+        ));
+        let c = cancel.clone();
         tasks.spawn("sync", async move {
-            run_sync(n, sync_rx, c).await;
+            run_sync(sync, sync_rx, c).await;
             Ok(())
         });
     }

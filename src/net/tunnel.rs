@@ -79,14 +79,35 @@ pub struct PeerConfig {
     pub candidates: Vec<SocketAddr>,
 }
 
+/// How packets reach a peer now; in JSON `direct`, `via-host` or `down`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PathKind {
+    /// A session of our own with it, live.
+    Direct,
+    /// No live session of our own, but the host that carries its traffic is live.
+    ViaHost,
+    Down,
+}
+
+impl PathKind {
+    /// The name JSON gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathKind::Direct => "direct",
+            PathKind::ViaHost => "via-host",
+            PathKind::Down => "down",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PeerStatus {
     pub name: String,
     pub public_key: String,
     pub address: Ipv4Addr,
     pub endpoint: Option<SocketAddr>,
-    /// `direct`, `via-host` or `down`.
-    pub path: String,
+    pub path: PathKind,
     /// Round trip of the last handshake, in milliseconds.
     pub rtt_ms: Option<u32>,
     /// Unix time of the last completed handshake.
@@ -463,18 +484,18 @@ impl Tunnel {
                 let ago = since.map(|d| d.as_secs());
                 let carrier = st.carrier(k, now);
                 let path = if p.live(now) {
-                    "direct"
+                    PathKind::Direct
                 } else if carrier != *k && st.peers.get(&carrier).is_some_and(|c| c.live(now)) {
-                    "via-host"
+                    PathKind::ViaHost
                 } else {
-                    "down"
+                    PathKind::Down
                 };
                 PeerStatus {
                     name: p.config.name.clone(),
                     public_key: crate::group::identity::key_to_base64(k),
                     address: p.config.address,
                     endpoint: p.config.endpoint,
-                    path: path.into(),
+                    path,
                     rtt_ms: rtt,
                     last_handshake: ago.map(|a| unix_now.saturating_sub(a)),
                     last_handshake_secs_ago: ago,

@@ -3,6 +3,7 @@
 //! May import `base`, `group`, `net` and `data`; must not import `watch`, `control` or
 //! `daemon`.
 
+pub mod apply;
 pub mod folder;
 pub mod index;
 pub mod kept;

@@ -1,0 +1,540 @@
+//! The node among its members: the tunnel's peers kept in step with the membership, this
+//! node's signed announcement of its endpoints, gossip in and out, and the writes of the
+//! group file. The gossip rules are [`crate::group::gossip`]'s and the records'
+//! [`crate::group::mesh`]'s; this module sequences them with the tunnel and the disk. It
+//! spawns nothing, and does no slow work (interface scans, file writes) under the book
+//! lock that every chunk request takes: it snapshots under the lock and writes outside.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::base::clock::now_ms;
+use crate::base::lock::Recover;
+use crate::base::state::{self, StateError};
+use crate::control::GossipReply;
+use crate::daemon::members::GROUP_FILE;
+use crate::daemon::node::{Book, Node};
+use crate::group::gossip::{Event, GossipMessage, Outgoing};
+use crate::group::identity::{self, key_to_base64, Key};
+use crate::group::mesh::{self, Announcement, MemberRecord};
+use crate::group::place::Group;
+use crate::net::tunnel::{PathKind, PeerConfig};
+
+/// How often the host signs a member's observed endpoint again when only its port moved.
+const OBSERVED_PORT_EVERY: Duration = Duration::from_secs(60);
+
+/// The group file's writes, made outside the book lock in the order their snapshots
+/// were taken under it.
+#[derive(Default)]
+pub struct GroupSaver {
+    /// The stamp of the last snapshot taken; only ever bumped under the book lock, so
+    /// stamps follow the order of the group's changes.
+    taken: AtomicU64,
+    /// The stamp of the newest snapshot written. Held while one is written: writes never
+    /// overlap (they share a temporary file), and one older than what is on disk is
+    /// dropped instead of landing after a newer one.
+    written: Mutex<u64>,
+}
+
+/// The group as it stood when the snapshot was taken, and when that was.
+pub struct GroupSnapshot {
+    stamp: u64,
+    group: Group,
+}
+
+impl GroupSaver {
+    /// Copies `group`; call it under the book lock that guards `group`.
+    pub fn take(&self, group: &Group) -> GroupSnapshot {
+        GroupSnapshot {
+            stamp: self.taken.fetch_add(1, Ordering::SeqCst) + 1,
+            group: group.clone(),
+        }
+    }
+
+    /// Writes `snap` to `path` unless a newer snapshot is there already. True when
+    /// written.
+    pub fn write(&self, path: &Path, snap: &GroupSnapshot) -> Result<bool, StateError> {
+        let mut written = self.written.locked();
+        if *written > snap.stamp {
+            return Ok(false);
+        }
+        state::write_json(path, &snap.group)?;
+        *written = snap.stamp;
+        Ok(true)
+    }
+}
+
+impl Node {
+    /// Writes `group` now. For the changes that must be on disk before they count (a
+    /// join, a removal): the caller holds the book lock, so the write stays in order with
+    /// the snapshots taken under it.
+    pub(super) fn save_group(&self, group: &Group) -> Result<(), StateError> {
+        let snap = self.saver.take(group);
+        self.saver.write(&self.path(GROUP_FILE), &snap).map(|_| ())
+    }
+
+    /// Writes a snapshot taken under the book lock; call it after the lock is let go.
+    /// A failure is logged: the next change writes the group again.
+    pub(super) fn write_group(&self, snap: Option<GroupSnapshot>) {
+        if let Some(snap) = snap {
+            if let Err(e) = self.saver.write(&self.path(GROUP_FILE), &snap) {
+                log::warn!("{e}");
+            }
+        }
+    }
+
+    pub fn invite_keys(book: &Book) -> HashSet<Key> {
+        book.invites.invites.iter().map(|r| r.public_key).collect()
+    }
+
+    fn host_key(&self, book: &Book) -> Option<Key> {
+        let h = book.group.mesh.host_wg;
+        (h != self.public_key).then_some(h)
+    }
+
+    /// Points the tunnel at this node's address and host, and its peers at the members.
+    pub async fn sync_tunnel(&self) {
+        let (desired, me, host) = {
+            let book = self.book();
+            (
+                self.desired_peers(&book),
+                book.group.my_address,
+                self.host_key(&book),
+            )
+        };
+        self.tunnel.set_local(me, host);
+        let keep: HashSet<Key> = desired.iter().map(|p| p.public_key).collect();
+        // A removed member's pair keys and nonce memory go with it.
+        self.engine.proofs().retain(|k| keep.contains(k));
+        for k in self.tunnel.peer_keys() {
+            if !keep.contains(&k) && self.tunnel.remove_peer(&k) {
+                log::info!("tunnel to {} closed", key_to_base64(&k));
+            }
+        }
+        for p in desired {
+            self.tunnel.upsert_peer(p).await;
+        }
+    }
+
+    pub(super) fn my_site(&self, book: &Book) -> Option<IpAddr> {
+        book.group.mesh.site_of(&self.public_key)
+    }
+
+    /// A peer for every active member but this node, knocking at its LAN addresses when
+    /// it is behind the same public IP, else at its public endpoint.
+    fn desired_peers(&self, book: &Book) -> Vec<PeerConfig> {
+        let g = &book.group;
+        let my_site = self.my_site(book);
+        let mut v: Vec<PeerConfig> = g
+            .mesh
+            .active()
+            .filter(|m| m.wg_key != self.public_key)
+            // Even a host-signed record never routes an address outside the group's
+            // network, nor this node's own, to a peer.
+            .filter(|m| routable(g, m.address))
+            .map(|m| {
+                let ann = g.mesh.announcement(&m.wg_key);
+                let nearby = my_site.is_some() && g.mesh.site_of(&m.wg_key) == my_site;
+                // Where the host saw it before where it says it is.
+                let candidates = match ann {
+                    Some(a) if nearby => a.lan.clone(),
+                    _ => m
+                        .observed
+                        .or_else(|| ann.and_then(|a| a.public_endpoint))
+                        .into_iter()
+                        .collect(),
+                };
+                PeerConfig {
+                    public_key: m.wg_key,
+                    name: m.name.clone(),
+                    address: m.address,
+                    endpoint: g.endpoints.get(&key_to_base64(&m.wg_key)).copied(),
+                    candidates,
+                }
+            })
+            .collect();
+        v.extend(g.static_peers.iter().map(|p| PeerConfig {
+            public_key: p.public_key,
+            name: p.name.clone(),
+            address: p.address,
+            endpoint: p.endpoint,
+            candidates: p.endpoint.into_iter().collect(),
+        }));
+        v
+    }
+
+    /// This node's own addresses (not the VPN's) on its listen port. The interface scan
+    /// runs outside the book lock, which is taken only to read the group's network.
+    pub(super) fn own_endpoints(&self) -> Vec<SocketAddr> {
+        let network = self.book().group.network;
+        let ips = if_addrs::get_if_addrs()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| !i.is_loopback())
+            .map(|i| i.ip());
+        lan_endpoints(ips, network, self.config.tunnel.listen_port)
+    }
+
+    /// Signs and spreads a new announcement of this node's endpoints when they changed.
+    /// `observed` is where the host sees this node (on the host: its own endpoint).
+    pub fn refresh_announcement(
+        &self,
+        observed: Option<SocketAddr>,
+        rng: &mut impl rand::Rng,
+    ) -> Vec<Outgoing> {
+        let own = self.own_endpoints();
+        let (out, snap) = {
+            let mut book = self.book();
+            match self.announce(&mut book, own, observed, rng) {
+                Some(out) => (out, Some(self.saver.take(&book.group))),
+                None => (Vec::new(), None),
+            }
+        };
+        self.write_group(snap);
+        out
+    }
+
+    /// The announcement part of [`Node::refresh_announcement`], under the book lock, with
+    /// this node's addresses `own` read before it: what to send, or `None` when nothing
+    /// changed (and the group needs no write).
+    fn announce(
+        &self,
+        book: &mut Book,
+        own: Vec<SocketAddr>,
+        observed: Option<SocketAddr>,
+        rng: &mut impl rand::Rng,
+    ) -> Option<Vec<Outgoing>> {
+        let held = book.group.mesh.announcement(&self.public_key).cloned();
+        let public_endpoint = observed
+            .or_else(|| held.as_ref().and_then(|a| a.public_endpoint))
+            .or_else(|| {
+                (book.group.is_host(&self.public_key))
+                    .then(|| self.configured_endpoint().or_else(|| own.first().copied()))
+                    .flatten()
+            });
+        // Members take only private LAN addresses, a few of them (mesh::lan_allowed).
+        let lan: Vec<SocketAddr> = own
+            .into_iter()
+            .filter(mesh::lan_allowed)
+            .take(mesh::MAX_LAN)
+            .collect();
+        let shares = self.engine.shares.names();
+        let relay_port = Some(self.engine.relay_port());
+        if let Some(h) = &held {
+            if h.lan == lan
+                && h.public_endpoint == public_endpoint
+                && h.shares == shares
+                && h.relay_port == relay_port
+            {
+                return None;
+            }
+        }
+        let ann = Announcement {
+            wg_key: self.public_key,
+            seq: u64::try_from(now_ms())
+                .unwrap_or(0)
+                .max(held.map(|h| h.seq + 1).unwrap_or(0)),
+            public_endpoint,
+            lan,
+            relay_port,
+            shares,
+        };
+        let signed = mesh::sign_announcement(&self.signing, &ann);
+        let Book { group, gossip, .. } = book;
+        let (out, _) = gossip.publish(
+            &mut group.mesh,
+            GossipMessage::Announce {
+                announcement: signed,
+            },
+            rng,
+        );
+        Some(out)
+    }
+
+    fn configured_endpoint(&self) -> Option<SocketAddr> {
+        self.config
+            .tunnel
+            .endpoint
+            .as_ref()
+            .and_then(|e| e.parse().ok())
+    }
+
+    /// The payload of a gossip datagram from member `from`, when its daemon sealed it;
+    /// anything else (a datagram another user on that member sent from its address) is
+    /// counted and dropped.
+    pub fn open_gossip<'a>(&self, from: &Key, datagram: &'a [u8]) -> Option<&'a [u8]> {
+        static LOG: crate::base::logging::Throttle =
+            crate::base::logging::Throttle::new(Duration::from_secs(10));
+        match self.engine.proofs().open_gossip(from, datagram) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                self.refused_gossip
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Some(held) = LOG.allow() {
+                    log::info!(
+                        "refused a gossip datagram from {}'s address: {e} ({held} more refused before)",
+                        key_to_base64(from)
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Applies a gossip message from member `from`; returns what to send.
+    pub fn on_gossip(
+        &self,
+        from: Key,
+        msg: GossipMessage,
+        rng: &mut impl rand::Rng,
+    ) -> (Vec<Outgoing>, bool) {
+        // Only the host's word on where it sees us leads to a new announcement (the
+        // gossip core drops anyone else's): only then are the interfaces scanned, and
+        // before the lock is taken.
+        let own = (matches!(msg, GossipMessage::Observed { .. })
+            && self.book().group.mesh.host_wg == from)
+            .then(|| self.own_endpoints());
+        let (out, membership_changed, snap) = {
+            let mut book = self.book();
+            let Book { group, gossip, .. } = &mut *book;
+            let (mut out, events) = gossip.receive(&mut group.mesh, from, msg, rng);
+            let mut membership_changed = false;
+            let mut announced = false;
+            for ev in &events {
+                match ev {
+                    Event::Member(rec) => {
+                        membership_changed = true;
+                        if rec.wg_key == self.public_key && rec.revoked {
+                            log::warn!("this node was removed from the group by its host");
+                        } else if rec.revoked {
+                            log::info!("{} was removed from the group", rec.name);
+                        } else {
+                            log::info!("{} ({}) is a member", rec.name, rec.address);
+                        }
+                    }
+                    Event::Announcement(_) => membership_changed = true,
+                    Event::Observed(ep) => {
+                        let own = own.clone().unwrap_or_default();
+                        if let Some(pushes) = self.announce(&mut book, own, Some(*ep), rng) {
+                            announced = true;
+                            out.extend(pushes);
+                        }
+                    }
+                }
+            }
+            let snap = (membership_changed || announced).then(|| self.saver.take(&book.group));
+            (out, membership_changed, snap)
+        };
+        self.write_group(snap);
+        (out, membership_changed)
+    }
+
+    /// One anti-entropy round, and on the host, telling members where it sees them.
+    pub fn gossip_round(&self, rng: &mut impl rand::Rng) -> Vec<Outgoing> {
+        let reachable = self.tunnel.reachable();
+        let seen = self.tunnel.status();
+        let mut book = self.book();
+        let Book { group, gossip, .. } = &mut *book;
+        gossip.set_reachable(reachable.clone());
+        let mut out = gossip.tick(&group.mesh, &reachable, rng);
+        let mut snap = None;
+        if group.is_host(&self.public_key) {
+            let mut observed_changed = false;
+            for p in seen.iter().filter(|p| p.path == PathKind::Direct) {
+                let (Some(key), Some(ep)) = (identity::key_from_base64(&p.public_key), p.endpoint)
+                else {
+                    continue;
+                };
+                let Some(rec) = group.mesh.member(&key).filter(|r| !r.revoked).cloned() else {
+                    continue;
+                };
+                // The host signs where it sees each member: that, not the member's own
+                // announcement, places it in a site. A new public IP (a new site) is
+                // signed at once; a port that moves (a NAT's mapping) at most once a
+                // minute, so a member hopping ports cannot make every node re-sign and
+                // rewrite its group file every second.
+                let ip_moved = rec.observed.map(|o| o.ip()) != Some(ep.ip());
+                let port_moved = rec.observed != Some(ep);
+                let now = std::time::Instant::now();
+                let mut last = self.observed_signed.locked();
+                let due = last
+                    .get(&key)
+                    .is_none_or(|t| now.duration_since(*t) >= OBSERVED_PORT_EVERY);
+                if (ip_moved || (port_moved && due)) && key != self.public_key {
+                    last.insert(key, now);
+                    drop(last);
+                    let rec = MemberRecord {
+                        version: rec.version.saturating_add(1),
+                        observed: Some(ep),
+                        ..rec
+                    };
+                    let record = mesh::sign_member(&self.signing, &rec);
+                    let (pushes, _) =
+                        gossip.publish(&mut group.mesh, GossipMessage::Member { record }, rng);
+                    out.extend(pushes);
+                    observed_changed = true;
+                } else {
+                    drop(last);
+                }
+                let announced = group
+                    .mesh
+                    .announcement(&key)
+                    .and_then(|a| a.public_endpoint);
+                if announced != Some(ep) {
+                    out.push(Outgoing {
+                        to: key,
+                        msg: GossipMessage::Observed { endpoint: ep },
+                    });
+                }
+            }
+            if observed_changed {
+                snap = Some(self.saver.take(group));
+            }
+        }
+        drop(book);
+        self.write_group(snap);
+        out
+    }
+
+    /// Keeps the persisted endpoints in step with the tunnel's roaming.
+    pub fn save_endpoints(&self) {
+        let seen = self.tunnel.status();
+        let snap = {
+            let mut book = self.book();
+            let mut changed = false;
+            for p in seen {
+                if let Some(ep) = p.endpoint {
+                    if book.group.endpoints.get(&p.public_key) != Some(&ep) {
+                        book.group.endpoints.insert(p.public_key, ep);
+                        changed = true;
+                    }
+                }
+            }
+            changed.then(|| self.saver.take(&book.group))
+        };
+        self.write_group(snap);
+    }
+
+    pub async fn send(&self, out: Vec<Outgoing>) {
+        let mut total = 0u64;
+        for o in out {
+            match serde_json::to_vec(&o.msg) {
+                Ok(bytes) => {
+                    total += bytes.len() as u64;
+                    match self.engine.proofs().seal_gossip(&o.to, &bytes) {
+                        Ok(sealed) => self.tunnel.send_gossip(&o.to, &sealed).await,
+                        Err(e) => log::debug!("gossip to {}: {e}", key_to_base64(&o.to)),
+                    }
+                }
+                Err(e) => log::warn!("cannot encode gossip: {e}"),
+            }
+        }
+        if total > 0 {
+            self.book().gossip.stats.sent_bytes += total;
+        }
+    }
+
+    pub(super) fn gossip_reply(&self) -> GossipReply {
+        let book = self.book();
+        GossipReply {
+            view: book.group.mesh.view_hash(),
+            members: book.group.mesh.active().count(),
+            revoked: book.group.mesh.members().filter(|m| m.revoked).count(),
+            forwarded_packets: self.tunnel.forwarded_count(),
+            stats: book.gossip.stats.clone(),
+        }
+    }
+}
+
+/// Whether traffic for `address` may be sent to the member the host gave it: only inside
+/// the group's network, and never this node's own address.
+pub(super) fn routable(group: &Group, address: Ipv4Addr) -> bool {
+    group.network.contains(&address) && address != group.my_address
+}
+
+/// The IPv4 addresses among `ips` that others could reach this node at (outside the VPN
+/// network, not link-local), on `port`, sorted and without repeats.
+fn lan_endpoints(
+    ips: impl Iterator<Item = IpAddr>,
+    network: ipnet::Ipv4Net,
+    port: u16,
+) -> Vec<SocketAddr> {
+    let mut v: Vec<SocketAddr> = ips
+        .filter_map(|ip| match ip {
+            IpAddr::V4(a) if !network.contains(&a) && !a.is_link_local() => {
+                Some(SocketAddr::new(IpAddr::V4(a), port))
+            }
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::config::Config;
+    use crate::daemon::members::hosted_group;
+    use ed25519_dalek::SigningKey;
+
+    fn group_named(name: &str) -> Group {
+        let mut config = Config::default();
+        config.node.name = name.into();
+        hosted_group(&config, [1; 32], &SigningKey::from_bytes(&[1; 32]))
+    }
+
+    #[test]
+    fn no_address_outside_the_group_network_nor_our_own_is_routed_to_a_member() {
+        let group = group_named("living-room");
+        assert!(routable(&group, "100.77.0.2".parse().unwrap()));
+        assert!(!routable(&group, "1.1.1.1".parse().unwrap()));
+        assert!(!routable(&group, "100.78.0.2".parse().unwrap()));
+        assert!(!routable(&group, group.my_address));
+    }
+
+    #[test]
+    fn an_older_group_snapshot_written_after_a_newer_one_does_not_replace_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(GROUP_FILE);
+        let saver = GroupSaver::default();
+        let older = saver.take(&group_named("older"));
+        let newer = saver.take(&group_named("newer"));
+        assert!(saver.write(&path, &newer).unwrap());
+        assert!(!saver.write(&path, &older).unwrap(), "the older one is dropped");
+        let on_disk: Group = state::read_json(&path).unwrap().unwrap();
+        assert_eq!(on_disk.host_name, "newer");
+        // In order, each lands.
+        let next = saver.take(&group_named("next"));
+        assert!(saver.write(&path, &next).unwrap());
+        let on_disk: Group = state::read_json(&path).unwrap().unwrap();
+        assert_eq!(on_disk.host_name, "next");
+    }
+
+    #[test]
+    fn own_endpoints_leave_out_the_vpn_network_link_local_and_ipv6_and_repeat_none() {
+        let ips: Vec<IpAddr> = [
+            "192.168.1.20",
+            "100.77.0.1",
+            "169.254.3.3",
+            "fd00::1",
+            "10.0.0.5",
+            "192.168.1.20",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let network = "100.77.0.0/24".parse().unwrap();
+        let got = lan_endpoints(ips.into_iter(), network, 51820);
+        let want: Vec<SocketAddr> = ["10.0.0.5:51820", "192.168.1.20:51820"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(got, want);
+    }
+}

@@ -1,0 +1,679 @@
+//! Sync's executor: what a node does with its read-write shares. It scans them and
+//! announces what changed, applies what members announce (the rules deciding what an
+//! announcement asks for are [`crate::sync::folder`]'s), runs the pull workers that fetch
+//! new versions into a staged partial file, keeps both sides of a conflict, and removes
+//! files for members' deletions keeping a version (pruned after `[sync]
+//! keep_versions_days`). It reaches members only through what it is given — the
+//! transfer engine and a [`Membership`] for the directory — and must not import the
+//! daemon or the control API. Its pull workers are tasks on the tracker it is given and
+//! hold the executor's `Arc`; the daemon owns the executor.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::base::clock::now_secs;
+use crate::base::config::SyncConfig;
+use crate::data::transfer::{self, Engine, Membership, Progress};
+use crate::group::identity::{key_id, Key};
+use crate::sync::folder::{Action, Announce, SyncShare};
+use crate::sync::versions::FileVersion;
+
+/// What the executor is given by whoever owns it.
+pub struct Executor {
+    /// This node's key: the scans stamp its changes with it.
+    me: Key,
+    engine: Arc<Engine>,
+    /// The members, for the directory (who holds a share, who is up) and for pulls.
+    members: Arc<dyn Membership>,
+    shares: Vec<Arc<SyncShare>>,
+    config: SyncConfig,
+    /// Where the announcements out and the pull workers run; the owner awaits it.
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Executor {
+    pub fn new(
+        me: Key,
+        engine: Arc<Engine>,
+        members: Arc<dyn Membership>,
+        shares: Vec<Arc<SyncShare>>,
+        config: SyncConfig,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Executor {
+        Executor {
+            me,
+            engine,
+            members,
+            shares,
+            config,
+            tasks,
+            cancel,
+        }
+    }
+
+    /// The read-write shares it keeps.
+    pub fn shares(&self) -> &[Arc<SyncShare>] {
+        &self.shares
+    }
+}
+
+impl Executor {
+    /// Scans every read-write share and announces what changed (or, with `all`,
+    /// everything held, so members that missed something catch up).
+    pub async fn scan(&self, all: bool) {
+        let me = key_id(&self.me);
+        for s in &self.shares {
+            // The walk and the hashing run on a blocking thread, not on the runtime's.
+            let (share, engine, me) = (s.clone(), self.engine.clone(), me.clone());
+            let changed = tokio::task::spawn_blocking(move || {
+                share.scan(&me, |rel| {
+                    engine
+                        .shares
+                        .manifest(&share.name, rel)
+                        .ok()
+                        .map(|m| m.id())
+                })
+            })
+            .await;
+            let changed = match changed {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    log::warn!("share {}: {e}", s.name);
+                    continue;
+                }
+                Err(e) => {
+                    log::error!("share {}: the scan failed: {e}", s.name);
+                    continue;
+                }
+            };
+            if !changed.is_empty() {
+                if let Err(e) = s.save() {
+                    log::warn!("share {}: {e}", s.name);
+                }
+            }
+            for v in &changed {
+                log::debug!("sync: {}/{} changed here ({:?})", s.name, v.path, v.vv);
+            }
+            let body = |versions: Vec<FileVersion>, ask_back: bool| {
+                serde_json::to_vec(&Announce {
+                    share: s.name.clone(),
+                    versions,
+                    ask_back,
+                })
+                .ok()
+            };
+            // A member not heard from since this node started gets everything, and is
+            // asked for everything it holds: what changed while one of us was down is
+            // caught up at once, not at the next full round.
+            let everything = body(s.all_versions(), true);
+            let routine = match (all, changed.is_empty()) {
+                (true, _) => body(s.all_versions(), false),
+                (false, false) => body(changed, false),
+                (false, true) => None,
+            };
+            // All members at once, and beside the sync loop: a member that is gone (each
+            // post to it waits out its timeout) must hold up neither the others nor the
+            // announcements coming in. Posts to one member overlap at most for as long
+            // as its timeout lasts past the next scan: a bounded few.
+            let dir = self.members.directory();
+            for p in dir
+                .peers
+                .iter()
+                .filter(|p| p.key != dir.me && p.up && p.shares.contains(&s.name))
+            {
+                let greet = !s.greeted(&p.key);
+                let Some(body) = (if greet { &everything } else { &routine }).clone() else {
+                    continue;
+                };
+                let (vpn, name, key, engine) = (p.vpn, p.name.clone(), p.key, self.engine.clone());
+                let share = s.clone();
+                self.tasks.spawn(async move {
+                    match engine.post(&key, vpn, "/v1/sync", body).await {
+                        Ok(_) => share.greet(key),
+                        Err(e) => log::debug!("sync announce to {name}: {e}"),
+                    }
+                });
+            }
+        }
+    }
+
+    /// Sends member `to` every version held in `s`: the answer to its greeting.
+    async fn answer(&self, s: &SyncShare, to: &transfer::Peer) {
+        let Ok(body) = serde_json::to_vec(&Announce {
+            share: s.name.clone(),
+            versions: s.all_versions(),
+            ask_back: false,
+        }) else {
+            return;
+        };
+        if let Err(e) = self.engine.post(&to.key, to.vpn, "/v1/sync", body).await {
+            log::debug!("sync answer to {}: {e}", to.name);
+        }
+    }
+
+    /// Applies what member `from` announced.
+    pub async fn apply(self: &Arc<Self>, from: Key, body: bytes::Bytes) {
+        let Ok(a) = serde_json::from_slice::<Announce>(&body) else {
+            return;
+        };
+        let Some(s) = self.shares.iter().find(|s| s.name == a.share).cloned() else {
+            return;
+        };
+        if !s.root_ok() {
+            let msg = s.unwritable().unwrap_or_else(|| {
+                format!(
+                    "{root} lacks its marker {m} (unmounted or emptied?): nothing is synced into \
+                 it and no deletion spreads from it until the marker is back; if the folder \
+                 is meant to be empty, `touch {root}/{m}` and its deletions will spread",
+                    root = s.root.display(),
+                    m = crate::sync::folder::MARKER
+                )
+            });
+            if s.set_error(Some(msg.clone())) {
+                log::error!("share {}: {msg}", s.name);
+            }
+            return;
+        }
+        let dir = self.members.directory();
+        let Some(peer) = dir.get(&from).cloned() else {
+            return;
+        };
+        if a.ask_back {
+            self.answer(&s, &peer).await;
+            s.greet(from);
+        }
+        // Nothing is queued or decided by a version whose numbers are absurd.
+        let mut versions = a.versions;
+        versions.retain(|v| match v.check() {
+            Ok(()) if s.leaps(v) => {
+                let e = format!(
+                    "{}: the announced version of {:?} leaps past the one held here",
+                    peer.name,
+                    v.path.chars().take(256).collect::<String>()
+                );
+                if s.set_error(Some(e.clone())) {
+                    log::warn!("sync: {e}");
+                }
+                false
+            }
+            Ok(()) => true,
+            Err(e) => {
+                if s.set_error(Some(format!("{}: {e}", peer.name))) {
+                    log::warn!("sync: {}: {e}", peer.name);
+                }
+                false
+            }
+        });
+        // A burst of deletions (a member's `rm -rf`) is held until someone says yes.
+        if let Some(reason) = s.screen_deletions(
+            &peer.name,
+            &mut versions,
+            self.config.max_delete_percent,
+            std::time::Instant::now(),
+        ) {
+            log::warn!("share {}: {reason}", s.name);
+        }
+        // Folders before what they hold, and what they hold removed before them.
+        versions.sort_by(|x, y| match (x.deleted, y.deleted) {
+            (false, false) => x.path.cmp(&y.path),
+            (true, true) => y.path.cmp(&x.path),
+            (false, true) => std::cmp::Ordering::Less,
+            (true, false) => std::cmp::Ordering::Greater,
+        });
+        // What this announcement may ask us to pull, for `status` (bytes left); each is
+        // dropped once decided otherwise or pulled. A path already in a task's hands
+        // keeps the entry that task updates.
+        let mut queued = s.queue(
+            versions
+                .iter()
+                .filter(|v| s.content_differs(v) && !s.in_flight(&v.path))
+                .map(|v| (v.path.clone(), v.size)),
+        );
+        for v in versions {
+            if crate::data::share::clean_path(&v.path).is_err() {
+                log::warn!(
+                    "{} announced a path outside the share: {:?}",
+                    peer.name,
+                    v.path
+                );
+                continue;
+            }
+            // A path a task holds: this version is decided after that task, against
+            // what it leaves there.
+            if s.in_flight(&v.path) {
+                if s.take_off(&v) {
+                    self.spawn_act(s.clone(), peer.clone(), v);
+                }
+                continue;
+            }
+            let action = s.decide(&v);
+            log::debug!(
+                "sync: {} announced {}/{} ({:?}): {action:?}",
+                peer.name,
+                s.name,
+                v.path,
+                v.vv
+            );
+            // Pulls run beside this loop, so a big file does not hold up the rest.
+            let pull = match &action {
+                Action::Fetch { version, .. } => version.content != crate::sync::versions::DIR,
+                Action::Conflict { .. } => true,
+                _ => false,
+            };
+            if pull {
+                queued.keep(&v.path);
+                if s.take_off(&v) {
+                    self.spawn_act(s.clone(), peer.clone(), v);
+                }
+                continue;
+            }
+            s.unqueue(&v.path);
+            self.act(&s, &peer, &v, action).await;
+        }
+        if let Err(e) = s.save() {
+            log::warn!("share {}: {e}", s.name);
+        }
+    }
+
+    /// Queues announced version `v` from `peer` for the share's pull workers, starting
+    /// one when fewer than [`crate::sync::folder::MAX_PULLS`] run: a burst of announcements costs
+    /// queue entries, not tasks. A worker waits for nothing but its pull; a path's
+    /// versions run one after another, in the order they came.
+    fn spawn_act(self: &Arc<Self>, s: Arc<SyncShare>, peer: transfer::Peer, v: FileVersion) {
+        if !s.enqueue(peer.key, v) {
+            return;
+        }
+        // The worker holds the executor, not the other way round: nothing points back.
+        let node = self.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn(async move {
+            // However the worker ends (queue empty, cancelled, or a panic unwinding), it
+            // gives back its place and the path it holds.
+            let mut worker = Worker {
+                share: s.clone(),
+                held: None,
+                ended: false,
+            };
+            let work = async {
+                while let Some((from, v)) = worker.next() {
+                    let _landing = Landing { share: &s, v: &v };
+                    // A member gone since it announced: a later round from another
+                    // holder brings the version again.
+                    let Some(peer) = node.members.directory().get(&from).cloned() else {
+                        continue;
+                    };
+                    let _held = s.hold(&v.path);
+                    let action = s.decide(&v);
+                    log::debug!("sync: {}/{} in turn: {action:?}", s.name, v.path);
+                    node.act(&s, &peer, &v, action).await;
+                    if let Err(e) = s.save() {
+                        log::warn!("share {}: {e}", s.name);
+                    }
+                }
+            };
+            tokio::select! {
+                () = work => {}
+                () = cancel.cancelled() => {}
+            }
+        });
+    }
+
+    /// Applies what was decided for announced version `v`.
+    async fn act(
+        &self,
+        s: &SyncShare,
+        peer: &transfer::Peer,
+        v: &FileVersion,
+        action: Action,
+    ) {
+        match action {
+            Action::Nothing => {}
+            Action::Adopt { path, vv } => s.merge_history(&path, &vv),
+            Action::Remove { path, version } => {
+                let Some(p) = existing_inside(s, &path) else {
+                    // Nothing there (its folder went first): the removal is done.
+                    s.record(&path, version);
+                    return;
+                };
+                let gone = if p.is_dir() {
+                    // Only an empty folder goes; one that still holds something waits for
+                    // the removals of its contents, which come in the same round. Our own
+                    // leftovers in it (partials of pulls nobody wants now) do not count,
+                    // unless a task still works in it: then it waits for the next round.
+                    if s.in_flight_under(&path) {
+                        return;
+                    }
+                    crate::sync::folder::remove_leftovers(&p);
+                    std::fs::remove_dir(&p).is_ok()
+                } else {
+                    let _ = std::fs::remove_file(crate::sync::folder::partial_path(&p));
+                    self.remove_keeping(s, &path, &p)
+                };
+                if gone {
+                    s.record(&path, version);
+                }
+            }
+            Action::Fetch { path, version } if version.content == crate::sync::versions::DIR => {
+                if let Ok(p) = inside(s, &path) {
+                    if std::fs::create_dir_all(&p).is_ok() {
+                        s.record(&path, version);
+                    }
+                }
+            }
+            Action::Fetch { path, version } => {
+                let expected = s.known_stat(&path);
+                if let Some(installed) = self
+                    .fetch(s, peer, &v.path, &path, &version, expected, None)
+                    .await
+                {
+                    s.record_installed(&path, version, installed);
+                }
+                s.unqueue(&v.path);
+            }
+            Action::Conflict {
+                move_local_to,
+                fetch_into,
+                version,
+            } => {
+                // Both names are this task's until the outcome is recorded.
+                let _held = (
+                    s.hold(&fetch_into),
+                    move_local_to.as_deref().map(|to| s.hold(to)),
+                );
+                // Ours is moved aside only once the remote version is here to take its
+                // place, so a failed pull leaves it where it was; otherwise the remote
+                // version goes to a name of its own, where nothing should stand.
+                let (expected, aside) = match &move_local_to {
+                    Some(to) => match inside(s, to) {
+                        Ok(to) => (s.known_stat(&v.path), Some(to)),
+                        // Nowhere to keep ours: nothing happens, ours stays.
+                        Err(()) => return,
+                    },
+                    None => (s.known_stat(&fetch_into), None),
+                };
+                if let Some(installed) = self
+                    .fetch(s, peer, &v.path, &fetch_into, &version, expected, aside)
+                    .await
+                {
+                    s.record_installed(&fetch_into, version.clone(), installed);
+                    if move_local_to.is_none() {
+                        // Ours stays at the path and now carries both histories.
+                        s.merge_history(&v.path, &version.vv);
+                    }
+                    log::info!("conflict on {}/{}: both versions kept", s.name, v.path);
+                }
+                s.unqueue(&v.path);
+            }
+        }
+    }
+
+    /// Removes file `p` (at `path` in share `s`) for another member's deletion: moved to
+    /// the share's versions folder unless versions are off. True when it is gone from the
+    /// path; a file that cannot be kept is not removed.
+    fn remove_keeping(&self, s: &SyncShare, path: &str, p: &std::path::Path) -> bool {
+        if !p.exists() {
+            return true;
+        }
+        if self.config.keep_versions_days == 0 {
+            return std::fs::remove_file(p).is_ok();
+        }
+        match crate::sync::kept::keep_moving(&s.root, path, p) {
+            Ok(_) => true,
+            Err(e) => {
+                if s.set_error(Some(format!("{path}: not deleted, since {e}"))) {
+                    log::warn!("share {}: {path}: not deleted, since {e}", s.name);
+                }
+                false
+            }
+        }
+    }
+
+    /// Drops the versions kept longer than `[sync] keep_versions_days` in every
+    /// read-write share.
+    pub async fn prune_versions(&self) {
+        let days = self.config.keep_versions_days;
+        for s in &self.shares {
+            // A walk of the versions folder: on a blocking thread.
+            let root = s.root.clone();
+            let pruned = tokio::task::spawn_blocking(move || {
+                crate::sync::kept::prune(&root, now_secs(), days)
+            })
+            .await;
+            match pruned {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => log::info!("share {}: {n} old version(s) pruned", s.name),
+                Ok(Err(e)) => log::warn!("share {}: {e}", s.name),
+                Err(e) => log::error!("share {}: pruning failed: {e}", s.name),
+            }
+        }
+    }
+
+    /// Pulls `version` of `remote_path` from `peer` into `local_path`, replacing only
+    /// what `expected` says stands there (size and mtime, or nothing), after moving that
+    /// to `aside` when given. Returns the installed file's size and mtime.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch(
+        &self,
+        s: &SyncShare,
+        peer: &transfer::Peer,
+        remote_path: &str,
+        local_path: &str,
+        version: &FileVersion,
+        expected: Option<(u64, u128)>,
+        aside: Option<PathBuf>,
+    ) -> Option<(u64, u128)> {
+        // A full disk: nothing is tried until space comes back (checked at every round).
+        if !s.space_to_pull() {
+            return None;
+        }
+        let Ok(dest) = inside(s, local_path) else {
+            return None;
+        };
+        let manifest: crate::data::share::Manifest = match self
+            .engine
+            .ask(&peer.key, peer.vpn, "manifest", &s.name, remote_path)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                log::debug!(
+                    "sync: no manifest for {remote_path} from {}: {e}",
+                    peer.name
+                );
+                return None;
+            }
+        };
+        // Nothing is sized by a peer's manifest before it is checked.
+        let manifest = match manifest.checked(&peer.name, &s.name, remote_path) {
+            Ok(m) => m,
+            Err(e) => {
+                if s.set_error(Some(e.to_string())) {
+                    log::warn!("sync: {e}");
+                }
+                return None;
+            }
+        };
+        // The announcer moved on since; its next announcement brings the newer version.
+        if manifest.id() != version.content {
+            return None;
+        }
+        // Pulled beside the target under a name the scanner skips, then moved over it
+        // only if the target is still what was expected: a local edit, made during the
+        // pull or before it and not scanned yet, wins, and the next scan announces it.
+        let before = expected;
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut tag = [0u8; 6];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut tag);
+        let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+        let staged = dest.with_file_name(format!(".{name}.watchalong-stage-{tag}"));
+        let progress = Arc::new(Progress::default());
+        s.pulling(remote_path, progress.clone());
+        // One partial file per path, whatever the version: a pull cut short by a crash
+        // keeps every chunk that still matches the version now wanted (checked against
+        // its manifest), and no partial of an abandoned version is left behind. The
+        // caller holds the path's turn, so two pulls never write into one partial.
+        let part = crate::sync::folder::partial_path(&dest);
+        // What we hold already (an append, an edit in place) is copied, not fetched.
+        let seeded = {
+            let (dest, part, manifest) = (dest.clone(), part.clone(), manifest.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::sync::folder::seed_partial(&dest, &part, &manifest)
+            })
+            .await
+        };
+        if let Err(e) = seeded {
+            // Only a panic gets here; the pull then fetches every chunk.
+            log::warn!("sync: {}/{local_path}: seeding the partial file failed: {e}", s.name);
+        }
+        let size = manifest.size;
+        let got = transfer::get_file(
+            self.engine.clone(),
+            self.members.clone(),
+            peer.key,
+            manifest,
+            staged.clone(),
+            progress,
+            Some(part),
+        )
+        .await;
+        if let Err(e) = got {
+            if e.is_disk_full() {
+                let free = crate::sync::folder::free_bytes(&s.root).unwrap_or(0);
+                let msg = format!(
+                    "disk full: {local_path} ({} bytes) does not fit in {} ({free} bytes free); \
+                     syncing of this share waits until space is freed",
+                    size,
+                    s.root.display()
+                );
+                if s.disk_full() {
+                    log::error!("share {}: {msg}", s.name);
+                }
+                s.set_error(Some(msg));
+            } else if let Some(msg) = e.is_write_refused().then(|| s.unwritable()).flatten() {
+                if s.set_error(Some(msg.clone())) {
+                    log::error!("share {}: {msg}", s.name);
+                }
+            } else {
+                log::warn!("sync: {}/{local_path}: {e}", s.name);
+                s.set_error(Some(format!("{local_path}: {e}")));
+            }
+            return None;
+        }
+        if crate::sync::folder::stat(&dest) != before {
+            log::info!(
+                "sync: {}/{local_path} changed here during the pull; keeping the local edit",
+                s.name
+            );
+            let _ = std::fs::remove_file(&staged);
+            return None;
+        }
+        // The version's mtime is set on the staged file, and what is recorded is the
+        // staged file's own size and mtime: a write landing on the path right after the
+        // rename is then seen by the next scan as the local edit it is.
+        crate::sync::folder::set_mtime(&staged, version.mtime);
+        let Some(installed) = crate::sync::folder::stat(&staged) else {
+            let _ = std::fs::remove_file(&staged);
+            return None;
+        };
+        if let Some(to) = &aside {
+            if let Err(e) = std::fs::rename(&dest, to) {
+                let _ = std::fs::remove_file(&staged);
+                s.set_error(Some(format!("{local_path}: cannot move ours aside: {e}")));
+                return None;
+            }
+        }
+        // What the pull replaces is kept first (a link: the rename below stays atomic);
+        // a conflict's own copy was moved aside above and is kept as it is.
+        if aside.is_none() && dest.is_file() && self.config.keep_versions_days > 0 {
+            if let Err(e) = crate::sync::kept::keep_linking(&s.root, local_path, &dest) {
+                let _ = std::fs::remove_file(&staged);
+                s.set_error(Some(format!("{local_path}: not replaced, since {e}")));
+                return None;
+            }
+        }
+        if let Err(e) = std::fs::rename(&staged, &dest) {
+            let _ = std::fs::remove_file(&staged);
+            s.set_error(Some(format!("{local_path}: {e}")));
+            return None;
+        }
+        log::debug!("sync: {}/{local_path} in place", s.name);
+        if let Some(dir) = dest.parent() {
+            let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+        }
+        s.set_error(None);
+        log::debug!("sync: {}/{local_path} done", s.name);
+        Some(installed)
+    }
+}
+
+/// One pull worker of a share: takes queued versions until none is free, and gives back
+/// its place (and the path it holds) however it ends.
+struct Worker {
+    share: Arc<SyncShare>,
+    held: Option<String>,
+    ended: bool,
+}
+
+impl Worker {
+    fn next(&mut self) -> Option<(Key, FileVersion)> {
+        let job = self.share.next_work(self.held.take().as_deref());
+        match &job {
+            Some((_, v)) => self.held = Some(v.path.clone()),
+            None => self.ended = true,
+        }
+        job
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.share.worker_done(self.held.as_deref());
+        }
+    }
+}
+
+/// Takes an announced version out of its share's flights and queue when dropped.
+struct Landing<'a> {
+    share: &'a SyncShare,
+    v: &'a FileVersion,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.share.unqueue(&self.v.path);
+        self.share.land(self.v);
+    }
+}
+
+/// `path` inside the share's root when its folder exists there (nothing is created).
+fn existing_inside(s: &SyncShare, path: &str) -> Option<PathBuf> {
+    let parts = crate::data::share::clean_path(path).ok()?;
+    let dest = parts.iter().fold(s.root.clone(), |p, c| p.join(c));
+    let parent = dest.parent()?.canonicalize().ok()?;
+    parent
+        .starts_with(s.root.canonicalize().ok()?)
+        .then_some(dest)
+}
+
+/// `path` inside the share's root, its folders made; refused if they lead out.
+fn inside(s: &SyncShare, path: &str) -> Result<PathBuf, ()> {
+    let parts = crate::data::share::clean_path(path).map_err(|_| ())?;
+    let dest = parts.iter().fold(s.root.clone(), |p, c| p.join(c));
+    let parent = dest.parent().ok_or(())?;
+    std::fs::create_dir_all(parent).map_err(|_| ())?;
+    let root = s.root.canonicalize().map_err(|_| ())?;
+    if !parent.canonicalize().map_err(|_| ())?.starts_with(&root) {
+        return Err(());
+    }
+    Ok(dest)
+}
+
