@@ -103,7 +103,7 @@ pub fn directory_of(group: &Group, me: Key, seen: &[PeerStatus]) -> Directory {
 mod tests {
     use super::*;
     use crate::base::config::Config;
-    use crate::daemon::members::hosted_group;
+    use crate::daemon::book::hosted_group;
     use crate::group::mesh::{self, Announcement, MemberRecord};
     use ed25519_dalek::SigningKey;
 
@@ -203,7 +203,10 @@ mod tests {
     fn is_member_is_true_for_others_in_the_group_only() {
         let g = group();
         assert!(is_member(&g, &HOST, &KITCHEN));
-        assert!(!is_member(&g, &HOST, &HOST), "this node is not its own peer");
+        assert!(
+            !is_member(&g, &HOST, &HOST),
+            "this node is not its own peer"
+        );
         assert!(!is_member(&g, &HOST, &GONE), "removed");
         assert!(!is_member(&g, &HOST, &[9; 32]), "a stranger");
         // Seen from a member, the host is a member like any other.
@@ -221,11 +224,17 @@ mod tests {
         assert_eq!(dir.me, HOST);
         let names: Vec<&str> = dir.peers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names.len(), 3, "{names:?}");
-        assert!(dir.by_name("gone").is_none(), "a removed member is left out");
+        assert!(
+            dir.by_name("gone").is_none(),
+            "a removed member is left out"
+        );
         assert!(dir.get(&HOST).unwrap().up, "this node is always up");
         assert!(dir.get(&KITCHEN).unwrap().up, "via the host is up");
         assert!(!dir.get(&ATTIC).unwrap().up, "down");
-        assert_eq!(dir.get(&KITCHEN).unwrap().shares, vec!["movies".to_string()]);
+        assert_eq!(
+            dir.get(&KITCHEN).unwrap().shares,
+            vec!["movies".to_string()]
+        );
         assert!(dir.get(&ATTIC).unwrap().shares.is_empty());
     }
 
@@ -253,5 +262,19 @@ mod tests {
             "an endpoint that is no announced LAN address is not the relay's"
         );
         assert_eq!(dir.get(&ATTIC).unwrap().relay, None, "no relay announced");
+    }
+
+    #[test]
+    fn path_kinds_keep_the_json_names_the_api_always_had() {
+        for (kind, name) in [
+            (PathKind::Direct, "direct"),
+            (PathKind::ViaHost, "via-host"),
+            (PathKind::Down, "down"),
+        ] {
+            assert_eq!(serde_json::to_value(kind).unwrap(), name);
+            assert_eq!(kind.as_str(), name);
+            let back: PathKind = serde_json::from_value(name.into()).unwrap();
+            assert_eq!(back, kind);
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! in [`crate::group::link`] and [`crate::group::mesh`]; the methods sequence them with
 //! the invites file, the group file and the tunnel. Errors are [`MembershipError`]s: this
 //! module knows nothing of HTTP (their statuses are `daemon::api_errors`'), and it spawns
-//! nothing.
+//! nothing. (Past 800 lines only by its unit tests, which stay beside the decisions they
+//! prove.)
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -13,10 +14,11 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 
 use crate::base::clock::now_secs;
-use crate::base::config::{split_host_port, Config};
+use crate::base::config::split_host_port;
 use crate::base::state::{self, StateError};
 use crate::control::{JoinReply, LinkReply};
-use crate::daemon::node::{Book, Node};
+use crate::daemon::book::{Book, INVITES_FILE};
+use crate::daemon::node::Node;
 use crate::group::gossip::{GossipMessage, Outgoing};
 use crate::group::identity::{key_to_base64, Key};
 use crate::group::link::{
@@ -27,8 +29,6 @@ use crate::group::place::Group;
 use crate::net::join::{self, JoinError};
 use crate::net::wire::{self, JoinMessage, NameRefusal, Refusal};
 
-pub const GROUP_FILE: &str = "group.json";
-pub const INVITES_FILE: &str = "invites.json";
 const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 const TUNNEL_UP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest an invite may live, so a forgotten link does not stay a way in for ever.
@@ -42,7 +42,9 @@ pub enum MembershipError {
     CheckUses,
     #[error("--expires must be between 1s and 30 days")]
     CheckLifetime,
-    #[error("this node knows no address others could reach it at; set [tunnel] endpoint in the config")]
+    #[error(
+        "this node knows no address others could reach it at; set [tunnel] endpoint in the config"
+    )]
     FindEndpoint,
     #[error("only the group's host ({host_name}) can create links")]
     CreateLinkAsMember { host_name: String },
@@ -95,33 +97,6 @@ pub struct Revocation {
     /// The invites with the one that admitted it closed, and that invite's id; `None`
     /// when it is kept open, or was pruned (closed) long ago.
     pub invites: Option<(InviteBook, InviteId)>,
-}
-
-/// A node's own group of one, of which it is the host.
-pub fn hosted_group(config: &Config, wg: Key, signing: &SigningKey) -> Group {
-    let network = config.tunnel.network;
-    let my_address = network.hosts().next().unwrap_or(network.addr());
-    let mut mesh = Mesh::new(wg, signing.verifying_key().to_bytes());
-    let me = MemberRecord {
-        wg_key: wg,
-        sign_key: signing.verifying_key().to_bytes(),
-        name: config.node.name.clone(),
-        address: my_address,
-        admitted_at: now_secs(),
-        version: 1,
-        revoked: false,
-        observed: None,
-    };
-    let _ = mesh.accept_member(&mesh::sign_member(signing, &me));
-    Group {
-        network,
-        host_name: config.node.name.clone(),
-        my_address,
-        mesh,
-        endpoints: BTreeMap::new(),
-        admitted_by: BTreeMap::new(),
-        static_peers: Vec::new(),
-    }
 }
 
 impl Node {
@@ -320,8 +295,7 @@ impl Node {
 
     pub(super) async fn do_join(&self, text: &str) -> Result<JoinReply, MembershipError> {
         let _one_at_a_time = self.joining.lock().await;
-        let invite =
-            link::decode(text, None, now_secs()).map_err(MembershipError::DecodeLink)?;
+        let invite = link::decode(text, None, now_secs()).map_err(MembershipError::DecodeLink)?;
         {
             let book = self.book();
             let g = &book.group;
@@ -387,7 +361,8 @@ impl Node {
             admitted_by: BTreeMap::new(),
             static_peers: Vec::new(),
         };
-        self.save_group(&group).map_err(MembershipError::SaveGroup)?;
+        self.save_group(&group)
+            .map_err(MembershipError::SaveGroup)?;
         self.tunnel
             .device()
             .set_network_address(admission.address, admission.network.prefix_len(), None)
@@ -478,7 +453,8 @@ impl Node {
             book.invites = invites;
             log::info!("closed invite {id}, which admitted {}", target.name);
         }
-        self.save_group(&group).map_err(MembershipError::SaveGroup)?;
+        self.save_group(&group)
+            .map_err(MembershipError::SaveGroup)?;
         book.group = group;
         let Book { group, gossip, .. } = &mut *book;
         let out = gossip.broadcast(&group.mesh, GossipMessage::Member { record: signed });
@@ -610,20 +586,11 @@ pub fn check_joiner_name(group: &Group, name: &str) -> Result<(), NameRefusal> {
     )
 }
 
-/// An invite's state as `watchalong links` shows it.
-pub fn invite_state(r: &InviteRecord, now: u64) -> &'static str {
-    match r.status(now) {
-        Ok(()) => "open",
-        Err(RedeemError::AlreadyUsed) => "used",
-        Err(RedeemError::Expired) => "expired",
-        Err(RedeemError::Revoked) => "revoked",
-        Err(RedeemError::Unknown) => "unknown",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::config::Config;
+    use crate::daemon::book::{hosted_group, invite_state};
 
     const NOW: u64 = 1_000;
     const INVITE_KEY: Key = [50; 32];
@@ -705,5 +672,155 @@ mod tests {
             "a spent invite says so before any name is judged"
         );
     }
-}
 
+    fn signing() -> SigningKey {
+        SigningKey::from_bytes(&[1; 32])
+    }
+
+    /// `host()` with "kitchen" admitted through the invite.
+    fn admitted() -> (Group, InviteBook) {
+        let (mut group, invites) = host();
+        group
+            .admitted_by
+            .insert(key_to_base64(&[2; 32]), InviteId([9; 8]));
+        (group, invites)
+    }
+
+    #[test]
+    fn removing_a_member_revokes_its_record_and_closes_the_invite_that_admitted_it() {
+        let (group, invites) = admitted();
+        let r = decide_revoke(&group, &invites, &[1; 32], &signing(), "kitchen", false).unwrap();
+        assert_eq!(r.target.wg_key, [2; 32]);
+        let rec = r.group.mesh.member(&[2; 32]).unwrap();
+        assert!(rec.revoked);
+        assert_eq!(rec.version, 2);
+        assert!(
+            !group.mesh.member(&[2; 32]).unwrap().revoked,
+            "nothing in place"
+        );
+        let (closed, id) = r.invites.expect("the admitting invite is closed");
+        assert_eq!(id, InviteId([9; 8]));
+        assert_eq!(invite_state(&closed.invites[0], NOW), "revoked");
+        assert_eq!(
+            invite_state(&invites.invites[0], NOW),
+            "open",
+            "nothing in place"
+        );
+    }
+
+    #[test]
+    fn removing_a_member_with_keep_invite_leaves_its_invite_open() {
+        let (group, invites) = admitted();
+        let r = decide_revoke(&group, &invites, &[1; 32], &signing(), "kitchen", true).unwrap();
+        assert!(r.group.mesh.member(&[2; 32]).unwrap().revoked);
+        assert!(r.invites.is_none());
+    }
+
+    #[test]
+    fn a_member_to_remove_is_found_by_name_address_or_key_and_a_stranger_is_not() {
+        let (group, invites) = host();
+        let address = group.mesh.member(&[2; 32]).unwrap().address.to_string();
+        for node in ["kitchen".to_string(), address, key_to_base64(&[2; 32])] {
+            let r = decide_revoke(&group, &invites, &[1; 32], &signing(), &node, false);
+            assert_eq!(r.unwrap().target.name, "kitchen", "{node}");
+        }
+        let r = decide_revoke(&group, &invites, &[1; 32], &signing(), "attic", false);
+        assert!(
+            matches!(&r, Err(MembershipError::FindMember { node }) if node == "attic"),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn only_the_host_removes_members_and_never_itself() {
+        let (group, invites) = host();
+        let r = decide_revoke(&group, &invites, &[2; 32], &signing(), "kitchen", false);
+        assert!(
+            matches!(&r, Err(MembershipError::RemoveAsMember { host_name }) if host_name == "living-room"),
+            "{r:?}"
+        );
+        let r = decide_revoke(&group, &invites, &[1; 32], &signing(), "living-room", false);
+        assert!(matches!(r, Err(MembershipError::RemoveHost)), "{r:?}");
+    }
+
+    #[test]
+    fn a_removed_member_can_be_removed_no_more() {
+        let (group, invites) = host();
+        let r = decide_revoke(&group, &invites, &[1; 32], &signing(), "kitchen", false).unwrap();
+        let again = decide_revoke(&r.group, &invites, &[1; 32], &signing(), "kitchen", false);
+        assert!(
+            matches!(again, Err(MembershipError::FindMember { .. })),
+            "{again:?}"
+        );
+    }
+
+    #[test]
+    fn an_invite_is_open_then_used_expired_or_revoked() {
+        let (_, mut invites) = host();
+        assert_eq!(invite_state(&invites.invites[0], NOW), "open");
+        assert_eq!(invite_state(&invites.invites[0], NOW + 61), "expired");
+        let mut spent = invites.clone();
+        spent.redeem(&INVITE_KEY, NOW).unwrap();
+        assert_eq!(invite_state(&spent.invites[0], NOW), "used");
+        invites.revoke(InviteId([9; 8])).unwrap();
+        assert_eq!(invite_state(&invites.invites[0], NOW), "revoked");
+    }
+
+    #[test]
+    fn a_link_needs_at_least_one_use_and_a_lifetime_of_one_second_to_thirty_days() {
+        assert!(matches!(
+            check_link_request(0, Duration::from_secs(60)),
+            Err(MembershipError::CheckUses)
+        ));
+        for bad in [Duration::ZERO, MAX_INVITE_LIFETIME + Duration::from_secs(1)] {
+            assert!(matches!(
+                check_link_request(1, bad),
+                Err(MembershipError::CheckLifetime)
+            ));
+        }
+        assert!(check_link_request(1, Duration::from_secs(1)).is_ok());
+        assert!(check_link_request(5, MAX_INVITE_LIFETIME).is_ok());
+    }
+
+    #[test]
+    fn a_key_already_in_the_group_cannot_join_again() {
+        let (group, invites) = host();
+        for key in [[1; 32], [2; 32]] {
+            assert_eq!(
+                decide_join(&group, &invites, &INVITE_KEY, "den", &key, NOW),
+                Err(Refusal::Invite(RedeemError::AlreadyUsed))
+            );
+        }
+    }
+
+    #[test]
+    fn a_joiner_gets_the_next_free_address_and_a_full_network_refuses_it() {
+        let mut config = Config::default();
+        config.node.name = "living-room".into();
+        // Room for two: the host and one member.
+        config.tunnel.network = "100.77.0.0/30".parse().unwrap();
+        let mut group = hosted_group(&config, [1; 32], &signing());
+        let (_, invites) = host();
+        let (_, address) =
+            decide_join(&group, &invites, &INVITE_KEY, "den", &[3; 32], NOW).unwrap();
+        assert_eq!(address.to_string(), "100.77.0.2");
+        let kitchen = MemberRecord {
+            wg_key: [2; 32],
+            sign_key: [2; 32],
+            name: "kitchen".into(),
+            address,
+            admitted_at: NOW,
+            version: 1,
+            revoked: false,
+            observed: None,
+        };
+        group
+            .mesh
+            .accept_member(&mesh::sign_member(&signing(), &kitchen))
+            .unwrap();
+        assert_eq!(
+            decide_join(&group, &invites, &INVITE_KEY, "den", &[3; 32], NOW),
+            Err(Refusal::GroupFull)
+        );
+    }
+}

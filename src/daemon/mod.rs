@@ -7,6 +7,7 @@
 //! [`crate::daemon::node`]; protocol rules live in the pure modules.
 
 pub mod api_errors;
+pub mod book;
 pub mod directory;
 pub mod members;
 pub mod node;
@@ -26,10 +27,8 @@ use crate::base::config::Config;
 use crate::base::lock::Recover;
 use crate::base::state::{self, StateError};
 use crate::control;
-use crate::daemon::members::{hosted_group, GROUP_FILE, INVITES_FILE};
-use crate::daemon::node::{Book, Node, Parts};
-use crate::sync::apply::Executor;
-use crate::sync::folder::SyncShare;
+use crate::daemon::book::{hosted_group, Book, GROUP_FILE, INVITES_FILE};
+use crate::daemon::node::{Node, Parts};
 use crate::data::share::Shares;
 use crate::data::transfer::{self, Engine};
 use crate::group::gossip::{Gossip, GossipMessage};
@@ -38,6 +37,8 @@ use crate::group::link::InviteBook;
 use crate::group::place::Group;
 use crate::net::tunnel::{GossipIn, InviteMessage, Tunnel, TunnelError};
 use crate::net::wire::{self, JoinMessage};
+use crate::sync::apply::Executor;
+use crate::sync::folder::SyncShare;
 
 pub use crate::base::clock::now_secs;
 

@@ -25,25 +25,17 @@ use crate::control::{
     PeerRemoveRequest, PeerView, PeersReply, PlanReply, PlanRequest, RemoveRequest, StatusReply,
     TransferView, VersionsRequest,
 };
-use crate::daemon::members::{invite_state, INVITES_FILE};
-use crate::daemon::peers::GroupSaver;
+pub use crate::daemon::book::Book;
+use crate::daemon::book::{invite_state, GroupSaver, INVITES_FILE};
 use crate::data::transfer::{self, Directory, Engine, Membership, Progress};
-use crate::group::gossip::Gossip;
 use crate::group::identity::{self, key_id, key_to_base64, Key};
-use crate::group::link::{InviteBook, InviteId};
-use crate::group::place::{Group, StaticPeer};
+use crate::group::link::InviteId;
+use crate::group::place::StaticPeer;
 use crate::net::tunnel::{PathKind, Tunnel};
 use crate::sync::folder::SyncShare;
 use crate::watch::hub::{FileRequest, Report, RoomView, WaitRequest, WatchReply};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// What is persisted, changed under one lock.
-pub struct Book {
-    pub group: Group,
-    pub invites: InviteBook,
-    pub gossip: Gossip,
-}
 
 // The fields the node's other files (members, peers, directory) work with are theirs to
 // read: `pub(super)`, the daemon folder's, and no further.

@@ -7,17 +7,14 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::base::clock::now_ms;
 use crate::base::lock::Recover;
-use crate::base::state::{self, StateError};
+use crate::base::state::StateError;
 use crate::control::GossipReply;
-use crate::daemon::members::GROUP_FILE;
-use crate::daemon::node::{Book, Node};
+use crate::daemon::book::{Book, GroupSnapshot, GROUP_FILE};
+use crate::daemon::node::Node;
 use crate::group::gossip::{Event, GossipMessage, Outgoing};
 use crate::group::identity::{self, key_to_base64, Key};
 use crate::group::mesh::{self, Announcement, MemberRecord};
@@ -26,47 +23,6 @@ use crate::net::tunnel::{PathKind, PeerConfig};
 
 /// How often the host signs a member's observed endpoint again when only its port moved.
 const OBSERVED_PORT_EVERY: Duration = Duration::from_secs(60);
-
-/// The group file's writes, made outside the book lock in the order their snapshots
-/// were taken under it.
-#[derive(Default)]
-pub struct GroupSaver {
-    /// The stamp of the last snapshot taken; only ever bumped under the book lock, so
-    /// stamps follow the order of the group's changes.
-    taken: AtomicU64,
-    /// The stamp of the newest snapshot written. Held while one is written: writes never
-    /// overlap (they share a temporary file), and one older than what is on disk is
-    /// dropped instead of landing after a newer one.
-    written: Mutex<u64>,
-}
-
-/// The group as it stood when the snapshot was taken, and when that was.
-pub struct GroupSnapshot {
-    stamp: u64,
-    group: Group,
-}
-
-impl GroupSaver {
-    /// Copies `group`; call it under the book lock that guards `group`.
-    pub fn take(&self, group: &Group) -> GroupSnapshot {
-        GroupSnapshot {
-            stamp: self.taken.fetch_add(1, Ordering::SeqCst) + 1,
-            group: group.clone(),
-        }
-    }
-
-    /// Writes `snap` to `path` unless a newer snapshot is there already. True when
-    /// written.
-    pub fn write(&self, path: &Path, snap: &GroupSnapshot) -> Result<bool, StateError> {
-        let mut written = self.written.locked();
-        if *written > snap.stamp {
-            return Ok(false);
-        }
-        state::write_json(path, &snap.group)?;
-        *written = snap.stamp;
-        Ok(true)
-    }
-}
 
 impl Node {
     /// Writes `group` now. For the changes that must be on disk before they count (a
@@ -480,7 +436,7 @@ fn lan_endpoints(
 mod tests {
     use super::*;
     use crate::base::config::Config;
-    use crate::daemon::members::hosted_group;
+    use crate::daemon::book::hosted_group;
     use ed25519_dalek::SigningKey;
 
     fn group_named(name: &str) -> Group {
@@ -496,24 +452,6 @@ mod tests {
         assert!(!routable(&group, "1.1.1.1".parse().unwrap()));
         assert!(!routable(&group, "100.78.0.2".parse().unwrap()));
         assert!(!routable(&group, group.my_address));
-    }
-
-    #[test]
-    fn an_older_group_snapshot_written_after_a_newer_one_does_not_replace_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join(GROUP_FILE);
-        let saver = GroupSaver::default();
-        let older = saver.take(&group_named("older"));
-        let newer = saver.take(&group_named("newer"));
-        assert!(saver.write(&path, &newer).unwrap());
-        assert!(!saver.write(&path, &older).unwrap(), "the older one is dropped");
-        let on_disk: Group = state::read_json(&path).unwrap().unwrap();
-        assert_eq!(on_disk.host_name, "newer");
-        // In order, each lands.
-        let next = saver.take(&group_named("next"));
-        assert!(saver.write(&path, &next).unwrap());
-        let on_disk: Group = state::read_json(&path).unwrap().unwrap();
-        assert_eq!(on_disk.host_name, "next");
     }
 
     #[test]

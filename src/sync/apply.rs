@@ -6,7 +6,8 @@
 //! keep_versions_days`). It reaches members only through what it is given — the
 //! transfer engine and a [`Membership`] for the directory — and must not import the
 //! daemon or the control API. Its pull workers are tasks on the tracker it is given and
-//! hold the executor's `Arc`; the daemon owns the executor.
+//! hold the executor's `Arc`; the daemon owns the executor. (Past 800 lines only by its
+//! unit tests, which need its private pieces.)
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -324,13 +325,7 @@ impl Executor {
     }
 
     /// Applies what was decided for announced version `v`.
-    async fn act(
-        &self,
-        s: &SyncShare,
-        peer: &transfer::Peer,
-        v: &FileVersion,
-        action: Action,
-    ) {
+    async fn act(&self, s: &SyncShare, peer: &transfer::Peer, v: &FileVersion, action: Action) {
         match action {
             Action::Nothing => {}
             Action::Adopt { path, vv } => s.merge_history(&path, &vv),
@@ -531,7 +526,10 @@ impl Executor {
         };
         if let Err(e) = seeded {
             // Only a panic gets here; the pull then fetches every chunk.
-            log::warn!("sync: {}/{local_path}: seeding the partial file failed: {e}", s.name);
+            log::warn!(
+                "sync: {}/{local_path}: seeding the partial file failed: {e}",
+                s.name
+            );
         }
         let size = manifest.size;
         let got = transfer::get_file(
@@ -677,3 +675,219 @@ fn inside(s: &SyncShare, path: &str) -> Result<PathBuf, ()> {
     Ok(dest)
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::config::{ShareConfig, ShareMode};
+    use crate::data::transfer::Directory;
+    use crate::sync::versions::VersionVector;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::path::Path;
+
+    /// A group where this node is alone: every member an announcement names is gone.
+    struct Alone;
+
+    impl Membership for Alone {
+        fn directory(&self) -> Directory {
+            Directory {
+                me: [1; 32],
+                peers: Vec::new(),
+            }
+        }
+        fn vpn(&self) -> (Ipv4Addr, ipnet::Ipv4Net) {
+            (
+                Ipv4Addr::new(100, 77, 0, 1),
+                "100.77.0.0/24".parse().unwrap(),
+            )
+        }
+        fn member_at(&self, _ip: IpAddr) -> Option<Key> {
+            None
+        }
+        fn is_member(&self, _key: &Key) -> bool {
+            false
+        }
+    }
+
+    fn share(dir: &Path) -> Arc<SyncShare> {
+        std::fs::create_dir_all(dir.join("root")).unwrap();
+        let cfg = ShareConfig {
+            name: "s".into(),
+            path: dir.join("root"),
+            mode: ShareMode::ReadWrite,
+        };
+        Arc::new(SyncShare::open(&cfg, dir).unwrap())
+    }
+
+    fn executor(dir: &Path, keep_versions_days: u64) -> (Arc<Executor>, Arc<SyncShare>) {
+        let s = share(dir);
+        let engine = Arc::new(Engine::new(
+            crate::data::share::Shares::new(Vec::new(), 4096),
+            Arc::new(crate::group::auth::Proofs::new(
+                x25519_dalek::StaticSecret::from([7; 32]),
+            )),
+            0,
+            dir.join("cache"),
+            1 << 20,
+        ));
+        let config = SyncConfig {
+            keep_versions_days,
+            ..SyncConfig::default()
+        };
+        let x = Executor::new(
+            [1; 32],
+            engine,
+            Arc::new(Alone),
+            vec![s.clone()],
+            config,
+            TaskTracker::new(),
+            CancellationToken::new(),
+        );
+        (Arc::new(x), s)
+    }
+
+    fn peer() -> transfer::Peer {
+        transfer::Peer {
+            key: [2; 32],
+            name: "kitchen".into(),
+            vpn: Ipv4Addr::new(100, 77, 0, 2),
+            relay: None,
+            site: None,
+            up: true,
+            shares: vec!["s".into()],
+        }
+    }
+
+    fn deletion(path: &str) -> FileVersion {
+        FileVersion {
+            path: path.into(),
+            vv: VersionVector::default(),
+            deleted: true,
+            mtime: 0,
+            node: "kitchen".into(),
+            content: String::new(),
+            size: 0,
+        }
+    }
+
+    fn remove(path: &str) -> Action {
+        Action::Remove {
+            path: path.into(),
+            version: deletion(path),
+        }
+    }
+
+    fn recorded_deleted(s: &SyncShare, path: &str) -> bool {
+        s.all_versions().iter().any(|v| v.path == path && v.deleted)
+    }
+
+    #[test]
+    fn inside_refuses_a_path_that_climbs_out_of_the_share() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        for bad in ["../x", "a/../../x", "/etc/passwd", ".."] {
+            assert!(inside(&s, bad).is_err(), "{bad}");
+        }
+        assert!(!d.path().join("x").exists());
+        let ok = inside(&s, "a/b.txt").unwrap();
+        assert_eq!(ok, s.root.join("a/b.txt"));
+        assert!(s.root.join("a").is_dir(), "its folder is made");
+    }
+
+    #[test]
+    fn inside_refuses_a_folder_that_is_a_link_out_of_the_share() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, s.root.join("out")).unwrap();
+        assert!(inside(&s, "out/x.txt").is_err());
+        assert!(existing_inside(&s, "out/x.txt").is_none());
+    }
+
+    #[test]
+    fn existing_inside_names_nothing_whose_folder_is_missing_and_makes_none() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        assert!(existing_inside(&s, "no/such/file").is_none());
+        assert!(!s.root.join("no").exists());
+        std::fs::create_dir(s.root.join("yes")).unwrap();
+        assert_eq!(
+            existing_inside(&s, "yes/file"),
+            Some(s.root.join("yes/file"))
+        );
+        assert!(existing_inside(&s, "../file").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_members_deletion_moves_the_file_into_the_versions_folder_and_is_recorded() {
+        let d = tempfile::tempdir().unwrap();
+        let (x, s) = executor(d.path(), 30);
+        std::fs::write(s.root.join("a.txt"), b"ours").unwrap();
+        x.act(&s, &peer(), &deletion("a.txt"), remove("a.txt"))
+            .await;
+        assert!(!s.root.join("a.txt").exists());
+        let kept = crate::sync::kept::list(&s.root, "a.txt").unwrap();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert!(recorded_deleted(&s, "a.txt"));
+    }
+
+    #[tokio::test]
+    async fn with_versions_off_a_members_deletion_removes_the_file_outright() {
+        let d = tempfile::tempdir().unwrap();
+        let (x, s) = executor(d.path(), 0);
+        std::fs::write(s.root.join("a.txt"), b"ours").unwrap();
+        x.act(&s, &peer(), &deletion("a.txt"), remove("a.txt"))
+            .await;
+        assert!(!s.root.join("a.txt").exists());
+        assert!(!s.root.join(crate::sync::kept::DIR).exists());
+        assert!(recorded_deleted(&s, "a.txt"));
+    }
+
+    #[tokio::test]
+    async fn a_folder_that_still_holds_a_file_is_not_removed_for_a_deletion() {
+        let d = tempfile::tempdir().unwrap();
+        let (x, s) = executor(d.path(), 30);
+        std::fs::create_dir(s.root.join("dir")).unwrap();
+        std::fs::write(s.root.join("dir/keep.txt"), b"x").unwrap();
+        x.act(&s, &peer(), &deletion("dir"), remove("dir")).await;
+        assert!(s.root.join("dir/keep.txt").exists());
+        assert!(!recorded_deleted(&s, "dir"), "not done, so not recorded");
+        // Once empty, it goes.
+        std::fs::remove_file(s.root.join("dir/keep.txt")).unwrap();
+        x.act(&s, &peer(), &deletion("dir"), remove("dir")).await;
+        assert!(!s.root.join("dir").exists());
+        assert!(recorded_deleted(&s, "dir"));
+    }
+
+    #[tokio::test]
+    async fn a_deletion_of_what_is_not_there_is_recorded_as_done() {
+        let d = tempfile::tempdir().unwrap();
+        let (x, s) = executor(d.path(), 30);
+        x.act(&s, &peer(), &deletion("gone/a.txt"), remove("gone/a.txt"))
+            .await;
+        assert!(recorded_deleted(&s, "gone/a.txt"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pulls_queued_from_a_member_gone_end_their_workers_and_land_every_version() {
+        let d = tempfile::tempdir().unwrap();
+        let (x, s) = executor(d.path(), 30);
+        // More than the workers a share may run, two on one path.
+        let mut versions: Vec<FileVersion> = (0..crate::sync::folder::MAX_PULLS + 3)
+            .map(|i| deletion(&format!("f{i}")))
+            .collect();
+        let mut again = deletion("f0");
+        again.vv.0.insert("kitchen".into(), 1);
+        versions.push(again);
+        for v in versions.clone() {
+            assert!(s.take_off(&v));
+            x.spawn_act(s.clone(), peer(), v);
+        }
+        x.tasks.close();
+        x.tasks.wait().await;
+        assert_eq!(s.work_load(), (0, 0), "queue empty, no worker left");
+        for v in &versions {
+            assert!(!s.in_flight(&v.path), "{} still in flight", v.path);
+        }
+    }
+}
