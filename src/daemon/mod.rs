@@ -4,7 +4,9 @@
 //! ready, and on SIGTERM stops them in order and awaits each. A task that ends on its own
 //! (returns, fails or panics) while the daemon runs is logged by name and stops the daemon
 //! the same way, with an error, so that systemd restarts it. What the node does lives in
-//! [`crate::daemon::node`]; protocol rules live in the pure modules.
+//! [`crate::daemon::node`] and the files beside it (`book`, `members`, `peers`,
+//! `directory`); sync's executor, which this root owns beside the node, is
+//! [`crate::sync::apply`]; protocol rules live in the pure modules.
 
 pub mod api_errors;
 pub mod book;
