@@ -39,7 +39,8 @@ impl Membership for Node {
     }
 
     fn directory(&self) -> Directory {
-        // The tunnel's status first: it takes the tunnel's lock, never under the book's.
+        // The tunnel's status is read before the book lock is taken: the lock every
+        // chunk request waits on is held only while the directory is built.
         let seen = self.tunnel.status();
         let book = self.book();
         directory_of(&book.group, self.public_key, &seen)

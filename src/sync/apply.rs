@@ -684,14 +684,15 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
     use std::path::Path;
 
-    /// A group where this node is alone: every member an announcement names is gone.
-    struct Alone;
+    /// The members this node sees: none (every member an announcement names is gone),
+    /// or the ones given.
+    struct Members(Vec<transfer::Peer>);
 
-    impl Membership for Alone {
+    impl Membership for Members {
         fn directory(&self) -> Directory {
             Directory {
                 me: [1; 32],
-                peers: Vec::new(),
+                peers: self.0.clone(),
             }
         }
         fn vpn(&self) -> (Ipv4Addr, ipnet::Ipv4Net) {
@@ -719,6 +720,18 @@ mod tests {
     }
 
     fn executor(dir: &Path, keep_versions_days: u64) -> (Arc<Executor>, Arc<SyncShare>) {
+        let config = SyncConfig {
+            keep_versions_days,
+            ..SyncConfig::default()
+        };
+        executor_with(dir, config, Members(Vec::new()))
+    }
+
+    fn executor_with(
+        dir: &Path,
+        config: SyncConfig,
+        members: Members,
+    ) -> (Arc<Executor>, Arc<SyncShare>) {
         let s = share(dir);
         let engine = Arc::new(Engine::new(
             crate::data::share::Shares::new(Vec::new(), 4096),
@@ -729,14 +742,10 @@ mod tests {
             dir.join("cache"),
             1 << 20,
         ));
-        let config = SyncConfig {
-            keep_versions_days,
-            ..SyncConfig::default()
-        };
         let x = Executor::new(
             [1; 32],
             engine,
-            Arc::new(Alone),
+            Arc::new(members),
             vec![s.clone()],
             config,
             TaskTracker::new(),
@@ -889,5 +898,93 @@ mod tests {
         for v in &versions {
             assert!(!s.in_flight(&v.path), "{} still in flight", v.path);
         }
+    }
+
+    /// An executor whose share holds `files`, scanned, with "kitchen" a member holding
+    /// the share, deletions held past `max_delete_percent`.
+    fn scanned(
+        dir: &Path,
+        files: &[&str],
+        max_delete_percent: u64,
+    ) -> (Arc<Executor>, Arc<SyncShare>) {
+        let config = SyncConfig {
+            keep_versions_days: 30,
+            max_delete_percent,
+        };
+        let (x, s) = executor_with(dir, config, Members(vec![peer()]));
+        for f in files {
+            std::fs::write(s.root.join(f), f.as_bytes()).unwrap();
+        }
+        let id = |rel: &str| {
+            std::fs::read(s.root.join(rel))
+                .ok()
+                .map(|b| blake3::hash(&b).to_hex().to_string())
+        };
+        assert_eq!(s.scan(&key_id(&[1; 32]), id).unwrap().len(), files.len());
+        (x, s)
+    }
+
+    /// Kitchen's deletion of `path`, after the version held here.
+    fn their_deletion(s: &SyncShare, path: &str) -> FileVersion {
+        let ours = s
+            .all_versions()
+            .into_iter()
+            .find(|v| v.path == path)
+            .unwrap();
+        let mut vv = ours.vv.clone();
+        vv.0.insert(key_id(&[2; 32]), 1);
+        FileVersion {
+            vv,
+            node: key_id(&[2; 32]),
+            ..deletion(path)
+        }
+    }
+
+    fn announce(share: &str, versions: Vec<FileVersion>) -> bytes::Bytes {
+        serde_json::to_vec(&Announce {
+            share: share.into(),
+            versions,
+            ask_back: false,
+        })
+        .unwrap()
+        .into()
+    }
+
+    #[tokio::test]
+    async fn an_announced_deletion_after_ours_is_applied_keeping_a_version() {
+        let d = tempfile::tempdir().unwrap();
+        let (x, s) = scanned(d.path(), &["a.txt", "b.txt"], 100);
+        let body = announce("s", vec![their_deletion(&s, "a.txt")]);
+        x.apply([2; 32], body).await;
+        assert!(!s.root.join("a.txt").exists());
+        assert!(s.root.join("b.txt").exists());
+        assert_eq!(crate::sync::kept::list(&s.root, "a.txt").unwrap().len(), 1);
+        assert!(recorded_deleted(&s, "a.txt"));
+    }
+
+    #[tokio::test]
+    async fn an_announcement_from_no_member_or_for_no_share_of_ours_changes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let (x, s) = scanned(d.path(), &["a.txt", "b.txt"], 100);
+        let deletion = their_deletion(&s, "a.txt");
+        x.apply([9; 32], announce("s", vec![deletion.clone()]))
+            .await;
+        x.apply([2; 32], announce("other", vec![deletion])).await;
+        x.apply([2; 32], bytes::Bytes::from_static(b"{not json"))
+            .await;
+        assert!(s.root.join("a.txt").exists());
+        assert!(!recorded_deleted(&s, "a.txt"));
+    }
+
+    #[tokio::test]
+    async fn a_member_deleting_most_of_a_share_is_held_and_nothing_goes() {
+        let d = tempfile::tempdir().unwrap();
+        let (x, s) = scanned(d.path(), &["a.txt", "b.txt", "c.txt"], 50);
+        let all = ["a.txt", "b.txt", "c.txt"].map(|f| their_deletion(&s, f));
+        x.apply([2; 32], announce("s", all.to_vec())).await;
+        for f in ["a.txt", "b.txt", "c.txt"] {
+            assert!(s.root.join(f).exists(), "{f}");
+        }
+        assert!(s.deletions_held().is_some());
     }
 }
