@@ -5,7 +5,8 @@
 //! [`crate::daemon::directory`], and sync's executor in [`crate::sync::apply`], which
 //! the daemon owns beside the node. This file holds the node's state, the control
 //! `Handler` and the `get` registry. It must not hold protocol rules (the pure modules
-//! decide) nor slow work under the book lock, which every chunk request takes.
+//! decide). The book lock is taken by every chunk request: the only slow work under it
+//! is a write that must land before its change counts (a join, a removal, an invite).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
