@@ -6,7 +6,9 @@
 //! the same way, with an error, so that systemd restarts it. What the node does lives in
 //! [`crate::daemon::node`]; protocol rules live in the pure modules.
 
+pub mod api;
 pub mod node;
+pub mod transfers;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -510,7 +512,7 @@ pub async fn run(
     {
         let (n, c) = (node.clone(), cancel.clone());
         tasks.spawn("control", async move {
-            control::serve(listener, n, admin, c).await;
+            control::serve(listener, Arc::new(api::Api::new(n)), admin, c).await;
             Ok(())
         });
     }
