@@ -21,7 +21,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use watchalong::control::{Client, GetReply, GetRequest, TransferView};
+use watchalong::control::{Client, GetRequest, TransferState, TransferView};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -53,28 +53,22 @@ fn timed_get(
     rt.block_on(async {
         let client = Client::new(&socket);
         let start = Instant::now();
-        let r: GetReply = client
-            .post(
-                "/v1/get",
-                &GetRequest {
-                    target: target.into(),
-                    dest: dest.clone(),
-                    from: None,
-                },
-            )
+        let r = client
+            .start_get(&GetRequest {
+                target: target.into(),
+                dest: dest.clone(),
+                from: None,
+            })
             .await
             .unwrap();
         let mut first = None;
         loop {
-            let v: TransferView = client
-                .get(&format!("/v1/transfers/{}", r.id))
-                .await
-                .unwrap();
+            let v = client.transfer(&r.id).await.unwrap();
             if first.is_none() && v.done > 0 {
                 first = Some(start.elapsed());
             }
-            if v.state != "running" {
-                assert_eq!(v.state, "done", "{target}: {:?}", v.error);
+            if v.state != TransferState::Running {
+                assert_eq!(v.state, TransferState::Done, "{target}: {:?}", v.error);
                 let _ = std::fs::remove_file(&dest);
                 return (first.unwrap_or_default(), start.elapsed(), v);
             }

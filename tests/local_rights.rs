@@ -187,7 +187,7 @@ fn fake_daemon(socket: &Path, handoff: &Path) -> std::thread::JoinHandle<()> {
                         done: 5,
                         corrupt_chunks: 0,
                         route: "local".into(),
-                        state: "done".into(),
+                        state: watchalong::control::TransferState::Done,
                         error: None,
                         counters: Default::default(),
                     };

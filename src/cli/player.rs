@@ -16,8 +16,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::base::clock::now_ms;
-use crate::control::{Client, ControlError};
 use crate::control::{self, Change, FileRequest, Report, RoomView, WaitRequest, WatchReply};
+use crate::control::{Client, ControlError};
 use crate::watch::room::{correct, Correction, Playback, Stamp};
 
 /// How often the player's position is read and reported.

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-
 /// The most of a handed-over file one call returns: the CLI asks piece by piece, so
 /// neither side holds a whole file in memory.
 pub const FILE_PIECE: u64 = 4 * 1024 * 1024;
@@ -279,7 +278,6 @@ pub struct InjectRequest {
 pub struct ErrorBody {
     pub error: String,
 }
-
 
 /// One tunnel peer as `watchalong status` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -379,10 +379,7 @@ pub trait Handler: Send + Sync + 'static {
     /// Lets a share's held deletions through.
     fn release(&self, req: VersionsRequest)
         -> impl Future<Output = Result<Empty, ApiError>> + Send;
-    fn restore(
-        &self,
-        req: VersionsRequest,
-    ) -> impl Future<Output = Result<Kept, ApiError>> + Send;
+    fn restore(&self, req: VersionsRequest) -> impl Future<Output = Result<Kept, ApiError>> + Send;
 }
 
 /// Serves the control API on `listener` until `cancel`. `admin` is the group whose members
@@ -507,7 +504,9 @@ async fn dispatch<H: Handler>(
         Route::Transfer => reply(h.transfer(id).await),
         Route::TransferFile => {
             let offset = offset_of(query)?;
-            h.transfer_file(id, offset, caller).await.map(bytes_response)
+            h.transfer_file(id, offset, caller)
+                .await
+                .map(bytes_response)
         }
         Route::DropTransferFile => reply(h.drop_transfer_file(id, caller).await),
         Route::Watch => reply(h.watch(parse(body)?).await),
@@ -573,4 +572,3 @@ pub(crate) fn error_response(e: &ApiError) -> Response<Full<Bytes>> {
     .unwrap_or_default();
     json_response(e.status, body)
 }
-

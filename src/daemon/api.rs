@@ -16,8 +16,8 @@ use crate::base::state;
 use crate::control::{
     self, ApiError, Caller, Empty, GetReply, GetRequest, GossipReply, Handler, InjectRequest,
     InviteView, JoinReply, JoinRequest, LinkReply, LinkRequest, LsEntry, LsReply, NodeStatus,
-    PeerAddRequest, PeerRemoveRequest, PeerView, PeersReply, PlanReply, PlanRequest,
-    RemoveRequest, StatusReply, TransferView, VersionsRequest,
+    PeerAddRequest, PeerRemoveRequest, PeerView, PeersReply, PlanReply, PlanRequest, RemoveRequest,
+    StatusReply, TransferView, VersionsRequest,
 };
 use crate::daemon::node::{invite_state, Node, DOWNLOADS_DIR, INVITES_FILE};
 use crate::daemon::transfers::{self, Snapshot, TransferError, TransferState};
@@ -191,7 +191,11 @@ impl Handler for Api {
                 chunks: counters(self.engine.counters()),
             },
             peers: self.tunnel.status().into_iter().map(peer_status).collect(),
-            shares: self.syncs.iter().map(|s| share_status(s.status())).collect(),
+            shares: self
+                .syncs
+                .iter()
+                .map(|s| share_status(s.status()))
+                .collect(),
         })
     }
 
@@ -502,10 +506,7 @@ impl Handler for Api {
         Ok(Empty {})
     }
 
-    async fn versions(
-        &self,
-        req: VersionsRequest,
-    ) -> Result<Vec<control::Kept>, ApiError> {
+    async fn versions(&self, req: VersionsRequest) -> Result<Vec<control::Kept>, ApiError> {
         let (s, path) = self.sync_share_of(&req.target)?;
         let list = tokio::task::block_in_place(|| crate::sync::kept::list(&s.root, &path))
             .map_err(kept_error)?;
@@ -603,7 +604,8 @@ impl Handler for Api {
                 Ok(()) => log::info!("got {target}"),
                 Err(e) => log::warn!("get {target} failed: {e}"),
             }
-            node.transfers.finish(&id_in_task, r, std::time::Instant::now());
+            node.transfers
+                .finish(&id_in_task, r, std::time::Instant::now());
         });
         Ok(GetReply {
             id,
@@ -677,7 +679,6 @@ impl Handler for Api {
         Ok(self.gossip_reply())
     }
 }
-
 
 /// A finished or running `get` as the API shows it.
 fn transfer_view(t: Snapshot, counters: transfer::Counters) -> TransferView {

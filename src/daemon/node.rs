@@ -844,7 +844,11 @@ impl Node {
 
     /// The host revokes a member: a newer record that says so, sent to everyone. The
     /// invite that admitted it is closed too, unless `keep_invite`.
-    pub(crate) fn revoke(&self, node: &str, keep_invite: bool) -> Result<(Key, Vec<Outgoing>), ApiError> {
+    pub(crate) fn revoke(
+        &self,
+        node: &str,
+        keep_invite: bool,
+    ) -> Result<(Key, Vec<Outgoing>), ApiError> {
         let mut book = self.book();
         if !book.group.is_host(&self.public_key) {
             return Err(ApiError::conflict(format!(

@@ -173,7 +173,9 @@ fn prune(entries: &mut BTreeMap<String, Entry>, now: Instant) -> Vec<PathBuf> {
         .collect();
     finished.sort();
     // Room for the one about to start is made among the finished alone.
-    let over = finished.len().saturating_sub(MAX_FINISHED.saturating_sub(1));
+    let over = finished
+        .len()
+        .saturating_sub(MAX_FINISHED.saturating_sub(1));
     let mut dropped = Vec::new();
     for (i, (at, id)) in finished.into_iter().enumerate() {
         let stale = now.saturating_duration_since(at) >= KEEP_FINISHED;
@@ -225,7 +227,12 @@ mod tests {
     fn progress_is_read_live_from_the_transfer_s_counters() {
         let t = Transfers::default();
         let progress = Arc::new(Progress::default());
-        t.start("a".into(), request(0, None), progress.clone(), Instant::now());
+        t.start(
+            "a".into(),
+            request(0, None),
+            progress.clone(),
+            Instant::now(),
+        );
         progress.size.store(100, Relaxed);
         progress.done.store(40, Relaxed);
         *progress.route.locked() = "direct".into();
@@ -247,8 +254,14 @@ mod tests {
             t.handed_over("a", 1001),
             Err(TransferError::CheckOwner("a".into()))
         );
-        assert_eq!(t.handed_over("a", 1000).unwrap(), PathBuf::from("/state/downloads/a"));
-        assert_eq!(t.handed_over("a", 0).unwrap(), PathBuf::from("/state/downloads/a"));
+        assert_eq!(
+            t.handed_over("a", 1000).unwrap(),
+            PathBuf::from("/state/downloads/a")
+        );
+        assert_eq!(
+            t.handed_over("a", 0).unwrap(),
+            PathBuf::from("/state/downloads/a")
+        );
         assert_eq!(t.handed_over("x", 0), Err(TransferError::Find("x".into())));
     }
 
