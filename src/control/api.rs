@@ -471,3 +471,25 @@ pub struct RoomView {
     pub have_bytes: Option<u64>,
     pub size: Option<u64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checks the raw JSON on purpose: scripts read these strings.
+    #[test]
+    fn a_transfer_state_is_today_s_string_on_the_wire_and_lines_up_in_a_table() {
+        for (state, text) in [
+            (TransferState::Running, "running"),
+            (TransferState::Done, "done"),
+            (TransferState::Failed, "failed"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), text);
+            assert_eq!(
+                serde_json::from_value::<TransferState>(text.into()).unwrap(),
+                state
+            );
+            assert_eq!(format!("{state:<7}|").len(), 8, "{state}");
+        }
+    }
+}

@@ -20,7 +20,11 @@ use crate::control::{
     StatusReply, TransferView, VersionsRequest,
 };
 use crate::daemon::node::{invite_state, Node, DOWNLOADS_DIR, INVITES_FILE};
-use crate::daemon::transfers::{self, Snapshot, TransferError, TransferState};
+use crate::daemon::transfers::{self, TransferError};
+use crate::daemon::views::{
+    counters, kept, peer_status, plan_route, playback, report, room_view, share_status,
+    transfer_view,
+};
 use crate::data::transfer::{self, Directory, Membership, Progress};
 use crate::group::gossip::GossipMessage;
 use crate::group::identity::{self, key_to_base64};
@@ -680,161 +684,69 @@ impl Handler for Api {
     }
 }
 
-/// A finished or running `get` as the API shows it.
-fn transfer_view(t: Snapshot, counters: transfer::Counters) -> TransferView {
-    let (state, error) = match t.state {
-        TransferState::Running => (control::TransferState::Running, None),
-        TransferState::Done => (control::TransferState::Done, None),
-        TransferState::Failed(e) => (control::TransferState::Failed, Some(e)),
-    };
-    TransferView {
-        id: t.id,
-        target: t.request.target,
-        dest: t.request.dest,
-        handoff: t.request.handoff,
-        source: t.request.source,
-        size: t.size,
-        done: t.done,
-        corrupt_chunks: t.corrupt_chunks,
-        route: t.route,
-        state,
-        error,
-        counters: self::counters(counters),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::kept::KeptError;
+
+    #[test]
+    fn a_target_splits_into_share_and_path_and_a_missing_share_is_a_bad_request() {
+        let ok = |t: &str| split_target(t).unwrap();
+        assert_eq!(ok("movies/film.mkv"), ("movies".into(), "film.mkv".into()));
+        assert_eq!(ok("/movies/a/b.mkv"), ("movies".into(), "a/b.mkv".into()));
+        assert_eq!(ok("movies"), ("movies".into(), String::new()));
+        // Leading slashes are not a share: they are dropped, whatever their number.
+        assert_eq!(ok("//movies"), ("movies".into(), String::new()));
+        for bad in ["", "/", "///"] {
+            let e = split_target(bad).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad:?}");
+            assert!(e.to_string().contains("SHARE/PATH"), "{e}");
+        }
     }
-}
 
-// The conversions from the node's types into the API's: written out field by field, so
-// a renamed internal field fails to compile here instead of changing the CLI's JSON.
-
-fn counters(c: transfer::Counters) -> control::Counters {
-    control::Counters {
-        corrupt_chunks: c.corrupt_chunks,
-        served_chunks: c.served_chunks,
-        fetched_chunks: c.fetched_chunks,
-        resumed_chunks: c.resumed_chunks,
-        refused_requests: c.refused_requests,
-        refused_connections: c.refused_connections,
+    #[test]
+    fn a_missing_version_is_not_found_a_bad_path_a_bad_request_and_disk_trouble_internal() {
+        let io = || std::io::Error::other("disk");
+        let cases = [
+            (
+                KeptError::FindVersion("a.txt".into(), String::new()),
+                StatusCode::NOT_FOUND,
+            ),
+            (KeptError::CheckPath("../x".into()), StatusCode::BAD_REQUEST),
+            (
+                KeptError::List {
+                    path: "/s".into(),
+                    source: io(),
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                KeptError::Restore {
+                    path: "/s/a".into(),
+                    source: io(),
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (e, status) in cases {
+            let text = e.to_string();
+            let api = kept_error(e);
+            assert_eq!(api.status, status, "{text}");
+            assert_eq!(api.to_string(), text, "the user reads the error itself");
+        }
     }
-}
 
-fn peer_status(p: crate::net::tunnel::PeerStatus) -> control::PeerStatus {
-    control::PeerStatus {
-        name: p.name,
-        public_key: p.public_key,
-        address: p.address,
-        endpoint: p.endpoint,
-        path: p.path,
-        rtt_ms: p.rtt_ms,
-        last_handshake: p.last_handshake,
-        last_handshake_secs_ago: p.last_handshake_secs_ago,
-        rx_bytes: p.rx_bytes,
-        tx_bytes: p.tx_bytes,
-    }
-}
-
-fn share_status(s: crate::sync::folder::ShareStatus) -> control::ShareStatus {
-    control::ShareStatus {
-        name: s.name,
-        files: s.files,
-        bytes: s.bytes,
-        conflicts: s.conflicts,
-        pulling: s.pulling,
-        bytes_left: s.bytes_left,
-        root_ok: s.root_ok,
-        last_error: s.last_error,
-        held: s.held,
-    }
-}
-
-/// Gossip counters as the API shows them (the node's gossip reply is built with it).
-pub fn gossip_stats(s: &crate::group::gossip::Stats) -> control::GossipStats {
-    control::GossipStats {
-        received: s.received,
-        accepted: s.accepted,
-        rejected: s.rejected,
-        sent: s.sent,
-        sent_bytes: s.sent_bytes,
-        member_pushes: s.member_pushes.clone(),
-    }
-}
-
-fn plan_route(r: crate::data::planner::Route) -> control::PlanRoute {
-    use crate::data::planner::Via;
-    control::PlanRoute {
-        case: r.case,
-        hops: r
-            .hops
-            .into_iter()
-            .map(|h| control::PlanHop {
-                from: h.from,
-                to: h.to,
-                via: match h.via {
-                    Via::Tunnel => "tunnel",
-                    Via::Lan => "lan",
-                }
-                .to_string(),
-            })
-            .collect(),
-        why: r.why,
-    }
-}
-
-fn kept(k: crate::sync::kept::Kept) -> control::Kept {
-    control::Kept {
-        path: k.path,
-        at: k.at,
-        seq: k.seq,
-        size: k.size,
-    }
-}
-
-fn playback(p: crate::watch::room::Playback) -> control::Playback {
-    control::Playback {
-        playing: p.playing,
-        position: p.position,
-        rate: p.rate,
-        at_ms: p.at_ms,
-        held: p.held,
-        stamp: control::Stamp {
-            counter: p.stamp.counter,
-            node: p.stamp.node,
-        },
-    }
-}
-
-fn room_view(v: hub::RoomView) -> control::RoomView {
-    control::RoomView {
-        file: v.file,
-        state: playback(v.state),
-        position_now: v.position_now,
-        watchers: v
-            .watchers
-            .into_iter()
-            .map(|w| control::WatcherView {
-                node: w.node,
-                position: w.position,
-                drift_ms: w.drift_ms,
-                buffered_s: w.buffered_s,
-                starved: w.starved,
-                rtt_ms: w.rtt_ms,
-                clock_offset_ms: w.clock_offset_ms,
-            })
-            .collect(),
-        have_bytes: v.have_bytes,
-        size: v.size,
-    }
-}
-
-fn report(r: control::Report) -> hub::Report {
-    hub::Report {
-        file: r.file,
-        position: r.position,
-        buffered_s: r.buffered_s,
-        starved: r.starved,
-        change: r.change.map(|c| hub::Change {
-            playing: c.playing,
-            position: c.position,
-            rate: c.rate,
-        }),
+    #[test]
+    fn a_refused_handoff_maps_to_the_status_that_says_why() {
+        let id = || "ab".to_string();
+        let cases = [
+            (TransferError::Find(id()), StatusCode::NOT_FOUND),
+            (TransferError::CheckOwner(id()), StatusCode::FORBIDDEN),
+            (TransferError::FindHandoff(id()), StatusCode::BAD_REQUEST),
+            (TransferError::CheckFinished(id()), StatusCode::CONFLICT),
+        ];
+        for (e, status) in cases {
+            assert_eq!(transfer_error(e).status, status);
+        }
     }
 }

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod node;
 pub mod transfers;
+pub mod views;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;

@@ -937,7 +937,7 @@ impl Node {
             members: book.group.mesh.active().count(),
             revoked: book.group.mesh.members().filter(|m| m.revoked).count(),
             forwarded_packets: self.tunnel.forwarded_count(),
-            stats: crate::daemon::api::gossip_stats(&book.gossip.stats),
+            stats: crate::daemon::views::gossip_stats(&book.gossip.stats),
         }
     }
 }
