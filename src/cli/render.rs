@@ -29,14 +29,34 @@ pub fn print_link(text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `link --json`: the (maybe sealed) link, the invite, and a generated passphrase when
-/// one was made here.
-pub fn print_link_json(text: &str, reply: &LinkReply, sealed: bool, generated: Option<&str>) {
-    println!(
-        "{}",
-        serde_json::json!({"link": text, "id": reply.id, "expires_at": reply.expires_at, "uses": reply.uses, "sealed": sealed,
-            "passphrase": generated})
-    );
+/// What `link --json` prints: the (maybe sealed) link, the invite, and the passphrase
+/// when one was made here. Fields in alphabetical order, as the output always had them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LinkOutput {
+    pub expires_at: u64,
+    pub id: String,
+    pub link: String,
+    pub passphrase: Option<String>,
+    pub sealed: bool,
+    pub uses: u32,
+}
+
+pub fn print_link_json(
+    text: &str,
+    reply: &LinkReply,
+    sealed: bool,
+    generated: Option<&str>,
+) -> anyhow::Result<()> {
+    let out = LinkOutput {
+        expires_at: reply.expires_at,
+        id: reply.id.clone(),
+        link: text.to_string(),
+        passphrase: generated.map(str::to_string),
+        sealed,
+        uses: reply.uses,
+    };
+    println!("{}", serde_json::to_string(&out)?);
+    Ok(())
 }
 
 /// After the link: the passphrase made here (on stderr, to send another way) and the

@@ -104,7 +104,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .filter(|_| generate_passphrase)
                 .map(|p| p.as_str());
             if json {
-                render::print_link_json(&text, &reply, pass.is_some(), generated);
+                render::print_link_json(&text, &reply, pass.is_some(), generated)?;
             } else {
                 render::print_link(&text)?;
                 render::print_link_terms(&reply, generated);
