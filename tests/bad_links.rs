@@ -5,9 +5,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use watchalong::group::link;
 use watchalong::cli::render::LinkOutput;
 use watchalong::control::InviteView;
+use watchalong::group::link;
 
 fn one_line_error(o: &std::process::Output, what: &str) -> String {
     assert!(!o.status.success(), "{what}: the join succeeded");

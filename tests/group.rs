@@ -278,9 +278,7 @@ fn behind_a_router_that_drops_unsolicited_udp_traffic_goes_through_the_host() {
             n.name
         );
     }
-    let forwarded = || -> u64 {
-        gossip(&host).forwarded_packets
-    };
+    let forwarded = || -> u64 { gossip(&host).forwarded_packets };
     let before = forwarded();
     for _ in 0..5 {
         assert!(a.ping(&b_addr), "a lost b: {:#?}", peers(&a));
@@ -434,8 +432,7 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
         .map(|n| gossip(n).stats.received)
         .collect();
     for (n, h) in [&host, &a, &b].iter().zip(heard) {
-        assert!(wait_until(DEADLINE, || gossip(n).stats.received
-            >= h + 3));
+        assert!(wait_until(DEADLINE, || gossip(n).stats.received >= h + 3));
     }
     for n in [&host, &a, &b] {
         assert!(

@@ -141,10 +141,7 @@ fn case_2_distant_to_nearby_brings_one_copy_into_the_site_through_its_gateway() 
     ];
     let to_s1 = vec![("distant".into(), "tunnel".into(), "s1".into())];
     assert!(hops == through_s0 || hops == to_s1, "{hops:?}");
-    assert!(
-        p.route.why.contains("gateway"),
-        "{p:?}"
-    );
+    assert!(p.route.why.contains("gateway"), "{p:?}");
     // Any member can ask for s1's plan, and gets the same one, with its reason.
     let elsewhere: PlanReply = json(&l.host, &["plan", "films/a.bin", "--to", "s1", "--json"]);
     assert_eq!(elsewhere.route, p.route, "{elsewhere:?}");
@@ -662,10 +659,7 @@ fn a_relay_serving_corrupted_bytes_is_caught_and_the_file_still_arrives() {
         g.hash,
         "the damaged bytes reached the file"
     );
-    assert!(
-        v.corrupt_chunks > 0,
-        "the corruption went unnoticed: {v:?}"
-    );
+    assert!(v.corrupt_chunks > 0, "the corruption went unnoticed: {v:?}");
     let _ = &g.distant;
 }
 

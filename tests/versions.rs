@@ -193,10 +193,7 @@ fn a_member_emptying_a_share_is_held_everywhere_until_released_and_what_goes_is_
             n.name
         );
         assert!(held(n).is_none());
-        let kept: Vec<String> = versions(n, "rw")
-            .iter()
-            .map(|k| k.path.clone())
-            .collect();
+        let kept: Vec<String> = versions(n, "rw").iter().map(|k| k.path.clone()).collect();
         for i in 0..6 {
             assert!(kept.contains(&format!("f{i}.txt")), "{}: {kept:?}", n.name);
         }

@@ -420,7 +420,8 @@ fn a_late_joiner_starts_at_the_room_and_a_player_or_member_that_goes_stops_nobod
         "the others stopped when a's player died"
     );
     assert!(
-        wait_until(DEADLINE, || room(&nodes[0]).map_or(0, |r| r.watchers.len()) == 2),
+        wait_until(DEADLINE, || room(&nodes[0]).map_or(0, |r| r.watchers.len())
+            == 2),
         "a is still listed: {:?}",
         room(&nodes[0])
     );
