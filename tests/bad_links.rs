@@ -105,9 +105,9 @@ fn bad_links_fail_with_one_line_and_the_daemon_keeps_serving() {
     let e = one_line_error(&c.cli(&["join", &short]), "expired");
     assert!(e.contains("expired"), "{e}");
     // Revoked.
-    let j: serde_json::Value = serde_json::from_str(&host.ok(&["link", "--json"])).unwrap();
-    host.ok(&["link", "--revoke", j["id"].as_str().unwrap()]);
-    let e = one_line_error(&c.cli(&["join", j["link"].as_str().unwrap()]), "revoked");
+    let j: LinkOutput = serde_json::from_str(&host.ok(&["link", "--json"])).unwrap();
+    host.ok(&["link", "--revoke", &j.id]);
+    let e = one_line_error(&c.cli(&["join", &j.link]), "revoked");
     assert!(e.contains("revoked"), "{e}");
     // Already used, given on the command line and on stdin.
     let e = one_line_error(&c.cli(&["join", &good]), "used");

@@ -354,6 +354,9 @@ fn signed(from: &Node, to_key: &str, pq: &str, nonce: u8) -> BTreeMap<String, St
     )
 }
 
+// Raw JSON on purpose below: these are node-to-node requests forged by hand, not replies
+// of the control API.
+
 /// A relay request for `chunk` (a chunk request as JSON), sealed and signed by `from`'s
 /// daemon key for `to`.
 fn relay_request(from: &Node, to_key: &str, chunk: &serde_json::Value, nonce: u8) -> Vec<u8> {
