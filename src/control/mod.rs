@@ -1,9 +1,11 @@
 //! The local control API: JSON over HTTP/1.1 on a Unix socket. [`api`] holds the wire
 //! types (standing alone from the daemon's), [`server`] the route table, the server and
-//! who may call what, [`client`] the typed client the CLI, the player and the tests use.
+//! who may call what, [`caller`] who is calling (the kernel's word), [`client`] the
+//! typed client the CLI, the player and the tests use.
 //! What each call does is the daemon's [`Handler`]; this folder must not reach into it.
 
 pub mod api;
+pub mod caller;
 pub mod client;
 pub mod server;
 
