@@ -492,4 +492,34 @@ mod tests {
             assert_eq!(format!("{state:<7}|").len(), 8, "{state}");
         }
     }
+
+    /// Checks the raw JSON on purpose: `watchalong transfers --json` is read by scripts,
+    /// so its keys, their order and the state's spelling are the contract.
+    #[test]
+    fn a_transfer_view_is_written_with_the_keys_scripts_read() {
+        let v = TransferView {
+            id: "ab".into(),
+            target: "s/f".into(),
+            dest: "/d/f".into(),
+            handoff: None,
+            source: "host".into(),
+            size: 10,
+            done: 10,
+            corrupt_chunks: 0,
+            route: "direct".into(),
+            state: TransferState::Done,
+            error: None,
+            counters: Counters::default(),
+        };
+        assert_eq!(
+            serde_json::to_string(&v).unwrap(),
+            concat!(
+                r#"{"id":"ab","target":"s/f","dest":"/d/f","handoff":null,"source":"host","#,
+                r#""size":10,"done":10,"corrupt_chunks":0,"route":"direct","state":"done","#,
+                r#""error":null,"counters":{"corrupt_chunks":0,"served_chunks":0,"#,
+                r#""fetched_chunks":0,"resumed_chunks":0,"refused_requests":0,"#,
+                r#""refused_connections":0}}"#
+            )
+        );
+    }
 }
