@@ -52,6 +52,16 @@ impl std::ops::Deref for Api {
     }
 }
 
+/// Runs disk work (hashing, walking, reading caches) on the blocking pool, so no worker
+/// of the runtime waits on the disk. It fails only if the work panicked.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(ApiError::internal)
+}
+
 fn transfer_error(e: TransferError) -> ApiError {
     match e {
         TransferError::Find(_) => ApiError::not_found(e),
@@ -139,7 +149,9 @@ impl Api {
         let mut last = String::new();
         for p in self.holders(dir, share, from)? {
             let got = if p.key == dir.me {
-                tokio::task::block_in_place(|| self.engine.shares.manifest(share, path))
+                let (engine, s, f) = (self.engine.clone(), share.to_string(), path.to_string());
+                blocking(move || engine.shares.manifest(&s, &f))
+                    .await?
                     .map_err(|e| format!("{}: {e}", p.name))
             } else {
                 // Nothing is sized by a peer's manifest before it is checked; a refusal
@@ -373,7 +385,9 @@ impl Handler for Api {
         let mut last = String::new();
         for p in self.holders(&dir, &share, None)? {
             let got: Result<Vec<crate::data::share::Entry>, String> = if p.key == dir.me {
-                tokio::task::block_in_place(|| self.engine.shares.ls(&share, &path))
+                let (engine, s, f) = (self.engine.clone(), share.clone(), path.clone());
+                blocking(move || engine.shares.ls(&s, &f))
+                    .await?
                     .map_err(|e| e.to_string())
             } else {
                 self.engine
@@ -448,9 +462,9 @@ impl Handler for Api {
             crate::watch::stream::Stream::local(&file, manifest, dir.me, local)
         } else {
             let cache = self.watch.streams.cache_dir.clone();
-            tokio::task::block_in_place(|| {
-                crate::watch::stream::Stream::remote(&file, manifest, source.key, &cache)
-            })
+            let (name, from) = (file.clone(), source.key);
+            blocking(move || crate::watch::stream::Stream::remote(&name, manifest, from, &cache))
+                .await?
         }
         .map_err(ApiError::internal)?;
         let members: Arc<dyn Membership> = self.node.clone();
@@ -512,14 +526,18 @@ impl Handler for Api {
 
     async fn versions(&self, req: VersionsRequest) -> Result<Vec<control::Kept>, ApiError> {
         let (s, path) = self.sync_share_of(&req.target)?;
-        let list = tokio::task::block_in_place(|| crate::sync::kept::list(&s.root, &path))
+        let root = s.root.clone();
+        let list = blocking(move || crate::sync::kept::list(&root, &path))
+            .await?
             .map_err(kept_error)?;
         Ok(list.into_iter().map(kept).collect())
     }
 
     async fn restore(&self, req: VersionsRequest) -> Result<control::Kept, ApiError> {
         let (s, path) = self.sync_share_of(&req.target)?;
-        let k = tokio::task::block_in_place(|| crate::sync::kept::restore(&s.root, &path, req.at))
+        let root = s.root.clone();
+        let k = blocking(move || crate::sync::kept::restore(&root, &path, req.at))
+            .await?
             .map_err(kept_error)?;
         log::info!("share {}: {} restored as kept at {}", s.name, k.path, k.at);
         Ok(kept(k))
@@ -535,7 +553,8 @@ impl Handler for Api {
         // The daemon may write where its caller may not (it often runs as root): the
         // file goes only where the user who asked could have put it.
         let folder = req.dest.parent().unwrap_or(std::path::Path::new("/"));
-        if !tokio::task::block_in_place(|| caller.may_write_in(folder)) {
+        let (who, dir) = (caller.clone(), folder.to_path_buf());
+        if !blocking(move || who.may_write_in(&dir)).await? {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 format!(
@@ -556,11 +575,14 @@ impl Handler for Api {
         // no home folders at all): it then writes into its own downloads folder, and
         // the CLI, which runs with the user's rights, moves the file to its destination.
         let beside = req.dest.parent().unwrap_or(std::path::Path::new("/"));
-        let handoff = match crate::sync::folder::probe_write(beside) {
+        let probed = beside.to_path_buf();
+        let handoff = match blocking(move || crate::sync::folder::probe_write(&probed)).await? {
             Ok(()) => None,
             Err(e) => {
                 let downloads = self.config.node.state_dir.join(DOWNLOADS_DIR);
-                std::fs::create_dir_all(&downloads).map_err(ApiError::internal)?;
+                tokio::fs::create_dir_all(&downloads)
+                    .await
+                    .map_err(ApiError::internal)?;
                 log::debug!(
                     "get {}: the daemon cannot write beside {} ({e}); handing it over from {}",
                     req.target,
@@ -665,7 +687,9 @@ impl Handler for Api {
             .transfers
             .handed_over(&id, caller.uid)
             .map_err(transfer_error)?;
-        std::fs::remove_file(path).map_err(ApiError::internal)?;
+        tokio::fs::remove_file(path)
+            .await
+            .map_err(ApiError::internal)?;
         Ok(Empty {})
     }
 
