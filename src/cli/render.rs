@@ -362,3 +362,50 @@ pub fn print_status(s: &StatusReply) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `link --json` was written with `json!`, whose keys come out sorted; the typed
+    /// output must give the same bytes, passphrase or not.
+    #[test]
+    fn link_json_is_the_same_bytes_as_before_it_was_typed() {
+        for passphrase in [None, Some("correct horse battery staple")] {
+            let out = LinkOutput {
+                expires_at: 1_700_000_000,
+                id: "0123456789abcdef".into(),
+                link: "watchalong://join/x".into(),
+                passphrase: passphrase.map(str::to_string),
+                sealed: passphrase.is_some(),
+                uses: 2,
+            };
+            let before = serde_json::json!({"link": out.link, "id": out.id,
+                "expires_at": out.expires_at, "uses": out.uses, "sealed": out.sealed,
+                "passphrase": passphrase});
+            assert_eq!(serde_json::to_string(&out).unwrap(), before.to_string());
+        }
+    }
+
+    #[test]
+    fn a_transfer_line_shows_its_percentage_and_rate() {
+        let v = TransferView {
+            id: "ab".into(),
+            target: "s/f".into(),
+            dest: "/d/f".into(),
+            handoff: None,
+            source: "host".into(),
+            size: 8 << 20,
+            done: 2 << 20,
+            corrupt_chunks: 0,
+            route: "direct".into(),
+            state: crate::control::TransferState::Running,
+            error: None,
+            counters: Default::default(),
+        };
+        assert_eq!(
+            progress_line(&v, 2.0),
+            " 25% 2/8 MiB 1.0 MiB/s ETA 6s via direct"
+        );
+    }
+}
