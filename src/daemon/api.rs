@@ -92,6 +92,29 @@ impl Api {
     }
 }
 
+/// The shares members offer, each with the members offering it, by name.
+fn share_list(dir: &Directory) -> LsReply {
+    let mut shares: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for p in &dir.peers {
+        for s in &p.shares {
+            shares.entry(s.clone()).or_default().push(p.name.clone());
+        }
+    }
+    let entries = shares
+        .into_iter()
+        .map(|(name, holders)| LsEntry {
+            name,
+            dir: true,
+            size: 0,
+            holders,
+        })
+        .collect();
+    LsReply {
+        holder: None,
+        entries,
+    }
+}
+
 /// `share/path` split in two; the path may be empty (the share's root).
 fn split_target(target: &str) -> Result<(String, String), ApiError> {
     let t = target.trim_start_matches('/');
@@ -104,40 +127,39 @@ fn split_target(target: &str) -> Result<(String, String), ApiError> {
     Ok((share.to_string(), path.to_string()))
 }
 
-impl Api {
-    /// Members holding `share`, this node first, then nearby ones, then the rest.
-    fn holders(
-        &self,
-        dir: &Directory,
-        share: &str,
-        from: Option<&str>,
-    ) -> Result<Vec<transfer::Peer>, ApiError> {
-        let my_site = dir.get(&dir.me).and_then(|p| p.site.clone());
-        let mut v: Vec<transfer::Peer> = dir
-            .peers
-            .iter()
-            .filter(|p| p.shares.iter().any(|s| s == share))
-            .filter(|p| from.is_none_or(|f| p.name == f))
-            .cloned()
-            .collect();
-        v.sort_by_key(|p| {
-            (
-                p.key != dir.me,
-                !(p.site.is_some() && p.site == my_site),
-                !p.up,
-            )
-        });
-        if v.is_empty() {
-            return Err(ApiError::not_found(match from {
-                Some(f) => format!("{f} does not offer a share called {share:?}"),
-                None => {
-                    format!("no member offers a share called {share:?}; `watchalong ls` lists them")
-                }
-            }));
-        }
-        Ok(v)
+/// Members holding `share`, this node first, then nearby ones, then the rest.
+fn holders(
+    dir: &Directory,
+    share: &str,
+    from: Option<&str>,
+) -> Result<Vec<transfer::Peer>, ApiError> {
+    let my_site = dir.get(&dir.me).and_then(|p| p.site.clone());
+    let mut v: Vec<transfer::Peer> = dir
+        .peers
+        .iter()
+        .filter(|p| p.shares.iter().any(|s| s == share))
+        .filter(|p| from.is_none_or(|f| p.name == f))
+        .cloned()
+        .collect();
+    v.sort_by_key(|p| {
+        (
+            p.key != dir.me,
+            !(p.site.is_some() && p.site == my_site),
+            !p.up,
+        )
+    });
+    if v.is_empty() {
+        return Err(ApiError::not_found(match from {
+            Some(f) => format!("{f} does not offer a share called {share:?}"),
+            None => {
+                format!("no member offers a share called {share:?}; `watchalong ls` lists them")
+            }
+        }));
     }
+    Ok(v)
+}
 
+impl Api {
     /// The file's manifest from the first holder that has it.
     async fn find_manifest(
         &self,
@@ -147,7 +169,7 @@ impl Api {
         from: Option<&str>,
     ) -> Result<(transfer::Peer, crate::data::share::Manifest), ApiError> {
         let mut last = String::new();
-        for p in self.holders(dir, share, from)? {
+        for p in holders(dir, share, from)? {
             let got = if p.key == dir.me {
                 let (engine, s, f) = (self.engine.clone(), share.to_string(), path.to_string());
                 blocking(move || engine.shares.manifest(&s, &f))
@@ -361,29 +383,11 @@ impl Handler for Api {
     async fn ls(&self, target: String) -> Result<LsReply, ApiError> {
         let dir = self.directory();
         if target.trim_matches('/').is_empty() {
-            let mut shares: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            for p in &dir.peers {
-                for s in &p.shares {
-                    shares.entry(s.clone()).or_default().push(p.name.clone());
-                }
-            }
-            let entries = shares
-                .into_iter()
-                .map(|(name, holders)| LsEntry {
-                    name,
-                    dir: true,
-                    size: 0,
-                    holders,
-                })
-                .collect();
-            return Ok(LsReply {
-                holder: None,
-                entries,
-            });
+            return Ok(share_list(&dir));
         }
         let (share, path) = split_target(&target)?;
         let mut last = String::new();
-        for p in self.holders(&dir, &share, None)? {
+        for p in holders(&dir, &share, None)? {
             let got: Result<Vec<crate::data::share::Entry>, String> = if p.key == dir.me {
                 let (engine, s, f) = (self.engine.clone(), share.clone(), path.clone());
                 blocking(move || engine.shares.ls(&s, &f))
@@ -772,5 +776,80 @@ mod tests {
         for (e, status) in cases {
             assert_eq!(transfer_error(e).status, status);
         }
+    }
+
+    fn peer(n: u8, name: &str, site: Option<&str>, up: bool, shares: &[&str]) -> transfer::Peer {
+        transfer::Peer {
+            key: [n; 32],
+            name: name.into(),
+            vpn: std::net::Ipv4Addr::new(100, 77, 0, n),
+            relay: None,
+            site: site.map(str::to_string),
+            up,
+            shares: shares.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// This node (1) at home; a down neighbour, an up stranger, an up neighbour.
+    fn directory() -> Directory {
+        Directory {
+            me: [1; 32],
+            peers: vec![
+                peer(4, "far", Some("198.51.100.9"), true, &["movies"]),
+                peer(3, "attic", Some("203.0.113.5"), false, &["movies", "docs"]),
+                peer(1, "me", Some("203.0.113.5"), true, &["movies"]),
+                peer(2, "den", Some("203.0.113.5"), true, &["movies"]),
+            ],
+        }
+    }
+
+    #[test]
+    fn holders_are_this_node_first_then_nearby_ones_up_before_down_then_the_rest() {
+        let names = |v: Vec<transfer::Peer>| v.into_iter().map(|p| p.name).collect::<Vec<_>>();
+        let dir = directory();
+        assert_eq!(
+            names(holders(&dir, "movies", None).unwrap()),
+            ["me", "den", "attic", "far"]
+        );
+        assert_eq!(
+            names(holders(&dir, "movies", Some("far")).unwrap()),
+            ["far"]
+        );
+        assert_eq!(names(holders(&dir, "docs", None).unwrap()), ["attic"]);
+    }
+
+    #[test]
+    fn a_share_nobody_offers_or_a_member_without_it_is_not_found_with_what_to_do() {
+        let dir = directory();
+        let e = holders(&dir, "music", None).unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert!(e.to_string().contains("`watchalong ls` lists them"), "{e}");
+        let e = holders(&dir, "docs", Some("den")).unwrap_err();
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert!(e.to_string().contains("den does not offer"), "{e}");
+    }
+
+    #[test]
+    fn the_share_list_names_each_share_once_with_every_member_offering_it() {
+        let list = share_list(&directory());
+        assert_eq!(list.holder, None);
+        let shares: Vec<(&str, Vec<&str>)> = list
+            .entries
+            .iter()
+            .map(|e| {
+                assert!(e.dir);
+                (
+                    e.name.as_str(),
+                    e.holders.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shares,
+            [
+                ("docs", vec!["attic"]),
+                ("movies", vec!["far", "attic", "me", "den"])
+            ]
+        );
     }
 }
