@@ -95,9 +95,9 @@ fn relay(label: &str, bin: &Path, size: u64) {
     let films = site.s1b.share("films");
     let hash = write_random(&films.join("big.bin"), size, "relay");
     site.start(DEADLINE);
-    let plan: serde_json::Value =
+    let plan: watchalong::control::PlanReply =
         serde_json::from_str(&site.s1a.ok(&["plan", "films/big.bin", "--json"])).unwrap();
-    assert_eq!(plan["route"]["case"], 4, "{plan:#}");
+    assert_eq!(plan.route.case, 4, "{plan:#?}");
     let dest = site.s1a.dir.join("big.bin");
     let t0 = Instant::now();
     site.s1a

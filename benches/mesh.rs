@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn sent_bytes(n: &Node) -> u64 {
-    let g: serde_json::Value = serde_json::from_str(&n.ok(&["gossip", "--json"])).unwrap();
-    g["stats"]["sent_bytes"].as_u64().unwrap_or(0)
+    let g: watchalong::control::GossipReply =
+        serde_json::from_str(&n.ok(&["gossip", "--json"])).unwrap();
+    g.stats.sent_bytes
 }
 
 /// Bytes `n`'s interface on the LAN sent so far.
@@ -34,12 +35,7 @@ fn wire_bytes(n: &Node) -> u64 {
 }
 
 fn knows(n: &Node, name: &str) -> bool {
-    let p: serde_json::Value = serde_json::from_str(&n.ok(&["peers", "--json"])).unwrap();
-    p["peers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|x| x["name"] == name)
+    member(&n.peers(), name).is_some()
 }
 
 fn run(size: usize, idle: Duration) -> (Duration, Duration, f64, f64) {

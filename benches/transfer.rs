@@ -21,7 +21,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use watchalong::control::{Client, GetReply, GetRequest, TransferView};
+use watchalong::control::{Client, GetRequest, PlanReply, TransferState, TransferView};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -53,28 +53,22 @@ fn timed_get(
     rt.block_on(async {
         let client = Client::new(&socket);
         let start = Instant::now();
-        let r: GetReply = client
-            .post(
-                "/v1/get",
-                &GetRequest {
-                    target: target.into(),
-                    dest: dest.clone(),
-                    from: None,
-                },
-            )
+        let r = client
+            .start_get(&GetRequest {
+                target: target.into(),
+                dest: dest.clone(),
+                from: None,
+            })
             .await
             .unwrap();
         let mut first = None;
         loop {
-            let v: TransferView = client
-                .get(&format!("/v1/transfers/{}", r.id))
-                .await
-                .unwrap();
+            let v = client.transfer(&r.id).await.unwrap();
             if first.is_none() && v.done > 0 {
                 first = Some(start.elapsed());
             }
-            if v.state != "running" {
-                assert_eq!(v.state, "done", "{target}: {:?}", v.error);
+            if v.state != TransferState::Running {
+                assert_eq!(v.state, TransferState::Done, "{target}: {:?}", v.error);
                 let _ = std::fs::remove_file(&dest);
                 return (first.unwrap_or_default(), start.elapsed(), v);
             }
@@ -177,11 +171,7 @@ fn chunk_sizes(rt: &tokio::runtime::Runtime) {
         assert!(wait_until(Duration::from_secs(30), || host.ping(&vpn(&distant))));
         let chunks = 64 * MIB / (kib * 1024);
         // The counters run since the daemon started: this get's are the difference.
-        let fetched = || {
-            host.status()["node"]["chunks"]["fetched_chunks"]
-                .as_u64()
-                .unwrap_or(0)
-        };
+        let fetched = || host.status().node.chunks.fetched_chunks;
         let before = fetched();
         let (_, unshaped, _) = timed_get(rt, &host, &format!("films/unshaped-{kib}.bin"));
         assert_eq!(
@@ -263,30 +253,23 @@ fn cases(rt: &tokio::runtime::Runtime, size: u64) {
         ("4 NN→NN", &s1a, &s1b, "home/big.bin"),
     ];
     for (case, from, to, target) in runs {
-        let plan: serde_json::Value =
-            serde_json::from_str(&to.ok(&["plan", target, "--json"])).unwrap();
+        let plan: PlanReply = serde_json::from_str(&to.ok(&["plan", target, "--json"])).unwrap();
         let (_, total, done) = timed_get(rt, to, target);
         // The same path the data took: the tunnel hop (over VPN addresses) where there
         // is one, else the LAN hop (over LAN addresses, as the relay runs).
-        let hops = plan["route"]["hops"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let hops = &plan.route.hops;
         let hop = hops
             .iter()
-            .find(|h| h["via"] == "tunnel")
+            .find(|h| h.via == "tunnel")
             .or_else(|| hops.first())
             .expect("a route with a hop");
-        let (a, b) = (
-            by_name(hop["from"].as_str().unwrap()),
-            by_name(hop["to"].as_str().unwrap()),
-        );
-        let (ip, over) = if hop["via"] == "tunnel" {
+        let (a, b) = (by_name(&hop.from), by_name(&hop.to));
+        let (ip, over) = if hop.via == "tunnel" {
             (iperf(a, b, &vpn(a)), "tunnel")
         } else {
             (iperf(a, b, &a.ip.to_string()), "LAN")
         };
-        let planned = plan["summary"].as_str().unwrap_or("");
+        let planned = plan.summary.as_str();
         let route = if done.route == planned {
             done.route.clone()
         } else {

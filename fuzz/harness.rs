@@ -269,10 +269,10 @@ pub fn node_request(data: &[u8]) {
     }
 }
 
-/// Control API bodies, as every call's request type, and an invite id from a path.
+/// Control API bodies, as every call's request type (the API's own, which the server
+/// parses), and an invite id from a path.
 pub fn control(data: &[u8]) {
     use watchalong::control::*;
-    use watchalong::watch::hub::{FileRequest, Report, WaitRequest};
     fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) {
         let _ = serde_json::from_slice::<T>(b);
     }

@@ -5,6 +5,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use watchalong::cli::render::LinkOutput;
+use watchalong::control::InviteView;
 use watchalong::group::link;
 
 fn one_line_error(o: &std::process::Output, what: &str) -> String {
@@ -88,12 +90,9 @@ fn bad_links_fail_with_one_line_and_the_daemon_keeps_serving() {
     );
     assert_eq!(e, flip_error, "a wrong passphrase must look like damage");
     // A generated passphrase seals a link that it, and only it, opens.
-    let g: serde_json::Value =
+    let g: LinkOutput =
         serde_json::from_str(&host.ok(&["link", "--generate-passphrase", "--json"])).unwrap();
-    let (text, pass) = (
-        g["link"].as_str().unwrap(),
-        g["passphrase"].as_str().unwrap(),
-    );
+    let (text, pass) = (g.link.as_str(), g.passphrase.as_deref().unwrap());
     assert!(pass.chars().count() >= link::MIN_PASSPHRASE_CHARS, "{pass}");
     assert!(link::decode(text, Some(pass), now()).is_ok());
     assert!(link::decode(text, Some("correct horse battery"), now()).is_err());
@@ -106,9 +105,9 @@ fn bad_links_fail_with_one_line_and_the_daemon_keeps_serving() {
     let e = one_line_error(&c.cli(&["join", &short]), "expired");
     assert!(e.contains("expired"), "{e}");
     // Revoked.
-    let j: serde_json::Value = serde_json::from_str(&host.ok(&["link", "--json"])).unwrap();
-    host.ok(&["link", "--revoke", j["id"].as_str().unwrap()]);
-    let e = one_line_error(&c.cli(&["join", j["link"].as_str().unwrap()]), "revoked");
+    let j: LinkOutput = serde_json::from_str(&host.ok(&["link", "--json"])).unwrap();
+    host.ok(&["link", "--revoke", &j.id]);
+    let e = one_line_error(&c.cli(&["join", &j.link]), "revoked");
     assert!(e.contains("revoked"), "{e}");
     // Already used, given on the command line and on stdin.
     let e = one_line_error(&c.cli(&["join", &good]), "used");
@@ -129,15 +128,10 @@ fn bad_links_fail_with_one_line_and_the_daemon_keeps_serving() {
     for n in [&host, &member, &other_host, &c] {
         n.status();
     }
-    let peers = host.status()["peers"].as_array().unwrap().len();
+    let peers = host.status().peers.len();
     assert_eq!(peers, 1, "the host admitted someone it should not have");
-    let links: serde_json::Value = serde_json::from_str(&host.ok(&["links", "--json"])).unwrap();
-    let states: Vec<&str> = links
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["state"].as_str().unwrap())
-        .collect();
+    let links: Vec<InviteView> = serde_json::from_str(&host.ok(&["links", "--json"])).unwrap();
+    let states: Vec<&str> = links.iter().map(|l| l.state.as_str()).collect();
     assert!(
         states.contains(&"used") && states.contains(&"revoked") && states.contains(&"expired"),
         "{states:?}"
@@ -199,12 +193,12 @@ fn ten_concurrent_redemptions_of_a_single_use_link_admit_exactly_one() {
     for r in results.iter().filter_map(|r| r.as_ref().err()) {
         assert!(r.contains("already used"), "{r}");
     }
-    assert_eq!(host.status()["peers"].as_array().unwrap().len(), 1);
-    let links: serde_json::Value = serde_json::from_str(&host.ok(&["links", "--json"])).unwrap();
-    assert_eq!(links[0]["uses"], 1);
+    assert_eq!(host.status().peers.len(), 1);
+    let links: Vec<InviteView> = serde_json::from_str(&host.ok(&["links", "--json"])).unwrap();
+    assert_eq!(links[0].uses, 1);
     // The nine others tried a spent link with keys it did not admit: each is one attempt.
-    assert_eq!(links[0]["refused_redemptions"], 9, "{links}");
-    assert!(links[0]["last_refused_key"].is_string(), "{links}");
+    assert_eq!(links[0].refused_redemptions, 9, "{links:?}");
+    assert!(links[0].last_refused_key.is_some(), "{links:?}");
 }
 
 #[test]
@@ -228,9 +222,9 @@ fn a_node_answering_at_the_hosts_endpoint_with_another_key_cannot_complete_a_joi
     let redirected = invite.encode();
     let e = one_line_error(&joiner.cli(&["join", &redirected]), "impostor");
     assert!(e.contains("no answer from the host"), "{e}");
-    assert_eq!(impostor.status()["peers"].as_array().unwrap().len(), 0);
+    assert_eq!(impostor.status().peers.len(), 0);
     assert_eq!(
-        joiner.status()["node"]["role"],
+        joiner.status().node.role,
         "host",
         "the joiner joined something"
     );

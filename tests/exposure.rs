@@ -83,10 +83,7 @@ fn a_local_user_on_a_member_cannot_read_change_or_gossip_as_the_member() {
         "sync never ran"
     );
     let ids = |n: &Node| {
-        let key = n.status()["node"]["public_key"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let key = n.public_key();
         let k = watchalong::group::identity::key_from_base64(&key).unwrap();
         watchalong::group::identity::key_id(&k)
     };
@@ -94,10 +91,7 @@ fn a_local_user_on_a_member_cannot_read_change_or_gossip_as_the_member() {
 
     let base = format!("http://{host_vpn}:51874");
     let hash = blake3::hash(b"only for the group").to_hex().to_string();
-    let host_key = host.status()["node"]["public_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let host_key = host.public_key();
     let source: String = form_urlencoded(&host_key);
     // A deletion that would win against the host's version if it were believed.
     let deletion = serde_json::json!({
@@ -133,16 +127,12 @@ fn a_local_user_on_a_member_cannot_read_change_or_gossip_as_the_member() {
             r#"{"file":"s/private.txt","state":{"playing":true}}"#.to_string(),
         ),
     ];
-    let refused_before = host.status()["node"]["chunks"]["refused_requests"]
-        .as_u64()
-        .unwrap();
+    let refused_before = host.status().node.chunks.refused_requests;
     for (method, url, body) in &attempts {
         let status = curl_as_nobody(&a, method, url, body);
         assert_eq!(status, 401, "nobody on a: {method} {url} answered {status}");
     }
-    let refused = host.status()["node"]["chunks"]["refused_requests"]
-        .as_u64()
-        .unwrap();
+    let refused = host.status().node.chunks.refused_requests;
     assert!(
         refused >= refused_before + attempts.len() as u64,
         "the host counted {} refusals for {} attempts",
@@ -151,7 +141,7 @@ fn a_local_user_on_a_member_cannot_read_change_or_gossip_as_the_member() {
     );
 
     // A gossip datagram from a's address: a digest that asks the host for everything.
-    let gossip_before = a.status()["node"]["refused_gossip"].as_u64().unwrap();
+    let gossip_before = a.status().node.refused_gossip;
     let datagram = r#"{"type":"digest","members":{},"announcements":{}}"#;
     let o = as_nobody(
         &a,
@@ -163,10 +153,7 @@ fn a_local_user_on_a_member_cannot_read_change_or_gossip_as_the_member() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
-        wait_until(DEADLINE, || a.status()["node"]["refused_gossip"]
-            .as_u64()
-            .unwrap()
-            > gossip_before),
+        wait_until(DEADLINE, || a.status().node.refused_gossip > gossip_before),
         "a's daemon did not refuse the local user's gossip datagram"
     );
 
@@ -217,9 +204,7 @@ fn a_handshake_flood_from_the_internet_leaves_a_members_ping_fast() {
     let sent = flood.join().unwrap();
     let cpu = (cpu_ticks(pid) - cpu_before) as f64 / 100.0 / t0.elapsed().as_secs_f64();
     let (loss, p99) = (ping.loss, ping.p99);
-    let refused = host.status()["node"]["handshakes_refused"]
-        .as_u64()
-        .unwrap();
+    let refused = host.status().node.handshakes_refused;
     let (avg, worst) = (ping.avg, ping.worst);
     eprintln!(
         "flood: {sent} datagrams sent, {refused} refused by the host (daemon CPU {:.0}% of a core); ping loss {:.2}%, avg {avg:.2} ms, p99 {p99:.2} ms, worst {worst:.2} ms",
@@ -315,12 +300,7 @@ fn thousands_of_idle_connections_from_a_stranger_and_a_member_starve_nothing() {
 
     // With every connection still held open by the attackers:
     let status = host.status();
-    assert!(
-        status["node"]["chunks"]["refused_connections"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
+    assert!(status.node.chunks.refused_connections > 0);
     let listing = a.ok(&["ls", "films"]);
     assert!(listing.contains("f.bin"), "{listing}");
     let dest = a.dir.join("f.bin");
@@ -372,9 +352,9 @@ fn a_case_4_transfer_shows_nothing_of_the_file_on_the_lan() {
             .is_ok_and(|m| m.len() > 0)),
         "tcpdump never started"
     );
-    let plan: serde_json::Value =
+    let plan: watchalong::control::PlanReply =
         serde_json::from_str(&site.s1a.ok(&["plan", "films/m.txt", "--json"])).unwrap();
-    assert_eq!(plan["route"]["case"], 4, "{plan:#}");
+    assert_eq!(plan.route.case, 4, "{plan:#?}");
     let dest = site.s1a.dir.join("m.txt");
     site.s1a.ok(&["get", "films/m.txt", dest.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(&dest).unwrap(), content);

@@ -10,35 +10,39 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
+// Raw JSON here is on purpose only: the daemon's state file and the signed gossip
+// messages the tests forge and replay. Control API replies are read typed.
 use serde_json::Value;
+use watchalong::cli::render::LinkOutput;
+use watchalong::control::{GossipReply, InviteView, PeerView, PeersReply};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-fn peers(n: &Node) -> Value {
-    serde_json::from_str(&n.ok(&["peers", "--json"])).expect("peers json")
+fn peers(n: &Node) -> PeersReply {
+    n.peers()
 }
 
-fn peer<'a>(p: &'a Value, name: &str) -> Option<&'a Value> {
-    p["peers"].as_array()?.iter().find(|x| x["name"] == name)
+fn peer<'a>(p: &'a PeersReply, name: &str) -> Option<&'a PeerView> {
+    member(p, name)
 }
 
 /// Waits until `n` lists exactly `expected` (name → site) as its peers.
 fn wait_for_view(n: &Node, expected: &BTreeMap<String, String>) {
-    let mut last = Value::Null;
+    let mut last = None;
     let ok = wait_until(DEADLINE, || {
-        last = peers(n);
-        let list = last["peers"].as_array().cloned().unwrap_or_default();
-        list.len() == expected.len()
-            && list.iter().all(|p| {
-                let name = p["name"].as_str().unwrap_or("");
+        let p = peers(n);
+        let seen = p.peers.len() == expected.len()
+            && p.peers.iter().all(|x| {
                 expected
-                    .get(name)
-                    .is_some_and(|site| p["site"].as_str() == Some(site.as_str()))
-            })
+                    .get(&x.name)
+                    .is_some_and(|site| x.site.as_deref() == Some(site.as_str()))
+            });
+        last = Some(p);
+        seen
     });
     assert!(
         ok,
-        "{} never saw {expected:?}; last view: {last:#}\n{}",
+        "{} never saw {expected:?}; last view: {last:#?}\n{}",
         n.name,
         n.log()
     );
@@ -57,7 +61,7 @@ fn ping_all_pairs(nodes: &[&Node]) {
             }
             assert!(
                 wait_until(DEADLINE, || a.ping(addr)),
-                "{} cannot ping {} ({addr}): {:#}",
+                "{} cannot ping {} ({addr}): {:#?}",
                 a.name,
                 b.name,
                 peers(a)
@@ -121,14 +125,12 @@ fn seven_nodes_across_two_nats_find_each_other_and_every_pair_pings() {
         wait_for_view(n, &view_of(n, &all));
     }
     // It spread recursively: some member holds the record the host never sent it.
-    let g: Value = serde_json::from_str(&host.ok(&["gossip", "--json"])).unwrap();
-    let pushed: Vec<String> = g["stats"]["member_pushes"]["late"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
+    let g = gossip(&host);
+    let pushed: Vec<String> = g
+        .stats
+        .member_pushes
+        .get("late")
+        .map(|a| a.iter().cloned().collect())
         .unwrap_or_default();
     let learned_elsewhere: Vec<&str> = ["distant", "s1a", "s1b", "s2a", "s2b"]
         .into_iter()
@@ -142,9 +144,10 @@ fn seven_nodes_across_two_nats_find_each_other_and_every_pair_pings() {
     let relayed_by: Vec<String> = [&distant, &s1a, &s1b, &s2a, &s2b]
         .into_iter()
         .filter(|n| {
-            let g: Value = serde_json::from_str(&n.ok(&["gossip", "--json"])).unwrap();
-            g["stats"]["member_pushes"]["late"]
-                .as_array()
+            gossip(n)
+                .stats
+                .member_pushes
+                .get("late")
                 .is_some_and(|a| !a.is_empty())
         })
         .map(|n| n.name.clone())
@@ -159,18 +162,18 @@ fn seven_nodes_across_two_nats_find_each_other_and_every_pair_pings() {
     for (a, b) in [(&s1a, "s1b"), (&s1b, "s1a"), (&s2a, "late"), (&late, "s2b")] {
         let on_lan = wait_until(DEADLINE, || {
             let p = peers(a);
-            peer(&p, b).is_some_and(|x| x["path"] == "lan" && x["nearby"] == true)
+            peer(&p, b).is_some_and(|x| x.path == "lan" && x.nearby)
         });
         assert!(
             on_lan,
-            "{} does not reach {b} over the LAN: {:#}",
+            "{} does not reach {b} over the LAN: {:#?}",
             a.name,
             peers(a)
         );
     }
     let p = peers(&s1a);
-    assert_eq!(peer(&p, "s2a").unwrap()["nearby"], false);
-    assert_eq!(peer(&p, "distant").unwrap()["nearby"], false);
+    assert!(!peer(&p, "s2a").unwrap().nearby);
+    assert!(!peer(&p, "distant").unwrap().nearby);
     // Seen from both sides of each NAT, and from the distant node.
     let across = [
         (&s1a, ["s2a", "s2b", "late", "distant"]),
@@ -183,27 +186,27 @@ fn seven_nodes_across_two_nats_find_each_other_and_every_pair_pings() {
             let p = peers(n);
             others
                 .iter()
-                .all(|o| peer(&p, o).is_some_and(|x| x["path"] == "direct"))
+                .all(|o| peer(&p, o).is_some_and(|x| x.path == "direct"))
         });
         assert!(
             direct,
-            "{} has no direct path to each of {others:?}: {:#}",
+            "{} has no direct path to each of {others:?}: {:#?}",
             n.name,
             peers(n)
         );
     }
     // Every peer shows a recent handshake; the RTT is known where this node initiated.
     let p = peers(&s1a);
-    for x in p["peers"].as_array().unwrap() {
-        let ago = x["last_handshake_secs_ago"].as_u64();
-        assert!(ago.is_some_and(|a| a < 180), "no recent handshake: {x}");
-        if let Some(rtt) = x["rtt_ms"].as_u64() {
-            assert!(rtt < 1000, "implausible RTT: {x}");
+    for x in &p.peers {
+        let ago = x.last_handshake_secs_ago;
+        assert!(ago.is_some_and(|a| a < 180), "no recent handshake: {x:?}");
+        if let Some(rtt) = x.rtt_ms {
+            assert!(rtt < 1000, "implausible RTT: {x:?}");
         }
     }
     assert!(
-        peer(&p, "host").unwrap()["rtt_ms"].is_u64(),
-        "no RTT to the host it joined through: {p:#}"
+        peer(&p, "host").unwrap().rtt_ms.is_some(),
+        "no RTT to the host it joined through: {p:#?}"
     );
 
     // The host stops: members keep talking over their direct paths, also once the host
@@ -214,9 +217,9 @@ fn seven_nodes_across_two_nats_find_each_other_and_every_pair_pings() {
     for n in &members {
         assert!(
             wait_until(Duration::from_secs(120), || {
-                peer(&peers(n), "host").is_some_and(|x| x["path"] == "down")
+                peer(&peers(n), "host").is_some_and(|x| x.path == "down")
             }),
-            "{} never noticed the host was gone: {:#}",
+            "{} never noticed the host was gone: {:#?}",
             n.name,
             peers(n)
         );
@@ -256,12 +259,12 @@ fn behind_a_router_that_drops_unsolicited_udp_traffic_goes_through_the_host() {
     let a_addr = address_of(&a);
     assert!(
         wait_until(DEADLINE, || a.ping(&b_addr)),
-        "a cannot reach b: {:#}",
+        "a cannot reach b: {:#?}",
         peers(&a)
     );
     assert!(
         wait_until(DEADLINE, || b.ping(&a_addr)),
-        "b cannot reach a: {:#}",
+        "b cannot reach a: {:#?}",
         peers(&b)
     );
     // Both sides agree there is no direct path (a knock that gets in one way only must
@@ -269,19 +272,16 @@ fn behind_a_router_that_drops_unsolicited_udp_traffic_goes_through_the_host() {
     for (n, other) in [(&a, "b"), (&b, "a")] {
         let p = peers(n);
         assert_eq!(
-            peer(&p, other).unwrap()["path"],
+            peer(&p, other).unwrap().path,
             "via-host",
-            "{}: {p:#}",
+            "{}: {p:#?}",
             n.name
         );
     }
-    let forwarded = || -> u64 {
-        let g: Value = serde_json::from_str(&host.ok(&["gossip", "--json"])).unwrap();
-        g["forwarded_packets"].as_u64().unwrap()
-    };
+    let forwarded = || -> u64 { gossip(&host).forwarded_packets };
     let before = forwarded();
     for _ in 0..5 {
-        assert!(a.ping(&b_addr), "a lost b: {:#}", peers(&a));
+        assert!(a.ping(&b_addr), "a lost b: {:#?}", peers(&a));
     }
     let after = forwarded();
     assert!(
@@ -307,9 +307,9 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
         join(&host, n);
     }
     // `gone` comes in through a link with a use left, which its removal must close.
-    let gone_link: Value =
+    let gone_link: LinkOutput =
         serde_json::from_str(&host.ok(&["link", "--uses", "2", "--json"])).unwrap();
-    gone.ok(&["join", gone_link["link"].as_str().unwrap()]);
+    gone.ok(&["join", &gone_link.link]);
     let gone_addr = address_of(&gone);
     for n in [&host, &a, &b] {
         assert!(wait_until(DEADLINE, || n.ping(&gone_addr)));
@@ -318,38 +318,23 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
     let gone_state: Value =
         serde_json::from_str(&std::fs::read_to_string(gone.dir.join("state/group.json")).unwrap())
             .unwrap();
-    let gone_key = gone.status()["node"]["public_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let gone_key = gone.public_key();
 
     host.ok(&["remove", "gone"]);
-    let links: Value = serde_json::from_str(&host.ok(&["links", "--json"])).unwrap();
+    let links: Vec<InviteView> = serde_json::from_str(&host.ok(&["links", "--json"])).unwrap();
     let admitting = links
-        .as_array()
-        .unwrap()
         .iter()
-        .find(|l| l["id"] == gone_link["id"])
+        .find(|l| l.id == gone_link.id)
         .expect("the admitting invite is listed");
-    assert_eq!(admitting["state"], "revoked", "{links}");
-    let others_used = links
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["state"] == "used")
-        .count();
+    assert_eq!(admitting.state, "revoked", "{links:?}");
+    let others_used = links.iter().filter(|l| l.state == "used").count();
     assert_eq!(
         others_used, 2,
-        "only the admitting invite is closed: {links}"
+        "only the admitting invite is closed: {links:?}"
     );
     for n in [&host, &a, &b] {
         let closed = wait_until(DEADLINE, || {
-            peer(&peers(n), "gone").is_none()
-                && !n.status()["peers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|p| p["name"] == "gone")
+            peer(&peers(n), "gone").is_none() && Node::peer(&n.status(), "gone").is_none()
         });
         assert!(
             closed,
@@ -364,10 +349,7 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
     );
 
     // Its old record, replayed by a member in good standing, is refused.
-    let b_key = b.status()["node"]["public_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let b_key = b.public_key();
     let old = gone_state["mesh"]["members"]
         .as_array()
         .unwrap()
@@ -377,14 +359,11 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
         .expect("gone's own record");
     // A record it signed itself, claiming to be back.
     let forged = watchalong_forge(&gone, &gone_key);
-    let a_key = a.status()["node"]["public_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let a_key = a.public_key();
     for n in [&host, &a, &b] {
         // Relayed by a member in good standing (b, or a when b is the target).
         let relay = if n.name == "b" { &a_key } else { &b_key };
-        let before = gossip(n)["stats"]["rejected"].as_u64().unwrap();
+        let before = gossip(n).stats.rejected;
         assert!(inject(
             n,
             relay,
@@ -401,7 +380,7 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
             &gone_key,
             &serde_json::json!({"type": "member", "record": old})
         ));
-        let after = gossip(n)["stats"]["rejected"].as_u64().unwrap();
+        let after = gossip(n).stats.rejected;
         assert!(
             after >= before + 3,
             "{}: rejected {before} → {after}",
@@ -421,13 +400,13 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
         ));
         let after = gossip(n);
         assert_eq!(
-            after["stats"]["rejected"].as_u64().unwrap(),
-            before["stats"]["rejected"].as_u64().unwrap() + 1,
+            after.stats.rejected,
+            before.stats.rejected + 1,
             "{}: the removed member's news was not refused",
             n.name
         );
         assert_eq!(
-            after["view"], before["view"],
+            after.view, before.view,
             "{} took news from the removed member",
             n.name
         );
@@ -441,22 +420,19 @@ fn a_removed_member_is_cut_off_everywhere_and_cannot_gossip_its_way_back() {
     ));
     let after = gossip(&host);
     assert_eq!(
-        after["stats"]["accepted"].as_u64().unwrap(),
-        before["stats"]["accepted"].as_u64().unwrap() + 1,
-        "the news itself was refused: {after}"
+        after.stats.accepted,
+        before.stats.accepted + 1,
+        "the news itself was refused: {after:?}"
     );
-    assert_ne!(after["view"], before["view"]);
+    assert_ne!(after.view, before.view);
 
     // Let a few gossip rounds pass (each node hears from others), then look again.
     let heard: Vec<u64> = [&host, &a, &b]
         .iter()
-        .map(|n| gossip(n)["stats"]["received"].as_u64().unwrap())
+        .map(|n| gossip(n).stats.received)
         .collect();
     for (n, h) in [&host, &a, &b].iter().zip(heard) {
-        assert!(wait_until(DEADLINE, || gossip(n)["stats"]["received"]
-            .as_u64()
-            .unwrap()
-            >= h + 3));
+        assert!(wait_until(DEADLINE, || gossip(n).stats.received >= h + 3));
     }
     for n in [&host, &a, &b] {
         assert!(
@@ -517,7 +493,7 @@ fn host_resigned(host: &Node, key: &str) -> Value {
     serde_json::to_value(watchalong::group::mesh::sign_member(&sk, &rec)).unwrap()
 }
 
-fn gossip(n: &Node) -> Value {
+fn gossip(n: &Node) -> GossipReply {
     serde_json::from_str(&n.ok(&["gossip", "--json"])).unwrap()
 }
 
@@ -529,10 +505,7 @@ fn inject(n: &Node, from: &str, message: &Value) -> bool {
 }
 
 fn key_of(n: &Node) -> String {
-    n.status()["node"]["public_key"]
-        .as_str()
-        .unwrap()
-        .to_string()
+    n.public_key()
 }
 
 #[test]
@@ -555,8 +528,8 @@ fn forged_reordered_and_duplicated_gossip_and_a_flapping_endpoint_leave_the_grou
     }
     let nodes = [&host, &a, &b, &c];
     let agree = |nodes: &[&Node]| {
-        let views: Vec<Value> = nodes.iter().map(|n| gossip(n)["view"].clone()).collect();
-        views.windows(2).all(|w| w[0] == w[1]) && gossip(nodes[0])["members"] == 4
+        let views: Vec<String> = nodes.iter().map(|n| gossip(n).view).collect();
+        views.windows(2).all(|w| w[0] == w[1]) && gossip(nodes[0]).members == 4
     };
     assert!(
         wait_until(DEADLINE, || agree(&nodes)),
@@ -624,7 +597,7 @@ fn forged_reordered_and_duplicated_gossip_and_a_flapping_endpoint_leave_the_grou
     let bogus_digest = serde_json::json!({"type": "digest", "entries": [{"key": "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=", "version": 999, "seq": 999}],
         "first": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "last": "//////////////////////////////////////////8=", "reply": false});
     for target in [&a, &c] {
-        let before = gossip(target)["stats"]["rejected"].as_u64().unwrap();
+        let before = gossip(target).stats.rejected;
         for round in 0..3 {
             let mut order: Vec<&Value> = records.iter().collect();
             if round % 2 == 1 {
@@ -646,9 +619,9 @@ fn forged_reordered_and_duplicated_gossip_and_a_flapping_endpoint_leave_the_grou
             ));
         }
         let rejected = |message: &Value| {
-            let before = gossip(target)["stats"]["rejected"].as_u64().unwrap();
+            let before = gossip(target).stats.rejected;
             assert!(inject(target, &b_key, message));
-            gossip(target)["stats"]["rejected"].as_u64().unwrap() > before
+            gossip(target).stats.rejected > before
         };
         assert!(
             rejected(&serde_json::json!({"type": "member", "record": tampered})),
@@ -661,7 +634,7 @@ fn forged_reordered_and_duplicated_gossip_and_a_flapping_endpoint_leave_the_grou
             target.name
         );
         assert!(inject(target, &b_key, &bogus_digest));
-        let after = gossip(target)["stats"]["rejected"].as_u64().unwrap();
+        let after = gossip(target).stats.rejected;
         assert!(
             after >= before + 2,
             "{}: forgeries were not rejected: {before} → {after}",
@@ -671,7 +644,7 @@ fn forged_reordered_and_duplicated_gossip_and_a_flapping_endpoint_leave_the_grou
 
     // Nothing crashed, nobody was dropped, and the views agree again.
     for n in nodes {
-        assert_eq!(peers(n)["peers"].as_array().unwrap().len(), 3, "{}", n.name);
+        assert_eq!(peers(n).peers.len(), 3, "{}", n.name);
     }
     assert!(
         wait_until(DEADLINE, || agree(&nodes)),

@@ -130,7 +130,8 @@ fn a_user_outside_the_control_group_may_read_but_not_change_and_a_get_goes_only_
 
 /// A control socket that answers like a daemon whose `get` is done and whose file waits
 /// at `handoff` (what a daemon gone wrong could say), and hands over `hello` when asked
-/// for the file's bytes.
+/// for the file's bytes. It speaks raw HTTP and JSON on purpose: it stands for the wire,
+/// not for the typed client.
 fn fake_daemon(socket: &Path, handoff: &Path) -> std::thread::JoinHandle<()> {
     let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
     let handoff = handoff.to_path_buf();
@@ -187,7 +188,7 @@ fn fake_daemon(socket: &Path, handoff: &Path) -> std::thread::JoinHandle<()> {
                         done: 5,
                         corrupt_chunks: 0,
                         route: "local".into(),
-                        state: "done".into(),
+                        state: watchalong::control::TransferState::Done,
                         error: None,
                         counters: Default::default(),
                     };

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
+use watchalong::control::ShareStatus;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -148,19 +149,19 @@ fn create_change_rename_delete_mkdir_and_rmdir_on_any_member_reach_every_other()
     assert_eq!(tree(&roots[2]).len(), 1, "{:?}", tree(&roots[2]));
     for n in [host, a, b] {
         let ok = wait_until(DEADLINE, || {
-            let st = n.status();
-            let sh = &st["shares"][0];
-            sh["name"] == "docs"
-                && sh["files"] == 1
-                && sh["pulling"] == 0
-                && sh["root_ok"] == true
-                && sh["last_error"].is_null()
+            n.status().shares.first().is_some_and(|sh| {
+                sh.name == "docs"
+                    && sh.files == 1
+                    && sh.pulling == 0
+                    && sh.root_ok
+                    && sh.last_error.is_none()
+            })
         });
         assert!(
             ok,
-            "{} does not report the share in sync: {}",
+            "{} does not report the share in sync: {:?}",
             n.name,
-            n.status()["shares"]
+            n.status().shares
         );
     }
 }
@@ -299,19 +300,22 @@ fn place(root: &Path, name: &str, size: u64, seed: &str) -> String {
     hash.to_hex().to_string()
 }
 
-fn share_status(n: &Node) -> serde_json::Value {
-    n.status()["shares"][0].clone()
+/// The node's first share's sync state, if it has a share.
+fn share_status(n: &Node) -> Option<ShareStatus> {
+    n.status().shares.into_iter().next()
+}
+
+fn last_error(n: &Node) -> Option<String> {
+    share_status(n).and_then(|s| s.last_error)
 }
 
 /// Waits until `n`'s share shows an error containing `needle`, and returns it.
 fn wait_share_error(n: &Node, needle: &str) -> String {
     let shown = wait_until(DEADLINE, || {
-        share_status(n)["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains(needle))
+        last_error(n).is_some_and(|e| e.contains(needle))
     });
-    assert!(shown, "no {needle:?} in status: {}", share_status(n));
-    share_status(n)["last_error"].as_str().unwrap().to_string()
+    assert!(shown, "no {needle:?} in status: {:?}", share_status(n));
+    last_error(n).unwrap()
 }
 
 #[test]
@@ -349,8 +353,8 @@ fn a_full_disk_stops_the_sync_with_a_clear_error_and_it_resumes_when_space_is_fr
         t.get("big.bin") == Some(&want)
     });
     assert!(
-        wait_until(DEADLINE, || share_status(a)["last_error"].is_null()),
-        "the error outlived the condition: {}",
+        wait_until(DEADLINE, || last_error(a).is_none()),
+        "the error outlived the condition: {:?}",
         share_status(a)
     );
 }
@@ -366,10 +370,9 @@ fn a_small_change_arrives_while_a_big_file_is_still_being_pulled() {
     nodes[0].shape(40);
     let big = place(&roots[0], "big.bin", 64 << 20, "big");
     assert!(
-        wait_until(DEADLINE, || share_status(a)["bytes_left"]
-            .as_u64()
-            .is_some_and(|b| b > 0)),
-        "the big pull never started: {}",
+        wait_until(DEADLINE, || share_status(a)
+            .is_some_and(|s| s.bytes_left > 0)),
+        "the big pull never started: {:?}",
         share_status(a)
     );
     std::fs::write(roots[0].join("note.txt"), b"meet at eight").unwrap();
@@ -413,18 +416,15 @@ fn a_root_the_daemon_cannot_write_says_how_to_open_it_and_syncs_once_it_can() {
         "{}",
         a.log()
     );
-    assert!(
-        a.status()["node"]["name"] == "a",
-        "the daemon is still serving"
-    );
+    assert!(a.status().node.name == "a", "the daemon is still serving");
 
     disk.remount_under(a, "rw");
     wait_same(&roots, "once the root is writable", |t| {
         t.get("film.bin") == Some(&want)
     });
     assert!(
-        wait_until(DEADLINE, || share_status(a)["last_error"].is_null()),
-        "the error outlived the condition: {}",
+        wait_until(DEADLINE, || last_error(a).is_none()),
+        "the error outlived the condition: {:?}",
         share_status(a)
     );
 }
@@ -450,8 +450,8 @@ fn a_root_unmounted_or_gone_on_one_member_deletes_nothing_elsewhere() {
     std::fs::rename(&roots[1], &moved).unwrap();
     for n in &nodes[1..] {
         assert!(
-            wait_until(DEADLINE, || share_status(n)["root_ok"] == false),
-            "{} did not notice its root went: {}",
+            wait_until(DEADLINE, || share_status(n).is_some_and(|s| !s.root_ok)),
+            "{} did not notice its root went: {:?}",
             n.name,
             share_status(n)
         );
@@ -460,10 +460,9 @@ fn a_root_unmounted_or_gone_on_one_member_deletes_nothing_elsewhere() {
     std::fs::write(roots[0].join("later.txt"), b"later").unwrap();
     for n in &nodes[1..] {
         assert!(
-            wait_until(DEADLINE, || share_status(n)["last_error"]
-                .as_str()
+            wait_until(DEADLINE, || last_error(n)
                 .is_some_and(|e| e.contains("marker"))),
-            "{} does not say why it stopped: {}",
+            "{} does not say why it stopped: {:?}",
             n.name,
             share_status(n)
         );
@@ -631,8 +630,8 @@ fn two_hundred_random_operations_on_three_members_in_three_sites_leave_one_tree(
     );
     for n in &nodes {
         assert!(
-            wait_until(DEADLINE, || share_status(n)["pulling"] == 0),
-            "{} still pulling: {}",
+            wait_until(DEADLINE, || share_status(n).is_some_and(|s| s.pulling == 0)),
+            "{} still pulling: {:?}",
             n.name,
             share_status(n)
         );
@@ -652,9 +651,7 @@ fn a_receiver_killed_twenty_times_during_a_256_mib_pull_never_shows_a_mixed_file
     wait_same(&roots, "the old version", |t| {
         t.get("big.bin") == Some(&old)
     });
-    let served_before = nodes[0].status()["node"]["chunks"]["served_chunks"]
-        .as_u64()
-        .unwrap();
+    let served_before = nodes[0].status().node.chunks.served_chunks;
 
     // Slow enough that twenty kills land while the pull runs, fast enough for CI: at
     // 100 Mbit/s about 45 chunks a second, so a run overshoots its random stop (at most
@@ -663,21 +660,15 @@ fn a_receiver_killed_twenty_times_during_a_256_mib_pull_never_shows_a_mixed_file
     let size: u64 = 256 << 20;
     let chunks = size / (256 * 1024);
     // The first run's counter already holds the old version's chunks; a restart zeroes it.
-    let mut counted_before = nodes[1].status()["node"]["chunks"]["fetched_chunks"]
-        .as_u64()
-        .unwrap();
+    let mut counted_before = nodes[1].status().node.chunks.fetched_chunks;
     let new = place(&roots[0], "big.bin", size, "new");
 
     let seed: u64 = rand::random();
     println!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let chunk_counts = |n: &Node| {
-        let st = n.status();
-        let c = &st["node"]["chunks"];
-        (
-            c["fetched_chunks"].as_u64().unwrap_or(0),
-            c["resumed_chunks"].as_u64().unwrap_or(0),
-        )
+        let c = n.status().node.chunks;
+        (c.fetched_chunks, c.resumed_chunks)
     };
     let mut kills = 0;
     let mut max_resumed = 0;
@@ -694,11 +685,11 @@ fn a_receiver_killed_twenty_times_during_a_256_mib_pull_never_shows_a_mixed_file
         }
         max_resumed = max_resumed.max(chunk_counts(&nodes[1]).1);
         if kills == 0 {
-            let st = share_status(&nodes[1]);
-            let left = st["bytes_left"].as_u64().unwrap();
+            let st = share_status(&nodes[1]).expect("the share");
+            let left = st.bytes_left;
             assert!(
-                st["pulling"] == 1 && left > 0 && left < size,
-                "status does not show the pull: {st}"
+                st.pulling == 1 && left > 0 && left < size,
+                "status does not show the pull: {st:?}"
             );
         }
         nodes[1].kill9();
@@ -720,10 +711,7 @@ fn a_receiver_killed_twenty_times_during_a_256_mib_pull_never_shows_a_mixed_file
         "no run ever kept what an earlier one fetched"
     );
     // Each kill may lose the chunks in flight (4 workers) and one being written.
-    let served = nodes[0].status()["node"]["chunks"]["served_chunks"]
-        .as_u64()
-        .unwrap()
-        - served_before;
+    let served = nodes[0].status().node.chunks.served_chunks - served_before;
     let allowed = chunks + kills * 5;
     println!("{kills} kills; the holder served {served} chunks for {chunks} (allowed {allowed})");
     assert!(
@@ -750,11 +738,7 @@ fn an_append_to_a_big_file_fetches_only_the_chunk_that_changed() {
     wait_same(&roots, "the first version", |t| {
         t.get("log.bin") == Some(&first)
     });
-    let fetched = |n: &Node| {
-        n.status()["node"]["chunks"]["fetched_chunks"]
-            .as_u64()
-            .unwrap()
-    };
+    let fetched = |n: &Node| n.status().node.chunks.fetched_chunks;
     let before = fetched(&nodes[1]);
     let mut f = std::fs::OpenOptions::new()
         .append(true)

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
+use watchalong::control::{LsReply, PlanReply, TransferState, TransferView};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 const MIB: u64 = 1024 * 1024;
@@ -20,33 +20,26 @@ fn hash_file(path: &Path) -> blake3::Hash {
     blake3::hash(&std::fs::read(path).unwrap_or_default())
 }
 
-fn json(n: &Node, args: &[&str]) -> Value {
+fn json<T: serde::de::DeserializeOwned>(n: &Node, args: &[&str]) -> T {
     serde_json::from_str(&n.ok(args)).unwrap_or_else(|e| panic!("{} {args:?}: {e}", n.name))
 }
 
-fn plan(n: &Node, target: &str) -> Value {
+fn plan(n: &Node, target: &str) -> PlanReply {
     json(n, &["plan", target, "--json"])
 }
 
-fn get(n: &Node, target: &str) -> (PathBuf, Value) {
+fn get(n: &Node, target: &str) -> (PathBuf, TransferView) {
     let dest = n.dir.join(format!("got-{}", target.replace('/', "_")));
-    let v = json(n, &["get", target, dest.to_str().unwrap(), "--json"]);
-    assert_eq!(v["state"], "done", "{}: {v}", n.name);
+    let v: TransferView = json(n, &["get", target, dest.to_str().unwrap(), "--json"]);
+    assert_eq!(v.state, TransferState::Done, "{}: {v:?}", n.name);
     (dest, v)
 }
 
-fn hop_names(route: &Value) -> Vec<(String, String, String)> {
-    route["route"]["hops"]
-        .as_array()
-        .unwrap()
+fn hop_names(plan: &PlanReply) -> Vec<(String, String, String)> {
+    plan.route
+        .hops
         .iter()
-        .map(|h| {
-            (
-                h["from"].as_str().unwrap().to_string(),
-                h["via"].as_str().unwrap().to_string(),
-                h["to"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|h| (h.from.clone(), h.via.clone(), h.to.clone()))
         .collect()
 }
 
@@ -110,17 +103,13 @@ fn case_1_distant_to_distant_goes_through_the_tunnel_and_no_site_sees_it() {
         return;
     }
     let l = case_lab(2, false);
-    let listing = json(&l.host, &["ls", "films", "--json"]);
+    let listing: LsReply = json(&l.host, &["ls", "films", "--json"]);
     assert!(
-        listing["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["name"] == "a.bin"),
-        "{listing}"
+        listing.entries.iter().any(|e| e.name == "a.bin"),
+        "{listing:?}"
     );
     let p = plan(&l.host, "films/a.bin");
-    assert_eq!(p["route"]["case"], 1, "{p}");
+    assert_eq!(p.route.case, 1, "{p:?}");
     assert_eq!(
         hop_names(&p),
         vec![("distant".into(), "tunnel".into(), "host".into())]
@@ -142,7 +131,7 @@ fn case_2_distant_to_nearby_brings_one_copy_into_the_site_through_its_gateway() 
     }
     let l = case_lab(2, false);
     let p = plan(&l.site[1], "films/a.bin");
-    assert_eq!(p["route"]["case"], 2, "{p}");
+    assert_eq!(p.route.case, 2, "{p:?}");
     // One tunnel hop into the site, to its gateway; from there the LAN to s1, unless s1
     // is the gateway itself.
     let hops = hop_names(&p);
@@ -152,13 +141,10 @@ fn case_2_distant_to_nearby_brings_one_copy_into_the_site_through_its_gateway() 
     ];
     let to_s1 = vec![("distant".into(), "tunnel".into(), "s1".into())];
     assert!(hops == through_s0 || hops == to_s1, "{hops:?}");
-    assert!(
-        p["route"]["why"].as_str().unwrap().contains("gateway"),
-        "{p}"
-    );
+    assert!(p.route.why.contains("gateway"), "{p:?}");
     // Any member can ask for s1's plan, and gets the same one, with its reason.
-    let elsewhere = json(&l.host, &["plan", "films/a.bin", "--to", "s1", "--json"]);
-    assert_eq!(elsewhere["route"], p["route"], "{elsewhere}");
+    let elsewhere: PlanReply = json(&l.host, &["plan", "films/a.bin", "--to", "s1", "--json"]);
+    assert_eq!(elsewhere.route, p.route, "{elsewhere:?}");
     let text = l.host.ok(&["plan", "films/a.bin", "--to", "s1"]);
     assert!(
         text.contains("from distant to s1") && text.contains("why: "),
@@ -209,7 +195,7 @@ fn case_3_nearby_to_distant_sends_one_copy_out_of_the_site() {
     }
     let l = case_lab(2, false);
     let p = plan(&l.distant, "home/b.bin");
-    assert_eq!(p["route"]["case"], 3, "{p}");
+    assert_eq!(p.route.case, 3, "{p:?}");
     // The source's site gathers at its gateway (over the LAN, unless the source is the
     // gateway) and one tunnel hop leaves the site for distant.
     let hops = hop_names(&p);
@@ -236,7 +222,7 @@ fn case_4_nearby_to_nearby_stays_on_the_lan() {
     }
     let l = case_lab(2, false);
     let p = plan(&l.site[1], "home/b.bin");
-    assert_eq!(p["route"]["case"], 4, "{p}");
+    assert_eq!(p.route.case, 4, "{p:?}");
     assert_eq!(
         hop_names(&p),
         vec![("s0".into(), "lan".into(), "s1".into())]
@@ -368,6 +354,9 @@ fn signed(from: &Node, to_key: &str, pq: &str, nonce: u8) -> BTreeMap<String, St
     )
 }
 
+// Raw JSON on purpose below: these are node-to-node requests forged by hand, not replies
+// of the control API.
+
 /// A relay request for `chunk` (a chunk request as JSON), sealed and signed by `from`'s
 /// daemon key for `to`.
 fn relay_request(from: &Node, to_key: &str, chunk: &serde_json::Value, nonce: u8) -> Vec<u8> {
@@ -414,10 +403,7 @@ fn strangers_replays_removed_members_and_escaping_paths_get_nothing() {
     host.start();
     a.start();
     join(&host, &a);
-    let host_key = host.status()["node"]["public_key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let host_key = host.public_key();
     let host_vpn = vpn_address(&host.status());
     assert!(wait_until(DEADLINE, || a.ping(&host_vpn)));
     let relay = format!("{}:51875", host.ip);
@@ -676,10 +662,7 @@ fn a_relay_serving_corrupted_bytes_is_caught_and_the_file_still_arrives() {
         g.hash,
         "the damaged bytes reached the file"
     );
-    assert!(
-        v["corrupt_chunks"].as_u64().unwrap() > 0,
-        "the corruption went unnoticed: {v}"
-    );
+    assert!(v.corrupt_chunks > 0, "the corruption went unnoticed: {v:?}");
     let _ = &g.distant;
 }
 
@@ -704,12 +687,8 @@ fn the_gateway_killed_in_the_middle_of_a_fetch_is_replaced_and_the_file_arrives_
     let cache = g.s1b.dir.join("state/cache");
     let mut part = (0, 0);
     let started = wait_until(DEADLINE, || {
-        let list = json(&g.s1a, &["transfers", "--json"]);
-        part = list
-            .as_array()
-            .and_then(|l| l.first())
-            .map(|t| (t["done"].as_u64().unwrap(), t["size"].as_u64().unwrap()))
-            .unwrap_or((0, 0));
+        let list: Vec<TransferView> = json(&g.s1a, &["transfers", "--json"]);
+        part = list.first().map(|t| (t.done, t.size)).unwrap_or((0, 0));
         let served = std::fs::read_dir(&cache)
             .map(|d| d.count() >= 3)
             .unwrap_or(false);
@@ -721,11 +700,8 @@ fn the_gateway_killed_in_the_middle_of_a_fetch_is_replaced_and_the_file_arrives_
     // most). With more than 8 MiB still to come, the kill lands mid-fetch for certain.
     // SAFETY: plain kill(2) on our own child.
     unsafe { libc::kill(g.s1b.pid().unwrap() as i32, libc::SIGSTOP) };
-    let list = json(&g.s1a, &["transfers", "--json"]);
-    let part = (
-        list[0]["done"].as_u64().unwrap(),
-        list[0]["size"].as_u64().unwrap(),
-    );
+    let list: Vec<TransferView> = json(&g.s1a, &["transfers", "--json"]);
+    let part = (list[0].done, list[0].size);
     g.s1b.kill9();
     assert!(
         part.0 + 8 * MIB < part.1,
@@ -737,17 +713,17 @@ fn the_gateway_killed_in_the_middle_of_a_fetch_is_replaced_and_the_file_arrives_
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["state"], "done");
+    let v: TransferView = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.state, TransferState::Done);
     assert_eq!(hash_file(&dest), g.hash, "the file arrived damaged");
     assert!(
-        !v["route"].as_str().unwrap().contains("s1b"),
-        "still routed through the dead gateway: {v}"
+        !v.route.contains("s1b"),
+        "still routed through the dead gateway: {v:?}"
     );
     // It resumed where it was: what it held at the kill (8 chunks or more) was not
     // fetched again; at most the chunks in flight at that moment were.
     let chunks = 24 * MIB / CHUNK;
-    let fetched = v["counters"]["fetched_chunks"].as_u64().unwrap();
+    let fetched = v.counters.fetched_chunks;
     assert!(
         fetched <= chunks + 4,
         "{fetched} chunks fetched for {chunks}: the fetch started over"
@@ -827,9 +803,9 @@ fn a_destination_the_daemon_cannot_write_is_filled_by_the_cli_with_its_users_rig
         "get as an unprivileged user: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["state"], "done", "{v}");
-    assert!(v["handoff"].is_string(), "the daemon wrote it itself: {v}");
+    let v: TransferView = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.state, TransferState::Done, "{v:?}");
+    assert!(v.handoff.is_some(), "the daemon wrote it itself: {v:?}");
     assert_eq!(hash_file(&dest), want);
     let meta = std::fs::metadata(&dest).unwrap();
     assert_eq!(
@@ -844,10 +820,10 @@ fn a_destination_the_daemon_cannot_write_is_filled_by_the_cli_with_its_users_rig
 
     // Where the daemon may write, it writes the destination itself.
     let dest = a.dir.join("direct.bin");
-    let v = json(
+    let v: TransferView = json(
         &a,
         &["get", "films/f.bin", dest.to_str().unwrap(), "--json"],
     );
-    assert!(v["handoff"].is_null(), "{v}");
+    assert!(v.handoff.is_none(), "{v:?}");
     assert_eq!(hash_file(&dest), want);
 }

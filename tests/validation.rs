@@ -234,7 +234,7 @@ fn a_host_answering_with_a_network_outside_the_link_is_refused_and_no_route_move
         "a refused join changed the routes"
     );
     assert_eq!(
-        joiner.status()["node"]["role"],
+        joiner.status().node.role,
         "host",
         "the joiner joined something"
     );
@@ -249,7 +249,7 @@ fn a_host_answering_with_a_network_outside_the_link_is_refused_and_no_route_move
     );
     assert!(e.contains("outside 100.64.0.0/10"), "{e}");
     assert_eq!(routes(&joiner.ns), before);
-    assert_eq!(joiner.status()["node"]["role"], "host");
+    assert_eq!(joiner.status().node.role, "host");
 }
 
 /// A joiner that sends `name` through `link`'s invite session and returns the host's
@@ -360,17 +360,12 @@ fn bad_joiner_names_are_refused_and_the_single_use_invite_still_admits_a_good_on
         }
     }
     // The member's link is used; the other one must still be open and unused.
-    let links: serde_json::Value =
+    let links: Vec<watchalong::control::InviteView> =
         serde_json::from_str(&host.ok(&["links", "--json"])).expect("links json");
-    let open: Vec<&serde_json::Value> = links
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter(|l| l["state"] == "open")
-        .collect();
+    let open: Vec<_> = links.iter().filter(|l| l.state == "open").collect();
     assert!(
-        open.len() == 1 && open[0]["uses"] == 0,
-        "a refused name spent the invite: {links}"
+        open.len() == 1 && open[0].uses == 0,
+        "a refused name spent the invite: {links:?}"
     );
     // The same single-use link still admits a node with a good name.
     joiner.ok(&["join", &link]);
@@ -390,11 +385,8 @@ fn signing_key(n: &Node) -> SigningKey {
     SigningKey::from_bytes(&bytes)
 }
 
-fn peers(n: &Node) -> serde_json::Value {
-    serde_json::from_str(&n.ok(&["peers", "--json"])).expect("peers json")
-}
-
-/// Whether `n` holds the announcement `body` (its group file lists it).
+/// Whether `n` holds the announcement `body` (its group file lists it). The state file is
+/// read raw on purpose: it is the daemon's own record, not a reply of the control API.
 fn holds_announcement(n: &Node, body: &str) -> bool {
     std::fs::read_to_string(n.dir.join("state/group.json"))
         .ok()
@@ -410,10 +402,7 @@ fn a_member_claiming_another_sites_public_ip_stays_in_its_own_site_everywhere() 
     }
     let mut l = SiteLab::new();
     l.start(Duration::from_secs(60));
-    let distant_key = l.distant.status()["node"]["public_key"]
-        .as_str()
-        .expect("key")
-        .to_string();
+    let distant_key = l.distant.public_key();
     // The distant member signs, with its own key, an announcement that puts it behind
     // r1's public IP with an address on r1's LAN, newer than anything it announced.
     let claim = watchalong::group::mesh::Announcement {
@@ -441,9 +430,10 @@ fn a_member_claiming_another_sites_public_ip_stays_in_its_own_site_everywhere() 
         );
     }
     for n in [&l.host, &l.s1a, &l.s1b] {
-        let p = peers(n);
-        let d = Node::peer(&p, "distant").unwrap_or_else(|| panic!("{}: {p:#}", n.name));
-        assert_eq!(d["site"], l.distant.ip.to_string(), "{}: {p:#}", n.name);
-        assert_eq!(d["nearby"], false, "{}: {p:#}", n.name);
+        let p = n.peers();
+        let d = member(&p, "distant").unwrap_or_else(|| panic!("{}: {p:#?}", n.name));
+        let ip = l.distant.ip.to_string();
+        assert_eq!(d.site.as_deref(), Some(ip.as_str()), "{}: {p:#?}", n.name);
+        assert!(!d.nearby, "{}: {p:#?}", n.name);
     }
 }

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
+use watchalong::control::Kept;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -30,8 +31,8 @@ fn kept_files(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn versions(n: &Node, target: &str) -> Vec<serde_json::Value> {
-    serde_json::from_str::<Vec<serde_json::Value>>(&n.ok(&["versions", target, "--json"]))
+fn versions(n: &Node, target: &str) -> Vec<Kept> {
+    serde_json::from_str::<Vec<Kept>>(&n.ok(&["versions", target, "--json"]))
         .expect("versions json")
 }
 
@@ -65,8 +66,8 @@ fn a_remote_overwrite_and_deletion_keep_what_they_replaced_and_a_restore_comes_b
     );
     let listed = versions(&b, "rw/sub/f.txt");
     assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!(listed[0]["path"], "sub/f.txt");
-    assert_eq!(listed[0]["size"], 11);
+    assert_eq!(listed[0].path, "sub/f.txt");
+    assert_eq!(listed[0].size, 11);
     // The versions folder is never synced: a holds none of b's.
     assert!(versions(&a, "rw").is_empty());
 
@@ -122,11 +123,11 @@ fn versions_older_than_the_kept_days_are_pruned_and_newer_ones_stay() {
     assert!(new.exists(), "a version kept today was pruned");
     let listed = versions(&a, "rw");
     assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!(listed[0]["path"], "sub/new.txt");
+    assert_eq!(listed[0].path, "sub/new.txt");
 }
 
 fn held(n: &Node) -> Option<String> {
-    n.status()["shares"][0]["held"].as_str().map(String::from)
+    n.status().shares.first().and_then(|s| s.held.clone())
 }
 
 #[test]
@@ -192,10 +193,7 @@ fn a_member_emptying_a_share_is_held_everywhere_until_released_and_what_goes_is_
             n.name
         );
         assert!(held(n).is_none());
-        let kept: Vec<String> = versions(n, "rw")
-            .iter()
-            .map(|k| k["path"].as_str().unwrap().to_string())
-            .collect();
+        let kept: Vec<String> = versions(n, "rw").iter().map(|k| k.path.clone()).collect();
         for i in 0..6 {
             assert!(kept.contains(&format!("f{i}.txt")), "{}: {kept:?}", n.name);
         }

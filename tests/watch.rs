@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::player::*;
 use common::*;
+use watchalong::control::{RoomView, WatchReply};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -35,9 +36,20 @@ fn movie_lab(others: &[&str], secs: u32, kbit: u32) -> (Lab, Vec<Node>) {
     (lab, nodes)
 }
 
-fn room(n: &Node) -> serde_json::Value {
+/// The first room `n` lists, if any.
+fn room(n: &Node) -> Option<RoomView> {
     let out = n.ok(&["room", "--json"]);
-    serde_json::from_str::<serde_json::Value>(&out).expect("room --json")[0].clone()
+    serde_json::from_str::<Vec<RoomView>>(&out)
+        .expect("room --json")
+        .into_iter()
+        .next()
+}
+
+/// `watch --player none --json` of `file` on `n`.
+fn watch_url(n: &Node, file: &str) -> String {
+    let w: WatchReply =
+        serde_json::from_str(&n.ok(&["watch", file, "--player", "none", "--json"])).unwrap();
+    w.url
 }
 
 #[test]
@@ -58,11 +70,8 @@ fn a_member_holding_nothing_starts_playing_before_the_file_is_there() {
         "no frame was ever decoded"
     );
     let first_frame = started.elapsed();
-    let r = room(&nodes[1]);
-    let (have, size) = (
-        r["have_bytes"].as_u64().unwrap(),
-        r["size"].as_u64().unwrap(),
-    );
+    let r = room(&nodes[1]).expect("a room");
+    let (have, size) = (r.have_bytes.unwrap(), r.size.unwrap());
     println!("time to first frame: {first_frame:?}; {have} of {size} bytes here then");
     assert!(
         have < size,
@@ -70,15 +79,7 @@ fn a_member_holding_nothing_starts_playing_before_the_file_is_there() {
     );
 
     // The endpoint answers ranges, and only under the URL `watch` hands out.
-    let w: serde_json::Value = serde_json::from_str(&nodes[1].ok(&[
-        "watch",
-        "movies/film.mp4",
-        "--player",
-        "none",
-        "--json",
-    ]))
-    .unwrap();
-    let url = w["url"].as_str().unwrap().to_string();
+    let url = watch_url(&nodes[1], "movies/film.mp4");
     let film = std::fs::read(nodes[0].dir.join("share-movies/film.mp4")).unwrap();
     let (status, body) = http_get(&nodes[1], &url, Some("bytes=1000-1999"));
     assert_eq!(status, 206);
@@ -204,15 +205,7 @@ fn a_stream_url_opens_its_own_stream_only_by_a_loopback_host_while_it_plays_and_
     }
 
     // A second stream has its own token, and neither token opens the other's file.
-    let w: serde_json::Value = serde_json::from_str(&host.ok(&[
-        "watch",
-        "movies/other.bin",
-        "--player",
-        "none",
-        "--json",
-    ]))
-    .unwrap();
-    let other_url = w["url"].as_str().unwrap().to_string();
+    let other_url = watch_url(&host, "movies/other.bin");
     let other_token = other_url.split('/').nth(3).unwrap().to_string();
     assert_ne!(other_token, film_token);
     let (status, body) = http_get(&host, &other_url, None);
@@ -427,11 +420,9 @@ fn a_late_joiner_starts_at_the_room_and_a_player_or_member_that_goes_stops_nobod
         "the others stopped when a's player died"
     );
     assert!(
-        wait_until(DEADLINE, || room(&nodes[0])["watchers"]
-            .as_array()
-            .map_or(0, |w| w.len())
+        wait_until(DEADLINE, || room(&nodes[0]).map_or(0, |r| r.watchers.len())
             == 2),
-        "a is still listed: {}",
+        "a is still listed: {:?}",
         room(&nodes[0])
     );
 
@@ -449,7 +440,7 @@ fn describe(nodes: &[Node], players: &[&Player]) -> String {
     let mut out = String::new();
     for (n, p) in nodes.iter().zip(players) {
         out += &format!(
-            "\n{}: paused {} at {:.2}\n  room {}\n  watch log: {}",
+            "\n{}: paused {} at {:.2}\n  room {:?}\n  watch log: {}",
             n.name,
             p.paused(),
             p.position(),
@@ -475,8 +466,7 @@ fn a_player_that_runs_dry_holds_the_room_until_it_has_enough_again() {
     nodes[0].shape(1);
     let a = Player::start(&nodes[1], "movies/film.mp4");
     let held = wait_until(DEADLINE, || {
-        let r = room(&nodes[0]);
-        r["state"]["held"] == true && host.paused()
+        room(&nodes[0]).is_some_and(|r| r.state.held) && host.paused()
     });
     assert!(
         held,

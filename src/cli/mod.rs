@@ -1,5 +1,10 @@
 //! The command line's side of the house: what `watchalong` runs in the user's terminal
-//! beside the daemon, such as mpv kept in step with a room.
-//! May import every layer below it, through the control API; the daemon never imports it.
+//! beside the daemon. [`args`] holds the commands as clap parses them, [`run`] what each
+//! does through the typed control client, [`render`] how answers are printed, and
+//! [`player`] keeps mpv in step with a room. May import every layer below it, through
+//! the control API; the daemon never imports it.
 
+pub mod args;
 pub mod player;
+pub mod render;
+pub mod run;

@@ -16,9 +16,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use crate::base::clock::now_ms;
+use crate::control::{self, Change, FileRequest, Report, RoomView, WaitRequest, WatchReply};
 use crate::control::{Client, ControlError};
-use crate::watch::hub::{Change, FileRequest, Report, RoomView, WaitRequest, WatchReply};
-use crate::watch::room::{correct, Correction, Playback};
+use crate::watch::room::{correct, Correction, Playback, Stamp};
 
 /// How often the player's position is read and reported.
 const POLL: Duration = Duration::from_millis(100);
@@ -361,7 +361,7 @@ pub async fn run_mpv(
     }
     mpv.send(json!(["loadfile", w.url])).await?;
     let mut f = Follower::default();
-    let mut state = w.state.clone();
+    let mut state = room_state(&w.state);
     let mut pending_change: Option<Change> = None;
     // The first watcher of a file starts it; later ones join where the room is.
     if state.stamp.counter == 0 {
@@ -375,7 +375,7 @@ pub async fn run_mpv(
     let waiter = {
         let client = client.clone();
         let file = w.file.clone();
-        let start = state.stamp.clone();
+        let start = w.state.stamp.clone();
         tokio::spawn(async move {
             let mut stamp = start;
             loop {
@@ -385,7 +385,7 @@ pub async fn run_mpv(
                     node: stamp.node.clone(),
                     timeout_ms: 2_000,
                 };
-                match client.post::<_, RoomView>("/v1/room/wait", &req).await {
+                match client.room_wait(&req).await {
                     Ok(v) => {
                         stamp = v.state.stamp.clone();
                         if views_tx.send(v).await.is_err() {
@@ -451,7 +451,7 @@ pub async fn run_mpv(
                 }
             }
             Some(v) = views.recv() => {
-                state = v.state;
+                state = room_state(&v.state);
                 let cmds = f.follow(&state, now_ms(), Instant::now());
                 for c in &cmds { mpv.apply(c).await?; }
             }
@@ -473,12 +473,9 @@ pub async fn run_mpv(
     waiter.abort();
     let _ = waiter.await;
     let _ = client
-        .post::<_, crate::control::Empty>(
-            "/v1/room/leave",
-            &FileRequest {
-                file: w.file.clone(),
-            },
-        )
+        .room_leave(&FileRequest {
+            file: w.file.clone(),
+        })
         .await;
     let _ = child.kill().await;
     result
@@ -501,8 +498,8 @@ async fn report(
         starved,
         change,
     };
-    match client.post::<_, RoomView>("/v1/room/report", &report).await {
-        Ok(v) => Some(v.state),
+    match client.room_report(&report).await {
+        Ok(v) => Some(room_state(&v.state)),
         Err(e) => {
             log::warn!("room report: {e}");
             None
@@ -510,10 +507,24 @@ async fn report(
     }
 }
 
+/// The room's state as the rules in [`crate::watch::room`] read it.
+fn room_state(p: &control::Playback) -> Playback {
+    Playback {
+        playing: p.playing,
+        position: p.position,
+        rate: p.rate,
+        at_ms: p.at_ms,
+        held: p.held,
+        stamp: Stamp {
+            counter: p.stamp.counter,
+            node: p.stamp.node.clone(),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::watch::room::Stamp;
 
     fn state(playing: bool, position: f64, at_ms: i64) -> Playback {
         Playback {

@@ -153,7 +153,7 @@ impl Node {
             link::format_utc(invite.expires_at)
         );
         Ok(LinkReply {
-            id: invite.invite_id,
+            id: invite.invite_id.to_string(),
             link: invite.encode(),
             expires_at: invite.expires_at,
             uses,

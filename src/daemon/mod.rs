@@ -8,12 +8,15 @@
 //! `directory`); sync's executor, which this root owns beside the node, is
 //! [`crate::sync::apply`]; protocol rules live in the pure modules.
 
+pub mod api;
 pub mod api_errors;
 pub mod book;
 pub mod directory;
 pub mod members;
 pub mod node;
 pub mod peers;
+pub mod transfers;
+pub mod views;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -488,7 +491,6 @@ pub async fn run(
         sync_tx,
         streams: streams.clone(),
     }));
-    node.set_self();
     node.sync_tunnel().await;
     let first = node.refresh_announcement(None, &mut rand::thread_rng());
     node.send(first).await;
@@ -517,7 +519,7 @@ pub async fn run(
     {
         let (n, c) = (node.clone(), cancel.clone());
         tasks.spawn("control", async move {
-            control::serve(listener, n, admin, c).await;
+            control::serve(listener, Arc::new(api::Api::new(n)), admin, c).await;
             Ok(())
         });
     }

@@ -401,7 +401,7 @@ impl Node {
             members: book.group.mesh.active().count(),
             revoked: book.group.mesh.members().filter(|m| m.revoked).count(),
             forwarded_packets: self.tunnel.forwarded_count(),
-            stats: book.gossip.stats.clone(),
+            stats: crate::daemon::views::gossip_stats(&book.gossip.stats),
         }
     }
 }

@@ -13,6 +13,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub use watchalong::control::{PeerStatus, PeerView, PeersReply, StatusReply};
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_watchalong");
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -745,8 +747,19 @@ impl Node {
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
-    pub fn status(&self) -> serde_json::Value {
+    /// `status --json`, read as the control API's reply type.
+    pub fn status(&self) -> StatusReply {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status json")
+    }
+
+    /// `peers --json`, read as the control API's reply type.
+    pub fn peers(&self) -> PeersReply {
+        serde_json::from_str(&self.ok(&["peers", "--json"])).expect("peers json")
+    }
+
+    /// This node's WireGuard key (base64), as `status` shows it.
+    pub fn public_key(&self) -> String {
+        self.status().node.public_key
     }
 
     /// A fresh single-use link from this node.
@@ -760,11 +773,8 @@ impl Node {
             .to_string()
     }
 
-    pub fn peer<'a>(status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
-        status["peers"]
-            .as_array()?
-            .iter()
-            .find(|p| p["name"] == name)
+    pub fn peer<'a>(status: &'a StatusReply, name: &str) -> Option<&'a PeerStatus> {
+        status.peers.iter().find(|p| p.name == name)
     }
 
     pub fn ping(&self, addr: &str) -> bool {
@@ -819,28 +829,31 @@ impl Drop for Node {
 }
 
 /// The VPN address of the node `status` describes.
-pub fn vpn_address(status: &serde_json::Value) -> String {
-    status["node"]["address"]
-        .as_str()
-        .expect("address")
-        .to_string()
+pub fn vpn_address(status: &StatusReply) -> String {
+    status.node.address.to_string()
+}
+
+/// The member called `name` in a `peers` reply.
+pub fn member<'a>(peers: &'a PeersReply, name: &str) -> Option<&'a PeerView> {
+    peers.peers.iter().find(|p| p.name == name)
 }
 
 /// Waits until every node lists every other, with a site and a direct (or LAN) path.
 pub fn wait_for_direct_mesh(nodes: &[&Node], deadline: Duration) {
     for n in nodes {
-        let mut last = serde_json::Value::Null;
+        let mut last = None;
         let ok = wait_until(deadline, || {
-            last = serde_json::from_str(&n.ok(&["peers", "--json"])).unwrap_or_default();
-            let list = last["peers"].as_array().cloned().unwrap_or_default();
-            list.len() == nodes.len() - 1
-                && list
+            let p = n.peers();
+            let whole = p.peers.len() == nodes.len() - 1
+                && p.peers
                     .iter()
-                    .all(|x| !x["site"].is_null() && (x["path"] == "direct" || x["path"] == "lan"))
+                    .all(|x| x.site.is_some() && (x.path == "direct" || x.path == "lan"));
+            last = Some(p);
+            whole
         });
         assert!(
             ok,
-            "{} never saw the whole group directly: {last:#}",
+            "{} never saw the whole group directly: {last:#?}",
             n.name
         );
     }
