@@ -1043,16 +1043,6 @@ impl Membership for Node {
                 .is_some_and(|m| !m.revoked)
     }
 
-    fn room(&self, from: Key, body: bytes::Bytes) {
-        self.watch.receive(&key_id(&from), &body);
-    }
-
-    fn announced(&self, from: Key, body: bytes::Bytes) {
-        if self.sync_tx.try_send((from, body)).is_err() {
-            log::debug!("sync busy; an announcement waits for the next full round");
-        }
-    }
-
     fn directory(&self) -> Directory {
         let seen = self.tunnel.status();
         let book = self.book();
@@ -1088,6 +1078,33 @@ impl Membership for Node {
         Directory {
             me: self.public_key,
             peers,
+        }
+    }
+}
+
+impl Node {
+    /// The node-to-node messages this node takes, each routed to its owner: room
+    /// messages to the watch hub, announced versions to the sync queue.
+    pub fn messages(self: &Arc<Self>) -> transfer::Messages {
+        let (rooms, syncs) = (self.clone(), self.clone());
+        transfer::Messages::new()
+            .route(
+                crate::watch::hub::ROOM_PATH,
+                Arc::new(move |from, body| rooms.room(from, body)),
+            )
+            .route(
+                crate::sync::folder::SYNC_PATH,
+                Arc::new(move |from, body| syncs.announced(from, body)),
+            )
+    }
+
+    fn room(&self, from: Key, body: bytes::Bytes) {
+        self.watch.receive(&key_id(&from), &body);
+    }
+
+    fn announced(&self, from: Key, body: bytes::Bytes) {
+        if self.sync_tx.try_send((from, body)).is_err() {
+            log::debug!("sync busy; an announcement waits for the next full round");
         }
     }
 }

@@ -21,6 +21,9 @@ pub use crate::sync::index::Entry;
 use crate::sync::index::{Index, IndexError, Store};
 use crate::sync::versions::{self, FileVersion, Resolution, VersionVector};
 
+/// Where a share's announced versions ([`Announce`]) are POSTed on another member's node
+/// server: the daemon routes what arrives there to the sync queue.
+pub const SYNC_PATH: &str = "/v1/sync";
 /// The fallback scan when no file event came (events can be missed, e.g. on overflow).
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
 /// Present in a share's root while it is the real folder (not an empty mount point).
