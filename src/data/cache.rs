@@ -78,3 +78,63 @@ impl Cache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(b: &[u8]) -> String {
+        blake3::hash(b).to_hex().to_string()
+    }
+
+    #[test]
+    fn a_chunk_put_is_got_back_and_one_never_put_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::new(d.path().join("cache"), 1024);
+        c.put(&hash(b"abc"), b"abc");
+        assert_eq!(c.get(&hash(b"abc")), Some(Bytes::from_static(b"abc")));
+        assert_eq!(c.get(&hash(b"xyz")), None);
+    }
+
+    #[test]
+    fn past_the_budget_the_oldest_chunks_go_first_from_the_table_and_the_disk() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let c = Cache::new(dir.clone(), 10);
+        let chunks: [&[u8]; 3] = [b"aaaa", b"bbbb", b"cccc"];
+        for b in chunks {
+            c.put(&hash(b), b);
+        }
+        // 12 bytes put into 10: the first went.
+        assert_eq!(c.get(&hash(b"aaaa")), None);
+        assert!(!dir.join(hash(b"aaaa")).exists());
+        assert!(c.get(&hash(b"bbbb")).is_some());
+        assert!(c.get(&hash(b"cccc")).is_some());
+        assert_eq!(c.state.locked().total, 8);
+        // The same chunk again is not counted twice.
+        c.put(&hash(b"cccc"), b"cccc");
+        assert_eq!(c.state.locked().total, 8);
+    }
+
+    #[test]
+    fn a_chunk_larger_than_the_whole_budget_is_not_kept_and_evicts_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::new(d.path().join("cache"), 4);
+        c.put(&hash(b"ok"), b"ok");
+        c.put(&hash(b"too large"), b"too large");
+        assert_eq!(c.get(&hash(b"too large")), None);
+        assert!(c.get(&hash(b"ok")).is_some());
+    }
+
+    #[test]
+    fn what_a_previous_run_left_in_the_cache_dir_is_neither_served_nor_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        std::fs::create_dir_all(&dir).unwrap();
+        // A file named after a hash, planted or left behind: not trusted.
+        std::fs::write(dir.join(hash(b"old")), b"not what the hash says").unwrap();
+        let c = Cache::new(dir.clone(), 1024);
+        assert_eq!(c.get(&hash(b"old")), None);
+        assert!(!dir.join(hash(b"old")).exists());
+    }
+}

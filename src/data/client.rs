@@ -431,3 +431,76 @@ pub(super) async fn exchange(
         .await
         .map_err(|_| fail("no answer in time".into()))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server on a free loopback port that reads one request's head, writes `answer`
+    /// and keeps the connection open until the client goes.
+    async fn answer_once(answer: &'static [u8]) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut b).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                head.extend_from_slice(&b[..n]);
+            }
+            s.write_all(answer).await.unwrap();
+            // Held open: a client that waited for more would wait until its deadline.
+            let _ = s.read(&mut b).await;
+        });
+        addr
+    }
+
+    fn get() -> Result<Request<Full<Bytes>>, hyper::http::Error> {
+        Request::get("/v1/x").body(Full::new(Bytes::new()))
+    }
+
+    const LONG: Duration = Duration::from_secs(20);
+
+    #[tokio::test]
+    async fn an_answer_declaring_more_than_the_limit_is_refused_without_reading_its_body() {
+        // The body never comes: reading it would end in a timeout, not in TooLarge.
+        let addr = answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n").await;
+        let r = exchange(addr, get(), LONG, 999).await;
+        assert!(
+            matches!(r, Err(TransferError::TooLarge(a, 999)) if a == addr),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_of_no_declared_length_is_cut_off_at_the_limit() {
+        let addr = answer_once(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n8\r\n01234567\r\n8\r\n01234567\r\n0\r\n\r\n",
+        )
+        .await;
+        let r = exchange(addr, get(), LONG, 10).await;
+        assert!(matches!(r, Err(TransferError::TooLarge(_, 10))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_exactly_at_the_limit_is_returned_whole() {
+        let addr = answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await;
+        let r = exchange(addr, get(), LONG, 5).await;
+        assert_eq!(r.unwrap(), Bytes::from_static(b"hello"));
+    }
+
+    #[tokio::test]
+    async fn a_status_other_than_success_is_an_error_naming_the_status() {
+        let addr = answer_once(b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\nnope").await;
+        let r = exchange(addr, get(), LONG, 1024).await;
+        assert!(
+            matches!(r, Err(TransferError::Status(a, 404)) if a == addr),
+            "{r:?}"
+        );
+    }
+}
