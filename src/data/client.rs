@@ -269,8 +269,6 @@ impl Engine {
             .map(|_| ())
     }
 
-    /// Checks that a request came from member `from`'s daemon: the member it names is
-
     /// Asks `from` for a chunk over the hop `via`, and checks it.
     pub(super) async fn fetch_from(
         &self,

@@ -524,3 +524,133 @@ mod tests {
         assert!(chunk_request(&q(1 << 36)).is_none());
     }
 }
+
+#[cfg(test)]
+mod served {
+    use super::*;
+    use crate::base::lock::Recover;
+    use crate::data::client::exchange;
+    use crate::group::auth::Proofs;
+    use std::net::Ipv4Addr;
+    use std::sync::Mutex;
+    use x25519_dalek::StaticSecret;
+
+    /// One member, `them`, at loopback; this node is `me`, on loopback too.
+    struct OneMember {
+        me: Key,
+        them: Key,
+    }
+
+    impl Membership for OneMember {
+        fn directory(&self) -> Directory {
+            Directory {
+                me: self.me,
+                peers: Vec::new(),
+            }
+        }
+        fn vpn(&self) -> (Ipv4Addr, ipnet::Ipv4Net) {
+            (Ipv4Addr::LOCALHOST, "127.0.0.0/8".parse().unwrap())
+        }
+        fn member_at(&self, ip: IpAddr) -> Option<Key> {
+            ip.is_loopback().then_some(self.them)
+        }
+        fn is_member(&self, key: &Key) -> bool {
+            *key == self.them
+        }
+    }
+
+    fn engine(secret: [u8; 32], cache: &std::path::Path) -> Arc<Engine> {
+        Arc::new(Engine::new(
+            crate::data::share::Shares::new(Vec::new(), crate::data::share::CHUNK_SIZE),
+            Arc::new(Proofs::new(StaticSecret::from(secret))),
+            0,
+            cache.to_path_buf(),
+            1 << 20,
+        ))
+    }
+
+    /// A node server for `me` with a room inbox that records what reaches it, and the
+    /// engine of the one member that may talk to it.
+    async fn node_with_rooms() -> (
+        SocketAddr,
+        Arc<Engine>,
+        Key,
+        Arc<Mutex<Vec<(Key, Bytes)>>>,
+        CancellationToken,
+        tempfile::TempDir,
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let (server, client) = (
+            engine([1; 32], &d.path().join("a")),
+            engine([2; 32], &d.path().join("b")),
+        );
+        let members = Arc::new(OneMember {
+            me: server.proofs().public(),
+            them: client.proofs().public(),
+        });
+        let got: Arc<Mutex<Vec<(Key, Bytes)>>> = Arc::default();
+        let into = got.clone();
+        let messages = Messages::new().route(
+            "/v1/room",
+            Arc::new(move |from, body| into.locked().push((from, body))),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(serve_node(
+            listener,
+            server.clone(),
+            members,
+            messages,
+            cancel.clone(),
+        ));
+        (addr, client, server.proofs().public(), got, cancel, d)
+    }
+
+    #[tokio::test]
+    async fn a_signed_message_reaches_the_inbox_of_its_path_with_the_member_who_sent_it() {
+        let (addr, client, to, got, cancel, _d) = node_with_rooms().await;
+        let body = Bytes::from_static(b"{\"play\":true}");
+        client
+            .signed(
+                &to,
+                addr,
+                hyper::Method::POST,
+                "/v1/room",
+                body.clone(),
+                1024,
+            )
+            .await
+            .unwrap();
+        assert_eq!(*got.locked(), vec![(client.proofs().public(), body)]);
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_signed_message_to_a_path_without_an_inbox_is_answered_404() {
+        let (addr, client, to, got, cancel, _d) = node_with_rooms().await;
+        let r = client
+            .signed(
+                &to,
+                addr,
+                hyper::Method::POST,
+                "/v1/sync",
+                Bytes::new(),
+                1024,
+            )
+            .await;
+        assert!(matches!(r, Err(TransferError::Status(_, 404))), "{r:?}");
+        assert!(got.locked().is_empty());
+        cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_message_is_answered_401_and_reaches_no_inbox() {
+        let (addr, _client, _to, got, cancel, _d) = node_with_rooms().await;
+        let req = Request::post("/v1/room").body(Full::new(Bytes::from_static(b"x")));
+        let r = exchange(addr, req, Duration::from_secs(20), 1024).await;
+        assert!(matches!(r, Err(TransferError::Status(_, 401))), "{r:?}");
+        assert!(got.locked().is_empty());
+        cancel.cancel();
+    }
+}

@@ -715,7 +715,7 @@ impl SyncShare {
         let suspects: Vec<(&String, bool, (u64, u128))> = {
             let index = self.lock();
             seen.into_iter()
-                .filter(|(rel, is_dir, st)| !unchanged(index.get(*rel), *is_dir, *st))
+                .filter(|(rel, is_dir, st)| !unchanged(index.get(rel), *is_dir, *st))
                 .collect()
         };
         let hashed: Vec<(&String, bool, (u64, u128), String)> = suspects
