@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use crate::daemon::node::Node;
 use crate::daemon::peers::routable;
 use crate::data::transfer::{self, Directory, Membership};
-use crate::group::identity::{key_id, key_to_base64, Key};
+use crate::group::identity::{key_to_base64, Key};
 use crate::group::place::Group;
 use crate::net::tunnel::{PathKind, PeerStatus};
 
@@ -26,16 +26,6 @@ impl Membership for Node {
 
     fn is_member(&self, key: &Key) -> bool {
         is_member(&self.book().group, &self.public_key, key)
-    }
-
-    fn room(&self, from: Key, body: bytes::Bytes) {
-        self.watch.receive(&key_id(&from), &body);
-    }
-
-    fn announced(&self, from: Key, body: bytes::Bytes) {
-        if self.sync_tx.try_send((from, body)).is_err() {
-            log::debug!("sync busy; an announcement waits for the next full round");
-        }
     }
 
     fn directory(&self) -> Directory {

@@ -499,7 +499,8 @@ pub async fn run(
     {
         let (e, n, c) = (engine.clone(), node.clone(), cancel.clone());
         tasks.spawn("node server", async move {
-            transfer::serve_node(node_listener, e, n, c).await;
+            let messages = n.messages();
+            transfer::serve_node(node_listener, e, n, messages, c).await;
             Ok(())
         });
     }

@@ -111,3 +111,30 @@ impl Node {
         self.config.node.state_dir.join(file)
     }
 }
+
+impl Node {
+    /// The node-to-node messages this node takes, each routed to its owner: room
+    /// messages to the watch hub, announced versions to the sync queue.
+    pub fn messages(self: &Arc<Self>) -> crate::data::transfer::Messages {
+        let (rooms, syncs) = (self.clone(), self.clone());
+        crate::data::transfer::Messages::new()
+            .route(
+                crate::watch::hub::ROOM_PATH,
+                Arc::new(move |from, body| rooms.room(from, body)),
+            )
+            .route(
+                crate::sync::folder::SYNC_PATH,
+                Arc::new(move |from, body| syncs.announced(from, body)),
+            )
+    }
+
+    fn room(&self, from: Key, body: bytes::Bytes) {
+        self.watch.receive(&key_id(&from), &body);
+    }
+
+    fn announced(&self, from: Key, body: bytes::Bytes) {
+        if self.sync_tx.try_send((from, body)).is_err() {
+            log::debug!("sync busy; an announcement waits for the next full round");
+        }
+    }
+}

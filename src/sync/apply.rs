@@ -134,7 +134,10 @@ impl Executor {
                 let (vpn, name, key, engine) = (p.vpn, p.name.clone(), p.key, self.engine.clone());
                 let share = s.clone();
                 self.tasks.spawn(async move {
-                    match engine.post(&key, vpn, "/v1/sync", body).await {
+                    match engine
+                        .post(&key, vpn, crate::sync::folder::SYNC_PATH, body)
+                        .await
+                    {
                         Ok(_) => share.greet(key),
                         Err(e) => log::debug!("sync announce to {name}: {e}"),
                     }
@@ -152,7 +155,11 @@ impl Executor {
         }) else {
             return;
         };
-        if let Err(e) = self.engine.post(&to.key, to.vpn, "/v1/sync", body).await {
+        if let Err(e) = self
+            .engine
+            .post(&to.key, to.vpn, crate::sync::folder::SYNC_PATH, body)
+            .await
+        {
             log::debug!("sync answer to {}: {e}", to.name);
         }
     }

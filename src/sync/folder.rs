@@ -21,6 +21,9 @@ pub use crate::sync::index::Entry;
 use crate::sync::index::{Index, IndexError, Store};
 use crate::sync::versions::{self, FileVersion, Resolution, VersionVector};
 
+/// Where a share's announced versions ([`Announce`]) are POSTed on another member's node
+/// server: the daemon routes what arrives there to the sync queue.
+pub const SYNC_PATH: &str = "/v1/sync";
 /// The fallback scan when no file event came (events can be missed, e.g. on overflow).
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
 /// Present in a share's root while it is the real folder (not an empty mount point).
@@ -687,6 +690,12 @@ impl SyncShare {
     }
 
     /// Finds local changes; `content_id` names a file's content (its manifest id).
+    ///
+    /// Hashing is slow, so the walk, the stats and the hashes run outside the index lock,
+    /// each hash taken with the size and mtime the file had before it was hashed. Under
+    /// the lock, each is compared again with what lies there now (a file written while it
+    /// was hashed is left for the next scan, never recorded with a stale hash) and with
+    /// what the index holds now (a task or another scan may have recorded it meanwhile).
     pub fn scan(
         &self,
         me: &str,
@@ -698,36 +707,49 @@ impl SyncShare {
             return Ok(Vec::new());
         }
         let entries = self.walk()?;
+        let seen: Vec<(&String, bool, (u64, u128))> = entries
+            .iter()
+            .filter(|(rel, _)| !self.held(rel))
+            .filter_map(|(rel, is_dir)| Some((rel, *is_dir, stat(&self.root.join(rel))?)))
+            .collect();
+        let suspects: Vec<(&String, bool, (u64, u128))> = {
+            let index = self.lock();
+            seen.into_iter()
+                .filter(|(rel, is_dir, st)| !unchanged(index.get(rel), *is_dir, *st))
+                .collect()
+        };
+        let hashed: Vec<(&String, bool, (u64, u128), String)> = suspects
+            .into_iter()
+            .filter_map(|(rel, is_dir, st)| {
+                let content = if is_dir {
+                    Some(versions::DIR.to_string())
+                } else {
+                    content_id(rel)
+                };
+                Some((rel, is_dir, st, content?))
+            })
+            .collect();
         let mut changed = Vec::new();
         let mut index = self.lock();
-        for (rel, is_dir) in &entries {
+        for (rel, is_dir, (size, mtime_ns), content) in hashed {
             if self.held(rel) {
                 continue;
             }
-            let Some((size, mtime_ns)) = stat(&self.root.join(rel)) else {
-                continue;
+            // Still what was hashed: a folder still there, a file of the same size and
+            // mtime. Otherwise the next scan hashes what lies there now.
+            let now = stat(&self.root.join(rel));
+            let as_hashed = if is_dir {
+                now.is_some()
+            } else {
+                now == Some((size, mtime_ns))
             };
-            let held = index.get(rel);
-            // A folder's size and mtime move with its contents; only its existence counts.
-            let unchanged = held.is_some_and(|e| {
-                !e.version.deleted
-                    && if *is_dir {
-                        e.version.content == versions::DIR
-                    } else {
-                        e.size == size && e.mtime_ns == mtime_ns
-                    }
-            });
-            if unchanged {
+            if !as_hashed {
                 continue;
             }
-            let content = if *is_dir {
-                Some(versions::DIR.to_string())
-            } else {
-                content_id(rel)
-            };
-            let Some(content) = content else {
+            let held = index.get(rel);
+            if unchanged(held, is_dir, (size, mtime_ns)) {
                 continue;
-            };
+            }
             let base = held.map(|e| e.version.vv.clone()).unwrap_or_default();
             let same = held.is_some_and(|e| !e.version.deleted && e.version.content == content);
             let version = if same {
@@ -740,7 +762,7 @@ impl SyncShare {
                     deleted: false,
                     mtime: (mtime_ns / 1_000_000_000) as u64,
                     node: me.to_string(),
-                    size: if *is_dir { 0 } else { size },
+                    size: if is_dir { 0 } else { size },
                     content,
                 }
             };
@@ -1031,6 +1053,20 @@ pub fn set_mtime(path: &Path, mtime: u64) {
 }
 
 /// Only reached if the index changed under us between two lines holding its lock.
+/// Whether the index's entry for a path still describes what a scan found there (its
+/// size and mtime in ns). A folder's size and mtime move with its contents; only its
+/// existence counts.
+fn unchanged(held: Option<&Entry>, is_dir: bool, (size, mtime_ns): (u64, u128)) -> bool {
+    held.is_some_and(|e| {
+        !e.version.deleted
+            && if is_dir {
+                e.version.content == versions::DIR
+            } else {
+                e.size == size && e.mtime_ns == mtime_ns
+            }
+    })
+}
+
 fn unreachable_version(path: &str) -> FileVersion {
     FileVersion {
         path: path.to_string(),
@@ -1101,6 +1137,73 @@ mod tests {
             changed[0].vv,
             VersionVector::default().bumped("a").bumped("a")
         );
+    }
+
+    #[test]
+    fn a_file_written_while_it_is_hashed_is_not_recorded_with_the_hash_of_what_it_held() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        // The hash is of "one"; by the time it is taken the file holds something else.
+        let racing = |rel: &str| {
+            let old = id(&s)(rel);
+            std::fs::write(s.root.join(rel), b"two, longer").unwrap();
+            old
+        };
+        assert!(s.scan("n1", racing).unwrap().is_empty());
+        assert!(s.lock().get("a.txt").is_none(), "nothing recorded");
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(v.len(), 1);
+        assert_eq!(
+            v[0].content,
+            blake3::hash(b"two, longer").to_hex().to_string()
+        );
+        assert_eq!(v[0].vv, VersionVector::default().bumped("n1"));
+    }
+
+    #[test]
+    fn two_scans_hash_at_once_and_record_every_file_once_between_them() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        let names: Vec<String> = (0..50).map(|i| format!("f{i:02}")).collect();
+        for n in &names {
+            std::fs::write(s.root.join(n), n.as_bytes()).unwrap();
+        }
+        // Each scan's first hash waits for the other scan to be hashing too: they meet
+        // only if neither hashes under the index lock.
+        let meet = (Mutex::new(0usize), std::sync::Condvar::new());
+        let scan = || {
+            let (first, met) = (std::cell::Cell::new(true), std::cell::Cell::new(false));
+            let v = s
+                .scan("n1", |rel| {
+                    if first.replace(false) {
+                        let (m, c) = &meet;
+                        let mut n = m.lock().unwrap();
+                        *n += 1;
+                        c.notify_all();
+                        let (_n, wait) = c
+                            .wait_timeout_while(n, Duration::from_secs(20), |n| *n < 2)
+                            .unwrap();
+                        met.set(!wait.timed_out());
+                    }
+                    id(&s)(rel)
+                })
+                .unwrap();
+            (v, met.get())
+        };
+        let ((a, met_a), (b, met_b)) = std::thread::scope(|t| {
+            let a = t.spawn(scan);
+            let b = t.spawn(scan);
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert!(met_a && met_b, "the scans hashed one after the other");
+        let mut announced: Vec<String> = a.into_iter().chain(b).map(|v| v.path).collect();
+        announced.sort();
+        assert_eq!(announced, names, "each file announced once, none lost");
+        let index = s.lock();
+        assert!(names
+            .iter()
+            .all(|n| index.get(n).is_some_and(|e| !e.version.deleted)));
     }
 
     #[test]

@@ -19,6 +19,10 @@ use crate::data::transfer::{self, Directory};
 use crate::watch::room::{Playback, Room, RoomMessage};
 use crate::watch::stream::Streams;
 
+/// Where room messages are POSTed on another member's node server: the daemon routes
+/// what arrives there to [`Watch::receive`].
+pub const ROOM_PATH: &str = "/v1/room";
+
 /// How often a watcher tells the others where it is (and how often rooms are checked).
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
 
@@ -353,7 +357,7 @@ impl Watch {
             };
             let (key, vpn, name, engine) = (p.key, p.vpn, p.name.clone(), self.engine.clone());
             posts.spawn(async move {
-                if let Err(e) = engine.post(&key, vpn, "/v1/room", body).await {
+                if let Err(e) = engine.post(&key, vpn, ROOM_PATH, body).await {
                     log::debug!("room message to {name}: {e}");
                 }
             });

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::base::lock::Recover;
+use crate::data::blocking::blocking;
 use crate::data::share::Manifest;
 use crate::data::transfer::{Engine, Membership, Progress};
 use crate::group::identity::Key;
@@ -101,7 +102,8 @@ pub struct Stream {
     /// The member the chunks come from.
     pub source: Key,
     path: PathBuf,
-    data: std::fs::File,
+    /// Shared with the blocking threads that read and write it.
+    data: Arc<std::fs::File>,
     /// Which chunks are present, and which are being fetched.
     chunks: Mutex<(Vec<bool>, Vec<bool>)>,
     arrived: tokio::sync::Notify,
@@ -189,7 +191,7 @@ impl Stream {
             manifest,
             source,
             path,
-            data,
+            data: Arc::new(data),
             chunks: Mutex::new((have, busy)),
             arrived: tokio::sync::Notify::new(),
             playhead: AtomicU64::new(0),
@@ -246,14 +248,17 @@ impl Stream {
             arrived.await;
         }
         let end = ((index + 1) * cs).min(self.manifest.size).min(offset + len);
-        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
-        use std::os::unix::fs::FileExt;
-        tokio::task::block_in_place(|| self.data.read_exact_at(&mut buf, offset)).map_err(
-            |source| StreamError::Read {
-                path: self.path.clone(),
-                source,
-            },
-        )?;
+        let (data, n) = (self.data.clone(), end.saturating_sub(offset) as usize);
+        let buf = blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let mut buf = vec![0u8; n];
+            data.read_exact_at(&mut buf, offset).map(|()| buf)
+        })
+        .await
+        .map_err(|source| StreamError::Read {
+            path: self.path.clone(),
+            source,
+        })?;
         Ok(Bytes::from(buf))
     }
 
@@ -293,14 +298,18 @@ impl Stream {
                         ) => r,
                         () = cancel.cancelled() => return,
                     };
-                    let written = got.map_err(|e| e.to_string()).and_then(|b| {
-                        use std::os::unix::fs::FileExt;
-                        tokio::task::block_in_place(|| {
-                            s.data.write_all_at(&b, i as u64 * s.manifest.chunk_size)
-                        })
-                        .map(|()| b.len())
-                        .map_err(|e| e.to_string())
-                    });
+                    let written = match got {
+                        Ok(b) => {
+                            let (data, at) = (s.data.clone(), i as u64 * s.manifest.chunk_size);
+                            blocking(move || {
+                                use std::os::unix::fs::FileExt;
+                                data.write_all_at(&b, at).map(|()| b.len())
+                            })
+                            .await
+                            .map_err(|e| e.to_string())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
                     let ok = written.is_ok();
                     {
                         let (have, busy) = &mut *s.lock();

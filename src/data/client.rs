@@ -1,0 +1,504 @@
+//! The transfer engine and its client side: the [`Engine`] one node runs (shares, proofs,
+//! the chunk cache, the flights in flight, counters), requests to another member's node
+//! server signed by this daemon ([`Engine::ask`], [`Engine::post`], chunk fetches over the
+//! tunnel or through a LAN relay, sealed), and [`exchange`], the one HTTP exchange every
+//! request makes, which never reads an answer past its limit. [`TransferError`] is the
+//! error of the whole transfer (this client, the `get` loop and the servers share it). It
+//! must not decide routes (the planner does) or serve requests (see
+//! [`crate::data::node_server`]).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::data::cache::Cache;
+use crate::data::directory::Directory;
+use crate::data::flight::Flights;
+use crate::data::planner::{self, Via};
+use crate::data::share::{ShareError, Shares};
+use crate::group::auth::{self, Direction, Proofs};
+use crate::group::identity::Key;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+
+/// The node-to-node HTTP port, on each member's VPN address.
+pub const NODE_PORT: u16 = 51874;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// An announcement is small; a member that does not take it in this long is skipped
+/// and catches up at the next full round.
+const POST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest chunk a manifest may name; a chunk answer is never read past its own length.
+pub const MAX_CHUNK: u64 = 64 * 1024 * 1024;
+/// A listing or manifest answer (JSON) is read up to this size.
+const MAX_JSON_ANSWER: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error(transparent)]
+    Share(#[from] ShareError),
+    #[error("no route: {0}")]
+    Plan(#[from] planner::PlanError),
+    #[error("cannot reach {0}: {1}")]
+    Connect(SocketAddr, String),
+    #[error("{0} answered {1}")]
+    Status(SocketAddr, u16),
+    #[error("the chunk from {0} does not match its hash")]
+    Corrupt(String),
+    #[error("{0} is not a member this node can reach")]
+    UnknownPeer(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("gave up on chunk {0} after {1} tries: {2}")]
+    GiveUp(u64, usize, String),
+    #[error("{0} answered more than the {1} bytes expected")]
+    TooLarge(SocketAddr, u64),
+    #[error("the answer from {from} is not valid: {source}")]
+    Decode {
+        from: SocketAddr,
+        source: serde_json::Error,
+    },
+    #[error("cannot sign a request to a member: {0}")]
+    Sign(auth::AuthError),
+    #[error("the sealed answer from {0} does not open: {1}")]
+    Open(String, auth::AuthError),
+}
+
+impl TransferError {
+    /// The write failed because the file system (or the user's quota) is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, TransferError::Write { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+
+    /// The write was refused: a read-only mount (as a sandbox shows one) or permissions.
+    pub fn is_write_refused(&self) -> bool {
+        matches!(self, TransferError::Write { source, .. }
+            if crate::data::share::refused(source))
+    }
+}
+
+/// Names one chunk of one file version on one member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRequest {
+    pub source: String,
+    pub share: String,
+    pub path: String,
+    pub index: u64,
+    pub hash: String,
+    pub transfer: String,
+    /// The chunk's length from its manifest: no answer is read past it.
+    pub len: u64,
+}
+
+impl ChunkRequest {
+    fn query(&self) -> String {
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("source", &self.source)
+            .append_pair("share", &self.share)
+            .append_pair("path", &self.path)
+            .append_pair("index", &self.index.to_string())
+            .append_pair("hash", &self.hash)
+            .append_pair("transfer", &self.transfer)
+            .append_pair("len", &self.len.to_string())
+            .finish()
+    }
+
+    pub(super) fn source_key(&self) -> Option<Key> {
+        crate::group::identity::key_from_base64(&self.source)
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct Counters {
+    /// Chunks that arrived damaged and were fetched again another way.
+    pub corrupt_chunks: u64,
+    /// Chunks served from the cache or the disk to another member.
+    pub served_chunks: u64,
+    /// Chunks this node fetched from another member.
+    pub fetched_chunks: u64,
+    /// Chunks an interrupted pull already held, checked and kept instead of fetched.
+    pub resumed_chunks: u64,
+    /// Requests to the node server or the relay refused for want of a member's proof.
+    #[serde(default)]
+    pub refused_requests: u64,
+    /// Connections closed at once: over a cap, or to an address the server does not serve.
+    #[serde(default)]
+    pub refused_connections: u64,
+}
+
+/// The transfer engine one node runs.
+pub struct Engine {
+    pub shares: Arc<Shares>,
+    pub(super) proofs: Arc<Proofs>,
+    relay_port: u16,
+    pub(super) cache: Arc<Cache>,
+    pub(super) flights: Flights<Bytes>,
+    pub(super) refused: AtomicU64,
+    pub(super) refused_connections: AtomicU64,
+    pub(super) corrupt: AtomicU64,
+    pub(super) served: AtomicU64,
+    pub(super) fetched: AtomicU64,
+    pub(super) resumed: AtomicU64,
+}
+
+impl Engine {
+    pub fn new(
+        shares: Shares,
+        proofs: Arc<Proofs>,
+        relay_port: u16,
+        cache_dir: PathBuf,
+        cache_budget: u64,
+    ) -> Engine {
+        Engine {
+            shares: Arc::new(shares),
+            proofs,
+            relay_port,
+            cache: Arc::new(Cache::new(cache_dir, cache_budget)),
+            flights: Flights::new(),
+            refused: AtomicU64::new(0),
+            refused_connections: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            fetched: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
+        }
+    }
+
+    pub fn relay_port(&self) -> u16 {
+        self.relay_port
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters {
+            corrupt_chunks: self.corrupt.load(Ordering::Relaxed),
+            served_chunks: self.served.load(Ordering::Relaxed),
+            fetched_chunks: self.fetched.load(Ordering::Relaxed),
+            resumed_chunks: self.resumed.load(Ordering::Relaxed),
+            refused_requests: self.refused.load(Ordering::Relaxed),
+            refused_connections: self.refused_connections.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn proofs(&self) -> &Arc<Proofs> {
+        &self.proofs
+    }
+
+    /// One request to member `to`'s node server, signed by this daemon; its answer is
+    /// read up to `limit` bytes. A POST (a small announcement) gets a shorter deadline.
+    pub(super) async fn signed(
+        &self,
+        to: &Key,
+        addr: SocketAddr,
+        method: hyper::Method,
+        pq: &str,
+        body: Bytes,
+        limit: u64,
+    ) -> Result<Bytes, TransferError> {
+        let deadline = if method == hyper::Method::POST {
+            POST_TIMEOUT
+        } else {
+            REQUEST_TIMEOUT
+        };
+        let h = self
+            .proofs
+            .sign_request(
+                to,
+                method.as_str(),
+                pq,
+                &body,
+                crate::base::clock::now_secs(),
+                fresh_nonce(),
+            )
+            .map_err(TransferError::Sign)?;
+        let mut req = Request::builder().method(method).uri(pq);
+        for (k, v) in h.pairs() {
+            req = req.header(k, v);
+        }
+        exchange(addr, req.body(Full::new(body)), deadline, limit).await
+    }
+
+    /// Asks member `to`, at VPN address `vpn`, for a listing or a manifest.
+    pub async fn ask<T: serde::de::DeserializeOwned>(
+        &self,
+        to: &Key,
+        vpn: Ipv4Addr,
+        what: &str,
+        share: &str,
+        path: &str,
+    ) -> Result<T, TransferError> {
+        let q = form_urlencoded::Serializer::new(String::new())
+            .append_pair("share", share)
+            .append_pair("path", path)
+            .finish();
+        let addr = SocketAddr::from((vpn, NODE_PORT));
+        let body = self
+            .signed(
+                to,
+                addr,
+                hyper::Method::GET,
+                &format!("/v1/{what}?{q}"),
+                Bytes::new(),
+                MAX_JSON_ANSWER as u64,
+            )
+            .await?;
+        serde_json::from_slice(&body).map_err(|source| TransferError::Decode { from: addr, source })
+    }
+
+    /// POSTs `body` to member `to`'s node server (folder sync announcements, room messages).
+    pub async fn post(
+        &self,
+        to: &Key,
+        vpn: Ipv4Addr,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(), TransferError> {
+        let addr = SocketAddr::from((vpn, NODE_PORT));
+        self.signed(to, addr, hyper::Method::POST, path, Bytes::from(body), 1024)
+            .await
+            .map(|_| ())
+    }
+
+    /// Asks `from` for a chunk over the hop `via`, and checks it.
+    pub(super) async fn fetch_from(
+        &self,
+        dir: &Directory,
+        from: &Key,
+        via: Via,
+        req: &ChunkRequest,
+    ) -> Result<Bytes, TransferError> {
+        let peer = dir.get(from).ok_or_else(|| {
+            TransferError::UnknownPeer(crate::group::identity::key_to_base64(from))
+        })?;
+        let body = match via {
+            Via::Tunnel => {
+                let pq = format!("/v1/chunk?{}", req.query());
+                let addr = SocketAddr::from((peer.vpn, NODE_PORT));
+                let limit = req.len.min(MAX_CHUNK);
+                self.signed(
+                    &peer.key,
+                    addr,
+                    hyper::Method::GET,
+                    &pq,
+                    Bytes::new(),
+                    limit,
+                )
+                .await?
+            }
+            Via::Lan => {
+                let addr = peer
+                    .relay
+                    .ok_or_else(|| TransferError::UnknownPeer(peer.name.clone()))?;
+                self.relay_get(&peer.key, &peer.name, addr, req).await?
+            }
+        };
+        self.fetched.fetch_add(1, Ordering::Relaxed);
+        if blake3::hash(&body).to_hex().as_str() != req.hash {
+            self.corrupt.fetch_add(1, Ordering::Relaxed);
+            return Err(TransferError::Corrupt(peer.name.clone()));
+        }
+        Ok(body)
+    }
+
+    /// A chunk from member `to`'s LAN relay: the request (which names the share and the
+    /// path) and the answer both travel sealed, so the LAN sees neither.
+    async fn relay_get(
+        &self,
+        to: &Key,
+        name: &str,
+        addr: SocketAddr,
+        req: &ChunkRequest,
+    ) -> Result<Bytes, TransferError> {
+        let plain = serde_json::to_vec(req)
+            .map_err(|source| TransferError::Decode { from: addr, source })?;
+        let nonce = fresh_nonce();
+        let nonce_hex = auth::nonce_hex(nonce);
+        let sealed = self
+            .proofs
+            .seal_relay(to, &nonce_hex, Direction::Request, &plain)
+            .map_err(|e| TransferError::Open(name.to_string(), e))?;
+        let h = self
+            .proofs
+            .sign_request(
+                to,
+                "POST",
+                RELAY_PATH,
+                &sealed,
+                crate::base::clock::now_secs(),
+                nonce,
+            )
+            .map_err(TransferError::Sign)?;
+        let mut r = Request::post(RELAY_PATH);
+        for (k, v) in h.pairs() {
+            r = r.header(k, v);
+        }
+        let answer = exchange(
+            addr,
+            r.body(Full::new(Bytes::from(sealed))),
+            REQUEST_TIMEOUT,
+            req.len.min(MAX_CHUNK) + SEAL_OVERHEAD,
+        )
+        .await?;
+        self.proofs
+            .open_relay(to, &nonce_hex, Direction::Response, &answer)
+            .map(Bytes::from)
+            .map_err(|e| TransferError::Open(name.to_string(), e))
+    }
+}
+
+/// The one path of the LAN relay: what is asked is in the sealed body, not the URL.
+pub(super) const RELAY_PATH: &str = "/v1/relay";
+/// What sealing adds to a body: the AEAD's tag.
+pub(super) const SEAL_OVERHEAD: u64 = 16;
+
+pub(super) fn fresh_nonce() -> [u8; 16] {
+    let mut n = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n
+}
+
+/// One request on a fresh connection: connect within [`CONNECT_TIMEOUT`], the whole
+/// exchange within `deadline`; a status other than 2xx is an error, and so is an answer
+/// longer than `limit` bytes, which is never read past it.
+pub(super) async fn exchange(
+    addr: SocketAddr,
+    req: Result<Request<Full<Bytes>>, hyper::http::Error>,
+    deadline: Duration,
+    limit: u64,
+) -> Result<Bytes, TransferError> {
+    let fail = |e: String| TransferError::Connect(addr, e);
+    let mut req = req.map_err(|e| fail(e.to_string()))?;
+    req.headers_mut().insert(
+        hyper::header::HOST,
+        hyper::header::HeaderValue::from_static("watchalong"),
+    );
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| fail("timed out".into()))?
+        .map_err(|e| fail(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let work = async {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let driver = tokio::spawn(conn);
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let status = resp.status();
+        let declared = resp
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            driver.abort();
+            return Err(TransferError::TooLarge(addr, limit));
+        }
+        let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+        let body = http_body_util::Limited::new(resp.into_body(), cap)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    TransferError::TooLarge(addr, limit)
+                } else {
+                    fail(e.to_string())
+                }
+            })?
+            .to_bytes();
+        drop(sender);
+        driver.abort();
+        if !status.is_success() {
+            return Err(TransferError::Status(addr, status.as_u16()));
+        }
+        Ok(body)
+    };
+    tokio::time::timeout(deadline, work)
+        .await
+        .map_err(|_| fail("no answer in time".into()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server on a free loopback port that reads one request's head, writes `answer`
+    /// and keeps the connection open until the client goes.
+    async fn answer_once(answer: &'static [u8]) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut b).await.unwrap();
+                if n == 0 {
+                    return;
+                }
+                head.extend_from_slice(&b[..n]);
+            }
+            s.write_all(answer).await.unwrap();
+            // Held open: a client that waited for more would wait until its deadline.
+            let _ = s.read(&mut b).await;
+        });
+        addr
+    }
+
+    fn get() -> Result<Request<Full<Bytes>>, hyper::http::Error> {
+        Request::get("/v1/x").body(Full::new(Bytes::new()))
+    }
+
+    const LONG: Duration = Duration::from_secs(20);
+
+    #[tokio::test]
+    async fn an_answer_declaring_more_than_the_limit_is_refused_without_reading_its_body() {
+        // The body never comes: reading it would end in a timeout, not in TooLarge.
+        let addr = answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n").await;
+        let r = exchange(addr, get(), LONG, 999).await;
+        assert!(
+            matches!(r, Err(TransferError::TooLarge(a, 999)) if a == addr),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_answer_of_no_declared_length_is_cut_off_at_the_limit() {
+        let addr = answer_once(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n8\r\n01234567\r\n8\r\n01234567\r\n0\r\n\r\n",
+        )
+        .await;
+        let r = exchange(addr, get(), LONG, 10).await;
+        assert!(matches!(r, Err(TransferError::TooLarge(_, 10))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_exactly_at_the_limit_is_returned_whole() {
+        let addr = answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await;
+        let r = exchange(addr, get(), LONG, 5).await;
+        assert_eq!(r.unwrap(), Bytes::from_static(b"hello"));
+    }
+
+    #[tokio::test]
+    async fn a_status_other_than_success_is_an_error_naming_the_status() {
+        let addr = answer_once(b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\nnope").await;
+        let r = exchange(addr, get(), LONG, 1024).await;
+        assert!(
+            matches!(r, Err(TransferError::Status(a, 404)) if a == addr),
+            "{r:?}"
+        );
+    }
+}
