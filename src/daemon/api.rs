@@ -336,7 +336,7 @@ impl Handler for Api {
                 let key = key_to_base64(&m.wg_key);
                 let ann = g.mesh.announcement(&m.wg_key);
                 let site = g.mesh.site_of(&m.wg_key);
-                let t = seen.iter().find(|p| p.public_key == key);
+                let t = seen.iter().find(|p| p.public_key == m.wg_key);
                 let on_lan = t
                     .and_then(|t| t.endpoint)
                     .is_some_and(|ep| ann.is_some_and(|a| a.lan.contains(&ep)));
@@ -579,7 +579,7 @@ impl Handler for Api {
         // the CLI, which runs with the user's rights, moves the file to its destination.
         let beside = req.dest.parent().unwrap_or(std::path::Path::new("/"));
         let probed = beside.to_path_buf();
-        let handoff = match blocking(move || crate::sync::folder::probe_write(&probed)).await? {
+        let handoff = match blocking(move || crate::sync::disk::probe_write(&probed)).await? {
             Ok(()) => None,
             Err(e) => {
                 let downloads = self.config.node.state_dir.join(DOWNLOADS_DIR);

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use crate::daemon::node::Node;
 use crate::daemon::peers::routable;
 use crate::data::transfer::{self, Directory, Membership};
-use crate::group::identity::{key_to_base64, Key};
+use crate::group::identity::Key;
 use crate::group::place::Group;
 use crate::net::tunnel::{PathKind, PeerStatus};
 
@@ -66,8 +66,7 @@ pub fn directory_of(group: &Group, me: Key, seen: &[PeerStatus]) -> Directory {
         .map(|m| {
             let ann = mesh.announcement(&m.wg_key);
             let is_me = m.wg_key == me;
-            let b64 = key_to_base64(&m.wg_key);
-            let t = seen.iter().find(|p| p.public_key == b64);
+            let t = seen.iter().find(|p| p.public_key == m.wg_key);
             let relay = ann.and_then(|a| {
                 let port = a.relay_port?;
                 let at = t
@@ -163,7 +162,7 @@ mod tests {
     fn seen(key: Key, path: PathKind, endpoint: Option<&str>) -> PeerStatus {
         PeerStatus {
             name: String::new(),
-            public_key: key_to_base64(&key),
+            public_key: key,
             address: Ipv4Addr::UNSPECIFIED,
             endpoint: endpoint.map(|e| e.parse().unwrap()),
             path,

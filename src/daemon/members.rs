@@ -380,13 +380,12 @@ impl Node {
             admission.address
         );
         let deadline = tokio::time::Instant::now() + TUNNEL_UP_TIMEOUT;
-        let host_key = key_to_base64(&invite.host_key);
         loop {
             let up = self
                 .tunnel
                 .status()
                 .iter()
-                .any(|p| p.public_key == host_key && p.last_handshake.is_some());
+                .any(|p| p.public_key == invite.host_key && p.last_handshake.is_some());
             if up {
                 break;
             }

@@ -301,8 +301,7 @@ impl Node {
         if group.is_host(&self.public_key) {
             let mut observed_changed = false;
             for p in seen.iter().filter(|p| p.path == PathKind::Direct) {
-                let (Some(key), Some(ep)) = (identity::key_from_base64(&p.public_key), p.endpoint)
-                else {
+                let (key, Some(ep)) = (p.public_key, p.endpoint) else {
                     continue;
                 };
                 let Some(rec) = group.mesh.member(&key).filter(|r| !r.revoked).cloned() else {
@@ -364,8 +363,10 @@ impl Node {
             let mut changed = false;
             for p in seen {
                 if let Some(ep) = p.endpoint {
-                    if book.group.endpoints.get(&p.public_key) != Some(&ep) {
-                        book.group.endpoints.insert(p.public_key, ep);
+                    // The group file keys endpoints by the key's base64 form.
+                    let key = identity::key_to_base64(&p.public_key);
+                    if book.group.endpoints.get(&key) != Some(&ep) {
+                        book.group.endpoints.insert(key, ep);
                         changed = true;
                     }
                 }

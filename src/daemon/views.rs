@@ -44,7 +44,7 @@ pub fn counters(c: transfer::Counters) -> control::Counters {
 pub fn peer_status(p: crate::net::tunnel::PeerStatus) -> control::PeerStatus {
     control::PeerStatus {
         name: p.name,
-        public_key: p.public_key,
+        public_key: crate::group::identity::key_to_base64(&p.public_key),
         address: p.address,
         endpoint: p.endpoint,
         path: p.path.as_str().to_string(),
@@ -181,7 +181,7 @@ mod tests {
     fn status_parts_convert_to_the_same_json_as_the_node_s_own_types() {
         let peer = crate::net::tunnel::PeerStatus {
             name: "kitchen".into(),
-            public_key: "a2l0Y2hlbg==".into(),
+            public_key: [7; 32],
             address: "100.77.0.2".parse().unwrap(),
             endpoint: Some("192.0.2.7:51820".parse().unwrap()),
             path: crate::net::tunnel::PathKind::ViaHost,

@@ -122,7 +122,6 @@ pub struct Progress {
     pub done: AtomicU64,
     pub corrupt: AtomicU64,
     pub route: Mutex<String>,
-    pub state: Mutex<String>,
 }
 
 /// Fetches chunk `index` of `manifest` from `source` along the planner's route, verified,

@@ -4,7 +4,7 @@
 //! `..`, `.`, absolute paths, NUL bytes, backslashes and symlinks that lead out are all
 //! refused before or after resolution, and what a file open reached is checked again.
 //! A manifest another member sent is checked ([`Manifest::checked`]) before anything is
-//! sized by it.
+//! sized by it. (Past 800 lines only by its unit tests.)
 
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};

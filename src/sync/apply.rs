@@ -179,7 +179,7 @@ impl Executor {
                  it and no deletion spreads from it until the marker is back; if the folder \
                  is meant to be empty, `touch {root}/{m}` and its deletions will spread",
                     root = s.root.display(),
-                    m = crate::sync::folder::MARKER
+                    m = crate::sync::disk::MARKER
                 )
             });
             if s.set_error(Some(msg.clone())) {
@@ -236,10 +236,10 @@ impl Executor {
         // What this announcement may ask us to pull, for `status` (bytes left); each is
         // dropped once decided otherwise or pulled. A path already in a task's hands
         // keeps the entry that task updates.
-        let mut queued = s.queue(
+        let mut queued = s.pulls.queue(
             versions
                 .iter()
-                .filter(|v| s.content_differs(v) && !s.in_flight(&v.path))
+                .filter(|v| s.content_differs(v) && !s.pulls.in_flight(&v.path))
                 .map(|v| (v.path.clone(), v.size)),
         );
         for v in versions {
@@ -253,8 +253,8 @@ impl Executor {
             }
             // A path a task holds: this version is decided after that task, against
             // what it leaves there.
-            if s.in_flight(&v.path) {
-                if s.take_off(&v) {
+            if s.pulls.in_flight(&v.path) {
+                if s.pulls.take_off(&v) {
                     self.spawn_act(s.clone(), peer.clone(), v);
                 }
                 continue;
@@ -275,12 +275,12 @@ impl Executor {
             };
             if pull {
                 queued.keep(&v.path);
-                if s.take_off(&v) {
+                if s.pulls.take_off(&v) {
                     self.spawn_act(s.clone(), peer.clone(), v);
                 }
                 continue;
             }
-            s.unqueue(&v.path);
+            s.pulls.unqueue(&v.path);
             self.act(&s, &peer, &v, action).await;
         }
         if let Err(e) = s.save() {
@@ -293,7 +293,7 @@ impl Executor {
     /// queue entries, not tasks. A worker waits for nothing but its pull; a path's
     /// versions run one after another, in the order they came.
     fn spawn_act(self: &Arc<Self>, s: Arc<SyncShare>, peer: transfer::Peer, v: FileVersion) {
-        if !s.enqueue(peer.key, v) {
+        if !s.pulls.enqueue(peer.key, v) {
             return;
         }
         // The worker holds the executor, not the other way round: nothing points back.
@@ -315,7 +315,7 @@ impl Executor {
                     let Some(peer) = node.members.directory().get(&from).cloned() else {
                         continue;
                     };
-                    let _held = s.hold(&v.path);
+                    let _held = s.pulls.hold(&v.path);
                     let action = s.decide(&v);
                     log::debug!("sync: {}/{} in turn: {action:?}", s.name, v.path);
                     node.act(&s, &peer, &v, action).await;
@@ -347,13 +347,13 @@ impl Executor {
                     // the removals of its contents, which come in the same round. Our own
                     // leftovers in it (partials of pulls nobody wants now) do not count,
                     // unless a task still works in it: then it waits for the next round.
-                    if s.in_flight_under(&path) {
+                    if s.pulls.in_flight_under(&path) {
                         return;
                     }
-                    crate::sync::folder::remove_leftovers(&p);
+                    crate::sync::disk::remove_leftovers(&p);
                     std::fs::remove_dir(&p).is_ok()
                 } else {
-                    let _ = std::fs::remove_file(crate::sync::folder::partial_path(&p));
+                    let _ = std::fs::remove_file(crate::sync::disk::partial_path(&p));
                     self.remove_keeping(s, &path, &p)
                 };
                 if gone {
@@ -375,7 +375,7 @@ impl Executor {
                 {
                     s.record_installed(&path, version, installed);
                 }
-                s.unqueue(&v.path);
+                s.pulls.unqueue(&v.path);
             }
             Action::Conflict {
                 move_local_to,
@@ -384,8 +384,8 @@ impl Executor {
             } => {
                 // Both names are this task's until the outcome is recorded.
                 let _held = (
-                    s.hold(&fetch_into),
-                    move_local_to.as_deref().map(|to| s.hold(to)),
+                    s.pulls.hold(&fetch_into),
+                    move_local_to.as_deref().map(|to| s.pulls.hold(to)),
                 );
                 // Ours is moved aside only once the remote version is here to take its
                 // place, so a failed pull leaves it where it was; otherwise the remote
@@ -409,7 +409,7 @@ impl Executor {
                     }
                     log::info!("conflict on {}/{}: both versions kept", s.name, v.path);
                 }
-                s.unqueue(&v.path);
+                s.pulls.unqueue(&v.path);
             }
         }
     }
@@ -517,17 +517,17 @@ impl Executor {
         let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
         let staged = dest.with_file_name(format!(".{name}.watchalong-stage-{tag}"));
         let progress = Arc::new(Progress::default());
-        s.pulling(remote_path, progress.clone());
+        s.pulls.pulling(remote_path, progress.clone());
         // One partial file per path, whatever the version: a pull cut short by a crash
         // keeps every chunk that still matches the version now wanted (checked against
         // its manifest), and no partial of an abandoned version is left behind. The
         // caller holds the path's turn, so two pulls never write into one partial.
-        let part = crate::sync::folder::partial_path(&dest);
+        let part = crate::sync::disk::partial_path(&dest);
         // What we hold already (an append, an edit in place) is copied, not fetched.
         let seeded = {
             let (dest, part, manifest) = (dest.clone(), part.clone(), manifest.clone());
             tokio::task::spawn_blocking(move || {
-                crate::sync::folder::seed_partial(&dest, &part, &manifest)
+                crate::sync::disk::seed_partial(&dest, &part, &manifest)
             })
             .await
         };
@@ -551,7 +551,7 @@ impl Executor {
         .await;
         if let Err(e) = got {
             if e.is_disk_full() {
-                let free = crate::sync::folder::free_bytes(&s.root).unwrap_or(0);
+                let free = crate::sync::disk::free_bytes(&s.root).unwrap_or(0);
                 let msg = format!(
                     "disk full: {local_path} ({} bytes) does not fit in {} ({free} bytes free); \
                      syncing of this share waits until space is freed",
@@ -572,7 +572,7 @@ impl Executor {
             }
             return None;
         }
-        if crate::sync::folder::stat(&dest) != before {
+        if crate::sync::disk::stat(&dest) != before {
             log::info!(
                 "sync: {}/{local_path} changed here during the pull; keeping the local edit",
                 s.name
@@ -583,8 +583,8 @@ impl Executor {
         // The version's mtime is set on the staged file, and what is recorded is the
         // staged file's own size and mtime: a write landing on the path right after the
         // rename is then seen by the next scan as the local edit it is.
-        crate::sync::folder::set_mtime(&staged, version.mtime);
-        let Some(installed) = crate::sync::folder::stat(&staged) else {
+        crate::sync::disk::set_mtime(&staged, version.mtime);
+        let Some(installed) = crate::sync::disk::stat(&staged) else {
             let _ = std::fs::remove_file(&staged);
             return None;
         };
@@ -629,7 +629,7 @@ struct Worker {
 
 impl Worker {
     fn next(&mut self) -> Option<(Key, FileVersion)> {
-        let job = self.share.next_work(self.held.take().as_deref());
+        let job = self.share.pulls.next_work(self.held.take().as_deref());
         match &job {
             Some((_, v)) => self.held = Some(v.path.clone()),
             None => self.ended = true,
@@ -641,7 +641,7 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         if !self.ended {
-            self.share.worker_done(self.held.as_deref());
+            self.share.pulls.worker_done(self.held.as_deref());
         }
     }
 }
@@ -654,8 +654,8 @@ struct Landing<'a> {
 
 impl Drop for Landing<'_> {
     fn drop(&mut self) {
-        self.share.unqueue(&self.v.path);
-        self.share.land(self.v);
+        self.share.pulls.unqueue(&self.v.path);
+        self.share.pulls.land(self.v);
     }
 }
 
@@ -896,14 +896,14 @@ mod tests {
         again.vv.0.insert("kitchen".into(), 1);
         versions.push(again);
         for v in versions.clone() {
-            assert!(s.take_off(&v));
+            assert!(s.pulls.take_off(&v));
             x.spawn_act(s.clone(), peer(), v);
         }
         x.tasks.close();
         x.tasks.wait().await;
-        assert_eq!(s.work_load(), (0, 0), "queue empty, no worker left");
+        assert_eq!(s.pulls.work_load(), (0, 0), "queue empty, no worker left");
         for v in &versions {
-            assert!(!s.in_flight(&v.path), "{} still in flight", v.path);
+            assert!(!s.pulls.in_flight(&v.path), "{} still in flight", v.path);
         }
     }
 

@@ -1,22 +1,30 @@
-//! Folder sync for read-write shares (issue 5, first slice): each node scans its share,
+//! A read-write share's sync state ([`SyncShare`]): each node scans its share,
 //! turns what changed into versions (a version vector per path, see [`crate::sync::versions`]),
 //! announces them to the members holding the same share, and applies what others
 //! announce — pulling content through [`crate::data::transfer::get_file`] (verified chunks,
 //! temp file, fsync, rename) along the planner's route. It owns the sync index and the
 //! share's marker file, the partial files of its pulls and the rules that decide what an
 //! announcement asks for; the index's storage is [`crate::sync::index`]'s. It never deletes
-//! anything while the marker is missing.
+//! anything while the marker is missing. The files it keeps beside the user's are
+//! [`crate::sync::disk`]'s, who works on which path [`crate::sync::flights`]', and what
+//! is done with a decision [`crate::sync::apply`]'s. (Past 800 lines only by its unit
+//! tests, which stay beside the rules they prove.)
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::base::config::{ShareConfig, ShareMode};
 use crate::base::lock::Recover;
 use crate::base::state;
+use crate::sync::disk::{
+    free_bytes, is_ours, not_writable, probe_write, stat, sweep_stages, MARKER,
+};
+use crate::sync::flights::Pulls;
+pub use crate::sync::flights::MAX_PULLS;
 pub use crate::sync::index::Entry;
 use crate::sync::index::{Index, IndexError, Store};
 use crate::sync::versions::{self, FileVersion, Resolution, VersionVector};
@@ -26,35 +34,6 @@ use crate::sync::versions::{self, FileVersion, Resolution, VersionVector};
 pub const SYNC_PATH: &str = "/v1/sync";
 /// The fallback scan when no file event came (events can be missed, e.g. on overflow).
 pub const SCAN_EVERY: Duration = Duration::from_secs(2);
-/// Present in a share's root while it is the real folder (not an empty mount point).
-pub const MARKER: &str = ".watchalong-share";
-/// Pulls of one share that run at once: a small change does not wait behind a big file,
-/// and four pulls of four workers each keep a link busy without flooding it.
-pub const MAX_PULLS: usize = 4;
-
-/// Whether this process may create a file in `dir`: tried, not guessed, since a
-/// sandbox's read-only view and hidden home folders do not show in permission bits.
-pub fn probe_write(dir: &Path) -> std::io::Result<()> {
-    let tag = rand::random::<u64>();
-    let probe = dir.join(format!(".watchalong-probe-{tag:016x}"));
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&probe)?;
-    std::fs::remove_file(&probe)
-}
-
-/// What to tell the user when a read-write share's root refuses writes. Under the shipped
-/// unit (`ProtectSystem=strict`, `ProtectHome=yes`) every path outside the daemon's own
-/// directories is read-only until `ReadWritePaths=` names it.
-pub fn not_writable(root: &Path, e: &std::io::Error) -> String {
-    format!(
-        "{root} is not writable by the daemon ({e}): a read-write share needs it; under \
-         systemd, run `systemctl edit watchalong` and add `[Service]` then \
-         `ReadWritePaths={root}`, and give the service's user write access to it",
-        root = root.display()
-    )
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -97,17 +76,6 @@ pub struct Announce {
     pub ask_back: bool,
 }
 
-/// Announced versions waiting for a worker, the paths workers hold, how many run.
-#[derive(Default)]
-struct Work {
-    queue: VecDeque<([u8; 32], FileVersion)>,
-    busy: HashSet<String>,
-    workers: usize,
-}
-
-/// A file still to pull: its size, and the pull's progress once it runs.
-type Left = (u64, Option<Arc<crate::data::transfer::Progress>>);
-
 /// One read-write share's sync state.
 pub struct SyncShare {
     pub name: String,
@@ -116,22 +84,14 @@ pub struct SyncShare {
     index: Mutex<Index>,
     /// Saves take turns, so an older snapshot never lands after a newer one.
     saving: Mutex<()>,
-    /// Files announced to us and still to pull: their size, and the pull's progress once
-    /// it runs.
-    left: Mutex<BTreeMap<String, Left>>,
     last_error: Mutex<Option<String>>,
     /// Free bytes on the share's file system when a pull last failed on a full disk:
     /// pulls wait until there is more than that.
     full_at: Mutex<Option<u64>>,
     /// Members that have had every version from us since this node started.
     greeted: Mutex<std::collections::HashSet<[u8; 32]>>,
-    /// Announced versions waiting for one of at most [`MAX_PULLS`] workers, and the
-    /// paths the workers hold: one queue per share, not one task per version.
-    work: Mutex<Work>,
-    /// By path: announced versions handed to a task and not yet applied, and holds of
-    /// the tasks at work there. The scan leaves a held path alone: what lies there (or
-    /// not) is the task's until it has recorded the outcome.
-    flights: Mutex<std::collections::HashMap<String, Flights>>,
+    /// Who works on which path, and what is left to pull.
+    pub pulls: Pulls,
     /// The hold on mass deletions.
     deletions: Mutex<DeleteGuard>,
 }
@@ -156,63 +116,6 @@ struct DeleteGuard {
 pub fn deletes_too_much(live: usize, deleting: usize, recent: usize, max_percent: u64) -> bool {
     let total = (deleting + recent) as u64;
     max_percent < 100 && deleting > 0 && total >= 2 && total * 100 > max_percent * live as u64
-}
-
-/// The resumable partial file of the pull into `dest`: hidden beside it, skipped by scans.
-pub fn partial_path(dest: &Path) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.watchalong-part"))
-}
-
-/// Files queued by one announcement; whatever is still queued goes when it drops.
-pub struct Queued<'a> {
-    share: &'a SyncShare,
-    paths: Vec<String>,
-}
-
-/// What identifies an announced version among a path's flights.
-fn flight_key(v: &FileVersion) -> String {
-    format!("{:?}", (&v.content, v.deleted, &v.vv))
-}
-
-/// The tasks concerned with one path.
-#[derive(Default)]
-struct Flights {
-    /// Announced versions handed to a task and not yet applied.
-    versions: std::collections::HashSet<String>,
-    /// Tasks changing what lies at the path right now.
-    holds: usize,
-}
-
-/// A path the scan leaves alone while this lives.
-pub struct Held<'a> {
-    share: &'a SyncShare,
-    path: String,
-}
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        self.share
-            .release(&self.path, |f| f.holds = f.holds.saturating_sub(1));
-    }
-}
-
-impl Queued<'_> {
-    /// `path` stays queued past this guard: a task pulls it and unqueues it when done.
-    pub fn keep(&mut self, path: &str) {
-        self.paths.retain(|p| p != path);
-    }
-}
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        for p in &self.paths {
-            self.share.unqueue(p);
-        }
-    }
 }
 
 /// What to do with one announced version, decided against the index.
@@ -240,104 +143,6 @@ pub enum Action {
         fetch_into: String,
         version: FileVersion,
     },
-}
-
-/// Size and mtime in ns, or `None` when nothing is there.
-pub fn stat(path: &Path) -> Option<(u64, u128)> {
-    let m = std::fs::metadata(path).ok()?;
-    let mtime = m
-        .modified()
-        .ok()?
-        .duration_since(UNIX_EPOCH)
-        .ok()?
-        .as_nanos();
-    Some((m.len(), mtime))
-}
-
-fn is_ours(name: &str) -> bool {
-    name == MARKER || (name.starts_with('.') && name.contains(".watchalong-"))
-}
-
-/// Bytes an unprivileged writer may still use on the file system holding `path`.
-pub fn free_bytes(path: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st` is written by
-    // statvfs before it is read, only when the call succeeded.
-    let st = unsafe {
-        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
-            return None;
-        }
-        st.assume_init()
-    };
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
-/// Starts the partial of a pull into `dest` with every chunk of the current `dest` that
-/// the wanted version has at the same offset, so only the others cross the network
-/// (the pull checks each against the manifest again). Nothing is done when a partial is
-/// there already (it is resumed as it is) or `dest` is not a file.
-pub fn seed_partial(dest: &Path, part: &Path, manifest: &crate::data::share::Manifest) {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    if part.exists() {
-        return;
-    }
-    let Ok(old) = std::fs::File::open(dest) else {
-        return;
-    };
-    if !old.metadata().is_ok_and(|m| m.is_file()) {
-        return;
-    }
-    let Ok(new) = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(part)
-    else {
-        return;
-    };
-    if new.set_len(manifest.size).is_err() {
-        let _ = std::fs::remove_file(part);
-        return;
-    }
-    for i in 0..manifest.chunks.len() as u64 {
-        let Some(chunk) = manifest.held_chunk(&old, i) else {
-            continue;
-        };
-        if new.write_all_at(&chunk, i * manifest.chunk_size).is_err() {
-            // A full disk, say: the pull fetches the rest and reports it.
-            return;
-        }
-    }
-}
-
-/// Removes the partial and staged files this daemon left directly in `dir`.
-pub fn remove_leftovers(dir: &Path) {
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name != MARKER && is_ours(&name) && e.file_type().is_ok_and(|t| t.is_file()) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
-}
-
-/// Removes staged files under `root`: a crash between the two renames of a pull leaves
-/// one, and nothing else would ever claim it. Partials stay: the next pull resumes them.
-fn sweep_stages(root: &Path) {
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            match e.file_type() {
-                Ok(t) if t.is_dir() => stack.push(e.path()),
-                Ok(t) if t.is_file() && name.contains(".watchalong-stage-") => {
-                    let _ = std::fs::remove_file(e.path());
-                }
-                _ => {}
-            }
-        }
-    }
 }
 
 impl SyncShare {
@@ -368,12 +173,10 @@ impl SyncShare {
             store,
             index: Mutex::new(index),
             saving: Mutex::new(()),
-            left: Mutex::new(BTreeMap::new()),
+            pulls: Pulls::default(),
             last_error: Mutex::new(None),
             full_at: Mutex::new(None),
             greeted: Mutex::new(std::collections::HashSet::new()),
-            work: Mutex::new(Work::default()),
-            flights: Mutex::new(std::collections::HashMap::new()),
             deletions: Mutex::new(DeleteGuard::default()),
         };
         if let Some(msg) = share.unwritable() {
@@ -405,94 +208,6 @@ impl SyncShare {
         self.index.locked()
     }
 
-    /// Queues announced version `v` from member `from` for a worker. True when the
-    /// caller must start a new worker (it then owns one of the [`MAX_PULLS`] places and
-    /// must end with [`SyncShare::worker_done`]); false when a running one will take it.
-    pub fn enqueue(&self, from: [u8; 32], v: FileVersion) -> bool {
-        let mut w = self.work.locked();
-        w.queue.push_back((from, v));
-        if w.workers < MAX_PULLS {
-            w.workers += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// The next version for a worker that finished `done` (if any): the first queued
-    /// one whose path no other worker holds, so two pulls never share a partial file and
-    /// versions of one path run in the order they came. `None` ends the worker: what
-    /// is left belongs to paths held by workers that take it after their own.
-    pub fn next_work(&self, done: Option<&str>) -> Option<([u8; 32], FileVersion)> {
-        let mut w = self.work.locked();
-        if let Some(done) = done {
-            w.busy.remove(done);
-        }
-        let at = w.queue.iter().position(|(_, v)| !w.busy.contains(&v.path));
-        match at.and_then(|i| w.queue.remove(i)) {
-            Some(job) => {
-                w.busy.insert(job.1.path.clone());
-                Some(job)
-            }
-            None => {
-                w.workers = w.workers.saturating_sub(1);
-                None
-            }
-        }
-    }
-
-    /// Ends a worker that stops early (cancelled, or unwinding) while holding `held`.
-    pub fn worker_done(&self, held: Option<&str>) {
-        let mut w = self.work.locked();
-        if let Some(path) = held {
-            w.busy.remove(path);
-        }
-        w.workers = w.workers.saturating_sub(1);
-    }
-
-    /// Versions queued and workers running, for tests and `status`.
-    pub fn work_load(&self) -> (usize, usize) {
-        let w = self.work.locked();
-        (w.queue.len(), w.workers)
-    }
-
-    /// Hands announced version `v` to a task; false when an identical one is already in
-    /// flight (a full round repeating itself during a long pull).
-    pub fn take_off(&self, v: &FileVersion) -> bool {
-        self.flights
-            .locked()
-            .entry(v.path.clone())
-            .or_default()
-            .versions
-            .insert(flight_key(v))
-    }
-
-    /// The task for `v` is done: its outcome is recorded (or given up).
-    pub fn land(&self, v: &FileVersion) {
-        self.release(&v.path, |f| {
-            f.versions.remove(&flight_key(v));
-        });
-    }
-
-    /// Keeps the scan off `path` until the guard goes: a task is changing what lies
-    /// there and has not recorded it yet.
-    pub fn hold(&self, path: &str) -> Held<'_> {
-        self.flights
-            .locked()
-            .entry(path.to_string())
-            .or_default()
-            .holds += 1;
-        Held {
-            share: self,
-            path: path.to_string(),
-        }
-    }
-
-    /// A task is changing `path` right now.
-    fn held(&self, path: &str) -> bool {
-        self.flights.locked().get(path).is_some_and(|f| f.holds > 0)
-    }
-
     /// What the index says lies at `path` (size, mtime in ns), when it is a file: a pull
     /// replaces only that, so a change the scan has not seen yet is never overwritten.
     pub fn known_stat(&self, path: &str) -> Option<(u64, u128)> {
@@ -500,41 +215,6 @@ impl SyncShare {
             .get(path)
             .filter(|e| !e.version.deleted && e.version.content != versions::DIR)
             .map(|e| (e.size, e.mtime_ns))
-    }
-
-    /// Changes the flights of `path`, forgetting the path once no task is concerned.
-    fn release(&self, path: &str, change: impl FnOnce(&mut Flights)) {
-        let mut flights = self.flights.locked();
-        if let Some(f) = flights.get_mut(path) {
-            change(f);
-            if f.versions.is_empty() && f.holds == 0 {
-                flights.remove(path);
-            }
-        }
-    }
-
-    /// Some task holds `path`.
-    pub fn in_flight(&self, path: &str) -> bool {
-        self.flights.locked().contains_key(path)
-    }
-
-    /// Some task holds a path inside folder `path`.
-    pub fn in_flight_under(&self, path: &str) -> bool {
-        let prefix = format!("{path}/");
-        self.flights.locked().keys().any(|k| k.starts_with(&prefix))
-    }
-
-    /// Notes files to pull (path, size) until the returned guard goes.
-    pub fn queue(&self, files: impl IntoIterator<Item = (String, u64)>) -> Queued<'_> {
-        let mut left = self.left.locked();
-        let paths = files
-            .into_iter()
-            .map(|(path, size)| {
-                left.insert(path.clone(), (size, None));
-                path
-            })
-            .collect();
-        Queued { share: self, paths }
     }
 
     /// `remote` names content this node does not hold at its path (by the index alone,
@@ -546,18 +226,6 @@ impl SyncShare {
                 .lock()
                 .get(&remote.path)
                 .is_none_or(|e| e.version.deleted || e.version.content != remote.content)
-    }
-
-    /// The pull of `path` runs, with this progress.
-    pub fn pulling(&self, path: &str, progress: Arc<crate::data::transfer::Progress>) {
-        if let Some(e) = self.left.locked().get_mut(path) {
-            e.1 = Some(progress);
-        }
-    }
-
-    /// `path` is no longer to pull (done, or given up until it is announced again).
-    pub fn unqueue(&self, path: &str) {
-        self.left.locked().remove(path);
     }
 
     pub fn greeted(&self, member: &[u8; 32]) -> bool {
@@ -623,7 +291,7 @@ impl SyncShare {
 
     /// What `watchalong status` shows for this share.
     pub fn status(&self) -> ShareStatus {
-        let left = self.left.locked();
+        let left = self.pulls.left();
         let index = self.lock();
         let live = index.values().filter(|e| !e.version.deleted);
         ShareStatus {
@@ -709,7 +377,7 @@ impl SyncShare {
         let entries = self.walk()?;
         let seen: Vec<(&String, bool, (u64, u128))> = entries
             .iter()
-            .filter(|(rel, _)| !self.held(rel))
+            .filter(|(rel, _)| !self.pulls.held(rel))
             .filter_map(|(rel, is_dir)| Some((rel, *is_dir, stat(&self.root.join(rel))?)))
             .collect();
         let suspects: Vec<(&String, bool, (u64, u128))> = {
@@ -732,7 +400,7 @@ impl SyncShare {
         let mut changed = Vec::new();
         let mut index = self.lock();
         for (rel, is_dir, (size, mtime_ns), content) in hashed {
-            if self.held(rel) {
+            if self.pulls.held(rel) {
                 continue;
             }
             // Still what was hashed: a folder still there, a file of the same size and
@@ -786,7 +454,7 @@ impl SyncShare {
                 .filter(|(path, e)| {
                     !e.version.deleted
                         && !present.contains(path)
-                        && !self.held(path)
+                        && !self.pulls.held(path)
                         // The walk ran before the lock: a file a task put there since
                         // (and recorded) is no deletion.
                         && stat(&self.root.join(path)).is_none()
@@ -1041,17 +709,6 @@ impl SyncShare {
     }
 }
 
-/// Sets a fetched file's mtime to the version's, so every node shows the same.
-pub fn set_mtime(path: &Path, mtime: u64) {
-    // A time the system cannot represent is left alone rather than overflowing.
-    let Some(t) = UNIX_EPOCH.checked_add(Duration::from_secs(mtime)) else {
-        return;
-    };
-    if let Ok(f) = std::fs::File::options().write(true).open(path) {
-        let _ = f.set_modified(t);
-    }
-}
-
 /// Only reached if the index changed under us between two lines holding its lock.
 /// Whether the index's entry for a path still describes what a scan found there (its
 /// size and mtime in ns). A folder's size and mtime move with its contents; only its
@@ -1082,6 +739,7 @@ fn unreachable_version(path: &str) -> FileVersion {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::disk::seed_partial;
 
     #[test]
     fn a_deletion_of_most_files_is_too_much_and_a_few_or_one_are_not() {
@@ -1413,12 +1071,12 @@ mod tests {
         // Ten thousand versions over a hundred paths: only MAX_PULLS workers start.
         let mut started = 0;
         for n in 0..10_000u64 {
-            if s.enqueue([1; 32], v(&format!("p{}", n % 100), n)) {
+            if s.pulls.enqueue([1; 32], v(&format!("p{}", n % 100), n)) {
                 started += 1;
             }
         }
         assert_eq!(started, MAX_PULLS);
-        assert_eq!(s.work_load(), (10_000, MAX_PULLS));
+        assert_eq!(s.pulls.work_load(), (10_000, MAX_PULLS));
         // Each worker takes a path no other holds; a path's versions come in order.
         let mut held: Vec<Option<String>> = vec![None; MAX_PULLS];
         let mut last_of: std::collections::HashMap<String, u64> = Default::default();
@@ -1432,9 +1090,9 @@ mod tests {
                     continue;
                 }
                 let finished = (!current.is_empty()).then_some(current.as_str());
-                match s.next_work(finished) {
+                match s.pulls.next_work(finished) {
                     Some((_, v)) => {
-                        let holders = s.work.lock().unwrap().busy.clone();
+                        let holders = s.pulls.busy();
                         assert!(holders.contains(&v.path));
                         let n: u64 = v.content[1..].parse().unwrap();
                         if let Some(prev) = last_of.insert(v.path.clone(), n) {
@@ -1451,22 +1109,22 @@ mod tests {
             }
         }
         assert_eq!(done, 10_000);
-        assert_eq!(s.work_load(), (0, 0));
+        assert_eq!(s.pulls.work_load(), (0, 0));
     }
 
     #[test]
     fn a_worker_that_stops_early_gives_back_its_place_and_its_path() {
         let d = tempfile::tempdir().unwrap();
         let s = share(d.path());
-        assert!(s.enqueue([1; 32], unreachable_version("a")));
-        assert!(s.enqueue([1; 32], unreachable_version("a")));
-        let (_, first) = s.next_work(None).unwrap();
+        assert!(s.pulls.enqueue([1; 32], unreachable_version("a")));
+        assert!(s.pulls.enqueue([1; 32], unreachable_version("a")));
+        let (_, first) = s.pulls.next_work(None).unwrap();
         // The second version of "a" waits while the first is held.
-        assert!(s.next_work(None).is_none());
-        s.worker_done(Some(&first.path));
-        assert_eq!(s.work_load(), (1, 0));
+        assert!(s.pulls.next_work(None).is_none());
+        s.pulls.worker_done(Some(&first.path));
+        assert_eq!(s.pulls.work_load(), (1, 0));
         // A new worker (the next announcement starts one) takes it.
-        assert!(s.enqueue([1; 32], unreachable_version("b")));
-        assert_eq!(s.next_work(None).unwrap().1.path, "a");
+        assert!(s.pulls.enqueue([1; 32], unreachable_version("b")));
+        assert_eq!(s.pulls.next_work(None).unwrap().1.path, "a");
     }
 }

@@ -4,6 +4,8 @@
 //! `daemon`.
 
 pub mod apply;
+pub mod disk;
+pub mod flights;
 pub mod folder;
 pub mod index;
 pub mod kept;

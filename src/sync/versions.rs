@@ -1,9 +1,9 @@
-//! The rules folder sync will decide by (issue 5), written first as a pure core: version
-//! vectors, which of two versions of a path wins, what the loser of a conflict is called
-//! (the same on every node, whichever node decides), when deletions may spread, and what
-//! a version another member announces must look like before anything is decided by it.
-//! Nothing here touches a file, the clock or the network; the index, the watcher and the
-//! replication that will use it are not built yet.
+//! The rules folder sync decides by, as a pure core: version vectors, which of two
+//! versions of a path wins, what the loser of a conflict is called (the same on every
+//! node, whichever node decides), when deletions may spread, and what a version another
+//! member announces must look like before anything is decided by it. Nothing here
+//! touches a file, the clock or the network: [`crate::sync::folder`] and
+//! [`crate::sync::apply`] act on what it decides.
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
