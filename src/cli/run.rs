@@ -46,11 +46,11 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 // Without a link the node is still useful (it can join others), so a
                 // failure here is reported and the node keeps running.
                 match node.new_link(1, Duration::from_secs(24 * 3600)).await {
-                    Ok(reply) => {
-                        render::print_link(&reply.link)?;
+                    Ok(invite) => {
+                        render::print_link(&invite.encode())?;
                         eprintln!(
                             "single-use link, expires {} UTC; more with `watchalong link`",
-                            link::format_utc(reply.expires_at)
+                            link::format_utc(invite.expires_at)
                         );
                     }
                     Err(e) => eprintln!("error: cannot create the access link: {e}"),

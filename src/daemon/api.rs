@@ -239,9 +239,10 @@ impl Handler for Api {
     }
 
     async fn create_link(&self, req: LinkRequest) -> Result<LinkReply, ApiError> {
-        Ok(self
+        let invite = self
             .new_link(req.uses, Duration::from_secs(req.expires_secs))
-            .await?)
+            .await?;
+        Ok(crate::daemon::views::link_reply(&invite, req.uses))
     }
 
     async fn list_links(&self) -> Result<Vec<InviteView>, ApiError> {
@@ -276,7 +277,7 @@ impl Handler for Api {
     }
 
     async fn join(&self, req: JoinRequest) -> Result<JoinReply, ApiError> {
-        let reply = self.do_join(&req.link).await?;
+        let reply = crate::daemon::views::join_reply(&self.do_join(&req.link).await?);
         let out = self.refresh_announcement(None, &mut rand::thread_rng());
         self.send(out).await;
         Ok(reply)
@@ -376,7 +377,10 @@ impl Handler for Api {
     }
 
     async fn gossip(&self) -> Result<GossipReply, ApiError> {
-        Ok(self.gossip_reply())
+        Ok(crate::daemon::views::gossip_reply(
+            &self.book(),
+            self.tunnel.forwarded_count(),
+        ))
     }
 
     async fn ls(&self, target: String) -> Result<LsReply, ApiError> {
@@ -707,7 +711,10 @@ impl Handler for Api {
         if changed {
             self.sync_tunnel().await;
         }
-        Ok(self.gossip_reply())
+        Ok(crate::daemon::views::gossip_reply(
+            &self.book(),
+            self.tunnel.forwarded_count(),
+        ))
     }
 }
 

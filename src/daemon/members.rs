@@ -16,7 +16,6 @@ use ed25519_dalek::SigningKey;
 use crate::base::clock::now_secs;
 use crate::base::config::split_host_port;
 use crate::base::state::{self, StateError};
-use crate::control::{JoinReply, LinkReply};
 use crate::daemon::book::{Book, INVITES_FILE};
 use crate::daemon::node::Node;
 use crate::group::gossip::{GossipMessage, Outgoing};
@@ -101,11 +100,7 @@ pub struct Revocation {
 
 impl Node {
     /// Makes an invite and its link. Only the host admits members.
-    pub async fn new_link(
-        &self,
-        uses: u32,
-        lifetime: Duration,
-    ) -> Result<LinkReply, MembershipError> {
+    pub async fn new_link(&self, uses: u32, lifetime: Duration) -> Result<Invite, MembershipError> {
         check_link_request(uses, lifetime)?;
         let endpoints = self.endpoints().await;
         if endpoints.is_empty() {
@@ -152,12 +147,7 @@ impl Node {
             invite.invite_id,
             link::format_utc(invite.expires_at)
         );
-        Ok(LinkReply {
-            id: invite.invite_id.to_string(),
-            link: invite.encode(),
-            expires_at: invite.expires_at,
-            uses,
-        })
+        Ok(invite)
     }
 
     /// The configured endpoint, or else this node's own IPv4 addresses on its listen port.
@@ -293,7 +283,7 @@ impl Node {
         (accepted(&book.group, &rec), out)
     }
 
-    pub(super) async fn do_join(&self, text: &str) -> Result<JoinReply, MembershipError> {
+    pub(super) async fn do_join(&self, text: &str) -> Result<join::Admission, MembershipError> {
         let _one_at_a_time = self.joining.lock().await;
         let invite = link::decode(text, None, now_secs()).map_err(MembershipError::DecodeLink)?;
         {
@@ -394,11 +384,7 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(JoinReply {
-            host_name: admission.host_name,
-            address: admission.address,
-            network: admission.network.to_string(),
-        })
+        Ok(admission)
     }
 
     /// Notes a redemption of a spent invite by a key it did not admit (a sign that the

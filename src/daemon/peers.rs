@@ -12,7 +12,6 @@ use std::time::Duration;
 use crate::base::clock::now_ms;
 use crate::base::lock::Recover;
 use crate::base::state::StateError;
-use crate::control::GossipReply;
 use crate::daemon::book::{Book, GroupSnapshot, GROUP_FILE};
 use crate::daemon::node::Node;
 use crate::group::gossip::{Event, GossipMessage, Outgoing};
@@ -392,17 +391,6 @@ impl Node {
         }
         if total > 0 {
             self.book().gossip.stats.sent_bytes += total;
-        }
-    }
-
-    pub(super) fn gossip_reply(&self) -> GossipReply {
-        let book = self.book();
-        GossipReply {
-            view: book.group.mesh.view_hash(),
-            members: book.group.mesh.active().count(),
-            revoked: book.group.mesh.members().filter(|m| m.revoked).count(),
-            forwarded_packets: self.tunnel.forwarded_count(),
-            stats: crate::daemon::views::gossip_stats(&book.gossip.stats),
         }
     }
 }

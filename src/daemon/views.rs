@@ -163,6 +163,36 @@ pub fn report(r: control::Report) -> hub::Report {
     }
 }
 
+/// A new invite as `link` returns it: the plain link (the CLI seals it when asked).
+pub fn link_reply(invite: &crate::group::link::Invite, uses: u32) -> control::LinkReply {
+    control::LinkReply {
+        id: invite.invite_id.to_string(),
+        link: invite.encode(),
+        expires_at: invite.expires_at,
+        uses,
+    }
+}
+
+/// What `join` tells the CLI of the group it joined.
+pub fn join_reply(a: &crate::net::join::Admission) -> control::JoinReply {
+    control::JoinReply {
+        host_name: a.host_name.clone(),
+        address: a.address,
+        network: a.network.to_string(),
+    }
+}
+
+/// The gossip view and counters `debug-gossip` shows.
+pub fn gossip_reply(book: &crate::daemon::book::Book, forwarded: u64) -> control::GossipReply {
+    control::GossipReply {
+        view: book.group.mesh.view_hash(),
+        members: book.group.mesh.active().count(),
+        revoked: book.group.mesh.members().filter(|m| m.revoked).count(),
+        forwarded_packets: forwarded,
+        stats: gossip_stats(&book.gossip.stats),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
