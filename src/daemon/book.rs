@@ -110,15 +110,17 @@ pub fn hosted_group(config: &Config, wg: Key, signing: &SigningKey) -> Group {
     }
 }
 
+/// A group hosted by a node called `name`, for the daemon folder's tests.
+#[cfg(test)]
+pub(super) fn group_named(name: &str) -> Group {
+    let mut config = Config::default();
+    config.node.name = name.into();
+    hosted_group(&config, [1; 32], &SigningKey::from_bytes(&[1; 32]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn group_named(name: &str) -> Group {
-        let mut config = Config::default();
-        config.node.name = name.into();
-        hosted_group(&config, [1; 32], &SigningKey::from_bytes(&[1; 32]))
-    }
 
     #[test]
     fn an_older_group_snapshot_written_after_a_newer_one_does_not_replace_it() {

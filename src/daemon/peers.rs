@@ -424,15 +424,7 @@ fn lan_endpoints(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::base::config::Config;
-    use crate::daemon::book::hosted_group;
-    use ed25519_dalek::SigningKey;
-
-    fn group_named(name: &str) -> Group {
-        let mut config = Config::default();
-        config.node.name = name.into();
-        hosted_group(&config, [1; 32], &SigningKey::from_bytes(&[1; 32]))
-    }
+    use crate::daemon::book::group_named;
 
     #[test]
     fn no_address_outside_the_group_network_nor_our_own_is_routed_to_a_member() {
