@@ -697,6 +697,7 @@ impl Handler for Api {
         tokio::fs::remove_file(path)
             .await
             .map_err(ApiError::internal)?;
+        self.transfers.collected(&id);
         Ok(Empty {})
     }
 

@@ -351,17 +351,21 @@ impl Node {
             admitted_by: BTreeMap::new(),
             static_peers: Vec::new(),
         };
-        self.save_group(&group)
-            .map_err(MembershipError::SaveGroup)?;
+        {
+            // Written and installed under one hold of the book lock: a snapshot of the
+            // old group taken by another task meanwhile could otherwise be stamped after
+            // ours and put the pre-join group back on disk. The join counts only once
+            // its group is on disk, so this write is one the lock may wait for.
+            let mut book = self.book();
+            self.save_group(&group)
+                .map_err(MembershipError::SaveGroup)?;
+            book.group = group;
+            book.invites = InviteBook::default();
+        }
         self.tunnel
             .device()
             .set_network_address(admission.address, admission.network.prefix_len(), None)
             .map_err(MembershipError::SetAddress)?;
-        {
-            let mut book = self.book();
-            book.group = group;
-            book.invites = InviteBook::default();
-        }
         self.sync_tunnel().await;
         log::info!(
             "joined {}'s group as {} ({})",

@@ -1,7 +1,9 @@
 //! The registry of this node's `get`s: each one's request, owner, progress and state
 //! ([`TransferState`], typed), and who may take the file a finished one handed over.
 //! It is bounded: finished entries are forgotten after [`KEEP_FINISHED`], and beyond
-//! [`MAX_FINISHED`] the oldest finished go first; running ones are never dropped. It
+//! [`MAX_FINISHED`] the oldest finished go first; running ones are never dropped, and a
+//! file handed over and not yet taken by the CLI is kept [`KEEP_UNCOLLECTED`] (the CLI
+//! may still be copying a big one), whatever the count. It
 //! decides under its lock and does no I/O: the files of forgotten entries are returned
 //! for the caller to delete outside it. It must not fetch anything (that is
 //! `data::transfer`'s) nor know HTTP statuses (the control handler maps its errors).
@@ -19,6 +21,8 @@ use crate::data::transfer::Progress;
 pub const KEEP_FINISHED: Duration = Duration::from_secs(3600);
 /// The most finished transfers kept listed; the oldest go first beyond it.
 pub const MAX_FINISHED: usize = 64;
+/// How long a handed-over file nobody has taken yet is kept for the CLI.
+pub const KEEP_UNCOLLECTED: Duration = Duration::from_secs(24 * 3600);
 
 /// Where a transfer stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +53,15 @@ struct Entry {
     state: TransferState,
     /// When it ended, for pruning.
     finished_at: Option<Instant>,
+    /// The CLI took the handed-over file (and the daemon deleted its copy).
+    collected: bool,
+}
+
+impl Entry {
+    /// A finished transfer whose file waits in the downloads folder for the CLI.
+    fn awaits_collection(&self) -> bool {
+        self.state == TransferState::Done && self.request.handoff.is_some() && !self.collected
+    }
 }
 
 /// One transfer as it stands, read out of the registry.
@@ -101,6 +114,7 @@ impl Transfers {
                 progress,
                 state: TransferState::Running,
                 finished_at: None,
+                collected: false,
             },
         );
         dropped
@@ -114,6 +128,13 @@ impl Transfers {
                 Err(error) => TransferState::Failed(error),
             };
             e.finished_at = Some(now);
+        }
+    }
+
+    /// The CLI took transfer `id`'s handed-over file: the entry may go like any other.
+    pub fn collected(&self, id: &str) {
+        if let Some(e) = self.entries.locked().get_mut(id) {
+            e.collected = true;
         }
     }
 
@@ -165,18 +186,30 @@ fn snapshot(id: &str, e: &Entry) -> Snapshot {
 }
 
 /// Forgets finished transfers older than [`KEEP_FINISHED`], then the oldest finished
-/// beyond [`MAX_FINISHED`]; returns their handed-over files.
+/// beyond [`MAX_FINISHED`]; returns their handed-over files. A file still awaiting the
+/// CLI stays until [`KEEP_UNCOLLECTED`] has passed.
 fn prune(entries: &mut BTreeMap<String, Entry>, now: Instant) -> Vec<PathBuf> {
-    let mut finished: Vec<(Instant, String)> = entries
-        .iter()
-        .filter_map(|(id, e)| e.finished_at.map(|at| (at, id.clone())))
-        .collect();
+    let (mut finished, mut dropped) = (Vec::new(), Vec::new());
+    entries.retain(|_, e| match e.finished_at {
+        Some(at) if e.awaits_collection() => {
+            let keep = now.saturating_duration_since(at) < KEEP_UNCOLLECTED;
+            if !keep {
+                dropped.extend(e.request.handoff.clone());
+            }
+            keep
+        }
+        _ => true,
+    });
+    for (id, e) in entries.iter() {
+        if let Some(at) = e.finished_at.filter(|_| !e.awaits_collection()) {
+            finished.push((at, id.clone()));
+        }
+    }
     finished.sort();
     // Room for the one about to start is made among the finished alone.
     let over = finished
         .len()
         .saturating_sub(MAX_FINISHED.saturating_sub(1));
-    let mut dropped = Vec::new();
     for (i, (at, id)) in finished.into_iter().enumerate() {
         let stale = now.saturating_duration_since(at) >= KEEP_FINISHED;
         if i < over || stale {
@@ -288,7 +321,7 @@ mod tests {
         let t = Transfers::default();
         let t0 = Instant::now();
         start(&t, "old", request(0, Some("/d/old")), t0);
-        t.finish("old", Ok(()), t0);
+        t.finish("old", Err("cut".into()), t0);
         start(&t, "running", request(0, Some("/d/running")), t0);
         let later = t0 + KEEP_FINISHED;
         let dropped = start(&t, "new", request(0, None), later);
@@ -315,5 +348,30 @@ mod tests {
         assert!(t.get("000").is_none(), "the oldest finished went");
         assert!(t.get("001").is_some());
         assert!(t.get("run").is_some());
+    }
+
+    #[test]
+    fn a_handed_over_file_the_cli_has_not_taken_outlives_the_hour_and_the_cap() {
+        let t = Transfers::default();
+        let t0 = Instant::now();
+        start(&t, "big", request(1000, Some("/d/big")), t0);
+        t.finish("big", Ok(()), t0);
+        for i in 0..MAX_FINISHED + 5 {
+            let id = format!("{i:03}");
+            start(&t, &id, request(0, None), t0 + KEEP_FINISHED);
+            t.finish(&id, Ok(()), t0 + KEEP_FINISHED);
+        }
+        // An hour and more than the cap later, the CLI may still be copying it.
+        assert_eq!(t.handed_over("big", 1000).unwrap(), PathBuf::from("/d/big"));
+        // Once taken, it goes like any other finished transfer.
+        t.collected("big");
+        let dropped = start(&t, "next", request(0, None), t0 + KEEP_FINISHED);
+        assert_eq!(dropped, vec![PathBuf::from("/d/big")]);
+        // One never taken goes after a day.
+        start(&t, "lost", request(1000, Some("/d/lost")), t0);
+        t.finish("lost", Ok(()), t0);
+        let dropped = start(&t, "later", request(0, None), t0 + KEEP_UNCOLLECTED);
+        assert!(dropped.contains(&PathBuf::from("/d/lost")));
+        assert!(t.get("lost").is_none());
     }
 }
