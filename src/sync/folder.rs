@@ -633,7 +633,23 @@ impl SyncShare {
                     vv: local.version.vv.merged(&remote.vv),
                 }
             }
-            Resolution::KeepLocal => Action::Nothing,
+            Resolution::KeepLocal => {
+                // One vector must name one version everywhere; where it does not, no round
+                // will ever settle the path, so that is worth a line in a debug log.
+                if local.version.vv == remote.vv
+                    && (local.version.deleted, &local.version.content)
+                        != (remote.deleted, &remote.content)
+                {
+                    log::debug!(
+                        "sync: {}/{}: equal vectors, different versions: {} here, {} there",
+                        self.name,
+                        remote.path,
+                        describe(&local.version),
+                        describe(remote)
+                    );
+                }
+                Action::Nothing
+            }
             Resolution::TakeRemote if remote.deleted => Action::Remove {
                 path: remote.path.clone(),
                 version: remote.clone(),
@@ -763,6 +779,15 @@ fn unchanged(held: Option<&Entry>, is_dir: bool, (size, mtime_ns): (u64, u128)) 
                 e.size == size && e.mtime_ns == mtime_ns
             }
     })
+}
+
+/// A version as the debug log shows it: deleted, or its content id's first digits.
+fn describe(v: &FileVersion) -> String {
+    if v.deleted {
+        "deleted".to_string()
+    } else {
+        v.content.chars().take(8).collect()
+    }
 }
 
 fn unreachable_version(path: &str) -> FileVersion {
