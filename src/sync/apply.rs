@@ -81,7 +81,7 @@ impl Executor {
                 })
             })
             .await;
-            let changed = match changed {
+            let scanned = match changed {
                 Ok(Ok(v)) => v,
                 Ok(Err(e)) => {
                     log::warn!("share {}: {e}", s.name);
@@ -92,6 +92,11 @@ impl Executor {
                     continue;
                 }
             };
+            // A file kept against a deletion is a version made here too, and goes out now:
+            // a full round would bring it later, and meanwhile an edit on the deleter's
+            // side would meet it as a conflict.
+            let mut changed = s.take_made();
+            changed.extend(scanned);
             if !changed.is_empty() {
                 if let Err(e) = s.save() {
                     log::warn!("share {}: {e}", s.name);
@@ -336,6 +341,7 @@ impl Executor {
         match action {
             Action::Nothing => {}
             Action::Adopt { path, vv } => s.merge_history(&path, &vv),
+            Action::Keep { path, vv } => s.keep(&path, &vv, &key_id(&self.me)),
             Action::Remove { path, version } => {
                 let Some(p) = existing_inside(s, &path) else {
                     // Nothing there (its folder went first): the removal is done.
@@ -967,6 +973,76 @@ mod tests {
         assert!(s.root.join("b.txt").exists());
         assert_eq!(crate::sync::kept::list(&s.root, "a.txt").unwrap().len(), 1);
         assert!(recorded_deleted(&s, "a.txt"));
+    }
+
+    #[tokio::test]
+    async fn a_file_kept_against_two_deletions_ends_newer_than_both_and_a_deleter_fetches_it() {
+        // What seed 15728714837379047110 of tests/sync.rs left behind: "kitchen" deleted
+        // the version held here; "attic", which never saw that version, deleted an older
+        // one. Each of the two takes the other's deletion and holds the path deleted
+        // under both their histories; here ours, an edit, beats each deletion.
+        let d = tempfile::tempdir().unwrap();
+        let attic = transfer::Peer {
+            key: [3; 32],
+            name: "attic".into(),
+            vpn: Ipv4Addr::new(100, 77, 0, 3),
+            ..peer()
+        };
+        let config = SyncConfig {
+            keep_versions_days: 30,
+            max_delete_percent: 100,
+        };
+        let (x, s) = executor_with(d.path(), config, Members(vec![peer(), attic]));
+        std::fs::write(s.root.join("n1.bin"), b"ours").unwrap();
+        let id = |rel: &str| {
+            std::fs::read(s.root.join(rel))
+                .ok()
+                .map(|b| blake3::hash(&b).to_hex().to_string())
+        };
+        assert_eq!(s.scan(&key_id(&[1; 32]), id).unwrap().len(), 1);
+        let kitchens = their_deletion(&s, "n1.bin");
+        let attics = FileVersion {
+            vv: VersionVector::default().bumped(&key_id(&[3; 32])),
+            node: key_id(&[3; 32]),
+            ..deletion("n1.bin")
+        };
+        let deleters = kitchens.vv.merged(&attics.vv);
+        // Attic's first: ours is concurrent with it and stays; then kitchen's, which
+        // supersedes the version ours was before.
+        x.apply([3; 32], announce("s", vec![attics])).await;
+        x.apply([2; 32], announce("s", vec![kitchens])).await;
+        assert!(s.root.join("n1.bin").exists(), "ours was removed");
+        let held = s
+            .all_versions()
+            .into_iter()
+            .find(|v| v.path == "n1.bin")
+            .unwrap();
+        assert!(!held.deleted);
+        assert_eq!(s.take_made(), vec![held.clone()], "not announced");
+        // Under the deleters' own vector, each side would find the other's version
+        // equal for ever and no full round would repair it.
+        assert_eq!(
+            held.vv.compare(&deleters),
+            crate::sync::versions::Order::After,
+            "ours {:?}, the deleters' {:?}",
+            held.vv,
+            deleters
+        );
+        // A deleter that hears of ours takes it back.
+        let e = tempfile::tempdir().unwrap();
+        let at_kitchen = share(e.path());
+        at_kitchen.record(
+            "n1.bin",
+            FileVersion {
+                vv: deleters,
+                ..deletion("n1.bin")
+            },
+        );
+        assert!(
+            matches!(at_kitchen.decide(&held), Action::Fetch { .. }),
+            "{:?}",
+            at_kitchen.decide(&held)
+        );
     }
 
     #[tokio::test]

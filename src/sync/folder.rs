@@ -88,6 +88,9 @@ pub struct SyncShare {
     /// Free bytes on the share's file system when a pull last failed on a full disk:
     /// pulls wait until there is more than that.
     full_at: Mutex<Option<u64>>,
+    /// Paths whose version this node made outside a scan (a file kept against a
+    /// deletion): announced with the next scan's changes.
+    made: Mutex<std::collections::BTreeSet<String>>,
     /// Members that have had every version from us since this node started.
     greeted: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// Who works on which path, and what is left to pull.
@@ -132,8 +135,15 @@ pub enum Action {
         path: String,
         version: FileVersion,
     },
-    /// Keep ours, giving it their history too (`vv`, both merged).
+    /// Keep ours, giving it their history too (`vv`, both merged): the same change made
+    /// on both sides.
     Adopt {
+        path: String,
+        vv: VersionVector,
+    },
+    /// Keep ours (an edit) against their concurrent deletion, as a new version of this
+    /// node's that descends from both (`vv`, both merged): see [`SyncShare::keep`].
+    Keep {
         path: String,
         vv: VersionVector,
     },
@@ -177,6 +187,7 @@ impl SyncShare {
             last_error: Mutex::new(None),
             full_at: Mutex::new(None),
             greeted: Mutex::new(std::collections::HashSet::new()),
+            made: Mutex::new(std::collections::BTreeSet::new()),
             deletions: Mutex::new(DeleteGuard::default()),
         };
         if let Some(msg) = share.unwritable() {
@@ -622,7 +633,23 @@ impl SyncShare {
                     vv: local.version.vv.merged(&remote.vv),
                 }
             }
-            Resolution::KeepLocal => Action::Nothing,
+            Resolution::KeepLocal => {
+                // One vector must name one version everywhere; where it does not, no round
+                // will ever settle the path, so that is worth a line in a debug log.
+                if local.version.vv == remote.vv
+                    && (local.version.deleted, &local.version.content)
+                        != (remote.deleted, &remote.content)
+                {
+                    log::debug!(
+                        "sync: {}/{}: equal vectors, different versions: {} here, {} there",
+                        self.name,
+                        remote.path,
+                        describe(&local.version),
+                        describe(remote)
+                    );
+                }
+                Action::Nothing
+            }
             Resolution::TakeRemote if remote.deleted => Action::Remove {
                 path: remote.path.clone(),
                 version: remote.clone(),
@@ -641,10 +668,10 @@ impl SyncShare {
                     ..remote.clone()
                 };
                 if remote.deleted {
-                    // Ours (an edit) won against their deletion: it stays, and now descends
-                    // from both, so our next edit supersedes their deletion everywhere
-                    // instead of meeting it again as a conflict.
-                    return Action::Adopt {
+                    // Ours (an edit) won against their deletion: it stays, as a new version
+                    // past both, so it and our next edit supersede their deletion
+                    // everywhere instead of meeting it again as a conflict.
+                    return Action::Keep {
                         path: remote.path.clone(),
                         vv: version.vv,
                     };
@@ -698,6 +725,36 @@ impl SyncShare {
         );
     }
 
+    /// Keeps ours at `path` (an edit) against a concurrent deletion: its version becomes
+    /// a new one of this node's (`me`), past both histories (`vv`) and whatever the scan
+    /// recorded since the decision, and goes out with the next scan.
+    ///
+    /// Merging the histories alone labels our file with the deleter's counters, a label
+    /// that means "deleted" on the deleter's side. Two members deleting it at once (each
+    /// then holds the other's deletion too) end with the very vector this node ends with
+    /// after keeping ours against both: every full round then finds the two sides equal,
+    /// and the file stays here and gone there for good.
+    pub fn keep(&self, path: &str, vv: &VersionVector, me: &str) {
+        let mut index = self.lock();
+        let Some(mut e) = index.get(path).filter(|e| !e.version.deleted).cloned() else {
+            return;
+        };
+        e.version.vv = e.version.vv.merged(vv).bumped(me);
+        index.insert(path.to_string(), e);
+        self.made.locked().insert(path.to_string());
+    }
+
+    /// The versions this node made outside a scan since the last call, to announce.
+    pub fn take_made(&self) -> Vec<FileVersion> {
+        let paths = std::mem::take(&mut *self.made.locked());
+        let index = self.lock();
+        paths
+            .iter()
+            .filter_map(|p| index.get(p))
+            .map(|e| e.version.clone())
+            .collect()
+    }
+
     /// Gives the entry at `path` the history `vv` too: ours stayed there after a conflict
     /// and now descends from both sides.
     pub fn merge_history(&self, path: &str, vv: &VersionVector) {
@@ -722,6 +779,15 @@ fn unchanged(held: Option<&Entry>, is_dir: bool, (size, mtime_ns): (u64, u128)) 
                 e.size == size && e.mtime_ns == mtime_ns
             }
     })
+}
+
+/// A version as the debug log shows it: deleted, or its content id's first digits.
+fn describe(v: &FileVersion) -> String {
+    if v.deleted {
+        "deleted".to_string()
+    } else {
+        v.content.chars().take(8).collect()
+    }
 }
 
 fn unreachable_version(path: &str) -> FileVersion {
@@ -1008,7 +1074,7 @@ mod tests {
     }
 
     #[test]
-    fn an_edit_that_beats_a_concurrent_deletion_takes_its_history_too() {
+    fn an_edit_that_beats_a_concurrent_deletion_becomes_a_new_version_past_both_announced_once() {
         let d = tempfile::tempdir().unwrap();
         let s = share(d.path());
         std::fs::write(s.root.join("a.txt"), b"one").unwrap();
@@ -1020,13 +1086,19 @@ mod tests {
             node: "n2".into(),
             ..mine.clone()
         };
-        let Action::Adopt { path, vv } = s.decide(&gone) else {
+        let Action::Keep { path, vv } = s.decide(&gone) else {
             panic!("{:?}", s.decide(&gone))
         };
-        s.merge_history(&path, &vv);
+        assert_eq!(vv, mine.vv.merged(&gone.vv));
+        s.keep(&path, &vv, "n1");
         // The deletion is now in our past: seen again, it asks nothing.
         assert_eq!(s.decide(&gone), Action::Nothing);
-        assert_eq!(vv, mine.vv.merged(&gone.vv));
+        // Ours is a new version of ours past both, and is announced once.
+        let kept = s.take_made();
+        assert_eq!(kept.len(), 1, "{kept:?}");
+        assert_eq!(kept[0].vv, vv.bumped("n1"));
+        assert!(!kept[0].deleted);
+        assert!(s.take_made().is_empty());
     }
 
     #[test]
