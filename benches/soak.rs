@@ -361,8 +361,9 @@ impl Soak {
         let file = files.choose(&mut self.rng).cloned();
         let mut content = vec![0u8; self.rng.gen_range(1..48 * 1024)];
         self.rng.fill(&mut content[..]);
-        // create 3, append 2, overwrite 2, rename 1, delete 1, mkdir 1, rmdir 1 (of 11).
-        let pick = self.rng.gen_range(0..11);
+        // create 3, append 2, overwrite 2, rename 1, delete 1, mkdir 1, rmdir 1, and one
+        // file overwritten on two members at once 1 (of 12).
+        let pick = self.rng.gen_range(0..12);
         let name = self.members[who].node.name.clone();
         let r = match (pick, file) {
             (3 | 4, Some(f)) => {
@@ -383,6 +384,20 @@ impl Soak {
             (9, _) => {
                 let d = format!("{folder}n{n}.d");
                 std::fs::create_dir(root.join(&d)).map(|_| ("mkdir", format!("mkdir {d}")))
+            }
+            (11, Some(f)) => {
+                let other = (who + self.rng.gen_range(1..self.members.len())) % self.members.len();
+                let theirs = self.roots[other].join(&f);
+                if std::fs::metadata(&theirs).is_ok_and(|m| m.is_file() && m.len() < SMALL) {
+                    let mut second = vec![0u8; self.rng.gen_range(1..48 * 1024)];
+                    self.rng.fill(&mut second[..]);
+                    let other_name = self.members[other].node.name.clone();
+                    self.replace(who, n, &f, "overwrite", |_| content.clone())
+                        .and_then(|_| self.replace(other, n, &f, "overwrite", |_| second))
+                        .map(|_| ("clash", format!("overwrite {f} here and on {other_name} at once")))
+                } else {
+                    Err(std::io::Error::other(format!("{f} is not on {} too", self.members[other].node.name)))
+                }
             }
             (10, _) if !empty.is_empty() => {
                 let d = empty.choose(&mut self.rng).cloned().unwrap_or_default();
@@ -818,7 +833,14 @@ fn main() {
         if now >= next_edit {
             soak.edit(n);
             n += 1;
-            next_edit = Instant::now() + Duration::from_millis(soak.rng.gen_range(100..1200));
+            // Now and then the next action follows at once (a run of them, geometrically
+            // long), so members act together on files they all hold.
+            let gap = if soak.rng.gen_ratio(1, 6) {
+                0
+            } else {
+                soak.rng.gen_range(100..1200)
+            };
+            next_edit = Instant::now() + Duration::from_millis(gap);
         }
         let next = next_edit.min(next_churn).min(next_sample).min(end);
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
