@@ -893,6 +893,46 @@ fn main() {
     }
 }
 
+/// The check's own test (`SOAK_INJECT_LOSS=1`): removes every kept copy of one content
+/// that only versions folders still hold, as a daemon that failed to keep it would have;
+/// the run must then fail, naming that content as lost.
+fn inject_loss(soak: &mut Soak) {
+    let roots = soak.roots.clone();
+    let mut live = HashSet::new();
+    let mut kept: HashMap<blake3::Hash, Vec<PathBuf>> = HashMap::new();
+    for root in &roots {
+        for (_, p, m) in walk(root, true) {
+            if let Some(h) = m.is_file().then(|| soak.hashes.of(&p, &m)).flatten() {
+                live.insert(h);
+            }
+        }
+        for (_, p, m) in walk(&versions_dir(root), false) {
+            if let Some(h) = m.is_file().then(|| soak.hashes.of(&p, &m)).flatten() {
+                kept.entry(h).or_default().push(p);
+            }
+        }
+    }
+    let victim = soak
+        .ledger
+        .written
+        .iter()
+        .find(|w| !live.contains(&w.hash) && kept.contains_key(&w.hash));
+    match victim {
+        Some(w) => {
+            for p in &kept[&w.hash] {
+                let _ = std::fs::remove_file(p);
+            }
+            eprintln!(
+                "SOAK_INJECT_LOSS: removed every kept copy of {}:{} ({}); the ledger must call it lost",
+                w.node,
+                w.path,
+                w.hash.to_hex()
+            );
+        }
+        None => eprintln!("SOAK_INJECT_LOSS: no content is held only by versions folders"),
+    }
+}
+
 /// Checks what the run must prove and prints the summary; true when it passed.
 fn report(
     soak: &mut Soak,
@@ -926,6 +966,9 @@ fn report(
         failures.push(format!("{BIG} is not whole in the host's final tree"));
     }
 
+    if std::env::var_os("SOAK_INJECT_LOSS").is_some() {
+        inject_loss(soak);
+    }
     // The ledger: the final tree (all alike, or else failed above) and every versions
     // folder, by content.
     let mut live: HashMap<blake3::Hash, Vec<String>> = HashMap::new();
