@@ -204,9 +204,13 @@ fn fd_count(pid: u32) -> Option<usize> {
 enum Phase {
     Up,
     /// Stopped by the schedule, to start again at `until`.
-    Down { until: Instant },
+    Down {
+        until: Instant,
+    },
     /// Removed by the host, running alone under a fresh identity, to join at `until`.
-    Out { until: Instant },
+    Out {
+        until: Instant,
+    },
 }
 
 struct Member {
@@ -297,13 +301,17 @@ impl Soak {
         // again, so the room plays on, and counted: d1 is never stopped, so a player that
         // dies is a finding.
         let dead = self.plays.len() >= 3
-            && self.plays[self.plays.len() - 3..].iter().all(|(_, p)| *p < 0.0);
+            && self.plays[self.plays.len() - 3..]
+                .iter()
+                .all(|(_, p)| *p < 0.0);
         if dead {
             self.player = None;
             self.player_restarts += 1;
             let log = std::fs::read_to_string(self.members[1].node.dir.join("watch.log"))
                 .unwrap_or_default();
-            self.say(format!("d1's player stopped answering; started again. watch log:\n{log}"));
+            self.say(format!(
+                "d1's player stopped answering; started again. watch log:\n{log}"
+            ));
             self.player = Some(Player::start(&self.members[1].node, "movies/film.mp4"));
             self.plays.push((self.start.elapsed().as_secs_f64(), 0.0));
         }
@@ -339,8 +347,7 @@ impl Soak {
         let files: Vec<String> = now
             .iter()
             .filter(|(p, h)| {
-                *h != "dir"
-                    && std::fs::metadata(root.join(p)).is_ok_and(|m| m.len() < SMALL)
+                *h != "dir" && std::fs::metadata(root.join(p)).is_ok_and(|m| m.len() < SMALL)
             })
             .map(|(p, _)| p.clone())
             .collect();
@@ -394,9 +401,17 @@ impl Soak {
                     let other_name = self.members[other].node.name.clone();
                     self.replace(who, n, &f, "overwrite", |_| content.clone())
                         .and_then(|_| self.replace(other, n, &f, "overwrite", |_| second))
-                        .map(|_| ("clash", format!("overwrite {f} here and on {other_name} at once")))
+                        .map(|_| {
+                            (
+                                "clash",
+                                format!("overwrite {f} here and on {other_name} at once"),
+                            )
+                        })
                 } else {
-                    Err(std::io::Error::other(format!("{f} is not on {} too", self.members[other].node.name)))
+                    Err(std::io::Error::other(format!(
+                        "{f} is not on {} too",
+                        self.members[other].node.name
+                    )))
                 }
             }
             (10, _) if !empty.is_empty() => {
@@ -466,15 +481,13 @@ impl Soak {
             hash: blake3::hash(&new),
             action: n,
         });
-        Ok((kind, format!("{kind} {f} ({} → {} B)", old.len(), new.len())))
+        Ok((
+            kind,
+            format!("{kind} {f} ({} → {} B)", old.len(), new.len()),
+        ))
     }
 
-    fn delete(
-        &mut self,
-        who: usize,
-        n: usize,
-        f: &str,
-    ) -> std::io::Result<(&'static str, String)> {
+    fn delete(&mut self, who: usize, n: usize, f: &str) -> std::io::Result<(&'static str, String)> {
         let path = self.roots[who].join(f);
         let mut file = std::fs::File::open(&path)?;
         let mut old = Vec::new();
@@ -484,7 +497,9 @@ impl Soak {
         // What is unlinked must be what was read: sync may have renamed a new version
         // over the path meanwhile, and deleting that would replace a content unread.
         if std::fs::symlink_metadata(&path)?.ino() != ino {
-            return Err(std::io::Error::other("replaced by sync while being deleted"));
+            return Err(std::io::Error::other(
+                "replaced by sync while being deleted",
+            ));
         }
         std::fs::remove_file(&path)?;
         Ok(("delete", format!("delete {f} ({} B)", old.len())))
@@ -693,7 +708,10 @@ fn configure(n: &Node, text: &str) {
     // The product's default log level: debug on five daemons for half an hour costs
     // CPU the daemons measured here would not otherwise spend, and fills the disk.
     let config = config.replace("level = \"debug\"", "level = \"info\"");
-    assert!(config.contains("level = \"info\""), "no log level in {config}");
+    assert!(
+        config.contains("level = \"info\""),
+        "no log level in {config}"
+    );
     std::fs::write(&n.config, config + text).expect("config");
 }
 
@@ -706,10 +724,7 @@ fn main() {
     if !root_or_skip("bench soak") || !has("mpv") || !has("ffmpeg") {
         return;
     }
-    let minutes: f64 = args[1..]
-        .iter()
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(2.0);
+    let minutes: f64 = args[1..].iter().find_map(|a| a.parse().ok()).unwrap_or(2.0);
     let json = args.iter().any(|a| a == "--json");
     let seed: u64 = std::env::var("SOAK_SEED")
         .ok()
@@ -732,7 +747,12 @@ fn main() {
     let nodes = vec![
         (lab.node("host"), "internet", true, false),
         (lab.node("d1"), "internet", false, false),
-        (lab.node_behind(&mut r2, "d2"), "alone behind r2", true, true),
+        (
+            lab.node_behind(&mut r2, "d2"),
+            "alone behind r2",
+            true,
+            true,
+        ),
         (lab.node_behind(&mut r1, "s1a"), "behind r1", true, true),
         (lab.node_behind(&mut r1, "s1b"), "behind r1", true, true),
     ];
@@ -881,7 +901,11 @@ fn main() {
     soak.sample();
     soak.say(format!(
         "{} after the last member came back",
-        if converged { "one tree" } else { "NO single tree" }
+        if converged {
+            "one tree"
+        } else {
+            "NO single tree"
+        }
     ));
     let pass = report(&mut soak, converged, diverged, converge, json, minutes, big);
     // Daemons and player first, then the routers and the lab's namespaces and folders.
@@ -1135,7 +1159,10 @@ fn report(
         .iter()
         .map(|(k, v)| format!("{k}: {v}"))
         .collect();
-    let conflicts = trees[0].keys().filter(|k| k.contains(".sync-conflict-")).count();
+    let conflicts = trees[0]
+        .keys()
+        .filter(|k| k.contains(".sync-conflict-"))
+        .count();
     let summary = format!(
         "## Soak: {minutes} minute(s), seed {}\n\n\
          Actions: {}\nBytes written by the schedule: {} (1 GiB of it the big file)\n\
@@ -1146,7 +1173,11 @@ fn report(
         soak.bytes_written,
         trees[0].len(),
         converge.as_secs_f64(),
-        if failures.is_empty() { "PASS".to_string() } else { format!("FAIL\n- {}", failures.join("\n- ")) }
+        if failures.is_empty() {
+            "PASS".to_string()
+        } else {
+            format!("FAIL\n- {}", failures.join("\n- "))
+        }
     );
     let summary_json = serde_json::json!({
         "minutes": minutes,
