@@ -394,11 +394,7 @@ async fn receive_into_place(
 ) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "download".into());
-    let tmp = dest.with_file_name(format!(".{name}.watchalong-{}", std::process::id()));
+    let tmp = crate::data::share::beside(dest, &format!(".watchalong-{}", std::process::id()));
     // Readable as a download usually is, as far as this user's umask allows.
     let mut out = std::fs::OpenOptions::new()
         .write(true)

@@ -19,6 +19,7 @@ impl From<MembershipError> for ApiError {
             | M::CreateLinkAsMember { .. }
             | M::JoinOwnLink
             | M::JoinSameGroup { .. }
+            | M::JoinAfterRemoval { .. }
             | M::JoinAsMember { .. }
             | M::JoinWhileHosting { .. }
             | M::RemoveAsMember { .. }

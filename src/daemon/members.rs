@@ -57,6 +57,13 @@ pub enum MembershipError {
     JoinOwnLink,
     #[error("this node is already a member of {host_name}'s group")]
     JoinSameGroup { host_name: String },
+    #[error(
+        "this node was removed from {host_name}'s group, and a removed key is never admitted \
+         again: to join as a new member, stop the daemon, move wireguard.key, signing.key, \
+         group.json and invites.json out of its state dir (it then starts with a new identity \
+         of its own), start it, and open a new link"
+    )]
+    JoinAfterRemoval { host_name: String },
     #[error("this link is from another group: this node is a member of {host_name}'s group")]
     JoinAsMember { host_name: String },
     #[error("this node hosts a group of {others} member(s) and cannot join another")]
@@ -291,6 +298,12 @@ impl Node {
             let g = &book.group;
             if invite.host_key == self.public_key {
                 return Err(MembershipError::JoinOwnLink);
+            }
+            let removed = g.mesh.member(&self.public_key).is_some_and(|m| m.revoked);
+            if removed && !g.is_host(&self.public_key) {
+                return Err(MembershipError::JoinAfterRemoval {
+                    host_name: g.host_name.clone(),
+                });
             }
             if g.mesh.host_wg == invite.host_key {
                 return Err(MembershipError::JoinSameGroup {

@@ -323,12 +323,8 @@ pub fn describe(r: &Route) -> String {
 }
 
 fn temp_beside(dest: &Path) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "download".into());
     let mut n = [0u8; 6];
     rand::rngs::OsRng.fill_bytes(&mut n);
     let tag: String = n.iter().map(|b| format!("{b:02x}")).collect();
-    dest.with_file_name(format!(".{name}.watchalong-{tag}"))
+    crate::data::share::beside(dest, &format!(".watchalong-{tag}"))
 }

@@ -556,6 +556,26 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// The longest file name Linux file systems take (`NAME_MAX`), in bytes.
+pub const NAME_MAX: usize = 255;
+
+/// A hidden file of ours beside `dest`: `.NAME` then `suffix` (which starts with
+/// `.watchalong-`, so scans skip it). When that would pass [`NAME_MAX`] (a legal name of
+/// up to 255 bytes plus our suffix), NAME is replaced by a hash of it, so a file with a
+/// long name still syncs; the same name always gives the same hidden name.
+pub fn beside(dest: &Path, suffix: &str) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let full = format!(".{name}{suffix}");
+    if full.len() <= NAME_MAX {
+        return dest.with_file_name(full);
+    }
+    let hash = blake3::hash(name.as_bytes()).to_hex();
+    dest.with_file_name(format!(".{}{suffix}", &hash.as_str()[..32]))
+}
+
 /// A write refused by a read-only file system or by permissions.
 pub fn refused(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::PermissionDenied

@@ -514,14 +514,10 @@ impl Executor {
         // only if the target is still what was expected: a local edit, made during the
         // pull or before it and not scanned yet, wins, and the next scan announces it.
         let before = expected;
-        let name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
         let mut tag = [0u8; 6];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut tag);
         let tag: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-        let staged = dest.with_file_name(format!(".{name}.watchalong-stage-{tag}"));
+        let staged = crate::data::share::beside(&dest, &format!(".watchalong-stage-{tag}"));
         let progress = Arc::new(Progress::default());
         s.pulls.pulling(remote_path, progress.clone());
         // One partial file per path, whatever the version: a pull cut short by a crash
@@ -573,8 +569,14 @@ impl Executor {
                     log::error!("share {}: {msg}", s.name);
                 }
             } else {
-                log::warn!("sync: {}/{local_path}: {e}", s.name);
-                s.set_error(Some(format!("{local_path}: {e}")));
+                // A pull that keeps failing the same way is retried every round: said
+                // once at warning level while it lasts, then only in the debug log.
+                let msg = format!("{local_path}: {e}");
+                if s.set_error(Some(msg.clone())) {
+                    log::warn!("sync: {}/{msg}", s.name);
+                } else {
+                    log::debug!("sync: {}/{msg}", s.name);
+                }
             }
             return None;
         }

@@ -35,11 +35,7 @@ pub fn not_writable(root: &Path, e: &std::io::Error) -> String {
 
 /// The resumable partial file of the pull into `dest`: hidden beside it, skipped by scans.
 pub fn partial_path(dest: &Path) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.watchalong-part"))
+    crate::data::share::beside(dest, ".watchalong-part")
 }
 
 /// Size and mtime in ns, or `None` when nothing is there.
@@ -148,5 +144,33 @@ pub fn set_mtime(path: &Path, mtime: u64) {
     };
     if let Ok(f) = std::fs::File::options().write(true).open(path) {
         let _ = f.set_modified(t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_with_the_longest_legal_name_gets_a_partial_name_the_file_system_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = "n".repeat(crate::data::share::NAME_MAX - 4) + ".bin";
+        let dest = dir.path().join(&long);
+        std::fs::write(&dest, b"x").unwrap();
+        let part = partial_path(&dest);
+        assert!(part.file_name().unwrap().len() <= crate::data::share::NAME_MAX);
+        assert!(is_ours(&part.file_name().unwrap().to_string_lossy()));
+        std::fs::write(&part, b"partial").unwrap();
+        // The same name gives the same partial (a pull resumes it); another does not.
+        assert_eq!(partial_path(&dest), part);
+        assert_ne!(
+            partial_path(&dir.path().join("n".repeat(crate::data::share::NAME_MAX))),
+            part
+        );
+        // A short name keeps the readable form.
+        assert_eq!(
+            partial_path(&dir.path().join("film.mkv")),
+            dir.path().join(".film.mkv.watchalong-part")
+        );
     }
 }

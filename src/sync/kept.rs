@@ -82,6 +82,18 @@ pub fn parse_stamp(s: &str) -> Option<u64> {
         .map(|d| d.as_secs())
 }
 
+/// The file of a version of `name` (in `folder`) with `suffix` (`~STAMP[-N]`): beside its
+/// folder's other versions as `NAME~STAMP`, or, when that would pass the file system's
+/// longest name (a legal name of up to 255 bytes plus the stamp), inside a folder named
+/// after the file, as `NAME/~STAMP`. [`list`] reads both.
+fn version_file(folder: &Path, name: &str, suffix: &str) -> PathBuf {
+    if name.len() + suffix.len() <= crate::data::share::NAME_MAX {
+        folder.join(format!("{name}{suffix}"))
+    } else {
+        folder.join(name).join(suffix)
+    }
+}
+
 /// Where a version of `rel` kept at `at` goes: a name not taken yet.
 fn slot(root: &Path, rel: &str, at: u64) -> Result<PathBuf, KeptError> {
     let parts =
@@ -94,12 +106,18 @@ fn slot(root: &Path, rel: &str, at: u64) -> Result<PathBuf, KeptError> {
         path: folder.clone(),
         source,
     })?;
-    let base = format!("{name}~{}", stamp(at));
-    let mut candidate = folder.join(&base);
+    let base = format!("~{}", stamp(at));
+    let mut candidate = version_file(&folder, name, &base);
     let mut n = 1;
     while candidate.symlink_metadata().is_ok() {
-        candidate = folder.join(format!("{base}-{n}"));
+        candidate = version_file(&folder, name, &format!("{base}-{n}"));
         n += 1;
+    }
+    if let Some(parent) = candidate.parent().filter(|p| *p != folder) {
+        std::fs::create_dir_all(parent).map_err(|source| KeptError::Keep {
+            path: parent.to_path_buf(),
+            source,
+        })?;
     }
     Ok(candidate)
 }
@@ -160,6 +178,8 @@ pub fn list(root: &Path, under: &str) -> Result<Vec<Kept>, KeptError> {
             let Some((path, tail)) = rel.rsplit_once('~') else {
                 continue;
             };
+            // A long name's versions sit in a folder named after it: `NAME/~STAMP`.
+            let path = path.strip_suffix('/').unwrap_or(path);
             // A second version kept in the same second carries "-N" after its stamp.
             let (stamp_part, seq) = match tail.split_once('-') {
                 Some((st, n)) => match n.parse::<u32>() {
@@ -198,10 +218,10 @@ fn file_of(root: &Path, k: &Kept) -> Option<PathBuf> {
     let parts = crate::data::share::clean_path(&k.path).ok()?;
     let (name, dirs) = parts.split_last()?;
     let folder = dirs.iter().fold(root.join(DIR), |p, c| p.join(c));
-    let base = format!("{name}~{}", stamp(k.at));
+    let base = format!("~{}", stamp(k.at));
     let file = match k.seq {
-        0 => folder.join(base),
-        n => folder.join(format!("{base}-{n}")),
+        0 => version_file(&folder, name, &base),
+        n => version_file(&folder, name, &format!("{base}-{n}")),
     };
     file.is_file().then_some(file)
 }
@@ -249,8 +269,7 @@ pub fn restore(root: &Path, rel: &str, at: Option<u64>) -> Result<Kept, KeptErro
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).map_err(err)?;
     }
-    let name = parts.last().cloned().unwrap_or_default();
-    let tmp = dest.with_file_name(format!(".{name}.watchalong-restore"));
+    let tmp = crate::data::share::beside(&dest, ".watchalong-restore");
     let copied = std::fs::copy(&from, &tmp)
         .and_then(|_| std::fs::File::open(&tmp).and_then(|f| f.sync_all()))
         .and_then(|()| std::fs::rename(&tmp, &dest));
@@ -310,5 +329,24 @@ mod tests {
             restore(root, "../x", None),
             Err(KeptError::CheckPath(_))
         ));
+    }
+
+    #[test]
+    fn a_file_with_the_longest_legal_name_is_kept_listed_and_restored() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let name = "c".repeat(crate::data::share::NAME_MAX - 4) + ".txt";
+        let rel = format!("sub/{name}");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join(&rel), b"one").unwrap();
+        keep_linking(root, &rel, &root.join(&rel)).unwrap();
+        std::fs::write(root.join(&rel), b"two").unwrap();
+        keep_moving(root, &rel, &root.join(&rel)).unwrap();
+        let kept = list(root, "sub").unwrap();
+        assert_eq!(kept.len(), 2, "{kept:?}");
+        assert!(kept.iter().all(|k| k.path == rel));
+        let back = restore(root, &rel, None).unwrap();
+        assert_eq!((back.path.as_str(), back.seq), (rel.as_str(), 1));
+        assert_eq!(std::fs::read(root.join(&rel)).unwrap(), b"two");
     }
 }

@@ -231,7 +231,18 @@ pub fn conflict_name(path: &str, mtime: u64, node: &str, content: &str) -> Strin
         })
         .unwrap_or_else(|| mtime.to_string());
     let tag: String = content.chars().take(8).collect();
-    format!("{dir}{stem}.sync-conflict-{stamp}-{node}-{tag}{ext}")
+    // A conflict copy that conflicts again is named after the original, not after the
+    // copy: otherwise each round adds a suffix until the name is too long to exist.
+    let stem = stem.split(".sync-conflict-").next().unwrap_or(stem);
+    let tail = format!(".sync-conflict-{stamp}-{node}-{tag}{ext}");
+    // The name must fit the file system (255 bytes): a long stem is cut, on a character
+    // boundary, to leave room for the tail.
+    let room = 255usize.saturating_sub(tail.len());
+    let mut cut = stem.len().min(room);
+    while !stem.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{dir}{}{tail}", &stem[..cut])
 }
 
 /// Whether deletions seen in a share may be sent to others: only while its root is there
@@ -244,6 +255,20 @@ pub fn may_propagate_deletions(root_exists: bool, marker_present: bool) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_conflict_copy_that_conflicts_again_is_named_after_the_original_and_fits() {
+        let once = conflict_name("d/n1.bin", 1_796_039_993, "306a0c34", "efdfd0ab99");
+        let twice = conflict_name(&once, 1_796_040_000, "cc426373", "12345678ff");
+        assert_eq!(
+            twice,
+            "d/n1.sync-conflict-20261130-120000-cc426373-12345678.bin"
+        );
+        let long = format!("{}.bin", "é".repeat(125));
+        let name = conflict_name(&long, 1_796_039_993, "306a0c34", "efdfd0ab99");
+        assert!(name.len() <= 255, "{}", name.len());
+        assert!(name.ends_with(".sync-conflict-20261130-115953-306a0c34-efdfd0ab.bin"));
+    }
 
     #[test]
     fn a_counter_leaping_far_past_what_is_held_is_caught_and_an_honest_step_is_not() {
