@@ -17,20 +17,22 @@ use crate::data::cache::Cache;
 use crate::data::directory::Directory;
 use crate::data::flight::Flights;
 use crate::data::planner::{self, Via};
+use crate::data::pool::Pool;
 use crate::data::share::{ShareError, Shares};
 use crate::group::auth::{self, Direction, Proofs};
 use crate::group::identity::Key;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper_util::rt::TokioIo;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
 
 /// The node-to-node HTTP port, on each member's VPN address.
 pub const NODE_PORT: u16 = 51874;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections to one address in use at once (the `get` window's ceiling is below it,
+/// so a stream or sync running beside a `get` still gets some), under the servers'
+/// per-source cap (32), which would otherwise evict our own idle connections.
+pub(super) const PER_PEER: usize = 24;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// An announcement is small; a member that does not take it in this long is skipped
 /// and catches up at the next full round.
@@ -135,6 +137,10 @@ pub struct Counters {
     /// Connections closed at once: over a cap, or to an address the server does not serve.
     #[serde(default)]
     pub refused_connections: u64,
+    /// Connections the node server and the relay took in: with kept connections, far
+    /// fewer than the chunks they served.
+    #[serde(default)]
+    pub accepted_connections: u64,
 }
 
 /// The transfer engine one node runs.
@@ -146,6 +152,9 @@ pub struct Engine {
     pub(super) flights: Flights<Bytes>,
     pub(super) refused: AtomicU64,
     pub(super) refused_connections: AtomicU64,
+    pub(super) accepted_connections: AtomicU64,
+    /// Kept connections to other members' servers, shared by every request this node makes.
+    pub(super) pool: Pool,
     pub(super) corrupt: AtomicU64,
     pub(super) served: AtomicU64,
     pub(super) fetched: AtomicU64,
@@ -168,6 +177,8 @@ impl Engine {
             flights: Flights::new(),
             refused: AtomicU64::new(0),
             refused_connections: AtomicU64::new(0),
+            accepted_connections: AtomicU64::new(0),
+            pool: Pool::new(PER_PEER),
             corrupt: AtomicU64::new(0),
             served: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
@@ -187,6 +198,7 @@ impl Engine {
             resumed_chunks: self.resumed.load(Ordering::Relaxed),
             refused_requests: self.refused.load(Ordering::Relaxed),
             refused_connections: self.refused_connections.load(Ordering::Relaxed),
+            accepted_connections: self.accepted_connections.load(Ordering::Relaxed),
         }
     }
 
@@ -225,7 +237,7 @@ impl Engine {
         for (k, v) in h.pairs() {
             req = req.header(k, v);
         }
-        exchange(addr, req.body(Full::new(body)), deadline, limit).await
+        exchange(&self.pool, addr, req.body(Full::new(body)), deadline, limit).await
     }
 
     /// Asks member `to`, at VPN address `vpn`, for a listing or a manifest.
@@ -343,6 +355,7 @@ impl Engine {
             r = r.header(k, v);
         }
         let answer = exchange(
+            &self.pool,
             addr,
             r.body(Full::new(Bytes::from(sealed))),
             REQUEST_TIMEOUT,
@@ -367,35 +380,55 @@ pub(super) fn fresh_nonce() -> [u8; 16] {
     n
 }
 
-/// One request on a fresh connection: connect within [`CONNECT_TIMEOUT`], the whole
-/// exchange within `deadline`; a status other than 2xx is an error, and so is an answer
-/// longer than `limit` bytes, which is never read past it.
+/// One request on a kept connection to `addr` (see [`Pool`]), or a new one made within
+/// the pool's connect deadline; the whole exchange, waiting for a free connection
+/// included, within `deadline`. A status other than 2xx is an error, and so is an answer
+/// longer than `limit` bytes, which is never read past it. A reused connection that fails
+/// before the answer's head came (the server closed it while idle) is replaced by a fresh
+/// one and the request sent once more; a failure after that is the caller's. Only a
+/// connection whose answer was read whole goes back to the pool.
 pub(super) async fn exchange(
+    pool: &Pool,
     addr: SocketAddr,
     req: Result<Request<Full<Bytes>>, hyper::http::Error>,
     deadline: Duration,
     limit: u64,
 ) -> Result<Bytes, TransferError> {
     let fail = |e: String| TransferError::Connect(addr, e);
-    let mut req = req.map_err(|e| fail(e.to_string()))?;
-    req.headers_mut().insert(
+    let (mut parts, body) = req.map_err(|e| fail(e.to_string()))?.into_parts();
+    parts.headers.insert(
         hyper::header::HOST,
         hyper::header::HeaderValue::from_static("watchalong"),
     );
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| fail("timed out".into()))?
-        .map_err(|e| fail(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(never) => match never {},
+    };
+    // The request again, for the one retry: a body of `Bytes` is cheap to send twice.
+    let again = || {
+        let mut r = Request::new(Full::new(body.clone()));
+        *r.method_mut() = parts.method.clone();
+        *r.uri_mut() = parts.uri.clone();
+        *r.version_mut() = parts.version;
+        *r.headers_mut() = parts.headers.clone();
+        r
+    };
     let work = async {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let driver = tokio::spawn(conn);
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let mut conn = pool.get(addr).await.map_err(|e| fail(e.to_string()))?;
+        let asked = std::time::Instant::now();
+        let resp = match conn.sender().send_request(again()).await {
+            Ok(r) => r,
+            Err(e) if conn.reused => {
+                log::debug!("kept connection to {addr} failed ({e}); on a fresh one");
+                conn = pool.replace(conn).await.map_err(|e| fail(e.to_string()))?;
+                conn.sender()
+                    .send_request(again())
+                    .await
+                    .map_err(|e| fail(e.to_string()))?
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        pool.saw_wait(addr, asked.elapsed());
         let status = resp.status();
         let declared = resp
             .headers()
@@ -403,7 +436,8 @@ pub(super) async fn exchange(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
-            driver.abort();
+            // Dropped with its unread answer: never reused.
+            drop(conn);
             return Err(TransferError::TooLarge(addr, limit));
         }
         let cap = usize::try_from(limit).unwrap_or(usize::MAX);
@@ -418,8 +452,8 @@ pub(super) async fn exchange(
                 }
             })?
             .to_bytes();
-        drop(sender);
-        driver.abort();
+        // Read whole: the connection is ready for the next request, whatever the status.
+        pool.put(conn);
         if !status.is_success() {
             return Err(TransferError::Status(addr, status.as_u16()));
         }
@@ -468,7 +502,7 @@ mod tests {
     async fn an_answer_declaring_more_than_the_limit_is_refused_without_reading_its_body() {
         // The body never comes: reading it would end in a timeout, not in TooLarge.
         let addr = answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n").await;
-        let r = exchange(addr, get(), LONG, 999).await;
+        let r = exchange(&Pool::new(4), addr, get(), LONG, 999).await;
         assert!(
             matches!(r, Err(TransferError::TooLarge(a, 999)) if a == addr),
             "{r:?}"
@@ -481,21 +515,21 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n8\r\n01234567\r\n8\r\n01234567\r\n0\r\n\r\n",
         )
         .await;
-        let r = exchange(addr, get(), LONG, 10).await;
+        let r = exchange(&Pool::new(4), addr, get(), LONG, 10).await;
         assert!(matches!(r, Err(TransferError::TooLarge(_, 10))), "{r:?}");
     }
 
     #[tokio::test]
     async fn an_answer_exactly_at_the_limit_is_returned_whole() {
         let addr = answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await;
-        let r = exchange(addr, get(), LONG, 5).await;
+        let r = exchange(&Pool::new(4), addr, get(), LONG, 5).await;
         assert_eq!(r.unwrap(), Bytes::from_static(b"hello"));
     }
 
     #[tokio::test]
     async fn a_status_other_than_success_is_an_error_naming_the_status() {
         let addr = answer_once(b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\nnope").await;
-        let r = exchange(addr, get(), LONG, 1024).await;
+        let r = exchange(&Pool::new(4), addr, get(), LONG, 1024).await;
         assert!(
             matches!(r, Err(TransferError::Status(a, 404)) if a == addr),
             "{r:?}"

@@ -696,6 +696,7 @@ pub async fn serve_local(listener: TcpListener, streams: Arc<Streams>, cancel: C
             async move { handle(streams, req, local.port()).await }
         },
         || {},
+        || {},
     )
     .await;
 }
