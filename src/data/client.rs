@@ -281,6 +281,17 @@ impl Engine {
             .map(|_| ())
     }
 
+    /// The shortest wait lately for an answer from member `from` over the hop `via`
+    /// (see [`Pool::round_trip`]).
+    pub(super) fn round_trip(&self, dir: &Directory, from: &Key, via: Via) -> Option<Duration> {
+        let peer = dir.get(from)?;
+        let addr = match via {
+            Via::Tunnel => SocketAddr::from((peer.vpn, NODE_PORT)),
+            Via::Lan => peer.relay?,
+        };
+        self.pool.round_trip(addr)
+    }
+
     /// Asks `from` for a chunk over the hop `via`, and checks it.
     pub(super) async fn fetch_from(
         &self,

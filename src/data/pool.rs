@@ -107,6 +107,7 @@ impl Pool {
     }
 
     /// Connections this pool opened, ever.
+    #[cfg(test)]
     pub fn opened(&self) -> u64 {
         self.opened.load(std::sync::atomic::Ordering::Relaxed)
     }
