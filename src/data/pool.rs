@@ -31,9 +31,11 @@ const IDLE_FOR: Duration = Duration::from_secs(5);
 /// A connection is not reused past this age: under the node server's lifetime (300 s),
 /// which cuts a connection whatever it is doing, even mid-answer.
 const MAX_AGE: Duration = Duration::from_secs(120);
-/// The shortest wait for an answer is kept this long: long enough to see a quiet moment
-/// of the path, short enough to follow a route that changed.
-const RTT_FOR: Duration = Duration::from_secs(10);
+/// The shortest wait for an answer is kept this long. The first answers of a transfer
+/// come over a quiet path; later ones wait behind the transfer's own chunks in the path's
+/// queues, and a window sized from those would grow with its own queue. Long enough to
+/// keep the quiet sample through a transfer, short enough to follow a route that changed.
+const RTT_FOR: Duration = Duration::from_secs(60);
 /// Addresses remembered at most (members' VPN and LAN addresses); past it the table
 /// is cleared of addresses with nothing idle or in use.
 const MAX_ADDRESSES: usize = 1024;
