@@ -50,6 +50,9 @@ pub enum TransferError {
     Plan(#[from] planner::PlanError),
     #[error("cannot reach {0}: {1}")]
     Connect(SocketAddr, String),
+    /// No connection could be made (the pool logs it once per address, not per chunk).
+    #[error("cannot reach {0}: {1}")]
+    Unreachable(SocketAddr, #[source] crate::data::pool::PoolError),
     #[error("{0} answered {1}")]
     Status(SocketAddr, u16),
     #[error("the chunk from {0} does not match its hash")]
@@ -425,13 +428,14 @@ pub(super) async fn exchange(
         r
     };
     let work = async {
-        let mut conn = pool.get(addr).await.map_err(|e| fail(e.to_string()))?;
+        let unreachable = |e| TransferError::Unreachable(addr, e);
+        let mut conn = pool.get(addr).await.map_err(unreachable)?;
         let asked = std::time::Instant::now();
         let resp = match conn.sender().send_request(again()).await {
             Ok(r) => r,
             Err(e) if conn.reused => {
                 log::debug!("kept connection to {addr} failed ({e}); on a fresh one");
-                conn = pool.replace(conn).await.map_err(|e| fail(e.to_string()))?;
+                conn = pool.replace(conn).await.map_err(unreachable)?;
                 conn.sender()
                     .send_request(again())
                     .await
@@ -545,5 +549,169 @@ mod tests {
             matches!(r, Err(TransferError::Status(a, 404)) if a == addr),
             "{r:?}"
         );
+    }
+}
+
+/// The pool under [`exchange`], on loopback: kept connections reused, bounded per
+/// address, replaced when the server closed them.
+#[cfg(test)]
+mod pooled {
+    use super::*;
+    use hyper::Response;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Semaphore;
+    use tokio_util::sync::CancellationToken;
+
+    const LONG: Duration = Duration::from_secs(20);
+
+    fn get() -> Result<Request<Full<Bytes>>, hyper::http::Error> {
+        Request::get("/v1/x").body(Full::new(Bytes::new()))
+    }
+
+    /// The house's bounded server on a free loopback port, answering "ok" once `gate`
+    /// lets each request through; it counts connections taken in and requests begun.
+    struct Served {
+        addr: SocketAddr,
+        connections: Arc<AtomicU64>,
+        requests: Arc<AtomicU64>,
+        cancel: CancellationToken,
+    }
+
+    async fn served(gate: Arc<Semaphore>) -> Served {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connections, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let cancel = CancellationToken::new();
+        let (c, r) = (connections.clone(), requests.clone());
+        tokio::spawn(crate::net::server::serve(
+            listener,
+            cancel.clone(),
+            crate::net::server::PEERS,
+            |_, _| true,
+            move |_req, _, _| {
+                let (gate, r) = (gate.clone(), r.clone());
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let _pass = gate.acquire().await;
+                    Response::new(Full::new(Bytes::from_static(b"ok")))
+                }
+            },
+            || {},
+            move || {
+                c.fetch_add(1, Ordering::SeqCst);
+            },
+        ));
+        Served {
+            addr,
+            connections,
+            requests,
+            cancel,
+        }
+    }
+
+    fn open_gate() -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(Semaphore::MAX_PERMITS))
+    }
+
+    #[tokio::test]
+    async fn requests_one_after_another_to_one_address_share_one_connection() {
+        let s = served(open_gate()).await;
+        let pool = Pool::new(4);
+        for _ in 0..5 {
+            let b = exchange(&pool, s.addr, get(), LONG, 1024).await.unwrap();
+            assert_eq!(b, Bytes::from_static(b"ok"));
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.opened(), 1);
+        assert!(pool.round_trip(s.addr).is_some());
+        s.cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn no_more_than_the_bound_of_connections_to_one_address_are_opened_and_the_rest_wait() {
+        let gate = Arc::new(Semaphore::new(0));
+        let s = served(gate.clone()).await;
+        let pool = Arc::new(Pool::new(2));
+        let mut asks = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let (pool, addr) = (pool.clone(), s.addr);
+            asks.spawn(async move { exchange(&pool, addr, get(), LONG, 1024).await });
+        }
+        // Two requests reach the server and are held there; the other four wait for them.
+        let until = Instant::now() + LONG;
+        while s.requests.load(Ordering::SeqCst) < 2 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(s.requests.load(Ordering::SeqCst), 2);
+        gate.add_permits(Semaphore::MAX_PERMITS / 2);
+        while let Some(r) = asks.join_next().await {
+            assert_eq!(r.unwrap().unwrap(), Bytes::from_static(b"ok"));
+        }
+        assert_eq!(s.requests.load(Ordering::SeqCst), 6);
+        assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+        s.cancel.cancel();
+    }
+
+    /// A server that answers the first request of each connection and closes the
+    /// connection unanswered when the next request arrives (as a server closing a kept
+    /// connection gone idle does, just as the client sends on it); it counts connections.
+    async fn answers_once_per_connection() -> (SocketAddr, Arc<AtomicU64>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let n = Arc::new(AtomicU64::new(0));
+        let counted = n.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    for answered in [true, false] {
+                        let mut head = Vec::new();
+                        let mut b = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut b).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&b[..n]),
+                            }
+                        }
+                        if answered {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
+                        }
+                    }
+                    // Dropped here, the second request unanswered.
+                });
+            }
+        });
+        (addr, n)
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_closed_as_a_request_is_sent_is_replaced_and_every_request_is_answered(
+    ) {
+        let (addr, connections) = answers_once_per_connection().await;
+        let pool = Pool::new(4);
+        for i in 1..=4u64 {
+            let r = exchange(&pool, addr, get(), LONG, 1024).await;
+            assert_eq!(r.unwrap(), Bytes::from_static(b"ok"), "request {i}");
+            // The first request opens a connection; each later one finds the kept
+            // connection dead on arrival and is answered on a fresh one.
+            assert_eq!(connections.load(Ordering::SeqCst), i);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_past_its_limit_leaves_its_connection_out_of_the_pool() {
+        let s = served(open_gate()).await;
+        let pool = Pool::new(4);
+        let r = exchange(&pool, s.addr, get(), LONG, 1).await;
+        assert!(matches!(r, Err(TransferError::TooLarge(_, 1))), "{r:?}");
+        exchange(&pool, s.addr, get(), LONG, 1024).await.unwrap();
+        assert_eq!(pool.opened(), 2);
+        s.cancel.cancel();
     }
 }

@@ -86,7 +86,7 @@ impl Window {
 }
 
 /// The round trip of the hop that feeds this node chunks of `id` from `source` now.
-fn feeder_round_trip(
+pub fn feeder_round_trip(
     engine: &Engine,
     members: &dyn Membership,
     source: &Key,
@@ -238,7 +238,13 @@ pub async fn fetch_chunk(
                 if matches!(e, TransferError::Corrupt(_)) {
                     progress.corrupt.fetch_add(1, Ordering::Relaxed);
                 }
-                log::info!("chunk {index}: {e}; trying another route");
+                // A member that cannot be reached was logged once by the pool; a
+                // line per chunk would bury it.
+                if matches!(e, TransferError::Unreachable(..)) {
+                    log::debug!("chunk {index}: {e}; trying another route");
+                } else {
+                    log::info!("chunk {index}: {e}; trying another route");
+                }
                 last = e.to_string();
                 // Route around the gateway that failed; the source has no stand-in.
                 match gateway {
