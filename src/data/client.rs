@@ -2,7 +2,8 @@
 //! the chunk cache, the flights in flight, counters), requests to another member's node
 //! server signed by this daemon ([`Engine::ask`], [`Engine::post`], chunk fetches over the
 //! tunnel or through a LAN relay, sealed), and [`exchange`], the one HTTP exchange every
-//! request makes, which never reads an answer past its limit. [`TransferError`] is the
+//! request makes, on a connection kept by the engine's [`Pool`], which never reads an
+//! answer past its limit. [`TransferError`] is the
 //! error of the whole transfer (this client, the `get` loop and the servers share it). It
 //! must not decide routes (the planner does) or serve requests (see
 //! [`crate::data::node_server`]).

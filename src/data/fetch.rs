@@ -1,8 +1,9 @@
 //! Getting chunks and files: a chunk for another member (from disk, the cache, or fetched
 //! once along the route however many ask: [`Engine::serve_chunk`]), the requester's
 //! [`fetch_chunk`], which verifies every chunk and routes around a failed gateway, and
-//! [`get_file`], which writes verified chunks into a temp file beside the destination,
-//! fsyncs and renames it. It writes only to the cache dir and the requested destination,
+//! [`get_file`], which keeps as many chunks in flight as the path holds ([`Window`]) and
+//! writes verified chunks into a temp file beside the destination, fsyncs and renames it.
+//! It writes only to the cache dir and the requested destination,
 //! and only on blocking threads; it must not plan routes itself (the planner does) or
 //! answer HTTP.
 
@@ -297,6 +298,8 @@ pub async fn get_file(
         .map_err(write_err)?
     };
     let file = Arc::new(file);
+    // Shared, not copied per chunk: a big file's manifest lists thousands of hashes.
+    let manifest = Arc::new(manifest);
     let exclude: Arc<Mutex<Vec<Key>>> = Arc::new(Mutex::new(Vec::new()));
     let count = manifest.chunks.len() as u64;
     let id = manifest.id();
@@ -380,7 +383,7 @@ async fn one_chunk(
     engine: Arc<Engine>,
     members: Arc<dyn Membership>,
     source: Key,
-    manifest: Manifest,
+    manifest: Arc<Manifest>,
     index: u64,
     file: Arc<std::fs::File>,
     exclude: Arc<Mutex<Vec<Key>>>,
