@@ -827,3 +827,37 @@ fn a_destination_the_daemon_cannot_write_is_filled_by_the_cli_with_its_users_rig
     assert!(v.handoff.is_none(), "{v:?}");
     assert_eq!(hash_file(&dest), want);
 }
+
+#[test]
+fn a_get_of_many_chunks_moves_at_least_ten_chunks_over_each_connection_the_holder_takes_in() {
+    if !root_or_skip(
+        "a_get_of_many_chunks_moves_at_least_ten_chunks_over_each_connection_the_holder_takes_in",
+    ) {
+        return;
+    }
+    let mut lab = Lab::internet_jumbo();
+    let mut host = lab.node("host");
+    let mut distant = lab.node("distant");
+    let films = distant.share("films");
+    // 192 chunks: even with the window at its ceiling (a connection per chunk in
+    // flight), at least 12 per connection when connections are kept.
+    let chunks = 192;
+    assert!(chunks >= 12 * watchalong::data::fetch::Window::CEILING as u64);
+    let hash = write_random(&films.join("c.bin"), chunks * CHUNK, "c");
+    host.start();
+    distant.start();
+    join(&host, &distant);
+    wait_for_direct_mesh(&[&host, &distant], DEADLINE);
+    let before = distant.status().node.chunks;
+    let (dest, _) = get(&host, "films/c.bin");
+    assert_eq!(hash_file(&dest), hash);
+    // Counted after the get answered: its chunks were all served by then.
+    let after = distant.status().node.chunks;
+    let served = after.served_chunks - before.served_chunks;
+    let connections = after.accepted_connections - before.accepted_connections;
+    assert!(served >= chunks, "{served} chunks served for {chunks}");
+    assert!(
+        connections >= 1 && served >= 10 * connections,
+        "{served} chunks over {connections} connections"
+    );
+}

@@ -314,6 +314,10 @@ pub struct Counters {
     /// Connections closed at once: over a cap, or to an address the server does not serve.
     #[serde(default)]
     pub refused_connections: u64,
+    /// Connections the node server and the relay took in (kept alive: far fewer than
+    /// the chunks they served).
+    #[serde(default)]
+    pub accepted_connections: u64,
 }
 
 /// A read-write share's sync state.
@@ -518,7 +522,7 @@ mod tests {
                 r#""size":10,"done":10,"corrupt_chunks":0,"route":"direct","state":"done","#,
                 r#""error":null,"counters":{"corrupt_chunks":0,"served_chunks":0,"#,
                 r#""fetched_chunks":0,"resumed_chunks":0,"refused_requests":0,"#,
-                r#""refused_connections":0}}"#
+                r#""refused_connections":0,"accepted_connections":0}}"#
             )
         );
     }

@@ -38,6 +38,7 @@ pub fn counters(c: transfer::Counters) -> control::Counters {
         resumed_chunks: c.resumed_chunks,
         refused_requests: c.refused_requests,
         refused_connections: c.refused_connections,
+        accepted_connections: c.accepted_connections,
     }
 }
 
@@ -229,6 +230,7 @@ mod tests {
             resumed_chunks: 4,
             refused_requests: 5,
             refused_connections: 6,
+            accepted_connections: 7,
         };
         same_json(&c, &counters(c.clone()));
         let share = crate::sync::folder::ShareStatus {

@@ -2,7 +2,8 @@
 //! the chunk cache, the flights in flight, counters), requests to another member's node
 //! server signed by this daemon ([`Engine::ask`], [`Engine::post`], chunk fetches over the
 //! tunnel or through a LAN relay, sealed), and [`exchange`], the one HTTP exchange every
-//! request makes, which never reads an answer past its limit. [`TransferError`] is the
+//! request makes, on a connection kept by the engine's [`Pool`], which never reads an
+//! answer past its limit. [`TransferError`] is the
 //! error of the whole transfer (this client, the `get` loop and the servers share it). It
 //! must not decide routes (the planner does) or serve requests (see
 //! [`crate::data::node_server`]).
@@ -17,20 +18,22 @@ use crate::data::cache::Cache;
 use crate::data::directory::Directory;
 use crate::data::flight::Flights;
 use crate::data::planner::{self, Via};
+use crate::data::pool::Pool;
 use crate::data::share::{ShareError, Shares};
 use crate::group::auth::{self, Direction, Proofs};
 use crate::group::identity::Key;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
-use hyper_util::rt::TokioIo;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
 
 /// The node-to-node HTTP port, on each member's VPN address.
 pub const NODE_PORT: u16 = 51874;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections to one address in use at once (the `get` window's ceiling is below it,
+/// so a stream or sync running beside a `get` still gets some), under the servers'
+/// per-source cap (32), which would otherwise evict our own idle connections.
+pub(super) const PER_PEER: usize = 24;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// An announcement is small; a member that does not take it in this long is skipped
 /// and catches up at the next full round.
@@ -48,6 +51,9 @@ pub enum TransferError {
     Plan(#[from] planner::PlanError),
     #[error("cannot reach {0}: {1}")]
     Connect(SocketAddr, String),
+    /// No connection could be made (the pool logs it once per address, not per chunk).
+    #[error("cannot reach {0}: {1}")]
+    Unreachable(SocketAddr, #[source] crate::data::pool::PoolError),
     #[error("{0} answered {1}")]
     Status(SocketAddr, u16),
     #[error("the chunk from {0} does not match its hash")]
@@ -135,6 +141,10 @@ pub struct Counters {
     /// Connections closed at once: over a cap, or to an address the server does not serve.
     #[serde(default)]
     pub refused_connections: u64,
+    /// Connections the node server and the relay took in: with kept connections, far
+    /// fewer than the chunks they served.
+    #[serde(default)]
+    pub accepted_connections: u64,
 }
 
 /// The transfer engine one node runs.
@@ -146,6 +156,9 @@ pub struct Engine {
     pub(super) flights: Flights<Bytes>,
     pub(super) refused: AtomicU64,
     pub(super) refused_connections: AtomicU64,
+    pub(super) accepted_connections: AtomicU64,
+    /// Kept connections to other members' servers, shared by every request this node makes.
+    pub(super) pool: Pool,
     pub(super) corrupt: AtomicU64,
     pub(super) served: AtomicU64,
     pub(super) fetched: AtomicU64,
@@ -168,6 +181,8 @@ impl Engine {
             flights: Flights::new(),
             refused: AtomicU64::new(0),
             refused_connections: AtomicU64::new(0),
+            accepted_connections: AtomicU64::new(0),
+            pool: Pool::new(PER_PEER),
             corrupt: AtomicU64::new(0),
             served: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
@@ -187,6 +202,7 @@ impl Engine {
             resumed_chunks: self.resumed.load(Ordering::Relaxed),
             refused_requests: self.refused.load(Ordering::Relaxed),
             refused_connections: self.refused_connections.load(Ordering::Relaxed),
+            accepted_connections: self.accepted_connections.load(Ordering::Relaxed),
         }
     }
 
@@ -225,7 +241,7 @@ impl Engine {
         for (k, v) in h.pairs() {
             req = req.header(k, v);
         }
-        exchange(addr, req.body(Full::new(body)), deadline, limit).await
+        exchange(&self.pool, addr, req.body(Full::new(body)), deadline, limit).await
     }
 
     /// Asks member `to`, at VPN address `vpn`, for a listing or a manifest.
@@ -267,6 +283,17 @@ impl Engine {
         self.signed(to, addr, hyper::Method::POST, path, Bytes::from(body), 1024)
             .await
             .map(|_| ())
+    }
+
+    /// The shortest wait lately for an answer from member `from` over the hop `via`
+    /// (see [`Pool::round_trip`]).
+    pub(super) fn round_trip(&self, dir: &Directory, from: &Key, via: Via) -> Option<Duration> {
+        let peer = dir.get(from)?;
+        let addr = match via {
+            Via::Tunnel => SocketAddr::from((peer.vpn, NODE_PORT)),
+            Via::Lan => peer.relay?,
+        };
+        self.pool.round_trip(addr)
     }
 
     /// Asks `from` for a chunk over the hop `via`, and checks it.
@@ -343,6 +370,7 @@ impl Engine {
             r = r.header(k, v);
         }
         let answer = exchange(
+            &self.pool,
             addr,
             r.body(Full::new(Bytes::from(sealed))),
             REQUEST_TIMEOUT,
@@ -367,35 +395,56 @@ pub(super) fn fresh_nonce() -> [u8; 16] {
     n
 }
 
-/// One request on a fresh connection: connect within [`CONNECT_TIMEOUT`], the whole
-/// exchange within `deadline`; a status other than 2xx is an error, and so is an answer
-/// longer than `limit` bytes, which is never read past it.
+/// One request on a kept connection to `addr` (see [`Pool`]), or a new one made within
+/// the pool's connect deadline; the whole exchange, waiting for a free connection
+/// included, within `deadline`. A status other than 2xx is an error, and so is an answer
+/// longer than `limit` bytes, which is never read past it. A reused connection that fails
+/// before the answer's head came (the server closed it while idle) is replaced by a fresh
+/// one and the request sent once more; a failure after that is the caller's. Only a
+/// connection whose answer was read whole goes back to the pool.
 pub(super) async fn exchange(
+    pool: &Pool,
     addr: SocketAddr,
     req: Result<Request<Full<Bytes>>, hyper::http::Error>,
     deadline: Duration,
     limit: u64,
 ) -> Result<Bytes, TransferError> {
     let fail = |e: String| TransferError::Connect(addr, e);
-    let mut req = req.map_err(|e| fail(e.to_string()))?;
-    req.headers_mut().insert(
+    let (mut parts, body) = req.map_err(|e| fail(e.to_string()))?.into_parts();
+    parts.headers.insert(
         hyper::header::HOST,
         hyper::header::HeaderValue::from_static("watchalong"),
     );
-    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-        .await
-        .map_err(|_| fail("timed out".into()))?
-        .map_err(|e| fail(e.to_string()))?;
-    let _ = stream.set_nodelay(true);
+    let body = match body.collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(never) => match never {},
+    };
+    // The request again, for the one retry: a body of `Bytes` is cheap to send twice.
+    let again = || {
+        let mut r = Request::new(Full::new(body.clone()));
+        *r.method_mut() = parts.method.clone();
+        *r.uri_mut() = parts.uri.clone();
+        *r.version_mut() = parts.version;
+        *r.headers_mut() = parts.headers.clone();
+        r
+    };
     let work = async {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        let driver = tokio::spawn(conn);
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let unreachable = |e| TransferError::Unreachable(addr, e);
+        let mut conn = pool.get(addr).await.map_err(unreachable)?;
+        let asked = std::time::Instant::now();
+        let resp = match conn.sender().send_request(again()).await {
+            Ok(r) => r,
+            Err(e) if conn.reused => {
+                log::debug!("kept connection to {addr} failed ({e}); on a fresh one");
+                conn = pool.replace(conn).await.map_err(unreachable)?;
+                conn.sender()
+                    .send_request(again())
+                    .await
+                    .map_err(|e| fail(e.to_string()))?
+            }
+            Err(e) => return Err(fail(e.to_string())),
+        };
+        pool.saw_wait(addr, asked.elapsed());
         let status = resp.status();
         let declared = resp
             .headers()
@@ -403,7 +452,8 @@ pub(super) async fn exchange(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
-            driver.abort();
+            // Dropped with its unread answer: never reused.
+            drop(conn);
             return Err(TransferError::TooLarge(addr, limit));
         }
         let cap = usize::try_from(limit).unwrap_or(usize::MAX);
@@ -418,8 +468,8 @@ pub(super) async fn exchange(
                 }
             })?
             .to_bytes();
-        drop(sender);
-        driver.abort();
+        // Read whole: the connection is ready for the next request, whatever the status.
+        pool.put(conn);
         if !status.is_success() {
             return Err(TransferError::Status(addr, status.as_u16()));
         }
@@ -468,7 +518,7 @@ mod tests {
     async fn an_answer_declaring_more_than_the_limit_is_refused_without_reading_its_body() {
         // The body never comes: reading it would end in a timeout, not in TooLarge.
         let addr = answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n").await;
-        let r = exchange(addr, get(), LONG, 999).await;
+        let r = exchange(&Pool::new(4), addr, get(), LONG, 999).await;
         assert!(
             matches!(r, Err(TransferError::TooLarge(a, 999)) if a == addr),
             "{r:?}"
@@ -481,24 +531,188 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n8\r\n01234567\r\n8\r\n01234567\r\n0\r\n\r\n",
         )
         .await;
-        let r = exchange(addr, get(), LONG, 10).await;
+        let r = exchange(&Pool::new(4), addr, get(), LONG, 10).await;
         assert!(matches!(r, Err(TransferError::TooLarge(_, 10))), "{r:?}");
     }
 
     #[tokio::test]
     async fn an_answer_exactly_at_the_limit_is_returned_whole() {
         let addr = answer_once(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello").await;
-        let r = exchange(addr, get(), LONG, 5).await;
+        let r = exchange(&Pool::new(4), addr, get(), LONG, 5).await;
         assert_eq!(r.unwrap(), Bytes::from_static(b"hello"));
     }
 
     #[tokio::test]
     async fn a_status_other_than_success_is_an_error_naming_the_status() {
         let addr = answer_once(b"HTTP/1.1 404 Not Found\r\ncontent-length: 4\r\n\r\nnope").await;
-        let r = exchange(addr, get(), LONG, 1024).await;
+        let r = exchange(&Pool::new(4), addr, get(), LONG, 1024).await;
         assert!(
             matches!(r, Err(TransferError::Status(a, 404)) if a == addr),
             "{r:?}"
         );
+    }
+}
+
+/// The pool under [`exchange`], on loopback: kept connections reused, bounded per
+/// address, replaced when the server closed them.
+#[cfg(test)]
+mod pooled {
+    use super::*;
+    use hyper::Response;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Semaphore;
+    use tokio_util::sync::CancellationToken;
+
+    const LONG: Duration = Duration::from_secs(20);
+
+    fn get() -> Result<Request<Full<Bytes>>, hyper::http::Error> {
+        Request::get("/v1/x").body(Full::new(Bytes::new()))
+    }
+
+    /// The house's bounded server on a free loopback port, answering "ok" once `gate`
+    /// lets each request through; it counts connections taken in and requests begun.
+    struct Served {
+        addr: SocketAddr,
+        connections: Arc<AtomicU64>,
+        requests: Arc<AtomicU64>,
+        cancel: CancellationToken,
+    }
+
+    async fn served(gate: Arc<Semaphore>) -> Served {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (connections, requests) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let cancel = CancellationToken::new();
+        let (c, r) = (connections.clone(), requests.clone());
+        tokio::spawn(crate::net::server::serve(
+            listener,
+            cancel.clone(),
+            crate::net::server::PEERS,
+            |_, _| true,
+            move |_req, _, _| {
+                let (gate, r) = (gate.clone(), r.clone());
+                async move {
+                    r.fetch_add(1, Ordering::SeqCst);
+                    let _pass = gate.acquire().await;
+                    Response::new(Full::new(Bytes::from_static(b"ok")))
+                }
+            },
+            || {},
+            move || {
+                c.fetch_add(1, Ordering::SeqCst);
+            },
+        ));
+        Served {
+            addr,
+            connections,
+            requests,
+            cancel,
+        }
+    }
+
+    fn open_gate() -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(Semaphore::MAX_PERMITS))
+    }
+
+    #[tokio::test]
+    async fn requests_one_after_another_to_one_address_share_one_connection() {
+        let s = served(open_gate()).await;
+        let pool = Pool::new(4);
+        for _ in 0..5 {
+            let b = exchange(&pool, s.addr, get(), LONG, 1024).await.unwrap();
+            assert_eq!(b, Bytes::from_static(b"ok"));
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.opened(), 1);
+        assert!(pool.round_trip(s.addr).is_some());
+        s.cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn no_more_than_the_bound_of_connections_to_one_address_are_opened_and_the_rest_wait() {
+        let gate = Arc::new(Semaphore::new(0));
+        let s = served(gate.clone()).await;
+        let pool = Arc::new(Pool::new(2));
+        let mut asks = tokio::task::JoinSet::new();
+        for _ in 0..6 {
+            let (pool, addr) = (pool.clone(), s.addr);
+            asks.spawn(async move { exchange(&pool, addr, get(), LONG, 1024).await });
+        }
+        // Two requests reach the server and are held there; the other four wait for them.
+        let until = Instant::now() + LONG;
+        while s.requests.load(Ordering::SeqCst) < 2 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(s.requests.load(Ordering::SeqCst), 2);
+        gate.add_permits(Semaphore::MAX_PERMITS / 2);
+        while let Some(r) = asks.join_next().await {
+            assert_eq!(r.unwrap().unwrap(), Bytes::from_static(b"ok"));
+        }
+        assert_eq!(s.requests.load(Ordering::SeqCst), 6);
+        assert_eq!(s.connections.load(Ordering::SeqCst), 2);
+        s.cancel.cancel();
+    }
+
+    /// A server that answers the first request of each connection and closes the
+    /// connection unanswered when the next request arrives (as a server closing a kept
+    /// connection gone idle does, just as the client sends on it); it counts connections.
+    async fn answers_once_per_connection() -> (SocketAddr, Arc<AtomicU64>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let n = Arc::new(AtomicU64::new(0));
+        let counted = n.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = l.accept().await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    for answered in [true, false] {
+                        let mut head = Vec::new();
+                        let mut b = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut b).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&b[..n]),
+                            }
+                        }
+                        if answered {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                .await;
+                        }
+                    }
+                    // Dropped here, the second request unanswered.
+                });
+            }
+        });
+        (addr, n)
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_closed_as_a_request_is_sent_is_replaced_and_every_request_is_answered(
+    ) {
+        let (addr, connections) = answers_once_per_connection().await;
+        let pool = Pool::new(4);
+        for i in 1..=4u64 {
+            let r = exchange(&pool, addr, get(), LONG, 1024).await;
+            assert_eq!(r.unwrap(), Bytes::from_static(b"ok"), "request {i}");
+            // The first request opens a connection; each later one finds the kept
+            // connection dead on arrival and is answered on a fresh one.
+            assert_eq!(connections.load(Ordering::SeqCst), i);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_past_its_limit_leaves_its_connection_out_of_the_pool() {
+        let s = served(open_gate()).await;
+        let pool = Pool::new(4);
+        let r = exchange(&pool, s.addr, get(), LONG, 1).await;
+        assert!(matches!(r, Err(TransferError::TooLarge(_, 1))), "{r:?}");
+        exchange(&pool, s.addr, get(), LONG, 1024).await.unwrap();
+        assert_eq!(pool.opened(), 2);
+        s.cancel.cancel();
     }
 }

@@ -1,8 +1,9 @@
 //! Getting chunks and files: a chunk for another member (from disk, the cache, or fetched
 //! once along the route however many ask: [`Engine::serve_chunk`]), the requester's
 //! [`fetch_chunk`], which verifies every chunk and routes around a failed gateway, and
-//! [`get_file`], which writes verified chunks into a temp file beside the destination,
-//! fsyncs and renames it. It writes only to the cache dir and the requested destination,
+//! [`get_file`], which keeps as many chunks in flight as the path holds ([`Window`]) and
+//! writes verified chunks into a temp file beside the destination, fsyncs and renames it.
+//! It writes only to the cache dir and the requested destination,
 //! and only on blocking threads; it must not plan routes itself (the planner does) or
 //! answer HTTP.
 
@@ -21,9 +22,84 @@ use crate::group::identity::Key;
 use bytes::Bytes;
 use rand::RngCore;
 
-/// Chunks a `get` keeps in flight.
-const PARALLEL: usize = 4;
 const MAX_TRIES: usize = 8;
+
+/// How many chunks one transfer keeps in flight: enough to keep its path busy while each
+/// chunk waits a round trip. The rule is the bandwidth-delay product in chunks, plus one:
+/// `rate × round trip / chunk + 1`, within [`Window::FLOOR`] and [`Window::CEILING`].
+/// The rate is measured over the last chunks that arrived, the round trip is the shortest
+/// wait for an answer's head from the hop that feeds us (the pool keeps it), which
+/// through a gateway also counts the gateway's own fetch. The rate measured with `w` in
+/// flight is at most what `w` allows, so the `+ 1` lets the window grow while one more
+/// chunk in flight still brings more rate, and it settles where the path is full (one
+/// more would only queue). Each in-flight chunk is a request on its own kept connection
+/// (HTTP/1.1 answers one at a time), so the ceiling stays under the pool's bound per peer.
+pub struct Window {
+    chunk: u64,
+    /// When the last chunks arrived and their sizes, oldest first.
+    arrivals: std::collections::VecDeque<(std::time::Instant, u64)>,
+}
+
+impl Window {
+    /// Today's fixed count before this rule: a path measured as short never gets less.
+    pub const FLOOR: usize = 4;
+    /// Under the pool's bound per peer, leaving connections for a stream or a sync
+    /// beside a `get`.
+    pub const CEILING: usize = 16;
+    /// Arrivals the rate is measured over.
+    const SAMPLES: usize = 16;
+
+    pub fn new(chunk: u64) -> Window {
+        Window {
+            chunk: chunk.max(1),
+            arrivals: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// A chunk of `bytes` arrived at `now`.
+    pub fn arrived(&mut self, now: std::time::Instant, bytes: u64) {
+        if self.arrivals.len() == Self::SAMPLES {
+            self.arrivals.pop_front();
+        }
+        self.arrivals.push_back((now, bytes));
+    }
+
+    /// Bytes per second over the last arrivals (those after the first of them).
+    fn rate(&self) -> Option<f64> {
+        let (first, _) = self.arrivals.front()?;
+        let (last, _) = self.arrivals.back()?;
+        let secs = last.duration_since(*first).as_secs_f64();
+        let bytes: u64 = self.arrivals.iter().skip(1).map(|(_, b)| b).sum();
+        (secs > 0.0 && bytes > 0).then(|| bytes as f64 / secs)
+    }
+
+    /// Chunks to keep in flight, given the path's round trip when known.
+    pub fn target(&self, round_trip: Option<Duration>) -> usize {
+        let (Some(rate), Some(rtt)) = (self.rate(), round_trip) else {
+            return Self::FLOOR;
+        };
+        let bdp = rate * rtt.as_secs_f64() / self.chunk as f64;
+        // Float to integer saturates; the clamp bounds it either way.
+        (bdp.ceil() as usize)
+            .saturating_add(1)
+            .clamp(Self::FLOOR, Self::CEILING)
+    }
+}
+
+/// The round trip of the hop that feeds this node chunks of `id` from `source` now.
+pub fn feeder_round_trip(
+    engine: &Engine,
+    members: &dyn Membership,
+    source: &Key,
+    id: &str,
+    exclude: &Mutex<Vec<Key>>,
+) -> Option<Duration> {
+    let dir = members.directory();
+    let ex = exclude.locked().clone();
+    let route = dir.plan(source, &dir.me, id, &ex).ok()?;
+    let hop = route.feeder()?;
+    engine.round_trip(&dir, &hop.from_key, hop.via)
+}
 
 impl Engine {
     /// One fetch per chunk at a time: concurrent askers wait for the same result, which
@@ -163,7 +239,13 @@ pub async fn fetch_chunk(
                 if matches!(e, TransferError::Corrupt(_)) {
                     progress.corrupt.fetch_add(1, Ordering::Relaxed);
                 }
-                log::info!("chunk {index}: {e}; trying another route");
+                // A member that cannot be reached was logged once by the pool; a
+                // line per chunk would bury it.
+                if matches!(e, TransferError::Unreachable(..)) {
+                    log::debug!("chunk {index}: {e}; trying another route");
+                } else {
+                    log::info!("chunk {index}: {e}; trying another route");
+                }
                 last = e.to_string();
                 // Route around the gateway that failed; the source has no stand-in.
                 match gateway {
@@ -216,64 +298,51 @@ pub async fn get_file(
         .map_err(write_err)?
     };
     let file = Arc::new(file);
+    // Shared, not copied per chunk: a big file's manifest lists thousands of hashes.
+    let manifest = Arc::new(manifest);
     let exclude: Arc<Mutex<Vec<Key>>> = Arc::new(Mutex::new(Vec::new()));
-    let next = Arc::new(AtomicU64::new(0));
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..PARALLEL.min(manifest.chunks.len().max(1)) {
-        let (engine, members, manifest, file, exclude, next, progress) = (
-            engine.clone(),
-            members.clone(),
-            manifest.clone(),
-            file.clone(),
-            exclude.clone(),
-            next.clone(),
-            progress.clone(),
-        );
-        workers.spawn(async move {
-            loop {
-                let index = next.fetch_add(1, Ordering::Relaxed);
-                if index as usize >= manifest.chunks.len() {
-                    return Ok::<(), TransferError>(());
-                }
-                if resuming && {
-                    let (manifest, file) = (manifest.clone(), file.clone());
-                    blocking(move || manifest.held_chunk(&file, index).is_some()).await
-                } {
-                    engine.resumed.fetch_add(1, Ordering::Relaxed);
-                    progress
-                        .done
-                        .fetch_add(manifest.chunk_len(index), Ordering::Relaxed);
-                    continue;
-                }
-                let b = fetch_chunk(
-                    &engine, &*members, &source, &manifest, index, &exclude, &progress,
-                )
-                .await?;
-                let (at, written, file) = (index * manifest.chunk_size, b.clone(), file.clone());
-                blocking(move || {
-                    use std::os::unix::fs::FileExt;
-                    file.write_all_at(&written, at)
-                })
-                .await
-                .map_err(|source| TransferError::Write {
-                    path: PathBuf::from(&manifest.path),
-                    source,
-                })?;
-                progress.done.fetch_add(b.len() as u64, Ordering::Relaxed);
-            }
-        });
-    }
+    let count = manifest.chunks.len() as u64;
+    let id = manifest.id();
+    let mut window = Window::new(manifest.chunk_size);
+    let mut round_trip = None;
+    let mut next = 0u64;
+    let mut inflight = tokio::task::JoinSet::new();
     let mut result = Ok(());
-    while let Some(r) = workers.join_next().await {
-        // A worker that panicked left holes in the file: that is a failure too.
-        let failed = match r {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e),
-            Err(e) => Some(TransferError::GiveUp(0, 0, format!("a worker died: {e}"))),
+    loop {
+        // Chunks start in file order; as many are in flight as the window says.
+        while result.is_ok() && next < count && inflight.len() < window.target(round_trip) {
+            inflight.spawn(one_chunk(
+                engine.clone(),
+                members.clone(),
+                source,
+                manifest.clone(),
+                next,
+                file.clone(),
+                exclude.clone(),
+                progress.clone(),
+                resuming,
+            ));
+            next += 1;
+        }
+        let Some(r) = inflight.join_next().await else {
+            break;
         };
-        if let (Some(e), true) = (failed, result.is_ok()) {
-            result = Err(e);
-            workers.abort_all();
+        // A task that panicked left a hole in the file: that is a failure too.
+        match r {
+            Ok(Ok(Some(bytes))) => {
+                window.arrived(std::time::Instant::now(), bytes);
+                round_trip = feeder_round_trip(&engine, &*members, &source, &id, &exclude);
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) if result.is_ok() => {
+                result = Err(e);
+                inflight.abort_all();
+            }
+            Err(e) if result.is_ok() => {
+                result = Err(TransferError::GiveUp(0, 0, format!("a worker died: {e}")));
+                inflight.abort_all();
+            }
+            Ok(Err(_)) | Err(_) => {}
         }
     }
     if let Err(e) = result {
@@ -307,6 +376,49 @@ pub async fn get_file(
     .await
 }
 
+/// Chunk `index` of `manifest` into `file`: kept when a resumed partial already holds it
+/// (`None`), else fetched, verified and written at its offset (`Some(its length)`).
+#[allow(clippy::too_many_arguments)]
+async fn one_chunk(
+    engine: Arc<Engine>,
+    members: Arc<dyn Membership>,
+    source: Key,
+    manifest: Arc<Manifest>,
+    index: u64,
+    file: Arc<std::fs::File>,
+    exclude: Arc<Mutex<Vec<Key>>>,
+    progress: Arc<Progress>,
+    resuming: bool,
+) -> Result<Option<u64>, TransferError> {
+    if resuming && {
+        let (manifest, file) = (manifest.clone(), file.clone());
+        blocking(move || manifest.held_chunk(&file, index).is_some()).await
+    } {
+        engine.resumed.fetch_add(1, Ordering::Relaxed);
+        progress
+            .done
+            .fetch_add(manifest.chunk_len(index), Ordering::Relaxed);
+        return Ok(None);
+    }
+    let b = fetch_chunk(
+        &engine, &*members, &source, &manifest, index, &exclude, &progress,
+    )
+    .await?;
+    let len = b.len() as u64;
+    let at = index * manifest.chunk_size;
+    blocking(move || {
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&b, at)
+    })
+    .await
+    .map_err(|source| TransferError::Write {
+        path: PathBuf::from(&manifest.path),
+        source,
+    })?;
+    progress.done.fetch_add(len, Ordering::Relaxed);
+    Ok(Some(len))
+}
+
 pub fn describe(r: &Route) -> String {
     if r.hops.is_empty() {
         return "local".into();
@@ -327,4 +439,89 @@ fn temp_beside(dest: &Path) -> PathBuf {
     rand::rngs::OsRng.fill_bytes(&mut n);
     let tag: String = n.iter().map(|b| format!("{b:02x}")).collect();
     crate::data::share::beside(dest, &format!(".watchalong-{tag}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    const CHUNK: u64 = 256 * 1024;
+
+    /// A window fed chunks arriving at `rate` bytes per second.
+    fn fed(rate: f64) -> Window {
+        let mut w = Window::new(CHUNK);
+        let t0 = Instant::now();
+        for i in 0..20u32 {
+            w.arrived(
+                t0 + Duration::from_secs_f64(f64::from(i) * CHUNK as f64 / rate),
+                CHUNK,
+            );
+        }
+        w
+    }
+
+    const MBIT: f64 = 1_000_000.0 / 8.0;
+
+    #[test]
+    fn before_anything_is_measured_the_window_is_its_floor() {
+        let mut w = Window::new(CHUNK);
+        assert_eq!(w.target(Some(Duration::from_millis(150))), Window::FLOOR);
+        w.arrived(Instant::now(), CHUNK);
+        assert_eq!(w.target(Some(Duration::from_millis(150))), Window::FLOOR);
+        assert_eq!(fed(100.0 * MBIT).target(None), Window::FLOOR);
+    }
+
+    #[test]
+    fn the_window_is_the_bandwidth_delay_product_in_chunks_plus_one_within_floor_and_ceiling() {
+        // 100 Mbit/s × 150 ms = 1.875 MB = 7.2 chunks: 8, plus one.
+        assert_eq!(
+            fed(100.0 * MBIT).target(Some(Duration::from_millis(150))),
+            9
+        );
+        // 100 Mbit/s × 50 ms is 2.4 chunks: the floor.
+        assert_eq!(
+            fed(100.0 * MBIT).target(Some(Duration::from_millis(50))),
+            Window::FLOOR
+        );
+        // 1 Gbit/s × 150 ms is 72 chunks: the ceiling.
+        assert_eq!(
+            fed(1000.0 * MBIT).target(Some(Duration::from_millis(150))),
+            Window::CEILING
+        );
+    }
+
+    /// A path of `link` bytes per second and round trip `rtt`, where each chunk in
+    /// flight waits a round trip and then its share of the link: what `get` measures with
+    /// `w` chunks in flight. Returns where the window settles.
+    fn settle(link: f64, rtt: Duration) -> usize {
+        let mut w = Window::FLOOR;
+        for _ in 0..100 {
+            let per_chunk = rtt.as_secs_f64() + CHUNK as f64 / link;
+            let rate = (w as f64 * CHUNK as f64 / per_chunk).min(link);
+            let next = fed(rate).target(Some(rtt));
+            if next == w {
+                return w;
+            }
+            w = next;
+        }
+        panic!("the window never settled");
+    }
+
+    #[test]
+    fn the_window_grows_until_the_path_is_full_and_stops_there() {
+        // 100 Mbit/s, 150 ms: full at 7.2 chunks in flight; it settles just past that.
+        let w = settle(100.0 * MBIT, Duration::from_millis(150));
+        assert!((8..=10).contains(&w), "{w}");
+        // 20 Mbit/s, 150 ms: 1.4 chunks fill it; the floor holds.
+        assert_eq!(
+            settle(20.0 * MBIT, Duration::from_millis(150)),
+            Window::FLOOR
+        );
+        // 1 Gbit/s, 1 ms: a short path never runs to the ceiling.
+        assert_eq!(
+            settle(1000.0 * MBIT, Duration::from_millis(1)),
+            Window::FLOOR
+        );
+    }
 }

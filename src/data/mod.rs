@@ -12,5 +12,6 @@ mod flight;
 pub mod messages;
 pub mod node_server;
 pub mod planner;
+pub mod pool;
 pub mod share;
 pub mod transfer;

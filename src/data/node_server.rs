@@ -313,7 +313,7 @@ async fn serve_peers<M: Membership>(
         }
     };
     let budget = Budget::new(REPLY_BUDGET);
-    let counted = engine.clone();
+    let (counted, took) = (engine.clone(), engine.clone());
     server::serve(
         listener,
         cancel,
@@ -335,6 +335,9 @@ async fn serve_peers<M: Membership>(
         },
         move || {
             counted.refused_connections.fetch_add(1, Ordering::Relaxed);
+        },
+        move || {
+            took.accepted_connections.fetch_add(1, Ordering::Relaxed);
         },
     )
     .await
@@ -646,9 +649,9 @@ mod served {
 
     #[tokio::test]
     async fn an_unsigned_message_is_answered_401_and_reaches_no_inbox() {
-        let (addr, _client, _to, got, cancel, _d) = node_with_rooms().await;
+        let (addr, client, _to, got, cancel, _d) = node_with_rooms().await;
         let req = Request::post("/v1/room").body(Full::new(Bytes::from_static(b"x")));
-        let r = exchange(addr, req, Duration::from_secs(20), 1024).await;
+        let r = exchange(&client.pool, addr, req, Duration::from_secs(20), 1024).await;
         assert!(matches!(r, Err(TransferError::Status(_, 401))), "{r:?}");
         assert!(got.locked().is_empty());
         cancel.cancel();

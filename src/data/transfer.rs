@@ -11,6 +11,8 @@ pub use crate::data::client::{
     ChunkRequest, Counters, Engine, TransferError, MAX_CHUNK, NODE_PORT,
 };
 pub use crate::data::directory::{Directory, Membership, Peer};
-pub use crate::data::fetch::{describe, fetch_chunk, get_file, Progress};
+pub use crate::data::fetch::{
+    describe, feeder_round_trip, fetch_chunk, get_file, Progress, Window,
+};
 pub use crate::data::messages::{Inbox, Messages, MessagesError};
 pub use crate::data::node_server::{parse_chunk_query, serve_node, serve_relay};

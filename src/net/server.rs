@@ -46,8 +46,9 @@ pub struct Limits {
     pub busy_from_start: bool,
 }
 
-/// The node server and the LAN relay: every request proven by the caller, one request
-/// per connection, so a connection never needs to live long.
+/// The node server and the LAN relay: every request proven by the caller. A member keeps
+/// its connection for many requests (see `data::pool`, which drops an idle one before the
+/// header deadline and retires one before the lifetime), but none lives past five minutes.
 pub const PEERS: Limits = Limits {
     connections: 512,
     per_source: 32,
@@ -295,15 +296,18 @@ impl Drop for Slot {
 
 /// Runs an HTTP/1 server on `listener` until `cancel`: `admit` sees each connection's
 /// addresses before anything is read (a refusal closes it unanswered), `refused` counts
-/// connections closed for a cap or by `admit`, and every connection is held to `limits`.
+/// connections closed for a cap or by `admit`, `took_in` those taken in, and every
+/// connection is held to `limits`. A connection is kept open between requests (HTTP/1.1
+/// keep-alive) until it idles past the header deadline, is evicted or lives its time.
 /// Every reply body is wrapped in [`Guarded`].
-pub async fn serve<A, F, Fut, B, R>(
+pub async fn serve<A, F, Fut, B, R, C>(
     listener: TcpListener,
     cancel: CancellationToken,
     limits: Limits,
     admit: A,
     handle: F,
     refused: R,
+    took_in: C,
 ) where
     A: Fn(SocketAddr, SocketAddr) -> bool,
     F: Fn(Request<Incoming>, SocketAddr, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
@@ -311,6 +315,7 @@ pub async fn serve<A, F, Fut, B, R>(
     B: Body<Data = Bytes> + Unpin + Send + Sync + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     R: Fn(),
+    C: Fn(),
 {
     static ACCEPT_LOG: Throttle = Throttle::new(Duration::from_secs(10));
     static REFUSE_LOG: Throttle = Throttle::new(Duration::from_secs(10));
@@ -368,6 +373,7 @@ pub async fn serve<A, F, Fut, B, R>(
                 continue;
             }
         };
+        took_in();
         let handle = handle.clone();
         let cancel = cancel.clone();
         conns.spawn(async move {

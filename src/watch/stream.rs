@@ -32,11 +32,8 @@ use tokio_util::task::TaskTracker;
 use crate::base::lock::Recover;
 use crate::data::blocking::blocking;
 use crate::data::share::Manifest;
-use crate::data::transfer::{Engine, Membership, Progress};
+use crate::data::transfer::{feeder_round_trip, Engine, Membership, Progress, Window};
 use crate::group::identity::Key;
-
-/// Chunks fetched at once for one stream.
-const WORKERS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
@@ -262,7 +259,9 @@ impl Stream {
         Ok(Bytes::from(buf))
     }
 
-    /// Fetches what is missing, in playhead order, until all is there or `cancel`.
+    /// Fetches what is missing, in playhead order, until all is there or `cancel`: as
+    /// many chunks in flight as the path's window says (see [`Window`]), each picked
+    /// when it starts, so the chunk under the playhead always goes first.
     pub async fn fill(
         self: Arc<Self>,
         engine: Arc<Engine>,
@@ -270,72 +269,101 @@ impl Stream {
         cancel: CancellationToken,
     ) {
         let exclude = Arc::new(Mutex::new(Vec::new()));
-        let mut workers = tokio::task::JoinSet::new();
-        for _ in 0..WORKERS {
-            let (s, engine, members, exclude, cancel) = (
-                self.clone(),
-                engine.clone(),
-                members.clone(),
-                exclude.clone(),
-                cancel.clone(),
-            );
-            workers.spawn(async move {
-                loop {
-                    let picked = {
-                        let (have, busy) = &mut *s.lock();
-                        let at = s.playhead.load(Ordering::Relaxed) as usize;
-                        let i = next_wanted(have, busy, at);
-                        if let Some(i) = i {
-                            busy[i] = true;
-                        }
-                        i
-                    };
-                    let Some(i) = picked else { return };
-                    let got = tokio::select! {
-                        r = crate::data::transfer::fetch_chunk(
-                            &engine, &*members, &s.source, &s.manifest, i as u64, &exclude,
-                            &s.progress,
-                        ) => r,
-                        () = cancel.cancelled() => return,
-                    };
-                    let written = match got {
-                        Ok(b) => {
-                            let (data, at) = (s.data.clone(), i as u64 * s.manifest.chunk_size);
-                            blocking(move || {
-                                use std::os::unix::fs::FileExt;
-                                data.write_all_at(&b, at).map(|()| b.len())
-                            })
-                            .await
-                            .map_err(|e| e.to_string())
-                        }
-                        Err(e) => Err(e.to_string()),
-                    };
-                    let ok = written.is_ok();
-                    {
-                        let (have, busy) = &mut *s.lock();
-                        busy[i] = false;
-                        have[i] = ok;
+        let id = self.manifest.id();
+        let mut window = Window::new(self.manifest.chunk_size);
+        let mut round_trip = None;
+        let mut inflight = tokio::task::JoinSet::new();
+        loop {
+            while inflight.len() < window.target(round_trip) {
+                let picked = {
+                    let (have, busy) = &mut *self.lock();
+                    let at = self.playhead.load(Ordering::Relaxed) as usize;
+                    let i = next_wanted(have, busy, at);
+                    if let Some(i) = i {
+                        busy[i] = true;
                     }
-                    match written {
-                        Ok(n) => {
-                            s.progress.done.fetch_add(n as u64, Ordering::Relaxed);
-                            s.arrived.notify_waiters();
-                        }
-                        Err(e) => {
-                            // A stream being watched never gives up; it waits and tries again.
-                            log::warn!("watch {}: chunk {i}: {e}", s.file);
-                            tokio::select! {
-                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                                () = cancel.cancelled() => return,
-                            }
-                        }
-                    }
-                }
-            });
+                    i
+                };
+                let Some(i) = picked else { break };
+                inflight.spawn(self.clone().fill_one(
+                    i,
+                    engine.clone(),
+                    members.clone(),
+                    exclude.clone(),
+                    cancel.clone(),
+                ));
+            }
+            // Nothing in flight and nothing wanted: all is here.
+            let Some(r) = inflight.join_next().await else {
+                break;
+            };
+            if cancel.is_cancelled() {
+                break;
+            }
+            if let Ok(Some(n)) = r {
+                window.arrived(std::time::Instant::now(), n);
+                round_trip = feeder_round_trip(&engine, &*members, &self.source, &id, &exclude);
+            }
         }
-        while workers.join_next().await.is_some() {}
+        inflight.abort_all();
+        while inflight.join_next().await.is_some() {}
         if self.complete() {
             log::info!("watch {}: all {} bytes here", self.file, self.manifest.size);
+        }
+    }
+
+    /// Chunk `i` (marked busy by the caller) fetched and written into the cache: its
+    /// length, or `None` when it failed (after a pause: a stream being watched never
+    /// gives up, its chunk is picked again) or `cancel` came.
+    async fn fill_one(
+        self: Arc<Self>,
+        i: usize,
+        engine: Arc<Engine>,
+        members: Arc<dyn Membership>,
+        exclude: Arc<Mutex<Vec<Key>>>,
+        cancel: CancellationToken,
+    ) -> Option<u64> {
+        let got = tokio::select! {
+            r = crate::data::transfer::fetch_chunk(
+                &engine, &*members, &self.source, &self.manifest, i as u64, &exclude,
+                &self.progress,
+            ) => r,
+            () = cancel.cancelled() => {
+                self.lock().1[i] = false;
+                return None;
+            }
+        };
+        let written = match got {
+            Ok(b) => {
+                let (data, at) = (self.data.clone(), i as u64 * self.manifest.chunk_size);
+                blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    data.write_all_at(&b, at).map(|()| b.len())
+                })
+                .await
+                .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        {
+            let (have, busy) = &mut *self.lock();
+            busy[i] = false;
+            have[i] = written.is_ok();
+        }
+        match written {
+            Ok(n) => {
+                self.progress.done.fetch_add(n as u64, Ordering::Relaxed);
+                self.arrived.notify_waiters();
+                Some(n as u64)
+            }
+            Err(e) => {
+                log::warn!("watch {}: chunk {i}: {e}", self.file);
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = cancel.cancelled() => {}
+                }
+                None
+            }
         }
     }
 }
@@ -695,6 +723,7 @@ pub async fn serve_local(listener: TcpListener, streams: Arc<Streams>, cancel: C
             let streams = streams.clone();
             async move { handle(streams, req, local.port()).await }
         },
+        || {},
         || {},
     )
     .await;
