@@ -10,7 +10,7 @@
 //! | [`base`]    | config file, durable state files, logging, clock, poison-tolerant lock | files |
 //! | [`group`]   | keys, access links, this node's place, signed members, gossip, request proofs | none (pure) but the key file |
 //! | [`net`]     | join messages, VPN routes, the userspace WireGuard tunnel, the joiner, the bounded HTTP server | sockets, TUN |
-//! | [`data`]    | shares and chunk manifests, the transfer planner, node-to-node HTTP, relay, cache, `get` | sockets, files |
+//! | [`data`]    | shares and chunk manifests, the transfer planner, node-to-node HTTP over kept connections, relay, cache, `get` | sockets, files |
 //! | [`sync`]    | version vectors, the sync index, kept versions, a read-write share's sync state, sync's executor | files |
 //! | [`watch`]   | room rules, streams played while they arrive, the node's rooms and streams | files, loopback |
 //! | [`control`] | the local HTTP API over a Unix socket: types, server, client | socket |
