@@ -2,7 +2,8 @@
 # Runs every test from a fresh machine: installs the system packages the tests need
 # (namespaces, NAT, ping, WireGuard tools for the interop test, systemd-analyze, mpv and
 # ffmpeg for the watch-along tests; curl, tcpdump and setpriv for the attacker tests), then
-# the whole cargo suite, then the distance-sensitive tests again across a 50 ms lab internet. Root is needed for the namespace tests; without root they print
+# the whole cargo suite, then the transfer, sync and watch tests again across a 50 ms lab
+# internet. Root is needed for the namespace tests; without root they print
 # "SKIPPED (needs root)" past the harness's capture and each test binary ends with the
 # count of its skips; under CI (any CI but empty, 0 or false) a skip is a failure.
 set -euo pipefail
