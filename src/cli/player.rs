@@ -24,6 +24,11 @@ use crate::watch::room::{correct, Correction, Playback, Stamp};
 const POLL: Duration = Duration::from_millis(100);
 /// While a seek of ours is this recent and has not landed, no other correction is made.
 const OUR_SEEK_WINDOW: Duration = Duration::from_millis(1500);
+/// While a seek mpv began (a person's or ours) has not landed, for at most this long, no
+/// correction is made: mpv already reads the seek's target as its position, and taking
+/// that for drift would seek back and undo a person's seek before it is reported. A
+/// seek into what has not arrived yet can take a few round trips to land.
+const SEEK_UNDER_WAY: Duration = Duration::from_secs(10);
 /// A seek that lands this close to where we sent the player is ours.
 const OUR_SEEK_SLACK_S: f64 = 0.5;
 /// A paused player this far from the room's position is moved there.
@@ -70,8 +75,8 @@ pub struct Follower {
     sent_speed: Option<f64>,
     /// Our last seek: when, and to where.
     sent_seek: Option<(Instant, f64)>,
-    /// mpv began a seek (ours or a person's): where it lands tells which.
-    seen_seek: bool,
+    /// mpv began a seek (ours or a person's), and when: where it lands tells which.
+    seen_seek: Option<Instant>,
     /// mpv reports an observed property's value once when observing starts; that is
     /// not a person's doing.
     pause_known: bool,
@@ -90,7 +95,7 @@ impl Default for Follower {
             sent_pause: None,
             sent_speed: None,
             sent_seek: None,
-            seen_seek: false,
+            seen_seek: None,
             pause_known: false,
             speed_known: false,
             rate: 1.0,
@@ -144,14 +149,14 @@ impl Follower {
     }
 
     /// mpv began a seek.
-    pub fn on_seek(&mut self) {
-        self.seen_seek = true;
+    pub fn on_seek(&mut self, now: Instant) {
+        self.seen_seek = Some(now);
     }
 
     /// mpv landed: true after a seek, when the position must be read to tell whose it
     /// was ([`Follower::landed_at`]).
     pub fn on_landed(&mut self) -> bool {
-        std::mem::take(&mut self.seen_seek)
+        self.seen_seek.take().is_some()
     }
 
     /// A seek landed at `position`: ours if that is where we sent the player, else a
@@ -189,7 +194,10 @@ impl Follower {
         let want_paused = !state.running();
         let seeking = self
             .sent_seek
-            .is_some_and(|(t, _)| now.saturating_duration_since(t) < OUR_SEEK_WINDOW);
+            .is_some_and(|(t, _)| now.saturating_duration_since(t) < OUR_SEEK_WINDOW)
+            || self
+                .seen_seek
+                .is_some_and(|t| now.saturating_duration_since(t) < SEEK_UNDER_WAY);
         let expected = state.position_at(now_ms);
         let actual = self.position_now(now);
         let mut speed = state.rate;
@@ -424,7 +432,7 @@ pub async fn run_mpv(
                             pending_change = change;
                         }
                     }
-                    Some("seek") => f.on_seek(),
+                    Some("seek") => f.on_seek(Instant::now()),
                     Some("playback-restart") if f.on_landed() => {
                         landed_id = mpv.send(json!(["get_property", "time-pos"])).await?;
                     }
@@ -569,20 +577,61 @@ mod tests {
     }
 
     #[test]
+    fn a_persons_seek_under_way_is_not_undone_before_it_lands() {
+        let mut f = Follower {
+            paused: false,
+            ..Default::default()
+        };
+        let now = Instant::now();
+        let room = state(true, 2.0, 0);
+        f.on_position(2.0, now);
+        assert!(f.follow(&room, 0, now).is_empty());
+        // A person seeks far; mpv reads the target as its position before it lands
+        // (at a distance the data there takes a few round trips to come).
+        f.on_seek(now);
+        f.on_position(60.0, now);
+        let cmds = f.follow(&room, 0, now);
+        assert!(
+            !cmds.iter().any(|c| matches!(c, Command::Seek(_))),
+            "{cmds:?}"
+        );
+        assert!(f.on_landed());
+        assert_eq!(f.landed_at(60.0, now).map(|c| c.position), Some(60.0));
+    }
+
+    #[test]
+    fn a_seek_that_never_lands_holds_corrections_off_only_for_a_while() {
+        let mut f = Follower {
+            paused: false,
+            ..Default::default()
+        };
+        let now = Instant::now();
+        f.on_position(60.0, now);
+        f.on_seek(now);
+        let later = now + SEEK_UNDER_WAY;
+        f.on_position(60.0, later);
+        let cmds = f.follow(&state(true, 2.0, 0), 0, later);
+        assert!(
+            cmds.iter().any(|c| matches!(c, Command::Seek(_))),
+            "{cmds:?}"
+        );
+    }
+
+    #[test]
     fn a_seek_we_did_not_ask_for_is_reported_where_it_landed() {
         let mut f = Follower::default();
         let now = Instant::now();
         f.on_position(1.0, now);
-        f.on_seek();
+        f.on_seek(now);
         assert!(f.on_landed());
         assert_eq!(f.landed_at(42.0, now).map(|c| c.position), Some(42.0));
         // Ours is not, even when a person's follows it closely.
         let cmds = f.follow(&state(false, 30.0, 0), 0, now);
         assert_eq!(cmds, vec![Command::Seek(30.0)]);
-        f.on_seek();
+        f.on_seek(now);
         assert!(f.on_landed());
         assert_eq!(f.landed_at(30.0, now), None);
-        f.on_seek();
+        f.on_seek(now);
         assert!(f.on_landed());
         assert_eq!(f.landed_at(60.0, now).map(|c| c.position), Some(60.0));
     }
