@@ -1003,7 +1003,8 @@ fn report(
     // The ledger: the final tree (all alike, or else failed above) and every versions
     // folder, by content.
     let mut live: HashMap<blake3::Hash, Vec<String>> = HashMap::new();
-    let mut kept: HashSet<blake3::Hash> = HashSet::new();
+    // Every kept content, with where it is kept (node index and path), so a failure names it.
+    let mut kept: HashMap<blake3::Hash, Vec<String>> = HashMap::new();
     let roots = soak.roots.clone();
     for (i, root) in roots.iter().enumerate() {
         for (rel, p, m) in walk(root, true) {
@@ -1013,10 +1014,10 @@ fn report(
                 }
             }
         }
-        for (_, p, m) in walk(&versions_dir(root), false) {
+        for (rel, p, m) in walk(&versions_dir(root), false) {
             if m.is_file() {
                 if let Some(h) = soak.hashes.of(&p, &m) {
-                    kept.insert(h);
+                    kept.entry(h).or_default().push(format!("{i}:{rel}"));
                 }
             }
         }
@@ -1030,7 +1031,7 @@ fn report(
             } else {
                 moved += 1;
             }
-        } else if kept.contains(&w.hash) {
+        } else if kept.contains_key(&w.hash) {
             in_versions += 1;
         } else if soak.ledger.excused.contains_key(&w.hash) {
             excused += 1;
@@ -1064,10 +1065,16 @@ fn report(
             unknown.join("; ")
         ));
     }
-    let unknown_kept = kept.iter().filter(|h| !ever.contains(h)).count();
-    if unknown_kept > 0 {
+    let unknown_kept: Vec<String> = kept
+        .iter()
+        .filter(|(h, _)| !ever.contains(h))
+        .map(|(h, at)| format!("{} at {}", &h.to_hex()[..16], at.join(", ")))
+        .collect();
+    if !unknown_kept.is_empty() {
         failures.push(format!(
-            "{unknown_kept} kept version(s) hold a content the schedule never wrote"
+            "{} kept version(s) hold a content the schedule never wrote: {}",
+            unknown_kept.len(),
+            unknown_kept.join("; ")
         ));
     }
 
