@@ -605,14 +605,23 @@ impl Executor {
         }
         // What the pull replaces is kept first (a link: the rename below stays atomic);
         // a conflict's own copy was moved aside above and is kept as it is.
+        let mut kept = None;
         if aside.is_none() && dest.is_file() && self.config.keep_versions_days > 0 {
-            if let Err(e) = crate::sync::kept::keep_linking(&s.root, local_path, &dest) {
-                let _ = std::fs::remove_file(&staged);
-                s.set_error(Some(format!("{local_path}: not replaced, since {e}")));
-                return None;
+            match crate::sync::kept::keep_linking(&s.root, local_path, &dest) {
+                Ok(link) => kept = Some(link),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&staged);
+                    s.set_error(Some(format!("{local_path}: not replaced, since {e}")));
+                    return None;
+                }
             }
         }
         if let Err(e) = std::fs::rename(&staged, &dest) {
+            // Nothing was replaced: a link kept to the file still in use would change
+            // with every later edit of it, so it goes.
+            if let Some(link) = kept {
+                let _ = std::fs::remove_file(link);
+            }
             let _ = std::fs::remove_file(&staged);
             s.set_error(Some(format!("{local_path}: {e}")));
             return None;
