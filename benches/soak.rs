@@ -661,44 +661,12 @@ fn log_tail(n: &Node, lines: usize) -> String {
 /// A test video long enough for the run: a moving pattern and a tone, small and cheap
 /// to encode (160x120 at 10 frames a second).
 fn make_long_video(path: &Path, secs: u64) {
-    let o = run(
-        "ffmpeg",
-        &[
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=160x120:rate=10",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440",
-            "-t",
-            &secs.to_string(),
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "10",
-            "-b:v",
-            "64k",
-            "-c:a",
-            "aac",
-            "-b:a",
-            "32k",
-            "-movflags",
-            "+faststart",
-            path.to_str().unwrap_or_default(),
-        ],
-    );
-    assert!(
-        o.status.success(),
-        "ffmpeg: {}",
-        String::from_utf8_lossy(&o.stderr)
+    make_video_sized(
+        path,
+        u32::try_from(secs).unwrap_or(u32::MAX),
+        64,
+        "160x120",
+        10,
     );
 }
 

@@ -15,6 +15,12 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// A test video: `secs` seconds of a moving test pattern with a tone, a keyframe every
 /// second, at about `kbit` kbit/s.
 pub fn make_video(path: &Path, secs: u32, kbit: u32) {
+    make_video_sized(path, secs, kbit, "320x240", 25);
+}
+
+/// The same at `size` (`WxH`) and `fps` frames a second: a long video for a soak is
+/// cheaper to encode small and slow.
+pub fn make_video_sized(path: &Path, secs: u32, kbit: u32, size: &str, fps: u32) {
     let o = run(
         "ffmpeg",
         &[
@@ -25,7 +31,7 @@ pub fn make_video(path: &Path, secs: u32, kbit: u32) {
             "-f",
             "lavfi",
             "-i",
-            "testsrc=size=320x240:rate=25",
+            &format!("testsrc=size={size}:rate={fps}"),
             "-f",
             "lavfi",
             "-i",
@@ -37,7 +43,7 @@ pub fn make_video(path: &Path, secs: u32, kbit: u32) {
             "-preset",
             "ultrafast",
             "-g",
-            "25",
+            &fps.to_string(),
             "-b:v",
             &format!("{kbit}k"),
             "-minrate",
