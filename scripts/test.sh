@@ -40,10 +40,6 @@ cargo test --all-targets --locked "$@"
 # Distance: the transfer and sync tests once more with a 50 ms round trip between any two
 # nodes of the lab internet (each link holds frames 12.5 ms each way; see
 # tests/common/delay.rs and `Lab::rtt`). tests/lab.rs, in the run above, checked that the
-# delay element adds what it is told. Left out of this run for now, as open findings of
-# issue 14: the watch tests (at 50 ms two players drift apart more than 100 ms, p95) and
-# the transfer test that counts WAN bytes for three nearby members (at 50 ms 5.7% more
-# than one copy of the file crossed the WAN, against the 5% it allows; retransmissions
-# and chunks fetched twice are not told apart yet).
-WATCHALONG_LAB_RTT_MS=50 cargo test --locked --test transfer --test sync "$@" -- \
-  --skip three_nearby_members_fetching_one_file_at_once_download_it_once
+# delay element adds what it is told. Left out of this run for now, as an open finding of
+# issue 14: the watch tests (at 50 ms two players drift apart more than 100 ms, p95).
+WATCHALONG_LAB_RTT_MS=50 cargo test --locked --test transfer --test sync "$@"

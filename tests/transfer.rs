@@ -49,7 +49,6 @@ fn hop_names(plan: &PlanReply) -> Vec<(String, String, String)> {
 /// (a.bin, 8 MiB; big.bin, 64 MiB), and one site of `site_size` members behind a NAT
 /// router, the first of which offers `home` (b.bin, 8 MiB).
 struct CaseLab {
-    _lab: Lab,
     host: Node,
     distant: Node,
     router: Router,
@@ -57,6 +56,9 @@ struct CaseLab {
     a: blake3::Hash,
     big: blake3::Hash,
     b: blake3::Hash,
+    /// Last: fields drop in order, and the nodes print their logs (kept in the lab's
+    /// folder) when a test fails.
+    _lab: Lab,
 }
 
 fn case_lab(site_size: usize, big: bool) -> CaseLab {
@@ -246,6 +248,7 @@ fn three_nearby_members_fetching_one_file_at_once_download_it_once() {
     }
     let l = case_lab(3, true);
     let before = l.router.wan_bytes().0;
+    let served_before = l.distant.status().node.chunks.served_chunks;
     let children: Vec<(String, PathBuf, std::process::Child)> = l
         .site
         .iter()
@@ -272,6 +275,13 @@ fn three_nearby_members_fetching_one_file_at_once_download_it_once() {
         assert_eq!(hash_file(&dest), l.big, "{name} got a damaged copy");
     }
     let crossed = l.router.wan_bytes().0 - before;
+    // The file's chunks left the holder once each: the gateway's own get and its
+    // neighbours' requests to its relay shared every fetch.
+    let served = l.distant.status().node.chunks.served_chunks - served_before;
+    assert_eq!(
+        served, 256,
+        "the distant member served 64 MiB as {served} chunks"
+    );
     assert!(
         crossed < 64 * MIB * 105 / 100,
         "three nearby members brought {crossed} bytes into the site for one 64 MiB file"

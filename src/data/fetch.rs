@@ -103,18 +103,20 @@ pub fn feeder_round_trip(
 
 impl Engine {
     /// One fetch per chunk at a time: concurrent askers wait for the same result, which
-    /// is kept in the cache.
+    /// is kept in the cache. The cache is read inside the flight, not before it: an asker
+    /// that missed the cache and then found no flight (the one in flight landed while it
+    /// looked) would otherwise fetch the chunk over the internet a second time.
     async fn single_flight<F, Fut>(&self, hash: &str, f: F) -> Result<Bytes, TransferError>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Bytes, TransferError>>,
     {
-        let (cache, key) = (self.cache.clone(), hash.to_string());
-        if let Some(b) = blocking(move || cache.get(&key)).await {
-            return Ok(b);
-        }
         self.flights
             .run(hash, || async {
+                let (cache, key) = (self.cache.clone(), hash.to_string());
+                if let Some(b) = blocking(move || cache.get(&key)).await {
+                    return Ok(b);
+                }
                 let b = f().await?;
                 let (cache, key, kept) = (self.cache.clone(), hash.to_string(), b.clone());
                 blocking(move || cache.put(&key, &kept)).await;
@@ -445,6 +447,43 @@ fn temp_beside(dest: &Path) -> PathBuf {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn askers_arriving_while_a_chunk_lands_never_fetch_it_a_second_time() {
+        use crate::group::auth::Proofs;
+        let d = tempfile::tempdir().unwrap();
+        let engine = Arc::new(Engine::new(
+            crate::data::share::Shares::new(Vec::new(), crate::data::share::CHUNK_SIZE),
+            Arc::new(Proofs::new(x25519_dalek::StaticSecret::from([1; 32]))),
+            0,
+            d.path().join("cache"),
+            1 << 20,
+        ));
+        let fetches = Arc::new(AtomicU64::new(0));
+        // Askers start spread over the flight's life and past its end, so some look at
+        // the cache just before the chunk lands and reach the flights just after.
+        for round in 0..20u32 {
+            let hash = format!("chunk-{round}");
+            let mut askers = tokio::task::JoinSet::new();
+            for i in 0..24u64 {
+                let (engine, fetches, hash) = (engine.clone(), fetches.clone(), hash.clone());
+                askers.spawn(async move {
+                    tokio::time::sleep(Duration::from_micros(i * 150)).await;
+                    engine
+                        .single_flight(&hash, || async {
+                            fetches.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                            Ok(Bytes::from_static(b"the chunk"))
+                        })
+                        .await
+                });
+            }
+            while let Some(r) = askers.join_next().await {
+                assert_eq!(r.unwrap().unwrap(), Bytes::from_static(b"the chunk"));
+            }
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 20, "one fetch per chunk");
+    }
 
     const CHUNK: u64 = 256 * 1024;
 
