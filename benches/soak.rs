@@ -30,8 +30,10 @@
 //! tree and no versions folder held it, so it had not synced anywhere yet and no daemon
 //! was at fault. Sync never gets an excuse: what a daemon replaces must be kept. The
 //! reverse holds too: a content in a final tree or a versions folder that the schedule
-//! never wrote is a mixed or corrupted file, and fails the run. Contents are random, so
-//! two writes never share a BLAKE3.
+//! never wrote is a mixed or corrupted file, and fails the run, with one exception: a
+//! versions folder may hold the empty file a create or an overwrite passes through
+//! between truncating and writing (a scan that caught it synced it, and what sync
+//! replaces it keeps). Contents are random, so two writes never share a BLAKE3.
 //!
 //! The seed replays the same choices; what they meet (which files a member holds at that
 //! moment) depends on timing, so two runs with one seed are alike, not identical. Every
@@ -177,6 +179,11 @@ struct Ledger {
     /// Contents the schedule itself replaced or deleted before any other member or any
     /// versions folder held them, with the action that did it.
     excused: HashMap<blake3::Hash, usize>,
+    /// Contents a file held for a moment while the schedule wrote it: the empty file
+    /// between a create's or an overwrite's truncation and its write. A scan may catch one
+    /// and sync it, and a member that then replaces it keeps it, as it must; so a kept
+    /// version may hold one. A final tree may not: the write that followed must win.
+    passing: HashSet<blake3::Hash>,
 }
 
 /// The proc state letter of `pid` (`Z` for a daemon that exited and is not reaped yet),
@@ -421,6 +428,7 @@ impl Soak {
             _ => {
                 let p = format!("{folder}n{n}.bin");
                 let hash = blake3::hash(&content);
+                self.ledger.passing.insert(blake3::hash(b""));
                 std::fs::write(root.join(&p), &content).map(|_| {
                     self.bytes_written += content.len() as u64;
                     self.ledger.written.push(Written {
@@ -469,6 +477,7 @@ impl Soak {
         if kind == "append" {
             file.write_all(&new[old.len()..])?;
         } else {
+            self.ledger.passing.insert(blake3::hash(b""));
             file.set_len(0)?;
             file.seek(std::io::SeekFrom::Start(0))?;
             file.write_all(&new)?;
@@ -1035,7 +1044,7 @@ fn report(
     }
     let unknown_kept: Vec<String> = kept
         .iter()
-        .filter(|(h, _)| !ever.contains(h))
+        .filter(|(h, _)| !ever.contains(h) && !soak.ledger.passing.contains(h))
         .map(|(h, at)| format!("{} at {}", &h.to_hex()[..16], at.join(", ")))
         .collect();
     if !unknown_kept.is_empty() {

@@ -9,6 +9,10 @@
 //! just fetched it), five videos each; beside it, in the same run, the same mpv opening
 //! the file from the host's own disk. Drift: three players (host, s1a, distant) watch
 //! for two minutes; every 200 ms the gap between the furthest two is sampled.
+//!
+//! Settings, from the environment: `WATCHALONG_LAB_RTT_MS` (the internet's round trip,
+//! default 0), `WATCH_BENCH_MBIT` (the internet links' rate, default 100) and
+//! `WATCH_BENCH_MOOV=end` (the videos' index at their end instead of first).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -45,13 +49,30 @@ fn main() {
     if !root_or_skip("bench watch") || !has("mpv") || !has("ffmpeg") {
         return;
     }
+    let mbit: u32 = std::env::var("WATCH_BENCH_MBIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let index_first = std::env::var("WATCH_BENCH_MOOV").as_deref() != Ok("end");
     let mut site = SiteLab::new();
+    println!(
+        "internet: round trip {} ms, {mbit} Mbit/s; videos' index {}",
+        site.lab.rtt().as_millis(),
+        if index_first { "first" } else { "at the end" }
+    );
     let movies = site.host.share("movies");
     let runs = 5;
     for i in 0..runs {
-        make_video(&movies.join(format!("v{i}.mp4")), 60, 2000);
+        make_video_with(
+            &movies.join(format!("v{i}.mp4")),
+            60,
+            2000,
+            "320x240",
+            25,
+            index_first,
+        );
     }
-    site.lab.shape_wan(100);
+    site.lab.shape_wan(mbit);
     site.start(Duration::from_secs(60));
     let SiteLab {
         host,

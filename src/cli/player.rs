@@ -31,6 +31,10 @@ const OUR_SEEK_WINDOW: Duration = Duration::from_millis(1500);
 const SEEK_UNDER_WAY: Duration = Duration::from_secs(10);
 /// A seek that lands this close to where we sent the player is ours.
 const OUR_SEEK_SLACK_S: f64 = 0.5;
+/// mpv echoes a command of ours within this long, or never.
+const OUR_ECHO_WINDOW: Duration = Duration::from_secs(3);
+/// Speeds of ours awaiting their echo, at most (one per poll over the window).
+const MAX_SENT_SPEEDS: usize = 32;
 /// A paused player this far from the room's position is moved there.
 const PAUSED_SLACK_S: f64 = 0.05;
 
@@ -72,7 +76,9 @@ pub struct Follower {
     pub read_at: Option<Instant>,
     /// What we last commanded, to tell our effects from a person's actions.
     sent_pause: Option<bool>,
-    sent_speed: Option<f64>,
+    /// The speeds we set lately, oldest first: mpv echoes each of them, possibly after
+    /// we sent the next, so the last one alone would take an older echo for a person's.
+    sent_speeds: std::collections::VecDeque<(Instant, f64)>,
     /// Our last seek: when, and to where.
     sent_seek: Option<(Instant, f64)>,
     /// mpv began a seek (ours or a person's), and when: where it lands tells which.
@@ -93,7 +99,7 @@ impl Default for Follower {
             position: 0.0,
             read_at: None,
             sent_pause: None,
-            sent_speed: None,
+            sent_speeds: std::collections::VecDeque::new(),
             sent_seek: None,
             seen_seek: None,
             pause_known: false,
@@ -136,16 +142,29 @@ impl Follower {
         if !std::mem::replace(&mut self.speed_known, true) {
             return None;
         }
-        if self.sent_speed.is_some_and(|s| (s - speed).abs() < 1e-6) {
+        self.sent_speeds
+            .retain(|(t, _)| now.saturating_duration_since(*t) < OUR_ECHO_WINDOW);
+        // mpv echoes our commands in the order sent: this one, and those before it, are
+        // behind us.
+        if let Some(i) = self
+            .sent_speeds
+            .iter()
+            .position(|(_, s)| (s - speed).abs() < 1e-6)
+        {
+            self.sent_speeds.drain(..=i);
             return None;
         }
-        self.sent_speed = None;
         self.rate = speed;
         Some(Change {
             playing: !self.paused,
             position: self.position_now(now),
             rate: speed,
         })
+    }
+
+    /// The last speed we set, while its echo may still come.
+    fn last_sent_speed(&self) -> Option<f64> {
+        self.sent_speeds.back().map(|(_, s)| *s)
     }
 
     /// mpv began a seek.
@@ -220,8 +239,11 @@ impl Follower {
                 }
             }
         }
-        if (self.speed - speed).abs() > 1e-3 && self.sent_speed != Some(speed) {
-            self.sent_speed = Some(speed);
+        if (self.speed - speed).abs() > 1e-3 && self.last_sent_speed() != Some(speed) {
+            if self.sent_speeds.len() == MAX_SENT_SPEEDS {
+                self.sent_speeds.pop_front();
+            }
+            self.sent_speeds.push_back((now, speed));
             out.push(Command::Speed(speed));
         }
         // Play (or pause) last, once the seek to the room's position is on its way.
@@ -369,10 +391,10 @@ pub async fn run_mpv(
     }
     mpv.send(json!(["loadfile", w.url])).await?;
     let mut f = Follower::default();
-    let mut state = room_state(&w.state);
+    let mut room = RoomState::new(room_state(&w.state));
     let mut pending_change: Option<Change> = None;
     // The first watcher of a file starts it; later ones join where the room is.
-    if state.stamp.counter == 0 {
+    if room.state.stamp.counter == 0 {
         pending_change = Some(Change {
             playing: true,
             position: 0.0,
@@ -384,6 +406,7 @@ pub async fn run_mpv(
         let client = client.clone();
         let file = w.file.clone();
         let start = w.state.stamp.clone();
+        let views_tx = views_tx.clone();
         tokio::spawn(async move {
             let mut stamp = start;
             loop {
@@ -405,8 +428,30 @@ pub async fn run_mpv(
             }
         })
     };
+    // Reports go from their own task: the daemon answers one after sending a change to
+    // every member (a round trip away), and a loop waiting for that would read the
+    // player's events late and take its own lateness for drift.
+    let (reports_tx, mut reports_rx) = tokio::sync::mpsc::channel::<Report>(4);
+    let reporter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            while let Some(r) = reports_rx.recv().await {
+                match client.room_report(&r).await {
+                    Ok(v) => {
+                        if views_tx.send(v).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => log::warn!("room report: {e}"),
+                }
+            }
+        })
+    };
     let mut poll = tokio::time::interval(POLL);
     let (mut pos_id, mut cache_id, mut landed_id) = (0, 0, 0);
+    // When the last position was asked for: mpv answers at once, so that is when the
+    // position held, however late this loop reads the answer.
+    let mut pos_asked = Instant::now();
     let mut buffered = 0.0;
     let mut starved = false;
     let mut reports = 0u64;
@@ -442,7 +487,7 @@ pub async fn run_mpv(
                 if let Some(id) = v.get("request_id").and_then(Value::as_u64) {
                     let data = v.get("data").and_then(Value::as_f64);
                     if id == pos_id {
-                        if let Some(p) = data { f.on_position(p, now) }
+                        if let Some(p) = data { f.on_position(p, pos_asked) }
                     } else if id == cache_id {
                         buffered = data.unwrap_or(0.0);
                     } else if id == landed_id {
@@ -452,34 +497,47 @@ pub async fn run_mpv(
                     }
                 }
                 // A person's change goes out at once, not at the next poll.
-                if pending_change.is_some() {
-                    state = report(client, &w.file, &f, buffered, starved, pending_change.take())
-                        .await
-                        .unwrap_or(state);
+                if let Some(change) = pending_change.take() {
+                    room.changed(&change, now_ms(), now);
+                    let r = report(&w.file, &f, buffered, starved, Some(change));
+                    if reports_tx.send(r).await.is_err() {
+                        break Ok(());
+                    }
                 }
             }
             Some(v) = views.recv() => {
-                state = room_state(&v.state);
-                let cmds = f.follow(&state, now_ms(), Instant::now());
-                for c in &cmds { mpv.apply(c).await?; }
+                if room.offer(room_state(&v.state), Instant::now()) {
+                    let cmds = f.follow(&room.state, now_ms(), Instant::now());
+                    for c in &cmds { mpv.apply(c).await?; }
+                }
             }
             _ = poll.tick() => {
+                pos_asked = Instant::now();
                 pos_id = mpv.send(json!(["get_property", "time-pos"])).await?;
                 cache_id = mpv.send(json!(["get_property", "demuxer-cache-duration"])).await?;
                 reports += 1;
-                // Changes go at once; the plain report every other poll.
-                if pending_change.is_some() || reports.is_multiple_of(2) {
-                    state = report(client, &w.file, &f, buffered, starved, pending_change.take())
-                        .await
-                        .unwrap_or(state);
+                // Changes go at once; the plain report every other poll, unless the
+                // reporter is still busy with earlier ones.
+                if let Some(change) = pending_change.take() {
+                    let now = Instant::now();
+                    room.changed(&change, now_ms(), now);
+                    let r = report(&w.file, &f, buffered, starved, Some(change));
+                    if reports_tx.send(r).await.is_err() {
+                        break Ok(());
+                    }
+                } else if reports.is_multiple_of(2) {
+                    let _ = reports_tx.try_send(report(&w.file, &f, buffered, starved, None));
                 }
-                let cmds = f.follow(&state, now_ms(), Instant::now());
+                let cmds = f.follow(&room.state, now_ms(), Instant::now());
                 for c in &cmds { mpv.apply(c).await?; }
             }
         }
     };
     waiter.abort();
     let _ = waiter.await;
+    drop(reports_tx);
+    reporter.abort();
+    let _ = reporter.await;
     let _ = client
         .room_leave(&FileRequest {
             file: w.file.clone(),
@@ -489,29 +547,60 @@ pub async fn run_mpv(
     result
 }
 
-/// Tells the daemon where the player is (and a person's change); returns the room's
-/// state as it then stands.
-async fn report(
-    client: &Client,
-    file: &str,
-    f: &Follower,
-    buffered_s: f64,
-    starved: bool,
-    change: Option<Change>,
-) -> Option<Playback> {
-    let report = Report {
+/// The room's state as this player follows it. A person's change here is assumed at
+/// once (the room will agree, unless a newer change elsewhere wins); until the room's
+/// answer to it arrives, views older than it are stale — sent before the room heard of
+/// it — and taking one would undo the person's change for a moment.
+struct RoomState {
+    state: Playback,
+    /// The room's stamp when our last change went out, and when: views not past it are
+    /// stale until [`RoomState::AWAIT`] has passed (a report that was lost).
+    awaiting: Option<(Stamp, Instant)>,
+}
+
+impl RoomState {
+    const AWAIT: Duration = Duration::from_secs(2);
+
+    fn new(state: Playback) -> RoomState {
+        RoomState {
+            state,
+            awaiting: None,
+        }
+    }
+
+    /// A person changed the player at `now` (`now_ms` on the wall clock).
+    fn changed(&mut self, c: &Change, now_ms: i64, now: Instant) {
+        self.awaiting = Some((self.state.stamp.clone(), now));
+        self.state.playing = c.playing;
+        self.state.position = c.position;
+        self.state.rate = c.rate;
+        self.state.at_ms = now_ms;
+    }
+
+    /// A view of the room arrived: taken (true) unless it is older than what we follow.
+    fn offer(&mut self, p: Playback, now: Instant) -> bool {
+        if let Some((stamp, at)) = &self.awaiting {
+            if p.stamp <= *stamp && now.saturating_duration_since(*at) < Self::AWAIT {
+                return false;
+            }
+            self.awaiting = None;
+        }
+        if p.stamp < self.state.stamp {
+            return false;
+        }
+        self.state = p;
+        true
+    }
+}
+
+/// What the player tells the daemon: where it is, and a person's change.
+fn report(file: &str, f: &Follower, buffered_s: f64, starved: bool, change: Option<Change>) -> Report {
+    Report {
         file: file.to_string(),
         position: f.position_now(Instant::now()),
         buffered_s,
         starved,
         change,
-    };
-    match client.room_report(&report).await {
-        Ok(v) => Some(room_state(&v.state)),
-        Err(e) => {
-            log::warn!("room report: {e}");
-            None
-        }
     }
 }
 
@@ -691,5 +780,82 @@ mod tests {
             panic!("{cmds:?}")
         };
         assert_eq!(f.on_speed(nudge, now), None);
+    }
+
+    #[test]
+    fn the_echo_of_an_older_nudge_arriving_after_a_newer_one_was_sent_is_not_a_persons_speed() {
+        let mut f = Follower {
+            paused: false,
+            ..Default::default()
+        };
+        let now = Instant::now();
+        assert_eq!(f.on_speed(1.0, now), None, "the value observing starts with");
+        // Behind: a nudge up; then, before its echo, further behind: a bigger one.
+        f.on_position(9.9, now);
+        let first = f.follow(&state(true, 10.0, 0), 0, now);
+        f.on_position(9.8, now);
+        let second = f.follow(&state(true, 10.0, 0), 0, now);
+        let (Some(Command::Speed(a)), Some(Command::Speed(b))) =
+            (first.first().cloned(), second.first().cloned())
+        else {
+            panic!("{first:?} {second:?}")
+        };
+        assert!(b > a, "{a} {b}");
+        // mpv echoes both, in order: neither is a person's, and the rate stays the room's.
+        assert_eq!(f.on_speed(a, now), None, "the older echo");
+        assert_eq!(f.on_speed(b, now), None, "the newer echo");
+        assert_eq!(f.rate, 1.0);
+        // A person's speed after them still is one.
+        assert_eq!(f.on_speed(1.25, now).map(|c| c.rate), Some(1.25));
+    }
+
+    fn stamped(playing: bool, counter: u64) -> Playback {
+        let mut p = state(playing, 10.0, 0);
+        p.stamp = Stamp {
+            counter,
+            node: "n".into(),
+        };
+        p
+    }
+
+    #[test]
+    fn a_view_sent_before_the_room_heard_of_a_persons_pause_does_not_undo_it() {
+        let now = Instant::now();
+        let mut room = RoomState::new(stamped(true, 3));
+        room.changed(
+            &Change {
+                playing: false,
+                position: 12.0,
+                rate: 1.0,
+            },
+            0,
+            now,
+        );
+        assert!(!room.state.playing, "the pause is assumed at once");
+        assert!(!room.offer(stamped(true, 3), now), "a stale view was taken");
+        assert!(!room.state.playing);
+        // The room's answer, past the stamp: taken.
+        assert!(room.offer(stamped(false, 4), now));
+        // Older views than what is followed are never taken.
+        assert!(!room.offer(stamped(true, 3), now));
+        assert!(room.offer(stamped(true, 5), now));
+        assert!(room.state.playing);
+    }
+
+    #[test]
+    fn when_the_rooms_answer_never_comes_its_views_are_taken_again_after_a_while() {
+        let now = Instant::now();
+        let mut room = RoomState::new(stamped(true, 3));
+        room.changed(
+            &Change {
+                playing: false,
+                position: 12.0,
+                rate: 1.0,
+            },
+            0,
+            now,
+        );
+        assert!(room.offer(stamped(true, 3), now + RoomState::AWAIT));
+        assert!(room.state.playing);
     }
 }

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod delay;
+pub mod measure;
 pub mod player;
 
 use std::net::Ipv4Addr;

@@ -21,6 +21,14 @@ pub fn make_video(path: &Path, secs: u32, kbit: u32) {
 /// The same at `size` (`WxH`) and `fps` frames a second: a long video for a soak is
 /// cheaper to encode small and slow.
 pub fn make_video_sized(path: &Path, secs: u32, kbit: u32, size: &str, fps: u32) {
+    make_video_with(path, secs, kbit, size, fps, true);
+}
+
+/// The same with its index (`moov`) first when `index_first`, else at the end, where
+/// ffmpeg writes it by default and many files have it: a player then reads the file's
+/// end before its first frame.
+pub fn make_video_with(path: &Path, secs: u32, kbit: u32, size: &str, fps: u32, index_first: bool) {
+    let movflags = if index_first { "+faststart" } else { "-faststart" };
     let o = run(
         "ffmpeg",
         &[
@@ -55,7 +63,7 @@ pub fn make_video_sized(path: &Path, secs: u32, kbit: u32, size: &str, fps: u32)
             "-c:a",
             "aac",
             "-movflags",
-            "+faststart",
+            movflags,
             path.to_str().unwrap(),
         ],
     );
