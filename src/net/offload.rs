@@ -793,3 +793,713 @@ fn emit<P: AsRef<[u8]>>(group: &Group, packets: &[P], next: &[usize], out: &mut 
     let csum_at = ip_len + TCP_CSUM_OFFSET;
     pkt[csum_at..csum_at + 2].copy_from_slice(&partial.to_be_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// A TCP packet to build, IPv4 or IPv6.
+    #[derive(Debug, Clone)]
+    struct Tcp {
+        v6: bool,
+        src: u8,
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        window: u16,
+        tos: u8,
+        ttl: u8,
+        id: u16,
+        df: bool,
+        flow_label: u32,
+        ip_options: Vec<u8>,
+        tcp_options: Vec<u8>,
+        payload: Vec<u8>,
+    }
+
+    impl Tcp {
+        fn new(v6: bool, payload: Vec<u8>) -> Self {
+            Self {
+                v6,
+                src: 1,
+                sport: 40_000,
+                dport: 443,
+                seq: 0xffff_f000, // wraps within a few segments
+                ack: 77,
+                flags: TCP_ACK,
+                window: 501,
+                tos: 0,
+                ttl: 64,
+                id: 0xfffe, // wraps within a few segments
+                df: true,
+                flow_label: 0x1_2345,
+                ip_options: Vec::new(),
+                // Timestamps, as Linux sends them: NOP NOP TS.
+                tcp_options: vec![1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2],
+                payload,
+            }
+        }
+
+        fn with(mut self, f: impl FnOnce(&mut Self)) -> Self {
+            f(&mut self);
+            self
+        }
+
+        fn ip_len(&self) -> usize {
+            if self.v6 { IPV6_HEADER } else { IPV4_MIN_HEADER + self.ip_options.len() }
+        }
+
+        /// The packet with a valid IPv4 header checksum and a zero TCP checksum.
+        fn raw(&self) -> Vec<u8> {
+            let tcp_len = TCP_MIN_HEADER + self.tcp_options.len();
+            let total = self.ip_len() + tcp_len + self.payload.len();
+            let mut p = Vec::with_capacity(total);
+            if self.v6 {
+                let tc = self.tos;
+                let fl = self.flow_label;
+                p.extend_from_slice(&[0x60 | (tc >> 4), (tc << 4) | (fl >> 16) as u8, (fl >> 8) as u8, fl as u8]);
+                p.extend_from_slice(&((total - IPV6_HEADER) as u16).to_be_bytes());
+                p.extend_from_slice(&[PROTO_TCP, self.ttl]);
+                p.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, self.src]);
+                p.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+            } else {
+                p.push(0x40 | (self.ip_len() / 4) as u8);
+                p.push(self.tos);
+                p.extend_from_slice(&(total as u16).to_be_bytes());
+                p.extend_from_slice(&self.id.to_be_bytes());
+                p.extend_from_slice(&[if self.df { 0x40 } else { 0 }, 0, self.ttl, PROTO_TCP, 0, 0]);
+                p.extend_from_slice(&[10, 0, 0, self.src, 10, 0, 0, 2]);
+                p.extend_from_slice(&self.ip_options);
+                let csum = !fold(sum_be(&p, 0));
+                p[10..12].copy_from_slice(&csum.to_be_bytes());
+            }
+            p.extend_from_slice(&self.sport.to_be_bytes());
+            p.extend_from_slice(&self.dport.to_be_bytes());
+            p.extend_from_slice(&self.seq.to_be_bytes());
+            p.extend_from_slice(&self.ack.to_be_bytes());
+            p.push(((tcp_len / 4) as u8) << 4);
+            p.push(self.flags);
+            p.extend_from_slice(&self.window.to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0, 0]);
+            p.extend_from_slice(&self.tcp_options);
+            p.extend_from_slice(&self.payload);
+            p
+        }
+
+        /// A segment as a peer sends it: every checksum complete.
+        fn segment(&self) -> Vec<u8> {
+            let mut p = self.raw();
+            let t = self.ip_len();
+            let csum = !fold(sum_be(&p[t..], pseudo_sum(&p, self.v6, p.len() - t)));
+            p[t + 16..t + 18].copy_from_slice(&csum.to_be_bytes());
+            p
+        }
+
+        /// A super-packet as the kernel hands it under TSO: the TCP checksum field holds
+        /// the pseudo-header sum only.
+        fn super_packet(&self) -> Vec<u8> {
+            let mut p = self.raw();
+            let t = self.ip_len();
+            let partial = fold(pseudo_sum(&p, self.v6, p.len() - t));
+            p[t + 16..t + 18].copy_from_slice(&partial.to_be_bytes());
+            p
+        }
+
+        fn kernel_hdr(&self, mss: u16) -> VirtioNetHdr {
+            VirtioNetHdr {
+                flags: F_NEEDS_CSUM,
+                gso_type: if self.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+                hdr_len: (self.ip_len() + TCP_MIN_HEADER + self.tcp_options.len()) as u16,
+                gso_size: mss,
+                csum_start: self.ip_len() as u16,
+                csum_offset: TCP_CSUM_OFFSET as u16,
+            }
+        }
+
+        /// The `n`-th of consecutive `mss`-byte segments of this flow.
+        fn nth(&self, n: u32, mss: usize) -> Self {
+            self.clone().with(|t| {
+                t.seq = t.seq.wrapping_add(n * mss as u32);
+                t.id = t.id.wrapping_add(n as u16);
+                t.payload = pattern(mss, n as u8);
+            })
+        }
+    }
+
+    fn pattern(len: usize, salt: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt)).collect()
+    }
+
+    fn is_v6(p: &[u8]) -> bool {
+        p[0] >> 4 == 6
+    }
+
+    fn ip_len(p: &[u8]) -> usize {
+        if is_v6(p) { IPV6_HEADER } else { usize::from(p[0] & 0x0f) * 4 }
+    }
+
+    fn tcp_len(p: &[u8]) -> usize {
+        usize::from(p[ip_len(p) + 12] >> 4) * 4
+    }
+
+    fn ip_header_valid(p: &[u8]) -> bool {
+        if is_v6(p) {
+            usize::from(be16(p, 4).unwrap()) == p.len() - IPV6_HEADER
+        } else {
+            usize::from(be16(p, 2).unwrap()) == p.len() && fold(sum_be(&p[..ip_len(p)], 0)) == 0xffff
+        }
+    }
+
+    fn tcp_checksum_valid(p: &[u8]) -> bool {
+        let t = ip_len(p);
+        fold(sum_be(&p[t..], pseudo_sum(p, is_v6(p), p.len() - t))) == 0xffff
+    }
+
+    fn payload(p: &[u8]) -> &[u8] {
+        &p[ip_len(p) + tcp_len(p)..]
+    }
+
+    fn seq(p: &[u8]) -> u32 {
+        be32(p, ip_len(p) + 4).unwrap()
+    }
+
+    fn tcp_flags(p: &[u8]) -> u8 {
+        p[ip_len(p) + 13]
+    }
+
+    fn split_all(hdr: &VirtioNetHdr, packet: &[u8]) -> Result<Vec<Vec<u8>>, OffloadError> {
+        let mut outs = vec![vec![0u8; 65_536]; 64];
+        let mut sizes = vec![0usize; 64];
+        let n = split(hdr, packet, &mut outs, &mut sizes)?;
+        Ok(outs.into_iter().zip(sizes).take(n).map(|(mut o, s)| {
+            o.truncate(s);
+            o
+        }).collect())
+    }
+
+    /// Coalesces, and returns each frame's header and packet.
+    fn coalesce_all(c: &mut Coalescer, packets: &[Vec<u8>]) -> Vec<(VirtioNetHdr, Vec<u8>)> {
+        let (mut out, mut frames) = (Vec::new(), Vec::new());
+        c.coalesce(packets, &mut out, &mut frames);
+        frames
+            .iter()
+            .map(|r| {
+                let f = &out[r.clone()];
+                (VirtioNetHdr::decode(f).unwrap(), f[VIRTIO_NET_HDR_LEN..].to_vec())
+            })
+            .collect()
+    }
+
+    /// A merged frame's packet with its checksum completed, as the kernel will.
+    fn completed(hdr: &VirtioNetHdr, p: &[u8]) -> Vec<u8> {
+        let mut p = p.to_vec();
+        complete_checksum(hdr, &mut p).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_virtio_header_is_ten_little_endian_bytes_and_decodes_back() {
+        let hdr = VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV6,
+            hdr_len: 0x0102,
+            gso_size: 0x0304,
+            csum_start: 0x0506,
+            csum_offset: 0x0708,
+        };
+        let mut b = [0xaa; 12];
+        hdr.encode(&mut b).unwrap();
+        assert_eq!(b, [1, 4, 2, 1, 4, 3, 6, 5, 8, 7, 0xaa, 0xaa]);
+        assert_eq!(VirtioNetHdr::decode(&b).unwrap(), hdr);
+    }
+
+    #[test]
+    fn a_short_or_unknown_virtio_header_is_an_error() {
+        assert_eq!(VirtioNetHdr::decode(&[0; 9]), Err(OffloadError::DecodeHeader { len: 9 }));
+        assert_eq!(VirtioNetHdr::decode(&[]), Err(OffloadError::DecodeHeader { len: 0 }));
+        let rsc = [4u8, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert_eq!(VirtioNetHdr::decode(&rsc), Err(OffloadError::DecodeFlags { flags: 4 }));
+        assert_eq!(
+            VirtioNetHdr::default().encode(&mut [0; 9]),
+            Err(OffloadError::EncodeHeader { len: 9 })
+        );
+    }
+
+    fn round_trip(v6: bool) {
+        let t = Tcp::new(v6, pattern(5_000, 3)).with(|t| t.flags = TCP_ACK | TCP_PSH);
+        let sup = t.super_packet();
+        let hdr = t.kernel_hdr(1_400);
+        let segs = split_all(&hdr, &sup).unwrap();
+
+        assert_eq!(segs.len(), 4);
+        let mut joined = Vec::new();
+        for (i, s) in segs.iter().enumerate() {
+            assert!(ip_header_valid(s), "segment {i} has a bad IP header");
+            assert!(tcp_checksum_valid(s), "segment {i} has a bad TCP checksum");
+            assert_eq!(seq(s), t.seq.wrapping_add(1_400 * i as u32));
+            if !v6 {
+                assert_eq!(be16(s, 4).unwrap(), t.id.wrapping_add(i as u16));
+            }
+            joined.extend_from_slice(payload(s));
+        }
+        assert_eq!(joined, t.payload);
+
+        let frames = coalesce_all(&mut Coalescer::default(), &segs);
+        assert_eq!(frames.len(), 1);
+        let (got_hdr, got) = &frames[0];
+        assert_eq!(got_hdr, &hdr);
+        assert_eq!(got, &sup, "the merged packet is the super-packet byte for byte");
+        let full = completed(got_hdr, got);
+        assert!(ip_header_valid(&full) && tcp_checksum_valid(&full));
+    }
+
+    #[test]
+    fn split_then_coalesce_gives_back_the_ipv4_super_packet_with_valid_checksums() {
+        round_trip(false);
+    }
+
+    #[test]
+    fn split_then_coalesce_gives_back_the_ipv6_super_packet_with_valid_checksums() {
+        round_trip(true);
+    }
+
+    #[test]
+    fn split_puts_psh_and_fin_on_the_last_segment_only_and_cwr_on_the_first_only() {
+        for v6 in [false, true] {
+            let t = Tcp::new(v6, pattern(3_000, 0))
+                .with(|t| t.flags = TCP_ACK | TCP_PSH | TCP_FIN | TCP_CWR);
+            let mut hdr = t.kernel_hdr(1_000);
+            hdr.gso_type |= GSO_ECN;
+            let segs = split_all(&hdr, &t.super_packet()).unwrap();
+            let flags: Vec<u8> = segs.iter().map(|s| tcp_flags(s)).collect();
+            assert_eq!(
+                flags,
+                [TCP_ACK | TCP_CWR, TCP_ACK, TCP_ACK | TCP_PSH | TCP_FIN],
+                "v6 = {v6}"
+            );
+            assert!(segs.iter().all(|s| tcp_checksum_valid(s)));
+        }
+    }
+
+    #[test]
+    fn split_ends_with_a_short_segment_when_the_payload_is_not_a_multiple_of_gso_size() {
+        let t = Tcp::new(false, pattern(2_500, 9));
+        let segs = split_all(&t.kernel_hdr(1_000), &t.super_packet()).unwrap();
+        let lens: Vec<usize> = segs.iter().map(|s| payload(s).len()).collect();
+        assert_eq!(lens, [1_000, 1_000, 500]);
+        let last = &segs[2];
+        assert!(ip_header_valid(last) && tcp_checksum_valid(last));
+        assert_eq!(payload(last), &t.payload[2_000..]);
+
+        // A payload that fits one segment leaves as one, checksummed.
+        let one = Tcp::new(true, pattern(700, 1));
+        let segs = split_all(&one.kernel_hdr(1_000), &one.super_packet()).unwrap();
+        assert_eq!(segs, [one.segment()]);
+    }
+
+    #[test]
+    fn split_without_gso_completes_the_checksum_and_changes_nothing_else() {
+        let t = Tcp::new(false, pattern(300, 5));
+        let hdr = VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_NONE,
+            csum_start: 20,
+            csum_offset: 16,
+            ..VirtioNetHdr::default()
+        };
+        assert_eq!(split_all(&hdr, &t.super_packet()).unwrap(), [t.segment()]);
+        // Without F_NEEDS_CSUM the bytes are copied as they are, wrong checksum and all.
+        let plain = VirtioNetHdr::default();
+        assert_eq!(split_all(&plain, &t.super_packet()).unwrap(), [t.super_packet()]);
+    }
+
+    #[test]
+    fn completing_a_udp_checksum_that_sums_to_zero_writes_all_ones() {
+        // An IPv4/UDP packet whose bytes from csum_start sum to 0xffff: the complement is
+        // zero, which UDP reserves for "no checksum".
+        let mut p = vec![0x45, 0, 0, 30, 0, 0, 0, 0, 64, PROTO_UDP, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        p.extend_from_slice(&[0xff, 0xf5, 0, 0, 0, 10, 0, 0, 0, 0]);
+        let hdr = VirtioNetHdr { flags: F_NEEDS_CSUM, csum_start: 20, csum_offset: 6, ..Default::default() };
+        complete_checksum(&hdr, &mut p).unwrap();
+        assert_eq!(&p[26..28], &[0xff, 0xff]);
+    }
+
+    #[test]
+    fn split_answers_truncated_packets_and_malformed_headers_with_errors() {
+        for v6 in [false, true] {
+            let t = Tcp::new(v6, pattern(2_000, 0));
+            let sup = t.super_packet();
+            let hdr = t.kernel_hdr(1_000);
+            let head = usize::from(hdr.hdr_len);
+            for len in 0..head {
+                assert!(
+                    matches!(split_all(&hdr, &sup[..len]), Err(OffloadError::SplitTruncated { .. })),
+                    "v6 = {v6}, {len} bytes"
+                );
+            }
+            let udp = VirtioNetHdr { gso_type: GSO_UDP_L4, ..hdr };
+            assert_eq!(split_all(&udp, &sup), Err(OffloadError::SplitUnsupported { gso_type: GSO_UDP_L4 }));
+            let udp = VirtioNetHdr { gso_type: GSO_UDP, ..hdr };
+            assert_eq!(split_all(&udp, &sup), Err(OffloadError::SplitUnsupported { gso_type: GSO_UDP }));
+            let zero = VirtioNetHdr { gso_size: 0, ..hdr };
+            assert!(matches!(split_all(&zero, &sup), Err(OffloadError::SplitMismatch { .. })));
+            let off = VirtioNetHdr { csum_start: hdr.csum_start + 2, ..hdr };
+            assert!(matches!(split_all(&off, &sup), Err(OffloadError::SplitMismatch { .. })));
+            let other = VirtioNetHdr { gso_type: if v6 { GSO_TCPV4 } else { GSO_TCPV6 }, ..hdr };
+            assert!(split_all(&other, &sup).is_err());
+
+            let mut few = vec![vec![0u8; 2_000]; 1];
+            assert_eq!(
+                split(&hdr, &sup, &mut few, &mut [0; 1]),
+                Err(OffloadError::SplitBuffers { needed: 2, given: 1 })
+            );
+            let mut small = vec![vec![0u8; 2_000], vec![0u8; 100]];
+            assert!(matches!(
+                split(&hdr, &sup, &mut small, &mut [0; 2]),
+                Err(OffloadError::SplitBufferSize { index: 1, .. })
+            ));
+        }
+        let t = Tcp::new(false, Vec::new());
+        let mut p = t.segment();
+        let len = p.len();
+        let outside = VirtioNetHdr { flags: F_NEEDS_CSUM, csum_start: 20, csum_offset: len as u16, ..Default::default() };
+        assert!(matches!(complete_checksum(&outside, &mut p), Err(OffloadError::CompleteChecksum { .. })));
+        let mut empty: [Vec<u8>; 0] = [];
+        assert!(matches!(
+            split(&VirtioNetHdr::default(), &p, &mut empty, &mut []),
+            Err(OffloadError::SplitBuffers { .. })
+        ));
+    }
+
+    #[test]
+    fn split_and_coalesce_never_panic_on_random_bytes() {
+        let mut rng = StdRng::seed_from_u64(15);
+        let valid = [Tcp::new(false, pattern(3_000, 1)), Tcp::new(true, pattern(3_000, 2))];
+        let mut coalescer = Coalescer::new(4);
+        let (mut out, mut frames) = (Vec::new(), Vec::new());
+        let mut outs = vec![vec![0u8; 2_048]; 8];
+        let mut sizes = [0usize; 8];
+        for round in 0..3_000 {
+            // Half the time a valid packet with a few bytes flipped, else random bytes.
+            let mut batch = Vec::new();
+            for _ in 0..rng.gen_range(1..8) {
+                let mut p = if rng.gen_bool(0.5) {
+                    let t = valid[rng.gen_range(0..2)].clone();
+                    let mut p = t.super_packet();
+                    p.truncate(rng.gen_range(0..=p.len()));
+                    p
+                } else {
+                    (0..rng.gen_range(0..200)).map(|_| rng.gen()).collect()
+                };
+                for _ in 0..rng.gen_range(0..4) {
+                    if !p.is_empty() {
+                        let i = rng.gen_range(0..p.len());
+                        p[i] = rng.gen();
+                    }
+                }
+                batch.push(p);
+            }
+            let mut raw_hdr = [0u8; VIRTIO_NET_HDR_LEN];
+            rng.fill(&mut raw_hdr[..]);
+            raw_hdr[0] &= F_NEEDS_CSUM | F_DATA_VALID;
+            if round % 2 == 0 {
+                raw_hdr[1] = [GSO_NONE, GSO_TCPV4, GSO_TCPV6][round % 3];
+            }
+            let hdr = VirtioNetHdr::decode(&raw_hdr).unwrap();
+            let _ = split(&hdr, &batch[0], &mut outs, &mut sizes);
+
+            coalescer.coalesce(&batch, &mut out, &mut frames);
+            // Frames tile the output and nothing grows: merging only removes headers.
+            let mut end = 0;
+            for f in &frames {
+                assert_eq!(f.start, end);
+                end = f.end;
+            }
+            assert_eq!(end, out.len());
+            let inputs: usize = batch.iter().map(|p| p.len() + VIRTIO_NET_HDR_LEN).sum();
+            assert!(out.len() <= inputs);
+            assert!(frames.len() <= batch.len());
+        }
+    }
+
+    fn segments(t: &Tcp, mss: usize, n: u32) -> Vec<Tcp> {
+        (0..n).map(|i| t.nth(i, mss)).collect()
+    }
+
+    fn wire(ts: &[Tcp]) -> Vec<Vec<u8>> {
+        ts.iter().map(Tcp::segment).collect()
+    }
+
+    /// For each frame, how many segments of `mss` it holds (1 for a packet passed through).
+    fn shape(frames: &[(VirtioNetHdr, Vec<u8>)]) -> Vec<usize> {
+        frames
+            .iter()
+            .map(|(h, p)| {
+                if h.gso_type == GSO_NONE {
+                    assert_eq!(h, &VirtioNetHdr::default());
+                    1
+                } else {
+                    payload(p).len().div_ceil(usize::from(h.gso_size))
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_sequence_gap_starts_a_new_super_packet() {
+        let t = Tcp::new(false, Vec::new());
+        let mut segs = segments(&t, 1_000, 5);
+        segs.remove(2);
+        let frames = coalesce_all(&mut Coalescer::default(), &wire(&segs));
+        assert_eq!(shape(&frames), [2, 2]);
+        assert_eq!(seq(&frames[1].1), segs[2].seq);
+        assert_eq!(payload(&frames[1].1), [segs[2].payload.clone(), segs[3].payload.clone()].concat());
+        for (h, p) in &frames {
+            let full = completed(h, p);
+            assert!(ip_header_valid(&full) && tcp_checksum_valid(&full));
+        }
+    }
+
+    #[test]
+    fn segments_with_a_different_tos_ttl_traffic_class_or_hop_limit_are_not_merged() {
+        let change: [fn(&mut Tcp); 2] = [|t| t.tos = 0x10, |t| t.ttl = 63];
+        for v6 in [false, true] {
+            for f in change {
+                let t = Tcp::new(v6, Vec::new());
+                let mut segs = segments(&t, 1_000, 3);
+                f(&mut segs[1]);
+                let frames = coalesce_all(&mut Coalescer::default(), &wire(&segs));
+                assert_eq!(shape(&frames), [1, 1, 1], "v6 = {v6}: {:?}", segs[1]);
+            }
+        }
+        // The same three segments unchanged merge, so it is the change that stopped them.
+        let segs = segments(&Tcp::new(true, Vec::new()), 1_000, 3);
+        assert_eq!(shape(&coalesce_all(&mut Coalescer::default(), &wire(&segs))), [3]);
+    }
+
+    #[test]
+    fn ipv4_ids_must_go_up_by_one_or_stay_fixed_under_df() {
+        let ids = |ids: [u16; 3], df: bool| {
+            let t = Tcp::new(false, Vec::new()).with(|t| t.df = df);
+            let mut segs = segments(&t, 1_000, 3);
+            for (s, id) in segs.iter_mut().zip(ids) {
+                s.id = id;
+            }
+            shape(&coalesce_all(&mut Coalescer::default(), &wire(&segs)))
+        };
+        assert_eq!(ids([0xffff, 0, 1], false), [3]);
+        assert_eq!(ids([7, 8, 9], true), [3]);
+        assert_eq!(ids([0, 0, 0], true), [3]);
+        assert_eq!(ids([0, 0, 0], false), [1, 1, 1]);
+        assert_eq!(ids([7, 9, 10], true), [1, 2]);
+        assert_eq!(ids([7, 8, 8], true), [2, 1]);
+        assert_eq!(ids([7, 7, 8], true), [2, 1]);
+    }
+
+    #[test]
+    fn a_merged_fixed_id_packet_keeps_the_first_id_and_a_valid_header() {
+        let t = Tcp::new(false, Vec::new());
+        let mut segs = segments(&t, 1_000, 2);
+        segs[1].id = segs[0].id;
+        let frames = coalesce_all(&mut Coalescer::default(), &wire(&segs));
+        assert_eq!(be16(&frames[0].1, 4).unwrap(), segs[0].id);
+        assert!(ip_header_valid(&frames[0].1));
+    }
+
+    #[test]
+    fn ipv4_packets_with_options_are_never_merged() {
+        // Record Route with room for one address, then end of list.
+        let t = Tcp::new(false, Vec::new()).with(|t| t.ip_options = vec![7, 7, 4, 0, 0, 0, 0, 0]);
+        let segs = wire(&segments(&t, 1_000, 3));
+        let frames = coalesce_all(&mut Coalescer::default(), &segs);
+        assert_eq!(shape(&frames), [1, 1, 1]);
+        let got: Vec<Vec<u8>> = frames.into_iter().map(|(_, p)| p).collect();
+        assert_eq!(got, segs, "they pass through byte for byte");
+    }
+
+    #[test]
+    fn psh_ends_a_super_packet_and_the_next_segment_starts_another() {
+        let t = Tcp::new(true, Vec::new());
+        let mut segs = segments(&t, 1_000, 4);
+        segs[1].flags |= TCP_PSH;
+        let frames = coalesce_all(&mut Coalescer::default(), &wire(&segs));
+        assert_eq!(shape(&frames), [2, 2]);
+        assert_eq!(tcp_flags(&frames[0].1), TCP_ACK | TCP_PSH);
+        assert_eq!(tcp_flags(&frames[1].1), TCP_ACK);
+    }
+
+    #[test]
+    fn a_fin_on_the_last_segment_is_merged_and_kept() {
+        let t = Tcp::new(false, Vec::new());
+        let mut segs = segments(&t, 1_000, 3);
+        segs[2].flags |= TCP_FIN | TCP_PSH;
+        let frames = coalesce_all(&mut Coalescer::default(), &wire(&segs));
+        assert_eq!(shape(&frames), [3]);
+        assert_eq!(tcp_flags(&frames[0].1), TCP_ACK | TCP_FIN | TCP_PSH);
+        // Split again, FIN and PSH come back on the last segment only.
+        let again = split_all(&frames[0].0, &frames[0].1).unwrap();
+        assert_eq!(again, wire(&segs));
+    }
+
+    #[test]
+    fn syn_rst_urg_and_cwr_segments_are_never_merged() {
+        for flag in [TCP_SYN, TCP_RST, TCP_URG, TCP_CWR] {
+            let t = Tcp::new(false, Vec::new());
+            let mut segs = segments(&t, 1_000, 3);
+            segs[1].flags |= flag;
+            let frames = coalesce_all(&mut Coalescer::default(), &wire(&segs));
+            assert_eq!(shape(&frames), [1, 1, 1], "flag {flag:#04x}");
+        }
+    }
+
+    #[test]
+    fn a_short_segment_ends_the_super_packet_and_a_longer_one_cannot_follow() {
+        let t = Tcp::new(false, Vec::new());
+        let mut segs = segments(&t, 1_000, 3);
+        segs[1].payload.truncate(500);
+        segs[2].seq = segs[1].seq.wrapping_add(500);
+        let frames = coalesce_all(&mut Coalescer::default(), &wire(&segs));
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].0.gso_size, 1_000);
+        assert_eq!(payload(&frames[0].1).len(), 1_500);
+        assert_eq!(frames[1].1, wire(&segs)[2]);
+
+        let mut segs = segments(&t, 500, 2);
+        segs[1].payload = pattern(1_000, 1);
+        assert_eq!(shape(&coalesce_all(&mut Coalescer::default(), &wire(&segs))), [1, 1]);
+    }
+
+    #[test]
+    fn segments_that_differ_in_ack_window_or_tcp_options_are_not_merged() {
+        let change: [fn(&mut Tcp); 3] =
+            [|t| t.ack += 1, |t| t.window += 1, |t| t.tcp_options[11] += 1];
+        for f in change {
+            let t = Tcp::new(false, Vec::new());
+            let mut segs = segments(&t, 1_000, 2);
+            f(&mut segs[1]);
+            assert_eq!(shape(&coalesce_all(&mut Coalescer::default(), &wire(&segs))), [1, 1]);
+        }
+    }
+
+    #[test]
+    fn a_segment_with_a_wrong_checksum_passes_through_untouched() {
+        let t = Tcp::new(false, Vec::new());
+        let mut segs = wire(&segments(&t, 1_000, 3));
+        let last = segs[1].len() - 1;
+        segs[1][last] ^= 0x01;
+        let frames = coalesce_all(&mut Coalescer::default(), &segs);
+        assert_eq!(shape(&frames), [1, 1, 1]);
+        assert_eq!(frames[1].1, segs[1]);
+        // A wrong IPv4 header checksum too.
+        let mut segs = wire(&segments(&t, 1_000, 2));
+        segs[1][8] ^= 0x01;
+        segs[1][10] ^= 0x02;
+        assert_eq!(shape(&coalesce_all(&mut Coalescer::default(), &segs)), [1, 1]);
+    }
+
+    #[test]
+    fn super_packets_never_exceed_64_kib() {
+        let t = Tcp::new(false, Vec::new());
+        let segs = segments(&t, 1_400, 60);
+        let frames = coalesce_all(&mut Coalescer::default(), &wire(&segs));
+        // 46 segments of 1,400 bytes and 52 bytes of headers fit in 65,535; 47 do not.
+        assert_eq!(shape(&frames), [46, 14]);
+        let mut joined = Vec::new();
+        for (h, p) in &frames {
+            assert!(p.len() <= MAX_SUPER_PACKET);
+            assert!(tcp_checksum_valid(&completed(h, p)));
+            joined.extend_from_slice(payload(p));
+        }
+        let sent: Vec<u8> = segs.iter().flat_map(|s| s.payload.clone()).collect();
+        assert_eq!(joined, sent);
+    }
+
+    #[test]
+    fn flows_beyond_the_limit_pass_through_unmerged() {
+        let flows: Vec<Tcp> = (0..3).map(|i| Tcp::new(false, Vec::new()).with(|t| t.sport += i)).collect();
+        let mut batch = Vec::new();
+        for n in 0..2 {
+            for f in &flows {
+                batch.push(f.nth(n, 1_000).segment());
+            }
+        }
+        let frames = coalesce_all(&mut Coalescer::new(2), &batch);
+        assert_eq!(shape(&frames), [2, 2, 1, 1]);
+        assert_eq!(frames[2].1, batch[2]);
+        assert_eq!(frames[3].1, batch[5]);
+    }
+
+    #[test]
+    fn interleaved_flows_merge_separately_and_each_keeps_its_order() {
+        let a = Tcp::new(false, Vec::new());
+        let b = Tcp::new(true, Vec::new()).with(|t| t.src = 9);
+        let mut batch = Vec::new();
+        for n in 0..3 {
+            batch.push(a.nth(n, 1_000).segment());
+            batch.push(b.nth(n, 1_000).segment());
+        }
+        let frames = coalesce_all(&mut Coalescer::default(), &batch);
+        assert_eq!(shape(&frames), [3, 3]);
+        assert!(!is_v6(&frames[0].1) && is_v6(&frames[1].1));
+        let of = |t: &Tcp| (0..3).flat_map(|n| t.nth(n, 1_000).payload).collect::<Vec<u8>>();
+        assert_eq!(payload(&frames[0].1), of(&a));
+        assert_eq!(payload(&frames[1].1), of(&b));
+    }
+
+    #[test]
+    fn a_pure_ack_of_the_flow_between_segments_keeps_its_place() {
+        let t = Tcp::new(false, Vec::new());
+        let segs = segments(&t, 1_000, 3);
+        let ack = t.clone().with(|t| t.seq = segs[2].seq);
+        let batch = vec![segs[0].segment(), segs[1].segment(), ack.segment(), segs[2].segment()];
+        let frames = coalesce_all(&mut Coalescer::default(), &batch);
+        assert_eq!(shape(&frames), [2, 1, 1]);
+        assert_eq!(frames[1].1, batch[2]);
+        assert_eq!(frames[2].1, batch[3]);
+    }
+
+    #[test]
+    fn split_then_coalesce_preserves_the_payload_for_random_sizes_and_mss() {
+        let mut rng = StdRng::seed_from_u64(0x0ff1_0ad);
+        let mut coalescer = Coalescer::default();
+        let mut outs = vec![vec![0u8; 1_600]; 400];
+        let mut sizes = vec![0usize; 400];
+        for round in 0..300 {
+            let v6 = rng.gen_bool(0.5);
+            let mss: u16 = rng.gen_range(200..=1_440);
+            let len = rng.gen_range(0..=60_000usize);
+            let body: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            let t = Tcp::new(v6, body).with(|t| {
+                t.seq = rng.gen();
+                t.id = rng.gen();
+                t.flags = TCP_ACK | [0, TCP_PSH, TCP_FIN, TCP_PSH | TCP_FIN][rng.gen_range(0..4)];
+                if rng.gen_bool(0.3) {
+                    t.tcp_options.clear();
+                }
+            });
+            let sup = t.super_packet();
+            let hdr = t.kernel_hdr(mss);
+            let n = split(&hdr, &sup, &mut outs, &mut sizes).unwrap();
+            let segs: Vec<Vec<u8>> = (0..n).map(|i| outs[i][..sizes[i]].to_vec()).collect();
+            assert!(segs.iter().all(|s| ip_header_valid(s) && tcp_checksum_valid(s)), "round {round}");
+
+            let frames = coalesce_all(&mut coalescer, &segs);
+            let mut joined = Vec::new();
+            for (h, p) in &frames {
+                let full = completed(h, p);
+                assert!(ip_header_valid(&full) && tcp_checksum_valid(&full), "round {round}");
+                joined.extend_from_slice(payload(p));
+            }
+            assert_eq!(joined, t.payload, "round {round}: v6 {v6}, mss {mss}, {len} bytes");
+            if n > 1 {
+                assert_eq!(frames, [(hdr, sup)], "round {round}");
+            } else {
+                assert_eq!(frames, [(VirtioNetHdr::default(), t.segment())], "round {round}");
+            }
+        }
+    }
+}
