@@ -92,7 +92,11 @@ pub enum OffloadError {
     #[error("splitting needs {needed} output buffers and sizes, {given} were given")]
     SplitBuffers { needed: usize, given: usize },
     #[error("output buffer {index} holds {len} bytes, its segment needs {needed}")]
-    SplitBufferSize { index: usize, len: usize, needed: usize },
+    SplitBufferSize {
+        index: usize,
+        len: usize,
+        needed: usize,
+    },
     #[error(
         "the checksum to complete lies outside the packet (csum_start {start}, csum_offset \
          {offset}, {len} bytes)"
@@ -193,7 +197,7 @@ fn fold(mut acc: u64) -> u16 {
     acc = (acc & 0xffff) + (acc >> 16);
     acc = (acc & 0xffff) + (acc >> 16);
     acc = (acc & 0xffff) + (acc >> 16);
-    // Three folds bring any 33-bit value below 0x10000.
+    // Two folds bring any u64 sum within 32 bits, three more within 16.
     acc as u16
 }
 
@@ -233,10 +237,15 @@ fn split_layout(packet: &[u8], v6: bool) -> Result<TcpLayout, OffloadError> {
     let len = packet.len();
     let ip_len = if v6 {
         if len < IPV6_HEADER {
-            return Err(SplitTruncated { part: "IPv6 header", len });
+            return Err(SplitTruncated {
+                part: "IPv6 header",
+                len,
+            });
         }
         if packet[0] >> 4 != 6 {
-            return Err(SplitMismatch { problem: "gso_type says TCPv6 but the packet is not IPv6" });
+            return Err(SplitMismatch {
+                problem: "gso_type says TCPv6 but the packet is not IPv6",
+            });
         }
         if packet[6] != PROTO_TCP {
             return Err(SplitMismatch {
@@ -246,35 +255,57 @@ fn split_layout(packet: &[u8], v6: bool) -> Result<TcpLayout, OffloadError> {
         IPV6_HEADER
     } else {
         if len < IPV4_MIN_HEADER {
-            return Err(SplitTruncated { part: "IPv4 header", len });
+            return Err(SplitTruncated {
+                part: "IPv4 header",
+                len,
+            });
         }
         if packet[0] >> 4 != 4 {
-            return Err(SplitMismatch { problem: "gso_type says TCPv4 but the packet is not IPv4" });
+            return Err(SplitMismatch {
+                problem: "gso_type says TCPv4 but the packet is not IPv4",
+            });
         }
         let ihl = usize::from(packet[0] & 0x0f) * 4;
         if ihl < IPV4_MIN_HEADER {
-            return Err(SplitMismatch { problem: "the IPv4 header length is below 20 bytes" });
+            return Err(SplitMismatch {
+                problem: "the IPv4 header length is below 20 bytes",
+            });
         }
         if len < ihl {
-            return Err(SplitTruncated { part: "IPv4 options", len });
+            return Err(SplitTruncated {
+                part: "IPv4 options",
+                len,
+            });
         }
         if packet[9] != PROTO_TCP {
-            return Err(SplitMismatch { problem: "the IPv4 packet does not carry TCP" });
+            return Err(SplitMismatch {
+                problem: "the IPv4 packet does not carry TCP",
+            });
         }
         if u16::from_be_bytes([packet[6], packet[7]]) & IPV4_NOT_WHOLE != 0 {
-            return Err(SplitMismatch { problem: "an IPv4 fragment cannot be segmented" });
+            return Err(SplitMismatch {
+                problem: "an IPv4 fragment cannot be segmented",
+            });
         }
         ihl
     };
     if len < ip_len + TCP_MIN_HEADER {
-        return Err(SplitTruncated { part: "TCP header", len });
+        return Err(SplitTruncated {
+            part: "TCP header",
+            len,
+        });
     }
     let tcp_len = usize::from(packet[ip_len + 12] >> 4) * 4;
     if tcp_len < TCP_MIN_HEADER {
-        return Err(SplitMismatch { problem: "the TCP header length is below 20 bytes" });
+        return Err(SplitMismatch {
+            problem: "the TCP header length is below 20 bytes",
+        });
     }
     if len < ip_len + tcp_len {
-        return Err(SplitTruncated { part: "TCP options", len });
+        return Err(SplitTruncated {
+            part: "TCP options",
+            len,
+        });
     }
     Ok(TcpLayout { ip_len, tcp_len })
 }
@@ -312,7 +343,9 @@ pub fn split<B: AsMut<[u8]>>(
     }
     let mss = usize::from(hdr.gso_size);
     if mss == 0 {
-        return Err(OffloadError::SplitMismatch { problem: "gso_size is zero" });
+        return Err(OffloadError::SplitMismatch {
+            problem: "gso_size is zero",
+        });
     }
     let head = ip_len + tcp_len;
     let payload = &packet[head..];
@@ -325,7 +358,10 @@ pub fn split<B: AsMut<[u8]>>(
     let count = payload.len().div_ceil(mss).max(1);
     let given = outs.len().min(sizes.len());
     if count > given {
-        return Err(OffloadError::SplitBuffers { needed: count, given });
+        return Err(OffloadError::SplitBuffers {
+            needed: count,
+            given,
+        });
     }
     let seg_len = |i: usize| payload.len().saturating_sub(i * mss).min(mss);
     for (index, out) in outs.iter_mut().take(count).enumerate() {
@@ -343,7 +379,12 @@ pub fn split<B: AsMut<[u8]>>(
         packet[ip_len + 6],
         packet[ip_len + 7],
     ]);
-    for (i, (out, size)) in outs.iter_mut().zip(sizes.iter_mut()).take(count).enumerate() {
+    for (i, (out, size)) in outs
+        .iter_mut()
+        .zip(sizes.iter_mut())
+        .take(count)
+        .enumerate()
+    {
         let start = i * mss;
         let data = &payload[start..start + seg_len(i)];
         let total = head + data.len();
@@ -390,11 +431,18 @@ fn split_none<B: AsMut<[u8]>>(
     sizes: &mut [usize],
 ) -> Result<usize, OffloadError> {
     let (Some(out), Some(size)) = (outs.first_mut(), sizes.first_mut()) else {
-        return Err(OffloadError::SplitBuffers { needed: 1, given: 0 });
+        return Err(OffloadError::SplitBuffers {
+            needed: 1,
+            given: 0,
+        });
     };
     let out = out.as_mut();
     let Some(dst) = out.get_mut(..packet.len()) else {
-        return Err(OffloadError::SplitBufferSize { index: 0, len: out.len(), needed: packet.len() });
+        return Err(OffloadError::SplitBufferSize {
+            index: 0,
+            len: out.len(),
+            needed: packet.len(),
+        });
     };
     dst.copy_from_slice(packet);
     complete_checksum(hdr, dst)?;
@@ -475,7 +523,15 @@ fn flow_key(pkt: &[u8]) -> Option<(FlowKey, usize)> {
     };
     let mut ports = [0u8; 4];
     ports.copy_from_slice(pkt.get(ip_len..ip_len + 4)?);
-    Some((FlowKey { v6, src, dst, ports }, ip_len))
+    Some((
+        FlowKey {
+            v6,
+            src,
+            dst,
+            ports,
+        },
+        ip_len,
+    ))
 }
 
 /// What a mergeable segment looks like; `None` from [`segment`] means "pass through".
@@ -610,7 +666,12 @@ impl Default for Coalescer {
 impl Coalescer {
     /// A coalescer that merges at most `max_flows` flows per batch.
     pub fn new(max_flows: usize) -> Self {
-        Self { max_flows, flows: Vec::new(), groups: Vec::new(), next: Vec::new() }
+        Self {
+            max_flows,
+            flows: Vec::new(),
+            groups: Vec::new(),
+            next: Vec::new(),
+        }
     }
 
     /// Coalesces one batch of IP packets. `out` and `frames` are replaced (their
@@ -692,7 +753,10 @@ impl Coalescer {
         match flow {
             Some(f) => self.flows[f].group = self.groups.len(),
             None if self.flows.len() < self.max_flows => {
-                self.flows.push(Flow { key, group: self.groups.len() });
+                self.flows.push(Flow {
+                    key,
+                    group: self.groups.len(),
+                });
             }
             None => {
                 // The table is full: this flow's packets pass through one by one.
@@ -724,7 +788,10 @@ fn joins<P: AsRef<[u8]>>(group: &Group, packets: &[P], pkt: &[u8], s: &Segment) 
         IdMode::Unknown
     } else {
         // TOS, DF (the other flag bits are zero in both), TTL.
-        if first.get(1)? != pkt.get(1)? || first.get(6)? != pkt.get(6)? || first.get(8)? != pkt.get(8)? {
+        if first.get(1)? != pkt.get(1)?
+            || first.get(6)? != pkt.get(6)?
+            || first.get(8)? != pkt.get(8)?
+        {
             return None;
         }
         let df = be16(pkt, 6)? & IPV4_DF != 0;
@@ -736,7 +803,10 @@ fn joins<P: AsRef<[u8]>>(group: &Group, packets: &[P], pkt: &[u8], s: &Segment) 
             _ => return None,
         }
     };
-    let (a, b) = (first.get(s.ip_len..s.ip_len + s.tcp_len)?, pkt.get(s.ip_len..s.ip_len + s.tcp_len)?);
+    let (a, b) = (
+        first.get(s.ip_len..s.ip_len + s.tcp_len)?,
+        pkt.get(s.ip_len..s.ip_len + s.tcp_len)?,
+    );
     let same_header = a.get(8..13)? == b.get(8..13)? // acknowledgement, data offset
         && (a[13] & !(TCP_PSH | TCP_FIN)) == (b[13] & !(TCP_PSH | TCP_FIN))
         && a.get(14..16)? == b.get(14..16)? // window
@@ -850,7 +920,11 @@ mod tests {
         }
 
         fn ip_len(&self) -> usize {
-            if self.v6 { IPV6_HEADER } else { IPV4_MIN_HEADER + self.ip_options.len() }
+            if self.v6 {
+                IPV6_HEADER
+            } else {
+                IPV4_MIN_HEADER + self.ip_options.len()
+            }
         }
 
         /// The packet with a valid IPv4 header checksum and a zero TCP checksum.
@@ -861,7 +935,12 @@ mod tests {
             if self.v6 {
                 let tc = self.tos;
                 let fl = self.flow_label;
-                p.extend_from_slice(&[0x60 | (tc >> 4), (tc << 4) | (fl >> 16) as u8, (fl >> 8) as u8, fl as u8]);
+                p.extend_from_slice(&[
+                    0x60 | (tc >> 4),
+                    (tc << 4) | (fl >> 16) as u8,
+                    (fl >> 8) as u8,
+                    fl as u8,
+                ]);
                 p.extend_from_slice(&((total - IPV6_HEADER) as u16).to_be_bytes());
                 p.extend_from_slice(&[PROTO_TCP, self.ttl]);
                 p.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, self.src]);
@@ -871,7 +950,14 @@ mod tests {
                 p.push(self.tos);
                 p.extend_from_slice(&(total as u16).to_be_bytes());
                 p.extend_from_slice(&self.id.to_be_bytes());
-                p.extend_from_slice(&[if self.df { 0x40 } else { 0 }, 0, self.ttl, PROTO_TCP, 0, 0]);
+                p.extend_from_slice(&[
+                    if self.df { 0x40 } else { 0 },
+                    0,
+                    self.ttl,
+                    PROTO_TCP,
+                    0,
+                    0,
+                ]);
                 p.extend_from_slice(&[10, 0, 0, self.src, 10, 0, 0, 2]);
                 p.extend_from_slice(&self.ip_options);
                 let csum = !fold(sum_be(&p, 0));
@@ -931,7 +1017,9 @@ mod tests {
     }
 
     fn pattern(len: usize, salt: u8) -> Vec<u8> {
-        (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt)).collect()
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(salt))
+            .collect()
     }
 
     fn is_v6(p: &[u8]) -> bool {
@@ -939,7 +1027,11 @@ mod tests {
     }
 
     fn ip_len(p: &[u8]) -> usize {
-        if is_v6(p) { IPV6_HEADER } else { usize::from(p[0] & 0x0f) * 4 }
+        if is_v6(p) {
+            IPV6_HEADER
+        } else {
+            usize::from(p[0] & 0x0f) * 4
+        }
     }
 
     fn tcp_len(p: &[u8]) -> usize {
@@ -950,7 +1042,8 @@ mod tests {
         if is_v6(p) {
             usize::from(be16(p, 4).unwrap()) == p.len() - IPV6_HEADER
         } else {
-            usize::from(be16(p, 2).unwrap()) == p.len() && fold(sum_be(&p[..ip_len(p)], 0)) == 0xffff
+            usize::from(be16(p, 2).unwrap()) == p.len()
+                && fold(sum_be(&p[..ip_len(p)], 0)) == 0xffff
         }
     }
 
@@ -975,10 +1068,15 @@ mod tests {
         let mut outs = vec![vec![0u8; 65_536]; 64];
         let mut sizes = vec![0usize; 64];
         let n = split(hdr, packet, &mut outs, &mut sizes)?;
-        Ok(outs.into_iter().zip(sizes).take(n).map(|(mut o, s)| {
-            o.truncate(s);
-            o
-        }).collect())
+        Ok(outs
+            .into_iter()
+            .zip(sizes)
+            .take(n)
+            .map(|(mut o, s)| {
+                o.truncate(s);
+                o
+            })
+            .collect())
     }
 
     /// Coalesces, and returns each frame's header and packet.
@@ -989,7 +1087,10 @@ mod tests {
             .iter()
             .map(|r| {
                 let f = &out[r.clone()];
-                (VirtioNetHdr::decode(f).unwrap(), f[VIRTIO_NET_HDR_LEN..].to_vec())
+                (
+                    VirtioNetHdr::decode(f).unwrap(),
+                    f[VIRTIO_NET_HDR_LEN..].to_vec(),
+                )
             })
             .collect()
     }
@@ -1019,10 +1120,19 @@ mod tests {
 
     #[test]
     fn a_short_or_unknown_virtio_header_is_an_error() {
-        assert_eq!(VirtioNetHdr::decode(&[0; 9]), Err(OffloadError::DecodeHeader { len: 9 }));
-        assert_eq!(VirtioNetHdr::decode(&[]), Err(OffloadError::DecodeHeader { len: 0 }));
+        assert_eq!(
+            VirtioNetHdr::decode(&[0; 9]),
+            Err(OffloadError::DecodeHeader { len: 9 })
+        );
+        assert_eq!(
+            VirtioNetHdr::decode(&[]),
+            Err(OffloadError::DecodeHeader { len: 0 })
+        );
         let rsc = [4u8, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        assert_eq!(VirtioNetHdr::decode(&rsc), Err(OffloadError::DecodeFlags { flags: 4 }));
+        assert_eq!(
+            VirtioNetHdr::decode(&rsc),
+            Err(OffloadError::DecodeFlags { flags: 4 })
+        );
         assert_eq!(
             VirtioNetHdr::default().encode(&mut [0; 9]),
             Err(OffloadError::EncodeHeader { len: 9 })
@@ -1052,7 +1162,10 @@ mod tests {
         assert_eq!(frames.len(), 1);
         let (got_hdr, got) = &frames[0];
         assert_eq!(got_hdr, &hdr);
-        assert_eq!(got, &sup, "the merged packet is the super-packet byte for byte");
+        assert_eq!(
+            got, &sup,
+            "the merged packet is the super-packet byte for byte"
+        );
         let full = completed(got_hdr, got);
         assert!(ip_header_valid(&full) && tcp_checksum_valid(&full));
     }
@@ -1114,16 +1227,26 @@ mod tests {
         assert_eq!(split_all(&hdr, &t.super_packet()).unwrap(), [t.segment()]);
         // Without F_NEEDS_CSUM the bytes are copied as they are, wrong checksum and all.
         let plain = VirtioNetHdr::default();
-        assert_eq!(split_all(&plain, &t.super_packet()).unwrap(), [t.super_packet()]);
+        assert_eq!(
+            split_all(&plain, &t.super_packet()).unwrap(),
+            [t.super_packet()]
+        );
     }
 
     #[test]
     fn completing_a_udp_checksum_that_sums_to_zero_writes_all_ones() {
         // An IPv4/UDP packet whose bytes from csum_start sum to 0xffff: the complement is
         // zero, which UDP reserves for "no checksum".
-        let mut p = vec![0x45, 0, 0, 30, 0, 0, 0, 0, 64, PROTO_UDP, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        let mut p = vec![
+            0x45, 0, 0, 30, 0, 0, 0, 0, 64, PROTO_UDP, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
         p.extend_from_slice(&[0xff, 0xf5, 0, 0, 0, 10, 0, 0, 0, 0]);
-        let hdr = VirtioNetHdr { flags: F_NEEDS_CSUM, csum_start: 20, csum_offset: 6, ..Default::default() };
+        let hdr = VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 20,
+            csum_offset: 6,
+            ..Default::default()
+        };
         complete_checksum(&hdr, &mut p).unwrap();
         assert_eq!(&p[26..28], &[0xff, 0xff]);
     }
@@ -1137,25 +1260,57 @@ mod tests {
             let head = usize::from(hdr.hdr_len);
             for len in 0..head {
                 assert!(
-                    matches!(split_all(&hdr, &sup[..len]), Err(OffloadError::SplitTruncated { .. })),
+                    matches!(
+                        split_all(&hdr, &sup[..len]),
+                        Err(OffloadError::SplitTruncated { .. })
+                    ),
                     "v6 = {v6}, {len} bytes"
                 );
             }
-            let udp = VirtioNetHdr { gso_type: GSO_UDP_L4, ..hdr };
-            assert_eq!(split_all(&udp, &sup), Err(OffloadError::SplitUnsupported { gso_type: GSO_UDP_L4 }));
-            let udp = VirtioNetHdr { gso_type: GSO_UDP, ..hdr };
-            assert_eq!(split_all(&udp, &sup), Err(OffloadError::SplitUnsupported { gso_type: GSO_UDP }));
+            let udp = VirtioNetHdr {
+                gso_type: GSO_UDP_L4,
+                ..hdr
+            };
+            assert_eq!(
+                split_all(&udp, &sup),
+                Err(OffloadError::SplitUnsupported {
+                    gso_type: GSO_UDP_L4
+                })
+            );
+            let udp = VirtioNetHdr {
+                gso_type: GSO_UDP,
+                ..hdr
+            };
+            assert_eq!(
+                split_all(&udp, &sup),
+                Err(OffloadError::SplitUnsupported { gso_type: GSO_UDP })
+            );
             let zero = VirtioNetHdr { gso_size: 0, ..hdr };
-            assert!(matches!(split_all(&zero, &sup), Err(OffloadError::SplitMismatch { .. })));
-            let off = VirtioNetHdr { csum_start: hdr.csum_start + 2, ..hdr };
-            assert!(matches!(split_all(&off, &sup), Err(OffloadError::SplitMismatch { .. })));
-            let other = VirtioNetHdr { gso_type: if v6 { GSO_TCPV4 } else { GSO_TCPV6 }, ..hdr };
+            assert!(matches!(
+                split_all(&zero, &sup),
+                Err(OffloadError::SplitMismatch { .. })
+            ));
+            let off = VirtioNetHdr {
+                csum_start: hdr.csum_start + 2,
+                ..hdr
+            };
+            assert!(matches!(
+                split_all(&off, &sup),
+                Err(OffloadError::SplitMismatch { .. })
+            ));
+            let other = VirtioNetHdr {
+                gso_type: if v6 { GSO_TCPV4 } else { GSO_TCPV6 },
+                ..hdr
+            };
             assert!(split_all(&other, &sup).is_err());
 
             let mut few = vec![vec![0u8; 2_000]; 1];
             assert_eq!(
                 split(&hdr, &sup, &mut few, &mut [0; 1]),
-                Err(OffloadError::SplitBuffers { needed: 2, given: 1 })
+                Err(OffloadError::SplitBuffers {
+                    needed: 2,
+                    given: 1
+                })
             );
             let mut small = vec![vec![0u8; 2_000], vec![0u8; 100]];
             assert!(matches!(
@@ -1166,8 +1321,16 @@ mod tests {
         let t = Tcp::new(false, Vec::new());
         let mut p = t.segment();
         let len = p.len();
-        let outside = VirtioNetHdr { flags: F_NEEDS_CSUM, csum_start: 20, csum_offset: len as u16, ..Default::default() };
-        assert!(matches!(complete_checksum(&outside, &mut p), Err(OffloadError::CompleteChecksum { .. })));
+        let outside = VirtioNetHdr {
+            flags: F_NEEDS_CSUM,
+            csum_start: 20,
+            csum_offset: len as u16,
+            ..Default::default()
+        };
+        assert!(matches!(
+            complete_checksum(&outside, &mut p),
+            Err(OffloadError::CompleteChecksum { .. })
+        ));
         let mut empty: [Vec<u8>; 0] = [];
         assert!(matches!(
             split(&VirtioNetHdr::default(), &p, &mut empty, &mut []),
@@ -1178,7 +1341,10 @@ mod tests {
     #[test]
     fn split_and_coalesce_never_panic_on_random_bytes() {
         let mut rng = StdRng::seed_from_u64(15);
-        let valid = [Tcp::new(false, pattern(3_000, 1)), Tcp::new(true, pattern(3_000, 2))];
+        let valid = [
+            Tcp::new(false, pattern(3_000, 1)),
+            Tcp::new(true, pattern(3_000, 2)),
+        ];
         let mut coalescer = Coalescer::new(4);
         let (mut out, mut frames) = (Vec::new(), Vec::new());
         let mut outs = vec![vec![0u8; 2_048]; 8];
@@ -1257,7 +1423,10 @@ mod tests {
         let frames = coalesce_all(&mut Coalescer::default(), &wire(&segs));
         assert_eq!(shape(&frames), [2, 2]);
         assert_eq!(seq(&frames[1].1), segs[2].seq);
-        assert_eq!(payload(&frames[1].1), [segs[2].payload.clone(), segs[3].payload.clone()].concat());
+        assert_eq!(
+            payload(&frames[1].1),
+            [segs[2].payload.clone(), segs[3].payload.clone()].concat()
+        );
         for (h, p) in &frames {
             let full = completed(h, p);
             assert!(ip_header_valid(&full) && tcp_checksum_valid(&full));
@@ -1265,7 +1434,7 @@ mod tests {
     }
 
     #[test]
-    fn segments_with_a_different_tos_ttl_traffic_class_or_hop_limit_are_not_merged() {
+    fn segments_with_a_different_tos_ttl_traffic_class_flow_label_or_hop_limit_are_not_merged() {
         let change: [fn(&mut Tcp); 2] = [|t| t.tos = 0x10, |t| t.ttl = 63];
         for v6 in [false, true] {
             for f in change {
@@ -1276,9 +1445,19 @@ mod tests {
                 assert_eq!(shape(&frames), [1, 1, 1], "v6 = {v6}: {:?}", segs[1]);
             }
         }
+        // IPv6 segments of another flow label are not merged either.
+        let mut segs = segments(&Tcp::new(true, Vec::new()), 1_000, 2);
+        segs[1].flow_label += 1;
+        assert_eq!(
+            shape(&coalesce_all(&mut Coalescer::default(), &wire(&segs))),
+            [1, 1]
+        );
         // The same three segments unchanged merge, so it is the change that stopped them.
         let segs = segments(&Tcp::new(true, Vec::new()), 1_000, 3);
-        assert_eq!(shape(&coalesce_all(&mut Coalescer::default(), &wire(&segs))), [3]);
+        assert_eq!(
+            shape(&coalesce_all(&mut Coalescer::default(), &wire(&segs))),
+            [3]
+        );
     }
 
     #[test]
@@ -1370,18 +1549,27 @@ mod tests {
 
         let mut segs = segments(&t, 500, 2);
         segs[1].payload = pattern(1_000, 1);
-        assert_eq!(shape(&coalesce_all(&mut Coalescer::default(), &wire(&segs))), [1, 1]);
+        assert_eq!(
+            shape(&coalesce_all(&mut Coalescer::default(), &wire(&segs))),
+            [1, 1]
+        );
     }
 
     #[test]
     fn segments_that_differ_in_ack_window_or_tcp_options_are_not_merged() {
-        let change: [fn(&mut Tcp); 3] =
-            [|t| t.ack += 1, |t| t.window += 1, |t| t.tcp_options[11] += 1];
+        let change: [fn(&mut Tcp); 3] = [
+            |t| t.ack += 1,
+            |t| t.window += 1,
+            |t| t.tcp_options[11] += 1,
+        ];
         for f in change {
             let t = Tcp::new(false, Vec::new());
             let mut segs = segments(&t, 1_000, 2);
             f(&mut segs[1]);
-            assert_eq!(shape(&coalesce_all(&mut Coalescer::default(), &wire(&segs))), [1, 1]);
+            assert_eq!(
+                shape(&coalesce_all(&mut Coalescer::default(), &wire(&segs))),
+                [1, 1]
+            );
         }
     }
 
@@ -1398,7 +1586,10 @@ mod tests {
         let mut segs = wire(&segments(&t, 1_000, 2));
         segs[1][8] ^= 0x01;
         segs[1][10] ^= 0x02;
-        assert_eq!(shape(&coalesce_all(&mut Coalescer::default(), &segs)), [1, 1]);
+        assert_eq!(
+            shape(&coalesce_all(&mut Coalescer::default(), &segs)),
+            [1, 1]
+        );
     }
 
     #[test]
@@ -1420,7 +1611,9 @@ mod tests {
 
     #[test]
     fn flows_beyond_the_limit_pass_through_unmerged() {
-        let flows: Vec<Tcp> = (0..3).map(|i| Tcp::new(false, Vec::new()).with(|t| t.sport += i)).collect();
+        let flows: Vec<Tcp> = (0..3)
+            .map(|i| Tcp::new(false, Vec::new()).with(|t| t.sport += i))
+            .collect();
         let mut batch = Vec::new();
         for n in 0..2 {
             for f in &flows {
@@ -1445,7 +1638,11 @@ mod tests {
         let frames = coalesce_all(&mut Coalescer::default(), &batch);
         assert_eq!(shape(&frames), [3, 3]);
         assert!(!is_v6(&frames[0].1) && is_v6(&frames[1].1));
-        let of = |t: &Tcp| (0..3).flat_map(|n| t.nth(n, 1_000).payload).collect::<Vec<u8>>();
+        let of = |t: &Tcp| {
+            (0..3)
+                .flat_map(|n| t.nth(n, 1_000).payload)
+                .collect::<Vec<u8>>()
+        };
         assert_eq!(payload(&frames[0].1), of(&a));
         assert_eq!(payload(&frames[1].1), of(&b));
     }
@@ -1455,7 +1652,12 @@ mod tests {
         let t = Tcp::new(false, Vec::new());
         let segs = segments(&t, 1_000, 3);
         let ack = t.clone().with(|t| t.seq = segs[2].seq);
-        let batch = vec![segs[0].segment(), segs[1].segment(), ack.segment(), segs[2].segment()];
+        let batch = vec![
+            segs[0].segment(),
+            segs[1].segment(),
+            ack.segment(),
+            segs[2].segment(),
+        ];
         let frames = coalesce_all(&mut Coalescer::default(), &batch);
         assert_eq!(shape(&frames), [2, 1, 1]);
         assert_eq!(frames[1].1, batch[2]);
@@ -1464,7 +1666,7 @@ mod tests {
 
     #[test]
     fn split_then_coalesce_preserves_the_payload_for_random_sizes_and_mss() {
-        let mut rng = StdRng::seed_from_u64(0x0ff1_0ad);
+        let mut rng = StdRng::seed_from_u64(0x00ff_10ad);
         let mut coalescer = Coalescer::default();
         let mut outs = vec![vec![0u8; 1_600]; 400];
         let mut sizes = vec![0usize; 400];
@@ -1485,20 +1687,34 @@ mod tests {
             let hdr = t.kernel_hdr(mss);
             let n = split(&hdr, &sup, &mut outs, &mut sizes).unwrap();
             let segs: Vec<Vec<u8>> = (0..n).map(|i| outs[i][..sizes[i]].to_vec()).collect();
-            assert!(segs.iter().all(|s| ip_header_valid(s) && tcp_checksum_valid(s)), "round {round}");
+            assert!(
+                segs.iter()
+                    .all(|s| ip_header_valid(s) && tcp_checksum_valid(s)),
+                "round {round}"
+            );
 
             let frames = coalesce_all(&mut coalescer, &segs);
             let mut joined = Vec::new();
             for (h, p) in &frames {
                 let full = completed(h, p);
-                assert!(ip_header_valid(&full) && tcp_checksum_valid(&full), "round {round}");
+                assert!(
+                    ip_header_valid(&full) && tcp_checksum_valid(&full),
+                    "round {round}"
+                );
                 joined.extend_from_slice(payload(p));
             }
-            assert_eq!(joined, t.payload, "round {round}: v6 {v6}, mss {mss}, {len} bytes");
+            assert_eq!(
+                joined, t.payload,
+                "round {round}: v6 {v6}, mss {mss}, {len} bytes"
+            );
             if n > 1 {
                 assert_eq!(frames, [(hdr, sup)], "round {round}");
             } else {
-                assert_eq!(frames, [(VirtioNetHdr::default(), t.segment())], "round {round}");
+                assert_eq!(
+                    frames,
+                    [(VirtioNetHdr::default(), t.segment())],
+                    "round {round}"
+                );
             }
         }
     }
