@@ -1,8 +1,10 @@
-//! Moving packets and bytes between nodes: the join messages, VPN routes, the userspace
-//! WireGuard tunnel, the joiner's side of a link, and the bounded HTTP server loop.
+//! Moving packets and bytes between nodes: the join messages, VPN routes, TUN offloads
+//! (segmenting and coalescing TCP, pure), the userspace WireGuard tunnel, the joiner's
+//! side of a link, and the bounded HTTP server loop.
 //! May import `base` and `group`; must not know about files, shares or playback.
 
 pub mod join;
+pub mod offload;
 pub mod routes;
 pub mod server;
 pub mod tunnel;
