@@ -927,3 +927,520 @@ fn drain(tunn: &mut Tunn, sealed: &mut [u8], to: SocketAddr, out: &mut Output) {
         out.transmits.push(p, to);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use std::collections::VecDeque;
+
+    fn vpn(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(100, 64, 0, last)
+    }
+
+    fn udp_addr(last: u8) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, last], 51820))
+    }
+
+    fn secret(n: u8) -> StaticSecret {
+        StaticSecret::from([n; 32])
+    }
+
+    fn key(n: u8) -> Key {
+        PublicKey::from(&secret(n)).to_bytes()
+    }
+
+    /// An IPv4/UDP packet that is not gossip.
+    fn ip(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+        wire::encode_udp(src, dst, 5000, payload).unwrap()
+    }
+
+    fn peer(n: u8, endpoint: Option<SocketAddr>, candidates: Vec<SocketAddr>) -> PeerConfig {
+        PeerConfig {
+            public_key: key(n),
+            name: format!("node{n}"),
+            address: vpn(n),
+            endpoint,
+            candidates,
+        }
+    }
+
+    /// Node `n`: key `[n; 32]`, VPN address 100.64.0.n, UDP at 192.0.2.n.
+    struct Node {
+        addr: SocketAddr,
+        core: Core,
+        tun: Vec<Vec<u8>>,
+        gossip: Vec<GossipIn>,
+        invites: Vec<InviteMessage>,
+    }
+
+    /// An in-memory network between nodes' UDP addresses. A datagram to an address no
+    /// node has, or between a blocked pair (either way), is lost; every one sent is
+    /// recorded with its WireGuard message type.
+    struct Net {
+        nodes: Vec<Node>,
+        blocked: Vec<(SocketAddr, SocketAddr)>,
+        queue: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
+        sent: Vec<(SocketAddr, SocketAddr, u8)>,
+    }
+
+    impl Net {
+        fn new(ns: &[u8], t0: Instant) -> Net {
+            let nodes = ns
+                .iter()
+                .map(|&n| Node {
+                    addr: udp_addr(n),
+                    core: Core::new(secret(n), Box::new(StdRng::seed_from_u64(n.into())), t0),
+                    tun: Vec::new(),
+                    gossip: Vec::new(),
+                    invites: Vec::new(),
+                })
+                .collect();
+            Net {
+                nodes,
+                blocked: Vec::new(),
+                queue: VecDeque::new(),
+                sent: Vec::new(),
+            }
+        }
+
+        fn collect(&mut self, i: usize, out: &mut Output) {
+            let from = self.nodes[i].addr;
+            for (p, to) in out.transmits.iter() {
+                self.sent.push((from, to, p[0]));
+                self.queue.push_back((from, to, p.to_vec()));
+            }
+            let node = &mut self.nodes[i];
+            node.tun.extend(out.tun.iter().map(|(p, ())| p.to_vec()));
+            node.gossip.append(&mut out.gossip);
+            node.invites.append(&mut out.invites);
+            out.clear();
+        }
+
+        /// Runs `f` on node `i`'s core and collects what it asked for.
+        fn act(&mut self, i: usize, f: impl FnOnce(&mut Core, &mut Output)) {
+            let mut out = Output::default();
+            f(&mut self.nodes[i].core, &mut out);
+            self.collect(i, &mut out);
+        }
+
+        /// Delivers datagrams, and the answers they cause, until none is left.
+        fn run(&mut self, now: Instant) {
+            let mut out = Output::default();
+            for _ in 0..10_000 {
+                let Some((from, to, bytes)) = self.queue.pop_front() else {
+                    return;
+                };
+                if self
+                    .blocked
+                    .iter()
+                    .any(|&(a, b)| (a, b) == (from, to) || (b, a) == (from, to))
+                {
+                    continue;
+                }
+                let Some(j) = self.nodes.iter().position(|n| n.addr == to) else {
+                    continue;
+                };
+                self.nodes[j].core.handle_input(now, from, &bytes, &mut out);
+                self.collect(j, &mut out);
+            }
+            panic!("the datagrams never settled");
+        }
+
+        /// Every node's timeout at `now`, then delivery.
+        fn tick(&mut self, now: Instant) {
+            for i in 0..self.nodes.len() {
+                self.act(i, |c, o| c.handle_timeout(now, o));
+            }
+            self.run(now);
+        }
+
+        /// Node `i` sends `packet` as if read from its TUN device; returns where its
+        /// datagrams went.
+        fn send(&mut self, i: usize, now: Instant, packet: &[u8]) -> Vec<SocketAddr> {
+            let mark = self.sent.len();
+            self.act(i, |c, o| c.handle_packet(now, packet, o));
+            let to = self.sent[mark..].iter().map(|&(_, to, _)| to).collect();
+            self.run(now);
+            to
+        }
+
+        fn path(&self, i: usize, to: u8, now: Instant) -> PathKind {
+            self.nodes[i].core.table.path(&key(to), now)
+        }
+
+        /// Handshake initiations node `i` sent since `mark`, by destination.
+        fn knocks_since(&self, mark: usize, i: usize) -> Vec<SocketAddr> {
+            let from = self.nodes[i].addr;
+            self.sent[mark..]
+                .iter()
+                .filter(|&&(f, _, t)| f == from && t == 1)
+                .map(|&(_, to, _)| to)
+                .collect()
+        }
+    }
+
+    /// Host 1 and members 2 and 3, every pair told of the other; the members know each
+    /// other only by candidates (they must knock).
+    fn host_and_two_members(t0: Instant) -> Net {
+        let mut net = Net::new(&[1, 2, 3], t0);
+        net.act(0, |c, o| {
+            c.set_local(vpn(1), None);
+            c.upsert_peer(t0, peer(2, Some(udp_addr(2)), vec![]), o);
+            c.upsert_peer(t0, peer(3, Some(udp_addr(3)), vec![]), o);
+        });
+        for (i, n, other) in [(1, 2, 3), (2, 3, 2)] {
+            net.act(i, |c, o| {
+                c.set_local(vpn(n), Some(key(1)));
+                c.upsert_peer(t0, peer(1, Some(udp_addr(1)), vec![]), o);
+                c.upsert_peer(t0, peer(other, None, vec![udp_addr(other)]), o);
+            });
+        }
+        net
+    }
+
+    #[test]
+    fn two_cores_complete_a_handshake_and_carry_an_ip_packet_both_ways() {
+        let t0 = Instant::now();
+        let mut net = Net::new(&[1, 2], t0);
+        net.act(0, |c, o| {
+            c.set_local(vpn(1), None);
+            c.upsert_peer(t0, peer(2, Some(udp_addr(2)), vec![]), o);
+        });
+        net.act(1, |c, o| {
+            c.set_local(vpn(2), Some(key(1)));
+            c.upsert_peer(t0, peer(1, Some(udp_addr(1)), vec![]), o);
+        });
+        net.run(t0);
+        assert_eq!(net.path(0, 2, t0), PathKind::Direct);
+        assert_eq!(net.path(1, 1, t0), PathKind::Direct);
+
+        let there = ip(vpn(1), vpn(2), b"from one");
+        assert_eq!(net.send(0, t0, &there), vec![udp_addr(2)]);
+        assert_eq!(net.nodes[1].tun, vec![there]);
+        let back = ip(vpn(2), vpn(1), b"from two");
+        assert_eq!(net.send(1, t0, &back), vec![udp_addr(1)]);
+        assert_eq!(net.nodes[0].tun, vec![back]);
+        let status = net.nodes[1].core.status(t0, 0);
+        assert_eq!(status[0].rx_bytes, net.nodes[1].tun[0].len() as u64);
+    }
+
+    #[test]
+    fn a_packet_whose_source_the_sender_does_not_own_is_dropped_and_counted() {
+        let t0 = Instant::now();
+        // Node 2 is the host; node 1 a member gone bad; node 3 a member whose address it
+        // claims (known to the host, not on this network).
+        let mut net = Net::new(&[1, 2], t0);
+        net.act(0, |c, o| {
+            c.set_local(vpn(1), Some(key(2)));
+            c.upsert_peer(t0, peer(2, Some(udp_addr(2)), vec![]), o);
+        });
+        net.act(1, |c, o| {
+            c.set_local(vpn(2), None);
+            c.upsert_peer(t0, peer(1, Some(udp_addr(1)), vec![]), o);
+            c.upsert_peer(t0, peer(3, None, vec![]), o);
+        });
+        net.run(t0);
+        // The bad member's own check on TUN packets is bypassed: it encrypts by hand.
+        for forged in [
+            ip(vpn(3), vpn(2), b"as another member"),
+            ip(Ipv4Addr::new(10, 9, 9, 9), vpn(2), b"as nobody"),
+        ] {
+            net.act(0, |c, o| {
+                c.table.encapsulate(t0, &forged, vpn(2), &mut c.sealed, o);
+            });
+            net.run(t0);
+        }
+        assert_eq!(net.nodes[1].core.spoofed(), 2);
+        assert!(net.nodes[1].tun.is_empty(), "a forged packet reached TUN");
+
+        let honest = ip(vpn(1), vpn(2), b"as itself");
+        net.send(0, t0, &honest);
+        assert_eq!(net.nodes[1].tun, vec![honest]);
+        assert_eq!(net.nodes[1].core.spoofed(), 2);
+    }
+
+    #[test]
+    fn with_no_live_direct_session_a_member_sends_through_the_host_and_switches_to_direct_once_it_is_alive(
+    ) {
+        let t0 = Instant::now();
+        let mut net = host_and_two_members(t0);
+        net.blocked.push((udp_addr(2), udp_addr(3)));
+        net.run(t0);
+        assert_eq!(net.path(1, 3, t0), PathKind::ViaHost);
+
+        let first = ip(vpn(2), vpn(3), b"through the host");
+        assert_eq!(net.send(1, t0, &first), vec![udp_addr(1)]);
+        assert_eq!(net.nodes[2].tun, vec![first.clone()]);
+        assert_eq!(net.nodes[0].core.forwarded(), 1);
+
+        // The way opens; the next knock forms a direct session.
+        net.blocked.clear();
+        let t1 = t0 + KNOCK_EVERY;
+        net.tick(t1);
+        assert_eq!(net.path(1, 3, t1), PathKind::Direct);
+        let second = ip(vpn(2), vpn(3), b"direct");
+        assert_eq!(net.send(1, t1, &second), vec![udp_addr(3)]);
+        assert_eq!(net.nodes[2].tun, vec![first, second]);
+        assert_eq!(net.nodes[0].core.forwarded(), 1, "the host still carried it");
+    }
+
+    #[test]
+    fn a_direct_session_not_heard_from_for_forty_seconds_falls_back_to_the_host() {
+        let t0 = Instant::now();
+        let mut net = host_and_two_members(t0);
+        net.run(t0);
+        assert_eq!(net.path(1, 3, t0), PathKind::Direct);
+        // The host was heard from later; the member was not.
+        let later = t0 + LIVE;
+        net.nodes[1].core.table.peers.get_mut(&key(1)).unwrap().last_rx = Some(later);
+        assert_eq!(net.path(1, 3, later), PathKind::ViaHost);
+        assert_eq!(net.send(1, later, &ip(vpn(2), vpn(3), b"x")), vec![udp_addr(1)]);
+    }
+
+    #[test]
+    fn the_host_forwards_packets_between_two_members_both_ways_and_keeps_none() {
+        let t0 = Instant::now();
+        let mut net = host_and_two_members(t0);
+        net.blocked.push((udp_addr(2), udp_addr(3)));
+        net.run(t0);
+        let there = ip(vpn(2), vpn(3), b"to three");
+        net.send(1, t0, &there);
+        let back = ip(vpn(3), vpn(2), b"to two");
+        net.send(2, t0, &back);
+        assert_eq!(net.nodes[2].tun, vec![there]);
+        assert_eq!(net.nodes[1].tun, vec![back]);
+        assert_eq!(net.nodes[0].core.forwarded(), 2);
+        assert!(net.nodes[0].tun.is_empty(), "the host wrote a member's packet to TUN");
+    }
+
+    #[test]
+    fn a_member_drops_a_packet_from_another_member_that_is_not_addressed_to_it() {
+        let t0 = Instant::now();
+        let mut net = host_and_two_members(t0);
+        net.run(t0);
+        // Member 2 aims at an address only member 3 could route on to: 3 must not.
+        let elsewhere = ip(vpn(2), Ipv4Addr::new(192, 168, 1, 1), b"beyond");
+        net.act(1, |c, o| {
+            c.table.routes.insert("192.168.1.0/24".parse().unwrap(), key(3));
+            c.handle_packet(t0, &elsewhere, o);
+        });
+        net.run(t0);
+        assert!(net.nodes[2].tun.is_empty());
+        assert_eq!(net.nodes[2].core.spoofed(), 0);
+        let to_it = ip(vpn(2), vpn(3), b"to it");
+        net.send(1, t0, &to_it);
+        assert_eq!(net.nodes[2].tun, vec![to_it]);
+    }
+
+    #[test]
+    fn knocking_goes_to_every_candidate_every_two_seconds_until_a_session_forms() {
+        let t0 = Instant::now();
+        let mut net = Net::new(&[1, 2], t0);
+        let candidates = vec![udp_addr(20), udp_addr(21), udp_addr(2)];
+        net.blocked.push((udp_addr(1), udp_addr(2)));
+        net.act(1, |c, o| {
+            c.set_local(vpn(2), None);
+            c.upsert_peer(t0, peer(1, None, vec![]), o);
+        });
+        net.act(0, |c, o| {
+            c.set_local(vpn(1), None);
+            c.upsert_peer(t0, peer(2, None, candidates.clone()), o);
+        });
+        net.run(t0);
+        assert_eq!(net.knocks_since(0, 0), candidates);
+        assert_eq!(net.path(0, 2, t0), PathKind::Down);
+
+        let mark = net.sent.len();
+        net.tick(t0 + Duration::from_secs(1));
+        assert_eq!(net.knocks_since(mark, 0), Vec::<SocketAddr>::new(), "knocked too soon");
+        let mark = net.sent.len();
+        net.tick(t0 + KNOCK_EVERY);
+        assert_eq!(net.knocks_since(mark, 0), candidates);
+
+        net.blocked.clear();
+        let mark = net.sent.len();
+        let t1 = t0 + 2 * KNOCK_EVERY;
+        net.tick(t1);
+        assert_eq!(net.knocks_since(mark, 0), candidates);
+        assert_eq!(net.path(0, 2, t1), PathKind::Direct);
+        let status = net.nodes[0].core.status(t1, 0);
+        assert_eq!(status[0].endpoint, Some(udp_addr(2)));
+
+        let mark = net.sent.len();
+        net.tick(t1 + KNOCK_EVERY);
+        net.tick(t1 + 2 * KNOCK_EVERY);
+        assert_eq!(net.knocks_since(mark, 0), Vec::<SocketAddr>::new(), "knocked a live peer");
+    }
+
+    /// A joiner holding invite key 9 opens a session with host 1 the way `net::join`
+    /// does, with a bare `Tunn`; returns the host's core and the joiner's `Tunn`.
+    fn invite_session(t0: Instant) -> (Core, Tunn) {
+        let mut host = Core::new(secret(1), Box::new(StdRng::seed_from_u64(1)), t0);
+        host.set_local(vpn(1), None);
+        host.set_invite_keys(HashSet::from([key(9)]));
+        let mut joiner = Tunn::new(secret(9), PublicKey::from(&secret(1)), None, None, 7, None);
+        let mut buf = vec![0u8; 2048];
+        let mut out = Output::default();
+        let TunnResult::WriteToNetwork(init) = joiner.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no initiation");
+        };
+        host.handle_input(t0, udp_addr(9), init, &mut out);
+        let answers: Vec<_> = out.transmits.iter().map(|(p, to)| (p.to_vec(), to)).collect();
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].1, udp_addr(9));
+        let TunnResult::WriteToNetwork(keepalive) =
+            joiner.decapsulate(Some(udp_addr(1).ip()), &answers[0].0, &mut buf)
+        else {
+            panic!("the host's answer did not complete the handshake");
+        };
+        out.clear();
+        host.handle_input(t0, udp_addr(9), keepalive, &mut out);
+        assert!(out.transmits.is_empty() && out.invites.is_empty() && out.tun.is_empty());
+        (host, joiner)
+    }
+
+    #[test]
+    fn an_invite_keyed_sessions_packets_become_invite_messages_never_tun_packets() {
+        let t0 = Instant::now();
+        let (mut host, mut joiner) = invite_session(t0);
+        let mut buf = vec![0u8; 2048];
+        let mut out = Output::default();
+        let join = wire::encode_udp(wire::JOINER_ADDRESS, vpn(1), wire::JOIN_PORT, b"join").unwrap();
+        // Even a packet shaped like member traffic to the host's own address.
+        let member_like = ip(vpn(2), vpn(1), b"let me in");
+        for packet in [&join, &member_like] {
+            let TunnResult::WriteToNetwork(d) = joiner.encapsulate(packet, &mut buf) else {
+                panic!("no session");
+            };
+            host.handle_input(t0, udp_addr(9), d, &mut out);
+        }
+        assert!(out.tun.is_empty(), "a joiner's packet reached TUN");
+        let got: Vec<_> = out.invites.iter().map(|m| (&m.packet, m.invite_key, m.from)).collect();
+        assert_eq!(
+            got,
+            vec![(&join, key(9), udp_addr(9)), (&member_like, key(9), udp_addr(9))]
+        );
+
+        // And the answer goes back in the same session.
+        let session = out.invites[0].session;
+        out.clear();
+        host.send_invite_reply(session, &member_like, &mut out).unwrap();
+        let (reply, to) = out.transmits.iter().next().unwrap();
+        assert_eq!(to, udp_addr(9));
+        let reply = reply.to_vec();
+        match joiner.decapsulate(Some(udp_addr(1).ip()), &reply, &mut buf) {
+            TunnResult::WriteToTunnelV4(p, _) => assert_eq!(p, &member_like[..]),
+            other => panic!("the joiner could not open the answer: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_invite_session_is_gone_once_its_lifetime_has_passed() {
+        let t0 = Instant::now();
+        let (mut host, _joiner) = invite_session(t0);
+        let session = *host.table.invites.keys().next().unwrap();
+        let mut out = Output::default();
+        host.handle_timeout(t0 + INVITE_SESSION_LIFETIME, &mut out);
+        assert!(host.send_invite_reply(session, b"x", &mut out).is_ok());
+        host.handle_timeout(t0 + INVITE_SESSION_LIFETIME + TIMER_TICK, &mut out);
+        assert!(matches!(
+            host.send_invite_reply(session, b"x", &mut out),
+            Err(CoreError::FindInviteSession(s)) if s == session
+        ));
+        assert!(host.table.slots.is_empty());
+    }
+
+    #[test]
+    fn a_handshake_from_a_key_neither_a_peer_nor_an_invite_gets_no_answer_and_no_session() {
+        let t0 = Instant::now();
+        let mut host = Core::new(secret(1), Box::new(StdRng::seed_from_u64(1)), t0);
+        host.set_invite_keys(HashSet::from([key(9)]));
+        let mut stranger = Tunn::new(secret(8), PublicKey::from(&secret(1)), None, None, 7, None);
+        let mut buf = vec![0u8; 2048];
+        let TunnResult::WriteToNetwork(init) = stranger.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!("no initiation");
+        };
+        let mut out = Output::default();
+        host.handle_input(t0, udp_addr(8), init, &mut out);
+        assert!(out.transmits.is_empty());
+        assert!(host.table.invites.is_empty() && host.table.slots.is_empty());
+        assert_eq!(host.gate.refused(), 0, "a valid mac1 is not a refusal");
+    }
+
+    #[test]
+    fn a_handshake_with_a_bad_mac1_is_refused_at_the_gate_and_counted() {
+        let t0 = Instant::now();
+        let mut host = Core::new(secret(1), Box::new(StdRng::seed_from_u64(1)), t0);
+        host.set_invite_keys(HashSet::from([key(9)]));
+        let mut forged = vec![0u8; 148];
+        forged[0] = 1;
+        let mut out = Output::default();
+        host.handle_input(t0, udp_addr(8), &forged, &mut out);
+        assert_eq!(host.gate.refused(), 1);
+        assert!(out.transmits.is_empty());
+        assert!(host.table.invites.is_empty());
+    }
+
+    #[test]
+    fn gossip_to_this_node_is_handed_over_with_its_senders_key_and_never_written_to_tun() {
+        let t0 = Instant::now();
+        let mut net = host_and_two_members(t0);
+        net.run(t0);
+        net.act(1, |c, o| c.send_gossip(t0, &key(3), b"news", o));
+        net.run(t0);
+        let got: Vec<_> = net.nodes[2]
+            .gossip
+            .iter()
+            .map(|g| (g.from, g.payload.clone()))
+            .collect();
+        assert_eq!(got, vec![(key(2), b"news".to_vec())]);
+        assert!(net.nodes[2].tun.is_empty());
+    }
+
+    #[test]
+    fn a_tun_packet_with_another_source_or_to_the_gossip_port_is_not_sent() {
+        let t0 = Instant::now();
+        let mut net = host_and_two_members(t0);
+        net.run(t0);
+        assert_eq!(net.send(1, t0, &ip(vpn(3), vpn(1), b"not mine")), vec![]);
+        let gossip = wire::encode_udp(vpn(2), vpn(1), wire::GOSSIP_PORT, b"forged").unwrap();
+        assert_eq!(net.send(1, t0, &gossip), vec![]);
+        assert_eq!(net.nodes[1].core.local_gossip_dropped(), 1);
+        assert_eq!(net.send(1, t0, &ip(vpn(2), vpn(1), b"mine")), vec![udp_addr(1)]);
+        assert_eq!(net.nodes[0].tun.len(), 1);
+    }
+
+    #[test]
+    fn a_peer_roams_to_where_an_authenticated_packet_came_from_and_a_replayed_one_moves_nothing() {
+        let t0 = Instant::now();
+        let mut net = Net::new(&[1, 2], t0);
+        net.act(0, |c, o| {
+            c.set_local(vpn(1), None);
+            c.upsert_peer(t0, peer(2, Some(udp_addr(2)), vec![]), o);
+        });
+        net.act(1, |c, o| {
+            c.set_local(vpn(2), Some(key(1)));
+            c.upsert_peer(t0, peer(1, Some(udp_addr(1)), vec![]), o);
+        });
+        net.run(t0);
+        let mut buf = vec![0u8; 2048];
+        let peer_1 = net.nodes[1].core.table.peers.get_mut(&key(1)).unwrap();
+        let TunnResult::WriteToNetwork(d) = peer_1.tunn.encapsulate(b"", &mut buf) else {
+            panic!("no session");
+        };
+        let d = d.to_vec();
+        let mut out = Output::default();
+        // Node 2's NAT picked another port: the keepalive proves who sent it.
+        net.nodes[0].core.handle_input(t0, udp_addr(7), &d, &mut out);
+        assert!(out.roamed);
+        out.clear();
+        // Someone who copied it replays it from elsewhere: its counter was seen.
+        net.nodes[0].core.handle_input(t0, udp_addr(6), &d, &mut out);
+        assert!(!out.roamed);
+        assert_eq!(net.nodes[0].core.status(t0, 0)[0].endpoint, Some(udp_addr(7)));
+    }
+}
