@@ -511,8 +511,9 @@ impl Core {
             last_rx: None,
             next_knock: now + KNOCK_EVERY,
         };
-        if let TunnResult::WriteToNetwork(p) =
-            peer.tunn.format_handshake_initiation(&mut self.sealed, false)
+        if let TunnResult::WriteToNetwork(p) = peer
+            .tunn
+            .format_handshake_initiation(&mut self.sealed, false)
         {
             peer.knock(p, out);
         }
@@ -637,7 +638,13 @@ impl Core {
     }
 
     /// A datagram from the UDP socket: the gate's checks, then [`Core::handle_screened`].
-    pub fn handle_input(&mut self, now: Instant, from: SocketAddr, datagram: &[u8], out: &mut Output) {
+    pub fn handle_input(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut Output,
+    ) {
         if let Some(screened) = self.gate.screen(from, datagram, out) {
             self.handle_screened(now, from, datagram, screened, out);
         }
@@ -760,11 +767,20 @@ impl Core {
         }
     }
 
-    fn handle_invite_datagram(&mut self, idx: u32, from: SocketAddr, datagram: &[u8], out: &mut Output) {
+    fn handle_invite_datagram(
+        &mut self,
+        idx: u32,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut Output,
+    ) {
         let Some(s) = self.table.invites.get_mut(&idx) else {
             return;
         };
-        match s.tunn.decapsulate(Some(from.ip()), datagram, &mut self.plain) {
+        match s
+            .tunn
+            .decapsulate(Some(from.ip()), datagram, &mut self.plain)
+        {
             TunnResult::WriteToNetwork(p) => {
                 out.transmits.push(p, from);
                 drain(&mut s.tunn, &mut self.sealed, from, out);
@@ -806,7 +822,9 @@ impl Core {
             parsed,
             Ok(Packet::PacketData(_) | Packet::HandshakeResponse(_))
         );
-        let res = peer.tunn.decapsulate(Some(from.ip()), datagram, &mut self.plain);
+        let res = peer
+            .tunn
+            .decapsulate(Some(from.ip()), datagram, &mut self.plain);
         // Only an authenticated packet may move a peer's endpoint (roaming) or keep its
         // path alive. A cookie reply, and the cookie boringtun answers an unverified
         // handshake with when under load, prove nothing about the sender.
@@ -1183,7 +1201,11 @@ mod tests {
         let second = ip(vpn(2), vpn(3), b"direct");
         assert_eq!(net.send(1, t1, &second), vec![udp_addr(3)]);
         assert_eq!(net.nodes[2].tun, vec![first, second]);
-        assert_eq!(net.nodes[0].core.forwarded(), 1, "the host still carried it");
+        assert_eq!(
+            net.nodes[0].core.forwarded(),
+            1,
+            "the host still carried it"
+        );
     }
 
     #[test]
@@ -1194,9 +1216,18 @@ mod tests {
         assert_eq!(net.path(1, 3, t0), PathKind::Direct);
         // The host was heard from later; the member was not.
         let later = t0 + LIVE;
-        net.nodes[1].core.table.peers.get_mut(&key(1)).unwrap().last_rx = Some(later);
+        net.nodes[1]
+            .core
+            .table
+            .peers
+            .get_mut(&key(1))
+            .unwrap()
+            .last_rx = Some(later);
         assert_eq!(net.path(1, 3, later), PathKind::ViaHost);
-        assert_eq!(net.send(1, later, &ip(vpn(2), vpn(3), b"x")), vec![udp_addr(1)]);
+        assert_eq!(
+            net.send(1, later, &ip(vpn(2), vpn(3), b"x")),
+            vec![udp_addr(1)]
+        );
     }
 
     #[test]
@@ -1212,7 +1243,10 @@ mod tests {
         assert_eq!(net.nodes[2].tun, vec![there]);
         assert_eq!(net.nodes[1].tun, vec![back]);
         assert_eq!(net.nodes[0].core.forwarded(), 2);
-        assert!(net.nodes[0].tun.is_empty(), "the host wrote a member's packet to TUN");
+        assert!(
+            net.nodes[0].tun.is_empty(),
+            "the host wrote a member's packet to TUN"
+        );
     }
 
     #[test]
@@ -1223,7 +1257,9 @@ mod tests {
         // Member 2 aims at an address only member 3 could route on to: 3 must not.
         let elsewhere = ip(vpn(2), Ipv4Addr::new(192, 168, 1, 1), b"beyond");
         net.act(1, |c, o| {
-            c.table.routes.insert("192.168.1.0/24".parse().unwrap(), key(3));
+            c.table
+                .routes
+                .insert("192.168.1.0/24".parse().unwrap(), key(3));
             c.handle_packet(t0, &elsewhere, o);
         });
         net.run(t0);
@@ -1254,7 +1290,11 @@ mod tests {
 
         let mark = net.sent.len();
         net.tick(t0 + Duration::from_secs(1));
-        assert_eq!(net.knocks_since(mark, 0), Vec::<SocketAddr>::new(), "knocked too soon");
+        assert_eq!(
+            net.knocks_since(mark, 0),
+            Vec::<SocketAddr>::new(),
+            "knocked too soon"
+        );
         let mark = net.sent.len();
         net.tick(t0 + KNOCK_EVERY);
         assert_eq!(net.knocks_since(mark, 0), candidates);
@@ -1271,7 +1311,11 @@ mod tests {
         let mark = net.sent.len();
         net.tick(t1 + KNOCK_EVERY);
         net.tick(t1 + 2 * KNOCK_EVERY);
-        assert_eq!(net.knocks_since(mark, 0), Vec::<SocketAddr>::new(), "knocked a live peer");
+        assert_eq!(
+            net.knocks_since(mark, 0),
+            Vec::<SocketAddr>::new(),
+            "knocked a live peer"
+        );
     }
 
     /// A joiner holding invite key 9 opens a session with host 1 the way `net::join`
@@ -1288,7 +1332,11 @@ mod tests {
             panic!("no initiation");
         };
         host.handle_input(t0, udp_addr(9), init, &mut out);
-        let answers: Vec<_> = out.transmits.iter().map(|(p, to)| (p.to_vec(), to)).collect();
+        let answers: Vec<_> = out
+            .transmits
+            .iter()
+            .map(|(p, to)| (p.to_vec(), to))
+            .collect();
         assert_eq!(answers.len(), 1);
         assert_eq!(answers[0].1, udp_addr(9));
         let TunnResult::WriteToNetwork(keepalive) =
@@ -1308,7 +1356,8 @@ mod tests {
         let (mut host, mut joiner) = invite_session(t0);
         let mut buf = vec![0u8; 2048];
         let mut out = Output::default();
-        let join = wire::encode_udp(wire::JOINER_ADDRESS, vpn(1), wire::JOIN_PORT, b"join").unwrap();
+        let join =
+            wire::encode_udp(wire::JOINER_ADDRESS, vpn(1), wire::JOIN_PORT, b"join").unwrap();
         // Even a packet shaped like member traffic to the host's own address.
         let member_like = ip(vpn(2), vpn(1), b"let me in");
         for packet in [&join, &member_like] {
@@ -1318,16 +1367,24 @@ mod tests {
             host.handle_input(t0, udp_addr(9), d, &mut out);
         }
         assert!(out.tun.is_empty(), "a joiner's packet reached TUN");
-        let got: Vec<_> = out.invites.iter().map(|m| (&m.packet, m.invite_key, m.from)).collect();
+        let got: Vec<_> = out
+            .invites
+            .iter()
+            .map(|m| (&m.packet, m.invite_key, m.from))
+            .collect();
         assert_eq!(
             got,
-            vec![(&join, key(9), udp_addr(9)), (&member_like, key(9), udp_addr(9))]
+            vec![
+                (&join, key(9), udp_addr(9)),
+                (&member_like, key(9), udp_addr(9))
+            ]
         );
 
         // And the answer goes back in the same session.
         let session = out.invites[0].session;
         out.clear();
-        host.send_invite_reply(session, &member_like, &mut out).unwrap();
+        host.send_invite_reply(session, &member_like, &mut out)
+            .unwrap();
         let (reply, to) = out.transmits.iter().next().unwrap();
         assert_eq!(to, udp_addr(9));
         let reply = reply.to_vec();
@@ -1360,7 +1417,8 @@ mod tests {
         host.set_invite_keys(HashSet::from([key(9)]));
         let mut stranger = Tunn::new(secret(8), PublicKey::from(&secret(1)), None, None, 7, None);
         let mut buf = vec![0u8; 2048];
-        let TunnResult::WriteToNetwork(init) = stranger.format_handshake_initiation(&mut buf, false)
+        let TunnResult::WriteToNetwork(init) =
+            stranger.format_handshake_initiation(&mut buf, false)
         else {
             panic!("no initiation");
         };
@@ -1410,7 +1468,10 @@ mod tests {
         let gossip = wire::encode_udp(vpn(2), vpn(1), wire::GOSSIP_PORT, b"forged").unwrap();
         assert_eq!(net.send(1, t0, &gossip), vec![]);
         assert_eq!(net.nodes[1].core.local_gossip_dropped(), 1);
-        assert_eq!(net.send(1, t0, &ip(vpn(2), vpn(1), b"mine")), vec![udp_addr(1)]);
+        assert_eq!(
+            net.send(1, t0, &ip(vpn(2), vpn(1), b"mine")),
+            vec![udp_addr(1)]
+        );
         assert_eq!(net.nodes[0].tun.len(), 1);
     }
 
@@ -1435,12 +1496,19 @@ mod tests {
         let d = d.to_vec();
         let mut out = Output::default();
         // Node 2's NAT picked another port: the keepalive proves who sent it.
-        net.nodes[0].core.handle_input(t0, udp_addr(7), &d, &mut out);
+        net.nodes[0]
+            .core
+            .handle_input(t0, udp_addr(7), &d, &mut out);
         assert!(out.roamed);
         out.clear();
         // Someone who copied it replays it from elsewhere: its counter was seen.
-        net.nodes[0].core.handle_input(t0, udp_addr(6), &d, &mut out);
+        net.nodes[0]
+            .core
+            .handle_input(t0, udp_addr(6), &d, &mut out);
         assert!(!out.roamed);
-        assert_eq!(net.nodes[0].core.status(t0, 0)[0].endpoint, Some(udp_addr(7)));
+        assert_eq!(
+            net.nodes[0].core.status(t0, 0)[0].endpoint,
+            Some(udp_addr(7))
+        );
     }
 }

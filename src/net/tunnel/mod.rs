@@ -26,10 +26,10 @@ use x25519_dalek::StaticSecret;
 use crate::base::lock::Recover;
 use crate::group::identity::Key;
 
+use self::core::{Core, Gate, BUF};
 pub use self::core::{
     CoreError, GossipIn, InviteMessage, Output, PathKind, PeerConfig, PeerStatus,
 };
-use self::core::{Core, Gate, BUF};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
