@@ -1411,6 +1411,23 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_before_the_tick_poll_timeout_names_changes_nothing() {
+        let t0 = Instant::now();
+        let (mut host, _joiner) = invite_session(t0);
+        let mut out = Output::default();
+        let last = t0 + INVITE_SESSION_LIFETIME;
+        host.handle_timeout(last, &mut out);
+        assert_eq!(host.poll_timeout(), Some(last + TIMER_TICK));
+        // Past the session's lifetime, but the tick is not due yet.
+        host.handle_timeout(last + TIMER_TICK / 2, &mut out);
+        assert_eq!(host.table.invites.len(), 1);
+        assert_eq!(host.poll_timeout(), Some(last + TIMER_TICK));
+        host.handle_timeout(last + TIMER_TICK, &mut out);
+        assert!(host.table.invites.is_empty());
+        assert_eq!(host.poll_timeout(), Some(last + 2 * TIMER_TICK));
+    }
+
+    #[test]
     fn a_handshake_from_a_key_neither_a_peer_nor_an_invite_gets_no_answer_and_no_session() {
         let t0 = Instant::now();
         let mut host = Core::new(secret(1), Box::new(StdRng::seed_from_u64(1)), t0);
