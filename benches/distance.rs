@@ -126,7 +126,9 @@ fn main() {
             rows.push(row(&rt, rtt, link));
         }
     }
-    println!("| RTT | link | file | `get` Mbit/s | iperf3 Mbit/s, same tunnel | get / iperf3 | route |");
+    println!(
+        "| RTT | link | file | `get` Mbit/s | iperf3 Mbit/s, same tunnel | get / iperf3 | route |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
@@ -143,7 +145,9 @@ fn main() {
     if only.is_some() {
         return;
     }
-    println!("\n| RTT | `join` returns | host answers a ping through the tunnel | in round trips |");
+    println!(
+        "\n| RTT | `join` returns | host answers a ping through the tunnel | in round trips |"
+    );
     println!("|---|---|---|---|");
     for rtt in [20, 50, 150] {
         let (joined, up) = timed_join(rtt);

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::measure::*;
 use common::*;
-use watchalong::control::{Client, GetRequest, PlanReply, TransferState, TransferView};
+use watchalong::control::PlanReply;
 
 const MIB: u64 = 1024 * 1024;
 

@@ -594,7 +594,13 @@ impl RoomState {
 }
 
 /// What the player tells the daemon: where it is, and a person's change.
-fn report(file: &str, f: &Follower, buffered_s: f64, starved: bool, change: Option<Change>) -> Report {
+fn report(
+    file: &str,
+    f: &Follower,
+    buffered_s: f64,
+    starved: bool,
+    change: Option<Change>,
+) -> Report {
     Report {
         file: file.to_string(),
         position: f.position_now(Instant::now()),
@@ -789,7 +795,11 @@ mod tests {
             ..Default::default()
         };
         let now = Instant::now();
-        assert_eq!(f.on_speed(1.0, now), None, "the value observing starts with");
+        assert_eq!(
+            f.on_speed(1.0, now),
+            None,
+            "the value observing starts with"
+        );
         // Behind: a nudge up; then, before its echo, further behind: a bigger one.
         f.on_position(9.9, now);
         let first = f.follow(&state(true, 10.0, 0), 0, now);

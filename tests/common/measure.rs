@@ -115,4 +115,3 @@ pub fn iperf(server: &Node, client: &Node, addr: &str) -> f64 {
         client.name
     );
 }
-

@@ -28,7 +28,11 @@ pub fn make_video_sized(path: &Path, secs: u32, kbit: u32, size: &str, fps: u32)
 /// ffmpeg writes it by default and many files have it: a player then reads the file's
 /// end before its first frame.
 pub fn make_video_with(path: &Path, secs: u32, kbit: u32, size: &str, fps: u32, index_first: bool) {
-    let movflags = if index_first { "+faststart" } else { "-faststart" };
+    let movflags = if index_first {
+        "+faststart"
+    } else {
+        "-faststart"
+    };
     let o = run(
         "ffmpeg",
         &[
