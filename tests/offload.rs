@@ -30,7 +30,12 @@ fn pair(lab: &mut Lab, host_env: &[(&str, &str)], host_tunnel: &str) -> (Node, N
 
 /// Sends `bytes` of patterned data from `from` to a listener on `to_addr` in `to`'s
 /// namespace; returns the BLAKE3 of what was sent and of what arrived.
-fn tcp_transfer(from: &Node, to: &Node, to_addr: &str, bytes: usize) -> (blake3::Hash, blake3::Hash) {
+fn tcp_transfer(
+    from: &Node,
+    to: &Node,
+    to_addr: &str,
+    bytes: usize,
+) -> (blake3::Hash, blake3::Hash) {
     let addr = to_addr.to_string();
     let (tx, rx) = std::sync::mpsc::channel();
     let server = spawn_in_netns(&to.ns.name, move || {
@@ -82,7 +87,10 @@ fn traffic_flows_both_ways(host: &Node, joiner: &Node) {
         "joiner cannot ping the host:\n{}",
         host.log()
     );
-    assert!(wait_until(DEADLINE, || host.ping(&joiner_addr)), "host cannot ping the joiner");
+    assert!(
+        wait_until(DEADLINE, || host.ping(&joiner_addr)),
+        "host cannot ping the joiner"
+    );
     let (sent, received) = tcp_transfer(host, joiner, &joiner_addr, 8 << 20);
     assert_eq!(sent, received, "host to joiner arrived damaged");
     let (sent, received) = tcp_transfer(joiner, host, &host_addr, 8 << 20);
@@ -110,11 +118,15 @@ fn with_offload_off_traffic_flows_and_status_says_every_offload_is_off() {
     );
     // The joiner kept the default, and this kernel takes TUN offloads.
     let on = joiner.status().node.offloads;
-    assert!(on.tun_tso && on.tun_gro, "auto left TUN offloads off: {on:?}");
+    assert!(
+        on.tun_tso && on.tun_gro,
+        "auto left TUN offloads off: {on:?}"
+    );
 }
 
 #[test]
-fn when_the_kernel_refuses_tun_offloads_and_gso_sends_traffic_still_flows_and_status_names_them_off() {
+fn when_the_kernel_refuses_tun_offloads_and_gso_sends_traffic_still_flows_and_status_names_them_off(
+) {
     if !root_or_skip(
         "when_the_kernel_refuses_tun_offloads_and_gso_sends_traffic_still_flows_and_status_names_them_off",
     ) {
@@ -123,9 +135,16 @@ fn when_the_kernel_refuses_tun_offloads_and_gso_sends_traffic_still_flows_and_st
     let mut lab = Lab::new();
     // The test-only switch of debug builds: the host takes TUNSETOFFLOAD and every GSO
     // send as refused by the kernel.
-    let (host, joiner) = pair(&mut lab, &[("WATCHALONG_TEST_REFUSE_OFFLOAD", "tun,gso")], "");
+    let (host, joiner) = pair(
+        &mut lab,
+        &[("WATCHALONG_TEST_REFUSE_OFFLOAD", "tun,gso")],
+        "",
+    );
     let before = host.status().node.offloads;
-    assert!(!before.tun_tso && !before.tun_gro, "TUN offloads on though refused: {before:?}");
+    assert!(
+        !before.tun_tso && !before.tun_gro,
+        "TUN offloads on though refused: {before:?}"
+    );
     traffic_flows_both_ways(&host, &joiner);
 
     let after = host.status().node.offloads;
@@ -135,7 +154,10 @@ fn when_the_kernel_refuses_tun_offloads_and_gso_sends_traffic_still_flows_and_st
     );
     assert!(after.udp_gro, "a refused GSO turned GRO off too: {after:?}");
     let text = host.ok(&["status"]);
-    assert!(text.contains("TUN TSO off") && text.contains("UDP GSO off"), "{text}");
+    assert!(
+        text.contains("TUN TSO off") && text.contains("UDP GSO off"),
+        "{text}"
+    );
     let log = host.log();
     assert_eq!(
         log.matches("refused TUN offloads").count(),

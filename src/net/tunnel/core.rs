@@ -1239,13 +1239,14 @@ mod tests {
         let b = ip(vpn(1), vpn(2), &[7u8; 1200]);
         let c = ip(vpn(1), vpn(2), b"third");
         let mut out = Output::default();
-        net.nodes[0].core.handle_packets(
-            t0,
-            [&a[..], &forged[..], &b[..], &c[..]],
-            &mut out,
-        );
-        let sent: Vec<(Vec<u8>, SocketAddr)> =
-            out.transmits.iter().map(|(p, to)| (p.to_vec(), to)).collect();
+        net.nodes[0]
+            .core
+            .handle_packets(t0, [&a[..], &forged[..], &b[..], &c[..]], &mut out);
+        let sent: Vec<(Vec<u8>, SocketAddr)> = out
+            .transmits
+            .iter()
+            .map(|(p, to)| (p.to_vec(), to))
+            .collect();
         assert_eq!(sent.len(), 3);
         assert!(sent.iter().all(|(_, to)| *to == udp_addr(2)));
 
@@ -1267,7 +1268,15 @@ mod tests {
     #[test]
     fn runs_group_back_to_back_packets_of_one_destination_with_only_the_last_shorter() {
         let mut p: Packets<u8> = Packets::default();
-        for (len, to) in [(100, 1), (100, 1), (60, 1), (100, 1), (100, 2), (100, 2), (120, 2)] {
+        for (len, to) in [
+            (100, 1),
+            (100, 1),
+            (60, 1),
+            (100, 1),
+            (100, 2),
+            (100, 2),
+            (120, 2),
+        ] {
             p.push(&vec![len as u8; len], to);
         }
         let runs: Vec<(usize, usize, usize, u8)> = p
@@ -1279,14 +1288,23 @@ mod tests {
         // a new one.
         assert_eq!(
             runs,
-            vec![(260, 100, 3, 1), (100, 100, 1, 1), (200, 100, 2, 2), (120, 120, 1, 2)]
+            vec![
+                (260, 100, 3, 1),
+                (100, 100, 1, 1),
+                (200, 100, 2, 2),
+                (120, 120, 1, 2)
+            ]
         );
         let by_count: Vec<usize> = p.runs(2, 65_000).iter().map(|r| r.count).collect();
         assert_eq!(by_count, vec![2, 1, 1, 2, 1]);
         let by_bytes: Vec<usize> = p.runs(64, 250).iter().map(|r| r.count).collect();
         assert_eq!(by_bytes, vec![2, 1, 1, 2, 1]);
         // The runs' bytes are the packets' bytes, in order.
-        let joined: Vec<u8> = p.runs(64, 65_000).iter().flat_map(|r| r.bytes.to_vec()).collect();
+        let joined: Vec<u8> = p
+            .runs(64, 65_000)
+            .iter()
+            .flat_map(|r| r.bytes.to_vec())
+            .collect();
         let direct: Vec<u8> = p.iter().flat_map(|(b, _)| b.to_vec()).collect();
         assert_eq!(joined, direct);
     }

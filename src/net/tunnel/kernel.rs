@@ -214,7 +214,12 @@ pub fn size_buffers(s: &std::net::UdpSocket) {
     }
 }
 
-fn set_int(s: &impl AsRawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) -> io::Result<()> {
+fn set_int(
+    s: &impl AsRawFd,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
     let r = unsafe {
         libc::setsockopt(
@@ -244,7 +249,12 @@ impl Udp {
         // quinn-udp forbids fragmentation (QUIC probes the path MTU itself); WireGuard does
         // not probe, so keep the kernel's default: a datagram larger than the path is
         // fragmented rather than lost.
-        let _ = set_int(&sock, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_WANT);
+        let _ = set_int(
+            &sock,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_WANT,
+        );
         let gro = state.gro_segments() > 1;
         let gso = state.max_gso_segments() > 1;
         let auto = mode == Offload::Auto;
@@ -284,7 +294,12 @@ impl Udp {
 
     /// Sends `contents` as datagrams of `segment` bytes (the last may be shorter) to `to`
     /// in one system call.
-    pub async fn send_segments(&self, contents: &[u8], segment: usize, to: SocketAddr) -> io::Result<()> {
+    pub async fn send_segments(
+        &self,
+        contents: &[u8],
+        segment: usize,
+        to: SocketAddr,
+    ) -> io::Result<()> {
         if refused_for_test("gso") {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -310,5 +325,8 @@ impl Udp {
 /// Whether a failed GSO send means the kernel or the driver cannot segment (rather than
 /// a datagram lost for an ordinary reason, such as no route).
 pub fn gso_refused(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP)
+    )
 }

@@ -33,10 +33,10 @@ use crate::group::identity::Key;
 use crate::net::offload::{self, Coalescer, VirtioNetHdr, VIRTIO_NET_HDR_LEN};
 
 use self::core::{Core, Gate, Packets, BUF};
-use self::kernel::{OffloadStatus, Offloads, Udp};
 pub use self::core::{
     CoreError, GossipIn, InviteMessage, Output, PathKind, PeerConfig, PeerStatus,
 };
+use self::kernel::{OffloadStatus, Offloads, Udp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -243,7 +243,11 @@ impl Tunnel {
         };
         for run in transmits.runs(max_count, max_bytes) {
             if run.count > 1 && self.offloads.udp_gso() {
-                match self.udp.send_segments(run.bytes, run.segment, run.tag).await {
+                match self
+                    .udp
+                    .send_segments(run.bytes, run.segment, run.tag)
+                    .await
+                {
                     Ok(()) => continue,
                     Err(e) if kernel::gso_refused(&e) => self.offloads.refuse_udp_gso(&e),
                     Err(e) => {
@@ -414,7 +418,9 @@ impl Tunnel {
                 static LOG: crate::base::logging::Throttle =
                     crate::base::logging::Throttle::new(std::time::Duration::from_secs(10));
                 if let Some(held) = LOG.allow() {
-                    log::warn!("dropped a packet read from TUN: {e} ({held} more since the last line)");
+                    log::warn!(
+                        "dropped a packet read from TUN: {e} ({held} more since the last line)"
+                    );
                 }
             }
         }
