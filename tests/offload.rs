@@ -15,13 +15,23 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// A host and a joiner in `lab`, the joiner joined; `host_env` is the host daemon's
 /// environment and `host_tunnel` extra lines for its `[tunnel]` table.
 fn pair(lab: &mut Lab, host_env: &[(&str, &str)], host_tunnel: &str) -> (Node, Node) {
+    pair_with(lab, host_env, host_tunnel, &[])
+}
+
+/// [`pair`], with `joiner_env` as the joiner daemon's environment.
+fn pair_with(
+    lab: &mut Lab,
+    host_env: &[(&str, &str)],
+    host_tunnel: &str,
+    joiner_env: &[(&str, &str)],
+) -> (Node, Node) {
     let mut host = lab.node("host");
     let mut joiner = lab.node("joiner");
     let text = std::fs::read_to_string(&host.config).expect("host config");
     let text = text.replacen("[tunnel]\n", &format!("[tunnel]\n{host_tunnel}"), 1);
     std::fs::write(&host.config, text).expect("host config");
     host.start_with_env(host_env);
-    joiner.start();
+    joiner.start_with_env(joiner_env);
     let link = host.link(&[]);
     let out = joiner.ok(&["join", &link]);
     assert!(out.contains("joined host's group"), "{out}");
@@ -168,5 +178,40 @@ fn when_the_kernel_refuses_tun_offloads_and_gso_sends_traffic_still_flows_and_st
         log.matches("refused a UDP segmentation (GSO) send").count(),
         1,
         "the GSO fallback is not logged exactly once:\n{log}"
+    );
+}
+
+#[test]
+fn when_the_kernel_refuses_a_coalesced_tun_write_the_packets_still_arrive_whole_and_status_says_gro_off(
+) {
+    if !root_or_skip(
+        "when_the_kernel_refuses_a_coalesced_tun_write_the_packets_still_arrive_whole_and_status_says_gro_off",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new();
+    // The joiner's kernel is taken as refusing merged TUN writes: the first refused frame
+    // and every later one are cut back into the packets they were made of.
+    let (host, joiner) = pair_with(
+        &mut lab,
+        &[],
+        "",
+        &[("WATCHALONG_TEST_REFUSE_OFFLOAD", "tun-gro")],
+    );
+    assert!(
+        joiner.status().node.offloads.tun_gro,
+        "GRO off before any write"
+    );
+    traffic_flows_both_ways(&host, &joiner);
+    let after = joiner.status().node.offloads;
+    assert!(
+        after.tun_tso && !after.tun_gro,
+        "a refused merged write left {after:?}"
+    );
+    let log = joiner.log();
+    assert_eq!(
+        log.matches("refused a coalesced TUN write").count(),
+        1,
+        "the GRO fallback is not logged exactly once:\n{log}"
     );
 }

@@ -131,13 +131,16 @@ impl Offloads {
 }
 
 /// A test-only switch (debug builds only): `WATCHALONG_TEST_REFUSE_OFFLOAD` lists the
-/// offloads (`tun`, `gso`) the kernel is to be taken as refusing, so the fallbacks can be
-/// tested on a kernel that accepts everything. Release builds never read it.
-fn refused_for_test(feature: &str) -> bool {
+/// offloads (`tun`: TUNSETOFFLOAD, `tun-gro`: coalesced TUN writes, `gso`: UDP GSO
+/// sends) the kernel is to be taken as refusing, so the fallbacks can be tested on a
+/// kernel that accepts everything. Release builds never read it.
+pub(crate) fn refused_for_test(feature: &str) -> bool {
     #[cfg(debug_assertions)]
     {
-        std::env::var("WATCHALONG_TEST_REFUSE_OFFLOAD")
-            .is_ok_and(|v| v.split(',').any(|f| f.trim() == feature))
+        static LIST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        LIST.get_or_init(|| std::env::var("WATCHALONG_TEST_REFUSE_OFFLOAD").unwrap_or_default())
+            .split(',')
+            .any(|f| f.trim() == feature)
     }
     #[cfg(not(debug_assertions))]
     {

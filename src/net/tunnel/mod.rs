@@ -71,6 +71,11 @@ pub struct Tunnel {
     receiving: tokio::sync::watch::Sender<bool>,
 }
 
+/// Whether a frame for the TUN device is a super-packet the coalescer merged.
+fn is_merged(frame: &[u8]) -> bool {
+    VirtioNetHdr::decode(frame).is_ok_and(|h| h.gso_type != offload::GSO_NONE)
+}
+
 /// What one loop keeps between batches so that writing to the TUN device allocates
 /// nothing once warm.
 #[derive(Default)]
@@ -78,6 +83,8 @@ struct Scratch {
     coalescer: Coalescer,
     frames_bytes: Vec<u8>,
     frames: Vec<Range<usize>>,
+    /// Where a frame the kernel refused is cut back into packets.
+    segments: Vec<Vec<u8>>,
 }
 
 impl Tunnel {
@@ -287,29 +294,64 @@ impl Tunnel {
             let mut refused = false;
             for f in &scratch.frames {
                 let frame = scratch.frames_bytes.get(f.clone()).unwrap_or_default();
-                match self.tun.send(frame).await {
-                    Ok(_) => {}
-                    // A frame the kernel cannot take (a merged one it disagrees with):
-                    // stop merging and write this batch again packet by packet below.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        self.offloads.refuse_tun_gro(&e);
-                        refused = true;
-                        break;
+                if !refused {
+                    let sent = if kernel::refused_for_test("tun-gro") && is_merged(frame) {
+                        Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+                    } else {
+                        self.tun.send(frame).await
+                    };
+                    match sent {
+                        Ok(_) => continue,
+                        // The kernel will not take a merged frame: stop merging, and
+                        // write this frame and the rest of the batch cut back into
+                        // plain packets, so none is lost or written twice.
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                            self.offloads.refuse_tun_gro(&e);
+                            refused = true;
+                        }
+                        Err(e) => {
+                            log::debug!("write to TUN failed: {e}");
+                            continue;
+                        }
                     }
-                    Err(e) => log::debug!("write to TUN failed: {e}"),
+                }
+                self.write_split(frame, &mut scratch.segments).await;
+            }
+            return;
+        }
+        for (p, ()) in packets.iter() {
+            self.write_plain(p).await;
+        }
+    }
+
+    /// Writes a packet with an empty virtio header ("a plain packet") to a device opened
+    /// with offloads.
+    async fn write_plain(&self, packet: &[u8]) {
+        let none = VirtioNetHdr::default().to_bytes();
+        let frame = [IoSlice::new(&none), IoSlice::new(packet)];
+        if let Err(e) = self.tun.send_vectored(&frame).await {
+            log::debug!("write to TUN failed: {e}");
+        }
+    }
+
+    /// Writes a coalesced frame as the packets it was made of.
+    async fn write_split(&self, frame: &[u8], segments: &mut Vec<Vec<u8>>) {
+        if segments.is_empty() {
+            // Only ever needed after a refusal, so only then allocated.
+            *segments = vec![vec![0u8; SEGMENT_BUF]; TUN_BATCH];
+        }
+        let mut sizes = [0usize; TUN_BATCH];
+        let split = VirtioNetHdr::decode(frame).and_then(|hdr| {
+            let packet = frame.get(VIRTIO_NET_HDR_LEN..).unwrap_or_default();
+            offload::split(&hdr, packet, segments, &mut sizes)
+        });
+        match split {
+            Ok(count) => {
+                for (seg, &len) in segments.iter().zip(sizes.iter()).take(count) {
+                    self.write_plain(seg.get(..len).unwrap_or_default()).await;
                 }
             }
-            if !refused {
-                return;
-            }
-        }
-        // The device still expects a virtio header: an empty one says "a plain packet".
-        let none = VirtioNetHdr::default().to_bytes();
-        for (p, ()) in packets.iter() {
-            let frame = [IoSlice::new(&none), IoSlice::new(p)];
-            if let Err(e) = self.tun.send_vectored(&frame).await {
-                log::debug!("write to TUN failed: {e}");
-            }
+            Err(e) => log::debug!("cannot cut a refused TUN frame back into packets: {e}"),
         }
     }
 
