@@ -24,7 +24,6 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
 use tun_rs::AsyncDevice;
 use x25519_dalek::StaticSecret;
 
@@ -70,17 +69,6 @@ pub struct Tunnel {
     roamed: tokio::sync::Notify,
     /// Set once the UDP loop reads its socket: until then a handshake gets no answer.
     receiving: tokio::sync::watch::Sender<bool>,
-}
-
-/// A loop's result; a loop that panicked panics here too, so the daemon's supervisor
-/// names it as before the loops became tasks.
-fn joined(r: Result<Result<(), TunnelError>, tokio::task::JoinError>) -> Result<(), TunnelError> {
-    match r {
-        Ok(r) => r,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        // Cancelled: only `run` aborts the loops, and it has returned by then.
-        Err(_) => Ok(()),
-    }
 }
 
 /// Whether a frame for the TUN device is a super-packet the coalescer merged.
@@ -367,18 +355,11 @@ impl Tunnel {
         }
     }
 
-    /// Runs the three loops until `cancel` fires or a socket fails for good. The UDP and
-    /// TUN loops are tasks of their own, so that on a multi-core machine one direction's
-    /// system calls run while the other holds the core; both stop when this returns or
-    /// is dropped.
+    /// Runs the three loops until `cancel` fires or a socket fails for good.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) -> Result<(), TunnelError> {
-        let t = self.clone();
-        let mut udp = AbortOnDropHandle::new(tokio::spawn(async move { t.udp_loop().await }));
-        let t = self.clone();
-        let mut tun = AbortOnDropHandle::new(tokio::spawn(async move { t.tun_loop().await }));
         let r = tokio::select! {
-            r = &mut udp => joined(r),
-            r = &mut tun => joined(r),
+            r = self.udp_loop() => r,
+            r = self.tun_loop() => r,
             () = self.timer_loop() => Ok(()),
             () = cancel.cancelled() => Ok(()),
         };
