@@ -54,7 +54,11 @@ pub enum KernelError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot set up batched UDP on the tunnel's socket: {0}")]
+    #[error(
+        "cannot set up the tunnel's UDP socket for batches: {0} (a socket option every \
+         Linux since 3.x has was refused; check that the daemon runs on Linux with its \
+         usual capabilities)"
+    )]
     SetUpUdp(#[source] io::Error),
 }
 

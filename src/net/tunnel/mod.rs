@@ -76,8 +76,8 @@ fn is_merged(frame: &[u8]) -> bool {
     VirtioNetHdr::decode(frame).is_ok_and(|h| h.gso_type != offload::GSO_NONE)
 }
 
-/// What one loop keeps between batches so that writing to the TUN device allocates
-/// nothing once warm.
+/// What one loop keeps between batches, so that coalescing reuses its buffers (only the
+/// list of the batch's packets is made anew each time).
 #[derive(Default)]
 struct Scratch {
     coalescer: Coalescer,
