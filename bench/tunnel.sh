@@ -197,6 +197,8 @@ measure() { # name server-ip: the tunnel's processes are whatever runs in A and 
 echo "| path | TCP 1 stream, Mbit/s | TCP 1 stream -R, Mbit/s | TCP 4 streams, Mbit/s | ping idle, avg ms | ping under load, avg ms | CPU s per GB (both ends) |"
 echo "|---|---|---|---|---|---|---|"
 measure "raw veth" 10.123.0.1
+# A server left by a failed measure would count as the next path's tunnel process.
+stop_all
 
 # watchalong: host in A, joiner in B.
 for n in a b; do
