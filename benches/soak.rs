@@ -1135,8 +1135,13 @@ fn report(
     let ledger = format!(
         "{contents} contents written: {at_path} in the final tree at their path, {moved} \
          elsewhere in it (renamed or conflict copies), {in_versions} only in versions \
-         folders, {excused} replaced by the schedule before they synced, {} lost",
-        lost.len()
+         folders, {excused} replaced by the schedule before they synced, {} lost; \
+         {} places in versions folders hold an empty file a write passed through",
+        lost.len(),
+        kept.iter()
+            .filter(|(h, _)| soak.ledger.passing.contains(h) && !ever.contains(h))
+            .map(|(_, at)| at.len())
+            .sum::<usize>()
     );
     let kinds: Vec<String> = soak
         .counts

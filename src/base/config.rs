@@ -150,6 +150,20 @@ pub struct TunnelConfig {
     pub endpoint: Option<String>,
     /// The TUN device's MTU: the underlay's MTU minus 80 (WireGuard over IPv6).
     pub mtu: u16,
+    /// Whether the tunnel asks the kernel for batches: TUN offloads (TSO, checksums),
+    /// UDP GSO and GRO. `auto` uses each one the kernel accepts and falls back per
+    /// feature; `off` moves one packet per system call, as a last resort against a
+    /// kernel or driver that misbehaves with them.
+    pub offload: Offload,
+}
+
+/// `[tunnel] offload`: `auto` or `off`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Offload {
+    #[default]
+    Auto,
+    Off,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -206,6 +220,7 @@ impl Default for TunnelConfig {
             network: Ipv4Net::new(Ipv4Addr::new(100, 77, 0, 0), 16).unwrap_or_default(),
             endpoint: None,
             mtu: 1420,
+            offload: Offload::Auto,
         }
     }
 }
@@ -582,6 +597,19 @@ mod tests {
         assert_eq!(c.tunnel.listen_port, 51871);
         assert_eq!(c.tunnel.interface, "wa0");
         assert_eq!(c.tunnel.network.to_string(), "100.77.0.0/16");
+    }
+
+    #[test]
+    fn offload_is_auto_by_default_and_an_unknown_value_names_file_line_and_both_choices() {
+        let c = Config::parse(Path::new("x.toml"), "[tunnel]\noffload = \"off\"\n").unwrap();
+        assert_eq!(c.tunnel.offload, Offload::Off);
+        assert_eq!(Config::default().tunnel.offload, Offload::Auto);
+        let text = "[tunnel]\nmtu = 1420\noffload = \"on\"\n";
+        let s = Config::parse(Path::new("/etc/w.toml"), text)
+            .unwrap_err()
+            .to_string();
+        assert!(s.starts_with("/etc/w.toml:3: `tunnel.offload`"), "{s}");
+        assert!(s.contains("`auto`") && s.contains("`off`"), "{s}");
     }
 
     #[test]

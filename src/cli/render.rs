@@ -325,6 +325,15 @@ pub fn print_status(s: &StatusReply) {
     println!("address   {} in {}", n.address, n.network);
     println!("key       {}", n.public_key);
     println!("listen    UDP {} on {}", n.listen_port, n.interface);
+    let on = |b: bool| if b { "on" } else { "off" };
+    let o = &n.offloads;
+    println!(
+        "offloads  TUN TSO {}, TUN GRO {}, UDP GSO {}, UDP GRO {}",
+        on(o.tun_tso),
+        on(o.tun_gro),
+        on(o.udp_gso),
+        on(o.udp_gro)
+    );
     if n.role != "host" {
         println!("host      {}", n.host_name);
     }

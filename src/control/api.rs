@@ -37,6 +37,23 @@ pub struct NodeStatus {
     /// Chunk counters since the daemon started.
     #[serde(default)]
     pub chunks: Counters,
+    /// Which of the tunnel's kernel offloads are on (absent from older daemons: all off).
+    #[serde(default)]
+    pub offloads: Offloads,
+}
+
+/// The tunnel's batches through the kernel; each is off when `[tunnel] offload = "off"`
+/// or when the kernel refused it.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Offloads {
+    /// TUN reads bring TCP super-packets (TSO).
+    pub tun_tso: bool,
+    /// Decrypted TCP segments are coalesced into larger TUN writes (GRO).
+    pub tun_gro: bool,
+    /// A peer's datagrams leave in one segmentation send (UDP GSO).
+    pub udp_gso: bool,
+    /// Runs of datagrams arrive in one read (UDP GRO).
+    pub udp_gro: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -228,6 +228,7 @@ impl Handler for Api {
                     + self.tunnel.local_gossip_dropped(),
                 handshakes_refused: self.tunnel.handshakes_refused(),
                 chunks: counters(self.engine.counters()),
+                offloads: crate::daemon::views::offloads(self.tunnel.offloads()),
             },
             peers: self.tunnel.status().into_iter().map(peer_status).collect(),
             shares: self

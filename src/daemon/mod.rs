@@ -26,7 +26,6 @@ use std::time::Duration;
 use rand::SeedableRng;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tun_rs::DeviceBuilder;
 
 use crate::base::config::Config;
 use crate::base::lock::Recover;
@@ -68,11 +67,9 @@ pub enum DaemonError {
     LoadIdentity(#[from] identity::IdentityError),
     #[error(transparent)]
     LoadState(#[from] StateError),
-    #[error("cannot create the TUN device {name}: {source} (the daemon needs CAP_NET_ADMIN and /dev/net/tun; is another watchalong using {name}?)")]
-    CreateTun {
-        name: String,
-        source: std::io::Error,
-    },
+    /// The TUN device, or batched UDP on the tunnel's socket.
+    #[error(transparent)]
+    OpenTunnel(#[from] crate::net::tunnel::kernel::KernelError),
     #[error("cannot bind UDP port {port}: {source} (set [tunnel] listen_port to a free port)")]
     BindUdp { port: u16, source: std::io::Error },
     #[error("cannot listen on TCP port {port}: {source} (set [relay] port to a free port)")]
@@ -413,19 +410,17 @@ pub async fn run(
         }
     }
 
-    let tun = DeviceBuilder::new()
-        .name(&config.tunnel.interface)
-        .ipv4(group.my_address, group.network.prefix_len(), None)
-        .mtu(config.tunnel.mtu)
-        .build_async()
-        .map_err(|source| DaemonError::CreateTun {
-            name: config.tunnel.interface.clone(),
-            source,
-        })?;
+    let (tun, tun_offload) = crate::net::tunnel::kernel::open_tun(
+        &config.tunnel.interface,
+        group.my_address,
+        group.network.prefix_len(),
+        config.tunnel.mtu,
+        config.tunnel.offload,
+    )?;
     let port = config.tunnel.listen_port;
     let udp = std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
         .and_then(|s| s.set_nonblocking(true).map(|()| s))
-        .inspect(grow_buffers)
+        .inspect(crate::net::tunnel::kernel::size_buffers)
         .and_then(tokio::net::UdpSocket::from_std)
         .map_err(|source| DaemonError::BindUdp { port, source })?;
     let listener = bind_control(&config.control.socket).await?;
@@ -447,7 +442,15 @@ pub async fn run(
 
     let (invite_tx, invite_rx) = mpsc::channel(64);
     let (gossip_tx, gossip_rx) = mpsc::channel(1024);
-    let tunnel = Tunnel::new(udp, tun, id.wg_secret.clone(), invite_tx, gossip_tx);
+    let tunnel = Tunnel::new(
+        udp,
+        tun,
+        tun_offload,
+        config.tunnel.offload,
+        id.wg_secret.clone(),
+        invite_tx,
+        gossip_tx,
+    )?;
     let book = Book {
         group,
         invites,
@@ -671,34 +674,6 @@ fn control_group(socket: &std::path::Path, name: &str) -> Result<u32, DaemonErro
         );
     }
     Ok(gid)
-}
-
-/// Bursts of a fast TCP flow overflow the default 208 KiB socket buffers, and every
-/// datagram dropped there is a TCP retransmission over the internet. CAP_NET_ADMIN lets
-/// the daemon go past `net.core.rmem_max`; without it the kernel's cap applies.
-fn grow_buffers(s: &std::net::UdpSocket) {
-    use std::os::fd::AsRawFd;
-    const SIZE: libc::c_int = 8 * 1024 * 1024;
-    for (force, plain) in [
-        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
-        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
-    ] {
-        let set = |opt| {
-            // SAFETY: setsockopt on a socket we own, with a pointer to a live c_int.
-            unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    opt,
-                    (&SIZE as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            }
-        };
-        if set(force) != 0 {
-            set(plain);
-        }
-    }
 }
 
 /// Connections are capped per server, but the caps together, the TUN, the sockets and the

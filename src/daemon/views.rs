@@ -184,6 +184,16 @@ pub fn join_reply(a: &crate::net::join::Admission) -> control::JoinReply {
 }
 
 /// The gossip view and counters `debug-gossip` shows.
+/// The tunnel's offloads as the API shows them.
+pub fn offloads(o: crate::net::tunnel::kernel::OffloadStatus) -> control::Offloads {
+    control::Offloads {
+        tun_tso: o.tun_tso,
+        tun_gro: o.tun_gro,
+        udp_gso: o.udp_gso,
+        udp_gro: o.udp_gro,
+    }
+}
+
 pub fn gossip_reply(book: &crate::daemon::book::Book, forwarded: u64) -> control::GossipReply {
     control::GossipReply {
         view: book.group.mesh.view_hash(),

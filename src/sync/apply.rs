@@ -298,7 +298,11 @@ impl Executor {
     /// queue entries, not tasks. A worker waits for nothing but its pull; a path's
     /// versions run one after another, in the order they came.
     fn spawn_act(self: &Arc<Self>, s: Arc<SyncShare>, peer: transfer::Peer, v: FileVersion) {
-        if !s.pulls.enqueue(peer.key, v) {
+        let queued = s.pulls.enqueue(peer.key, v);
+        if let Some(old) = queued.superseded {
+            s.pulls.land(&old);
+        }
+        if !queued.start {
             return;
         }
         // The worker holds the executor, not the other way round: nothing points back.

@@ -40,6 +40,15 @@ struct Work {
     workers: usize,
 }
 
+/// What [`Pulls::enqueue`] did with a version.
+#[derive(Debug)]
+pub struct Enqueued {
+    /// The caller must start a worker.
+    pub start: bool,
+    /// The same member's older version of the path, no longer queued.
+    pub superseded: Option<FileVersion>,
+}
+
 /// Files queued by one announcement; whatever is still queued goes when it drops.
 pub struct Queued<'a> {
     pulls: &'a Pulls,
@@ -89,17 +98,33 @@ impl Drop for Queued<'_> {
 }
 
 impl Pulls {
-    /// Queues announced version `v` from member `from` for a worker. True when the
-    /// caller must start a new worker (it then owns one of the [`MAX_PULLS`] places and
-    /// must end with [`Pulls::worker_done`]); false when a running one will take it.
-    pub fn enqueue(&self, from: [u8; 32], v: FileVersion) -> bool {
+    /// Queues announced version `v` from member `from` for a worker. `start` is true when
+    /// the caller must start a new worker (it then owns one of the [`MAX_PULLS`] places
+    /// and must end with [`Pulls::worker_done`]); false when a running one will take it.
+    /// A version of the same path from the same member still waiting is replaced, not
+    /// queued behind: a member's newer announcement supersedes its older one, and the
+    /// queue stays within members × paths however often a member announces. The one
+    /// replaced is returned, for the caller to land its flight.
+    pub fn enqueue(&self, from: [u8; 32], v: FileVersion) -> Enqueued {
         let mut w = self.work.locked();
+        if let Some(waiting) = w
+            .queue
+            .iter_mut()
+            .find(|(f, q)| *f == from && q.path == v.path)
+        {
+            return Enqueued {
+                start: false,
+                superseded: Some(std::mem::replace(&mut waiting.1, v)),
+            };
+        }
         w.queue.push_back((from, v));
-        if w.workers < MAX_PULLS {
+        let start = w.workers < MAX_PULLS;
+        if start {
             w.workers += 1;
-            true
-        } else {
-            false
+        }
+        Enqueued {
+            start,
+            superseded: None,
         }
     }
 

@@ -1140,10 +1140,20 @@ mod tests {
             content: format!("c{n}"),
             ..unreachable_version(path)
         };
-        // Ten thousand versions over a hundred paths: only MAX_PULLS workers start.
+        // Ten thousand versions over a hundred paths, each from a member of its own (one
+        // member's newer version would replace its older one): only MAX_PULLS workers
+        // start.
+        let member = |n: u64| {
+            let mut k = [0u8; 32];
+            k[..8].copy_from_slice(&n.to_le_bytes());
+            k
+        };
         let mut started = 0;
         for n in 0..10_000u64 {
-            if s.pulls.enqueue([1; 32], v(&format!("p{}", n % 100), n)) {
+            if s.pulls
+                .enqueue(member(n), v(&format!("p{}", n % 100), n))
+                .start
+            {
                 started += 1;
             }
         }
@@ -1188,15 +1198,49 @@ mod tests {
     fn a_worker_that_stops_early_gives_back_its_place_and_its_path() {
         let d = tempfile::tempdir().unwrap();
         let s = share(d.path());
-        assert!(s.pulls.enqueue([1; 32], unreachable_version("a")));
-        assert!(s.pulls.enqueue([1; 32], unreachable_version("a")));
+        assert!(s.pulls.enqueue([1; 32], unreachable_version("a")).start);
+        assert!(s.pulls.enqueue([2; 32], unreachable_version("a")).start);
         let (_, first) = s.pulls.next_work(None).unwrap();
         // The second version of "a" waits while the first is held.
         assert!(s.pulls.next_work(None).is_none());
         s.pulls.worker_done(Some(&first.path));
         assert_eq!(s.pulls.work_load(), (1, 0));
         // A new worker (the next announcement starts one) takes it.
-        assert!(s.pulls.enqueue([1; 32], unreachable_version("b")));
+        assert!(s.pulls.enqueue([1; 32], unreachable_version("b")).start);
         assert_eq!(s.pulls.next_work(None).unwrap().1.path, "a");
+    }
+
+    #[test]
+    fn a_members_newer_version_of_a_path_replaces_its_older_one_still_waiting() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        let v = |path: &str, n: u64| FileVersion {
+            content: format!("c{n}"),
+            ..unreachable_version(path)
+        };
+        // One member announces ten thousand versions of ten paths: the queue holds the
+        // newest of each, and each replaced one is handed back to land its flight.
+        let mut superseded = 0;
+        for n in 0..10_000u64 {
+            let q = s.pulls.enqueue([7; 32], v(&format!("p{}", n % 10), n));
+            if let Some(old) = q.superseded {
+                let (m, n): (u64, u64) = (old.content[1..].parse().unwrap(), n);
+                assert_eq!(
+                    m + 10,
+                    n,
+                    "the replaced version is the older one of its path"
+                );
+                superseded += 1;
+            }
+        }
+        assert_eq!(superseded, 10_000 - 10);
+        assert_eq!(s.pulls.work_load().0, 10);
+        let mut newest: Vec<u64> = std::iter::from_fn(|| s.pulls.next_work(None))
+            .map(|(_, v)| v.content[1..].parse().unwrap())
+            .collect();
+        newest.sort_unstable();
+        assert_eq!(newest, (9_990..10_000).collect::<Vec<u64>>());
+        // Another member's version of the same path queues beside it.
+        assert!(s.pulls.enqueue([8; 32], v("p0", 1)).superseded.is_none());
     }
 }

@@ -185,6 +185,56 @@ impl<T: Copy> Packets<T> {
     }
 }
 
+/// A run of packets that lie back to back in a [`Packets`] buffer and leave as one UDP
+/// segmentation (GSO) send: the same tag, every packet `segment` bytes but the last,
+/// which may be shorter.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Run<'a, T> {
+    pub bytes: &'a [u8],
+    pub segment: usize,
+    pub count: usize,
+    pub tag: T,
+}
+
+impl<T: Copy + PartialEq> Packets<T> {
+    /// The packets in order, grouped into the longest runs the kernel can segment: at
+    /// most `max_count` packets and `max_bytes` bytes each. Order is kept: a run ends at
+    /// the first packet that cannot join it.
+    pub fn runs(&self, max_count: usize, max_bytes: usize) -> Vec<Run<'_, T>> {
+        let mut runs: Vec<Run<'_, T>> = Vec::new();
+        // Where the last run starts in `bytes`, and whether a shorter packet ended it.
+        let mut run_start = 0;
+        let mut closed = true;
+        for &(start, len, tag) in &self.items {
+            if let Some(last) = runs.last_mut() {
+                // Items are appended back to back, so a run's bytes stay contiguous.
+                let joins = !closed
+                    && len > 0
+                    && last.tag == tag
+                    && run_start + last.bytes.len() == start
+                    && len <= last.segment
+                    && last.count < max_count
+                    && last.bytes.len() + len <= max_bytes;
+                if joins {
+                    last.bytes = self.bytes.get(run_start..start + len).unwrap_or_default();
+                    last.count += 1;
+                    closed = len < last.segment;
+                    continue;
+                }
+            }
+            run_start = start;
+            closed = len == 0;
+            runs.push(Run {
+                bytes: self.bytes.get(start..start + len).unwrap_or_default(),
+                segment: len,
+                count: 1,
+                tag,
+            });
+        }
+        runs
+    }
+}
+
 /// What handling inputs asks the shell to do, appended call after call until the shell
 /// performs it and calls [`Output::clear`].
 #[derive(Debug, Default)]
@@ -693,6 +743,32 @@ impl Core {
         }
     }
 
+    /// Datagrams that passed the gate, one after the other: the shell locks the core once
+    /// for a whole batch read from the socket.
+    pub fn handle_screened_batch<'a>(
+        &mut self,
+        now: Instant,
+        batch: impl IntoIterator<Item = (SocketAddr, &'a [u8], Screened)>,
+        out: &mut Output,
+    ) {
+        for (from, datagram, screened) in batch {
+            self.handle_screened(now, from, datagram, screened, out);
+        }
+    }
+
+    /// Packets read from the TUN device (segments of a super-packet, or several reads),
+    /// one after the other under one lock.
+    pub fn handle_packets<'a>(
+        &mut self,
+        now: Instant,
+        packets: impl IntoIterator<Item = &'a [u8]>,
+        out: &mut Output,
+    ) {
+        for p in packets {
+            self.handle_packet(now, p, out);
+        }
+    }
+
     /// A packet read from the TUN device: only this node's own, and never gossip.
     pub fn handle_packet(&mut self, now: Instant, packet: &[u8], out: &mut Output) {
         let Some(IpAddr::V4(dst)) = Tunn::dst_address(packet) else {
@@ -1142,6 +1218,95 @@ mod tests {
         assert_eq!(net.nodes[0].tun, vec![back]);
         let status = net.nodes[1].core.status(t0, 0);
         assert_eq!(status[0].rx_bytes, net.nodes[1].tun[0].len() as u64);
+    }
+
+    #[test]
+    fn a_batch_of_tun_packets_and_of_datagrams_is_handled_in_order_with_each_packet_checked() {
+        let t0 = Instant::now();
+        let mut net = Net::new(&[1, 2], t0);
+        net.act(0, |c, o| {
+            c.set_local(vpn(1), None);
+            c.upsert_peer(t0, peer(2, Some(udp_addr(2)), vec![]), o);
+        });
+        net.act(1, |c, o| {
+            c.set_local(vpn(2), Some(key(1)));
+            c.upsert_peer(t0, peer(1, Some(udp_addr(1)), vec![]), o);
+        });
+        net.run(t0);
+        let a = ip(vpn(1), vpn(2), b"first");
+        // Not this node's source: the TUN check drops it, and only it.
+        let forged = ip(vpn(3), vpn(2), b"forged");
+        let b = ip(vpn(1), vpn(2), &[7u8; 1200]);
+        let c = ip(vpn(1), vpn(2), b"third");
+        let mut out = Output::default();
+        net.nodes[0]
+            .core
+            .handle_packets(t0, [&a[..], &forged[..], &b[..], &c[..]], &mut out);
+        let sent: Vec<(Vec<u8>, SocketAddr)> = out
+            .transmits
+            .iter()
+            .map(|(p, to)| (p.to_vec(), to))
+            .collect();
+        assert_eq!(sent.len(), 3);
+        assert!(sent.iter().all(|(_, to)| *to == udp_addr(2)));
+
+        let mut into = Output::default();
+        let receiver = &mut net.nodes[1].core;
+        let gate = receiver.gate();
+        let screened: Vec<_> = sent
+            .iter()
+            .map(|(p, _)| {
+                let s = gate.screen(udp_addr(1), p, &mut into).unwrap();
+                (udp_addr(1), &p[..], s)
+            })
+            .collect();
+        receiver.handle_screened_batch(t0, screened, &mut into);
+        let got: Vec<Vec<u8>> = into.tun.iter().map(|(p, ())| p.to_vec()).collect();
+        assert_eq!(got, vec![a, b, c]);
+    }
+
+    #[test]
+    fn runs_group_back_to_back_packets_of_one_destination_with_only_the_last_shorter() {
+        let mut p: Packets<u8> = Packets::default();
+        for (len, to) in [
+            (100, 1),
+            (100, 1),
+            (60, 1),
+            (100, 1),
+            (100, 2),
+            (100, 2),
+            (120, 2),
+        ] {
+            p.push(&vec![len as u8; len], to);
+        }
+        let runs: Vec<(usize, usize, usize, u8)> = p
+            .runs(64, 65_000)
+            .iter()
+            .map(|r| (r.bytes.len(), r.segment, r.count, r.tag))
+            .collect();
+        // A shorter packet ends its run; another destination, or a longer packet, starts
+        // a new one.
+        assert_eq!(
+            runs,
+            vec![
+                (260, 100, 3, 1),
+                (100, 100, 1, 1),
+                (200, 100, 2, 2),
+                (120, 120, 1, 2)
+            ]
+        );
+        let by_count: Vec<usize> = p.runs(2, 65_000).iter().map(|r| r.count).collect();
+        assert_eq!(by_count, vec![2, 1, 1, 2, 1]);
+        let by_bytes: Vec<usize> = p.runs(64, 250).iter().map(|r| r.count).collect();
+        assert_eq!(by_bytes, vec![2, 1, 1, 2, 1]);
+        // The runs' bytes are the packets' bytes, in order.
+        let joined: Vec<u8> = p
+            .runs(64, 65_000)
+            .iter()
+            .flat_map(|r| r.bytes.to_vec())
+            .collect();
+        let direct: Vec<u8> = p.iter().flat_map(|(b, _)| b.to_vec()).collect();
+        assert_eq!(joined, direct);
     }
 
     #[test]

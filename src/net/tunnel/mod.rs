@@ -1,8 +1,10 @@
 //! Userspace WireGuard: the I/O shell around the sans-IO [`core::Core`]. It owns one UDP
 //! socket, one TUN device and three loops (UDP in, TUN in, the core's timeouts), feeds
-//! each input to the core under one lock and performs the core's [`Output`] once the lock
-//! is released: datagrams sent, packets written to the TUN device, join and gossip
-//! messages handed to the daemon's channels, a roaming peer announced. What the tunnel
+//! the core a batch at a time under one lock (a `recvmmsg` of datagrams, or the segments
+//! of TUN super-packets) and performs the core's [`Output`] once the lock is released:
+//! a peer's datagrams in one GSO send, decrypted packets coalesced into TUN writes, join
+//! and gossip messages handed to the daemon's channels, a roaming peer announced. The
+//! kernel side of each (offloads and their fallbacks) is [`kernel`]. What the tunnel
 //! decides (sessions, paths, knocking, the spoof check, forwarding on the host, invite
 //! sessions) lives in the core; this file must not decide anything, only move bytes.
 //!
@@ -11,25 +13,30 @@
 //! outside the lock, so a flood of handshakes never holds up the data path.
 
 pub mod core;
+pub mod kernel;
 
 use std::collections::HashSet;
-use std::net::Ipv4Addr;
+use std::io::IoSlice;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tun_rs::AsyncDevice;
 use x25519_dalek::StaticSecret;
 
+use crate::base::config::Offload;
 use crate::base::lock::Recover;
 use crate::group::identity::Key;
+use crate::net::offload::{self, Coalescer, VirtioNetHdr, VIRTIO_NET_HDR_LEN};
 
-use self::core::{Core, Gate, BUF};
+use self::core::{Core, Gate, Packets, BUF};
 pub use self::core::{
     CoreError, GossipIn, InviteMessage, Output, PathKind, PeerConfig, PeerStatus,
 };
+use self::kernel::{OffloadStatus, Offloads, Udp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -41,9 +48,19 @@ pub enum TunnelError {
     SendInviteReply(#[source] CoreError),
 }
 
+/// Packets one TUN batch gathers before the core is locked: a super-packet's segments
+/// (up to 64 KiB / MSS, 45 at MTU 1420) and more reads while they come without waiting.
+const TUN_BATCH: usize = 128;
+/// Reads one TUN batch may take: each may bring a whole super-packet.
+const TUN_READS: usize = 8;
+/// Room for one segment: the largest MTU the config allows.
+const SEGMENT_BUF: usize = 9_000;
+
 pub struct Tunnel {
-    udp: UdpSocket,
+    udp: Udp,
     tun: AsyncDevice,
+    /// Which offloads are on; each is cleared once if the kernel refuses it.
+    offloads: Offloads,
     core: Mutex<Core>,
     /// The core's gate, run on each datagram before the lock is taken.
     gate: Arc<Gate>,
@@ -54,25 +71,54 @@ pub struct Tunnel {
     receiving: tokio::sync::watch::Sender<bool>,
 }
 
+/// Whether a frame for the TUN device is a super-packet the coalescer merged.
+fn is_merged(frame: &[u8]) -> bool {
+    VirtioNetHdr::decode(frame).is_ok_and(|h| h.gso_type != offload::GSO_NONE)
+}
+
+/// What one loop keeps between batches, so that coalescing reuses its buffers (only the
+/// list of the batch's packets is made anew each time).
+#[derive(Default)]
+struct Scratch {
+    coalescer: Coalescer,
+    frames_bytes: Vec<u8>,
+    frames: Vec<Range<usize>>,
+    /// Where a frame the kernel refused is cut back into packets.
+    segments: Vec<Vec<u8>>,
+}
+
 impl Tunnel {
+    /// `tun_offload` says whether the device was opened with offloads
+    /// ([`kernel::open_tun`]); `mode` is the config's `[tunnel] offload`.
     pub fn new(
-        udp: UdpSocket,
+        udp: tokio::net::UdpSocket,
         tun: AsyncDevice,
+        tun_offload: bool,
+        mode: Offload,
         secret: StaticSecret,
         invite_tx: mpsc::Sender<InviteMessage>,
         gossip_tx: mpsc::Sender<GossipIn>,
-    ) -> Arc<Tunnel> {
+    ) -> Result<Arc<Tunnel>, kernel::KernelError> {
+        let offloads = Offloads::default();
+        offloads.set_tun(tun_offload);
+        let udp = Udp::new(udp, mode, &offloads)?;
         let core = Core::new(secret, Box::new(rand::rngs::OsRng), Instant::now());
-        Arc::new(Tunnel {
+        Ok(Arc::new(Tunnel {
             gate: core.gate(),
             core: Mutex::new(core),
             udp,
             tun,
+            offloads,
             invite_tx,
             gossip_tx,
             roamed: tokio::sync::Notify::new(),
             receiving: tokio::sync::watch::Sender::new(false),
-        })
+        }))
+    }
+
+    /// Which offloads are on now.
+    pub fn offloads(&self) -> OffloadStatus {
+        self.offloads.status()
     }
 
     /// Returns once the UDP loop runs, so the socket answers handshakes.
@@ -104,7 +150,7 @@ impl Tunnel {
     pub async fn upsert_peer(&self, config: PeerConfig) {
         let mut out = Output::default();
         self.lock().upsert_peer(Instant::now(), config, &mut out);
-        self.perform(&mut out).await;
+        self.perform(&mut out, &mut Scratch::default()).await;
     }
 
     pub fn remove_peer(&self, key: &Key) -> bool {
@@ -131,7 +177,7 @@ impl Tunnel {
         self.lock()
             .send_invite_reply(session, packet, &mut out)
             .map_err(TunnelError::SendInviteReply)?;
-        self.perform(&mut out).await;
+        self.perform(&mut out, &mut Scratch::default()).await;
         Ok(())
     }
 
@@ -140,7 +186,7 @@ impl Tunnel {
         let mut out = Output::default();
         self.lock()
             .send_gossip(Instant::now(), to, payload, &mut out);
-        self.perform(&mut out).await;
+        self.perform(&mut out, &mut Scratch::default()).await;
     }
 
     pub fn status(&self) -> Vec<PeerStatus> {
@@ -175,17 +221,9 @@ impl Tunnel {
     }
 
     /// Does what the core asked, with no lock held, and leaves `out` empty.
-    async fn perform(&self, out: &mut Output) {
-        for (p, ep) in out.transmits.iter() {
-            if let Err(e) = self.udp.send_to(p, ep).await {
-                log::debug!("send to {ep} failed: {e}");
-            }
-        }
-        for (p, ()) in out.tun.iter() {
-            if let Err(e) = self.tun.send(p).await {
-                log::debug!("write to TUN failed: {e}");
-            }
-        }
+    async fn perform(&self, out: &mut Output, scratch: &mut Scratch) {
+        self.send_datagrams(&out.transmits).await;
+        self.write_tun(&out.tun, scratch).await;
         for msg in out.invites.drain(..) {
             if self.invite_tx.try_send(msg).is_err() {
                 log::debug!("join handler busy; dropped a join message");
@@ -202,6 +240,121 @@ impl Tunnel {
         out.clear();
     }
 
+    /// Each run of one peer's datagrams in one GSO send while the kernel takes them, else
+    /// one by one.
+    async fn send_datagrams(&self, transmits: &Packets<SocketAddr>) {
+        let (max_count, max_bytes) = if self.offloads.udp_gso() {
+            (kernel::GSO_MAX_SEGMENTS, kernel::GSO_MAX_BYTES)
+        } else {
+            (1, usize::MAX)
+        };
+        for run in transmits.runs(max_count, max_bytes) {
+            if run.count > 1 && self.offloads.udp_gso() {
+                match self
+                    .udp
+                    .send_segments(run.bytes, run.segment, run.tag)
+                    .await
+                {
+                    Ok(()) => continue,
+                    Err(e) if kernel::gso_refused(&e) => self.offloads.refuse_udp_gso(&e),
+                    Err(e) => {
+                        log::debug!("send to {} failed: {e}", run.tag);
+                        continue;
+                    }
+                }
+            }
+            // One by one: no GSO, a single datagram, or the GSO send just refused.
+            for d in run.bytes.chunks(run.segment.max(1)) {
+                if let Err(e) = self.udp.send_to(d, run.tag).await {
+                    log::debug!("send to {} failed: {e}", run.tag);
+                }
+            }
+        }
+    }
+
+    /// Decrypted packets for the kernel: coalesced into super-packets when the device has
+    /// offloads, else one write each.
+    async fn write_tun(&self, packets: &Packets<()>, scratch: &mut Scratch) {
+        if packets.is_empty() {
+            return;
+        }
+        if !self.offloads.tun_tso() {
+            for (p, ()) in packets.iter() {
+                if let Err(e) = self.tun.send(p).await {
+                    log::debug!("write to TUN failed: {e}");
+                }
+            }
+            return;
+        }
+        if self.offloads.tun_gro() {
+            let list: Vec<&[u8]> = packets.iter().map(|(p, ())| p).collect();
+            scratch
+                .coalescer
+                .coalesce(&list, &mut scratch.frames_bytes, &mut scratch.frames);
+            let mut refused = false;
+            for f in &scratch.frames {
+                let frame = scratch.frames_bytes.get(f.clone()).unwrap_or_default();
+                if !refused {
+                    let sent = if kernel::refused_for_test("tun-gro") && is_merged(frame) {
+                        Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+                    } else {
+                        self.tun.send(frame).await
+                    };
+                    match sent {
+                        Ok(_) => continue,
+                        // The kernel will not take a merged frame: stop merging, and
+                        // write this frame and the rest of the batch cut back into
+                        // plain packets, so none is lost or written twice.
+                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                            self.offloads.refuse_tun_gro(&e);
+                            refused = true;
+                        }
+                        Err(e) => {
+                            log::debug!("write to TUN failed: {e}");
+                            continue;
+                        }
+                    }
+                }
+                self.write_split(frame, &mut scratch.segments).await;
+            }
+            return;
+        }
+        for (p, ()) in packets.iter() {
+            self.write_plain(p).await;
+        }
+    }
+
+    /// Writes a packet with an empty virtio header ("a plain packet") to a device opened
+    /// with offloads.
+    async fn write_plain(&self, packet: &[u8]) {
+        let none = VirtioNetHdr::default().to_bytes();
+        let frame = [IoSlice::new(&none), IoSlice::new(packet)];
+        if let Err(e) = self.tun.send_vectored(&frame).await {
+            log::debug!("write to TUN failed: {e}");
+        }
+    }
+
+    /// Writes a coalesced frame as the packets it was made of.
+    async fn write_split(&self, frame: &[u8], segments: &mut Vec<Vec<u8>>) {
+        if segments.is_empty() {
+            // Only ever needed after a refusal, so only then allocated.
+            *segments = vec![vec![0u8; SEGMENT_BUF]; TUN_BATCH];
+        }
+        let mut sizes = [0usize; TUN_BATCH];
+        let split = VirtioNetHdr::decode(frame).and_then(|hdr| {
+            let packet = frame.get(VIRTIO_NET_HDR_LEN..).unwrap_or_default();
+            offload::split(&hdr, packet, segments, &mut sizes)
+        });
+        match split {
+            Ok(count) => {
+                for (seg, &len) in segments.iter().zip(sizes.iter()).take(count) {
+                    self.write_plain(seg.get(..len).unwrap_or_default()).await;
+                }
+            }
+            Err(e) => log::debug!("cannot cut a refused TUN frame back into packets: {e}"),
+        }
+    }
+
     /// Runs the three loops until `cancel` fires or a socket fails for good.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) -> Result<(), TunnelError> {
         let r = tokio::select! {
@@ -215,38 +368,109 @@ impl Tunnel {
     }
 
     async fn udp_loop(&self) -> Result<(), TunnelError> {
-        let mut rx = vec![0u8; BUF];
+        let batch = kernel::RECV_BATCH;
+        // Each buffer takes one datagram or one GRO run of them (at most 64 KiB).
+        let mut bufs = vec![vec![0u8; BUF]; batch];
+        let mut meta = vec![quinn_udp::RecvMeta::default(); batch];
         let mut out = Output::default();
+        let mut scratch = Scratch::default();
         self.receiving.send_replace(true);
         loop {
-            let (n, from) = match self.udp.recv_from(&mut rx).await {
-                Ok(r) => r,
+            let n = match self.udp.recv(&mut bufs, &mut meta).await {
+                Ok(n) => n,
                 // ICMP errors from earlier sends surface here on Linux; they are not fatal.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
                 Err(e) => return Err(TunnelError::ReceiveUdp(e)),
             };
-            let datagram = rx.get(..n).unwrap_or_default();
-            if let Some(screened) = self.gate.screen(from, datagram, &mut out) {
-                self.lock()
-                    .handle_screened(Instant::now(), from, datagram, screened, &mut out);
+            // The gate's checks (and an initiation's Diffie-Hellman) run without the lock.
+            let mut screened = Vec::with_capacity(n);
+            for (buf, m) in bufs.iter().zip(meta.iter()).take(n) {
+                let run = buf.get(..m.len).unwrap_or_default();
+                for datagram in run.chunks(m.stride.max(1)) {
+                    if let Some(s) = self.gate.screen(m.addr, datagram, &mut out) {
+                        screened.push((m.addr, datagram, s));
+                    }
+                }
             }
-            self.perform(&mut out).await;
+            if !screened.is_empty() {
+                self.lock()
+                    .handle_screened_batch(Instant::now(), screened, &mut out);
+            }
+            self.perform(&mut out, &mut scratch).await;
         }
     }
 
     async fn tun_loop(&self) -> Result<(), TunnelError> {
-        let mut rx = vec![0u8; BUF];
+        let vnet = self.offloads.tun_tso();
+        let head = if vnet { VIRTIO_NET_HDR_LEN } else { 0 };
+        let mut rx = vec![0u8; head + BUF];
+        let mut segments = vec![vec![0u8; SEGMENT_BUF]; if vnet { TUN_BATCH } else { 0 }];
+        let mut sizes = vec![0usize; segments.len()];
+        let mut batch: Packets<()> = Packets::default();
         let mut out = Output::default();
+        let mut scratch = Scratch::default();
         loop {
+            batch.clear();
             let n = self.tun.recv(&mut rx).await.map_err(TunnelError::ReadTun)?;
-            let packet = rx.get(..n).unwrap_or_default();
-            self.lock().handle_packet(Instant::now(), packet, &mut out);
-            self.perform(&mut out).await;
+            self.take_read(&rx, n, vnet, &mut segments, &mut sizes, &mut batch);
+            // More reads while they are ready, so one lock covers them all.
+            for _ in 1..TUN_READS {
+                if batch.len() >= TUN_BATCH {
+                    break;
+                }
+                match self.tun.try_recv(&mut rx) {
+                    Ok(n) => self.take_read(&rx, n, vnet, &mut segments, &mut sizes, &mut batch),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(TunnelError::ReadTun(e)),
+                }
+            }
+            self.lock()
+                .handle_packets(Instant::now(), batch.iter().map(|(p, ())| p), &mut out);
+            self.perform(&mut out, &mut scratch).await;
+        }
+    }
+
+    /// Appends the packets of one TUN read to `batch`: a super-packet split into segments
+    /// when the device has offloads, else the packet itself.
+    fn take_read(
+        &self,
+        rx: &[u8],
+        n: usize,
+        vnet: bool,
+        segments: &mut [Vec<u8>],
+        sizes: &mut [usize],
+        batch: &mut Packets<()>,
+    ) {
+        let read = rx.get(..n).unwrap_or_default();
+        if !vnet {
+            batch.push(read, ());
+            return;
+        }
+        let split = VirtioNetHdr::decode(read).and_then(|hdr| {
+            let packet = read.get(VIRTIO_NET_HDR_LEN..).unwrap_or_default();
+            offload::split(&hdr, packet, segments, sizes)
+        });
+        match split {
+            Ok(count) => {
+                for (seg, &len) in segments.iter().zip(sizes.iter()).take(count) {
+                    batch.push(seg.get(..len).unwrap_or_default(), ());
+                }
+            }
+            Err(e) => {
+                static LOG: crate::base::logging::Throttle =
+                    crate::base::logging::Throttle::new(std::time::Duration::from_secs(10));
+                if let Some(held) = LOG.allow() {
+                    log::warn!(
+                        "dropped a packet read from TUN: {e} ({held} more since the last line)"
+                    );
+                }
+            }
         }
     }
 
     async fn timer_loop(&self) {
         let mut out = Output::default();
+        let mut scratch = Scratch::default();
         loop {
             let due = self.lock().poll_timeout();
             match due {
@@ -256,7 +480,7 @@ impl Tunnel {
                 None => tokio::time::sleep(self::core::TIMER_TICK).await,
             }
             self.lock().handle_timeout(Instant::now(), &mut out);
-            self.perform(&mut out).await;
+            self.perform(&mut out, &mut scratch).await;
         }
     }
 }

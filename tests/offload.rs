@@ -1,0 +1,217 @@
+//! The tunnel's kernel offloads and their fallbacks: traffic flows with `[tunnel] offload =
+//! "off"`, and when the kernel refuses TUN offloads or a GSO send, and `status` says which
+//! offloads are off in each case.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+use common::*;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A host and a joiner in `lab`, the joiner joined; `host_env` is the host daemon's
+/// environment and `host_tunnel` extra lines for its `[tunnel]` table.
+fn pair(lab: &mut Lab, host_env: &[(&str, &str)], host_tunnel: &str) -> (Node, Node) {
+    pair_with(lab, host_env, host_tunnel, &[])
+}
+
+/// [`pair`], with `joiner_env` as the joiner daemon's environment.
+fn pair_with(
+    lab: &mut Lab,
+    host_env: &[(&str, &str)],
+    host_tunnel: &str,
+    joiner_env: &[(&str, &str)],
+) -> (Node, Node) {
+    let mut host = lab.node("host");
+    let mut joiner = lab.node("joiner");
+    let text = std::fs::read_to_string(&host.config).expect("host config");
+    let text = text.replacen("[tunnel]\n", &format!("[tunnel]\n{host_tunnel}"), 1);
+    std::fs::write(&host.config, text).expect("host config");
+    host.start_with_env(host_env);
+    joiner.start_with_env(joiner_env);
+    let link = host.link(&[]);
+    let out = joiner.ok(&["join", &link]);
+    assert!(out.contains("joined host's group"), "{out}");
+    (host, joiner)
+}
+
+/// Sends `bytes` of patterned data from `from` to a listener on `to_addr` in `to`'s
+/// namespace; returns the BLAKE3 of what was sent and of what arrived.
+fn tcp_transfer(
+    from: &Node,
+    to: &Node,
+    to_addr: &str,
+    bytes: usize,
+) -> (blake3::Hash, blake3::Hash) {
+    let addr = to_addr.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = spawn_in_netns(&to.ns.name, move || {
+        let l = TcpListener::bind((addr.as_str(), 0)).expect("bind on VPN address");
+        tx.send(l.local_addr().expect("addr")).expect("send addr");
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = s.read(&mut buf).expect("read");
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        h.finalize()
+    });
+    let server_addr = rx.recv_timeout(DEADLINE).expect("server address");
+    let sent = in_netns(&from.ns.name, move || {
+        let mut s = TcpStream::connect_timeout(&server_addr, DEADLINE).expect("connect over VPN");
+        s.set_write_timeout(Some(DEADLINE)).expect("timeout");
+        let mut h = blake3::Hasher::new();
+        let mut block = vec![0u8; 65536];
+        let mut left = bytes;
+        let mut x = 1u32;
+        while left > 0 {
+            for b in block.iter_mut() {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                *b = (x >> 24) as u8;
+            }
+            let n = left.min(block.len());
+            s.write_all(&block[..n]).expect("write");
+            h.update(&block[..n]);
+            left -= n;
+        }
+        h.finalize()
+    });
+    let received = server.join().expect("server thread");
+    (sent, received)
+}
+
+/// Pings both ways, then moves 8 MiB each way and checks it arrived intact.
+fn traffic_flows_both_ways(host: &Node, joiner: &Node) {
+    let host_addr = vpn_address(&host.status());
+    let joiner_addr = vpn_address(&joiner.status());
+    assert!(
+        wait_until(DEADLINE, || joiner.ping(&host_addr)),
+        "joiner cannot ping the host:\n{}",
+        host.log()
+    );
+    assert!(
+        wait_until(DEADLINE, || host.ping(&joiner_addr)),
+        "host cannot ping the joiner"
+    );
+    let (sent, received) = tcp_transfer(host, joiner, &joiner_addr, 8 << 20);
+    assert_eq!(sent, received, "host to joiner arrived damaged");
+    let (sent, received) = tcp_transfer(joiner, host, &host_addr, 8 << 20);
+    assert_eq!(sent, received, "joiner to host arrived damaged");
+}
+
+#[test]
+fn with_offload_off_traffic_flows_and_status_says_every_offload_is_off() {
+    if !root_or_skip("with_offload_off_traffic_flows_and_status_says_every_offload_is_off") {
+        return;
+    }
+    let mut lab = Lab::new();
+    let (host, joiner) = pair(&mut lab, &[], "offload = \"off\"\n");
+    traffic_flows_both_ways(&host, &joiner);
+
+    let off = host.status().node.offloads;
+    assert!(
+        !off.tun_tso && !off.tun_gro && !off.udp_gso && !off.udp_gro,
+        "offload = \"off\" left some on: {off:?}"
+    );
+    let text = host.ok(&["status"]);
+    assert!(
+        text.contains("TUN TSO off, TUN GRO off, UDP GSO off, UDP GRO off"),
+        "{text}"
+    );
+    // The joiner kept the default, and this kernel takes TUN offloads.
+    let on = joiner.status().node.offloads;
+    assert!(
+        on.tun_tso && on.tun_gro,
+        "auto left TUN offloads off: {on:?}"
+    );
+}
+
+#[test]
+fn when_the_kernel_refuses_tun_offloads_and_gso_sends_traffic_still_flows_and_status_names_them_off(
+) {
+    if !root_or_skip(
+        "when_the_kernel_refuses_tun_offloads_and_gso_sends_traffic_still_flows_and_status_names_them_off",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new();
+    // The test-only switch of debug builds: the host takes TUNSETOFFLOAD and every GSO
+    // send as refused by the kernel.
+    let (host, joiner) = pair(
+        &mut lab,
+        &[("WATCHALONG_TEST_REFUSE_OFFLOAD", "tun,gso")],
+        "",
+    );
+    let before = host.status().node.offloads;
+    assert!(
+        !before.tun_tso && !before.tun_gro,
+        "TUN offloads on though refused: {before:?}"
+    );
+    traffic_flows_both_ways(&host, &joiner);
+
+    let after = host.status().node.offloads;
+    assert!(
+        !after.udp_gso,
+        "GSO still on after bulk sends that must have tried it: {after:?}"
+    );
+    assert!(after.udp_gro, "a refused GSO turned GRO off too: {after:?}");
+    let text = host.ok(&["status"]);
+    assert!(
+        text.contains("TUN TSO off") && text.contains("UDP GSO off"),
+        "{text}"
+    );
+    let log = host.log();
+    assert_eq!(
+        log.matches("refused TUN offloads").count(),
+        1,
+        "the TUN fallback is not logged exactly once:\n{log}"
+    );
+    assert_eq!(
+        log.matches("refused a UDP segmentation (GSO) send").count(),
+        1,
+        "the GSO fallback is not logged exactly once:\n{log}"
+    );
+}
+
+#[test]
+fn when_the_kernel_refuses_a_coalesced_tun_write_the_packets_still_arrive_whole_and_status_says_gro_off(
+) {
+    if !root_or_skip(
+        "when_the_kernel_refuses_a_coalesced_tun_write_the_packets_still_arrive_whole_and_status_says_gro_off",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new();
+    // The joiner's kernel is taken as refusing merged TUN writes: the first refused frame
+    // and every later one are cut back into the packets they were made of.
+    let (host, joiner) = pair_with(
+        &mut lab,
+        &[],
+        "",
+        &[("WATCHALONG_TEST_REFUSE_OFFLOAD", "tun-gro")],
+    );
+    assert!(
+        joiner.status().node.offloads.tun_gro,
+        "GRO off before any write"
+    );
+    traffic_flows_both_ways(&host, &joiner);
+    let after = joiner.status().node.offloads;
+    assert!(
+        after.tun_tso && !after.tun_gro,
+        "a refused merged write left {after:?}"
+    );
+    let log = joiner.log();
+    assert_eq!(
+        log.matches("refused a coalesced TUN write").count(),
+        1,
+        "the GRO fallback is not logged exactly once:\n{log}"
+    );
+}
