@@ -462,8 +462,10 @@ fn a_player_that_runs_dry_holds_the_room_until_it_has_enough_again() {
     if !has("mpv") || !has("ffmpeg") {
         return;
     }
-    // A 3 Mbit/s video over a 1 Mbit/s uplink: a's player must run out.
-    let (_lab, nodes) = movie_lab(&["a"], 60, 3000);
+    // A 3 Mbit/s video over a 1 Mbit/s uplink: a's player must run out. Two minutes
+    // long: holding and resuming may take most of a minute at a distance, and a video
+    // that ends first pauses every player for good.
+    let (_lab, nodes) = movie_lab(&["a"], 120, 3000);
     let host = Player::start(&nodes[0], "movies/film.mp4");
     assert!(wait_until(DEADLINE, || host.position() > 0.5));
     nodes[0].shape(1);

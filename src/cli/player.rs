@@ -437,11 +437,13 @@ pub async fn run_mpv(
         tokio::spawn(async move {
             while let Some(r) = reports_rx.recv().await {
                 match client.room_report(&r).await {
-                    Ok(v) => {
-                        if views_tx.send(v).await.is_err() {
-                            return;
-                        }
-                    }
+                    // Never waits for the player loop (which may be waiting for room in
+                    // the report queue): a view that does not fit is dropped, and the
+                    // long-poll brings the room's next one.
+                    Ok(v) => match views_tx.try_send(v) {
+                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
+                        _ => {}
+                    },
                     Err(e) => log::warn!("room report: {e}"),
                 }
             }
@@ -498,11 +500,7 @@ pub async fn run_mpv(
                 }
                 // A person's change goes out at once, not at the next poll.
                 if let Some(change) = pending_change.take() {
-                    room.changed(&change, now_ms(), now);
-                    let r = report(&w.file, &f, buffered, starved, Some(change));
-                    if reports_tx.send(r).await.is_err() {
-                        break Ok(());
-                    }
+                    pending_change = send_change(&reports_tx, &mut room, &w.file, &f, buffered, starved, change);
                 }
             }
             Some(v) = views.recv() => {
@@ -519,12 +517,7 @@ pub async fn run_mpv(
                 // Changes go at once; the plain report every other poll, unless the
                 // reporter is still busy with earlier ones.
                 if let Some(change) = pending_change.take() {
-                    let now = Instant::now();
-                    room.changed(&change, now_ms(), now);
-                    let r = report(&w.file, &f, buffered, starved, Some(change));
-                    if reports_tx.send(r).await.is_err() {
-                        break Ok(());
-                    }
+                    pending_change = send_change(&reports_tx, &mut room, &w.file, &f, buffered, starved, change);
                 } else if reports.is_multiple_of(2) {
                     let _ = reports_tx.try_send(report(&w.file, &f, buffered, starved, None));
                 }
@@ -590,6 +583,28 @@ impl RoomState {
         }
         self.state = p;
         true
+    }
+}
+
+/// Assumes a person's change and hands it to the reporter; returns it when the report
+/// queue is full, to try again at the next poll: the player loop never waits for it.
+fn send_change(
+    reports: &tokio::sync::mpsc::Sender<Report>,
+    room: &mut RoomState,
+    file: &str,
+    f: &Follower,
+    buffered_s: f64,
+    starved: bool,
+    change: Change,
+) -> Option<Change> {
+    // Assumed at once even when it waits for the queue: following the room's older state
+    // meanwhile would undo what the person just did.
+    room.changed(&change, now_ms(), Instant::now());
+    match reports.try_send(report(file, f, buffered_s, starved, Some(change.clone()))) {
+        Ok(()) => None,
+        Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Some(change),
+        // The reporter ended with the loop: nothing to tell.
+        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => None,
     }
 }
 

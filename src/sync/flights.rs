@@ -35,7 +35,10 @@ pub struct Pulls {
 /// Announced versions waiting for a worker, the paths workers hold, how many run.
 #[derive(Default)]
 struct Work {
-    queue: VecDeque<([u8; 32], FileVersion)>,
+    /// Who announced which path, in the order they came.
+    queue: VecDeque<([u8; 32], String)>,
+    /// The version waiting for each of them: one per member and path.
+    waiting: HashMap<([u8; 32], String), FileVersion>,
     busy: HashSet<String>,
     workers: usize,
 }
@@ -107,17 +110,15 @@ impl Pulls {
     /// replaced is returned, for the caller to land its flight.
     pub fn enqueue(&self, from: [u8; 32], v: FileVersion) -> Enqueued {
         let mut w = self.work.locked();
-        if let Some(waiting) = w
-            .queue
-            .iter_mut()
-            .find(|(f, q)| *f == from && q.path == v.path)
-        {
+        let key = (from, v.path.clone());
+        if let Some(waiting) = w.waiting.get_mut(&key) {
             return Enqueued {
                 start: false,
-                superseded: Some(std::mem::replace(&mut waiting.1, v)),
+                superseded: Some(std::mem::replace(waiting, v)),
             };
         }
-        w.queue.push_back((from, v));
+        w.waiting.insert(key.clone(), v);
+        w.queue.push_back(key);
         let start = w.workers < MAX_PULLS;
         if start {
             w.workers += 1;
@@ -137,8 +138,11 @@ impl Pulls {
         if let Some(done) = done {
             w.busy.remove(done);
         }
-        let at = w.queue.iter().position(|(_, v)| !w.busy.contains(&v.path));
-        match at.and_then(|i| w.queue.remove(i)) {
+        let at = w.queue.iter().position(|(_, path)| !w.busy.contains(path));
+        let job = at
+            .and_then(|i| w.queue.remove(i))
+            .and_then(|key| w.waiting.remove(&key).map(|v| (key.0, v)));
+        match job {
             Some(job) => {
                 w.busy.insert(job.1.path.clone());
                 Some(job)

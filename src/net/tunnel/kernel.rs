@@ -254,13 +254,15 @@ impl Udp {
     pub fn new(sock: UdpSocket, mode: Offload, offloads: &Offloads) -> Result<Udp, KernelError> {
         let state = UdpSocketState::new((&sock).into()).map_err(KernelError::SetUpUdp)?;
         // quinn-udp forbids fragmentation (QUIC probes the path MTU itself); WireGuard does
-        // not probe, so keep the kernel's default: a datagram larger than the path is
-        // fragmented rather than lost.
+        // not probe, so a datagram larger than the path is fragmented rather than lost.
+        // `OMIT`, not the kernel's default `WANT`: the path MTU an ICMP message claims is
+        // ignored, so a forged "fragmentation needed" cannot shrink what a GSO send may
+        // carry and make every full-size batch to a peer fail.
         let _ = set_int(
             &sock,
             libc::IPPROTO_IP,
             libc::IP_MTU_DISCOVER,
-            libc::IP_PMTUDISC_WANT,
+            libc::IP_PMTUDISC_OMIT,
         );
         let gro = state.gro_segments() > 1;
         let gso = state.max_gso_segments() > 1;

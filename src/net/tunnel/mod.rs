@@ -57,6 +57,8 @@ const TUN_READS: usize = 8;
 const SEGMENT_BUF: usize = 9_000;
 
 pub struct Tunnel {
+    /// The largest datagram a GSO batch carries: a full tunnel packet, sealed.
+    gso_segment_max: usize,
     udp: Udp,
     tun: AsyncDevice,
     /// Which offloads are on; each is cleared once if the kernel refuses it.
@@ -103,7 +105,12 @@ impl Tunnel {
         offloads.set_tun(tun_offload);
         let udp = Udp::new(udp, mode, &offloads)?;
         let core = Core::new(secret, Box::new(rand::rngs::OsRng), Instant::now());
+        // A full tunnel packet once sealed: WireGuard pads to 16 bytes and adds a 16-byte
+        // header and a 16-byte tag.
+        let mtu = usize::from(tun.mtu().unwrap_or(1420));
+        let gso_segment_max = mtu.div_ceil(16) * 16 + 32;
         Ok(Arc::new(Tunnel {
+            gso_segment_max,
             gate: core.gate(),
             core: Mutex::new(core),
             udp,
@@ -241,7 +248,10 @@ impl Tunnel {
     }
 
     /// Each run of one peer's datagrams in one GSO send while the kernel takes them, else
-    /// one by one.
+    /// one by one. Only datagrams no larger than a full tunnel packet's are batched: a
+    /// bigger one (a member's oversized packet the host forwards) would exceed the link
+    /// and fail the whole batch. A batch the kernel fails is sent again one by one, never
+    /// dropped; only an error that says the kernel cannot segment at all turns GSO off.
     async fn send_datagrams(&self, transmits: &Packets<SocketAddr>) {
         let (max_count, max_bytes) = if self.offloads.udp_gso() {
             (kernel::GSO_MAX_SEGMENTS, kernel::GSO_MAX_BYTES)
@@ -249,7 +259,7 @@ impl Tunnel {
             (1, usize::MAX)
         };
         for run in transmits.runs(max_count, max_bytes) {
-            if run.count > 1 && self.offloads.udp_gso() {
+            if run.count > 1 && run.segment <= self.gso_segment_max && self.offloads.udp_gso() {
                 match self
                     .udp
                     .send_segments(run.bytes, run.segment, run.tag)
@@ -257,13 +267,10 @@ impl Tunnel {
                 {
                     Ok(()) => continue,
                     Err(e) if kernel::gso_refused(&e) => self.offloads.refuse_udp_gso(&e),
-                    Err(e) => {
-                        log::debug!("send to {} failed: {e}", run.tag);
-                        continue;
-                    }
+                    Err(e) => log::debug!("batch to {} failed ({e}); one by one", run.tag),
                 }
             }
-            // One by one: no GSO, a single datagram, or the GSO send just refused.
+            // One by one: no GSO, a single datagram, an oversized one, or the batch failed.
             for d in run.bytes.chunks(run.segment.max(1)) {
                 if let Err(e) = self.udp.send_to(d, run.tag).await {
                     log::debug!("send to {} failed: {e}", run.tag);
