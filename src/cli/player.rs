@@ -440,10 +440,13 @@ pub async fn run_mpv(
                     // Never waits for the player loop (which may be waiting for room in
                     // the report queue): a view that does not fit is dropped, and the
                     // long-poll brings the room's next one.
-                    Ok(v) => match views_tx.try_send(v) {
-                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return,
-                        _ => {}
-                    },
+                    Ok(v) => {
+                        if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                            views_tx.try_send(v)
+                        {
+                            return;
+                        }
+                    }
                     Err(e) => log::warn!("room report: {e}"),
                 }
             }
@@ -451,9 +454,6 @@ pub async fn run_mpv(
     };
     let mut poll = tokio::time::interval(POLL);
     let (mut pos_id, mut cache_id, mut landed_id) = (0, 0, 0);
-    // When the last position was asked for: mpv answers at once, so that is when the
-    // position held, however late this loop reads the answer.
-    let mut pos_asked = Instant::now();
     let mut buffered = 0.0;
     let mut starved = false;
     let mut reports = 0u64;
@@ -489,7 +489,10 @@ pub async fn run_mpv(
                 if let Some(id) = v.get("request_id").and_then(Value::as_u64) {
                     let data = v.get("data").and_then(Value::as_f64);
                     if id == pos_id {
-                        if let Some(p) = data { f.on_position(p, pos_asked) }
+                        // Dated when read: mpv samples it when it answers, which may be
+                        // late while it is busy, and this loop, which waits on nothing
+                        // slow, reads it at once.
+                        if let Some(p) = data { f.on_position(p, now) }
                     } else if id == cache_id {
                         buffered = data.unwrap_or(0.0);
                     } else if id == landed_id {
@@ -510,7 +513,6 @@ pub async fn run_mpv(
                 }
             }
             _ = poll.tick() => {
-                pos_asked = Instant::now();
                 pos_id = mpv.send(json!(["get_property", "time-pos"])).await?;
                 cache_id = mpv.send(json!(["get_property", "demuxer-cache-duration"])).await?;
                 reports += 1;
