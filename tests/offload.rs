@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::*;
@@ -36,56 +34,6 @@ fn pair_with(
     let out = joiner.ok(&["join", &link]);
     assert!(out.contains("joined host's group"), "{out}");
     (host, joiner)
-}
-
-/// Sends `bytes` of patterned data from `from` to a listener on `to_addr` in `to`'s
-/// namespace; returns the BLAKE3 of what was sent and of what arrived.
-fn tcp_transfer(
-    from: &Node,
-    to: &Node,
-    to_addr: &str,
-    bytes: usize,
-) -> (blake3::Hash, blake3::Hash) {
-    let addr = to_addr.to_string();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = spawn_in_netns(&to.ns.name, move || {
-        let l = TcpListener::bind((addr.as_str(), 0)).expect("bind on VPN address");
-        tx.send(l.local_addr().expect("addr")).expect("send addr");
-        let (mut s, _) = l.accept().expect("accept");
-        s.set_read_timeout(Some(DEADLINE)).expect("timeout");
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let n = s.read(&mut buf).expect("read");
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        h.finalize()
-    });
-    let server_addr = rx.recv_timeout(DEADLINE).expect("server address");
-    let sent = in_netns(&from.ns.name, move || {
-        let mut s = TcpStream::connect_timeout(&server_addr, DEADLINE).expect("connect over VPN");
-        s.set_write_timeout(Some(DEADLINE)).expect("timeout");
-        let mut h = blake3::Hasher::new();
-        let mut block = vec![0u8; 65536];
-        let mut left = bytes;
-        let mut x = 1u32;
-        while left > 0 {
-            for b in block.iter_mut() {
-                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
-                *b = (x >> 24) as u8;
-            }
-            let n = left.min(block.len());
-            s.write_all(&block[..n]).expect("write");
-            h.update(&block[..n]);
-            left -= n;
-        }
-        h.finalize()
-    });
-    let received = server.join().expect("server thread");
-    (sent, received)
 }
 
 /// Pings both ways, then moves 8 MiB each way and checks it arrived intact.

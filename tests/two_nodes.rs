@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::*;
@@ -28,55 +26,6 @@ fn joined_pair(lab: &mut Lab) -> (Node, Node, String) {
         "join returned before the tunnel was up: {s:?}"
     );
     (host, joiner, link)
-}
-
-/// Sends `bytes` of patterned data from `from`'s namespace to a listener in `to`'s, and
-/// returns the BLAKE3 of what was sent and of what arrived.
-fn tcp_transfer(
-    from: &Node,
-    to: &Node,
-    to_addr: &str,
-    bytes: usize,
-) -> (blake3::Hash, blake3::Hash) {
-    let addr = to_addr.to_string();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = spawn_in_netns(&to.ns.name, move || {
-        let l = TcpListener::bind((addr.as_str(), 0)).expect("bind on VPN address");
-        tx.send(l.local_addr().expect("addr")).expect("send addr");
-        let (mut s, _) = l.accept().expect("accept");
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; 65536];
-        loop {
-            let n = s.read(&mut buf).expect("read");
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        h.finalize()
-    });
-    let server_addr = rx.recv_timeout(DEADLINE).expect("server address");
-    let sent = in_netns(&from.ns.name, move || {
-        let mut s = TcpStream::connect_timeout(&server_addr, DEADLINE).expect("connect over VPN");
-        s.set_write_timeout(Some(DEADLINE)).expect("timeout");
-        let mut h = blake3::Hasher::new();
-        let mut block = vec![0u8; 65536];
-        let mut left = bytes;
-        let mut i = 0u8;
-        while left > 0 {
-            block.iter_mut().for_each(|b| {
-                *b = i;
-                i = i.wrapping_mul(31).wrapping_add(7);
-            });
-            let n = left.min(block.len());
-            s.write_all(&block[..n]).expect("write");
-            h.update(&block[..n]);
-            left -= n;
-        }
-        h.finalize()
-    });
-    let received = server.join().expect("server thread");
-    (sent, received)
 }
 
 #[test]
