@@ -4,6 +4,8 @@
 //!
 //!     sudo cargo bench --bench distance              # the whole matrix
 //!     sudo cargo bench --bench distance -- 50:100    # one row: RTT ms : Mbit/s
+//!     sudo cargo bench --bench distance -- joins     # only the joins
+//!     sudo cargo bench --bench distance -- 0:0       # unshaped (1 GiB), any RTT
 //!
 //! For each round trip (0, 20, 50, 150 ms; `Lab::internet_with_rtt`) and each rate (20
 //! and 100 Mbit/s, every internet link shaped with htb): a host and two distant members
@@ -43,8 +45,11 @@ fn row(rt: &tokio::runtime::Runtime, rtt_ms: u32, mbit_link: u32) -> Row {
     let mut host = lab.node("host");
     let mut holder = lab.node("holder");
     let mut getter = lab.node("getter");
-    // About ten seconds at the link's rate, in whole chunks.
-    let size_mib = (u64::from(mbit_link) * 10 / 8).max(8);
+    // About ten seconds at the link's rate, in whole chunks; 1 GiB unshaped.
+    let size_mib = match mbit_link {
+        0 => 1024,
+        m => (u64::from(m) * 10 / 8).max(8),
+    };
     write_random(
         &holder.share("films").join("f.bin"),
         size_mib * MIB,
@@ -63,7 +68,9 @@ fn row(rt: &tokio::runtime::Runtime, rtt_ms: u32, mbit_link: u32) -> Row {
             .success()),
         "the getter never saw the holder's share"
     );
-    lab.shape_wan(mbit_link);
+    if mbit_link > 0 {
+        lab.shape_wan(mbit_link);
+    }
     let (_, total, view) = timed_get(rt, &getter, "films/f.bin");
     let get_mbit = mbit(size_mib * MIB, total);
     let iperf_mbit = iperf(&holder, &getter, &vpn_address(&holder.status()));
@@ -86,6 +93,19 @@ fn timed_join(rtt_ms: u32) -> (Duration, Duration) {
     newcomer.start();
     let link = host.link(&[]);
     let host_vpn = vpn_address(&host.status());
+    // The lab's links are brand new: until a frame has crossed each, the first datagrams
+    // are lost (the delay element's sockets and the veths settle) and every ARP look-up
+    // crosses the delay, which no internet path does. One ping between the two ends
+    // first, so the clock times the join and not the lab waking up.
+    let host_ip = host.ip.to_string();
+    assert!(
+        wait_until(Duration::from_secs(30), || newcomer
+            .ns
+            .exec(&["ping", "-c", "1", "-W", "1", &host_ip])
+            .status
+            .success()),
+        "the lab never carried a ping to the host"
+    );
     let started = Instant::now();
     newcomer.ok(&["join", &link]);
     let joined = started.elapsed();
@@ -112,19 +132,24 @@ fn main() {
         let (r, m) = a.split_once(':')?;
         Some((r.parse().ok()?, m.parse().ok()?))
     });
+    // `joins`: only the join table.
+    let joins_only = std::env::args().any(|a| a == "joins");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let mut rows = Vec::new();
-    for rtt in [0, 20, 50, 150] {
-        for link in [20, 100] {
-            if only.is_some_and(|o| o != (rtt, link)) {
-                continue;
-            }
-            eprintln!("row: {rtt} ms, {link} Mbit/s");
-            rows.push(row(&rt, rtt, link));
+    // `RTT:0` (unshaped) runs only when asked for.
+    let matrix = [0, 20, 50, 150]
+        .into_iter()
+        .flat_map(|r| [(r, 20), (r, 100)]);
+    let asked = only.filter(|(_, m)| *m == 0);
+    for (rtt, link) in matrix.chain(asked) {
+        if joins_only || only.is_some_and(|o| o != (rtt, link)) {
+            continue;
         }
+        eprintln!("row: {rtt} ms, {link} Mbit/s");
+        rows.push(row(&rt, rtt, link));
     }
     println!(
         "| RTT | link | file | `get` Mbit/s | iperf3 Mbit/s, same tunnel | get / iperf3 | route |"
@@ -132,9 +157,12 @@ fn main() {
     println!("|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} ms | {} Mbit/s | {} MiB | {:.1} | {:.1} | **{:.2}** | {} |",
+            "| {} ms | {} | {} MiB | {:.1} | {:.1} | **{:.2}** | {} |",
             r.rtt_ms,
-            r.mbit_link,
+            match r.mbit_link {
+                0 => "unshaped".to_string(),
+                m => format!("{m} Mbit/s"),
+            },
             r.size_mib,
             r.get_mbit,
             r.iperf_mbit,

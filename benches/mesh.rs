@@ -1,13 +1,15 @@
 //! Membership benchmark (issue 3): how long until a new member is known by every other
-//! node, at 7 and at 16 nodes, and how many gossip bytes an idle group sends per member
-//! per minute. Root needed (network namespaces).
+//! node, at 7 and at 16 nodes (or the sizes given), and how many gossip bytes an idle
+//! group sends per member per minute. Root needed (network namespaces).
 //!
 //!     sudo cargo bench --bench mesh            # 7 and 16 nodes
 //!     sudo cargo bench --bench mesh -- 7 32    # other sizes
 //!
-//! The nodes share one LAN segment; the time runs from the joiner's `join` starting to
-//! the last node listing it, polled through each node's control socket every 20 ms (a
-//! poll is a CLI run per node: polling without a pause would load the daemons measured).
+//! The nodes share one LAN segment. The last 20 joins (fewer in a small group) are timed
+//! one by one, each from the joiner's `join` starting to the last earlier node listing
+//! it, polled through each node's control socket every 20 ms (a poll is a CLI run per
+//! node: polling without a pause would load the daemons measured); p50 and p99 are over
+//! those joins (nearest rank, so with 20 joins p99 is the slowest).
 //! Idle traffic is counted twice: the gossip payload the daemons report, and the bytes
 //! every node's interface sent (IP, UDP and WireGuard headers and keepalives included).
 
@@ -38,14 +40,32 @@ fn knows(n: &Node, name: &str) -> bool {
     member(&n.peers(), name).is_some()
 }
 
-fn run(size: usize, idle: Duration) -> (Duration, Duration, f64, f64) {
+/// How many of the last joins are timed one by one (the earlier ones only build the group).
+const TIMED_JOINS: usize = 20;
+
+/// The nearest-rank `p`th percentile of `sorted` (ascending, not empty).
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    let rank = (sorted.len() * p).div_ceil(100).max(1);
+    sorted[rank - 1]
+}
+
+struct Figures {
+    /// Each timed join: until `join` returned, and until every earlier node listed it.
+    joined: Vec<Duration>,
+    known: Vec<Duration>,
+    idle_payload: f64,
+    idle_wire: f64,
+}
+
+fn run(size: usize, idle: Duration) -> Figures {
     let mut lab = Lab::new();
     let mut nodes: Vec<Node> = (0..size).map(|i| lab.node(&format!("n{i}"))).collect();
     for n in nodes.iter_mut() {
         n.start();
     }
     let (host, rest) = nodes.split_first().unwrap();
-    let (newcomer, early) = rest.split_last().unwrap();
+    let timed_count = TIMED_JOINS.min(rest.len().saturating_sub(1)).max(1);
+    let (early, timed) = rest.split_at(rest.len() - timed_count);
     for n in early {
         let link = host.link(&[]);
         n.ok(&["join", &link]);
@@ -55,22 +75,30 @@ fn run(size: usize, idle: Duration) -> (Duration, Duration, f64, f64) {
             .iter()
             .all(|o| o.name == n.name || knows(n, &o.name))));
     }
-    let link = host.link(&[]);
-    let start = Instant::now();
-    newcomer.ok(&["join", &link]);
-    let joined = start.elapsed();
-    let mut pending: Vec<&Node> = std::iter::once(host).chain(early).collect();
-    while !pending.is_empty() {
-        pending.retain(|n| !knows(n, &newcomer.name));
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "never converged"
-        );
-        if !pending.is_empty() {
-            std::thread::sleep(Duration::from_millis(20));
+    let mut joined = Vec::new();
+    let mut known = Vec::new();
+    for (i, newcomer) in timed.iter().enumerate() {
+        let link = host.link(&[]);
+        let start = Instant::now();
+        newcomer.ok(&["join", &link]);
+        joined.push(start.elapsed());
+        let mut pending: Vec<&Node> = std::iter::once(host)
+            .chain(early)
+            .chain(&timed[..i])
+            .collect();
+        while !pending.is_empty() {
+            pending.retain(|n| !knows(n, &newcomer.name));
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "{} never reached everyone",
+                newcomer.name
+            );
+            if !pending.is_empty() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
+        known.push(start.elapsed());
     }
-    let known = start.elapsed();
     // Idle: everyone knows everyone; count what gossip still sends.
     std::thread::sleep(Duration::from_secs(5));
     let before: u64 = nodes.iter().map(sent_bytes).sum();
@@ -79,12 +107,14 @@ fn run(size: usize, idle: Duration) -> (Duration, Duration, f64, f64) {
     let after: u64 = nodes.iter().map(sent_bytes).sum();
     let wire_after: u64 = nodes.iter().map(wire_bytes).sum();
     let per_member_minute = |b: u64| b as f64 / size as f64 * 60.0 / idle.as_secs_f64();
-    (
+    joined.sort();
+    known.sort();
+    Figures {
         joined,
         known,
-        per_member_minute(after - before),
-        per_member_minute(wire_after - wire_before),
-    )
+        idle_payload: per_member_minute(after - before),
+        idle_wire: per_member_minute(wire_after - wire_before),
+    }
 }
 
 fn main() {
@@ -101,16 +131,19 @@ fn main() {
         .filter_map(|a| a.parse().ok())
         .collect();
     let sizes = if sizes.is_empty() { vec![7, 16] } else { sizes };
-    println!("| nodes | join returns | new member known by all | idle gossip payload, bytes per member per minute | idle bytes on the interfaces, per member per minute |");
+    println!("| nodes | join returns, p50 / p99 | new member known by all, p50 / p99 (joins timed) | idle gossip payload, bytes per member per minute | idle bytes on the interfaces, per member per minute |");
     println!("|---|---|---|---|---|");
     for size in sizes {
-        let (joined, known, idle, wire) = run(size, Duration::from_secs(30));
+        let f = run(size, Duration::from_secs(30));
         println!(
-            "| {size} | {} ms | {} ms | {:.0} | {:.0} |",
-            joined.as_millis(),
-            known.as_millis(),
-            idle,
-            wire
+            "| {size} | {} / {} ms | {} / {} ms ({}) | {:.0} | {:.0} |",
+            percentile(&f.joined, 50).as_millis(),
+            percentile(&f.joined, 99).as_millis(),
+            percentile(&f.known, 50).as_millis(),
+            percentile(&f.known, 99).as_millis(),
+            f.known.len(),
+            f.idle_payload,
+            f.idle_wire
         );
     }
 }

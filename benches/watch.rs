@@ -19,27 +19,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::measure::{median, ms};
 use common::player::*;
 use common::*;
-
-fn first_frame(p: &Player, started: Instant) -> Duration {
-    assert!(
-        wait_until(Duration::from_secs(60), || p.position() > 0.0),
-        "{} never showed a frame",
-        p.name
-    );
-    started.elapsed()
-}
-
-fn ms(d: &[Duration]) -> String {
-    let v: Vec<String> = d.iter().map(|d| d.as_millis().to_string()).collect();
-    v.join(", ")
-}
-
-fn median(mut d: Vec<Duration>) -> Duration {
-    d.sort();
-    d[d.len() / 2]
-}
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {

@@ -12,14 +12,14 @@
 //! | [`net`]     | join messages, VPN routes, the userspace WireGuard tunnel, the joiner, the bounded HTTP server | sockets, TUN |
 //! | [`data`]    | shares and chunk manifests, the transfer planner, node-to-node HTTP over kept connections, relay, cache, `get` | sockets, files |
 //! | [`sync`]    | version vectors, the sync index, kept versions, a read-write share's sync state, sync's executor | files |
-//! | [`watch`]   | room rules, streams played while they arrive, the node's rooms and streams | files, loopback |
+//! | [`watch`]   | room rules, a player kept in step, streams played while they arrive, the browser page, the node's rooms and streams | files, loopback |
 //! | [`control`] | the local HTTP API over a Unix socket: types, server, client | socket |
 //! | [`daemon`]  | the running node (membership, sync executor, API handler) and the composition root | all, by delegation |
 //! | [`cli`]     | what the command line runs beside the daemon (mpv kept in step) | process, socket |
 //!
 //! The pure cores, which take `now` and randomness and return decisions: `group::gossip`,
 //! `group::mesh`, `group::link`, `group::auth`, `data::planner`, `sync::versions`,
-//! `watch::room`.
+//! `watch::room`, `watch::follow`.
 
 pub mod base;
 pub mod cli;

@@ -8,12 +8,30 @@ use clap::Parser;
 
 use watchalong::base::config::{Config, ConfigError};
 use watchalong::cli::{args::Cli, run};
+#[cfg(feature = "generate")]
+use watchalong::cli::{args::Command, generate};
 
 /// sysexits' EX_CONFIG: systemd's RestartPreventExitStatus=78 stops a restart loop.
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // For packagers: needs no configuration (a package build has none).
+    #[cfg(feature = "generate")]
+    if let Command::Generate { what, dir } = &cli.command {
+        return match generate::generate(*what, dir) {
+            Ok(files) => {
+                for f in files {
+                    println!("{}", f.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -34,11 +52,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run::run(cli.command, config)) {
+    let code = match rt.block_on(run::run(cli.command, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Dropping the runtime would wait for every blocking task, however stuck: a
+    // `mount`'s read of a file whose holder vanished, or its FUSE session's thread,
+    // would keep the process alive after it said it stopped. The daemon awaits its own
+    // work before `run` returns, so what is left here is only such strays.
+    rt.shutdown_timeout(std::time::Duration::from_secs(10));
+    code
 }

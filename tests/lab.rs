@@ -1,11 +1,12 @@
 //! The lab itself: what its delay element adds to the internet links, and that it is not
-//! what limits a rate. Nothing here runs a daemon; the other tests trust these figures
-//! when they run with `WATCHALONG_LAB_RTT_MS`.
+//! what limits a rate; what its carrier-grade NAT and IPv6 firewalls let through. Nothing
+//! here runs a daemon; the other tests trust these figures when they run with
+//! `WATCHALONG_LAB_RTT_MS`, and these rules when they punch holes.
 
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -126,5 +127,131 @@ fn the_delay_element_carries_200_mbit_and_htb_shaping_still_holds_beside_it() {
     assert!(
         (15.0..=21.0).contains(&shaped),
         "shaped to 20 Mbit/s beside the delay, one TCP connection carried {shaped:.1} Mbit/s"
+    );
+}
+
+/// A UDP socket on `port` (0: any) in `ns`'s namespace, of `ip`'s family.
+fn udp_in(ns: &Netns, ip: IpAddr, port: u16) -> UdpSocket {
+    let any: IpAddr = if ip.is_ipv4() {
+        "0.0.0.0".parse().unwrap()
+    } else {
+        "::".parse().unwrap()
+    };
+    let s = in_netns(&ns.name, move || {
+        UdpSocket::bind((any, port)).expect("bind")
+    });
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    s
+}
+
+/// The sender of the next datagram on `s`, or `None` when none comes within 2 s.
+fn sender(s: &UdpSocket) -> Option<SocketAddr> {
+    let mut buf = [0u8; 64];
+    s.recv_from(&mut buf).ok().map(|(_, from)| from)
+}
+
+#[test]
+fn a_carrier_grade_nat_and_an_ipv6_home_firewall_let_in_replies_and_nothing_unsolicited() {
+    if !root_or_skip(
+        "a_carrier_grade_nat_and_an_ipv6_home_firewall_let_in_replies_and_nothing_unsolicited",
+    ) {
+        return;
+    }
+    let mut lab = Lab::internet6();
+    let p = lab.node("p");
+    let q = lab.node("q");
+    let mut r = lab.router_with(
+        "r",
+        [192, 168, 7],
+        RouterOptions {
+            ipv6: true,
+            cgn: true,
+            ..RouterOptions::default()
+        },
+    );
+    let home = lab.node_behind(&mut r, "home");
+    for (family, p_ip, q_ip, home_ip) in [
+        ("IPv4", IpAddr::V4(p.ip), IpAddr::V4(q.ip), None),
+        (
+            "IPv6",
+            IpAddr::V6(p.ip6.unwrap()),
+            IpAddr::V6(q.ip6.unwrap()),
+            Some(IpAddr::V6(home.ip6.unwrap())),
+        ),
+    ] {
+        let at_p = udp_in(&p.ns, p_ip, 40000);
+        let at_q = udp_in(&q.ns, q_ip, 40000);
+        let mine = udp_in(&home.ns, p_ip, 0);
+        mine.send_to(b"to p", (p_ip, 40000)).unwrap();
+        mine.send_to(b"to q", (q_ip, 40000)).unwrap();
+        let seen_p = sender(&at_p).expect("p hears the home");
+        let seen_q = sender(&at_q).expect("q hears the home");
+        match home_ip {
+            // The NAT shows one address and a port of its own choosing per destination:
+            // where p sees the home is no place q can reach it at.
+            None => {
+                assert_eq!(seen_p.ip(), IpAddr::V4(r.wan_ip), "{family}");
+                assert_ne!(seen_p.port(), seen_q.port(), "{family}: one port for both");
+            }
+            // No NAT: both see the home's own address and port.
+            Some(ip) => {
+                assert_eq!(seen_p.ip(), ip, "{family}");
+                assert_eq!(seen_p, seen_q, "{family}");
+            }
+        }
+        // A reply comes in; a stranger's datagram to the same place does not.
+        at_p.send_to(b"reply", seen_p).unwrap();
+        assert!(sender(&mine).is_some(), "{family}: p's reply was dropped");
+        let stranger = udp_in(&q.ns, q_ip, 0);
+        stranger.send_to(b"unsolicited", seen_p).unwrap();
+        assert_eq!(
+            sender(&mine),
+            None,
+            "{family}: a stranger reached the home through where p sees it"
+        );
+    }
+}
+
+#[test]
+fn an_ipv6_only_site_and_an_ipv6_only_node_have_no_ipv4_route_to_the_internet() {
+    if !root_or_skip("an_ipv6_only_site_and_an_ipv6_only_node_have_no_ipv4_route_to_the_internet") {
+        return;
+    }
+    let mut lab = Lab::internet6();
+    let server = lab.node("server");
+    let alone = lab.node_ipv6_only("alone");
+    let mut r = lab.router_with(
+        "r",
+        [192, 168, 8],
+        RouterOptions {
+            ipv6_only: true,
+            ..RouterOptions::default()
+        },
+    );
+    let home = lab.node_behind(&mut r, "home");
+    let ping = |from: &Node, to: String| {
+        from.ns
+            .exec(&["ping", "-c", "1", "-W", "1", &to])
+            .status
+            .success()
+    };
+    let v6 = |n: &Node| n.ip6.expect("an IPv6 address").to_string();
+    for n in [&alone, &home] {
+        assert!(
+            ping(n, v6(&server)),
+            "{} has no IPv6 to the internet",
+            n.name
+        );
+        assert!(
+            !ping(n, server.ip.to_string()),
+            "{} reaches the internet over IPv4",
+            n.name
+        );
+    }
+    assert!(ping(&server, v6(&alone)), "nothing stands before alone");
+    // The home's LAN still has IPv4 among its members and its router.
+    assert!(
+        ping(&home, "192.168.8.1".into()),
+        "the home's LAN has no IPv4"
     );
 }

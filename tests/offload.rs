@@ -1,6 +1,6 @@
 //! The tunnel's kernel offloads and their fallbacks: traffic flows with `[tunnel] offload =
 //! "off"`, and when the kernel refuses TUN offloads or a GSO send, and `status` says which
-//! offloads are off in each case.
+//! offloads are off in each case; a single packet the kernel refuses leaves them on.
 
 mod common;
 
@@ -162,4 +162,47 @@ fn when_the_kernel_refuses_a_coalesced_tun_write_the_packets_still_arrive_whole_
         1,
         "the GRO fallback is not logged exactly once:\n{log}"
     );
+}
+
+#[test]
+fn when_the_kernel_refuses_a_single_packet_tun_write_coalescing_stays_on_and_merged_writes_go_on() {
+    if !root_or_skip(
+        "when_the_kernel_refuses_a_single_packet_tun_write_coalescing_stays_on_and_merged_writes_go_on",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new();
+    // The joiner's kernel is taken as refusing every unmerged ICMP packet written to TUN
+    // (EINVAL, as for a packet it finds malformed); merged frames it takes.
+    let (host, joiner) = pair_with(
+        &mut lab,
+        &[],
+        "",
+        &[("WATCHALONG_TEST_REFUSE_OFFLOAD", "tun-icmp")],
+    );
+    let joiner_addr = vpn_address(&joiner.status());
+    let (sent, received) = tcp_transfer(&host, &joiner, &joiner_addr, 8 << 20);
+    assert_eq!(sent, received, "host to joiner arrived damaged");
+    // Each echo request reaches the joiner's daemon, whose TUN write is refused.
+    let answered = (0..3).filter(|_| host.ping(&joiner_addr)).count();
+    let after = joiner.status().node.offloads;
+    assert!(
+        after.tun_tso && after.tun_gro,
+        "a refused single packet turned coalescing off: {after:?}"
+    );
+    assert_eq!(
+        answered, 0,
+        "pings got through: the test switch refused nothing"
+    );
+    let (sent, received) = tcp_transfer(&host, &joiner, &joiner_addr, 8 << 20);
+    assert_eq!(
+        sent, received,
+        "host to joiner arrived damaged after the refusals"
+    );
+    let log = joiner.log();
+    assert!(
+        !log.contains("refused a coalesced TUN write"),
+        "the GRO fallback was logged:\n{log}"
+    );
+    assert!(joiner.status().node.offloads.tun_gro);
 }

@@ -626,13 +626,20 @@ fn gateway_lab(size: u64, shape_mbit: Option<u32>) -> GatewayLab {
         r1,
         lab,
     } = site;
-    let (target, hash) = (0..8)
-        .map(|i| (format!("films/f{i}.bin"), hashes[i]))
-        .find(|(t, _)| {
-            let hops = hop_names(&plan(&s1a, t));
-            hops.last().is_some_and(|h| h.0 == "s1b" && h.1 == "lan")
-        })
-        .expect("some file has s1b as s1a's gateway");
+    // The mesh being whole does not mean each side has taken in the other's site yet:
+    // wait until the plans show it.
+    let mut found = None;
+    let seen = wait_until(DEADLINE, || {
+        found = (0..8)
+            .map(|i| (format!("films/f{i}.bin"), hashes[i]))
+            .find(|(t, _)| {
+                let hops = hop_names(&plan(&s1a, t));
+                hops.last().is_some_and(|h| h.0 == "s1b" && h.1 == "lan")
+            });
+        found.is_some()
+    });
+    assert!(seen, "no file has s1b as s1a's gateway");
+    let (target, hash) = found.expect("found once seen");
     if let Some(m) = shape_mbit {
         distant.shape(m);
     }

@@ -410,6 +410,7 @@ fn a_member_claiming_another_sites_public_ip_stays_in_its_own_site_everywhere() 
         seq: u64::try_from(watchalong::base::clock::now_ms()).expect("time") * 2,
         public_endpoint: Some(SocketAddr::from((l.r1.wan_ip, 51871))),
         lan: vec![SocketAddr::from(([192, 168, 1, 77], 51871))],
+        public: vec![],
         relay_port: None,
         shares: vec![],
     };

@@ -48,6 +48,7 @@ pub struct Config {
     pub relay: RelayConfig,
     pub watch: WatchConfig,
     pub sync: SyncConfig,
+    pub metrics: MetricsConfig,
     /// `[[share]]` tables: the folders this node offers the group.
     #[serde(rename = "share")]
     pub shares: Vec<ShareConfig>,
@@ -60,6 +61,22 @@ pub struct RelayConfig {
     pub port: u16,
     /// Disk the relay may use to cache chunks for nearby members, in MiB.
     pub cache_mib: u64,
+}
+
+/// `[metrics]`: the Prometheus endpoint, off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `IP:PORT` to serve `/metrics` on, like "127.0.0.1:9471" (port 0: any free port,
+    /// named in the log). Checked by [`Config::parse`], so [`MetricsConfig::listen_addr`]
+    /// is `None` only when it is unset.
+    pub listen: Option<String>,
+}
+
+impl MetricsConfig {
+    pub fn listen_addr(&self) -> Option<std::net::SocketAddr> {
+        self.listen.as_deref().and_then(|l| l.parse().ok())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -342,7 +359,7 @@ impl Config {
                 return Err(bad(
                     "tunnel",
                     "endpoint",
-                    "expected \"HOST:PORT\", like \"203.0.113.10:51871\"".into(),
+                    "expected \"HOST:PORT\" naming one host that members can reach, like \"203.0.113.10:51871\" or, for IPv6, \"[2001:db8::1]:51871\" (not ::, ::1, a multicast or a v4-mapped address: write IPv4 as IPv4)".into(),
                 ));
             }
         }
@@ -382,6 +399,15 @@ impl Config {
                 "mtu",
                 "expected 1280 to 9000 (1420 suits a 1500-byte underlay)".into(),
             ));
+        }
+        if let Some(l) = &self.metrics.listen {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                return Err(bad(
+                    "metrics",
+                    "listen",
+                    "expected IP:PORT, like \"127.0.0.1:9471\" (an address of this machine, not a name; remove the key to turn metrics off)".into(),
+                ));
+            }
         }
         if self.relay.port == 0 {
             return Err(bad(
@@ -428,11 +454,30 @@ impl Config {
     }
 }
 
-/// `host:port` with a non-empty host and a non-zero port.
+/// `host:port` with a non-empty host and a non-zero port. An IPv6 literal must be in
+/// brackets (`[2001:db8::1]:51871`): unbracketed, `2001:db8::1:51871` could be an
+/// address with no port, and brackets around anything else are a typo.
 pub fn split_host_port(s: &str) -> Option<(&str, u16)> {
     let (host, port) = s.rsplit_once(':')?;
     let port: u16 = port.parse().ok()?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = match host.strip_prefix('[') {
+        Some(inner) => {
+            let inner = inner.strip_suffix(']')?;
+            let ip = inner.parse::<std::net::Ipv6Addr>().ok()?;
+            // Members dial it: one host's unicast address, and an IPv4 one written as
+            // IPv4 (a v4-mapped literal would put the host's site at `::/64`).
+            if ip.is_unspecified()
+                || ip.is_loopback()
+                || ip.is_multicast()
+                || ip.to_ipv4_mapped().is_some()
+            {
+                return None;
+            }
+            inner
+        }
+        None if host.contains([':', '[', ']']) => return None,
+        None => host,
+    };
     if host.is_empty() || port == 0 {
         return None;
     }
@@ -494,7 +539,7 @@ fn from_toml(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
 fn expectation(key: &str) -> &'static str {
     match key {
         "tunnel.network" => "a network like \"100.77.0.0/16\"",
-        "tunnel.endpoint" => "\"HOST:PORT\", like \"203.0.113.10:51871\"",
+        "tunnel.endpoint" => "\"HOST:PORT\", like \"203.0.113.10:51871\" or \"[2001:db8::1]:51871\"",
         k if k.starts_with("share") => {
             "each [[share]] to have name = \"...\", path = \"/absolute/path\" and mode = \"read-only\" or \"read-write\""
         }

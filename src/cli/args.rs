@@ -10,7 +10,19 @@ use clap::{Parser, Subcommand};
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum PlayerKind {
     Mpv,
+    /// A page on the daemon's loopback endpoint, kept in step by the daemon.
+    Browser,
     None,
+}
+
+/// What `watchalong generate` writes.
+#[cfg(feature = "generate")]
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Generated {
+    /// `watchalong.1` and one page per command (`watchalong-get.1`, ...).
+    Man,
+    /// Completions for bash, zsh and fish.
+    Completions,
 }
 
 #[derive(Parser)]
@@ -151,7 +163,8 @@ pub enum Command {
     Watch {
         /// SHARE/PATH.
         target: String,
-        /// `mpv`, or `none` to print the URL for any player.
+        /// `mpv`; `browser` for a page kept in step (its URL is printed, and opened
+        /// where a desktop is present); or `none` to print the URL for any player.
         #[arg(long, value_enum, default_value = "mpv")]
         player: PlayerKind,
         /// An argument for mpv, as it is (repeat for more), e.g. `--player-arg=--fs`.
@@ -164,6 +177,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Mount a share (or a folder of one) read-only at DIR: reads fetch the bytes under
+    /// the reader first, as `watch` does. Ctrl-C or SIGTERM unmounts.
+    #[cfg(feature = "mount")]
+    Mount {
+        /// SHARE or SHARE/FOLDER.
+        target: String,
+        /// An empty folder to mount onto.
+        dir: PathBuf,
+    },
+    /// List the shares mounted with `watchalong mount` on this machine.
+    #[cfg(feature = "mount")]
+    Mounts,
+    /// Write the man pages or the shell completions into DIR (for packagers).
+    #[cfg(feature = "generate")]
+    #[command(hide = true)]
+    Generate { what: Generated, dir: PathBuf },
     /// Show the rooms: who watches what, where each player is, its drift and buffer.
     Room {
         #[arg(long)]
@@ -196,6 +225,7 @@ pub enum SyncCommand {
 
 #[derive(Subcommand)]
 pub enum PeerCommand {
+    /// Add a standard WireGuard peer by hand (its key, VPN address and endpoint).
     Add {
         #[arg(long)]
         public_key: String,
@@ -207,6 +237,7 @@ pub enum PeerCommand {
         #[arg(long, default_value = "wireguard-peer")]
         name: String,
     },
+    /// Remove a peer added by hand.
     Remove {
         #[arg(long)]
         public_key: String,

@@ -1,9 +1,8 @@
 //! The local player, kept in step with the room: mpv driven over its JSON IPC socket.
-//! [`Follower`] is the sans-IO part — it tells a person's actions on the player (pause,
-//! seek, speed) from the effects of our own commands, so nothing echoes between players,
-//! and turns the room's state into commands (pause or play, seek when far off, nudge the
-//! speed when a little off). [`run_mpv`] is the IO around it: the mpv process, its
-//! socket, and the daemon's control API. The stream's URL holds its secret token, so it
+//! [`Follower`] (in [`crate::watch::follow`], shared with the browser page the daemon
+//! keeps) is the sans-IO part — it tells a person's actions on the player from the
+//! effects of our own commands and turns the room's state into commands. [`run_mpv`] is
+//! the IO around it: the mpv process, its socket, and the daemon's control API. The stream's URL holds its secret token, so it
 //! goes to mpv over the IPC socket, never on mpv's command line (which every local user
 //! can read), and that socket sits in a folder only we can open. It must not decide what
 //! the room agrees on; that is [`crate::watch::room`]'s.
@@ -18,25 +17,11 @@ use tokio::net::UnixStream;
 use crate::base::clock::now_ms;
 use crate::control::{self, Change, FileRequest, Report, RoomView, WaitRequest, WatchReply};
 use crate::control::{Client, ControlError};
-use crate::watch::room::{correct, Correction, Playback, Stamp};
+use crate::watch::follow::{Command, Follower};
+use crate::watch::room::{Playback, Stamp};
 
 /// How often the player's position is read and reported.
 const POLL: Duration = Duration::from_millis(100);
-/// While a seek of ours is this recent and has not landed, no other correction is made.
-const OUR_SEEK_WINDOW: Duration = Duration::from_millis(1500);
-/// While a seek mpv began (a person's or ours) has not landed, for at most this long, no
-/// correction is made: mpv already reads the seek's target as its position, and taking
-/// that for drift would seek back and undo a person's seek before it is reported. A
-/// seek into what has not arrived yet can take a few round trips to land.
-const SEEK_UNDER_WAY: Duration = Duration::from_secs(10);
-/// A seek that lands this close to where we sent the player is ours.
-const OUR_SEEK_SLACK_S: f64 = 0.5;
-/// mpv echoes a command of ours within this long, or never.
-const OUR_ECHO_WINDOW: Duration = Duration::from_secs(3);
-/// Speeds of ours awaiting their echo, at most (one per poll over the window).
-const MAX_SENT_SPEEDS: usize = 32;
-/// A paused player this far from the room's position is moved there.
-const PAUSED_SLACK_S: f64 = 0.05;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlayerError {
@@ -52,207 +37,16 @@ pub enum PlayerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("the daemon gave a stream URL the page cannot be found from: {0}")]
+    PageUrl(String),
+    #[error("xdg-open failed ({0})")]
+    Open(std::process::ExitStatus),
+    #[error("cannot wait for Ctrl-C: {0}")]
+    Signal(#[source] std::io::Error),
     #[error("lost the player's IPC socket: {0}")]
     Ipc(#[source] std::io::Error),
     #[error(transparent)]
     Control(#[from] ControlError),
-}
-
-/// A command for the player.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Command {
-    Pause(bool),
-    Speed(f64),
-    Seek(f64),
-}
-
-/// What we know of the player and what we last told it.
-#[derive(Debug, Clone)]
-pub struct Follower {
-    pub paused: bool,
-    pub speed: f64,
-    /// Last position read, and when.
-    pub position: f64,
-    pub read_at: Option<Instant>,
-    /// What we last commanded, to tell our effects from a person's actions.
-    sent_pause: Option<bool>,
-    /// The speeds we set lately, oldest first: mpv echoes each of them, possibly after
-    /// we sent the next, so the last one alone would take an older echo for a person's.
-    sent_speeds: std::collections::VecDeque<(Instant, f64)>,
-    /// Our last seek: when, and to where.
-    sent_seek: Option<(Instant, f64)>,
-    /// mpv began a seek (ours or a person's), and when: where it lands tells which.
-    seen_seek: Option<Instant>,
-    /// mpv reports an observed property's value once when observing starts; that is
-    /// not a person's doing.
-    pause_known: bool,
-    speed_known: bool,
-    /// The room's rate (the speed we run at when in step).
-    pub rate: f64,
-}
-
-impl Default for Follower {
-    fn default() -> Self {
-        Follower {
-            paused: true,
-            speed: 1.0,
-            position: 0.0,
-            read_at: None,
-            sent_pause: None,
-            sent_speeds: std::collections::VecDeque::new(),
-            sent_seek: None,
-            seen_seek: None,
-            pause_known: false,
-            speed_known: false,
-            rate: 1.0,
-        }
-    }
-}
-
-impl Follower {
-    /// Where the player is at `now`, from the last reading.
-    pub fn position_now(&self, now: Instant) -> f64 {
-        match self.read_at {
-            Some(t) if !self.paused => {
-                self.position + now.saturating_duration_since(t).as_secs_f64() * self.speed
-            }
-            _ => self.position,
-        }
-    }
-
-    /// The player's `pause` changed; a change a person made is returned.
-    pub fn on_pause(&mut self, paused: bool, now: Instant) -> Option<Change> {
-        self.paused = paused;
-        if !std::mem::replace(&mut self.pause_known, true) {
-            return None;
-        }
-        if self.sent_pause.take() == Some(paused) {
-            return None;
-        }
-        Some(Change {
-            playing: !paused,
-            position: self.position_now(now),
-            rate: self.rate,
-        })
-    }
-
-    /// The player's `speed` changed; a change a person made is returned.
-    pub fn on_speed(&mut self, speed: f64, now: Instant) -> Option<Change> {
-        self.speed = speed;
-        if !std::mem::replace(&mut self.speed_known, true) {
-            return None;
-        }
-        self.sent_speeds
-            .retain(|(t, _)| now.saturating_duration_since(*t) < OUR_ECHO_WINDOW);
-        // mpv echoes our commands in the order sent: this one, and those before it, are
-        // behind us.
-        if let Some(i) = self
-            .sent_speeds
-            .iter()
-            .position(|(_, s)| (s - speed).abs() < 1e-6)
-        {
-            self.sent_speeds.drain(..=i);
-            return None;
-        }
-        self.rate = speed;
-        Some(Change {
-            playing: !self.paused,
-            position: self.position_now(now),
-            rate: speed,
-        })
-    }
-
-    /// The last speed we set, while its echo may still come.
-    fn last_sent_speed(&self) -> Option<f64> {
-        self.sent_speeds.back().map(|(_, s)| *s)
-    }
-
-    /// mpv began a seek.
-    pub fn on_seek(&mut self, now: Instant) {
-        self.seen_seek = Some(now);
-    }
-
-    /// mpv landed: true after a seek, when the position must be read to tell whose it
-    /// was ([`Follower::landed_at`]).
-    pub fn on_landed(&mut self) -> bool {
-        self.seen_seek.take().is_some()
-    }
-
-    /// A seek landed at `position`: ours if that is where we sent the player, else a
-    /// person's, returned as a change.
-    pub fn landed_at(&mut self, position: f64, now: Instant) -> Option<Change> {
-        self.on_position(position, now);
-        if let Some((_, target)) = self.sent_seek {
-            if (position - target).abs() <= OUR_SEEK_SLACK_S {
-                self.sent_seek = None;
-                return None;
-            }
-        }
-        self.sent_seek = None;
-        Some(Change {
-            playing: !self.paused,
-            position,
-            rate: self.rate,
-        })
-    }
-
-    pub fn on_position(&mut self, position: f64, at: Instant) {
-        self.position = position;
-        self.read_at = Some(at);
-    }
-
-    /// What to tell the player so it follows `state` (whose `at_ms` is on our clock).
-    pub fn follow(&mut self, state: &Playback, now_ms: i64, now: Instant) -> Vec<Command> {
-        let mut out = Vec::new();
-        self.rate = state.rate;
-        // Nothing until the player's position is known: a late joiner must not play a
-        // moment from the start before it is moved to the room's position.
-        if self.read_at.is_none() {
-            return out;
-        }
-        let want_paused = !state.running();
-        let seeking = self
-            .sent_seek
-            .is_some_and(|(t, _)| now.saturating_duration_since(t) < OUR_SEEK_WINDOW)
-            || self
-                .seen_seek
-                .is_some_and(|t| now.saturating_duration_since(t) < SEEK_UNDER_WAY);
-        let expected = state.position_at(now_ms);
-        let actual = self.position_now(now);
-        let mut speed = state.rate;
-        if !seeking {
-            if want_paused {
-                if (expected - actual).abs() > PAUSED_SLACK_S {
-                    self.sent_seek = Some((now, expected));
-                    self.on_position(expected, now);
-                    out.push(Command::Seek(expected));
-                }
-            } else {
-                match correct(expected, actual, state.rate) {
-                    Correction::Seek(to) => {
-                        self.sent_seek = Some((now, to));
-                        self.on_position(to, now);
-                        out.push(Command::Seek(to));
-                    }
-                    Correction::Nudge(s) => speed = s,
-                    Correction::Rate(r) => speed = r,
-                }
-            }
-        }
-        if (self.speed - speed).abs() > 1e-3 && self.last_sent_speed() != Some(speed) {
-            if self.sent_speeds.len() == MAX_SENT_SPEEDS {
-                self.sent_speeds.pop_front();
-            }
-            self.sent_speeds.push_back((now, speed));
-            out.push(Command::Speed(speed));
-        }
-        // Play (or pause) last, once the seek to the room's position is on its way.
-        if self.paused != want_paused && self.sent_pause != Some(want_paused) {
-            self.sent_pause = Some(want_paused);
-            out.push(Command::Pause(want_paused));
-        }
-        out
-    }
 }
 
 /// The IPC connection to one mpv.
@@ -467,8 +261,8 @@ pub async fn run_mpv(
                     Some("property-change") => {
                         let data = &v["data"];
                         let change = match v["name"].as_str() {
-                            Some("pause") => data.as_bool().and_then(|p| f.on_pause(p, now)),
-                            Some("speed") => data.as_f64().and_then(|s| f.on_speed(s, now)),
+                            Some("pause") => data.as_bool().and_then(|p| f.on_pause(p, now)).map(change),
+                            Some("speed") => data.as_f64().and_then(|s| f.on_speed(s, now)).map(change),
                             Some("paused-for-cache") => {
                                 starved = data.as_bool().unwrap_or(false);
                                 None
@@ -496,8 +290,8 @@ pub async fn run_mpv(
                     } else if id == cache_id {
                         buffered = data.unwrap_or(0.0);
                     } else if id == landed_id {
-                        if let Some(change) = data.and_then(|p| f.landed_at(p, now)) {
-                            pending_change = Some(change);
+                        if let Some(c) = data.and_then(|p| f.landed_at(p, now)) {
+                            pending_change = Some(change(c));
                         }
                     }
                 }
@@ -540,6 +334,92 @@ pub async fn run_mpv(
         .await;
     let _ = child.kill().await;
     result
+}
+
+/// The browser page of the stream at `stream_url` (`http://ADDR/TOKEN/SHARE/PATH`): the
+/// daemon serves it under the same token, at `http://ADDR/TOKEN/`.
+pub fn page_url(stream_url: &str) -> Option<String> {
+    let rest = stream_url.strip_prefix("http://")?;
+    let mut parts = rest.splitn(3, '/');
+    let (addr, token) = (parts.next()?, parts.next()?);
+    (!addr.is_empty() && !token.is_empty()).then(|| format!("http://{addr}/{token}/"))
+}
+
+/// Shows `w` in a browser page until Ctrl-C or SIGTERM: the daemon serves the page and
+/// keeps it in step; this only hands out its URL and keeps the stream open. The URL holds
+/// the stream's token: it goes to the terminal (or, with `json`, to stdout for a script),
+/// and to the desktop's browser through a file in a private folder, never on a command
+/// line (which every local user can read).
+pub async fn run_browser(client: &Client, w: &WatchReply, json: bool) -> Result<(), PlayerError> {
+    let page = page_url(&w.url).ok_or_else(|| PlayerError::PageUrl(w.url.clone()))?;
+    if json {
+        println!(
+            "{}",
+            json!({ "url": page, "stream": w.url, "file": w.file, "size": w.size, "source": w.source })
+        );
+    } else {
+        eprintln!(
+            "watching {} ({} bytes, from {}) in a browser; Ctrl-C ends it. Open:",
+            w.file, w.size, w.source
+        );
+        println!("{page}");
+    }
+    // Lives until this returns: the browser reads the file when it starts.
+    let mut _opener = None;
+    let desktop = ["DISPLAY", "WAYLAND_DISPLAY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+    if desktop {
+        match open_in_browser(&page).await {
+            Ok(d) => _opener = Some(d),
+            Err(e) => eprintln!("{e}; open the URL above yourself"),
+        }
+    }
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(PlayerError::Signal)?;
+    // A closed terminal too: the page must not outlive the command that opened it.
+    let mut hangup = signal(SignalKind::hangup()).map_err(PlayerError::Signal)?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.map_err(PlayerError::Signal)?,
+        _ = term.recv() => {}
+        _ = hangup.recv() => {}
+    }
+    // The stream, its page and its token go with the command.
+    client
+        .room_leave(&FileRequest {
+            file: w.file.clone(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Opens `page` with `xdg-open`, by way of a file (in a folder only we can open) that
+/// sends the browser on to it: the URL itself never is an argument.
+async fn open_in_browser(page: &str) -> Result<PrivateDir, PlayerError> {
+    let dir = PrivateDir::new()?;
+    let file = dir.path().join("watch.html");
+    // The URL is ours (an address, a hex token): nothing in it needs escaping.
+    let html = format!(
+        "<!doctype html><meta charset=utf-8><meta name=referrer content=no-referrer>\
+         <meta http-equiv=refresh content=\"0;url={page}\"><title>watchalong</title>"
+    );
+    std::fs::write(&file, html).map_err(|source| PlayerError::PrivateDir {
+        path: file.clone(),
+        source,
+    })?;
+    let status = tokio::process::Command::new("xdg-open")
+        .arg(&file)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .await
+        .map_err(|source| PlayerError::Spawn {
+            program: "xdg-open".into(),
+            source,
+        })?;
+    if !status.success() {
+        return Err(PlayerError::Open(status));
+    }
+    Ok(dir)
 }
 
 /// The room's state as this player follows it. A person's change here is assumed at
@@ -627,6 +507,15 @@ fn report(
     }
 }
 
+/// A person's change as the control API carries it.
+fn change(c: crate::watch::hub::Change) -> Change {
+    Change {
+        playing: c.playing,
+        position: c.position,
+        rate: c.rate,
+    }
+}
+
 /// The room's state as the rules in [`crate::watch::room`] read it.
 fn room_state(p: &control::Playback) -> Playback {
     Playback {
@@ -669,171 +558,6 @@ mod tests {
         let path = a.path().to_path_buf();
         drop(a);
         assert!(!path.exists(), "left behind");
-    }
-
-    #[test]
-    fn our_own_pause_does_not_come_back_as_a_change() {
-        let mut f = Follower::default();
-        let now = Instant::now();
-        assert_eq!(
-            f.on_pause(false, now),
-            None,
-            "the value observing starts with"
-        );
-        f.on_position(5.0, now);
-        let cmds = f.follow(&state(false, 5.0, 0), 0, now);
-        assert_eq!(cmds, vec![Command::Pause(true)]);
-        assert_eq!(f.on_pause(true, now), None, "our pause echoed");
-        let c = f.on_pause(false, now).expect("a person's unpause");
-        assert!(c.playing);
-    }
-
-    #[test]
-    fn a_persons_seek_under_way_is_not_undone_before_it_lands() {
-        let mut f = Follower {
-            paused: false,
-            ..Default::default()
-        };
-        let now = Instant::now();
-        let room = state(true, 2.0, 0);
-        f.on_position(2.0, now);
-        assert!(f.follow(&room, 0, now).is_empty());
-        // A person seeks far; mpv reads the target as its position before it lands
-        // (at a distance the data there takes a few round trips to come).
-        f.on_seek(now);
-        f.on_position(60.0, now);
-        let cmds = f.follow(&room, 0, now);
-        assert!(
-            !cmds.iter().any(|c| matches!(c, Command::Seek(_))),
-            "{cmds:?}"
-        );
-        assert!(f.on_landed());
-        assert_eq!(f.landed_at(60.0, now).map(|c| c.position), Some(60.0));
-    }
-
-    #[test]
-    fn a_seek_that_never_lands_holds_corrections_off_only_for_a_while() {
-        let mut f = Follower {
-            paused: false,
-            ..Default::default()
-        };
-        let now = Instant::now();
-        f.on_position(60.0, now);
-        f.on_seek(now);
-        let later = now + SEEK_UNDER_WAY;
-        f.on_position(60.0, later);
-        let cmds = f.follow(&state(true, 2.0, 0), 0, later);
-        assert!(
-            cmds.iter().any(|c| matches!(c, Command::Seek(_))),
-            "{cmds:?}"
-        );
-    }
-
-    #[test]
-    fn a_seek_we_did_not_ask_for_is_reported_where_it_landed() {
-        let mut f = Follower::default();
-        let now = Instant::now();
-        f.on_position(1.0, now);
-        f.on_seek(now);
-        assert!(f.on_landed());
-        assert_eq!(f.landed_at(42.0, now).map(|c| c.position), Some(42.0));
-        // Ours is not, even when a person's follows it closely.
-        let cmds = f.follow(&state(false, 30.0, 0), 0, now);
-        assert_eq!(cmds, vec![Command::Seek(30.0)]);
-        f.on_seek(now);
-        assert!(f.on_landed());
-        assert_eq!(f.landed_at(30.0, now), None);
-        f.on_seek(now);
-        assert!(f.on_landed());
-        assert_eq!(f.landed_at(60.0, now).map(|c| c.position), Some(60.0));
-    }
-
-    #[test]
-    fn a_player_behind_the_room_runs_faster_and_one_far_off_seeks() {
-        let mut f = Follower {
-            paused: false,
-            ..Default::default()
-        };
-        let now = Instant::now();
-        f.on_position(9.9, now);
-        let cmds = f.follow(&state(true, 10.0, 1_000), 1_000, now);
-        assert!(
-            matches!(cmds.as_slice(), [Command::Speed(s)] if *s > 1.0),
-            "{cmds:?}"
-        );
-        f.on_position(3.0, now);
-        let cmds = f.follow(&state(true, 10.0, 1_000), 1_000, now);
-        assert!(cmds.contains(&Command::Seek(10.0)), "{cmds:?}");
-    }
-
-    #[test]
-    fn a_late_joiner_is_moved_to_the_room_before_it_plays() {
-        let mut f = Follower::default();
-        let now = Instant::now();
-        let room = state(true, 40.0, 0);
-        assert!(
-            f.follow(&room, 0, now).is_empty(),
-            "played before its position was known"
-        );
-        f.on_position(0.0, now);
-        assert_eq!(
-            f.follow(&room, 0, now),
-            vec![Command::Seek(40.0), Command::Pause(false)]
-        );
-    }
-
-    #[test]
-    fn a_speed_a_person_set_becomes_the_rooms_rate() {
-        let mut f = Follower::default();
-        let now = Instant::now();
-        assert_eq!(
-            f.on_speed(1.0, now),
-            None,
-            "the value observing starts with"
-        );
-        let c = f.on_speed(1.5, now).expect("a person's speed");
-        assert_eq!(c.rate, 1.5);
-        // A nudge we send is not.
-        f.paused = false;
-        f.on_position(9.9, now);
-        let mut s = state(true, 10.0, 0);
-        s.rate = 1.5;
-        let cmds = f.follow(&s, 0, now);
-        let Some(Command::Speed(nudge)) = cmds.first().cloned() else {
-            panic!("{cmds:?}")
-        };
-        assert_eq!(f.on_speed(nudge, now), None);
-    }
-
-    #[test]
-    fn the_echo_of_an_older_nudge_arriving_after_a_newer_one_was_sent_is_not_a_persons_speed() {
-        let mut f = Follower {
-            paused: false,
-            ..Default::default()
-        };
-        let now = Instant::now();
-        assert_eq!(
-            f.on_speed(1.0, now),
-            None,
-            "the value observing starts with"
-        );
-        // Behind: a nudge up; then, before its echo, further behind: a bigger one.
-        f.on_position(9.9, now);
-        let first = f.follow(&state(true, 10.0, 0), 0, now);
-        f.on_position(9.8, now);
-        let second = f.follow(&state(true, 10.0, 0), 0, now);
-        let (Some(Command::Speed(a)), Some(Command::Speed(b))) =
-            (first.first().cloned(), second.first().cloned())
-        else {
-            panic!("{first:?} {second:?}")
-        };
-        assert!(b > a, "{a} {b}");
-        // mpv echoes both, in order: neither is a person's, and the rate stays the room's.
-        assert_eq!(f.on_speed(a, now), None, "the older echo");
-        assert_eq!(f.on_speed(b, now), None, "the newer echo");
-        assert_eq!(f.rate, 1.0);
-        // A person's speed after them still is one.
-        assert_eq!(f.on_speed(1.25, now).map(|c| c.rate), Some(1.25));
     }
 
     fn stamped(playing: bool, counter: u64) -> Playback {

@@ -277,6 +277,11 @@ pub fn json_or_empty<T: serde::Serialize>(
     Ok(!json && !list.is_empty())
 }
 
+/// An inner IPv6 address, or `-` from a daemon older than inner IPv6.
+fn addr6(a: Option<std::net::Ipv6Addr>) -> String {
+    a.map(|a| a.to_string()).unwrap_or_else(|| "-".into())
+}
+
 fn ago(secs: Option<u64>) -> String {
     match secs {
         None => "never".into(),
@@ -286,9 +291,10 @@ fn ago(secs: Option<u64>) -> String {
 
 pub fn print_peers(p: &PeersReply) {
     println!(
-        "{} {} site {}",
+        "{} {} {} site {}",
         p.name,
         p.address,
+        addr6(p.address6),
         p.site.as_deref().unwrap_or("unknown")
     );
     if p.peers.is_empty() {
@@ -296,8 +302,8 @@ pub fn print_peers(p: &PeersReply) {
         return;
     }
     println!(
-        "\n{:<16} {:<15} {:<16} {:<9} {:>8} {:<12}",
-        "MEMBER", "ADDRESS", "SITE", "PATH", "RTT", "HANDSHAKE"
+        "\n{:<16} {:<15} {:<25} {:<16} {:<9} {:>8} {:<12}",
+        "MEMBER", "ADDRESS", "ADDRESS6", "SITE", "PATH", "RTT", "HANDSHAKE"
     );
     for m in &p.peers {
         let site = match (&m.site, m.nearby) {
@@ -306,9 +312,10 @@ pub fn print_peers(p: &PeersReply) {
             (None, _) => "-".into(),
         };
         println!(
-            "{:<16} {:<15} {:<16} {:<9} {:>8} {:<12}",
+            "{:<16} {:<15} {:<25} {:<16} {:<9} {:>8} {:<12}",
             m.name,
             m.address.to_string(),
+            addr6(m.address6),
             site,
             m.path,
             m.rtt_ms
@@ -323,6 +330,9 @@ pub fn print_status(s: &StatusReply) {
     let n = &s.node;
     println!("node      {} ({})", n.name, n.role);
     println!("address   {} in {}", n.address, n.network);
+    if let (Some(a), Some(net)) = (n.address6, &n.network6) {
+        println!("address6  {a} in {net}");
+    }
     println!("key       {}", n.public_key);
     println!("listen    UDP {} on {}", n.listen_port, n.interface);
     let on = |b: bool| if b { "on" } else { "off" };
@@ -354,14 +364,15 @@ pub fn print_status(s: &StatusReply) {
         return;
     }
     println!(
-        "\n{:<16} {:<15} {:<22} {:<12} {:>12} {:>12}",
-        "PEER", "ADDRESS", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+        "\n{:<16} {:<15} {:<25} {:<22} {:<12} {:>12} {:>12}",
+        "PEER", "ADDRESS", "ADDRESS6", "ENDPOINT", "HANDSHAKE", "RX", "TX"
     );
     for p in &s.peers {
         println!(
-            "{:<16} {:<15} {:<22} {:<12} {:>12} {:>12}",
+            "{:<16} {:<15} {:<25} {:<22} {:<12} {:>12} {:>12}",
             p.name,
             p.address.to_string(),
+            addr6(p.address6),
             p.endpoint
                 .map(|e| e.to_string())
                 .unwrap_or_else(|| "-".into()),

@@ -14,6 +14,8 @@ use crate::base::clock::now_secs;
 use crate::base::config::Config;
 use crate::base::logging;
 use crate::cli::args::{Command, PeerCommand, PlayerKind, SyncCommand};
+#[cfg(feature = "mount")]
+use crate::cli::mount;
 use crate::cli::{player, render};
 use crate::control::{
     Client, FileRequest, GetRequest, InjectRequest, JoinRequest, LinkRequest, PeerAddRequest,
@@ -191,7 +193,7 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             json,
         } => {
             let w = client.watch(&FileRequest { file: target }).await?;
-            if json {
+            if json && !matches!(player, PlayerKind::Browser) {
                 println!("{}", serde_json::to_string_pretty(&w)?);
             }
             match player {
@@ -214,6 +216,24 @@ pub async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     };
                     player::run_mpv(&client, &w, &opts).await?;
                 }
+                PlayerKind::Browser => player::run_browser(&client, &w, json).await?,
+            }
+        }
+        #[cfg(feature = "mount")]
+        Command::Mount { target, dir } => {
+            logging::init(config.log.level);
+            mount::run(client, &target, &dir).await?;
+        }
+        #[cfg(feature = "generate")]
+        Command::Generate { what, dir } => {
+            for f in crate::cli::generate::generate(what, &dir)? {
+                println!("{}", f.display());
+            }
+        }
+        #[cfg(feature = "mount")]
+        Command::Mounts => {
+            for m in mount::mounts()? {
+                println!("{} on {}", m.target, m.dir.display());
             }
         }
         Command::Room { json } => {

@@ -4,7 +4,7 @@
 //! handler converts its own types into these explicitly. No I/O and no logic here.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +19,12 @@ pub struct NodeStatus {
     pub public_key: String,
     pub address: Ipv4Addr,
     pub network: String,
+    /// This node's inner IPv6 address (in the group's ULA /64); absent from older daemons.
+    #[serde(default)]
+    pub address6: Option<Ipv6Addr>,
+    /// The group's inner IPv6 network, a ULA /64; absent from older daemons.
+    #[serde(default)]
+    pub network6: Option<String>,
     pub interface: String,
     pub listen_port: u16,
     /// `host` when this node decides who joins, `member` otherwise.
@@ -30,8 +36,9 @@ pub struct NodeStatus {
     /// sent through this node's TUN device by another program on this machine.
     #[serde(default)]
     pub refused_gossip: u64,
-    /// Handshake-shaped datagrams dropped before any key work: a bad mac1, or no valid
-    /// cookie while under load (a flood).
+    /// Handshake-shaped datagrams dropped before their Diffie-Hellman: a bad mac1, no
+    /// valid cookie while under load (a flood), or a known peer's initiation beyond one
+    /// a second.
     #[serde(default)]
     pub handshakes_refused: u64,
     /// Chunk counters since the daemon started.
@@ -135,6 +142,9 @@ pub struct Empty {}
 pub struct PeerView {
     pub name: String,
     pub address: Ipv4Addr,
+    /// Its inner IPv6 address (in the group's ULA /64); absent from older daemons.
+    #[serde(default)]
+    pub address6: Option<Ipv6Addr>,
     pub public_key: String,
     /// The public IP the member is seen behind; members behind one IP share a site.
     pub site: Option<String>,
@@ -151,6 +161,9 @@ pub struct PeerView {
 pub struct PeersReply {
     pub name: String,
     pub address: Ipv4Addr,
+    /// Its inner IPv6 address (in the group's ULA /64); absent from older daemons.
+    #[serde(default)]
+    pub address6: Option<Ipv6Addr>,
     pub site: Option<String>,
     pub peers: Vec<PeerView>,
 }
@@ -181,6 +194,10 @@ pub struct LsEntry {
     pub name: String,
     pub dir: bool,
     pub size: u64,
+    /// When the file last changed at its holder, in ns since the epoch (0 for a folder
+    /// or when the holder does not say).
+    #[serde(default)]
+    pub mtime_ns: u64,
     /// For the list of shares: the members offering each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holders: Vec<String>,
@@ -302,6 +319,9 @@ pub struct PeerStatus {
     pub name: String,
     pub public_key: String,
     pub address: Ipv4Addr,
+    /// Its inner IPv6 address (in the group's ULA /64); absent from older daemons.
+    #[serde(default)]
+    pub address6: Option<Ipv6Addr>,
     pub endpoint: Option<SocketAddr>,
     /// `direct`, `via-host` or `down`.
     pub path: String,
@@ -407,6 +427,10 @@ pub struct WatchReply {
     /// Where a player opens it (loopback only).
     pub url: String,
     pub size: u64,
+    /// The content id of the version the stream serves (its manifest's): a reader that
+    /// reopens a closed stream tells by it whether the file changed meanwhile.
+    #[serde(default)]
+    pub id: String,
     /// The member the data comes from (this node when it holds the file).
     pub source: String,
     pub state: Playback,

@@ -107,6 +107,7 @@ fn share_list(dir: &Directory) -> LsReply {
             name,
             dir: true,
             size: 0,
+            mtime_ns: 0,
             holders,
         })
         .collect();
@@ -209,6 +210,8 @@ impl Handler for Api {
                 public_key: key_to_base64(&self.public_key),
                 address: g.my_address,
                 network: g.network.to_string(),
+                address6: Some(g.address6(g.my_address)),
+                network6: Some(g.network6().to_string()),
                 interface: self.config.tunnel.interface.clone(),
                 listen_port: self
                     .tunnel
@@ -294,7 +297,8 @@ impl Handler for Api {
             name: req.name,
             public_key: key,
             address: req.address,
-            endpoint: req.endpoint,
+            // `[::ffff:a.b.c.d]:p` is the IPv4 peer it names, as the tunnel shows it.
+            endpoint: req.endpoint.map(crate::net::tunnel::kernel::unmapped),
         };
         {
             let mut book = self.book();
@@ -341,14 +345,15 @@ impl Handler for Api {
                 let t = seen.iter().find(|p| p.public_key == m.wg_key);
                 let on_lan = t
                     .and_then(|t| t.endpoint)
-                    .is_some_and(|ep| ann.is_some_and(|a| a.lan.contains(&ep)));
+                    .is_some_and(|ep| crate::group::mesh::on_site_lan(ann, site, ep));
                 let direct = t.is_some_and(|t| t.path == crate::net::tunnel::PathKind::Direct);
                 let nearby = site.is_some() && site == my_site && direct && on_lan;
                 PeerView {
                     name: m.name.clone(),
                     address: m.address,
+                    address6: Some(g.address6(m.address)),
                     public_key: key.clone(),
-                    site: site.map(|s| s.to_string()),
+                    site: site.map(crate::group::mesh::site_name),
                     nearby,
                     path: match t.map(|t| t.path.as_str()) {
                         Some("direct") if nearby => "lan".into(),
@@ -364,7 +369,8 @@ impl Handler for Api {
         Ok(PeersReply {
             name: self.config.node.name.clone(),
             address: g.my_address,
-            site: my_site.map(|s| s.to_string()),
+            address6: Some(g.address6(g.my_address)),
+            site: my_site.map(crate::group::mesh::site_name),
             peers,
         })
     }
@@ -413,6 +419,7 @@ impl Handler for Api {
                                 name: e.name,
                                 dir: e.dir,
                                 size: e.size,
+                                mtime_ns: e.mtime_ns,
                                 holders: vec![],
                             })
                             .collect(),
@@ -488,6 +495,7 @@ impl Handler for Api {
             file: file.clone(),
             url,
             size: stream.manifest.size,
+            id: stream.manifest.id(),
             source: source.name,
             state: playback(self.watch.state(&file)),
         })
@@ -559,10 +567,14 @@ impl Handler for Api {
             ));
         }
         // The daemon may write where its caller may not (it often runs as root): the
-        // file goes only where the user who asked could have put it.
+        // file goes only where the user who asked could have put it. A folder the
+        // daemon cannot see at all (the unit's ProtectHome= hides every home) it cannot
+        // write either: the CLI then writes the file there with its user's own rights,
+        // and the kernel decides.
         let folder = req.dest.parent().unwrap_or(std::path::Path::new("/"));
         let (who, dir) = (caller.clone(), folder.to_path_buf());
-        if !blocking(move || who.may_write_in(&dir)).await? {
+        let refused = blocking(move || std::fs::metadata(&dir).is_ok() && !who.may_write_in(&dir));
+        if refused.await? {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 format!(
@@ -582,9 +594,21 @@ impl Handler for Api {
         // Under the shipped unit the daemon sees most of the file system read-only (and
         // no home folders at all): it then writes into its own downloads folder, and
         // the CLI, which runs with the user's rights, moves the file to its destination.
+        // A user other than root always gets the file from their own CLI, written with
+        // their own rights: the daemon (often root) never writes at a path a user named,
+        // since a folder on that path could be swapped for a link to anywhere between any
+        // check of it and the write.
         let beside = req.dest.parent().unwrap_or(std::path::Path::new("/"));
         let probed = beside.to_path_buf();
-        let handoff = match blocking(move || crate::sync::disk::probe_write(&probed)).await? {
+        let own_rights = caller.uid != 0;
+        let probe = blocking(move || {
+            if own_rights {
+                Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied))
+            } else {
+                crate::sync::disk::probe_write(&probed)
+            }
+        });
+        let handoff = match probe.await? {
             Ok(()) => None,
             Err(e) => {
                 let downloads = self.config.node.state_dir.join(DOWNLOADS_DIR);

@@ -80,7 +80,7 @@ pub fn directory_of(group: &Group, me: Key, seen: &[PeerStatus]) -> Directory {
                 name: m.name.clone(),
                 vpn: m.address,
                 relay,
-                site: mesh.site_of(&m.wg_key).map(|s| s.to_string()),
+                site: mesh.site_of(&m.wg_key).map(crate::group::mesh::site_name),
                 up: is_me || t.is_some_and(|t| t.path != PathKind::Down),
                 shares: ann.map(|a| a.shares.clone()).unwrap_or_default(),
             }
@@ -146,6 +146,7 @@ mod tests {
                 "192.168.1.7:51820".parse().unwrap(),
                 "192.168.2.7:51820".parse().unwrap(),
             ],
+            public: vec![],
             relay_port: Some(7000),
             shares: vec!["movies".into()],
         };
@@ -164,6 +165,7 @@ mod tests {
             name: String::new(),
             public_key: key,
             address: Ipv4Addr::UNSPECIFIED,
+            address6: None,
             endpoint: endpoint.map(|e| e.parse().unwrap()),
             path,
             rtt_ms: None,

@@ -157,17 +157,30 @@ impl Node {
         Ok(invite)
     }
 
-    /// The configured endpoint, or else this node's own IPv4 addresses on its listen port.
+    /// What a link offers: the configured endpoint (every address its name resolves to,
+    /// both families) and this node's global IPv6 addresses, which need no port
+    /// forward; with no endpoint configured, every address of this node's own, IPv4 and
+    /// global IPv6, on its listen port.
     async fn endpoints(&self) -> Vec<SocketAddr> {
+        let own = self.own_endpoints();
         if let Some(ep) = &self.config.tunnel.endpoint {
             if let Some((host, p)) = split_host_port(ep) {
                 match tokio::net::lookup_host((host, p)).await {
-                    Ok(addrs) => return addrs.collect(),
+                    Ok(addrs) => {
+                        let mut v: Vec<SocketAddr> =
+                            addrs.map(crate::net::tunnel::kernel::unmapped).collect();
+                        for a in own.into_iter().filter(|a| a.is_ipv6()) {
+                            if !v.contains(&a) {
+                                v.push(a);
+                            }
+                        }
+                        return v;
+                    }
                     Err(e) => log::warn!("cannot resolve the configured endpoint {ep}: {e}"),
                 }
             }
         }
-        self.own_endpoints()
+        own
     }
 
     /// The host's answer to one join request, decided and persisted under the book lock.
@@ -355,6 +368,8 @@ impl Node {
         }
         let mut endpoints = BTreeMap::new();
         endpoints.insert(key_to_base64(&invite.host_key), admission.host_endpoint);
+        // This node's inner IPv6 address before and after: the /64 is the host's.
+        let (old6, new6);
         let group = Group {
             network: admission.network,
             host_name: admission.host_name.clone(),
@@ -372,6 +387,8 @@ impl Node {
             let mut book = self.book();
             self.save_group(&group)
                 .map_err(MembershipError::SaveGroup)?;
+            old6 = book.group.address6(book.group.my_address);
+            new6 = group.address6(group.my_address);
             book.group = group;
             book.invites = InviteBook::default();
         }
@@ -379,6 +396,12 @@ impl Node {
             .device()
             .set_network_address(admission.address, admission.network.prefix_len(), None)
             .map_err(MembershipError::SetAddress)?;
+        crate::net::tunnel::kernel::move_inner_ipv6(
+            self.tunnel.device(),
+            &self.config.tunnel.interface,
+            old6,
+            new6,
+        );
         self.sync_tunnel().await;
         log::info!(
             "joined {}'s group as {} ({})",

@@ -1,18 +1,20 @@
 //! The composition root. It loads the keys and the persisted group, builds the TUN
-//! device, binds the UDP and control sockets, starts the tunnel, the join handler, the
-//! gossip loop and the control server under one cancellation token, tells systemd it is
-//! ready, and on SIGTERM stops them in order and awaits each. A task that ends on its own
-//! (returns, fails or panics) while the daemon runs is logged by name and stops the daemon
-//! the same way, with an error, so that systemd restarts it. What the node does lives in
-//! [`crate::daemon::node`] and the files beside it (`book`, `members`, `peers`,
-//! `directory`); sync's executor, which this root owns beside the node, is
-//! [`crate::sync::apply`]; protocol rules live in the pure modules.
+//! device, binds the UDP and control sockets (and the one `wg show` reads, see
+//! [`crate::net::wg_socket`], and the metrics endpoint's), starts the tunnel, the join
+//! handler, the gossip loop and the control server under one cancellation token, tells
+//! systemd it is ready, and on SIGTERM stops them in order and awaits each. A task that
+//! ends on its own (returns, fails or panics) while the daemon runs is logged by name
+//! and stops the daemon the same way, with an error, so that systemd restarts it. What
+//! the node does lives in [`crate::daemon::node`] and the files beside it (`book`,
+//! `members`, `peers`, `directory`); sync's executor, which this root owns beside the
+//! node, is [`crate::sync::apply`]; protocol rules live in the pure modules.
 
 pub mod api;
 pub mod api_errors;
 pub mod book;
 pub mod directory;
 pub mod members;
+pub mod metrics;
 pub mod node;
 pub mod peers;
 pub mod transfers;
@@ -43,6 +45,7 @@ use crate::net::tunnel::{GossipIn, InviteMessage, Tunnel, TunnelError};
 use crate::net::wire::{self, JoinMessage};
 use crate::sync::apply::Executor;
 use crate::sync::folder::SyncShare;
+use crate::sync::writers::{Seen, Writers};
 
 pub use crate::base::clock::now_secs;
 
@@ -56,8 +59,11 @@ const ENDPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 const SYNC_FULL_ROUND: Duration = Duration::from_secs(10);
 /// How often versions past `[sync] keep_versions_days` are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-/// Quiet time after a file event before the share is scanned.
+/// Quiet time after a file event before the share is scanned, while a file written is
+/// still open (one written and closed ships at once: [`crate::sync::writers`]).
 const SETTLE: Duration = Duration::from_millis(30);
+/// Files tracked as open for writing, at most (past it the oldest ship on the timer).
+const MAX_WRITERS: usize = 4096;
 /// A file written without pause ships at least this often.
 const MAX_SETTLE: Duration = Duration::from_millis(500);
 
@@ -77,6 +83,11 @@ pub enum DaemonError {
     #[error("cannot listen on the control socket {path}: {source}")]
     BindControl {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr} for metrics: {source} (set [metrics] listen to a free port, or remove it)")]
+    BindMetrics {
+        addr: SocketAddr,
         source: std::io::Error,
     },
     #[error("another daemon already answers on {0}")]
@@ -288,24 +299,52 @@ async fn run_sync(
         return;
     }
     let (changed_tx, mut changed) = mpsc::channel::<()>(1);
+    let writers = Arc::new(std::sync::Mutex::new(Writers::new(MAX_SETTLE, MAX_WRITERS)));
     // Kept alive for as long as the loop runs; dropping it stops the watch.
-    let _watcher = watch_shares(sync.shares(), changed_tx);
+    let _watcher = watch_shares(sync.shares(), changed_tx, writers.clone());
+    let all_closed = || writers.locked().all_closed(std::time::Instant::now());
+    // When the last event-driven scan ended, and how long it took.
+    let (mut last_scan, mut last_took) = (tokio::time::Instant::now(), Duration::ZERO);
     let mut scan = tokio::time::interval(crate::sync::folder::SCAN_EVERY);
     let mut full = tokio::time::interval(SYNC_FULL_ROUND);
     // At start, then hourly: a version kept 30 days needs no finer clock.
     let mut prune = tokio::time::interval(PRUNE_EVERY);
+    // When file events next call for a scan, and the latest it may wait for since the
+    // first of them. Waiting is a deadline in this loop, not a wait inside it, so what
+    // other members announce keeps being applied meanwhile.
+    let (mut due, mut cap): (Option<tokio::time::Instant>, Option<tokio::time::Instant>) =
+        (None, None);
     loop {
+        let settled = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             Some(()) = changed.recv() => {
-                // Wait for the writer to pause before looking, but not for ever.
-                let until = tokio::time::Instant::now() + MAX_SETTLE;
-                while tokio::time::Instant::now() < until {
-                    match tokio::time::timeout(SETTLE, changed.recv()).await {
-                        Ok(Some(())) => continue,
-                        _ => break,
-                    }
-                }
+                // A file written and closed is whole: look at once, unless the last look
+                // ended less than its own length ago (a program rewriting a file in a
+                // loop would otherwise keep the share in back-to-back scans: this keeps
+                // scanning to half the time at most, whatever the share's size). While a
+                // file is still open, or files were removed, wait until the events pause
+                // for SETTLE, but not for ever.
+                let now = tokio::time::Instant::now();
+                let until = *cap.get_or_insert(now + MAX_SETTLE);
+                let at = if all_closed() {
+                    (last_scan + last_took).max(now)
+                } else {
+                    now + SETTLE
+                };
+                due = Some(at.min(until));
+            }
+            () = settled => {
+                (due, cap) = (None, None);
+                writers.locked().scanned();
+                let started = tokio::time::Instant::now();
                 sync.scan(false).await;
+                last_scan = tokio::time::Instant::now();
+                last_took = last_scan - started;
             }
             _ = scan.tick() => sync.scan(false).await,
             _ = full.tick() => sync.scan(true).await,
@@ -316,6 +355,62 @@ async fn run_sync(
             },
             () = cancel.cancelled() => return,
         }
+    }
+}
+
+/// The rooms as browser pages reach them through the stream endpoint: a report goes into
+/// the room at once, and a person's change goes to the other members from a task of its
+/// own, so the page's answer never waits on the network.
+struct PageRooms {
+    node: Arc<Node>,
+    /// Rooms whose change is yet to be sent, and whether a task is sending: one sender
+    /// at a time, so a page scrubbing through the video (a report per `seeking`) sends
+    /// the latest state of each room once the previous send is done, rather than piling
+    /// up a task per report behind slow members.
+    outbox: Arc<std::sync::Mutex<(std::collections::BTreeSet<String>, bool)>>,
+}
+
+impl PageRooms {
+    fn new(node: Arc<Node>) -> PageRooms {
+        PageRooms {
+            node,
+            outbox: Arc::default(),
+        }
+    }
+}
+
+impl crate::watch::page::Rooms for PageRooms {
+    fn state(&self, file: &str) -> crate::watch::room::Playback {
+        self.node.watch.state(file)
+    }
+
+    fn report(&self, r: crate::watch::hub::Report) -> crate::watch::hub::RoomView {
+        let file = r.file.clone();
+        let (view, urgent) = self.node.watch.report(r);
+        if urgent {
+            let start = {
+                let mut out = self.outbox.locked();
+                out.0.insert(file);
+                !std::mem::replace(&mut out.1, true)
+            };
+            if start {
+                let (node, outbox) = (self.node.clone(), self.outbox.clone());
+                self.node.tasks.spawn(async move {
+                    loop {
+                        let next = {
+                            let mut out = outbox.locked();
+                            let next = out.0.pop_first();
+                            out.1 = next.is_some();
+                            next
+                        };
+                        let Some(file) = next else { break };
+                        let dir = crate::data::transfer::Membership::directory(&*node);
+                        node.watch.send_now(&file, &dir).await;
+                    }
+                });
+            }
+        }
+        view
     }
 }
 
@@ -337,32 +432,47 @@ async fn run_rooms(node: Arc<Node>, cancel: CancellationToken) {
 }
 
 /// An inotify watch on every read-write share; `None` (polling only) if it cannot be set.
+/// Writers learn of every event that says whether a file is still being written.
 fn watch_shares(
     shares: &[Arc<SyncShare>],
     tx: mpsc::Sender<()>,
+    writers: Arc<std::sync::Mutex<Writers>>,
 ) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
+    use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+    use notify::{EventKind, Watcher};
     let mut w = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else {
             // An error (an overflow, say) may hide changes: look anyway.
             let _ = tx.try_send(());
             return;
         };
+        let seen = match event.kind {
+            EventKind::Create(CreateKind::Folder) => Seen::Other,
+            EventKind::Create(_) | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+                Seen::Written
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => Seen::Closed,
+            // A rename moves a finished file into place (what editors and sync tools do).
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) => Seen::Gone,
+            _ => Seen::Other,
+        };
+        let closed = seen == Seen::Closed;
+        writers
+            .locked()
+            .seen(seen, &event.paths, std::time::Instant::now());
         // Reads (our own scans and chunk reads among them) and our own temp files are
-        // not changes; reacting to them would keep the share busy being rescanned.
-        let relevant = matches!(
-            event.kind,
-            notify::EventKind::Create(_)
-                | notify::EventKind::Modify(_)
-                | notify::EventKind::Remove(_)
-                | notify::EventKind::Any
-        ) && !matches!(
-            event.kind,
-            notify::EventKind::Modify(notify::event::ModifyKind::Metadata(_))
-        ) && event
-            .paths
-            .iter()
-            .any(|p| !p.to_string_lossy().contains(".watchalong-"));
+        // not changes; reacting to them would keep the share busy being rescanned. A
+        // close after writing is one: the file is whole now.
+        let relevant = (closed
+            || matches!(
+                event.kind,
+                EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
+            ))
+            && !matches!(event.kind, EventKind::Modify(ModifyKind::Metadata(_)))
+            && event
+                .paths
+                .iter()
+                .any(|p| !p.to_string_lossy().contains(".watchalong-"));
         if relevant {
             // A full channel already means "scan soon": nothing is lost by dropping this one.
             let _ = tx.try_send(());
@@ -414,16 +524,29 @@ pub async fn run(
         &config.tunnel.interface,
         group.my_address,
         group.network.prefix_len(),
+        group.address6(group.my_address),
         config.tunnel.mtu,
         config.tunnel.offload,
     )?;
     let port = config.tunnel.listen_port;
-    let udp = std::net::UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
-        .and_then(|s| s.set_nonblocking(true).map(|()| s))
+    // Both families on one socket where the host has IPv6 (see `kernel::bind_udp`).
+    let udp = crate::net::tunnel::kernel::bind_udp(port)
         .inspect(crate::net::tunnel::kernel::size_buffers)
         .and_then(tokio::net::UdpSocket::from_std)
         .map_err(|source| DaemonError::BindUdp { port, source })?;
     let listener = bind_control(&config.control.socket).await?;
+    // `wg show` is a convenience: a node that cannot offer it (no right to create
+    // /run/wireguard) runs without it, and says so.
+    let wg_socket = match crate::net::wg_socket::bind(&config.tunnel.interface).await {
+        Ok(s) => s,
+        Err(e) => {
+            log::warn!(
+                "`wg show {}` will not list this node: {e}",
+                config.tunnel.interface
+            );
+            None
+        }
+    };
     let admin = match &config.control.group {
         Some(name) => Some(control_group(&config.control.socket, name)?),
         None => None,
@@ -439,6 +562,17 @@ pub async fn run(
             port: config.watch.port,
             source,
         })?;
+
+    let metrics_listener = match config.metrics.listen_addr() {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| DaemonError::BindMetrics { addr, source })?;
+            crate::daemon::metrics::announce(&l);
+            Some(l)
+        }
+        None => None,
+    };
 
     let (invite_tx, invite_rx) = mpsc::channel(64);
     let (gossip_tx, gossip_rx) = mpsc::channel(1024);
@@ -527,6 +661,21 @@ pub async fn run(
             Ok(())
         });
     }
+    if let Some(l) = metrics_listener {
+        let (n, c) = (node.clone(), cancel.clone());
+        tasks.spawn("metrics", async move {
+            crate::daemon::metrics::serve(l, n, c).await;
+            Ok(())
+        });
+    }
+    if let Some(socket) = wg_socket {
+        let (t, c) = (tunnel.clone(), cancel.clone());
+        let iface = config.tunnel.interface.clone();
+        tasks.spawn("wg socket", async move {
+            crate::net::wg_socket::serve(socket, t, iface, c).await;
+            Ok(())
+        });
+    }
     {
         let (n, c) = (node.clone(), cancel.clone());
         tasks.spawn("joins", async move {
@@ -561,8 +710,11 @@ pub async fn run(
     }
     {
         let (s, c) = (streams.clone(), cancel.clone());
+        let pages: Arc<dyn crate::watch::stream::Pages> = Arc::new(
+            crate::watch::page::Endpoint::new(Arc::new(PageRooms::new(node.clone()))),
+        );
         tasks.spawn("stream endpoint", async move {
-            crate::watch::stream::serve_local(watch_listener, s, c).await;
+            crate::watch::stream::serve_local(watch_listener, s, pages, c).await;
             Ok(())
         });
     }

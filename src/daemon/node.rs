@@ -39,6 +39,9 @@ pub struct Node {
     pub tunnel: Arc<Tunnel>,
     pub engine: Arc<Engine>,
     /// One join at a time: a join rewrites the whole group.
+    /// One `sync_tunnel` at a time: two interleaved could let the older's list of
+    /// members re-add a peer the newer just removed.
+    pub(super) syncing_tunnel: tokio::sync::Mutex<()>,
     pub(super) joining: tokio::sync::Mutex<()>,
     /// `get`s in progress and done, by id.
     pub(crate) transfers: crate::daemon::transfers::Transfers,
@@ -85,6 +88,7 @@ impl Node {
             tunnel: p.tunnel,
             engine: p.engine.clone(),
             joining: tokio::sync::Mutex::new(()),
+            syncing_tunnel: tokio::sync::Mutex::new(()),
             transfers: Default::default(),
             tasks: TaskTracker::new(),
             cancel: p.cancel,

@@ -23,6 +23,25 @@ use crate::net::tunnel::{PathKind, PeerConfig};
 /// How often the host signs a member's observed endpoint again when only its port moved.
 const OBSERVED_PORT_EVERY: Duration = Duration::from_secs(60);
 
+/// Whether the host signs `now_seen` as where it sees a member whose record says `signed`,
+/// `since` after it last signed one for it. The host's view, not the member's own
+/// announcement, places a member in a site: a new site (another public IPv4, another IPv6
+/// /64) is signed at once; any other move (a NAT's port, another address inside the
+/// member's own /64, which IPv6 makes free to pick) at most once a minute, so a member
+/// hopping ports or addresses cannot make every node re-sign and rewrite its group file
+/// every second.
+fn sign_observed_now(
+    signed: Option<std::net::SocketAddr>,
+    now_seen: std::net::SocketAddr,
+    since: Option<Duration>,
+) -> bool {
+    let site = |a: std::net::SocketAddr| crate::group::mesh::site_key(a.ip());
+    if signed.map(site) != Some(site(now_seen)) {
+        return true;
+    }
+    signed != Some(now_seen) && since.is_none_or(|t| t >= OBSERVED_PORT_EVERY)
+}
+
 impl Node {
     /// Writes `group` now. For the changes that must be on disk before they count (a
     /// join, a removal): the caller holds the book lock, so the write stays in order with
@@ -53,15 +72,17 @@ impl Node {
 
     /// Points the tunnel at this node's address and host, and its peers at the members.
     pub async fn sync_tunnel(&self) {
-        let (desired, me, host) = {
+        let _one_at_a_time = self.syncing_tunnel.lock().await;
+        let (desired, me, me6, host) = {
             let book = self.book();
             (
                 self.desired_peers(&book),
                 book.group.my_address,
+                book.group.address6(book.group.my_address),
                 self.host_key(&book),
             )
         };
-        self.tunnel.set_local(me, host);
+        self.tunnel.set_local(me, me6, host);
         let keep: HashSet<Key> = desired.iter().map(|p| p.public_key).collect();
         // A removed member's pair keys and nonce memory go with it.
         self.engine.proofs().retain(|k| keep.contains(k));
@@ -94,19 +115,39 @@ impl Node {
             .map(|m| {
                 let ann = g.mesh.announcement(&m.wg_key);
                 let nearby = my_site.is_some() && g.mesh.site_of(&m.wg_key) == my_site;
-                // Where the host saw it before where it says it is.
+                // Where the host saw it before where it says it is, then the global
+                // addresses it has (IPv6 ones, which no NAT hides: knocking at them from
+                // both sides opens stateful firewalls as it opens NATs), in both families.
                 let candidates = match ann {
                     Some(a) if nearby => a.lan.clone(),
-                    _ => m
-                        .observed
-                        .or_else(|| ann.and_then(|a| a.public_endpoint))
-                        .into_iter()
-                        .collect(),
+                    _ => {
+                        let mut c: Vec<SocketAddr> = m
+                            .observed
+                            .or_else(|| {
+                                ann.and_then(|a| a.public_endpoint)
+                                    .filter(mesh::public_allowed)
+                            })
+                            .into_iter()
+                            .collect();
+                        for p in ann.map(|a| a.public.as_slice()).unwrap_or_default() {
+                            if !c.contains(p) {
+                                c.push(*p);
+                            }
+                        }
+                        // IPv6 first: a knock goes to each in this order, and the copy
+                        // that arrives first makes the session. Where both families
+                        // work, every member of a dual-stack home is then seen in its
+                        // /64 rather than some there and some behind the IPv4 NAT,
+                        // which would split the home into two sites.
+                        c.sort_by_key(|a| a.is_ipv4());
+                        c
+                    }
                 };
                 PeerConfig {
                     public_key: m.wg_key,
                     name: m.name.clone(),
                     address: m.address,
+                    address6: g.address6(m.address),
                     endpoint: g.endpoints.get(&key_to_base64(&m.wg_key)).copied(),
                     candidates,
                 }
@@ -116,20 +157,23 @@ impl Node {
             public_key: p.public_key,
             name: p.name.clone(),
             address: p.address,
+            address6: g.address6(p.address),
             endpoint: p.endpoint,
             candidates: p.endpoint.into_iter().collect(),
         }));
         v
     }
 
-    /// This node's own addresses (not the VPN's) on its listen port. The interface scan
-    /// runs outside the book lock, which is taken only to read the group's network.
+    /// This node's own addresses (not the VPN's, nor any on the tunnel's interface) on
+    /// its listen port: IPv4 ones, and global IPv6 ones. The interface scan runs outside
+    /// the book lock, which is taken only to read the group's network.
     pub(super) fn own_endpoints(&self) -> Vec<SocketAddr> {
         let network = self.book().group.network;
+        let tun = &self.config.tunnel.interface;
         let ips = if_addrs::get_if_addrs()
             .unwrap_or_default()
             .into_iter()
-            .filter(|i| !i.is_loopback())
+            .filter(|i| !i.is_loopback() && &i.name != tun)
             .map(|i| i.ip());
         lan_endpoints(ips, network, self.config.tunnel.listen_port)
     }
@@ -171,16 +215,22 @@ impl Node {
                     .then(|| self.configured_endpoint().or_else(|| own.first().copied()))
                     .flatten()
             });
-        // Members take only private LAN addresses, a few of them (mesh::lan_allowed).
+        // Members take only private LAN addresses, a few of them (mesh::lan_allowed), and
+        // a few global ones (mesh::public_allowed): IPv6 first, which no NAT hides.
         let lan: Vec<SocketAddr> = own
-            .into_iter()
+            .iter()
+            .copied()
             .filter(mesh::lan_allowed)
             .take(mesh::MAX_LAN)
             .collect();
+        let mut public: Vec<SocketAddr> = own.into_iter().filter(mesh::public_allowed).collect();
+        public.sort_by_key(|a| a.is_ipv4());
+        public.truncate(mesh::MAX_PUBLIC);
         let shares = self.engine.shares.names();
         let relay_port = Some(self.engine.relay_port());
         if let Some(h) = &held {
             if h.lan == lan
+                && h.public == public
                 && h.public_endpoint == public_endpoint
                 && h.shares == shares
                 && h.relay_port == relay_port
@@ -195,6 +245,7 @@ impl Node {
                 .max(held.map(|h| h.seq + 1).unwrap_or(0)),
             public_endpoint,
             lan,
+            public,
             relay_port,
             shares,
         };
@@ -306,19 +357,14 @@ impl Node {
                 let Some(rec) = group.mesh.member(&key).filter(|r| !r.revoked).cloned() else {
                     continue;
                 };
-                // The host signs where it sees each member: that, not the member's own
-                // announcement, places it in a site. A new public IP (a new site) is
-                // signed at once; a port that moves (a NAT's mapping) at most once a
-                // minute, so a member hopping ports cannot make every node re-sign and
-                // rewrite its group file every second.
-                let ip_moved = rec.observed.map(|o| o.ip()) != Some(ep.ip());
-                let port_moved = rec.observed != Some(ep);
                 let now = std::time::Instant::now();
                 let mut last = self.observed_signed.locked();
-                let due = last
-                    .get(&key)
-                    .is_none_or(|t| now.duration_since(*t) >= OBSERVED_PORT_EVERY);
-                if (ip_moved || (port_moved && due)) && key != self.public_key {
+                let due = sign_observed_now(
+                    rec.observed,
+                    ep,
+                    last.get(&key).map(|t| now.duration_since(*t)),
+                );
+                if due && key != self.public_key {
                     last.insert(key, now);
                     drop(last);
                     let rec = MemberRecord {
@@ -401,8 +447,11 @@ pub(super) fn routable(group: &Group, address: Ipv4Addr) -> bool {
     group.network.contains(&address) && address != group.my_address
 }
 
-/// The IPv4 addresses among `ips` that others could reach this node at (outside the VPN
-/// network, not link-local), on `port`, sorted and without repeats.
+/// The addresses among `ips` that others could reach this node at, on `port`, sorted
+/// (IPv4 first) and without repeats: IPv4 ones outside the VPN network and not
+/// link-local, and global IPv6 ones. Link-local IPv6 needs an interface to be reached
+/// at and unique-local IPv6 may be a VPN's own (the tunnel's inner addresses), so
+/// neither is offered.
 fn lan_endpoints(
     ips: impl Iterator<Item = IpAddr>,
     network: ipnet::Ipv4Net,
@@ -413,6 +462,7 @@ fn lan_endpoints(
             IpAddr::V4(a) if !network.contains(&a) && !a.is_link_local() => {
                 Some(SocketAddr::new(IpAddr::V4(a), port))
             }
+            IpAddr::V6(_) => Some(SocketAddr::new(ip, port)).filter(mesh::public_allowed),
             _ => None,
         })
         .collect();
@@ -427,6 +477,40 @@ mod tests {
     use crate::daemon::book::group_named;
 
     #[test]
+    fn a_member_hopping_inside_its_64_or_across_ports_is_signed_at_most_once_a_minute() {
+        let at = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let soon = Some(Duration::from_secs(1));
+        let later = Some(OBSERVED_PORT_EVERY);
+        // Another address of the same /64, another port: not before a minute.
+        let (a, b) = (
+            at("[2001:db8:1:2::10]:51871"),
+            at("[2001:db8:1:2::99]:40000"),
+        );
+        assert!(!sign_observed_now(Some(a), b, soon));
+        assert!(sign_observed_now(Some(a), b, later));
+        assert!(!sign_observed_now(
+            Some(at("203.0.113.7:1000")),
+            at("203.0.113.7:2000"),
+            soon
+        ));
+        // Nothing moved: nothing to sign, however long ago.
+        assert!(!sign_observed_now(Some(a), a, later));
+        // Another site (another /64, another public IPv4, another family): at once.
+        assert!(sign_observed_now(
+            Some(a),
+            at("[2001:db8:1:3::10]:51871"),
+            soon
+        ));
+        assert!(sign_observed_now(
+            Some(at("203.0.113.7:1000")),
+            at("198.51.100.1:1000"),
+            soon
+        ));
+        assert!(sign_observed_now(Some(a), at("203.0.113.7:1000"), soon));
+        assert!(sign_observed_now(None, a, None));
+    }
+
+    #[test]
     fn no_address_outside_the_group_network_nor_our_own_is_routed_to_a_member() {
         let group = group_named("living-room");
         assert!(routable(&group, "100.77.0.2".parse().unwrap()));
@@ -436,24 +520,31 @@ mod tests {
     }
 
     #[test]
-    fn own_endpoints_leave_out_the_vpn_network_link_local_and_ipv6_and_repeat_none() {
+    fn own_endpoints_leave_out_the_vpn_network_link_local_and_local_ipv6_and_repeat_none() {
         let ips: Vec<IpAddr> = [
+            "2001:db8:1::20",
             "192.168.1.20",
             "100.77.0.1",
             "169.254.3.3",
             "fd00::1",
+            "fe80::1",
             "10.0.0.5",
             "192.168.1.20",
+            "2001:db8:1::20",
         ]
         .iter()
         .map(|s| s.parse().unwrap())
         .collect();
         let network = "100.77.0.0/24".parse().unwrap();
         let got = lan_endpoints(ips.into_iter(), network, 51820);
-        let want: Vec<SocketAddr> = ["10.0.0.5:51820", "192.168.1.20:51820"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let want: Vec<SocketAddr> = [
+            "10.0.0.5:51820",
+            "192.168.1.20:51820",
+            "[2001:db8:1::20]:51820",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
         assert_eq!(got, want);
     }
 }

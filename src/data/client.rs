@@ -163,6 +163,23 @@ pub struct Engine {
     pub(super) served: AtomicU64,
     pub(super) fetched: AtomicU64,
     pub(super) resumed: AtomicU64,
+    /// `served` and `fetched` by the hop they took (see [`RouteCounters`]).
+    pub(super) served_tunnel: AtomicU64,
+    pub(super) served_lan: AtomicU64,
+    pub(super) fetched_tunnel: AtomicU64,
+    pub(super) fetched_lan: AtomicU64,
+}
+
+/// Chunks by the hop they took, for the metrics endpoint: served by the node server
+/// (inside the tunnel) or the LAN relay, fetched over the tunnel or from a LAN relay, and
+/// "local": what a pull found already on this node's disk and kept instead of fetching.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RouteCounters {
+    pub served_tunnel: u64,
+    pub served_lan: u64,
+    pub fetched_tunnel: u64,
+    pub fetched_lan: u64,
+    pub fetched_local: u64,
 }
 
 impl Engine {
@@ -187,6 +204,21 @@ impl Engine {
             served: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
+            served_tunnel: AtomicU64::new(0),
+            served_lan: AtomicU64::new(0),
+            fetched_tunnel: AtomicU64::new(0),
+            fetched_lan: AtomicU64::new(0),
+        }
+    }
+
+    /// Chunks by route; atomics only, so a scrape never waits on a transfer.
+    pub fn route_counters(&self) -> RouteCounters {
+        RouteCounters {
+            served_tunnel: self.served_tunnel.load(Ordering::Relaxed),
+            served_lan: self.served_lan.load(Ordering::Relaxed),
+            fetched_tunnel: self.fetched_tunnel.load(Ordering::Relaxed),
+            fetched_lan: self.fetched_lan.load(Ordering::Relaxed),
+            fetched_local: self.resumed.load(Ordering::Relaxed),
         }
     }
 
@@ -330,6 +362,11 @@ impl Engine {
             }
         };
         self.fetched.fetch_add(1, Ordering::Relaxed);
+        match via {
+            Via::Tunnel => &self.fetched_tunnel,
+            Via::Lan => &self.fetched_lan,
+        }
+        .fetch_add(1, Ordering::Relaxed);
         if blake3::hash(&body).to_hex().as_str() != req.hash {
             self.corrupt.fetch_add(1, Ordering::Relaxed);
             return Err(TransferError::Corrupt(peer.name.clone()));

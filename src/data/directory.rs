@@ -66,6 +66,17 @@ impl Directory {
         )
     }
 
+    /// Whether a member up at this node's site could ask this node's relay for what it
+    /// fetches: only then is a fetched chunk worth keeping in the cache.
+    pub(super) fn has_neighbours(&self) -> bool {
+        let Some(mine) = self.get(&self.me).and_then(|p| p.site.as_ref()) else {
+            return false;
+        };
+        self.peers
+            .iter()
+            .any(|p| p.key != self.me && p.up && p.site.as_ref() == Some(mine))
+    }
+
     /// The same, with this node as its site's gateway: it serves nearby members itself.
     pub(super) fn plan_as_gateway(
         &self,
@@ -99,4 +110,30 @@ pub trait Membership: Send + Sync + 'static {
     /// Whether `key` is a member other than this node: cheap, asked for every relay
     /// request before anything costs.
     fn is_member(&self, key: &Key) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(k: u8, site: Option<&str>, up: bool) -> Peer {
+        Peer {
+            key: [k; 32],
+            name: format!("n{k}"),
+            vpn: Ipv4Addr::new(100, 64, 0, k),
+            relay: None,
+            site: site.map(str::to_string),
+            up,
+            shares: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_node_has_neighbours_only_when_a_member_up_shares_its_site() {
+        let dir = |peers| Directory { me: [1; 32], peers };
+        assert!(!dir(vec![peer(1, None, true), peer(2, None, true)]).has_neighbours());
+        assert!(!dir(vec![peer(1, Some("a"), true), peer(2, Some("b"), true)]).has_neighbours());
+        assert!(!dir(vec![peer(1, Some("a"), true), peer(2, Some("a"), false)]).has_neighbours());
+        assert!(dir(vec![peer(1, Some("a"), true), peer(2, Some("a"), true)]).has_neighbours());
+    }
 }

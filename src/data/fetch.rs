@@ -25,15 +25,21 @@ use rand::RngCore;
 const MAX_TRIES: usize = 8;
 
 /// How many chunks one transfer keeps in flight: enough to keep its path busy while each
-/// chunk waits a round trip. The rule is the bandwidth-delay product in chunks, plus one:
-/// `rate × round trip / chunk + 1`, within [`Window::FLOOR`] and [`Window::CEILING`].
-/// The rate is measured over the last chunks that arrived, the round trip is the shortest
-/// wait for an answer's head from the hop that feeds us (the pool keeps it), which
-/// through a gateway also counts the gateway's own fetch. The rate measured with `w` in
-/// flight is at most what `w` allows, so the `+ 1` lets the window grow while one more
-/// chunk in flight still brings more rate, and it settles where the path is full (one
-/// more would only queue). Each in-flight chunk is a request on its own kept connection
-/// (HTTP/1.1 answers one at a time), so the ceiling stays under the pool's bound per peer.
+/// chunk waits a round trip. The rule is twice the bandwidth-delay product in chunks,
+/// plus one: `2 × rate × round trip / chunk + 1`, within [`Window::FLOOR`] and
+/// [`Window::CEILING`]. The rate is measured over the last chunks that arrived, the round
+/// trip is the shortest wait for an answer's head from the hop that feeds us (the pool
+/// keeps it), which through a gateway also counts the gateway's own fetch. The rate
+/// measured with `w` in flight is at most what `w` allows, so the rule must ask for more
+/// than it measured or it never leaves where it started: with a gain of one, `w` grows
+/// only while a chunk takes less than `w / (w − 1)` round trips, and at a distance a
+/// chunk takes more (the holder reads and hashes it, each kept connection's window grows
+/// with it), so a 1 Gbit/s path at 50 ms sat at the floor. With a gain of two the window
+/// doubles while the path has room and settles at twice the path's product where it is
+/// full: one product of queue at most, and never beyond the ceiling (BBR's startup and
+/// window gains are the model). Each in-flight chunk is a request on its own kept
+/// connection (HTTP/1.1 answers one at a time), so the ceiling stays under the pool's
+/// bound per peer.
 pub struct Window {
     chunk: u64,
     /// When the last chunks arrived and their sizes, oldest first.
@@ -48,6 +54,8 @@ impl Window {
     pub const CEILING: usize = 16;
     /// Arrivals the rate is measured over.
     const SAMPLES: usize = 16;
+    /// How far past the measured product the window reaches (see the rule above).
+    const GAIN: f64 = 2.0;
 
     pub fn new(chunk: u64) -> Window {
         Window {
@@ -80,7 +88,7 @@ impl Window {
         };
         let bdp = rate * rtt.as_secs_f64() / self.chunk as f64;
         // Float to integer saturates; the clamp bounds it either way.
-        (bdp.ceil() as usize)
+        ((Self::GAIN * bdp).ceil() as usize)
             .saturating_add(1)
             .clamp(Self::FLOOR, Self::CEILING)
     }
@@ -183,10 +191,11 @@ impl Engine {
         let Some(hop) = route.feeder() else {
             return self.own_chunk(req).await;
         };
-        if hop.via == Via::Tunnel {
+        if hop.via == Via::Tunnel && dir.has_neighbours() {
             // This node pulls over the internet itself, so it is its site's gateway for
             // this transfer: one fetch shared with the neighbours asking its relay, and
-            // kept in the cache for them.
+            // kept in the cache for them. With no neighbour the cache would only cost a
+            // second write of every chunk.
             return self.serve_chunk(dir, req, true).await;
         }
         self.fetch_from(dir, &hop.from_key, hop.via, req).await
@@ -512,15 +521,13 @@ mod tests {
     }
 
     #[test]
-    fn the_window_is_the_bandwidth_delay_product_in_chunks_plus_one_within_floor_and_ceiling() {
-        // 100 Mbit/s × 150 ms = 1.875 MB = 7.2 chunks: 8, plus one.
+    fn the_window_is_twice_the_bandwidth_delay_product_in_chunks_plus_one_within_floor_and_ceiling()
+    {
+        // 100 Mbit/s × 75 ms = 0.94 MB = 3.6 chunks: twice is 7.2, so 8, plus one.
+        assert_eq!(fed(100.0 * MBIT).target(Some(Duration::from_millis(75))), 9);
+        // 20 Mbit/s × 50 ms is 0.48 chunks: the floor.
         assert_eq!(
-            fed(100.0 * MBIT).target(Some(Duration::from_millis(150))),
-            9
-        );
-        // 100 Mbit/s × 50 ms is 2.4 chunks: the floor.
-        assert_eq!(
-            fed(100.0 * MBIT).target(Some(Duration::from_millis(50))),
+            fed(20.0 * MBIT).target(Some(Duration::from_millis(50))),
             Window::FLOOR
         );
         // 1 Gbit/s × 150 ms is 72 chunks: the ceiling.
@@ -531,12 +538,12 @@ mod tests {
     }
 
     /// A path of `link` bytes per second and round trip `rtt`, where each chunk in
-    /// flight waits a round trip and then its share of the link: what `get` measures with
-    /// `w` chunks in flight. Returns where the window settles.
-    fn settle(link: f64, rtt: Duration) -> usize {
+    /// flight waits `trips` round trips and then its share of the link: what `get`
+    /// measures with `w` chunks in flight. Returns where the window settles.
+    fn settle(link: f64, rtt: Duration, trips: f64) -> usize {
         let mut w = Window::FLOOR;
         for _ in 0..100 {
-            let per_chunk = rtt.as_secs_f64() + CHUNK as f64 / link;
+            let per_chunk = trips * rtt.as_secs_f64() + CHUNK as f64 / link;
             let rate = (w as f64 * CHUNK as f64 / per_chunk).min(link);
             let next = fed(rate).target(Some(rtt));
             if next == w {
@@ -548,19 +555,30 @@ mod tests {
     }
 
     #[test]
-    fn the_window_grows_until_the_path_is_full_and_stops_there() {
-        // 100 Mbit/s, 150 ms: full at 7.2 chunks in flight; it settles just past that.
-        let w = settle(100.0 * MBIT, Duration::from_millis(150));
-        assert!((8..=10).contains(&w), "{w}");
+    fn the_window_grows_until_the_path_is_full_and_settles_at_twice_its_product() {
+        // 50 Mbit/s, 150 ms: full at 3.6 chunks in flight; twice that is 7.2: 8, plus one.
+        assert_eq!(settle(50.0 * MBIT, Duration::from_millis(150), 1.0), 9);
         // 20 Mbit/s, 150 ms: 1.4 chunks fill it; the floor holds.
         assert_eq!(
-            settle(20.0 * MBIT, Duration::from_millis(150)),
+            settle(20.0 * MBIT, Duration::from_millis(150), 1.0),
             Window::FLOOR
         );
         // 1 Gbit/s, 1 ms: a short path never runs to the ceiling.
         assert_eq!(
-            settle(1000.0 * MBIT, Duration::from_millis(1)),
+            settle(1000.0 * MBIT, Duration::from_millis(1), 1.0),
             Window::FLOOR
+        );
+    }
+
+    #[test]
+    fn a_window_whose_chunks_each_take_two_round_trips_still_grows_to_fill_a_long_fat_path() {
+        // 1 Gbit/s at 50 ms holds 24 chunks. A chunk that waits two round trips (the
+        // holder reads it, the kept connection's window grows) measures half the rate
+        // the window allows: with a gain of one the rule asked for w / 2 + 1 and stayed
+        // at the floor.
+        assert_eq!(
+            settle(1000.0 * MBIT, Duration::from_millis(50), 2.0),
+            Window::CEILING
         );
     }
 }

@@ -191,6 +191,7 @@ async fn chunk_reply(
     match engine.serve_chunk(dir, cr, as_gateway).await {
         Ok(b) => {
             engine.served.fetch_add(1, Ordering::Relaxed);
+            engine.served_tunnel.fetch_add(1, Ordering::Relaxed);
             reply(StatusCode::OK, b)
         }
         Err(e) => error_reply(&e),
@@ -493,6 +494,7 @@ async fn relay_request<M: Membership>(
         {
             Ok(sealed) => {
                 engine.served.fetch_add(1, Ordering::Relaxed);
+                engine.served_lan.fetch_add(1, Ordering::Relaxed);
                 reply(StatusCode::OK, Bytes::from(sealed))
             }
             Err(_) => reply(StatusCode::INTERNAL_SERVER_ERROR, Bytes::new()),

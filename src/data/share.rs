@@ -199,6 +199,10 @@ pub struct Entry {
     pub name: String,
     pub dir: bool,
     pub size: u64,
+    /// When the file last changed, in ns since the epoch (0 for a folder, and from
+    /// members older than this field): with the size, it tells one version from the next.
+    #[serde(default)]
+    pub mtime_ns: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -401,10 +405,18 @@ impl Shares {
                     Err(_) => continue,
                 }
             };
+            let mtime_ns = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                .filter(|_| !meta.is_dir())
+                .unwrap_or(0);
             v.push(Entry {
                 name,
                 dir: meta.is_dir(),
                 size: if meta.is_dir() { 0 } else { meta.len() },
+                mtime_ns,
             });
         }
         v.sort_by(|a, b| a.name.cmp(&b.name));

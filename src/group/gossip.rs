@@ -551,6 +551,7 @@ mod tests {
                 seq: 100 + i as u64,
                 public_endpoint: None,
                 lan: vec![],
+                public: vec![],
                 relay_port: None,
                 shares: vec![],
             };

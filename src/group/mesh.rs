@@ -6,7 +6,9 @@
 //! held only when its version is higher; a revocation is final. An announcement counts
 //! only with the signature of the member it describes, while that member is not revoked,
 //! and replaces the one held only when its sequence number is higher, and lists at most
-//! [`MAX_LAN`] LAN addresses, each private. Signatures cover the
+//! [`MAX_LAN`] LAN addresses, each private, and at most [`MAX_PUBLIC`] public ones, each
+//! globally routable. A member's site is the public IPv4 address the host sees it behind,
+//! or the IPv6 /64 it sees it in ([`Mesh::site_of`]). Signatures cover the
 //! exact bytes received, with a context string per kind, so a record can never pass for
 //! an announcement or be re-encoded into something else.
 
@@ -50,8 +52,13 @@ pub struct Announcement {
     pub seq: u64,
     /// Where the host saw this node's packets come from (its side of the NAT).
     pub public_endpoint: Option<SocketAddr>,
-    /// This node's own addresses with its listen port.
+    /// This node's own private addresses with its listen port.
     pub lan: Vec<SocketAddr>,
+    /// This node's own globally routable addresses with its listen port (a home's global
+    /// IPv6 addresses, which no NAT hides): where distant members knock besides where the
+    /// host sees it. Left out when empty, so older nodes read the same bytes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public: Vec<SocketAddr>,
     /// The LAN relay's port.
     pub relay_port: Option<u16>,
     /// The shares this node offers.
@@ -82,6 +89,10 @@ pub enum MeshError {
     CountLan(usize),
     #[error("the announced LAN address {0} is not a private address with a port")]
     CheckLan(SocketAddr),
+    #[error("the announcement lists {0} public addresses; at most {MAX_PUBLIC} are taken")]
+    CountPublic(usize),
+    #[error("the announced public address {0} is not a globally routable address with a port")]
+    CheckPublic(SocketAddr),
     #[error("the announced share name {0:?} is not one a configuration allows")]
     CheckShare(String),
 }
@@ -89,6 +100,84 @@ pub enum MeshError {
 /// The most LAN addresses one announcement may list: a node with more interfaces
 /// announces its first ones. Others knock at each, so the list is bounded.
 pub const MAX_LAN: usize = 8;
+
+/// The most public addresses one announcement may list: others knock at each of them,
+/// so a member gone bad can point only this many small handshakes a round elsewhere.
+pub const MAX_PUBLIC: usize = 4;
+
+/// Whether `a` may be announced as a public address: a port, and an address the internet
+/// routes, neither private nor loopback, link-local, multicast, unspecified or v4-mapped.
+/// The documentation ranges are taken: the test lab's internet lives in them.
+pub fn public_allowed(a: &SocketAddr) -> bool {
+    a.port() != 0
+        && match a.ip() {
+            IpAddr::V4(ip) => {
+                !(ip.is_private()
+                    || ip.is_loopback()
+                    || ip.is_link_local()
+                    || ip.is_unspecified()
+                    || ip.is_broadcast()
+                    || ip.is_multicast()
+                    // "This network", and the reserved 240/4.
+                    || ip.octets()[0] == 0
+                    || ip.octets()[0] >= 240
+                    // Benchmarking, 198.18/15.
+                    || (ip.octets()[0] == 198 && (ip.octets()[1] & 0xfe) == 18)
+                    // The shared address space (carrier-grade NAT, and the VPN's range).
+                    || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64))
+            }
+            IpAddr::V6(ip) => {
+                let first = ip.segments()[0];
+                !(ip.is_loopback()
+                    || ip.is_unspecified()
+                    || ip.is_multicast()
+                    || ip.to_ipv4_mapped().is_some()
+                    // IPv4-compatible (::/96) and NAT64 (64:ff9b::/96, 64:ff9b:1::/48):
+                    // IPv4 in disguise, which the IPv4 rules above would not see.
+                    || ip.segments()[..6] == [0; 6]
+                    || ip.segments()[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+                    || ip.segments()[..3] == [0x64, 0xff9b, 1]
+                    // 6to4 (2002::/16) and Teredo (2001::/32): tunnels to whatever
+                    // IPv4 they embed.
+                    || first == 0x2002
+                    || (first == 0x2001 && ip.segments()[1] == 0)
+                    // Unique local, site-local (deprecated) and link-local.
+                    || (first & 0xfe00) == 0xfc00
+                    || (first & 0xffc0) == 0xfec0
+                    || (first & 0xffc0) == 0xfe80)
+            }
+        }
+}
+
+/// The site `ip` names: an IPv4 address itself (a home behind one NAT), an IPv6 one's
+/// /64 (a home's prefix, in which each device has its own address).
+pub fn site_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+    }
+}
+
+/// Whether a direct session with a member at `endpoint` runs over its site's LAN: the
+/// endpoint is one of the LAN addresses `ann` lists, or, in an IPv6 site, an address in
+/// the site's own /64 (two devices on one home prefix reach each other without the
+/// router's WAN, whichever of their addresses the session found first).
+pub fn on_site_lan(ann: Option<&Announcement>, site: Option<IpAddr>, endpoint: SocketAddr) -> bool {
+    ann.is_some_and(|a| a.lan.contains(&endpoint))
+        || (endpoint.is_ipv6() && site.is_some_and(|s| s.is_ipv6() && site_key(endpoint.ip()) == s))
+}
+
+/// How a site shows in `peers` and is compared by the planner: `203.0.113.5`, or
+/// `2001:db8:1::/64`.
+pub fn site_name(site: IpAddr) -> String {
+    match site {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("{ip}/64"),
+    }
+}
 
 /// Whether `name` may name a share: what `[[share]] name` allows in a configuration, 1 to
 /// 63 letters, digits, '-', '_' or '.', not starting with '.'.
@@ -255,6 +344,12 @@ impl Mesh {
         if let Some(bad) = ann.lan.iter().find(|a| !lan_allowed(a)) {
             return Err(MeshError::CheckLan(*bad));
         }
+        if ann.public.len() > MAX_PUBLIC {
+            return Err(MeshError::CountPublic(ann.public.len()));
+        }
+        if let Some(bad) = ann.public.iter().find(|a| !public_allowed(a)) {
+            return Err(MeshError::CheckPublic(*bad));
+        }
         // Share names show in every member's `ls` and end up in request paths.
         if let Some(bad) = ann.shares.iter().find(|n| !share_name_allowed(n)) {
             return Err(MeshError::CheckShare(bad.chars().take(64).collect()));
@@ -368,17 +463,18 @@ impl Mesh {
 }
 
 impl Mesh {
-    /// The public IP a member is seen behind, which names its site: what the host
+    /// The site a member is in: the public IPv4 address it is seen behind, or the IPv6
+    /// /64 it is seen in (members behind one router each have their own global IPv6
+    /// address, but share the router's prefix), see [`site_key`]. It is what the host
     /// observed and signed in the member's record, never the member's own claim. The
     /// host, which cannot observe itself, is where it announces it is.
     pub fn site_of(&self, key: &Key) -> Option<IpAddr> {
-        if *key == self.host_wg {
-            return self
-                .announcement(key)
-                .and_then(|a| a.public_endpoint)
-                .map(|e| e.ip());
-        }
-        self.member(key).and_then(|m| m.observed).map(|e| e.ip())
+        let seen = if *key == self.host_wg {
+            self.announcement(key).and_then(|a| a.public_endpoint)
+        } else {
+            self.member(key).and_then(|m| m.observed)
+        };
+        seen.map(|e| site_key(e.ip()))
     }
 }
 
@@ -422,6 +518,7 @@ mod tests {
             seq,
             public_endpoint: Some(SocketAddr::from(([203, 0, 113, n], 51871))),
             lan: vec![],
+            public: vec![],
             relay_port: None,
             shares: vec![],
         }
@@ -749,5 +846,104 @@ mod tests {
         assert!(!body.contains("observed"), "{body}");
         let old: MemberRecord = serde_json::from_str(&body).unwrap();
         assert_eq!(old.observed, None);
+    }
+
+    #[test]
+    fn members_seen_in_one_ipv6_64_share_a_site_and_one_in_the_next_64_does_not() {
+        let mut w = world();
+        for (n, seen) in [
+            (2, "[2001:db8:1:0:a::2]:51871"),
+            (3, "[2001:db8:1:0:b::3]:40000"),
+            (4, "[2001:db8:1:1::4]:51871"),
+            (5, "198.51.100.7:51871"),
+            (6, "198.51.100.7:40001"),
+        ] {
+            let rec = MemberRecord {
+                observed: Some(seen.parse().unwrap()),
+                ..record(n, 2, false)
+            };
+            w.mesh.accept_member(&sign_member(&w.host, &rec)).unwrap();
+        }
+        let site = |n: u8| w.mesh.site_of(&[n; 32]);
+        assert_eq!(site(2), site(3));
+        assert_eq!(site(2).map(site_name).as_deref(), Some("2001:db8:1::/64"));
+        assert_ne!(site(4), site(2));
+        assert_eq!(site(5), site(6));
+        assert_eq!(site(5).map(site_name).as_deref(), Some("198.51.100.7"));
+    }
+
+    #[test]
+    fn an_announcement_with_a_private_or_a_fifth_public_address_is_refused() {
+        let mut w = world();
+        w.mesh
+            .accept_member(&sign_member(&w.host, &record(2, 1, false)))
+            .unwrap();
+        let mut a = ann(2, 5);
+        for bad in [
+            "192.168.1.20:51871",
+            "100.77.0.2:51871",
+            "[fd00::1]:51871",
+            "[fe80::1]:51871",
+            "[::ffff:203.0.113.2]:51871",
+            "[2001:db8::2]:0",
+            "0.1.2.3:51871",
+            "240.0.0.1:51871",
+            "198.19.0.1:51871",
+            "[::203.0.113.2]:51871",
+            "[64:ff9b::cb00:7102]:51871",
+            "[64:ff9b:1::1]:51871",
+            "[2002:cb00:7102::1]:51871",
+            "[2001:0:4136:e378::1]:51871",
+            "[fec0::1]:51871",
+        ] {
+            a.public = vec![
+                "[2001:db8:1::2]:51871".parse().unwrap(),
+                bad.parse().unwrap(),
+            ];
+            assert_eq!(
+                w.mesh.accept_announcement(&sign_announcement(&key(2), &a)),
+                Err(MeshError::CheckPublic(bad.parse().unwrap())),
+                "{bad}"
+            );
+        }
+        a.public = (1..=5)
+            .map(|i| SocketAddr::from(([0x2001, 0xdb8, 1, 0, 0, 0, 0, i], 51871)))
+            .collect();
+        assert_eq!(
+            w.mesh.accept_announcement(&sign_announcement(&key(2), &a)),
+            Err(MeshError::CountPublic(5))
+        );
+        // Four, of both families, pass.
+        a.public.truncate(3);
+        a.public.push("203.0.113.2:51871".parse().unwrap());
+        assert!(w
+            .mesh
+            .accept_announcement(&sign_announcement(&key(2), &a))
+            .unwrap()
+            .is_some());
+        assert_eq!(w.mesh.announcement(&[2; 32]).unwrap().public, a.public);
+    }
+
+    #[test]
+    fn an_announcement_without_public_addresses_is_encoded_as_older_nodes_encode_it() {
+        let body = serde_json::to_string(&ann(2, 1)).unwrap();
+        assert!(!body.contains("\"public\""), "{body}");
+        let old: Announcement = serde_json::from_str(&body).unwrap();
+        assert!(old.public.is_empty());
+    }
+
+    #[test]
+    fn a_session_on_a_lan_address_or_inside_the_sites_own_64_runs_over_the_lan() {
+        let mut a = ann(2, 1);
+        a.lan = vec!["192.168.1.20:51871".parse().unwrap()];
+        let v6_site = Some(site_key("2001:db8:1::a".parse().unwrap()));
+        let v4_site = Some("198.51.100.7".parse().unwrap());
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(on_site_lan(Some(&a), v4_site, at("192.168.1.20:51871")));
+        assert!(on_site_lan(Some(&a), v6_site, at("[2001:db8:1::b]:51871")));
+        assert!(on_site_lan(None, v6_site, at("[2001:db8:1::b]:40000")));
+        assert!(!on_site_lan(Some(&a), v6_site, at("[2001:db8:2::b]:51871")));
+        assert!(!on_site_lan(Some(&a), v4_site, at("198.51.100.7:51871")));
+        assert!(!on_site_lan(Some(&a), None, at("[2001:db8:1::b]:51871")));
     }
 }

@@ -2,18 +2,45 @@
 //! address, the host's name, the last endpoint seen for each peer, the invite each member
 //! came in by (on the host), and peers added by hand. Who is a member is the signed
 //! [`Mesh`]'s business; this module only allocates addresses against it (a joiner's name
-//! is checked, never changed: `wire::check_name`).
+//! is checked, never changed: `wire::check_name`). It also derives every member's inner
+//! IPv6 address ([`network6`], [`address6`]), which no record carries.
 //! Pure: no socket, no file.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::group::identity::Key;
 use crate::group::link::InviteId;
 use crate::group::mesh::Mesh;
+
+/// The group's IPv6 network inside the tunnel: a unique local /64 (RFC 4193), `fd` then
+/// 40 bits of the BLAKE3 hash of the host's WireGuard key, then subnet 0. Every node holds
+/// the host's key (the access link pins it), so every node computes the same network
+/// with no new field on the wire; two groups on one machine get different ones unless
+/// their 40 bits collide (one chance in a trillion per pair, RFC 4193's own odds).
+pub fn network6(host: &Key) -> Ipv6Net {
+    let hash = blake3::hash(host);
+    let mut octets = [0u8; 16];
+    octets[0] = 0xfd;
+    octets[1..6].copy_from_slice(&hash.as_bytes()[..5]);
+    // Octets 6-7 (the subnet) and the interface id stay zero: this is the network.
+    Ipv6Net::new(Ipv6Addr::from(octets), 64).unwrap_or_default()
+}
+
+/// A member's inner IPv6 address: the group's /64 ([`network6`]) with the member's IPv4
+/// VPN address as the last 32 bits of the interface id (`fdxx:xxxx:xxxx::100.77.0.2`).
+/// Collision-free by construction: the map from IPv4 to IPv6 is one to one, and the IPv4
+/// addresses are unique in a group (the host allocates them, [`Group::add_static`]
+/// refuses a taken one, and the tunnel routes neither family to a second peer claiming
+/// one), so two members never share an IPv6 address either.
+pub fn address6(host: &Key, v4: Ipv4Addr) -> Ipv6Addr {
+    let mut octets = network6(host).addr().octets();
+    octets[12..].copy_from_slice(&v4.octets());
+    Ipv6Addr::from(octets)
+}
 
 /// A standard WireGuard peer added by hand (`watchalong peer add`); not gossiped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +79,27 @@ pub enum GroupError {
 }
 
 impl Group {
+    /// The group's inner IPv6 /64 (see [`network6`]).
+    pub fn network6(&self) -> Ipv6Net {
+        network6(&self.mesh.host_wg)
+    }
+
+    /// The inner IPv6 address of the member whose VPN address is `v4` (see [`address6`]).
+    pub fn address6(&self, v4: Ipv4Addr) -> Ipv6Addr {
+        address6(&self.mesh.host_wg, v4)
+    }
+
+    /// The member's VPN address behind inner IPv6 address `ip`, when `ip` is one of this
+    /// group's: the inverse of [`Group::address6`].
+    pub fn address4_of(&self, ip: Ipv6Addr) -> Option<Ipv4Addr> {
+        if !self.network6().contains(&ip) {
+            return None;
+        }
+        let o = ip.octets();
+        let v4 = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+        (self.address6(v4) == ip).then_some(v4)
+    }
+
     pub fn is_host(&self, my_key: &Key) -> bool {
         &self.mesh.host_wg == my_key
     }
@@ -187,5 +235,29 @@ mod tests {
         g.add_static(p).unwrap();
         assert_eq!(g.static_peers.len(), 1);
         assert_eq!(g.allocate_address().unwrap().to_string(), "100.77.0.2");
+    }
+
+    #[test]
+    fn every_node_derives_the_same_ula_address_for_a_member_and_distinct_members_get_distinct_ones()
+    {
+        let (_, g) = group();
+        let net = g.network6();
+        assert_eq!(net.prefix_len(), 64);
+        assert_eq!(net.addr().octets()[0], 0xfd);
+        assert_eq!(&net.addr().octets()[6..], &[0u8; 10]);
+        let a: Ipv4Addr = "100.77.0.2".parse().unwrap();
+        let b: Ipv4Addr = "100.77.1.2".parse().unwrap();
+        // The same host key gives the same address wherever it is computed.
+        assert_eq!(g.address6(a), address6(&[1; 32], a));
+        assert_ne!(g.address6(a), g.address6(b));
+        assert!(net.contains(&g.address6(a)));
+        assert_eq!(g.address4_of(g.address6(b)), Some(b));
+        // Another group's network, and an address of this one with a non-zero
+        // interface-id head, name no member.
+        assert_ne!(network6(&[2; 32]), net);
+        assert_eq!(g.address4_of(address6(&[2; 32], a)), None);
+        let mut o = g.address6(a).octets();
+        o[8] = 1;
+        assert_eq!(g.address4_of(Ipv6Addr::from(o)), None);
     }
 }

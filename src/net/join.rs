@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 use crate::group::link::Invite;
+use crate::net::tunnel::kernel;
 use crate::net::wire::{self, JoinMessage, Refusal};
 
 const RETRY: Duration = Duration::from_millis(500);
@@ -25,7 +26,7 @@ const RETRY: Duration = Duration::from_millis(500);
 pub enum JoinError {
     #[error("cannot open a UDP socket for the join: {0}")]
     BindSocket(#[source] std::io::Error),
-    #[error("the link names no endpoint this node can reach")]
+    #[error("the link names no endpoint this node can reach (none, or only IPv6 ones on a host without IPv6): ask the host for a new link with an IPv4 endpoint (its [tunnel] endpoint)")]
     NoEndpoint,
     /// Also what a node answering with another key looks like: its handshake never
     /// authenticates, because the link pins the host's key.
@@ -159,18 +160,22 @@ pub async fn redeem(
         my_wg,
         my_signing,
     )?;
+    // Every endpoint of the link, IPv4 and IPv6, is knocked at at once: the first that
+    // completes the handshake is the host's. An IPv4-only socket (a host without IPv6)
+    // leaves the IPv6 ones out rather than fail on each send.
+    let sock = kernel::bind_udp(0)
+        .and_then(UdpSocket::from_std)
+        .map_err(JoinError::BindSocket)?;
+    let local = sock.local_addr().map_err(JoinError::BindSocket)?;
     let endpoints: Vec<SocketAddr> = invite
         .endpoints
         .iter()
-        .filter(|e| e.is_ipv4())
-        .copied()
+        .map(|e| kernel::unmapped(*e))
+        .filter(|e| local.is_ipv6() || e.is_ipv4())
         .collect();
     if endpoints.is_empty() {
         return Err(JoinError::NoEndpoint);
     }
-    let sock = UdpSocket::bind("0.0.0.0:0")
-        .await
-        .map_err(JoinError::BindSocket)?;
     let mut tunn = Tunn::new(
         StaticSecret::from(*invite.secret),
         PublicKey::from(invite.host_key),
@@ -194,6 +199,7 @@ pub async fn redeem(
     let mut rx = vec![0u8; 2048];
     let mut tx = vec![0u8; 2048];
     let mut next_try = Instant::now();
+    let mut first_round = true;
     loop {
         if Instant::now() >= next_try {
             next_try = Instant::now() + RETRY;
@@ -201,7 +207,7 @@ pub async fn redeem(
                 // Session up: the request may have been lost; send it again.
                 Some(ep) => {
                     if let TunnResult::WriteToNetwork(p) = tunn.encapsulate(&request, &mut tx) {
-                        let _ = sock.send_to(p, ep).await;
+                        let _ = sock.send_to(p, kernel::for_socket(ep, local)).await;
                     }
                 }
                 None => {
@@ -213,8 +219,13 @@ pub async fn redeem(
                         },
                     };
                     if let Some(p) = res {
-                        for ep in &endpoints {
-                            let _ = sock.send_to(&p, ep).await;
+                        // IPv6 gets one retry's head start, when the link has both: a
+                        // host that answers on both is then joined, and sees this node,
+                        // over IPv6, as the tunnel's knocks prefer it afterwards.
+                        let v6_first = first_round && endpoints.iter().any(|e| e.is_ipv6());
+                        first_round = false;
+                        for ep in endpoints.iter().filter(|e| !v6_first || e.is_ipv6()) {
+                            let _ = sock.send_to(&p, kernel::for_socket(*ep, local)).await;
                         }
                     }
                 }
@@ -230,14 +241,16 @@ pub async fn redeem(
             return Err(JoinError::HostUnreachable(list.join(", ")));
         }
         let Some((n, from)) = received else { continue };
+        let from = kernel::unmapped(from);
         match tunn.decapsulate(Some(from.ip()), &rx[..n], &mut tx) {
             TunnResult::WriteToNetwork(p) => {
                 // The handshake completed: this endpoint is the authenticated host.
                 host = Some(from);
-                let _ = sock.send_to(p, from).await;
+                let to = kernel::for_socket(from, local);
+                let _ = sock.send_to(p, to).await;
                 let mut flush = vec![0u8; 2048];
                 while let TunnResult::WriteToNetwork(p) = tunn.decapsulate(None, &[], &mut flush) {
-                    let _ = sock.send_to(p, from).await;
+                    let _ = sock.send_to(p, to).await;
                 }
             }
             TunnResult::WriteToTunnelV4(p, _) => {

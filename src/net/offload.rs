@@ -311,7 +311,40 @@ fn split_layout(packet: &[u8], v6: bool) -> Result<TcpLayout, OffloadError> {
 }
 
 /// Splits one packet read from TUN, with its virtio header, into segments ready to
-/// encrypt: `outs[i][..sizes[i]]` for `i` below the returned count.
+/// encrypt: `outs[i][..sizes[i]]` for `i` below the returned count. Fails with
+/// [`OffloadError::SplitBuffers`] when the packet has more segments than `outs` can take;
+/// [`split_from`] cuts such a packet a slice of segments at a time.
+pub fn split<B: AsMut<[u8]>>(
+    hdr: &VirtioNetHdr,
+    packet: &[u8],
+    outs: &mut [B],
+    sizes: &mut [usize],
+) -> Result<usize, OffloadError> {
+    let given = outs.len().min(sizes.len());
+    let cut = split_from(hdr, packet, 0, outs, sizes)?;
+    if cut.written < cut.total {
+        return Err(OffloadError::SplitBuffers {
+            needed: cut.total,
+            given,
+        });
+    }
+    Ok(cut.written)
+}
+
+/// What one [`split_from`] call wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    /// Segments written to `outs[..written]`.
+    pub written: usize,
+    /// Segments the whole packet makes; the next call starts at `first + written`.
+    pub total: usize,
+}
+
+/// Segments `first..` of one packet read from TUN, with its virtio header, as many as
+/// `outs` and `sizes` can take: `outs[i][..sizes[i]]` for `i` below the returned
+/// `written`. A super-packet can have more segments than a caller keeps buffers for (a
+/// peer that announces a small MSS makes 64 KiB of data into hundreds), so the caller
+/// takes it a slice at a time instead of losing it.
 ///
 /// A TCP super-packet (`GSO_TCPV4`/`GSO_TCPV6`) becomes `ceil(payload / gso_size)`
 /// segments, the last possibly shorter: each with the super-packet's IP header (IPv4:
@@ -320,14 +353,24 @@ fn split_layout(packet: &[u8], v6: bool) -> Result<TcpLayout, OffloadError> {
 /// FIN and PSH only on the last segment and CWR only on the first, and a full TCP
 /// checksum. A `GSO_NONE` packet is copied whole into `outs[0]`, its checksum completed
 /// when it carries `F_NEEDS_CSUM`. The sizes are checked before anything is written.
-pub fn split<B: AsMut<[u8]>>(
+pub fn split_from<B: AsMut<[u8]>>(
     hdr: &VirtioNetHdr,
     packet: &[u8],
+    first: usize,
     outs: &mut [B],
     sizes: &mut [usize],
-) -> Result<usize, OffloadError> {
+) -> Result<Cut, OffloadError> {
     let v6 = match hdr.gso_type {
-        GSO_NONE => return split_none(hdr, packet, outs, sizes),
+        GSO_NONE if first == 0 => {
+            let written = split_none(hdr, packet, outs, sizes)?;
+            return Ok(Cut { written, total: 1 });
+        }
+        GSO_NONE => {
+            return Ok(Cut {
+                written: 0,
+                total: 1,
+            })
+        }
         t if t & !GSO_ECN == GSO_TCPV4 => false,
         t if t & !GSO_ECN == GSO_TCPV6 => true,
         gso_type => return Err(OffloadError::SplitUnsupported { gso_type }),
@@ -355,17 +398,18 @@ pub fn split<B: AsMut<[u8]>>(
         });
     }
     // A super-packet with no payload still leaves as one segment (its header).
-    let count = payload.len().div_ceil(mss).max(1);
+    let segments = payload.len().div_ceil(mss).max(1);
     let given = outs.len().min(sizes.len());
-    if count > given {
+    if given == 0 && first < segments {
         return Err(OffloadError::SplitBuffers {
-            needed: count,
+            needed: segments - first,
             given,
         });
     }
+    let count = segments.saturating_sub(first).min(given);
     let seg_len = |i: usize| payload.len().saturating_sub(i * mss).min(mss);
     for (index, out) in outs.iter_mut().take(count).enumerate() {
-        let needed = head + seg_len(index);
+        let needed = head + seg_len(first + index);
         let len = out.as_mut().len();
         if len < needed {
             return Err(OffloadError::SplitBufferSize { index, len, needed });
@@ -379,12 +423,13 @@ pub fn split<B: AsMut<[u8]>>(
         packet[ip_len + 6],
         packet[ip_len + 7],
     ]);
-    for (i, (out, size)) in outs
+    for (slot, (out, size)) in outs
         .iter_mut()
         .zip(sizes.iter_mut())
         .take(count)
         .enumerate()
     {
+        let i = first + slot;
         let start = i * mss;
         let data = &payload[start..start + seg_len(i)];
         let total = head + data.len();
@@ -408,7 +453,7 @@ pub fn split<B: AsMut<[u8]>>(
         // Sequence numbers are modulo 2^32 by definition.
         seg[tcp + 4..tcp + 8].copy_from_slice(&first_seq.wrapping_add(start as u32).to_be_bytes());
         let mut flags = seg[tcp + 13];
-        if i + 1 < count {
+        if i + 1 < segments {
             flags &= !(TCP_FIN | TCP_PSH);
         }
         if i > 0 {
@@ -421,7 +466,10 @@ pub fn split<B: AsMut<[u8]>>(
         seg[tcp + 16..tcp + 18].copy_from_slice(&csum.to_be_bytes());
         *size = total;
     }
-    Ok(count)
+    Ok(Cut {
+        written: count,
+        total: segments,
+    })
 }
 
 fn split_none<B: AsMut<[u8]>>(
@@ -1249,6 +1297,51 @@ mod tests {
         };
         complete_checksum(&hdr, &mut p).unwrap();
         assert_eq!(&p[26..28], &[0xff, 0xff]);
+    }
+
+    #[test]
+    fn a_super_packet_with_more_segments_than_buffers_is_cut_a_slice_at_a_time_into_the_same_segments(
+    ) {
+        for v6 in [false, true] {
+            // 200 segments of 100 bytes: more than the 64 buffers `split_all` keeps.
+            let mut t = Tcp::new(v6, pattern(20_000, 3));
+            t.flags |= TCP_PSH;
+            let sup = t.super_packet();
+            let hdr = t.kernel_hdr(100);
+            let mut wide = vec![vec![0u8; 2_000]; 256];
+            let mut wide_sizes = vec![0usize; 256];
+            let whole = split(&hdr, &sup, &mut wide, &mut wide_sizes).unwrap();
+            assert_eq!(whole, 200);
+            assert_eq!(
+                split(&hdr, &sup, &mut wide[..64], &mut wide_sizes[..64]),
+                Err(OffloadError::SplitBuffers {
+                    needed: 200,
+                    given: 64
+                })
+            );
+            let mut outs = vec![vec![0u8; 2_000]; 64];
+            let mut sizes = vec![0usize; 64];
+            let mut sliced: Vec<Vec<u8>> = Vec::new();
+            let mut first = 0;
+            loop {
+                let cut = split_from(&hdr, &sup, first, &mut outs, &mut sizes).unwrap();
+                assert_eq!(cut.total, 200);
+                for (o, &n) in outs.iter().zip(&sizes).take(cut.written) {
+                    sliced.push(o[..n].to_vec());
+                }
+                first += cut.written;
+                if first >= cut.total {
+                    break;
+                }
+            }
+            let expected: Vec<Vec<u8>> = wide
+                .iter()
+                .zip(&wide_sizes)
+                .take(whole)
+                .map(|(o, &n)| o[..n].to_vec())
+                .collect();
+            assert_eq!(sliced, expected, "v6 = {v6}");
+        }
     }
 
     #[test]

@@ -10,3 +10,4 @@ pub mod folder;
 pub mod index;
 pub mod kept;
 pub mod versions;
+pub mod writers;

@@ -62,12 +62,8 @@ pub struct Report {
     pub change: Option<Change>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Change {
-    pub playing: bool,
-    pub position: f64,
-    pub rate: f64,
-}
+/// A person's change on a player (defined with the follower that tells it).
+pub use crate::watch::follow::Change;
 
 /// A wait for the room's state to move past `counter`/`node`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

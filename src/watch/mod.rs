@@ -3,6 +3,8 @@
 //! May import `base`, `group`, `net` and `data`; must not import `sync`, `control` or
 //! `daemon`.
 
+pub mod follow;
 pub mod hub;
+pub mod page;
 pub mod room;
 pub mod stream;

@@ -199,6 +199,14 @@ pub struct Room {
     offsets: BTreeMap<String, Offset>,
     /// Per peer: its last `sent_ms` and when it arrived here, echoed back to it.
     last_from: BTreeMap<String, (i64, i64)>,
+    /// When `state` came from a peer: who, the offset its time was moved by, and the
+    /// round trip of the exchange that offset came from. An offset taken while a queue
+    /// delayed one direction only is off by half that delay (a 1 Mbit/s uplink full of
+    /// video: half a second); once an exchange with a shorter round trip corrects the
+    /// estimate, the state's time is moved again, or the players would stay apart. Only a
+    /// shorter round trip moves it: the peer that sent the state also sends the echoes
+    /// the offset is made of, and must not get to shift the room's time at will.
+    state_offset: Option<(String, i64, Option<i64>)>,
     /// Pause the room when a watcher runs dry.
     pub hold_when_starved: bool,
 }
@@ -220,6 +228,7 @@ impl Room {
             local: None,
             offsets: BTreeMap::new(),
             last_from: BTreeMap::new(),
+            state_offset: None,
             hold_when_starved: true,
         }
     }
@@ -234,6 +243,7 @@ impl Room {
 
     /// A person changed the local player: it becomes the room's state.
     pub fn local_change(&mut self, now_ms: i64, playing: bool, position: f64, rate: f64) {
+        self.state_offset = None;
         self.state = Playback {
             playing,
             position,
@@ -332,9 +342,38 @@ impl Room {
                 at_ms: m.state.at_ms.saturating_sub(offset),
                 ..m.state
             };
+            self.state_offset = Some((from.to_string(), offset, self.rtt_ms(from)));
             return Ok(true);
         }
-        Ok(false)
+        Ok(self.reoffset_state(from, offset))
+    }
+
+    /// Moves the state's time again when it came from `from` and a shorter exchange with
+    /// `from` has changed the offset since; true when it moved.
+    fn reoffset_state(&mut self, from: &str, offset: i64) -> bool {
+        let rtt = self.rtt_ms(from);
+        let Some((peer, applied, applied_rtt)) = self.state_offset.as_mut() else {
+            return false;
+        };
+        let shorter = match (rtt, *applied_rtt) {
+            (Some(now), Some(then)) => now < then,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if peer != from || !shorter {
+            return false;
+        }
+        *applied_rtt = rtt;
+        if *applied == offset {
+            return false;
+        }
+        self.state.at_ms = self
+            .state
+            .at_ms
+            .saturating_add(*applied)
+            .saturating_sub(offset);
+        *applied = offset;
+        true
     }
 
     /// Their clock minus ours for `peer`, in ms.
@@ -390,6 +429,7 @@ impl Room {
             .all_watchers()
             .all(|w| !w.starved && w.buffered_s >= READY_BUFFER_S);
         if self.state.running() && starving {
+            self.state_offset = None;
             self.state = Playback {
                 position: self.state.position_at(now_ms),
                 at_ms: now_ms,
@@ -400,6 +440,7 @@ impl Room {
             return true;
         }
         if self.state.playing && self.state.held && ready {
+            self.state_offset = None;
             self.state = Playback {
                 at_ms: now_ms,
                 held: false,
@@ -485,6 +526,61 @@ mod tests {
         a.receive("b", msg(&b, "a", 12_000), 2_002).unwrap();
         // At a's 3_000 (b's 13_000) the file is 31 s in.
         assert!((a.state.position_at(3_000) - 31.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn a_state_taken_in_while_one_direction_was_queued_is_moved_once_the_offset_is_cleaner() {
+        // One clock; b's messages to a wait 1 s in a full uplink queue, a's to b do not:
+        // every exchange then says b's clock is 500 ms ahead.
+        let mut a = Room::new("f", "a", 0);
+        let mut b = Room::new("f", "b", 0);
+        b.receive("a", msg(&a, "b", 1_000), 1_010).unwrap();
+        a.receive("b", msg(&b, "a", 1_020), 2_020).unwrap();
+        assert_eq!(a.offset_ms("b"), -495);
+        b.local_change(3_000, true, 10.0, 1.0);
+        b.receive("a", msg(&a, "b", 3_000), 3_010).unwrap();
+        a.receive("b", msg(&b, "a", 3_020), 4_020).unwrap();
+        let skewed = a.state.position_at(5_000);
+        assert!((skewed - 12.0).abs() > 0.4, "{skewed}");
+        // The queue drains: one clean exchange, and the state is where b has it.
+        b.receive("a", msg(&a, "b", 6_000), 6_010).unwrap();
+        assert!(a.receive("b", msg(&b, "a", 6_020), 6_030).unwrap());
+        assert_eq!(a.offset_ms("b"), 0);
+        assert!((a.state.position_at(5_000) - b.state.position_at(5_000)).abs() < 0.001);
+    }
+
+    #[test]
+    fn a_later_exchange_with_no_shorter_round_trip_does_not_move_the_state_time() {
+        let mut a = Room::new("f", "a", 0);
+        let mut b = Room::new("f", "b", 0);
+        // A clean exchange (20 ms) first, then b's state.
+        b.receive("a", msg(&a, "b", 1_000), 1_010).unwrap();
+        a.receive("b", msg(&b, "a", 1_020), 1_030).unwrap();
+        b.local_change(2_000, true, 10.0, 1.0);
+        b.receive("a", msg(&a, "b", 2_000), 2_010).unwrap();
+        a.receive("b", msg(&b, "a", 2_020), 2_030).unwrap();
+        let at = a.state.at_ms;
+        // From now on b answers late (200 ms on its side): longer exchanges, another
+        // offset, until the clean ones have left the samples.
+        for i in 0..(Offset::KEEP as i64 + 1) {
+            let t = 3_000 + i * 1_000;
+            b.receive("a", msg(&a, "b", t), t + 10).unwrap();
+            assert!(!a.receive("b", msg(&b, "a", t + 210), t + 300).unwrap());
+        }
+        assert_eq!(a.offset_ms("b"), -40);
+        assert_eq!(a.state.at_ms, at);
+    }
+
+    #[test]
+    fn a_state_made_here_is_never_moved_by_a_peer_offset() {
+        let mut a = Room::new("f", "a", 0);
+        let mut b = Room::new("f", "b", 0);
+        a.local_change(1_000, true, 10.0, 1.0);
+        b.receive("a", msg(&a, "b", 1_000), 1_010).unwrap();
+        a.receive("b", msg(&b, "a", 1_020), 2_020).unwrap();
+        b.receive("a", msg(&a, "b", 3_000), 3_010).unwrap();
+        assert!(!a.receive("b", msg(&b, "a", 3_020), 3_030).unwrap());
+        assert_eq!(a.state.at_ms, 1_000);
     }
 
     #[test]

@@ -115,6 +115,9 @@ pub struct Stream {
     token: blake3::Hash,
     /// A local player reports on it: it then closes when its player leaves, not when idle.
     played: AtomicBool,
+    /// The order it was added in among the daemon's streams: of a file's versions open
+    /// at once, the latest added is the one a player asks about.
+    added: u64,
 }
 
 impl Stream {
@@ -201,6 +204,7 @@ impl Stream {
                 blake3::Hash::from_bytes(t)
             },
             played: AtomicBool::new(false),
+            added: 0,
         }
     }
 
@@ -373,7 +377,11 @@ pub struct Streams {
     pub cache_dir: PathBuf,
     /// Bytes the caches of streams nobody plays may keep on disk.
     budget: u64,
-    open: Mutex<HashMap<String, Arc<Stream>>>,
+    /// By file and content id: a reader of one version (a mounted file held open) keeps
+    /// its stream when the file changes and another reader opens the new version.
+    open: Mutex<HashMap<(String, String), Arc<Stream>>>,
+    /// Streams added so far, for [`Stream::added`].
+    added: AtomicU64,
     pub tasks: TaskTracker,
     pub cancel: CancellationToken,
     /// Where the loopback endpoint listens, once bound.
@@ -386,18 +394,25 @@ impl Streams {
             cache_dir,
             budget,
             open: Mutex::new(HashMap::new()),
+            added: AtomicU64::new(0),
             tasks: TaskTracker::new(),
             cancel,
             endpoint: Mutex::new(None),
         }
     }
 
-    fn lock_open(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Stream>>> {
+    fn lock_open(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Stream>>> {
         self.open.locked()
     }
 
+    /// The stream of `file` opened last (its latest version, unless an older one was
+    /// asked for later).
     pub fn get(&self, file: &str) -> Option<Arc<Stream>> {
-        self.lock_open().get(file).cloned()
+        self.lock_open()
+            .values()
+            .filter(|s| s.file == file)
+            .max_by_key(|s| s.added)
+            .cloned()
     }
 
     /// The open stream whose URL token is `token` (hex), compared in constant time with
@@ -413,58 +428,65 @@ impl Streams {
         found
     }
 
-    /// Closes the stream of `file`: its URL stops working, the replies reading it and
-    /// the workers filling it stop. Its cache stays on disk for the next watch of the
-    /// same content (and for eviction). True if it was open.
+    /// Closes the streams of `file` (each version open): their URLs stop working, the
+    /// replies reading them and the workers filling them stop. Their caches stay on disk
+    /// for the next watch of the same content (and for eviction). True if one was open.
     pub fn close(&self, file: &str) -> bool {
-        let Some(s) = self.lock_open().remove(file) else {
-            return false;
+        let closed: Vec<Arc<Stream>> = {
+            let mut open = self.lock_open();
+            let keys: Vec<(String, String)> =
+                open.keys().filter(|k| k.0 == file).cloned().collect();
+            keys.iter().filter_map(|k| open.remove(k)).collect()
         };
-        s.stop.cancel();
-        log::info!("watch {file}: stream closed");
-        true
+        for s in &closed {
+            s.stop.cancel();
+        }
+        if !closed.is_empty() {
+            log::info!("watch {file}: stream closed");
+        }
+        !closed.is_empty()
+    }
+
+    /// Closes one version's stream only.
+    fn close_one(&self, key: &(String, String)) {
+        if let Some(s) = self.lock_open().remove(key) {
+            s.stop.cancel();
+            log::info!("watch {}: stream of an earlier version closed", key.0);
+        }
     }
 
     /// Closes the streams no player reports on (opened with `--player none`, or whose
     /// player went quiet without leaving) that nobody has read for [`IDLE`]: their URL was
     /// handed out, but nothing will say when it is no longer needed.
     pub fn close_idle(&self, now: u64) {
-        let idle: Vec<String> = self
+        let idle: Vec<(String, String)> = self
             .lock_open()
             .iter()
             .filter(|(_, s)| {
                 !s.played.load(Ordering::Relaxed)
                     && now.saturating_sub(s.last_used.load(Ordering::Relaxed)) >= IDLE
             })
-            .map(|(f, _)| f.clone())
+            .map(|(k, _)| k.clone())
             .collect();
-        for f in idle {
-            self.close(&f);
+        for k in idle {
+            self.close_one(&k);
         }
     }
 
-    /// Adds `stream` (keeping one already open for the same content) and starts filling
-    /// it; returns the one in use.
+    /// Adds `stream` (keeping one already open for the same file and content) and starts
+    /// filling it; returns the one in use. A stream of another version of the same file
+    /// stays open: whoever reads it keeps reading the version it opened.
     pub fn add(
         &self,
         stream: Stream,
         engine: Arc<Engine>,
         members: Arc<dyn Membership>,
     ) -> Arc<Stream> {
-        let mut open = self.open.locked();
-        if let Some(s) = open.get(&stream.file) {
-            if s.manifest.id() == stream.manifest.id() {
-                return s.clone();
-            }
+        let (s, new) = self.insert(stream);
+        if !new {
+            return s;
         }
-        let mut stream = stream;
-        // Its workers stop with the daemon, or when its cache is evicted or replaced.
-        stream.stop = self.cancel.child_token();
-        let s = Arc::new(stream);
-        if let Some(replaced) = open.insert(s.file.clone(), s.clone()) {
-            replaced.stop.cancel();
-        }
-        self.make_room(&mut open, &s);
+        self.make_room(&s);
         if !s.complete() {
             self.tasks
                 .spawn(s.clone().fill(engine, members, s.stop.clone()));
@@ -472,19 +494,40 @@ impl Streams {
         s
     }
 
+    /// Puts `stream` among the open ones, unless one of the same file and content is
+    /// open already; returns the one in use and whether it is `stream`.
+    fn insert(&self, stream: Stream) -> (Arc<Stream>, bool) {
+        let key = (stream.file.clone(), stream.manifest.id());
+        let mut open = self.lock_open();
+        if let Some(s) = open.get(&key) {
+            return (s.clone(), false);
+        }
+        let mut stream = stream;
+        // Its workers stop with the daemon, or when it closes or its cache is evicted.
+        stream.stop = self.cancel.child_token();
+        stream.added = self.added.fetch_add(1, Ordering::Relaxed);
+        let s = Arc::new(stream);
+        open.insert(key, s.clone());
+        (s, true)
+    }
+
     /// Evicts the caches of streams nobody has played for [`IDLE`], least recently used
     /// first, until what `new` may still need fits in the budget beside the rest. A
     /// stream being played (or just opened) is never evicted, even past the budget.
-    fn make_room(&self, open: &mut HashMap<String, Arc<Stream>>, new: &Stream) {
+    /// The folder is read and files removed outside the lock on the open streams, which
+    /// every request of every player takes.
+    fn make_room(&self, new: &Stream) {
         let now = crate::base::clock::now_secs();
+        let new_id = new.manifest.id();
+        // Content open under two names counts as used by the more recent reader.
+        let mut used: HashMap<String, u64> = HashMap::new();
+        for s in self.lock_open().values() {
+            let at = used.entry(s.manifest.id()).or_insert(0);
+            *at = (*at).max(s.last_used.load(Ordering::Relaxed));
+        }
         let Ok(dir) = std::fs::read_dir(&self.cache_dir) else {
             return;
         };
-        let new_id = new.manifest.id();
-        let used: HashMap<String, u64> = open
-            .values()
-            .map(|s| (s.manifest.id(), s.last_used.load(Ordering::Relaxed)))
-            .collect();
         let entries: Vec<CacheEntry> = dir
             .flatten()
             .filter_map(|e| {
@@ -505,14 +548,24 @@ impl Streams {
             .manifest
             .size
             .saturating_sub(new.progress.done.load(Ordering::Relaxed));
-        let evicted = evictions(&entries, self.budget, need);
-        open.retain(|_, s| {
-            let keep = !evicted.contains(&s.manifest.id());
-            if !keep {
-                s.stop.cancel();
-            }
-            keep
-        });
+        let mut evicted = evictions(&entries, self.budget, need);
+        {
+            let mut open = self.lock_open();
+            // A stream of an evicted cache read since the snapshot keeps its cache.
+            let kept: Vec<String> = open
+                .values()
+                .filter(|s| now.saturating_sub(s.last_used.load(Ordering::Relaxed)) < IDLE)
+                .map(|s| s.manifest.id())
+                .collect();
+            evicted.retain(|id| !kept.contains(id) && *id != new_id);
+            open.retain(|_, s| {
+                let keep = !evicted.contains(&s.manifest.id());
+                if !keep {
+                    s.stop.cancel();
+                }
+                keep
+            });
+        }
         for id in evicted {
             match std::fs::remove_file(self.cache_dir.join(&id)) {
                 Ok(()) => log::info!("watch: evicted the cache of {id} (over the budget)"),
@@ -525,14 +578,17 @@ impl Streams {
     pub fn url(&self, stream: &Stream) -> Option<String> {
         let token = stream.token.to_hex();
         let at = (*self.endpoint.locked())?;
-        let path: String = stream
-            .file
-            .split('/')
-            .map(|seg| form_urlencoded::byte_serialize(seg.as_bytes()).collect::<String>())
-            .collect::<Vec<_>>()
-            .join("/");
-        Some(format!("http://{at}/{token}/{path}"))
+        Some(format!("http://{at}/{token}/{}", url_path(&stream.file)))
     }
+}
+
+/// `share/path` as the endpoint's URLs carry it: each segment percent-encoded, so only
+/// `[A-Za-z0-9*-._+%]` and slashes remain (safe in an HTML attribute too).
+fn url_path(file: &str) -> String {
+    file.split('/')
+        .map(|seg| form_urlencoded::byte_serialize(seg.as_bytes()).collect::<String>())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// A response body fed by a task as chunks arrive.
@@ -605,7 +661,12 @@ fn no_stream() -> Response<Body> {
     )
 }
 
-async fn handle(streams: Arc<Streams>, req: Request<Incoming>, port: u16) -> Response<Body> {
+async fn handle(
+    streams: Arc<Streams>,
+    pages: Arc<dyn Pages>,
+    req: Request<Incoming>,
+    port: u16,
+) -> Response<Body> {
     let host_ok = req
         .headers()
         .get(hyper::header::HOST)
@@ -621,7 +682,8 @@ async fn handle(streams: Arc<Streams>, req: Request<Incoming>, port: u16) -> Res
             "refused: this endpoint serves players on this machine, addressed as 127.0.0.1, [::1] or localhost with its port\n",
         );
     }
-    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD {
+    let post = req.method() == hyper::Method::POST;
+    if req.method() != hyper::Method::GET && req.method() != hyper::Method::HEAD && !post {
         return plain(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
     }
     let full = req.uri().path().trim_start_matches('/');
@@ -631,6 +693,19 @@ async fn handle(streams: Arc<Streams>, req: Request<Incoming>, port: u16) -> Res
     let Some(s) = streams.by_token(token) else {
         return no_stream();
     };
+    // The browser page and the endpoint its script reports to, under the same token: no
+    // file's URL is either, as a file's names a share and a path.
+    match (rest, post) {
+        ("", false) => return pages.page(&url_path(&s.file)).map(Either::Left),
+        ("player", true) => return pages.player(&s, req).await.map(Either::Left),
+        (_, true) => {
+            return plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "GET only, but for a page's report\n",
+            )
+        }
+        _ => {}
+    }
     let file: String = rest
         .split('/')
         .map(|seg| {
@@ -712,16 +787,35 @@ async fn handle(streams: Arc<Streams>, req: Request<Incoming>, port: u16) -> Res
     r
 }
 
-/// Serves the streams on `listener` (bound by the caller to loopback) until `cancel`.
-pub async fn serve_local(listener: TcpListener, streams: Arc<Streams>, cancel: CancellationToken) {
+/// The browser page's two routes under a stream's token, behind the endpoint's token
+/// and `Host` checks: `crate::watch::page` answers them (it sits above this module).
+pub trait Pages: Send + Sync {
+    /// `GET /<token>/`: the page playing the stream whose URL path is `src`.
+    fn page(&self, src: &str) -> Response<Full<Bytes>>;
+    /// `POST /<token>/player`: the page's report on `stream`.
+    fn player<'a>(
+        &'a self,
+        stream: &'a Arc<Stream>,
+        req: Request<Incoming>,
+    ) -> Pin<Box<dyn std::future::Future<Output = Response<Full<Bytes>>> + Send + 'a>>;
+}
+
+/// Serves the streams, and their browser pages through `pages`, on `listener` (bound by
+/// the caller to loopback) until `cancel`.
+pub async fn serve_local(
+    listener: TcpListener,
+    streams: Arc<Streams>,
+    pages: Arc<dyn Pages>,
+    cancel: CancellationToken,
+) {
     crate::net::server::serve(
         listener,
         cancel,
         crate::net::server::LOOPBACK,
         |_local, _peer| true,
         move |req, local: SocketAddr, _peer| {
-            let streams = streams.clone();
-            async move { handle(streams, req, local.port()).await }
+            let (streams, pages) = (streams.clone(), pages.clone());
+            async move { handle(streams, pages, req, local.port()).await }
         },
         || {},
         || {},
@@ -778,8 +872,7 @@ mod tests {
             chunks: vec!["x".into(), "y".into()],
         };
         let new = Stream::remote("s/new.bin", manifest, [0; 32], dir.path()).unwrap();
-        let mut open = HashMap::new();
-        streams.make_room(&mut open, &new);
+        streams.make_room(&new);
         // 2 MiB held and 2 MiB wanted against 3 MiB: the older one goes.
         assert!(!dir.path().join("a").exists());
         assert!(dir.path().join("b").exists());
@@ -818,7 +911,7 @@ mod tests {
         assert!(loopback_host("[::1]", 80));
     }
 
-    fn manifest(path: &str) -> Manifest {
+    fn manifest(path: &str, chunk: &str) -> Manifest {
         Manifest {
             share: "s".into(),
             path: path.into(),
@@ -826,24 +919,53 @@ mod tests {
             mtime: 0,
             mode: 0o644,
             chunk_size: 1 << 20,
-            chunks: vec!["x".into()],
+            chunks: vec![chunk.into()],
         }
     }
 
-    /// Opens `s/NAME` (held locally) in `streams`; returns its URL token.
-    fn open(streams: &Streams, dir: &std::path::Path, name: &str) -> String {
+    /// Opens version `chunk` of `s/NAME` (held locally) in `streams`; returns its URL
+    /// token.
+    fn open_version(streams: &Streams, dir: &std::path::Path, name: &str, chunk: &str) -> String {
         let path = dir.join(name);
         std::fs::write(&path, b"film").unwrap();
-        let s = Stream::local(&format!("s/{name}"), manifest(name), [0; 32], path).unwrap();
-        streams
-            .open
-            .lock()
-            .unwrap()
-            .insert(s.file.clone(), Arc::new(s));
-        let url = streams
-            .url(&streams.get(&format!("s/{name}")).unwrap())
-            .unwrap();
+        let s = Stream::local(&format!("s/{name}"), manifest(name, chunk), [0; 32], path);
+        let (s, _) = streams.insert(s.unwrap());
+        let url = streams.url(&s).unwrap();
         url.split('/').nth(3).unwrap().to_string()
+    }
+
+    fn open(streams: &Streams, dir: &std::path::Path, name: &str) -> String {
+        open_version(streams, dir, name, "x")
+    }
+
+    #[test]
+    fn a_new_version_of_a_file_opened_leaves_the_stream_of_the_old_one_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let streams = Streams::new(dir.path().join("c"), 0, CancellationToken::new());
+        *streams.endpoint.lock().unwrap() = Some(([127, 0, 0, 1], 8000).into());
+        let old = open_version(&streams, dir.path(), "a", "x");
+        let old_stream = streams.by_token(&old).unwrap();
+        let new = open_version(&streams, dir.path(), "a", "y");
+        assert_ne!(old, new);
+        assert!(
+            !old_stream.stop.is_cancelled(),
+            "the old version's readers were stopped"
+        );
+        assert_eq!(streams.by_token(&old).unwrap().manifest.chunks, ["x"]);
+        assert_eq!(streams.by_token(&new).unwrap().manifest.chunks, ["y"]);
+        // A player asks about the version opened last.
+        assert_eq!(streams.get("s/a").unwrap().manifest.chunks, ["y"]);
+        // The same version opened again is the same stream.
+        assert_eq!(open_version(&streams, dir.path(), "a", "x"), old);
+        // Each version idles out on its own: the old one unread, the new one played.
+        streams.by_token(&new).unwrap().set_played(true);
+        streams.close_idle(crate::base::clock::now_secs() + IDLE + 1);
+        assert!(streams.by_token(&old).is_none());
+        assert!(streams.by_token(&new).is_some());
+        // Its player leaving closes every version of the file.
+        let again = open_version(&streams, dir.path(), "a", "x");
+        assert!(streams.close("s/a"));
+        assert!(streams.by_token(&again).is_none() && streams.by_token(&new).is_none());
     }
 
     #[test]

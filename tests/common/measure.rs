@@ -66,6 +66,18 @@ pub fn mbit(bytes: u64, d: Duration) -> f64 {
     bytes as f64 * 8.0 / d.as_secs_f64() / 1e6
 }
 
+/// The middle of `d` (the upper middle of an even count).
+pub fn median(mut d: Vec<Duration>) -> Duration {
+    d.sort();
+    d[d.len() / 2]
+}
+
+/// `d` in milliseconds, comma-separated, for a table's "runs" column.
+pub fn ms(d: &[Duration]) -> String {
+    let v: Vec<String> = d.iter().map(|d| d.as_millis().to_string()).collect();
+    v.join(", ")
+}
+
 /// iperf3 from `server` to `client` (`-R`: the server sends, as the file's holder does)
 /// at `addr` (one of the server's addresses), Mbit/s. The client starts once the server
 /// listens; a run that measured nothing is tried again with a fresh server, and three

@@ -2,14 +2,21 @@
 //! each with its own state dir and control socket. Every name carries this process's PID
 //! so parallel runs never meet, and everything is torn down on drop, also when a test
 //! panics (the daemon's log is printed then, to show why).
+//!
+//! IPv6 is opt-in ([`Lab::internet6`], [`Lab::router_with`]), so every older test keeps
+//! its IPv4-only lab: each internet host and each site then get a global /64 from 2001:db8::/32,
+//! routers route IPv6 without NAT behind a stateful `ip6tables` firewall (replies in, new
+//! inbound dropped), and a node or a site may have IPv6 only, or an IPv4 NAT that lets
+//! nothing unsolicited in and maps each destination apart (carrier-grade NAT).
 
 #![allow(dead_code)]
 
 pub mod delay;
 pub mod measure;
+pub mod mount;
 pub mod player;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -79,6 +86,54 @@ fn root_qdisc(ns: &str, dev: &str) -> String {
         ],
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The neighbour entries the lab keeps room for besides its own largest segment's:
+/// other labs (tests run in parallel) and the machine itself.
+const NEIGHBOUR_SPARE: usize = 4096;
+
+/// Makes sure the kernel's neighbour tables (ARP, and NDP for IPv6) have room for a
+/// segment of `hosts` namespaces that all talk to each other. Each table is one per
+/// machine, shared by every namespace, and by default holds at most 1024 entries
+/// (`gc_thresh3`); a segment of n hosts in a full mesh needs n·(n−1) of them, so at
+/// 40-odd nodes a new entry cannot be made ("neighbor table overflow!" in dmesg) and a
+/// namespace cannot send to an address it has not reached before: the 64-node mesh
+/// bench (issue 19) failed its 46th join that way, the joiner's datagrams never leaving
+/// its namespace. The limits are raised, never lowered, and left raised: other labs may
+/// be running, and a larger table costs only memory once used.
+///
+/// Where `/proc/sys` is read-only (some CI containers), a lab that fits in the current
+/// limits runs as before; only one that cannot fit stops, saying what to set.
+fn make_room_for_neighbours(hosts: usize) {
+    let own = hosts * hosts.saturating_sub(1);
+    let need = own + NEIGHBOUR_SPARE;
+    for family in ["ipv4", "ipv6"] {
+        // thresh1: no garbage collection below it; thresh2: soft limit; thresh3: hard.
+        // `fits`: the least this segment can work with, if the limit cannot be raised.
+        for (name, wanted, fits) in [
+            ("gc_thresh1", need / 4, 0),
+            ("gc_thresh2", need / 2, 0),
+            ("gc_thresh3", need, own),
+        ] {
+            let path = format!("/proc/sys/net/{family}/neigh/default/{name}");
+            let now: usize = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if now >= wanted {
+                continue;
+            }
+            match std::fs::write(&path, wanted.to_string()) {
+                Ok(()) => {}
+                Err(_) if now >= fits => {}
+                Err(e) => panic!(
+                    "a lab segment of {hosts} hosts needs room for {wanted} neighbour entries, \
+                     but {path} is {now} and cannot be raised ({e}): run \
+                     `sysctl -w net.{family}.neigh.default.{name}={wanted}` as root"
+                ),
+            }
+        }
+    }
 }
 
 /// Polls `f` until it is true or `timeout` passes.
@@ -204,13 +259,21 @@ pub fn rtt_from_env() -> Duration {
     }
 }
 
-/// A layer-2 segment: a bridge in some namespace, and the /24 its hosts live in.
+/// A layer-2 segment: a bridge in some namespace, and the /24 its hosts live in, with
+/// the IPv6 /64 `2001:db8:N::/64` when `net6` is `Some(N)`; on the internet (`N` = 0)
+/// each host has a /64 of its own instead, `2001:db8:0:H::/64`, as no two homes or
+/// servers on the internet share one (the /64 makes a site).
 pub struct Segment {
     ns: String,
     bridge: String,
     prefix: [u8; 3],
     next: u8,
     gateway: Option<Ipv4Addr>,
+    net6: Option<u16>,
+    gateway6: Option<Ipv6Addr>,
+    /// Routes every namespace plugged in here gets: (a site's /64, its router's WAN
+    /// address). Only the internet has them: there is no routing daemon in the lab.
+    routes6: Vec<(String, Ipv6Addr)>,
     mtu: u16,
     /// (namespace, its veth's outer end in the segment's namespace)
     attached: Vec<(String, String)>,
@@ -220,10 +283,42 @@ pub struct Segment {
     delays: Vec<delay::Delay>,
 }
 
+/// The `host`th address of the lab's IPv6 /64 number `net`: `2001:db8:net::host`.
+pub fn lab_ipv6(net: u16, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, net, 0, 0, 0, 0, host)
+}
+
+/// The address of the `host`th node on the lab's IPv6 internet, in a /64 of its own.
+pub fn internet_ipv6(host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, host, 0, 0, 0, 1)
+}
+
+/// Where the lab internet's hosts' /64s are, all reached on the link.
+const INTERNET6: &str = "2001:db8::/48";
+
+/// What a namespace got when plugged into a segment.
+struct Attached {
+    /// `None` when it was plugged in for IPv6 only.
+    ip: Option<Ipv4Addr>,
+    ip6: Option<Ipv6Addr>,
+}
+
 impl Segment {
     /// Plugs namespace `ns` into this segment as `eth0` and gives it the next address.
     fn attach(&mut self, ns: &Netns) -> Ipv4Addr {
+        self.attach_families(ns, true)
+            .ip
+            .expect("an IPv4 address was asked for")
+    }
+
+    /// The same, with an IPv4 address only if `v4`, and an IPv6 one whenever the
+    /// segment has a /64 (with its routes and default route).
+    fn attach_families(&mut self, ns: &Netns, v4: bool) -> Attached {
         let ip = Ipv4Addr::new(self.prefix[0], self.prefix[1], self.prefix[2], self.next);
+        let ip6 = self.net6.map(|n| match n {
+            0 => internet_ipv6(u16::from(self.next)),
+            n => lab_ipv6(n, u16::from(self.next)),
+        });
         self.next += 1;
         let outer = unique("v");
         if self.one_way.is_zero() {
@@ -246,6 +341,9 @@ impl Segment {
                 self.one_way,
             ));
         }
+        if self.net6.is_some() {
+            no_dad(&ns.name, "eth0");
+        }
         let mtu = self.mtu.to_string();
         must("ip", &["-n", &self.ns, "link", "set", &outer, "mtu", &mtu]);
         must("ip", &["-n", &ns.name, "link", "set", "eth0", "mtu", &mtu]);
@@ -262,20 +360,38 @@ impl Segment {
                 "up",
             ],
         );
-        must(
-            "ip",
-            &[
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{ip}/24"),
-                "dev",
-                "eth0",
-            ],
-        );
+        if v4 {
+            must(
+                "ip",
+                &[
+                    "-n",
+                    &ns.name,
+                    "addr",
+                    "add",
+                    &format!("{ip}/24"),
+                    "dev",
+                    "eth0",
+                ],
+            );
+        }
+        if let Some(a) = ip6 {
+            // `nodad`: usable at once, not after a second of duplicate detection.
+            must(
+                "ip",
+                &[
+                    "-n",
+                    &ns.name,
+                    "addr",
+                    "add",
+                    &format!("{a}/64"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            );
+        }
         must("ip", &["-n", &ns.name, "link", "set", "eth0", "up"]);
-        if let Some(gw) = self.gateway {
+        if let (Some(gw), true) = (self.gateway, v4) {
             must(
                 "ip",
                 &[
@@ -289,15 +405,102 @@ impl Segment {
                 ],
             );
         }
+        if let (Some(gw), Some(_)) = (self.gateway6, ip6) {
+            must(
+                "ip",
+                &[
+                    "-n",
+                    &ns.name,
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &gw.to_string(),
+                ],
+            );
+        }
+        if self.net6 == Some(0) && ip6.is_some() {
+            // The other hosts' /64s are on this same link.
+            must(
+                "ip",
+                &[
+                    "-n", &ns.name, "-6", "route", "add", INTERNET6, "dev", "eth0",
+                ],
+            );
+        }
+        if ip6.is_some() {
+            for (net, via) in &self.routes6 {
+                add_route6(&ns.name, net, *via);
+            }
+        }
         self.attached.push((ns.name.clone(), outer));
-        ip
+        make_room_for_neighbours(self.attached.len());
+        Attached {
+            ip: v4.then_some(ip),
+            ip6,
+        }
     }
+
+    /// Routes `net` via `via` from every namespace plugged in here but `except` (the
+    /// router that owns it), and from every one plugged in later.
+    fn route6(&mut self, net: String, via: Ipv6Addr, except: &str) {
+        for (ns, _) in self.attached.iter().filter(|(ns, _)| ns != except) {
+            add_route6(ns, &net, via);
+        }
+        self.routes6.push((net, via));
+    }
+}
+
+/// Turns duplicate address detection off for `dev` in `ns` (and for interfaces made
+/// there later), before it comes up. Until DAD ends (a second or two) the link-local
+/// address is tentative, and a router cannot send the neighbour solicitation that
+/// forwarding needs: the first packets through a new router would be lost.
+fn no_dad(ns: &str, dev: &str) {
+    for key in ["default", dev] {
+        must(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{key}.accept_dad=0"),
+            ],
+        );
+    }
+}
+
+fn add_route6(ns: &str, net: &str, via: Ipv6Addr) {
+    must(
+        "ip",
+        &["-n", ns, "-6", "route", "add", net, "via", &via.to_string()],
+    );
+}
+
+/// How [`Lab::router_with`] builds a home router. The default is [`Lab::router`]'s:
+/// IPv4 NAT only.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RouterOptions {
+    /// The LAN gets the global /64 `2001:db8:N::/64` (N: the LAN prefix's third byte),
+    /// routed without NAT behind a stateful firewall: replies come in, nothing new does.
+    /// Needs a lab made with [`Lab::internet6`].
+    pub ipv6: bool,
+    /// The router has no IPv4 on its WAN: the site reaches the internet over IPv6 only.
+    pub ipv6_only: bool,
+    /// Carrier-grade NAT: each destination gets its own random port (endpoint-dependent
+    /// mapping) and nothing unsolicited comes in, so no hole can be punched over IPv4.
+    pub cgn: bool,
 }
 
 /// A home router: WAN on the lab's main segment, NAT (MASQUERADE) for a LAN bridge.
 pub struct Router {
     pub ns: Netns,
+    /// Unspecified when the router has IPv6 only.
     pub wan_ip: Ipv4Addr,
+    /// Its WAN's IPv6 address, when it has one.
+    pub wan_ip6: Option<Ipv6Addr>,
     pub lan: Segment,
 }
 
@@ -337,6 +540,39 @@ impl Router {
             "{}",
             String::from_utf8_lossy(&ok.stderr)
         );
+    }
+}
+
+/// Makes `ns` (a router whose LAN bridge is `lan` and WAN is `eth0`) route IPv6 for
+/// its LAN, at `gw6`, without NAT, behind the stateful firewall of a home router:
+/// replies to what the LAN sent come in, nothing new does, to the LAN or the router
+/// (neighbour discovery excepted, which the router itself needs).
+fn ipv6_router(ns: &Netns, gw6: Ipv6Addr) {
+    must(
+        "ip",
+        &[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            &format!("{gw6}/64"),
+            "dev",
+            "lan",
+            "nodad",
+        ],
+    );
+    let o = ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for rule in [
+        "-A FORWARD -i eth0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        "-A FORWARD -i eth0 -j DROP",
+        "-A INPUT -i eth0 -p ipv6-icmp -j ACCEPT",
+        "-A INPUT -i eth0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT",
+        "-A INPUT -i eth0 -j DROP",
+    ] {
+        let mut args = vec!["netns", "exec", &ns.name, "ip6tables"];
+        args.extend(rule.split(' '));
+        must("ip", &args);
     }
 }
 
@@ -387,6 +623,29 @@ impl Lab {
         lab
     }
 
+    /// [`Lab::internet`] with IPv6 as well: every node on the internet gets a /64 of its
+    /// own in `2001:db8::/48` (see [`internet_ipv6`]), and routers made with
+    /// [`Lab::router_with`] route their sites' /64s.
+    pub fn internet6() -> Lab {
+        let mut lab = Lab::with_prefix([203, 0, 113], rtt_from_env());
+        lab.main.net6 = Some(0);
+        lab
+    }
+
+    /// [`Lab::internet6`] with [`Lab::internet_jumbo`]'s 9000-byte frames.
+    pub fn internet6_jumbo() -> Lab {
+        let mut lab = Lab::internet_jumbo();
+        lab.main.net6 = Some(0);
+        lab
+    }
+
+    /// [`Lab::new`]'s one LAN with IPv6 as well (addresses as [`Lab::internet6`]'s).
+    pub fn new6() -> Lab {
+        let mut lab = Lab::new();
+        lab.main.net6 = Some(0);
+        lab
+    }
+
     fn with_prefix(prefix: [u8; 3], rtt: Duration) -> Lab {
         let switch = Netns::new("sw");
         must(
@@ -400,6 +659,9 @@ impl Lab {
             prefix,
             next: 1,
             gateway: None,
+            net6: None,
+            gateway6: None,
+            routes6: Vec::new(),
             mtu: 1500,
             attached: Vec::new(),
             one_way: rtt / 4,
@@ -426,6 +688,14 @@ impl Lab {
                 (ns.as_str(), "eth0"),
                 (self.main.ns.as_str(), outer.as_str()),
             ] {
+                // Shaped again at another rate: a bfifo's limit cannot be changed in
+                // place, so the old tree goes first (nothing to delete the first time).
+                let _ = run(
+                    "ip",
+                    &[
+                        "netns", "exec", where_, "tc", "qdisc", "del", "dev", dev, "root",
+                    ],
+                );
                 for tc in [
                     vec![
                         "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default",
@@ -485,14 +755,46 @@ impl Lab {
     /// A node on the main segment.
     pub fn node(&mut self, name: &str) -> Node {
         let ns = Netns::new(name);
-        let ip = self.main.attach(&ns);
-        self.make_node(name, ns, ip)
+        let a = self.main.attach_families(&ns, true);
+        let mut n = self.make_node(name, ns, a.ip.unwrap_or(Ipv4Addr::UNSPECIFIED));
+        n.ip6 = a.ip6;
+        n
+    }
+
+    /// A node on the main segment of an [`Lab::internet6`] lab with an IPv6 address
+    /// only: no IPv4 route joins it to any other namespace. Its `ip` is unspecified.
+    pub fn node_ipv6_only(&mut self, name: &str) -> Node {
+        assert!(
+            self.main.net6.is_some(),
+            "an IPv6-only node needs Lab::internet6"
+        );
+        let ns = Netns::new(name);
+        let a = self.main.attach_families(&ns, false);
+        let mut n = self.make_node(name, ns, Ipv4Addr::UNSPECIFIED);
+        n.ip6 = a.ip6;
+        n
     }
 
     /// A router on the main segment doing NAT for the LAN `lan_prefix`.0/24.
     pub fn router(&mut self, name: &str, lan_prefix: [u8; 3]) -> Router {
+        self.router_with(name, lan_prefix, RouterOptions::default())
+    }
+
+    /// A router as `options` say (see [`RouterOptions`]).
+    pub fn router_with(
+        &mut self,
+        name: &str,
+        lan_prefix: [u8; 3],
+        options: RouterOptions,
+    ) -> Router {
+        let ipv6 = options.ipv6 || options.ipv6_only;
+        assert!(
+            !ipv6 || self.main.net6.is_some(),
+            "a router with IPv6 needs Lab::internet6"
+        );
         let ns = Netns::new(name);
-        let wan_ip = self.main.attach(&ns);
+        let wan = self.main.attach_families(&ns, !options.ipv6_only);
+        let wan_ip = wan.ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
         must(
             "ip",
             &["-n", &ns.name, "link", "add", "lan", "type", "bridge"],
@@ -525,7 +827,7 @@ impl Lab {
         must("ip", &["-n", &ns.name, "link", "set", "lan", "up"]);
         let o = ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         assert!(o.status.success());
-        let o = ns.exec(&[
+        let mut masquerade = vec![
             "iptables",
             "-t",
             "nat",
@@ -535,12 +837,41 @@ impl Lab {
             "eth0",
             "-j",
             "MASQUERADE",
-        ]);
+        ];
+        if options.cgn {
+            // A random port per destination: where the host saw a member is no port
+            // another member can reach it at.
+            masquerade.push("--random");
+        }
+        let o = ns.exec(&masquerade);
         assert!(
             o.status.success(),
             "iptables: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        if options.cgn {
+            // Nothing new comes in to the LAN either (MASQUERADE alone forwards nothing
+            // unsolicited; this says it in the rules).
+            must(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &ns.name,
+                    "iptables",
+                    "-A",
+                    "FORWARD",
+                    "-i",
+                    "eth0",
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "NEW,INVALID",
+                    "-j",
+                    "DROP",
+                ],
+            );
+        }
         // A home router's usual firewall: nothing new comes in to the router itself. Without
         // it, a peer's early knock leaves a conntrack entry on the router that makes
         // MASQUERADE pick another port for the answer, and hole punching never meets.
@@ -562,26 +893,43 @@ impl Lab {
             "iptables: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        let net6 = ipv6.then_some(u16::from(lan_prefix[2]));
+        let gw6 = net6.map(|n| lab_ipv6(n, 1));
+        if let (Some(n), Some(gw6), Some(wan6)) = (net6, gw6, wan.ip6) {
+            ipv6_router(&ns, gw6);
+            self.main
+                .route6(format!("{}/64", lab_ipv6(n, 0)), wan6, &ns.name);
+        }
         let lan = Segment {
             ns: ns.name.clone(),
             bridge: "lan".into(),
             prefix: lan_prefix,
             next: 10,
             gateway: Some(gw),
+            net6,
+            gateway6: gw6,
+            routes6: Vec::new(),
             mtu: self.mtu,
             attached: Vec::new(),
             // A home LAN is near.
             one_way: Duration::ZERO,
             delays: Vec::new(),
         };
-        Router { ns, wan_ip, lan }
+        Router {
+            ns,
+            wan_ip,
+            wan_ip6: wan.ip6,
+            lan,
+        }
     }
 
     /// A node on a router's LAN.
     pub fn node_behind(&mut self, router: &mut Router, name: &str) -> Node {
         let ns = Netns::new(name);
-        let ip = router.lan.attach(&ns);
-        self.make_node(name, ns, ip)
+        let a = router.lan.attach_families(&ns, true);
+        let mut n = self.make_node(name, ns, a.ip.unwrap_or(Ipv4Addr::UNSPECIFIED));
+        n.ip6 = a.ip6;
+        n
     }
 
     fn make_node(&mut self, name: &str, ns: Netns, ip: Ipv4Addr) -> Node {
@@ -602,6 +950,7 @@ impl Lab {
             name: name.to_string(),
             ns,
             ip,
+            ip6: None,
             dir,
             config,
             daemon: None,
@@ -662,7 +1011,10 @@ impl SiteLab {
 pub struct Node {
     pub name: String,
     pub ns: Netns,
+    /// Unspecified for a node with IPv6 only.
     pub ip: Ipv4Addr,
+    /// Its global IPv6 address, in a lab with IPv6.
+    pub ip6: Option<Ipv6Addr>,
     pub dir: PathBuf,
     pub config: PathBuf,
     daemon: Option<Child>,
@@ -901,6 +1253,7 @@ pub fn wait_for_direct_mesh(nodes: &[&Node], deadline: Duration) {
         let ok = wait_until(deadline, || {
             let p = n.peers();
             let whole = p.peers.len() == nodes.len() - 1
+                && p.site.is_some()
                 && p.peers
                     .iter()
                     .all(|x| x.site.is_some() && (x.path == "direct" || x.path == "lan"));

@@ -221,3 +221,13 @@ pub fn has(program: &str) -> bool {
     }
     found
 }
+
+/// How long after `started` the player first reports a position past 0 (a frame shown).
+pub fn first_frame(p: &Player, started: Instant) -> Duration {
+    assert!(
+        wait_until(Duration::from_secs(60), || p.position() > 0.0),
+        "{} never showed a frame",
+        p.name
+    );
+    started.elapsed()
+}

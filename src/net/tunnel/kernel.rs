@@ -4,11 +4,14 @@
 //! `UDP_SEGMENT` send per run of a peer's datagrams out, through quinn-udp), the sizes of
 //! the queues in between, and which of these offloads are on. Each offload falls back on
 //! its own when the kernel refuses it, says so once in the log and in [`OffloadStatus`].
+//! The socket is dual-stack (one `[::]` socket, IPv4 arriving v4-mapped) where the host
+//! has IPv6, else IPv4 only ([`bind_udp`]); addresses leave this file as plain IPv4 or
+//! IPv6 ([`unmapped`]), so the rest of the daemon never sees a v4-mapped one.
 //! It moves bytes and nothing else: what a byte means is the core's business, and how a
 //! super-packet is cut or built is `net::offload`'s.
 
 use std::io::{self, IoSliceMut};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -137,7 +140,9 @@ impl Offloads {
 /// A test-only switch (debug builds only): `WATCHALONG_TEST_REFUSE_OFFLOAD` lists the
 /// offloads (`tun`: TUNSETOFFLOAD, `tun-gro`: coalesced TUN writes, `gso`: UDP GSO
 /// sends) the kernel is to be taken as refusing, so the fallbacks can be tested on a
-/// kernel that accepts everything. Release builds never read it.
+/// kernel that accepts everything; `tun-icmp` refuses single ICMP packets written to a
+/// device with offloads, as a kernel refuses a packet it finds malformed, which must not
+/// be taken for a refusal of coalescing. Release builds never read it.
 pub(crate) fn refused_for_test(feature: &str) -> bool {
     #[cfg(debug_assertions)]
     {
@@ -154,8 +159,51 @@ pub(crate) fn refused_for_test(feature: &str) -> bool {
 }
 
 /// Creates the TUN device with TSO and checksum offload when `mode` allows and the kernel
-/// accepts them, else a plain one; returns whether offloads are on.
+/// accepts them, else a plain one; returns whether offloads are on. The device carries
+/// `address`/`prefix` and, where the machine has IPv6, `address6` in its /64
+/// ([`add_inner_ipv6`]).
 pub fn open_tun(
+    name: &str,
+    address: Ipv4Addr,
+    prefix: u8,
+    address6: Ipv6Addr,
+    mtu: u16,
+    mode: Offload,
+) -> Result<(AsyncDevice, bool), KernelError> {
+    let (dev, offload) = open_tun_v4(name, address, prefix, mtu, mode)?;
+    add_inner_ipv6(&dev, name, address6);
+    Ok((dev, offload))
+}
+
+/// The group's /64 on the device, so the kernel routes the other members' inner IPv6
+/// addresses into the tunnel. Added after the device is made, not by the builder: a
+/// machine (or namespace) with IPv6 turned off refuses it, and the VPN then carries IPv4
+/// alone rather than not at all.
+fn add_inner_ipv6(dev: &AsyncDevice, name: &str, address6: Ipv6Addr) {
+    if let Err(e) = dev.add_address_v6(address6, INNER_IPV6_PREFIX) {
+        log::warn!(
+            "cannot give {name} its inner IPv6 address {address6}/{INNER_IPV6_PREFIX} ({e}); \
+             the VPN carries IPv4 only on this node (is IPv6 turned off, \
+             net.ipv6.conf.all.disable_ipv6?)"
+        );
+    }
+}
+
+/// Moves the device's inner IPv6 address from `old` to `new` (a joiner's group changes
+/// from its own to the host's). A failure leaves the node with IPv4 inside the tunnel
+/// only, and says so, as at start.
+pub fn move_inner_ipv6(dev: &AsyncDevice, name: &str, old: Ipv6Addr, new: Ipv6Addr) {
+    if old == new {
+        return;
+    }
+    // Absent when IPv6 was refused at start: nothing to take away then.
+    if let Err(e) = dev.remove_address_v6(old, INNER_IPV6_PREFIX) {
+        log::debug!("{name} had no inner IPv6 address {old} to remove: {e}");
+    }
+    add_inner_ipv6(dev, name, new);
+}
+
+fn open_tun_v4(
     name: &str,
     address: Ipv4Addr,
     prefix: u8,
@@ -193,6 +241,9 @@ pub fn open_tun(
     Ok((dev, false))
 }
 
+/// The group's inner IPv6 network is a /64 (`group::place::network6`).
+const INNER_IPV6_PREFIX: u8 = 64;
+
 /// tun-rs also asks for UDP segmentation offload (USO) when the kernel has it; we split
 /// only TCP super-packets, so the device is told to send us TCP ones only.
 fn tcp_offloads_only(dev: &AsyncDevice) -> io::Result<()> {
@@ -206,6 +257,68 @@ fn tcp_offloads_only(dev: &AsyncDevice) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Binds the tunnel's UDP socket on `port` for both families: one `[::]` socket with
+/// `IPV6_V6ONLY` off, so IPv4 peers arrive as `::ffff:a.b.c.d`. Where the host has no
+/// IPv6 (the kernel refuses an IPv6 socket), it binds `0.0.0.0` and says so once: the
+/// node then reaches and is reached over IPv4 only. Non-blocking, for tokio.
+pub fn bind_udp(port: u16) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let dual = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).and_then(|s| {
+        s.set_only_v6(false)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok(s)
+    });
+    let sock = match dual {
+        Ok(s) => s,
+        // Only "no IPv6 here" falls back; a port in use is an error in either family.
+        Err(e) if no_ipv6(&e) => {
+            log::warn!(
+                "this host has no IPv6 ({e}): UDP port {port} listens on IPv4 only, so \
+                 IPv6 endpoints in links and announcements cannot be used"
+            );
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+            s
+        }
+        Err(e) => return Err(e),
+    };
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+/// Whether an error making an IPv6 socket means the host has no IPv6 at all.
+fn no_ipv6(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT) | Some(libc::EPROTONOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+    )
+}
+
+/// `a` with a v4-mapped IPv6 address (`[::ffff:a.b.c.d]:p`, how a dual-stack socket
+/// shows an IPv4 peer) turned back into the IPv4 address it stands for; any other address
+/// as it is. Everything that compares, stores, logs or shows an endpoint uses this form.
+pub fn unmapped(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        SocketAddr::V4(_) => a,
+    }
+}
+
+/// The form of `a` that a socket bound to `local` sends to: IPv4 as v4-mapped on a
+/// dual-stack (IPv6) socket, anything else as it is (an IPv6 address on an IPv4-only
+/// socket then fails to send, which is the truth: that host has no IPv6).
+pub fn for_socket(a: SocketAddr, local: SocketAddr) -> SocketAddr {
+    match (a, local) {
+        (SocketAddr::V4(v4), SocketAddr::V6(_)) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        _ => a,
+    }
 }
 
 /// Sets the socket's buffers to the sizes above, past `rmem_max`/`wmem_max` when root.
@@ -247,6 +360,8 @@ fn set_int(
 pub struct Udp {
     sock: UdpSocket,
     state: UdpSocketState,
+    /// Where the socket is bound: `[::]` for a dual-stack one, else `0.0.0.0`.
+    local: SocketAddr,
 }
 
 impl Udp {
@@ -258,12 +373,26 @@ impl Udp {
         // `OMIT`, not the kernel's default `WANT`: the path MTU an ICMP message claims is
         // ignored, so a forged "fragmentation needed" cannot shrink what a GSO send may
         // carry and make every full-size batch to a peer fail.
+        // On a dual-stack socket the IPv4 option still governs the v4-mapped traffic.
         let _ = set_int(
             &sock,
             libc::IPPROTO_IP,
             libc::IP_MTU_DISCOVER,
             libc::IP_PMTUDISC_OMIT,
         );
+        let local = sock.local_addr().map_err(KernelError::SetUpUdp)?;
+        if local.is_ipv6() {
+            // The same for IPv6, where quinn-udp also sets `IPV6_DONTFRAG`: a datagram
+            // larger than the path leaves in fragments (IPv6 routers never fragment, but
+            // the sender may), and a forged "packet too big" cannot shrink GSO batches.
+            let _ = set_int(
+                &sock,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_MTU_DISCOVER,
+                libc::IPV6_PMTUDISC_OMIT,
+            );
+            let _ = set_int(&sock, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0);
+        }
         let gro = state.gro_segments() > 1;
         let gso = state.max_gso_segments() > 1;
         let auto = mode == Offload::Auto;
@@ -273,15 +402,21 @@ impl Udp {
         }
         offloads.udp_gro.store(gro && auto, Ordering::Relaxed);
         offloads.udp_gso.store(gso && auto, Ordering::Relaxed);
-        Ok(Udp { sock, state })
+        Ok(Udp { sock, state, local })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.sock.local_addr()
     }
 
+    /// Whether the socket takes IPv6 as well as IPv4.
+    pub fn dual_stack(&self) -> bool {
+        self.local.is_ipv6()
+    }
+
     /// Waits for datagrams and reads up to `bufs.len()` of them (each possibly a GRO run
-    /// of `meta[i].stride`-byte datagrams) in one system call.
+    /// of `meta[i].stride`-byte datagrams) in one system call. Senders come out
+    /// [`unmapped`].
     pub async fn recv(&self, bufs: &mut [Vec<u8>], meta: &mut [RecvMeta]) -> io::Result<usize> {
         loop {
             self.sock.readable().await?;
@@ -291,6 +426,12 @@ impl Udp {
                 self.state.recv((&self.sock).into(), &mut slices, meta)
             }) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(n) => {
+                    for m in meta.iter_mut().take(n) {
+                        m.addr = unmapped(m.addr);
+                    }
+                    return Ok(n);
+                }
                 r => return r,
             }
         }
@@ -298,6 +439,7 @@ impl Udp {
 
     /// Sends one datagram.
     pub async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
+        let to = for_socket(to, self.local);
         self.sock.send_to(datagram, to).await.map(|_| ())
     }
 
@@ -313,7 +455,7 @@ impl Udp {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         let t = Transmit {
-            destination: to,
+            destination: for_socket(to, self.local),
             ecn: None,
             contents,
             segment_size: Some(segment),
@@ -338,4 +480,71 @@ pub fn gso_refused(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_v4_mapped_sender_is_shown_as_plain_ipv4_and_mapped_again_only_for_an_ipv6_socket() {
+        let mapped: SocketAddr = "[::ffff:203.0.113.7]:51871".parse().unwrap();
+        let plain: SocketAddr = "203.0.113.7:51871".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::7]:51871".parse().unwrap();
+        assert_eq!(unmapped(mapped), plain);
+        assert_eq!(unmapped(plain), plain);
+        assert_eq!(unmapped(v6), v6);
+        let dual: SocketAddr = "[::]:51871".parse().unwrap();
+        let v4_only: SocketAddr = "0.0.0.0:51871".parse().unwrap();
+        assert_eq!(for_socket(plain, dual), mapped);
+        assert_eq!(for_socket(plain, v4_only), plain);
+        assert_eq!(for_socket(v6, dual), v6);
+    }
+
+    #[test]
+    fn the_tunnel_socket_takes_ipv4_and_ipv6_and_shows_both_senders_plainly() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sock = bind_udp(0).unwrap();
+            let port = sock.local_addr().unwrap().port();
+            let udp = Udp::new(
+                UdpSocket::from_std(sock).unwrap(),
+                Offload::Off,
+                &Offloads::default(),
+            )
+            .unwrap();
+            assert!(udp.dual_stack(), "this test host has IPv6 on loopback");
+            let mut bufs = vec![vec![0u8; 2048]; RECV_BATCH];
+            let mut meta = vec![RecvMeta::default(); RECV_BATCH];
+            for (family, to) in [
+                ("IPv4", SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+                ("IPv6", SocketAddr::from((Ipv6Addr::LOCALHOST, port))),
+            ] {
+                let from = std::net::UdpSocket::bind(SocketAddr::new(
+                    if to.is_ipv4() {
+                        IpAddr::V4(Ipv4Addr::LOCALHOST)
+                    } else {
+                        IpAddr::V6(Ipv6Addr::LOCALHOST)
+                    },
+                    0,
+                ))
+                .unwrap();
+                from.send_to(family.as_bytes(), to).unwrap();
+                let n = udp.recv(&mut bufs, &mut meta).await.unwrap();
+                assert_eq!(n, 1);
+                assert_eq!(&bufs[0][..meta[0].len], family.as_bytes());
+                assert_eq!(meta[0].addr, from.local_addr().unwrap(), "{family}");
+                // And the answer reaches it, whichever family it came in by.
+                udp.send_to(b"back", meta[0].addr).await.unwrap();
+                let mut got = [0u8; 8];
+                from.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                    .unwrap();
+                let (k, _) = from.recv_from(&mut got).unwrap();
+                assert_eq!(&got[..k], b"back", "{family}");
+            }
+        });
+    }
 }
