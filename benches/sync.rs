@@ -7,7 +7,9 @@
 //! a new 1 KiB file and of a 100-byte append (p50, p90, max over 50 runs) from s1a to a
 //! nearby member (s1b) and to a distant one, from the write returning to the content
 //! matching at the receiver (polled every ms); then the time for one 256 MiB file to
-//! reach both; RSS of every daemon idle and its high-water mark at the end. Syncthing is
+//! reach both; then 1 KiB inserted in the middle of that file (saved as an editor saves:
+//! written beside it and renamed over it), with the bytes s1a's interface sent until
+//! both hold the new version; RSS of every daemon idle and its high-water mark at the end. Syncthing is
 //! Debian's, with its file watcher at the minimum delay (1 s), discovery, relays and NAT
 //! traversal off and every device given its address.
 
@@ -93,12 +95,15 @@ struct Figures {
     append_near: Vec<Duration>,
     append_far: Vec<Duration>,
     big: Duration,
+    /// The insertion: time to both, and bytes the writer's node sent meanwhile.
+    insert: Duration,
+    insert_sent: u64,
     idle_kib: Vec<u64>,
     peak_kib: Vec<u64>,
 }
 
 /// The runs, from `src` to `nearby` and `far`, with `pids` the daemons to weigh.
-fn measure(src: &Path, nearby: &Path, far: &Path, pids: &[u32]) -> Figures {
+fn measure(src: &Path, nearby: &Path, far: &Path, pids: &[u32], sent: &dyn Fn() -> u64) -> Figures {
     let idle_kib = pids.iter().map(|p| tree_kib(*p, "VmRSS:")).collect();
     let mut f = Figures {
         create_near: Vec::new(),
@@ -106,6 +111,8 @@ fn measure(src: &Path, nearby: &Path, far: &Path, pids: &[u32]) -> Figures {
         append_near: Vec::new(),
         append_far: Vec::new(),
         big: Duration::ZERO,
+        insert: Duration::ZERO,
+        insert_sent: 0,
         idle_kib,
         peak_kib: Vec::new(),
     };
@@ -159,6 +166,21 @@ fn measure(src: &Path, nearby: &Path, far: &Path, pids: &[u32]) -> Figures {
         }
     }
     f.big = start.elapsed();
+    let mut bytes = std::fs::read(src.join("big.bin")).unwrap();
+    let middle = bytes.len() / 2;
+    bytes.splice(middle..middle, [b'+'; 1024]);
+    let beside = src.parent().unwrap().join("big.new");
+    std::fs::write(&beside, &bytes).unwrap();
+    let before = sent();
+    let start = Instant::now();
+    std::fs::rename(&beside, src.join("big.bin")).unwrap();
+    arrivals(
+        &[&nearby.join("big.bin"), &far.join("big.bin")],
+        &bytes,
+        Duration::from_secs(600),
+    );
+    f.insert = start.elapsed();
+    f.insert_sent = sent() - before;
     f.peak_kib = pids.iter().map(|p| tree_kib(*p, "VmHWM:")).collect();
     f
 }
@@ -187,6 +209,11 @@ fn report(system: &str, f: Figures) {
         "\n256 MiB to both: {:.1} s ({:.0} Mbit/s per receiver)",
         f.big.as_secs_f64(),
         256.0 * 8.388_608 / f.big.as_secs_f64()
+    );
+    println!(
+        "1 KiB inserted in its middle, to both: {:.1} s, {:.2} MiB sent by the writer's node",
+        f.insert.as_secs_f64(),
+        f.insert_sent as f64 / 1_048_576.0
     );
     println!(
         "RSS (host, distant, s1a, s1b; for Syncthing its two processes summed) idle: {} MiB; \
@@ -350,7 +377,20 @@ fn main() {
         .iter()
         .map(|n| n.pid().unwrap_or(0))
         .collect();
-    let ours = measure(&roots[2], &roots[3], &roots[1], &pids);
+    // By name: the namespace itself stays the node's, which goes before it.
+    let s1a_ns = s1a.ns.name.clone();
+    let sent = || {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &s1a_ns, "cat"])
+            .arg("/sys/class/net/eth0/statistics/tx_bytes")
+            .output()
+            .expect("ip netns exec");
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u64>()
+            .expect("tx_bytes of s1a's eth0")
+    };
+    let ours = measure(&roots[2], &roots[3], &roots[1], &pids, &sent);
     for n in [&mut host, &mut distant, &mut s1a, &mut s1b] {
         n.kill9();
     }
@@ -379,7 +419,7 @@ fn main() {
     }
     wait_connected(&st[2].folder, &[&st[1].folder, &st[3].folder], "syncthing");
     let pids: Vec<u32> = st.iter().map(Syncthing::pid).collect();
-    let theirs = measure(&st[2].folder, &st[3].folder, &st[1].folder, &pids);
+    let theirs = measure(&st[2].folder, &st[3].folder, &st[1].folder, &pids, &sent);
 
     report("watchalong", ours);
     report("Syncthing (fsWatcherDelayS=1)", theirs);

@@ -229,6 +229,8 @@ pub fn manifest(data: &[u8]) {
         "a checked manifest's chunks do not add up to its size"
     );
     assert!((0..m.chunks.len() as u64).all(|i| m.chunk_len(i) <= MAX_CHUNK_SIZE));
+    // Every chunk is where its offset says: a byte maps back to the chunk that holds it.
+    assert!((0..m.chunks.len() as u64).all(|i| m.chunk_at(m.chunk_offset(i)) == i));
 }
 
 /// Room messages: decoded as [`watchalong::watch::hub::Watch::receive`] does, then taken by

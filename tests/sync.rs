@@ -176,6 +176,89 @@ fn create_change_rename_delete_mkdir_and_rmdir_on_any_member_reach_every_other()
 }
 
 #[test]
+fn a_chmod_of_a_file_and_a_touch_of_a_folder_reach_every_member_without_refetching() {
+    if !root_or_skip(
+        "a_chmod_of_a_file_and_a_touch_of_a_folder_reach_every_member_without_refetching",
+    ) {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (_lab, nodes, roots) = docs_lab(&["a", "b"]);
+    let mode = |p: PathBuf| {
+        std::fs::metadata(p)
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok()
+    };
+    let mtime = |p: PathBuf| std::fs::metadata(p).map(|m| m.mtime()).ok();
+    std::fs::create_dir(roots[0].join("album")).unwrap();
+    std::fs::write(roots[0].join("album/song.txt"), b"la la la\n").unwrap();
+    std::fs::set_permissions(
+        roots[0].join("album/song.txt"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    wait_same(&roots, "the file and its folder", |t| {
+        t.contains_key("album/song.txt")
+    });
+    let fetched = |nodes: &[Node]| -> u64 {
+        nodes
+            .iter()
+            .map(|n| n.status().node.chunks.fetched_chunks)
+            .sum()
+    };
+    let fetched_before = fetched(&nodes);
+
+    // `chmod 640` on a member that is not the host.
+    let ok = std::process::Command::new("chmod")
+        .arg("640")
+        .arg(roots[1].join("album/song.txt"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let everywhere = wait_until(DEADLINE, || {
+        roots
+            .iter()
+            .all(|r| mode(r.join("album/song.txt")) == Some(0o640))
+    });
+    let modes: Vec<_> = roots
+        .iter()
+        .map(|r| mode(r.join("album/song.txt")))
+        .collect();
+    assert!(
+        everywhere,
+        "the chmod did not reach every member: {modes:?}"
+    );
+
+    // `touch -d` on the host's folder.
+    let ok = std::process::Command::new("touch")
+        .args(["-d", "2001-02-03 04:05:06 UTC"])
+        .arg(roots[0].join("album"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let want = 981_173_106;
+    assert_eq!(mtime(roots[0].join("album")), Some(want));
+    let everywhere = wait_until(DEADLINE, || {
+        roots.iter().all(|r| mtime(r.join("album")) == Some(want))
+    });
+    let mtimes: Vec<_> = roots.iter().map(|r| mtime(r.join("album"))).collect();
+    assert!(
+        everywhere,
+        "the folder's mtime did not reach every member: {mtimes:?}"
+    );
+
+    // Metadata moved, content did not: no chunk fetched, no conflict copy, one tree.
+    assert_eq!(
+        fetched(&nodes),
+        fetched_before,
+        "a metadata change fetched content"
+    );
+    wait_same(&roots, "after the metadata changes", |t| t.len() == 2);
+    let first = tree_with_modes(&roots[0]);
+    assert!(roots.iter().all(|r| tree_with_modes(r) == first));
+}
+
+#[test]
 fn the_same_file_edited_on_two_cut_off_members_keeps_both_versions_everywhere() {
     if !root_or_skip("the_same_file_edited_on_two_cut_off_members_keeps_both_versions_everywhere") {
         return;
@@ -524,7 +607,7 @@ fn random_op(rng: &mut rand::rngs::StdRng, root: &Path, n: usize) -> String {
     let file = files.choose(rng).map(|f| root.join(f));
     let mut content = vec![0u8; rng.gen_range(0..48 * 1024)];
     rng.fill(&mut content[..]);
-    let op = rng.gen_range(0..7);
+    let op = rng.gen_range(0..8);
     let r: std::io::Result<String> = match (op, file) {
         (1, Some(p)) => std::fs::OpenOptions::new()
             .append(true)
@@ -537,6 +620,12 @@ fn random_op(rng: &mut rand::rngs::StdRng, root: &Path, n: usize) -> String {
             std::fs::rename(&p, &to).map(|_| format!("rename {} {}", p.display(), to.display()))
         }
         (4, Some(p)) => std::fs::remove_file(&p).map(|_| format!("delete {}", p.display())),
+        (7, Some(p)) => {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = *[0o600, 0o640, 0o644, 0o664, 0o755].choose(rng).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+                .map(|_| format!("chmod {mode:o} {}", p.display()))
+        }
         (5, _) if !empty_dirs.is_empty() => {
             let p = root.join(empty_dirs.choose(rng).unwrap());
             std::fs::remove_dir(&p).map(|_| format!("rmdir {}", p.display()))
@@ -731,7 +820,9 @@ fn a_receiver_killed_twenty_times_during_a_256_mib_pull_never_shows_a_mixed_file
     // What resuming must keep: the last run checked and kept every chunk an earlier run
     // received, but for one per kill whose write the kill may have cut short.
     let kept = chunk_counts(&nodes[1]).1;
-    println!("the last run kept {kept} chunks; {arrived_before_kills} had arrived before the kills");
+    println!(
+        "the last run kept {kept} chunks; {arrived_before_kills} had arrived before the kills"
+    );
     assert!(
         kept + kills >= arrived_before_kills,
         "the last run kept {kept} chunks of the {arrived_before_kills} received before {kills} kills"
@@ -745,6 +836,50 @@ fn a_receiver_killed_twenty_times_during_a_256_mib_pull_never_shows_a_mixed_file
     assert!(
         served <= allowed,
         "{served} chunks served for a {chunks}-chunk file over {kills} kills"
+    );
+}
+
+#[test]
+fn a_kibibyte_inserted_in_the_middle_of_a_64_mib_file_fetches_under_2_mib() {
+    if !root_or_skip("a_kibibyte_inserted_in_the_middle_of_a_64_mib_file_fetches_under_2_mib") {
+        return;
+    }
+    // No chunk cache at the receiver: what it reuses must come from the file it holds.
+    let (_lab, nodes, roots) = docs_lab_prepared(&["a"], |roots| {
+        let config = roots[1].parent().unwrap().join("watchalong.toml");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(config)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"\n[relay]\ncache_mib = 0\n").unwrap();
+    });
+    let first = place(&roots[0], "film.mkv", 64 << 20, "insert");
+    wait_same(&roots, "the first version", |t| {
+        t.get("film.mkv") == Some(&first)
+    });
+    let served = |n: &Node| {
+        let c = n.status().node.chunks;
+        (c.served_chunks, c.served_bytes)
+    };
+    let before = served(&nodes[0]);
+    // As an editor saves: the whole file written anew beside it, then renamed over it.
+    let mut bytes = std::fs::read(roots[0].join("film.mkv")).unwrap();
+    let middle = bytes.len() / 2;
+    bytes.splice(middle..middle, [b'+'; 1024]);
+    let want = blake3::hash(&bytes).to_hex().to_string();
+    let beside = roots[0].parent().unwrap().join("film.mkv.new");
+    std::fs::write(&beside, &bytes).unwrap();
+    drop(bytes);
+    std::fs::rename(&beside, roots[0].join("film.mkv")).unwrap();
+    wait_same(&roots, "after the insertion", |t| {
+        t.get("film.mkv") == Some(&want)
+    });
+    let after = served(&nodes[0]);
+    let (chunks, bytes) = (after.0 - before.0, after.1 - before.1);
+    println!("the holder served {chunks} chunks, {bytes} bytes for a 1 KiB insertion");
+    assert!(
+        bytes < 2 << 20,
+        "{bytes} bytes ({chunks} chunks) served for a 1 KiB insertion in 64 MiB"
     );
 }
 

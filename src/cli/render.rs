@@ -358,6 +358,12 @@ pub fn print_status(s: &StatusReply) {
             "share     {}: {} files, {} bytes, {} conflict(s), {state}",
             sh.name, sh.files, sh.bytes, sh.conflicts
         );
+        if sh.links_skipped > 0 {
+            println!(
+                "          {}: {} symbolic link(s) not synced (links are never followed nor carried)",
+                sh.name, sh.links_skipped
+            );
+        }
     }
     if s.peers.is_empty() {
         println!("\nno peers yet: `watchalong link` makes an access link");

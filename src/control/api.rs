@@ -341,6 +341,9 @@ pub struct Counters {
     pub corrupt_chunks: u64,
     /// Chunks served from the cache or the disk to another member.
     pub served_chunks: u64,
+    /// Bytes of those chunks.
+    #[serde(default)]
+    pub served_bytes: u64,
     /// Chunks this node fetched from another member.
     pub fetched_chunks: u64,
     /// Chunks an interrupted pull already held, checked and kept instead of fetched.
@@ -374,6 +377,9 @@ pub struct ShareStatus {
     /// Why remote deletions are held here, until `watchalong sync release SHARE`.
     #[serde(default)]
     pub held: Option<String>,
+    /// Symbolic links in the share: sync never follows nor carries them.
+    #[serde(default)]
+    pub links_skipped: usize,
 }
 
 /// Gossip counters.
@@ -562,7 +568,7 @@ mod tests {
                 r#"{"id":"ab","target":"s/f","dest":"/d/f","handoff":null,"source":"host","#,
                 r#""size":10,"done":10,"corrupt_chunks":0,"route":"direct","state":"done","#,
                 r#""error":null,"counters":{"corrupt_chunks":0,"served_chunks":0,"#,
-                r#""fetched_chunks":0,"resumed_chunks":0,"refused_requests":0,"#,
+                r#""served_bytes":0,"fetched_chunks":0,"resumed_chunks":0,"refused_requests":0,"#,
                 r#""refused_connections":0,"accepted_connections":0}}"#
             )
         );

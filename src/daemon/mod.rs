@@ -462,13 +462,13 @@ fn watch_shares(
             .seen(seen, &event.paths, std::time::Instant::now());
         // Reads (our own scans and chunk reads among them) and our own temp files are
         // not changes; reacting to them would keep the share busy being rescanned. A
-        // close after writing is one: the file is whole now.
+        // close after writing is one: the file is whole now. So is a change of metadata
+        // (a chmod, a touch): modes and mtimes travel.
         let relevant = (closed
             || matches!(
                 event.kind,
                 EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Any
             ))
-            && !matches!(event.kind, EventKind::Modify(ModifyKind::Metadata(_)))
             && event
                 .paths
                 .iter()

@@ -34,6 +34,7 @@ pub fn counters(c: transfer::Counters) -> control::Counters {
     control::Counters {
         corrupt_chunks: c.corrupt_chunks,
         served_chunks: c.served_chunks,
+        served_bytes: c.served_bytes,
         fetched_chunks: c.fetched_chunks,
         resumed_chunks: c.resumed_chunks,
         refused_requests: c.refused_requests,
@@ -69,6 +70,7 @@ pub fn share_status(s: crate::sync::folder::ShareStatus) -> control::ShareStatus
         root_ok: s.root_ok,
         last_error: s.last_error,
         held: s.held,
+        links_skipped: s.links_skipped,
     }
 }
 
@@ -238,6 +240,7 @@ mod tests {
         let c = transfer::Counters {
             corrupt_chunks: 1,
             served_chunks: 2,
+            served_bytes: 8,
             fetched_chunks: 3,
             resumed_chunks: 4,
             refused_requests: 5,
@@ -255,6 +258,7 @@ mod tests {
             root_ok: true,
             last_error: Some("disk full".into()),
             held: None,
+            links_skipped: 2,
         };
         same_json(&share, &share_status(share.clone()));
         let mut stats = crate::group::gossip::Stats {

@@ -105,19 +105,26 @@ pub struct ChunkRequest {
     pub transfer: String,
     /// The chunk's length from its manifest: no answer is read past it.
     pub len: u64,
+    /// Where the chunk starts, from its manifest: content-defined chunks have no fixed
+    /// place. Absent from members older than content-defined chunking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
 }
 
 impl ChunkRequest {
     fn query(&self) -> String {
-        form_urlencoded::Serializer::new(String::new())
-            .append_pair("source", &self.source)
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        q.append_pair("source", &self.source)
             .append_pair("share", &self.share)
             .append_pair("path", &self.path)
             .append_pair("index", &self.index.to_string())
             .append_pair("hash", &self.hash)
             .append_pair("transfer", &self.transfer)
-            .append_pair("len", &self.len.to_string())
-            .finish()
+            .append_pair("len", &self.len.to_string());
+        if let Some(offset) = self.offset {
+            q.append_pair("offset", &offset.to_string());
+        }
+        q.finish()
     }
 
     pub(super) fn source_key(&self) -> Option<Key> {
@@ -131,6 +138,9 @@ pub struct Counters {
     pub corrupt_chunks: u64,
     /// Chunks served from the cache or the disk to another member.
     pub served_chunks: u64,
+    /// Bytes of those chunks.
+    #[serde(default)]
+    pub served_bytes: u64,
     /// Chunks this node fetched from another member.
     pub fetched_chunks: u64,
     /// Chunks an interrupted pull already held, checked and kept instead of fetched.
@@ -161,6 +171,7 @@ pub struct Engine {
     pub(super) pool: Pool,
     pub(super) corrupt: AtomicU64,
     pub(super) served: AtomicU64,
+    pub(super) served_bytes: AtomicU64,
     pub(super) fetched: AtomicU64,
     pub(super) resumed: AtomicU64,
     /// `served` and `fetched` by the hop they took (see [`RouteCounters`]).
@@ -202,6 +213,7 @@ impl Engine {
             pool: Pool::new(PER_PEER),
             corrupt: AtomicU64::new(0),
             served: AtomicU64::new(0),
+            served_bytes: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
             resumed: AtomicU64::new(0),
             served_tunnel: AtomicU64::new(0),
@@ -230,6 +242,7 @@ impl Engine {
         Counters {
             corrupt_chunks: self.corrupt.load(Ordering::Relaxed),
             served_chunks: self.served.load(Ordering::Relaxed),
+            served_bytes: self.served_bytes.load(Ordering::Relaxed),
             fetched_chunks: self.fetched.load(Ordering::Relaxed),
             resumed_chunks: self.resumed.load(Ordering::Relaxed),
             refused_requests: self.refused.load(Ordering::Relaxed),

@@ -136,7 +136,11 @@ impl Engine {
     /// Chunk `req` of a file this node holds, read on a blocking thread.
     async fn own_chunk(&self, req: &ChunkRequest) -> Result<Bytes, TransferError> {
         let (shares, req) = (self.shares.clone(), req.clone());
-        let b = blocking(move || shares.chunk(&req.share, &req.path, req.index, &req.hash)).await?;
+        let b = blocking(move || {
+            let at = req.offset.map(|offset| (offset, req.len));
+            shares.chunk(&req.share, &req.path, req.index, at, &req.hash)
+        })
+        .await?;
         Ok(Bytes::from(b))
     }
 
@@ -232,6 +236,7 @@ pub async fn fetch_chunk(
         hash: manifest.chunks[index as usize].clone(),
         transfer: id.clone(),
         len: manifest.chunk_len(index),
+        offset: Some(manifest.chunk_offset(index)),
     };
     let mut last = String::new();
     for _ in 0..MAX_TRIES {
@@ -416,7 +421,7 @@ async fn one_chunk(
     )
     .await?;
     let len = b.len() as u64;
-    let at = index * manifest.chunk_size;
+    let at = manifest.chunk_offset(index);
     blocking(move || {
         use std::os::unix::fs::FileExt;
         file.write_all_at(&b, at)

@@ -191,6 +191,9 @@ async fn chunk_reply(
     match engine.serve_chunk(dir, cr, as_gateway).await {
         Ok(b) => {
             engine.served.fetch_add(1, Ordering::Relaxed);
+            engine
+                .served_bytes
+                .fetch_add(b.len() as u64, Ordering::Relaxed);
             engine.served_tunnel.fetch_add(1, Ordering::Relaxed);
             reply(StatusCode::OK, b)
         }
@@ -220,6 +223,11 @@ fn chunk_request(q: &HashMap<String, String>) -> Option<ChunkRequest> {
         hash: q.get("hash")?.clone(),
         transfer: q.get("transfer")?.clone(),
         len: q.get("len")?.parse().ok().filter(|l| *l <= MAX_CHUNK)?,
+        // Absent from older members; present but not a number is no request.
+        offset: match q.get("offset") {
+            Some(o) => Some(o.parse().ok()?),
+            None => None,
+        },
     })
 }
 
@@ -494,6 +502,9 @@ async fn relay_request<M: Membership>(
         {
             Ok(sealed) => {
                 engine.served.fetch_add(1, Ordering::Relaxed);
+                engine
+                    .served_bytes
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
                 engine.served_lan.fetch_add(1, Ordering::Relaxed);
                 reply(StatusCode::OK, Bytes::from(sealed))
             }

@@ -27,6 +27,15 @@ pub const CHUNK_SIZE_ENV: &str = "WATCHALONG_CHUNK_SIZE";
 /// dominates; above, one chunk held in memory (a verify, a relay reply) costs too much.
 pub const MIN_CHUNK_SIZE: u64 = 4096;
 pub const MAX_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
+/// Content-defined chunks (FastCDC, 2020 version) for read-write shares: a cut falls where
+/// the content says, so an insertion or a deletion in the middle of a file moves the cuts
+/// only near it and a receiver refetches the chunks around the edit, not the rest. The
+/// average is the fixed chunk's size (what the measurements chose); the bounds keep every
+/// chunk between a quarter and four times that. Read-only shares keep fixed chunks: a
+/// film is not edited, and a stream maps a byte to its chunk by one division.
+pub const CDC_MIN: u32 = 64 * 1024;
+pub const CDC_AVG: u32 = 256 * 1024;
+pub const CDC_MAX: u32 = 1024 * 1024;
 /// The largest file a manifest may describe (4 TiB): far beyond any video, and it keeps
 /// every offset computed from a peer's manifest (`index * chunk_size`) inside `u64`.
 pub const MAX_FILE_SIZE: u64 = 1 << 42;
@@ -101,9 +110,20 @@ pub struct Manifest {
     pub size: u64,
     pub mtime: u64,
     pub mode: u32,
+    /// Fixed chunks: each chunk's length (the last one may be shorter). Content-defined
+    /// chunks: their average length, which only sizes transfer windows.
     pub chunk_size: u64,
     /// BLAKE3 of each chunk, hex.
     pub chunks: Vec<String>,
+    /// Content-defined chunks: each chunk's length, in order, summing to `size`. Empty
+    /// for fixed chunks (and from members older than content-defined chunking).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lengths: Vec<u32>,
+    /// Where each content-defined chunk starts, from `lengths`: filled by
+    /// [`Manifest::checked`] and by the node that builds the manifest, so a lookup is a
+    /// binary search. Never sent.
+    #[serde(skip)]
+    pub starts: Vec<u64>,
 }
 
 impl Manifest {
@@ -149,14 +169,43 @@ impl Manifest {
                 self.size
             )));
         }
-        let expected = self.size.div_ceil(self.chunk_size);
-        if self.chunks.len() as u64 != expected {
-            return Err(refuse(format!(
-                "{} chunk hashes for {} bytes in chunks of {} (expected {expected})",
-                self.chunks.len(),
-                self.size,
-                self.chunk_size
-            )));
+        if self.lengths.is_empty() {
+            let expected = self.size.div_ceil(self.chunk_size);
+            if self.chunks.len() as u64 != expected {
+                return Err(refuse(format!(
+                    "{} chunk hashes for {} bytes in chunks of {} (expected {expected})",
+                    self.chunks.len(),
+                    self.size,
+                    self.chunk_size
+                )));
+            }
+        } else {
+            // Every chunk bounded as a fixed one is, and together exactly the file: a
+            // peer's lengths size each buffer and place each write.
+            if self.lengths.len() != self.chunks.len() {
+                return Err(refuse(format!(
+                    "{} chunk lengths for {} chunk hashes",
+                    self.lengths.len(),
+                    self.chunks.len()
+                )));
+            }
+            if let Some(i) = self
+                .lengths
+                .iter()
+                .position(|l| *l == 0 || u64::from(*l) > MAX_CHUNK_SIZE)
+            {
+                return Err(refuse(format!(
+                    "chunk {i}'s length {} is outside 1..={MAX_CHUNK_SIZE} bytes",
+                    self.lengths[i]
+                )));
+            }
+            let total: u64 = self.lengths.iter().map(|l| u64::from(*l)).sum();
+            if total != self.size {
+                return Err(refuse(format!(
+                    "its chunk lengths add up to {total} bytes for a {}-byte file",
+                    self.size
+                )));
+            }
         }
         let hex =
             |h: &String| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
@@ -164,22 +213,89 @@ impl Manifest {
             return Err(refuse(format!("chunk {i}'s hash is not 64 hex digits")));
         }
         self.mode &= 0o777;
-        Ok(self)
+        Ok(self.indexed())
     }
 
-    /// Names this version of the file: the same bytes give the same id on every node.
+    /// Fills [`Manifest::starts`] from the chunk lengths.
+    pub fn indexed(mut self) -> Manifest {
+        let mut at = 0u64;
+        self.starts = self
+            .lengths
+            .iter()
+            .map(|l| {
+                let start = at;
+                at = at.saturating_add(u64::from(*l));
+                start
+            })
+            .collect();
+        self
+    }
+
+    /// Names this version of the file: the same bytes give the same id on every node
+    /// that chunks them alike (content-defined chunks name their lengths too).
     pub fn id(&self) -> String {
         let mut h = blake3::Hasher::new();
         h.update(&self.size.to_le_bytes());
         for c in &self.chunks {
             h.update(c.as_bytes());
         }
+        if !self.lengths.is_empty() {
+            h.update(b"cdc");
+            for l in &self.lengths {
+                h.update(&l.to_le_bytes());
+            }
+        }
         h.finalize().to_hex().to_string()
     }
 
+    /// Where chunk `index` starts in the file.
+    pub fn chunk_offset(&self, index: u64) -> u64 {
+        if self.lengths.is_empty() {
+            return index.saturating_mul(self.chunk_size);
+        }
+        match self.starts.get(index as usize) {
+            Some(s) => *s,
+            // Not indexed (a manifest built by hand): added up.
+            None => self
+                .lengths
+                .iter()
+                .take(index as usize)
+                .map(|l| u64::from(*l))
+                .sum(),
+        }
+    }
+
     pub fn chunk_len(&self, index: u64) -> u64 {
+        if !self.lengths.is_empty() {
+            return self
+                .lengths
+                .get(index as usize)
+                .map_or(0, |l| u64::from(*l));
+        }
         let start = index.saturating_mul(self.chunk_size);
         self.chunk_size.min(self.size.saturating_sub(start))
+    }
+
+    /// The chunk that holds byte `offset` of the file (the last chunk's index past it).
+    pub fn chunk_at(&self, offset: u64) -> u64 {
+        let last = (self.chunks.len() as u64).saturating_sub(1);
+        if self.lengths.is_empty() {
+            return (offset / self.chunk_size.max(1)).min(last);
+        }
+        let i = if self.starts.len() == self.lengths.len() {
+            self.starts.partition_point(|s| *s <= offset)
+        } else {
+            let mut at = 0u64;
+            self.lengths
+                .iter()
+                .take_while(|l| {
+                    at = at.saturating_add(u64::from(**l));
+                    at <= offset
+                })
+                .count()
+                + 1
+        };
+        (i as u64).saturating_sub(1).min(last)
     }
 
     /// Chunk `index` as `file` holds it at its offset, if it is there and matches. The
@@ -188,10 +304,30 @@ impl Manifest {
         use std::os::unix::fs::FileExt;
         let want = self.chunks.get(index as usize)?;
         let mut buf = vec![0u8; self.chunk_len(index).min(MAX_CHUNK_SIZE) as usize];
-        file.read_exact_at(&mut buf, index.checked_mul(self.chunk_size)?)
+        file.read_exact_at(&mut buf, self.chunk_offset(index))
             .ok()?;
         (blake3::hash(&buf).to_hex().as_str() == want).then_some(buf)
     }
+}
+
+/// The content-defined chunks of what `source` reads: (length, BLAKE3 hex) in order.
+pub fn cdc_chunks(source: impl Read) -> std::io::Result<Vec<(u32, String)>> {
+    let mut out = Vec::new();
+    let chunker = fastcdc::v2020::StreamCDC::new(
+        source,
+        CDC_MIN as usize,
+        CDC_AVG as usize,
+        CDC_MAX as usize,
+    );
+    for c in chunker {
+        let c = c.map_err(|e| match e {
+            fastcdc::v2020::Error::IoError(e) => e,
+            other => std::io::Error::other(other.to_string()),
+        })?;
+        // At most CDC_MAX: fits.
+        out.push((c.length as u32, blake3::hash(&c.data).to_hex().to_string()));
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -458,17 +594,30 @@ impl Shares {
         };
         let (mut f, _) = self.open_file(share, raw)?;
         let mut chunks = Vec::new();
-        let mut buf = vec![0u8; self.chunk_size as usize];
+        let mut lengths = Vec::new();
         let mut size = 0u64;
-        loop {
-            let n = read_full(&mut f, &mut buf).map_err(read)?;
-            if n == 0 {
-                break;
+        let content_defined = self
+            .shares
+            .iter()
+            .any(|s| s.name == share && s.mode == ShareMode::ReadWrite);
+        if content_defined {
+            for (len, hash) in cdc_chunks(std::io::BufReader::new(&mut f)).map_err(read)? {
+                size += u64::from(len);
+                lengths.push(len);
+                chunks.push(hash);
             }
-            size += n as u64;
-            chunks.push(blake3::hash(&buf[..n]).to_hex().to_string());
-            if n < buf.len() {
-                break;
+        } else {
+            let mut buf = vec![0u8; self.chunk_size as usize];
+            loop {
+                let n = read_full(&mut f, &mut buf).map_err(read)?;
+                if n == 0 {
+                    break;
+                }
+                size += n as u64;
+                chunks.push(blake3::hash(&buf[..n]).to_hex().to_string());
+                if n < buf.len() {
+                    break;
+                }
             }
         }
         let m = Manifest {
@@ -477,9 +626,16 @@ impl Shares {
             size,
             mtime,
             mode: meta.permissions().mode() & 0o777,
-            chunk_size: self.chunk_size,
+            chunk_size: if content_defined {
+                u64::from(CDC_AVG)
+            } else {
+                self.chunk_size
+            },
             chunks,
-        };
+            lengths,
+            starts: Vec::new(),
+        }
+        .indexed();
         self.cache
             .locked()
             .insert(key, meta.len(), mtime_ns, m.clone());
@@ -487,12 +643,16 @@ impl Shares {
     }
 
     /// Chunk `index` of the file, checked against `hash` so a file that changed since
-    /// its manifest never passes for the old content.
+    /// its manifest never passes for the old content. `at` is where the chunk starts and
+    /// how long it is, from the asker's manifest (content-defined chunks have no fixed
+    /// place); without it (a member older than content-defined chunks) the chunk is the
+    /// `index`th of this node's fixed size.
     pub fn chunk(
         &self,
         share: &str,
         raw: &str,
         index: u64,
+        at: Option<(u64, u64)>,
         hash: &str,
     ) -> Result<Vec<u8>, ShareError> {
         let (mut f, path) = self.open_file(share, raw)?;
@@ -500,15 +660,22 @@ impl Shares {
             path: path.clone(),
             source,
         };
-        // The index comes from a request: past any file, not an overflow.
-        let offset = index
-            .checked_mul(self.chunk_size)
-            .ok_or_else(|| ShareError::SeekChunk {
-                path: raw.to_string(),
-                index,
-            })?;
+        // The index and the offset come from a request: past any file, not an overflow;
+        // the length is the request's, bounded by the largest chunk this node's own
+        // manifests have, so a request never sizes a bigger buffer.
+        let (offset, len) = match at {
+            Some((offset, len)) => (
+                Some(offset),
+                len.min(self.chunk_size.max(u64::from(CDC_MAX))),
+            ),
+            None => (index.checked_mul(self.chunk_size), self.chunk_size),
+        };
+        let offset = offset.ok_or_else(|| ShareError::SeekChunk {
+            path: raw.to_string(),
+            index,
+        })?;
         f.seek(SeekFrom::Start(offset)).map_err(read)?;
-        let mut buf = vec![0u8; self.chunk_size as usize];
+        let mut buf = vec![0u8; len as usize];
         let n = read_full(&mut f, &mut buf).map_err(read)?;
         buf.truncate(n);
         if blake3::hash(&buf).to_hex().as_str() != hash {
@@ -612,6 +779,104 @@ mod tests {
         )
     }
 
+    /// A read-write share "rw" at `dir/rw` holding `name` with `bytes`.
+    fn rw_share(dir: &Path, name: &str, bytes: &[u8]) -> Shares {
+        std::fs::create_dir_all(dir.join("rw")).unwrap();
+        std::fs::write(dir.join("rw").join(name), bytes).unwrap();
+        Shares::new(
+            vec![ShareConfig {
+                name: "rw".into(),
+                path: dir.join("rw"),
+                mode: ShareMode::ReadWrite,
+            }],
+            CHUNK_SIZE,
+        )
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<u8> {
+        use rand::{Rng, SeedableRng};
+        let mut v = vec![0u8; n];
+        rand::rngs::StdRng::seed_from_u64(seed).fill(&mut v[..]);
+        v
+    }
+
+    #[test]
+    fn a_read_write_share_cuts_by_content_and_an_insertion_moves_only_the_cuts_near_it() {
+        let d = tempfile::tempdir().unwrap();
+        let old = random(16 << 20, 1);
+        let s = rw_share(d.path(), "big", &old);
+        let before = s.manifest("rw", "big").unwrap();
+        assert!(
+            !before.lengths.is_empty(),
+            "fixed chunks in a read-write share"
+        );
+        let (last, rest) = before.lengths.split_last().unwrap();
+        assert!(rest.iter().all(|l| (CDC_MIN..=CDC_MAX).contains(l)));
+        assert!(*last <= CDC_MAX);
+        let mut new = old.clone();
+        new.splice(8 << 20..8 << 20, random(1024, 2));
+        std::fs::write(d.path().join("rw/big"), &new).unwrap();
+        let after = s.manifest("rw", "big").unwrap();
+        let known: std::collections::HashSet<&String> = before.chunks.iter().collect();
+        let fresh: u64 = (0..after.chunks.len())
+            .filter(|i| !known.contains(&after.chunks[*i]))
+            .map(|i| after.chunk_len(i as u64))
+            .sum();
+        assert!(
+            fresh <= 2 * u64::from(CDC_MAX),
+            "{fresh} bytes of new chunks for a 1 KiB insertion"
+        );
+        // Each chunk is the bytes at its offset, served from there, and found from any
+        // of its bytes.
+        for i in 0..after.chunks.len() as u64 {
+            let (at, len) = (after.chunk_offset(i), after.chunk_len(i));
+            let want = &new[at as usize..(at + len) as usize];
+            assert_eq!(
+                blake3::hash(want).to_hex().as_str(),
+                after.chunks[i as usize]
+            );
+            let got = s
+                .chunk("rw", "big", i, Some((at, len)), &after.chunks[i as usize])
+                .unwrap();
+            assert_eq!(&got[..], want);
+            assert_eq!(after.chunk_at(at), i);
+            assert_eq!(after.chunk_at(at + len - 1), i);
+        }
+        // As a member receives it: sent without its starts, checked, looked up alike.
+        let sent: Manifest = serde_json::from_slice(&serde_json::to_vec(&after).unwrap()).unwrap();
+        assert!(sent.starts.is_empty());
+        let checked = sent.checked("m", "rw", "big").unwrap();
+        assert_eq!(checked, after);
+        assert_eq!(checked.id(), after.id());
+        assert_ne!(checked.id(), before.id());
+    }
+
+    #[test]
+    fn content_defined_lengths_that_do_not_make_the_file_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = rw_share(d.path(), "f", &random(3 << 20, 3));
+        let good = s.manifest("rw", "f").unwrap();
+        let refused = |m: Manifest| {
+            m.checked("m", "rw", "f")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let mut short = good.clone();
+        short.lengths.pop();
+        assert!(refused(short).contains("chunk lengths for"));
+        let mut zero = good.clone();
+        zero.lengths[0] = 0;
+        zero.size -= u64::from(good.lengths[0]);
+        assert!(refused(zero).contains("outside"));
+        let mut huge = good.clone();
+        huge.lengths[0] = u32::MAX;
+        assert!(refused(huge).contains("outside"));
+        let mut off = good.clone();
+        off.lengths[0] += 1;
+        assert!(refused(off).contains("add up to"));
+    }
+
     fn setup() -> (tempfile::TempDir, Shares) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("root/sub")).unwrap();
@@ -675,6 +940,8 @@ mod tests {
             mode: 0o644,
             chunk_size: CHUNK_SIZE,
             chunks: vec!["0".repeat(64); n],
+            lengths: Vec::new(),
+            starts: Vec::new(),
         };
         for i in 0..CACHE_ENTRIES + 10 {
             c.insert(("s".into(), format!("f{i}")), 0, 0, m(1));
@@ -711,16 +978,16 @@ mod tests {
         let (first, second) = big.split_at(CHUNK_SIZE as usize);
         assert_eq!(m.chunks[0], blake3::hash(first).to_hex().as_str());
         assert_eq!(m.chunks[1], blake3::hash(second).to_hex().as_str());
-        let c0 = s.chunk("s", "big", 0, &m.chunks[0]).unwrap();
+        let c0 = s.chunk("s", "big", 0, None, &m.chunks[0]).unwrap();
         assert_eq!(&c0[..], first);
-        let c1 = s.chunk("s", "big", 1, &m.chunks[1]).unwrap();
+        let c1 = s.chunk("s", "big", 1, None, &m.chunks[1]).unwrap();
         assert_eq!(&c1[..], second);
         assert!(
-            s.chunk("s", "big", 0, &m.chunks[1]).is_err(),
+            s.chunk("s", "big", 0, None, &m.chunks[1]).is_err(),
             "wrong hash must not pass"
         );
         assert!(matches!(
-            s.chunk("s", "big", u64::MAX, &m.chunks[1]),
+            s.chunk("s", "big", u64::MAX, None, &m.chunks[1]),
             Err(ShareError::SeekChunk { .. })
         ));
     }
@@ -771,7 +1038,7 @@ mod tests {
             let _ = tx.send((
                 s.manifest("s", "pipe").map(|_| ()),
                 s.read_range("s", "pipe", None).map(|_| ()),
-                s.chunk("s", "pipe", 0, "x").map(|_| ()),
+                s.chunk("s", "pipe", 0, None, "x").map(|_| ()),
             ));
         });
         let (manifest, range, chunk) = rx
@@ -794,6 +1061,8 @@ mod tests {
             mode: 0o644,
             chunk_size: MIN_CHUNK_SIZE,
             chunks: vec![blake3::hash(b"x").to_hex().to_string(); n],
+            lengths: Vec::new(),
+            starts: Vec::new(),
         }
     }
 

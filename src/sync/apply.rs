@@ -368,12 +368,32 @@ impl Executor {
                 };
                 if gone {
                     s.record(&path, version);
+                } else {
+                    s.refresh_folder_of(&path);
                 }
             }
             Action::Fetch { path, version } if version.content == crate::sync::versions::DIR => {
                 if let Ok(p) = inside(s, &path) {
                     if std::fs::create_dir_all(&p).is_ok() {
+                        if let Err(e) = crate::sync::disk::set_meta(&p, version.mode, version.mtime)
+                        {
+                            log::debug!("sync: {}/{path}: mode and mtime not set: {e}", s.name);
+                        }
                         s.record(&path, version);
+                    }
+                }
+            }
+            Action::Touch { path, version } => {
+                // The decision checked a moment ago that nothing here changed since the
+                // last scan; a write landing between that check and this one is seen by
+                // the next scan unless it lands in the same instant as the new mtime.
+                let Some(p) = existing_inside(s, &path) else {
+                    return;
+                };
+                match crate::sync::disk::set_meta(&p, version.mode, version.mtime) {
+                    Ok(()) => s.record(&path, version),
+                    Err(e) => {
+                        log::debug!("sync: {}/{path}: mode and mtime not set: {e}", s.name)
                     }
                 }
             }
@@ -384,6 +404,9 @@ impl Executor {
                     .await
                 {
                     s.record_installed(&path, version, installed);
+                } else {
+                    // A pull that failed or gave way still made and removed files here.
+                    s.refresh_folder_of(&path);
                 }
                 s.pulls.unqueue(&v.path);
             }
@@ -418,6 +441,8 @@ impl Executor {
                         s.merge_history(&v.path, &version.vv);
                     }
                     log::info!("conflict on {}/{}: both versions kept", s.name, v.path);
+                } else {
+                    s.refresh_folder_of(&fetch_into);
                 }
                 s.pulls.unqueue(&v.path);
             }
@@ -595,7 +620,9 @@ impl Executor {
         // The version's mtime is set on the staged file, and what is recorded is the
         // staged file's own size and mtime: a write landing on the path right after the
         // rename is then seen by the next scan as the local edit it is.
-        crate::sync::disk::set_mtime(&staged, version.mtime);
+        if let Err(e) = crate::sync::disk::set_meta(&staged, version.mode, version.mtime) {
+            log::debug!("sync: {}/{local_path}: mode and mtime not set: {e}", s.name);
+        }
         let Some(installed) = crate::sync::disk::stat(&staged) else {
             let _ = std::fs::remove_file(&staged);
             return None;
@@ -803,6 +830,7 @@ mod tests {
             node: "kitchen".into(),
             content: String::new(),
             size: 0,
+            mode: None,
         }
     }
 

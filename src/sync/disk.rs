@@ -50,6 +50,54 @@ pub fn stat(path: &Path) -> Option<(u64, u128)> {
     Some((m.len(), mtime))
 }
 
+/// What a scan compares of a path besides its content: size, mtime in ns and permission
+/// bits, from one `stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub size: u64,
+    pub mtime_ns: u128,
+    pub mode: u32,
+}
+
+/// [`Meta`] of `path`, or `None` when nothing is there.
+pub fn meta(path: &Path) -> Option<Meta> {
+    use std::os::unix::fs::PermissionsExt;
+    let m = std::fs::metadata(path).ok()?;
+    let mtime_ns = m
+        .modified()
+        .ok()?
+        .duration_since(UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
+    Some(Meta {
+        size: m.len(),
+        mtime_ns,
+        mode: m.permissions().mode() & crate::sync::versions::MODE_BITS,
+    })
+}
+
+/// Gives the file or folder at `path` a version's permission bits (when it carries them)
+/// and mtime. Opened without following a link in its last step, and changed through that
+/// descriptor, so a link swapped in there is never what changes; only the permission bits
+/// are ever set, never set-id or sticky bits.
+pub fn set_meta(path: &Path, mode: Option<u32>, mtime: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    if let Some(mode) = mode {
+        f.set_permissions(std::fs::Permissions::from_mode(
+            mode & crate::sync::versions::MODE_BITS,
+        ))?;
+    }
+    // A time the system cannot represent is left alone rather than overflowing.
+    if let Some(t) = UNIX_EPOCH.checked_add(Duration::from_secs(mtime)) {
+        f.set_modified(t)?;
+    }
+    Ok(())
+}
+
 pub(super) fn is_ours(name: &str) -> bool {
     name == MARKER || (name.starts_with('.') && name.contains(".watchalong-"))
 }
@@ -71,9 +119,10 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
 }
 
 /// Starts the partial of a pull into `dest` with every chunk of the current `dest` that
-/// the wanted version has at the same offset, so only the others cross the network
-/// (the pull checks each against the manifest again). Nothing is done when a partial is
-/// there already (it is resumed as it is) or `dest` is not a file.
+/// the wanted version has, so only the others cross the network (the pull checks each
+/// against the manifest again): at the same offset for fixed chunks, wherever it now
+/// lies for content-defined ones (an insertion moved everything after it). Nothing is
+/// done when a partial is there already (it is resumed as it is) or `dest` is not a file.
 pub fn seed_partial(dest: &Path, part: &Path, manifest: &crate::data::share::Manifest) {
     use std::os::unix::fs::{FileExt, OpenOptionsExt};
     if part.exists() {
@@ -97,11 +146,39 @@ pub fn seed_partial(dest: &Path, part: &Path, manifest: &crate::data::share::Man
         let _ = std::fs::remove_file(part);
         return;
     }
+    // Content-defined: where each chunk of the current file lies, by hash.
+    let here: std::collections::HashMap<String, (u64, u32)> = if manifest.lengths.is_empty() {
+        std::collections::HashMap::new()
+    } else {
+        let Ok(chunks) = crate::data::share::cdc_chunks(std::io::BufReader::new(&old)) else {
+            return;
+        };
+        let mut at = 0u64;
+        chunks
+            .into_iter()
+            .map(|(len, hash)| {
+                let start = at;
+                at += u64::from(len);
+                (hash, (start, len))
+            })
+            .collect()
+    };
     for i in 0..manifest.chunks.len() as u64 {
-        let Some(chunk) = manifest.held_chunk(&old, i) else {
+        let chunk = if manifest.lengths.is_empty() {
+            manifest.held_chunk(&old, i)
+        } else {
+            here.get(&manifest.chunks[i as usize])
+                .and_then(|&(at, len)| {
+                    let mut buf = vec![0u8; len as usize];
+                    old.read_exact_at(&mut buf, at).ok()?;
+                    (blake3::hash(&buf).to_hex().as_str() == manifest.chunks[i as usize])
+                        .then_some(buf)
+                })
+        };
+        let Some(chunk) = chunk else {
             continue;
         };
-        if new.write_all_at(&chunk, i * manifest.chunk_size).is_err() {
+        if new.write_all_at(&chunk, manifest.chunk_offset(i)).is_err() {
             // A full disk, say: the pull fetches the rest and reports it.
             return;
         }
@@ -136,20 +213,46 @@ pub(super) fn sweep_stages(root: &Path) {
     }
 }
 
-/// Sets a fetched file's mtime to the version's, so every node shows the same.
-pub fn set_mtime(path: &Path, mtime: u64) {
-    // A time the system cannot represent is left alone rather than overflowing.
-    let Some(t) = UNIX_EPOCH.checked_add(Duration::from_secs(mtime)) else {
-        return;
-    };
-    if let Ok(f) = std::fs::File::options().write(true).open(path) {
-        let _ = f.set_modified(t);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partial_for_a_file_with_an_insertion_starts_with_every_chunk_that_only_moved() {
+        use rand::{Rng, SeedableRng};
+        let d = tempfile::tempdir().unwrap();
+        let mut old = vec![0u8; 8 << 20];
+        rand::rngs::StdRng::seed_from_u64(7).fill(&mut old[..]);
+        let mut new = old.clone();
+        new.splice(4 << 20..4 << 20, [1u8; 1024]);
+        // The holder's manifest of the new version, from a read-write share.
+        std::fs::create_dir_all(d.path().join("holder")).unwrap();
+        std::fs::write(d.path().join("holder/f"), &new).unwrap();
+        let holder = crate::data::share::Shares::new(
+            vec![crate::base::config::ShareConfig {
+                name: "s".into(),
+                path: d.path().join("holder"),
+                mode: crate::base::config::ShareMode::ReadWrite,
+            }],
+            crate::data::share::CHUNK_SIZE,
+        );
+        let m = holder.manifest("s", "f").unwrap();
+        // The receiver holds the old version.
+        let dest = d.path().join("f");
+        std::fs::write(&dest, &old).unwrap();
+        let part = partial_path(&dest);
+        seed_partial(&dest, &part, &m);
+        let seeded = std::fs::File::open(&part).unwrap();
+        let missing: u64 = (0..m.chunks.len() as u64)
+            .filter(|i| m.held_chunk(&seeded, *i).is_none())
+            .map(|i| m.chunk_len(i))
+            .sum();
+        assert!(
+            missing <= 2 * u64::from(crate::data::share::CDC_MAX),
+            "{missing} bytes left to fetch after a 1 KiB insertion"
+        );
+        assert!(missing > 0, "the inserted bytes cannot have been held");
+    }
 
     #[test]
     fn a_file_with_the_longest_legal_name_gets_a_partial_name_the_file_system_takes() {

@@ -21,7 +21,7 @@ use crate::base::config::{ShareConfig, ShareMode};
 use crate::base::lock::Recover;
 use crate::base::state;
 use crate::sync::disk::{
-    free_bytes, is_ours, not_writable, probe_write, stat, sweep_stages, MARKER,
+    free_bytes, is_ours, meta, not_writable, probe_write, stat, sweep_stages, Meta, MARKER,
 };
 use crate::sync::flights::Pulls;
 pub use crate::sync::flights::MAX_PULLS;
@@ -64,6 +64,9 @@ pub struct ShareStatus {
     /// Why remote deletions are held here, until `watchalong sync release SHARE`.
     #[serde(default)]
     pub held: Option<String>,
+    /// Symbolic links in the share, which sync never follows nor carries.
+    #[serde(default)]
+    pub links_skipped: usize,
 }
 
 /// Versions one node announces for one share.
@@ -97,6 +100,8 @@ pub struct SyncShare {
     pub pulls: Pulls,
     /// The hold on mass deletions.
     deletions: Mutex<DeleteGuard>,
+    /// Symbolic links the last scan passed over (never synced).
+    links: std::sync::atomic::AtomicUsize,
 }
 
 /// How long deletions applied count toward the hold's threshold.
@@ -147,6 +152,12 @@ pub enum Action {
         path: String,
         vv: VersionVector,
     },
+    /// Give what lies at `path` (the content this version names already) the version's
+    /// mode and mtime.
+    Touch {
+        path: String,
+        version: FileVersion,
+    },
     /// Keep ours at the path and fetch theirs beside it (or move ours aside first).
     Conflict {
         move_local_to: Option<String>,
@@ -189,6 +200,7 @@ impl SyncShare {
             greeted: Mutex::new(std::collections::HashSet::new()),
             made: Mutex::new(std::collections::BTreeSet::new()),
             deletions: Mutex::new(DeleteGuard::default()),
+            links: std::sync::atomic::AtomicUsize::new(0),
         };
         if let Some(msg) = share.unwritable() {
             log::error!("share {}: {msg}", share.name);
@@ -326,6 +338,7 @@ impl SyncShare {
             root_ok: self.root_ok(),
             held: self.deletions_held(),
             last_error: self.last_error.locked().clone(),
+            links_skipped: self.links.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -335,10 +348,13 @@ impl SyncShare {
         Ok(())
     }
 
-    /// Every regular file under the root, as share-relative paths.
-    /// Every folder and regular file under the root: (share-relative path, is a folder).
-    fn walk(&self) -> Result<Vec<(String, bool)>, SyncError> {
+    /// Every folder and regular file under the root: (share-relative path, is a folder),
+    /// and how many symbolic links it passed. A link is never followed and never synced
+    /// (it may lead out of the share, and a member must not plant one that does): `status`
+    /// counts them, so a link that does not travel is not a silent surprise.
+    fn walk(&self) -> Result<(Vec<(String, bool)>, usize), SyncError> {
         let mut out = Vec::new();
+        let mut links = 0;
         let mut stack = vec![self.root.clone()];
         while let Some(dir) = stack.pop() {
             let rd = std::fs::read_dir(&dir).map_err(|source| SyncError::Scan {
@@ -353,6 +369,10 @@ impl SyncShare {
                     continue;
                 }
                 let Ok(t) = e.file_type() else { continue };
+                if t.is_symlink() {
+                    links += 1;
+                    continue;
+                }
                 if !t.is_dir() && !t.is_file() {
                     continue;
                 }
@@ -365,7 +385,7 @@ impl SyncShare {
             }
         }
         out.sort();
-        Ok(out)
+        Ok((out, links))
     }
 
     /// Finds local changes; `content_id` names a file's content (its manifest id).
@@ -385,75 +405,129 @@ impl SyncShare {
         if !self.root.is_dir() {
             return Ok(Vec::new());
         }
-        let entries = self.walk()?;
-        let seen: Vec<(&String, bool, (u64, u128))> = entries
+        let (entries, links) = self.walk()?;
+        self.links
+            .store(links, std::sync::atomic::Ordering::Relaxed);
+        let seen: Vec<(&String, bool, Meta)> = entries
             .iter()
             .filter(|(rel, _)| !self.pulls.held(rel))
-            .filter_map(|(rel, is_dir)| Some((rel, *is_dir, stat(&self.root.join(rel))?)))
+            .filter_map(|(rel, is_dir)| Some((rel, *is_dir, meta(&self.root.join(rel))?)))
             .collect();
-        let suspects: Vec<(&String, bool, (u64, u128))> = {
+        // What differs from the index, and whether that needs a hash: a file of the same
+        // size and mtime whose mode alone moved, or a folder, holds what it held.
+        let suspects: Vec<(&String, bool, Meta, bool)> = {
             let index = self.lock();
             seen.into_iter()
-                .filter(|(rel, is_dir, st)| !unchanged(index.get(rel), *is_dir, *st))
+                .filter_map(|(rel, is_dir, m)| match look(index.get(rel), is_dir, m) {
+                    Look::Same => None,
+                    Look::Meta => Some((rel, is_dir, m, false)),
+                    Look::Content => Some((rel, is_dir, m, true)),
+                })
                 .collect()
         };
-        let hashed: Vec<(&String, bool, (u64, u128), String)> = suspects
+        // The folders whose entries changed in this scan: their own mtime moved with
+        // their contents, which is no change of theirs.
+        let mut busy: HashSet<String> = suspects
+            .iter()
+            .filter(|(.., hash)| *hash)
+            .filter_map(|(rel, ..)| parent_of(rel).map(str::to_string))
+            .collect();
+        // `None`: the content held already (only metadata moved).
+        let hashed: Vec<(&String, bool, Meta, Option<String>)> = suspects
             .into_iter()
-            .filter_map(|(rel, is_dir, st)| {
+            .filter_map(|(rel, is_dir, m, hash)| {
                 let content = if is_dir {
                     Some(versions::DIR.to_string())
+                } else if hash {
+                    Some(content_id(rel)?)
                 } else {
-                    content_id(rel)
+                    None
                 };
-                Some((rel, is_dir, st, content?))
+                Some((rel, is_dir, m, content))
             })
             .collect();
         let mut changed = Vec::new();
         let mut index = self.lock();
-        for (rel, is_dir, (size, mtime_ns), content) in hashed {
+        // Folders whose mtime alone moved, decided once every change of this scan is known.
+        let mut folders = Vec::new();
+        for (rel, is_dir, m, content) in hashed {
             if self.pulls.held(rel) {
                 continue;
             }
-            // Still what was hashed: a folder still there, a file of the same size and
-            // mtime. Otherwise the next scan hashes what lies there now.
-            let now = stat(&self.root.join(rel));
-            let as_hashed = if is_dir {
+            // Still what was hashed: a folder still there (with the same metadata, when
+            // only that moved), a file of the same size, mtime and mode. Otherwise the
+            // next scan looks at what lies there now.
+            let now = meta(&self.root.join(rel));
+            let held = index.get(rel);
+            let known_folder =
+                held.is_some_and(|e| !e.version.deleted && e.version.content == versions::DIR);
+            let as_hashed = if is_dir && !known_folder {
                 now.is_some()
             } else {
-                now == Some((size, mtime_ns))
+                now == Some(m)
             };
-            if !as_hashed {
+            if !as_hashed || look(held, is_dir, m) == Look::Same {
                 continue;
             }
-            let held = index.get(rel);
-            if unchanged(held, is_dir, (size, mtime_ns)) {
-                continue;
-            }
-            let base = held.map(|e| e.version.vv.clone()).unwrap_or_default();
+            let secs = (m.mtime_ns / 1_000_000_000) as u64;
+            let content = match (content, held) {
+                (Some(c), _) => c,
+                (None, Some(e)) => e.version.content.clone(),
+                (None, None) => continue,
+            };
             let same = held.is_some_and(|e| !e.version.deleted && e.version.content == content);
-            let version = if same {
-                held.map(|e| e.version.clone())
-                    .unwrap_or_else(|| unreachable_version(rel))
-            } else {
-                FileVersion {
-                    path: rel.clone(),
-                    vv: base.bumped(me),
-                    deleted: false,
-                    mtime: (mtime_ns / 1_000_000_000) as u64,
-                    node: me.to_string(),
-                    size: if is_dir { 0 } else { size },
-                    content,
+            let version = match held.filter(|_| same) {
+                Some(e) if is_dir => {
+                    folders.push((rel, m, e.version.clone()));
+                    continue;
+                }
+                // The same content: news only when its mode or mtime moved, and never
+                // for a version from before modes travelled, which takes this mode
+                // without a change (an upgrade announces nothing).
+                Some(e) => {
+                    let moved = e.version.mode.is_some_and(|held| held != m.mode)
+                        || (e.version.mode.is_some() && e.version.mtime != secs);
+                    if moved {
+                        let v = FileVersion {
+                            vv: e.version.vv.bumped(me),
+                            mtime: secs,
+                            node: me.to_string(),
+                            mode: Some(m.mode),
+                            ..e.version.clone()
+                        };
+                        changed.push(v.clone());
+                        v
+                    } else {
+                        FileVersion {
+                            mode: Some(m.mode),
+                            ..e.version.clone()
+                        }
+                    }
+                }
+                _ => {
+                    let v = FileVersion {
+                        path: rel.clone(),
+                        vv: held
+                            .map(|e| e.version.vv.clone())
+                            .unwrap_or_default()
+                            .bumped(me),
+                        deleted: false,
+                        mtime: secs,
+                        node: me.to_string(),
+                        size: if is_dir { 0 } else { m.size },
+                        content,
+                        mode: Some(m.mode),
+                    };
+                    changed.push(v.clone());
+                    v
                 }
             };
-            if !same {
-                changed.push(version.clone());
-            }
             index.insert(
                 rel.clone(),
                 Entry {
                     version,
-                    size,
-                    mtime_ns,
+                    size: m.size,
+                    mtime_ns: m.mtime_ns,
                 },
             );
         }
@@ -479,6 +553,7 @@ impl SyncShare {
                         node: me.to_string(),
                         content: String::new(),
                         size: 0,
+                        mode: None,
                     };
                     (
                         path.clone(),
@@ -490,9 +565,44 @@ impl SyncShare {
                 })
                 .collect();
             for (path, e) in gone {
+                busy.extend(parent_of(&path).map(str::to_string));
                 changed.push(e.version.clone());
                 index.insert(path, e);
             }
+        }
+        // A folder's own change: its mode, or its mtime when nothing inside it changed in
+        // this scan and no pull works in it (a pull's partial file moves it too). What
+        // this node's sync put in a folder moves its mtime as well, and is no change of
+        // the folder's either: see `refresh_folder`.
+        for (rel, m, held) in folders {
+            let secs = (m.mtime_ns / 1_000_000_000) as u64;
+            let implied = busy.contains(rel.as_str()) || self.pulls.in_flight_under(rel);
+            let moved = held.mode.is_some_and(|h| h != m.mode)
+                || (held.mode.is_some() && held.mtime != secs && !implied);
+            let version = if moved {
+                let v = FileVersion {
+                    vv: held.vv.bumped(me),
+                    mtime: secs,
+                    node: me.to_string(),
+                    mode: Some(m.mode),
+                    ..held
+                };
+                changed.push(v.clone());
+                v
+            } else {
+                FileVersion {
+                    mode: Some(m.mode),
+                    ..held
+                }
+            };
+            index.insert(
+                rel.clone(),
+                Entry {
+                    version,
+                    size: m.size,
+                    mtime_ns: m.mtime_ns,
+                },
+            );
         }
         Ok(changed)
     }
@@ -605,11 +715,18 @@ impl SyncShare {
             };
         };
         // A local edit not scanned yet is not overwritten: the next scan announces it.
-        let on_disk = stat(&self.root.join(&remote.path));
+        // That includes a chmod (a mode recorded before modes were is not compared).
+        let on_disk = meta(&self.root.join(&remote.path));
+        let mode_kept = |m: &Meta| local.version.mode.is_none_or(|held| held == m.mode);
         let untouched = match on_disk {
-            Some(_) if local.version.content == versions::DIR => !local.version.deleted,
-            Some((size, mtime)) => {
-                !local.version.deleted && local.size == size && local.mtime_ns == mtime
+            Some(m) if local.version.content == versions::DIR => {
+                !local.version.deleted && mode_kept(&m)
+            }
+            Some(m) => {
+                !local.version.deleted
+                    && local.size == m.size
+                    && local.mtime_ns == m.mtime_ns
+                    && mode_kept(&m)
             }
             None => local.version.deleted,
         };
@@ -653,6 +770,22 @@ impl SyncShare {
             Resolution::TakeRemote if remote.deleted => Action::Remove {
                 path: remote.path.clone(),
                 version: remote.clone(),
+            },
+            // The content held already: only its mode or mtime moved.
+            Resolution::TakeRemote
+                if !local.version.deleted && local.version.content == remote.content =>
+            {
+                Action::Touch {
+                    path: remote.path.clone(),
+                    version: remote.clone(),
+                }
+            }
+            Resolution::TakeMeta { merged } => Action::Touch {
+                path: remote.path.clone(),
+                version: FileVersion {
+                    vv: merged,
+                    ..remote.clone()
+                },
             },
             Resolution::TakeRemote => Action::Fetch {
                 path: remote.path.clone(),
@@ -712,7 +845,8 @@ impl SyncShare {
         version: FileVersion,
         (size, mtime_ns): (u64, u128),
     ) {
-        self.lock().insert(
+        let mut index = self.lock();
+        index.insert(
             path.to_string(),
             Entry {
                 version: FileVersion {
@@ -723,6 +857,37 @@ impl SyncShare {
                 mtime_ns,
             },
         );
+        self.refresh_folder(&mut index, path);
+    }
+
+    /// What sync does in a folder moves the folder's mtime; that is no change of the
+    /// folder's to announce, so the index takes the new mtime as the folder's own. Called
+    /// for every path sync wrote, removed or gave up on.
+    pub fn refresh_folder_of(&self, path: &str) {
+        self.refresh_folder(&mut self.lock(), path);
+    }
+
+    fn refresh_folder(&self, index: &mut Index, path: &str) {
+        let Some(parent) = parent_of(path) else {
+            return;
+        };
+        let Some(e) = index
+            .get(parent)
+            .filter(|e| !e.version.deleted && e.version.content == versions::DIR)
+        else {
+            return;
+        };
+        // One stat under the lock: a scan comparing against this entry must see the
+        // folder's new mtime and this record together.
+        if let Some(m) = meta(&self.root.join(parent)) {
+            if m.mtime_ns != e.mtime_ns {
+                let e = Entry {
+                    mtime_ns: m.mtime_ns,
+                    ..e.clone()
+                };
+                index.insert(parent.to_string(), e);
+            }
+        }
     }
 
     /// Keeps ours at `path` (an edit) against a concurrent deletion: its version becomes
@@ -766,19 +931,38 @@ impl SyncShare {
     }
 }
 
-/// Only reached if the index changed under us between two lines holding its lock.
-/// Whether the index's entry for a path still describes what a scan found there (its
-/// size and mtime in ns). A folder's size and mtime move with its contents; only its
-/// existence counts.
-fn unchanged(held: Option<&Entry>, is_dir: bool, (size, mtime_ns): (u64, u128)) -> bool {
-    held.is_some_and(|e| {
-        !e.version.deleted
-            && if is_dir {
-                e.version.content == versions::DIR
-            } else {
-                e.size == size && e.mtime_ns == mtime_ns
-            }
-    })
+/// What a scan finds at a path against the index's entry for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// As recorded.
+    Same,
+    /// The same content (a file of the same size and mtime, a folder): only its mode or,
+    /// for a folder, its mtime moved; or the entry is from before modes were recorded.
+    Meta,
+    /// New, of another kind, or a file whose size or mtime moved: its content is hashed.
+    Content,
+}
+
+fn look(held: Option<&Entry>, is_dir: bool, m: Meta) -> Look {
+    let Some(e) = held.filter(|e| !e.version.deleted) else {
+        return Look::Content;
+    };
+    let folder = e.version.content == versions::DIR;
+    let mode_moved = e.version.mode != Some(m.mode);
+    if is_dir != folder {
+        Look::Content
+    } else if !is_dir && (e.size != m.size || e.mtime_ns != m.mtime_ns) {
+        Look::Content
+    } else if mode_moved || (is_dir && e.mtime_ns != m.mtime_ns) {
+        Look::Meta
+    } else {
+        Look::Same
+    }
+}
+
+/// The folder holding share-relative `path`; `None` for the root's own entries.
+fn parent_of(path: &str) -> Option<&str> {
+    path.rsplit_once('/').map(|(parent, _)| parent)
 }
 
 /// A version as the debug log shows it: deleted, or its content id's first digits.
@@ -790,21 +974,23 @@ fn describe(v: &FileVersion) -> String {
     }
 }
 
-fn unreachable_version(path: &str) -> FileVersion {
-    FileVersion {
-        path: path.to_string(),
-        vv: VersionVector::default(),
-        deleted: false,
-        mtime: 0,
-        node: String::new(),
-        content: String::new(),
-        size: 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An empty version of `path`, for tests to fill in.
+    fn unreachable_version(path: &str) -> FileVersion {
+        FileVersion {
+            path: path.to_string(),
+            vv: VersionVector::default(),
+            deleted: false,
+            mtime: 0,
+            node: String::new(),
+            content: String::new(),
+            size: 0,
+            mode: None,
+        }
+    }
     use crate::sync::disk::seed_partial;
 
     #[test]
@@ -963,6 +1149,8 @@ mod tests {
             mode: 0o644,
             chunk_size: 4,
             chunks: vec![chunk(b"aaaa"), chunk(b"bbbb"), chunk(b"ccdd")],
+            lengths: Vec::new(),
+            starts: Vec::new(),
         };
         seed_partial(&dest, &part, &m);
         assert_eq!(std::fs::read(&part).unwrap(), b"aaaabbbb\0\0\0\0");
@@ -1006,6 +1194,150 @@ mod tests {
         std::fs::remove_dir(s.root.join("sub")).unwrap();
         let v = s.scan("n1", id(&s)).unwrap();
         assert!(v.iter().all(|v| v.deleted) && v.len() == 2, "{v:?}");
+    }
+
+    fn mode_of(s: &SyncShare, rel: &str) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(s.root.join(rel))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    }
+
+    fn set_mode(s: &SyncShare, rel: &str, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(s.root.join(rel), std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_chmod_alone_is_a_new_version_carrying_the_mode_and_hashes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        set_mode(&s, "a.txt", 0o644);
+        let first = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(first[0].mode, Some(0o644));
+        set_mode(&s, "a.txt", 0o640);
+        let v = s
+            .scan("n1", |rel| panic!("{rel} hashed for a chmod"))
+            .unwrap();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].mode, Some(0o640));
+        assert_eq!(v[0].content, first[0].content);
+        assert_eq!(v[0].vv, first[0].vv.bumped("n1"));
+        assert!(s.scan("n1", id(&s)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_folder_touched_on_purpose_is_a_new_version_with_its_mtime_and_one_filled_is_not() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::create_dir(s.root.join("sub")).unwrap();
+        s.scan("n1", id(&s)).unwrap();
+        // `touch -d 2001-09-09T01:46:40Z sub`: nothing inside changed.
+        crate::sync::disk::set_meta(&s.root.join("sub"), None, 1_000_000_000).unwrap();
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!((v[0].path.as_str(), v[0].mtime), ("sub", 1_000_000_000));
+        // A file made inside moves the folder's mtime too, but the file is the change.
+        std::fs::write(s.root.join("sub/x"), b"x").unwrap();
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].path, "sub/x");
+        set_mode(&s, "sub", 0o750);
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!((v[0].path.as_str(), v[0].mode), ("sub", Some(0o750)));
+    }
+
+    #[test]
+    fn what_sync_puts_in_a_folder_is_no_change_of_the_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::create_dir(s.root.join("sub")).unwrap();
+        s.scan("n1", id(&s)).unwrap();
+        // As a pull lands a file: written under a hidden name, moved into place, recorded.
+        std::fs::write(s.root.join("sub/.x.watchalong-stage-1"), b"pulled").unwrap();
+        std::fs::rename(
+            s.root.join("sub/.x.watchalong-stage-1"),
+            s.root.join("sub/x"),
+        )
+        .unwrap();
+        let pulled = FileVersion {
+            vv: VersionVector::default().bumped("n2"),
+            node: "n2".into(),
+            content: id(&s)("sub/x").unwrap(),
+            size: 6,
+            mode: Some(mode_of(&s, "sub/x")),
+            ..unreachable_version("sub/x")
+        };
+        s.record("sub/x", pulled);
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert!(v.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn an_entry_from_before_modes_travelled_takes_its_mode_without_a_change() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        std::fs::create_dir(s.root.join("sub")).unwrap();
+        s.scan("n1", id(&s)).unwrap();
+        // As an older version recorded them: no mode, and a folder's mtime as it was when
+        // first seen.
+        for path in ["a.txt", "sub"] {
+            let mut e = s.lock().get(path).unwrap().clone();
+            e.version.mode = None;
+            if path == "sub" {
+                e.mtime_ns += 1;
+            }
+            s.lock().insert(path.into(), e);
+        }
+        set_mode(&s, "a.txt", 0o600);
+        let v = s
+            .scan("n1", |rel| panic!("{rel} hashed for an upgrade"))
+            .unwrap();
+        assert!(v.is_empty(), "an upgrade announced {v:?}");
+        assert_eq!(s.lock().get("a.txt").unwrap().version.mode, Some(0o600));
+        assert!(s.lock().get("sub").unwrap().version.mode.is_some());
+    }
+
+    #[test]
+    fn a_members_chmod_of_content_held_here_is_applied_in_place_not_fetched() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        let mine = s.scan("n1", id(&s)).unwrap().remove(0);
+        let theirs = FileVersion {
+            vv: mine.vv.bumped("n2"),
+            node: "n2".into(),
+            mode: Some(0o600),
+            ..mine.clone()
+        };
+        assert_eq!(
+            s.decide(&theirs),
+            Action::Touch {
+                path: "a.txt".into(),
+                version: theirs.clone()
+            }
+        );
+        // A chmod here not scanned yet is not overwritten.
+        set_mode(&s, "a.txt", 0o604);
+        assert_eq!(s.decide(&theirs), Action::Nothing);
+    }
+
+    #[test]
+    fn symbolic_links_are_never_synced_and_status_counts_them() {
+        let d = tempfile::tempdir().unwrap();
+        let s = share(d.path());
+        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", s.root.join("out")).unwrap();
+        std::os::unix::fs::symlink("a.txt", s.root.join("in")).unwrap();
+        let v = s.scan("n1", id(&s)).unwrap();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].path, "a.txt");
+        assert_eq!(s.status().links_skipped, 2);
     }
 
     #[test]

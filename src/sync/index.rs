@@ -192,6 +192,7 @@ mod tests {
                 node: "a".into(),
                 content: format!("c{n}"),
                 size: n,
+                mode: None,
             },
             size: n,
             mtime_ns: n as u128,

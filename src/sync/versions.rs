@@ -92,6 +92,10 @@ pub const MAX_COUNTER: u64 = 1 << 62;
 /// How far past what this node holds an announced counter may leap: a million edits of one
 /// path unseen here.
 pub const MAX_LEAP: u64 = 1 << 20;
+/// The mode bits that travel: read, write and execute for owner, group and others. The
+/// set-id and sticky bits never do: a member must not make a program here run as this
+/// node's user.
+pub const MODE_BITS: u32 = 0o777;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VersionError {
@@ -115,6 +119,9 @@ impl FileVersion {
             |s: &str| s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if self.mtime > MAX_MTIME {
             return refuse("its mtime is past the year 9999");
+        }
+        if self.mode.is_some_and(|m| m & !MODE_BITS != 0) {
+            return refuse("its mode holds more than permission bits");
         }
         if !(self.content.is_empty() || self.content == DIR || hex(&self.content)) {
             return refuse("its content id is not a manifest id");
@@ -155,6 +162,18 @@ pub struct FileVersion {
     /// Bytes of content (0 for a deletion or a folder), for progress: what is left to pull.
     #[serde(default)]
     pub size: u64,
+    /// Permission bits ([`MODE_BITS`] only) of the file or folder, when the version
+    /// carries them: `None` from a member of a version before modes travelled, whose
+    /// versions leave a path's mode as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+impl FileVersion {
+    /// What a change of metadata alone compares: the mtime and the mode.
+    fn meta(&self) -> (u64, Option<u32>) {
+        (self.mtime, self.mode)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +182,9 @@ pub enum Resolution {
     KeepLocal,
     /// Theirs supersedes ours: apply it.
     TakeRemote,
+    /// The same content both sides changed at once, theirs with the metadata that wins:
+    /// take their mode and mtime under the merged vector, and keep the content.
+    TakeMeta { merged: VersionVector },
     /// Both changed it: `winner` stays at the path, the loser is kept beside it as
     /// `loser_path`, and the path's vector becomes `merged` on every node.
     Conflict {
@@ -180,8 +202,21 @@ pub fn resolve(local: &FileVersion, remote: &FileVersion) -> Resolution {
         Order::Before => Resolution::TakeRemote,
         Order::Concurrent => {
             if local.content == remote.content && local.deleted == remote.deleted {
-                // The same change made twice is no conflict; keep ours under the merged vector.
-                return Resolution::KeepLocal;
+                // The same content on both sides is no conflict, whatever else differs.
+                // Where the two changed only metadata (a chmod, a touch) both sides keep
+                // the same one under the merged vector, the later by mtime, then by node:
+                // one vector names one version everywhere.
+                let remote_wins = !local.deleted
+                    && remote.meta() != local.meta()
+                    && (remote.mtime, &remote.node, remote.mode)
+                        > (local.mtime, &local.node, local.mode);
+                return if remote_wins {
+                    Resolution::TakeMeta {
+                        merged: local.vv.merged(&remote.vv),
+                    }
+                } else {
+                    Resolution::KeepLocal
+                };
             }
             // A deletion never beats an edit: nothing is lost by keeping the file.
             let remote_wins = match (local.deleted, remote.deleted) {
@@ -295,6 +330,7 @@ mod tests {
             node: node.into(),
             content: content.into(),
             size: 1,
+            mode: None,
         }
     }
 
@@ -389,11 +425,13 @@ mod tests {
     }
 
     #[test]
-    fn the_same_change_made_twice_is_no_conflict() {
+    fn the_same_change_made_twice_is_no_conflict_and_both_sides_keep_the_later_mtime() {
         let base = vv(&[("a", 1)]);
         let x = version("a", base.bumped("a"), 1, "same");
         let y = version("b", base.bumped("b"), 2, "same");
-        assert_eq!(resolve(&x, &y), Resolution::KeepLocal);
+        let merged = x.vv.merged(&y.vv);
+        assert_eq!(resolve(&x, &y), Resolution::TakeMeta { merged });
+        assert_eq!(resolve(&y, &x), Resolution::KeepLocal);
     }
 
     #[test]
@@ -442,6 +480,41 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_changes_of_metadata_alone_settle_on_one_version_on_both_sides() {
+        let id = "a".repeat(64);
+        let base = version("n1", vv(&[("n1", 1)]), 100, &id);
+        let chmod = FileVersion {
+            vv: vv(&[("n1", 2)]),
+            mode: Some(0o600),
+            ..base.clone()
+        };
+        let touch = FileVersion {
+            vv: vv(&[("n1", 1), ("n2", 1)]),
+            node: "n2".into(),
+            mtime: 200,
+            mode: Some(0o644),
+            ..base.clone()
+        };
+        let merged = chmod.vv.merged(&touch.vv);
+        // The later wins on both sides, under the merged vector, and nothing is copied.
+        assert_eq!(
+            resolve(&chmod, &touch),
+            Resolution::TakeMeta {
+                merged: merged.clone()
+            }
+        );
+        assert_eq!(resolve(&touch, &chmod), Resolution::KeepLocal);
+        // The same metadata made twice is no change at all.
+        let twice = FileVersion {
+            vv: vv(&[("n1", 1), ("n2", 1)]),
+            node: "n2".into(),
+            ..chmod.clone()
+        };
+        assert_eq!(resolve(&chmod, &twice), Resolution::KeepLocal);
+        assert_eq!(resolve(&twice, &chmod), Resolution::KeepLocal);
+    }
+
+    #[test]
     fn absurd_announced_versions_are_refused_and_sane_ones_pass() {
         let id = "a".repeat(64);
         let good = version("n1", vv(&[("n1", 3)]), 1_700_000_000, &id);
@@ -486,6 +559,10 @@ mod tests {
             },
             FileVersion {
                 size: u64::MAX,
+                ..good.clone()
+            },
+            FileVersion {
+                mode: Some(0o4755),
                 ..good.clone()
             },
         ];

@@ -236,8 +236,7 @@ impl Stream {
 
     /// Up to `len` bytes at `offset` (less at a chunk's end), waiting for their chunk.
     pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, StreamError> {
-        let cs = self.manifest.chunk_size.max(1);
-        let index = offset / cs;
+        let index = self.manifest.chunk_at(offset);
         self.playhead.store(index, Ordering::Relaxed);
         self.last_used
             .store(crate::base::clock::now_secs(), Ordering::Relaxed);
@@ -248,7 +247,9 @@ impl Stream {
             }
             arrived.await;
         }
-        let end = ((index + 1) * cs).min(self.manifest.size).min(offset + len);
+        let end = (self.manifest.chunk_offset(index) + self.manifest.chunk_len(index))
+            .min(self.manifest.size)
+            .min(offset + len);
         let (data, n) = (self.data.clone(), end.saturating_sub(offset) as usize);
         let buf = blocking(move || {
             use std::os::unix::fs::FileExt;
@@ -339,7 +340,7 @@ impl Stream {
         };
         let written = match got {
             Ok(b) => {
-                let (data, at) = (self.data.clone(), i as u64 * self.manifest.chunk_size);
+                let (data, at) = (self.data.clone(), self.manifest.chunk_offset(i as u64));
                 blocking(move || {
                     use std::os::unix::fs::FileExt;
                     data.write_all_at(&b, at).map(|()| b.len())
@@ -870,6 +871,8 @@ mod tests {
             mode: 0o644,
             chunk_size: 1 << 20,
             chunks: vec!["x".into(), "y".into()],
+            lengths: Vec::new(),
+            starts: Vec::new(),
         };
         let new = Stream::remote("s/new.bin", manifest, [0; 32], dir.path()).unwrap();
         streams.make_room(&new);
@@ -920,6 +923,8 @@ mod tests {
             mode: 0o644,
             chunk_size: 1 << 20,
             chunks: vec![chunk.into()],
+            lengths: Vec::new(),
+            starts: Vec::new(),
         }
     }
 
