@@ -299,6 +299,113 @@ fn the_same_file_edited_on_two_cut_off_members_keeps_both_versions_everywhere() 
 }
 
 #[test]
+fn members_cut_apart_catch_up_within_five_seconds_of_the_heal_and_go_direct_again() {
+    if !root_or_skip(
+        "members_cut_apart_catch_up_within_five_seconds_of_the_heal_and_go_direct_again",
+    ) {
+        return;
+    }
+    let (_lab, nodes, roots) = docs_lab(&["a", "b"]);
+    let (a, b) = (&nodes[1], &nodes[2]);
+    let path = |from: &Node, to: &str| {
+        from.peers()
+            .peers
+            .into_iter()
+            .find(|p| p.name == to)
+            .map(|p| p.path)
+            .unwrap_or_default()
+    };
+    std::fs::write(roots[0].join("before.txt"), b"before the cut\n").unwrap();
+    wait_same(&roots, "before the cut", |t| t.contains_key("before.txt"));
+    let direct = wait_until(DEADLINE, || {
+        path(a, "b") == "direct" && path(b, "a") == "direct"
+    });
+    assert!(
+        direct,
+        "a and b never went direct: {} / {}",
+        path(a, "b"),
+        path(b, "a")
+    );
+
+    // a is cut off by its firewall; a and b each write a file meanwhile.
+    let cut = |op: &str| {
+        for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+            let o =
+                a.ns.exec(&["iptables", op, chain, dir, "eth0", "-j", "DROP"]);
+            assert!(
+                o.status.success(),
+                "iptables: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    };
+    cut("-I");
+    std::fs::write(
+        roots[1].join("from-a.txt"),
+        b"written on a during the cut\n",
+    )
+    .unwrap();
+    std::fs::write(
+        roots[2].join("from-b.txt"),
+        b"written on b during the cut\n",
+    )
+    .unwrap();
+    assert!(
+        wait_until(DEADLINE, || tree(&roots[0]).contains_key("from-b.txt")),
+        "b's file never reached the host"
+    );
+    // Long enough for both sides to see the direct path gone, so the heal needs a new
+    // handshake, not just the old session.
+    let noticed = wait_until(DEADLINE, || {
+        path(a, "b") != "direct" && path(b, "a") != "direct"
+    });
+    assert!(
+        noticed,
+        "the cut went unnoticed: {} / {}",
+        path(a, "b"),
+        path(b, "a")
+    );
+    assert!(!tree(&roots[1]).contains_key("from-b.txt"));
+
+    cut("-D");
+    let healed = std::time::Instant::now();
+    let caught_up = wait_until(DEADLINE, || {
+        roots.iter().all(|r| {
+            let t = tree(r);
+            t.contains_key("from-a.txt") && t.contains_key("from-b.txt")
+        })
+    });
+    let synced = healed.elapsed();
+    assert!(caught_up, "the two sides never caught up after the heal");
+    let direct = wait_until(DEADLINE, || {
+        path(a, "b") == "direct" && path(b, "a") == "direct"
+    });
+    let direct_in = healed.elapsed();
+    assert!(
+        direct,
+        "no direct path after the heal: {} / {}",
+        path(a, "b"),
+        path(b, "a")
+    );
+    println!(
+        "after the heal: both edits everywhere in {} ms, direct both ways in {} ms",
+        synced.as_millis(),
+        direct_in.as_millis()
+    );
+    // Driven by the first knock through (every 2 s) and the greeting that follows it
+    // (every 0.5 s), not by the 10 s full round.
+    let five = Duration::from_secs(5);
+    assert!(
+        synced <= five,
+        "both edits everywhere only {synced:?} after the heal"
+    );
+    assert!(
+        direct_in <= five,
+        "direct again only {direct_in:?} after the heal"
+    );
+}
+
+#[test]
 fn a_file_rewritten_right_after_it_arrived_elsewhere_arrives_again() {
     if !root_or_skip("a_file_rewritten_right_after_it_arrived_elsewhere_arrives_again") {
         return;

@@ -57,6 +57,9 @@ const ENDPOINT_SAVE_INTERVAL: Duration = Duration::from_secs(30);
 /// How often a node announces every version it holds, so members that missed a change
 /// (offline, or an announcement lost) catch up.
 const SYNC_FULL_ROUND: Duration = Duration::from_secs(10);
+/// How often sync looks for members back within reach that may have missed something:
+/// a directory read and a set lookup per member when nobody did.
+const GREET_EVERY: Duration = Duration::from_millis(500);
 /// How often versions past `[sync] keep_versions_days` are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// Quiet time after a file event before the share is scanned, while a file written is
@@ -307,6 +310,9 @@ async fn run_sync(
     let (mut last_scan, mut last_took) = (tokio::time::Instant::now(), Duration::ZERO);
     let mut scan = tokio::time::interval(crate::sync::folder::SCAN_EVERY);
     let mut full = tokio::time::interval(SYNC_FULL_ROUND);
+    // Members back within reach after missing something are greeted this soon.
+    let mut greet = tokio::time::interval(GREET_EVERY);
+    greet.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // At start, then hourly: a version kept 30 days needs no finer clock.
     let mut prune = tokio::time::interval(PRUNE_EVERY);
     // When file events next call for a scan, and the latest it may wait for since the
@@ -348,6 +354,7 @@ async fn run_sync(
             }
             _ = scan.tick() => sync.scan(false).await,
             _ = full.tick() => sync.scan(true).await,
+            _ = greet.tick() => sync.greet_missing(),
             _ = prune.tick() => sync.prune_versions().await,
             m = rx.recv() => match m {
                 Some((from, body)) => sync.apply(from, body).await,

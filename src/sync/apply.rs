@@ -144,8 +144,56 @@ impl Executor {
                         .await
                     {
                         Ok(_) => share.greet(key),
-                        Err(e) => log::debug!("sync announce to {name}: {e}"),
+                        Err(e) => {
+                            // It missed this: it gets everything once it answers again.
+                            share.ungreet(&key);
+                            log::debug!("sync announce to {name}: {e}");
+                        }
                     }
+                });
+            }
+        }
+    }
+
+    /// Sends everything held to each member that may have missed something (out of
+    /// reach for a while, or an announcement to it failed) as soon as its path is up
+    /// again, asking for everything back: after a cut, both sides catch up on the first
+    /// round trip that works, not at the next full round. One greeting in flight per
+    /// member and share; no scan. Members out of reach now are marked for it.
+    pub fn greet_missing(&self) {
+        let dir = self.members.directory();
+        for s in &self.shares {
+            for p in dir
+                .peers
+                .iter()
+                .filter(|p| p.key != dir.me && p.shares.contains(&s.name))
+            {
+                if !p.up {
+                    s.ungreet(&p.key);
+                    continue;
+                }
+                if s.greeted(&p.key) || !s.start_greeting(p.key) {
+                    continue;
+                }
+                let Ok(body) = serde_json::to_vec(&Announce {
+                    share: s.name.clone(),
+                    versions: s.all_versions(),
+                    ask_back: true,
+                }) else {
+                    s.end_greeting(&p.key);
+                    continue;
+                };
+                let (vpn, name, key, engine) = (p.vpn, p.name.clone(), p.key, self.engine.clone());
+                let share = s.clone();
+                self.tasks.spawn(async move {
+                    match engine
+                        .post(&key, vpn, crate::sync::folder::SYNC_PATH, body)
+                        .await
+                    {
+                        Ok(_) => share.greet(key),
+                        Err(e) => log::debug!("sync greeting to {name}: {e}"),
+                    }
+                    share.end_greeting(&key);
                 });
             }
         }

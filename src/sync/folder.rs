@@ -96,6 +96,8 @@ pub struct SyncShare {
     made: Mutex<std::collections::BTreeSet<String>>,
     /// Members that have had every version from us since this node started.
     greeted: Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// Members a greeting (everything we hold) is on its way to.
+    greeting: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// Who works on which path, and what is left to pull.
     pub pulls: Pulls,
     /// The hold on mass deletions.
@@ -198,6 +200,7 @@ impl SyncShare {
             last_error: Mutex::new(None),
             full_at: Mutex::new(None),
             greeted: Mutex::new(std::collections::HashSet::new()),
+            greeting: Mutex::new(std::collections::HashSet::new()),
             made: Mutex::new(std::collections::BTreeSet::new()),
             deletions: Mutex::new(DeleteGuard::default()),
             links: std::sync::atomic::AtomicUsize::new(0),
@@ -257,6 +260,21 @@ impl SyncShare {
 
     pub fn greet(&self, member: [u8; 32]) {
         self.greeted.locked().insert(member);
+    }
+
+    /// `member` may have missed an announcement (one to it failed, or it was out of
+    /// reach): the next one it gets is everything, asking for everything back.
+    pub fn ungreet(&self, member: &[u8; 32]) {
+        self.greeted.locked().remove(member);
+    }
+
+    /// Claims the one greeting in flight to `member`; false when one already is.
+    pub fn start_greeting(&self, member: [u8; 32]) -> bool {
+        self.greeting.locked().insert(member)
+    }
+
+    pub fn end_greeting(&self, member: &[u8; 32]) {
+        self.greeting.locked().remove(member);
     }
 
     /// Notes that a pull found the disk full; true the first time, so it is logged once.

@@ -71,6 +71,12 @@ pub const TIMER_TICK: Duration = Duration::from_millis(250);
 pub const KEEPALIVE_SECS: u16 = 25;
 /// A peer heard from within this long has a working direct path (keepalives every 25 s).
 const LIVE: Duration = Duration::from_secs(40);
+/// A peer sent data this long ago and not heard from since has no working path, however
+/// recently it was heard before: WireGuard answers data within its passive keepalive
+/// (KEEPALIVE_TIMEOUT, 10 s) at the latest, so silence past that (and a timer tick) is a
+/// cut. Packets then go through the host and knocking starts, so the first knock that
+/// gets through once the cut ends brings the direct path back (issue 19, item 3).
+const SILENT: Duration = Duration::from_secs(12);
 /// How often a peer without a direct path is sent a fresh handshake at its candidates.
 pub const KNOCK_EVERY: Duration = Duration::from_secs(2);
 const MAX_INVITE_SESSIONS: usize = 256;
@@ -444,6 +450,9 @@ struct PeerCell {
     /// one, 0 for never. An atomic, so that path choice reads it without this peer's
     /// lock (and never holds two peers' locks to pick a carrier).
     last_rx: AtomicU64,
+    /// When data first went to this peer since it was last heard from, on the same
+    /// clock; 0 while nothing waits for an answer.
+    unanswered: AtomicU64,
     epoch: Instant,
     state: Mutex<PeerState>,
 }
@@ -460,17 +469,37 @@ impl PeerCell {
         }
     }
 
-    fn set_last_rx(&self, at: Instant) {
+    fn stamp(&self, at: Instant) -> u64 {
         let since = at.saturating_duration_since(self.epoch).as_nanos();
-        let n = u64::try_from(since).unwrap_or(u64::MAX - 1);
-        self.last_rx.store(n + 1, Ordering::Relaxed);
+        u64::try_from(since).unwrap_or(u64::MAX - 1) + 1
     }
 
-    /// A packet that proved a round trip came within [`LIVE`]. Only such a packet sets
-    /// `last_rx`, and it sets the endpoint too, so a live peer has one.
+    fn set_last_rx(&self, at: Instant) {
+        self.last_rx.store(self.stamp(at), Ordering::Relaxed);
+        self.unanswered.store(0, Ordering::Relaxed);
+    }
+
+    /// Data went to this peer at `at`: the first such since it was last heard from
+    /// starts the wait for its answer. A load before the store keeps a busy path from
+    /// writing the shared word with every packet.
+    fn sent_data(&self, at: Instant) {
+        if self.unanswered.load(Ordering::Relaxed) == 0 {
+            self.unanswered.store(self.stamp(at), Ordering::Relaxed);
+        }
+    }
+
+    /// A packet that proved a round trip came within [`LIVE`], and data sent since has
+    /// not waited for an answer longer than [`SILENT`]. Only such a packet sets `last_rx`,
+    /// and it sets the endpoint too, so a live peer has one.
     fn live(&self, now: Instant) -> bool {
-        self.last_rx()
-            .is_some_and(|t| now.saturating_duration_since(t) < LIVE)
+        let waiting = match self.unanswered.load(Ordering::Relaxed) {
+            0 => false,
+            n => now.saturating_duration_since(self.epoch + Duration::from_nanos(n - 1)) > SILENT,
+        };
+        !waiting
+            && self
+                .last_rx()
+                .is_some_and(|t| now.saturating_duration_since(t) < LIVE)
     }
 }
 
@@ -706,6 +735,9 @@ fn seal_grouped<'p>(
         for (_, packet) in items.iter().filter(|(c, _)| *c == at) {
             st.seal(heard, gate, packet, sealed, out);
         }
+        if heard {
+            cell.sent_data(now);
+        }
     }
 }
 
@@ -822,6 +854,7 @@ impl Core {
             let cell = Arc::new(PeerCell {
                 index,
                 last_rx: AtomicU64::new(0),
+                unanswered: AtomicU64::new(0),
                 epoch,
                 state: Mutex::new(PeerState {
                     tunn: None,
@@ -2086,6 +2119,43 @@ mod tests {
         assert_eq!(
             net.send(1, later, &ip(vpn(2), vpn(3), b"x")),
             vec![udp_addr(1)]
+        );
+    }
+
+    #[test]
+    fn a_direct_path_that_stops_answering_goes_through_the_host_and_the_first_knock_through_brings_it_back(
+    ) {
+        let t0 = Instant::now();
+        let mut net = host_and_two_members(t0);
+        net.run(t0);
+        assert_eq!(net.path(1, 3, t0), PathKind::Direct);
+        // The cut: what member 2 sends member 3 goes nowhere, though 3 was heard at t0.
+        net.blocked.push((udp_addr(2), udp_addr(3)));
+        assert_eq!(
+            net.send(1, t0, &ip(vpn(2), vpn(3), b"lost")),
+            vec![udp_addr(3)]
+        );
+        let waiting = t0 + SILENT - Duration::from_millis(1);
+        assert_eq!(net.path(1, 3, waiting), PathKind::Direct);
+        let silent = t0 + SILENT + Duration::from_millis(1);
+        assert_eq!(net.path(1, 3, silent), PathKind::ViaHost);
+        assert_eq!(
+            net.send(1, silent, &ip(vpn(2), vpn(3), b"around")),
+            vec![udp_addr(1)]
+        );
+        // The cut ends: the next knock gets through and the path is direct again.
+        net.blocked.clear();
+        let mark = net.sent.len();
+        let healed = silent + KNOCK_EVERY;
+        net.tick(healed);
+        assert!(
+            net.knocks_since(mark, 1).contains(&udp_addr(3)),
+            "no knock at the silent peer"
+        );
+        assert_eq!(net.path(1, 3, healed), PathKind::Direct);
+        assert_eq!(
+            net.send(1, healed, &ip(vpn(2), vpn(3), b"direct")),
+            vec![udp_addr(3)]
         );
     }
 
