@@ -115,8 +115,9 @@ pub struct Manifest {
     pub chunk_size: u64,
     /// BLAKE3 of each chunk, hex.
     pub chunks: Vec<String>,
-    /// Content-defined chunks: each chunk's length, in order, summing to `size`. Empty
-    /// for fixed chunks (and from members older than content-defined chunking).
+    /// Content-defined chunks: each chunk's length (1 byte to [`CDC_MAX`]), in order,
+    /// summing to `size`. Empty for fixed chunks (and from members older than
+    /// content-defined chunking).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lengths: Vec<u32>,
     /// Where each content-defined chunk starts, from `lengths`: filled by
@@ -180,8 +181,9 @@ impl Manifest {
                 )));
             }
         } else {
-            // Every chunk bounded as a fixed one is, and together exactly the file: a
-            // peer's lengths size each buffer and place each write.
+            // Every chunk within what the chunker makes (no holder serves a longer one),
+            // and together exactly the file: a peer's lengths size each buffer and place
+            // each write.
             if self.lengths.len() != self.chunks.len() {
                 return Err(refuse(format!(
                     "{} chunk lengths for {} chunk hashes",
@@ -189,13 +191,9 @@ impl Manifest {
                     self.chunks.len()
                 )));
             }
-            if let Some(i) = self
-                .lengths
-                .iter()
-                .position(|l| *l == 0 || u64::from(*l) > MAX_CHUNK_SIZE)
-            {
+            if let Some(i) = self.lengths.iter().position(|l| *l == 0 || *l > CDC_MAX) {
                 return Err(refuse(format!(
-                    "chunk {i}'s length {} is outside 1..={MAX_CHUNK_SIZE} bytes",
+                    "chunk {i}'s length {} is outside 1..={CDC_MAX} bytes",
                     self.lengths[i]
                 )));
             }

@@ -105,50 +105,40 @@ impl Executor {
             for v in &changed {
                 log::debug!("sync: {}/{} changed here ({:?})", s.name, v.path, v.vv);
             }
-            let body = |versions: Vec<FileVersion>, ask_back: bool| {
-                serde_json::to_vec(&Announce {
-                    share: s.name.clone(),
-                    versions,
-                    ask_back,
-                })
-                .ok()
+            let versions = match (all, changed.is_empty()) {
+                (true, _) => s.all_versions(),
+                (false, false) => changed,
+                (false, true) => continue,
             };
-            // A member not heard from since this node started gets everything, and is
-            // asked for everything it holds: what changed while one of us was down is
-            // caught up at once, not at the next full round.
-            let everything = body(s.all_versions(), true);
-            let routine = match (all, changed.is_empty()) {
-                (true, _) => body(s.all_versions(), false),
-                (false, false) => body(changed, false),
-                (false, true) => None,
+            let Ok(body) = serde_json::to_vec(&Announce {
+                share: s.name.clone(),
+                versions,
+                ask_back: false,
+            }) else {
+                continue;
             };
             // All members at once, and beside the sync loop: a member that is gone (each
             // post to it waits out its timeout) must hold up neither the others nor the
             // announcements coming in. Posts to one member overlap at most for as long
-            // as its timeout lasts past the next scan: a bounded few.
+            // as its timeout lasts past the next scan: a bounded few. A member not
+            // greeted yet (not heard from since this node started, or one that missed
+            // something) gets these too; `greet_missing` sends it everything besides.
             let dir = self.members.directory();
             for p in dir
                 .peers
                 .iter()
                 .filter(|p| p.key != dir.me && p.up && p.shares.contains(&s.name))
             {
-                let greet = !s.greeted(&p.key);
-                let Some(body) = (if greet { &everything } else { &routine }).clone() else {
-                    continue;
-                };
                 let (vpn, name, key, engine) = (p.vpn, p.name.clone(), p.key, self.engine.clone());
-                let share = s.clone();
+                let (share, body) = (s.clone(), body.clone());
                 self.tasks.spawn(async move {
-                    match engine
+                    if let Err(e) = engine
                         .post(&key, vpn, crate::sync::folder::SYNC_PATH, body)
                         .await
                     {
-                        Ok(_) => share.greet(key),
-                        Err(e) => {
-                            // It missed this: it gets everything once it answers again.
-                            share.ungreet(&key);
-                            log::debug!("sync announce to {name}: {e}");
-                        }
+                        // It missed this: it gets everything once it answers again.
+                        share.ungreet(&key);
+                        log::debug!("sync announce to {name}: {e}");
                     }
                 });
             }
@@ -162,7 +152,9 @@ impl Executor {
     /// member and share; no scan. Members out of reach now are marked for it.
     pub fn greet_missing(&self) {
         let dir = self.members.directory();
+        let now = std::time::Instant::now();
         for s in &self.shares {
+            let mut needy = Vec::new();
             for p in dir
                 .peers
                 .iter()
@@ -170,30 +162,38 @@ impl Executor {
             {
                 if !p.up {
                     s.ungreet(&p.key);
-                    continue;
+                } else if !s.greeted(&p.key) && s.start_greeting(p.key, now) {
+                    needy.push(p);
                 }
-                if s.greeted(&p.key) || !s.start_greeting(p.key) {
-                    continue;
+            }
+            if needy.is_empty() {
+                continue;
+            }
+            // Made once for every member greeted now.
+            let Ok(body) = serde_json::to_vec(&Announce {
+                share: s.name.clone(),
+                versions: s.all_versions(),
+                ask_back: true,
+            }) else {
+                for p in needy {
+                    s.end_greeting(&p.key, false, now);
                 }
-                let Ok(body) = serde_json::to_vec(&Announce {
-                    share: s.name.clone(),
-                    versions: s.all_versions(),
-                    ask_back: true,
-                }) else {
-                    s.end_greeting(&p.key);
-                    continue;
-                };
+                continue;
+            };
+            for p in needy {
+                let body = body.clone();
                 let (vpn, name, key, engine) = (p.vpn, p.name.clone(), p.key, self.engine.clone());
                 let share = s.clone();
                 self.tasks.spawn(async move {
-                    match engine
+                    let r = engine
                         .post(&key, vpn, crate::sync::folder::SYNC_PATH, body)
-                        .await
-                    {
-                        Ok(_) => share.greet(key),
-                        Err(e) => log::debug!("sync greeting to {name}: {e}"),
+                        .await;
+                    if let Err(e) = &r {
+                        log::debug!("sync greeting to {name}: {e}");
+                    } else {
+                        share.greet(key);
                     }
-                    share.end_greeting(&key);
+                    share.end_greeting(&key, r.is_ok(), std::time::Instant::now());
                 });
             }
         }
@@ -423,25 +423,33 @@ impl Executor {
             Action::Fetch { path, version } if version.content == crate::sync::versions::DIR => {
                 if let Ok(p) = inside(s, &path) {
                     if std::fs::create_dir_all(&p).is_ok() {
-                        if let Err(e) = crate::sync::disk::set_meta(&p, version.mode, version.mtime)
+                        if let Err(e) =
+                            crate::sync::disk::set_meta(&p, None, version.mode, version.mtime)
                         {
                             log::debug!("sync: {}/{path}: mode and mtime not set: {e}", s.name);
                         }
+                        // What the disk took is recorded, so a mode it refused is no
+                        // change of ours to announce back.
                         s.record(&path, version);
                     }
                 }
             }
             Action::Touch { path, version } => {
-                // The decision checked a moment ago that nothing here changed since the
-                // last scan; a write landing between that check and this one is seen by
-                // the next scan unless it lands in the same instant as the new mtime.
                 let Some(p) = existing_inside(s, &path) else {
                     return;
                 };
-                match crate::sync::disk::set_meta(&p, version.mode, version.mtime) {
-                    Ok(()) => s.record(&path, version),
+                // Only if it is still what the index recorded (a file's size and mtime),
+                // checked through the descriptor that then changes it: a write that
+                // landed since the decision keeps its own mtime and is the next scan's.
+                let expected = s.known_stat(&path);
+                match crate::sync::disk::set_meta(&p, expected, version.mode, version.mtime) {
+                    Ok(Some(now)) => s.record_installed(&path, version, Some(now)),
+                    Ok(None) => {}
                     Err(e) => {
-                        log::debug!("sync: {}/{path}: mode and mtime not set: {e}", s.name)
+                        // A file system that refuses (a chmod on FAT, a file of another
+                        // user): recorded as it stands, so it is not tried every round.
+                        log::debug!("sync: {}/{path}: mode and mtime not set: {e}", s.name);
+                        s.record(&path, version);
                     }
                 }
             }
@@ -451,7 +459,7 @@ impl Executor {
                     .fetch(s, peer, &v.path, &path, &version, expected, None)
                     .await
                 {
-                    s.record_installed(&path, version, installed);
+                    s.record_installed(&path, version, Some(installed));
                 } else {
                     // A pull that failed or gave way still made and removed files here.
                     s.refresh_folder_of(&path);
@@ -483,7 +491,7 @@ impl Executor {
                     .fetch(s, peer, &v.path, &fetch_into, &version, expected, aside)
                     .await
                 {
-                    s.record_installed(&fetch_into, version.clone(), installed);
+                    s.record_installed(&fetch_into, version.clone(), Some(installed));
                     if move_local_to.is_none() {
                         // Ours stays at the path and now carries both histories.
                         s.merge_history(&v.path, &version.vv);
@@ -551,7 +559,7 @@ impl Executor {
         version: &FileVersion,
         expected: Option<(u64, u128)>,
         aside: Option<PathBuf>,
-    ) -> Option<(u64, u128)> {
+    ) -> Option<crate::sync::disk::Meta> {
         // A full disk: nothing is tried until space comes back (checked at every round).
         if !s.space_to_pull() {
             return None;
@@ -668,10 +676,10 @@ impl Executor {
         // The version's mtime is set on the staged file, and what is recorded is the
         // staged file's own size and mtime: a write landing on the path right after the
         // rename is then seen by the next scan as the local edit it is.
-        if let Err(e) = crate::sync::disk::set_meta(&staged, version.mode, version.mtime) {
+        if let Err(e) = crate::sync::disk::set_meta(&staged, None, version.mode, version.mtime) {
             log::debug!("sync: {}/{local_path}: mode and mtime not set: {e}", s.name);
         }
-        let Some(installed) = crate::sync::disk::stat(&staged) else {
+        let Some(installed) = crate::sync::disk::meta(&staged) else {
             let _ = std::fs::remove_file(&staged);
             return None;
         };

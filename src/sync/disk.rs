@@ -77,25 +77,56 @@ pub fn meta(path: &Path) -> Option<Meta> {
 }
 
 /// Gives the file or folder at `path` a version's permission bits (when it carries them)
-/// and mtime. Opened without following a link in its last step, and changed through that
-/// descriptor, so a link swapped in there is never what changes; only the permission bits
-/// are ever set, never set-id or sticky bits.
-pub fn set_meta(path: &Path, mode: Option<u32>, mtime: u64) -> std::io::Result<()> {
+/// and mtime, if it is still what `expected` says (size and mtime in ns; `None`: not
+/// checked). Opened without following a link in its last step, checked and changed
+/// through that one descriptor, so a link swapped in there is never what changes and a
+/// write landing before the check is never stamped with the version's mtime. Only the
+/// permission bits are ever set, never set-id or sticky bits, and a folder keeps its
+/// owner's read, write and search bits here: sync must still write into it (a folder
+/// made read-only elsewhere would otherwise shut out every file of it that follows).
+/// Returns what the disk holds afterwards, or `None` when the path moved on.
+pub fn set_meta(
+    path: &Path,
+    expected: Option<(u64, u128)>,
+    mode: Option<u32>,
+    mtime: u64,
+) -> std::io::Result<Option<Meta>> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)?;
+    let before = meta_of(&f.metadata()?);
+    if expected.is_some_and(|e| e != (before.size, before.mtime_ns)) {
+        return Ok(None);
+    }
+    let dir = f.metadata()?.is_dir();
     if let Some(mode) = mode {
-        f.set_permissions(std::fs::Permissions::from_mode(
-            mode & crate::sync::versions::MODE_BITS,
-        ))?;
+        let mut mode = mode & crate::sync::versions::MODE_BITS;
+        if dir {
+            mode |= 0o700;
+        }
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     }
     // A time the system cannot represent is left alone rather than overflowing.
     if let Some(t) = UNIX_EPOCH.checked_add(Duration::from_secs(mtime)) {
         f.set_modified(t)?;
     }
-    Ok(())
+    Ok(Some(meta_of(&f.metadata()?)))
+}
+
+fn meta_of(m: &std::fs::Metadata) -> Meta {
+    use std::os::unix::fs::PermissionsExt;
+    let mtime_ns = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Meta {
+        size: m.len(),
+        mtime_ns,
+        mode: m.permissions().mode() & crate::sync::versions::MODE_BITS,
+    }
 }
 
 pub(super) fn is_ours(name: &str) -> bool {

@@ -96,8 +96,9 @@ pub struct SyncShare {
     made: Mutex<std::collections::BTreeSet<String>>,
     /// Members that have had every version from us since this node started.
     greeted: Mutex<std::collections::HashSet<[u8; 32]>>,
-    /// Members a greeting (everything we hold) is on its way to.
-    greeting: Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// Greetings (everything we hold) on their way to members, or waiting to be tried
+    /// again after one failed.
+    greeting: Mutex<std::collections::HashMap<[u8; 32], Greeting>>,
     /// Who works on which path, and what is left to pull.
     pub pulls: Pulls,
     /// The hold on mass deletions.
@@ -105,6 +106,17 @@ pub struct SyncShare {
     /// Symbolic links the last scan passed over (never synced).
     links: std::sync::atomic::AtomicUsize,
 }
+
+/// A greeting in flight to a member, or the wait before the next one.
+#[derive(Debug, Default)]
+pub struct Greeting {
+    in_flight: bool,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+/// The longest wait between two greetings to a member whose posts keep failing.
+pub const GREETING_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// How long deletions applied count toward the hold's threshold.
 const DELETE_WINDOW: Duration = Duration::from_secs(60);
@@ -200,7 +212,7 @@ impl SyncShare {
             last_error: Mutex::new(None),
             full_at: Mutex::new(None),
             greeted: Mutex::new(std::collections::HashSet::new()),
-            greeting: Mutex::new(std::collections::HashSet::new()),
+            greeting: Mutex::new(std::collections::HashMap::new()),
             made: Mutex::new(std::collections::BTreeSet::new()),
             deletions: Mutex::new(DeleteGuard::default()),
             links: std::sync::atomic::AtomicUsize::new(0),
@@ -268,13 +280,34 @@ impl SyncShare {
         self.greeted.locked().remove(member);
     }
 
-    /// Claims the one greeting in flight to `member`; false when one already is.
-    pub fn start_greeting(&self, member: [u8; 32]) -> bool {
-        self.greeting.locked().insert(member)
+    /// Claims the one greeting in flight to `member` at `now`; false while one is, or
+    /// while the last one's failure is being waited out.
+    pub fn start_greeting(&self, member: [u8; 32], now: Instant) -> bool {
+        let mut g = self.greeting.locked();
+        let e = g.entry(member).or_default();
+        if e.in_flight || e.retry_at.is_some_and(|at| now < at) {
+            return false;
+        }
+        e.in_flight = true;
+        true
     }
 
-    pub fn end_greeting(&self, member: &[u8; 32]) {
-        self.greeting.locked().remove(member);
+    /// The greeting to `member` ended: `ok`, or tried again after a wait that doubles
+    /// with each failure in a row, up to [`GREETING_BACKOFF_MAX`]: a member whose path is
+    /// up but which refuses or cannot take our posts costs one a while, not one a tick.
+    pub fn end_greeting(&self, member: &[u8; 32], ok: bool, now: Instant) {
+        let mut g = self.greeting.locked();
+        if ok {
+            g.remove(member);
+            return;
+        }
+        let e = g.entry(*member).or_default();
+        e.in_flight = false;
+        e.failures = e.failures.saturating_add(1);
+        let wait = Duration::from_millis(500)
+            .saturating_mul(1 << e.failures.min(8))
+            .min(GREETING_BACKOFF_MAX);
+        e.retry_at = Some(now + wait);
     }
 
     /// Notes that a pull found the disk full; true the first time, so it is logged once.
@@ -496,15 +529,14 @@ impl SyncShare {
             let same = held.is_some_and(|e| !e.version.deleted && e.version.content == content);
             let version = match held.filter(|_| same) {
                 Some(e) if is_dir => {
-                    folders.push((rel, m, e.version.clone()));
+                    folders.push((rel, m, e.version.clone(), e.mode));
                     continue;
                 }
-                // The same content: news only when its mode or mtime moved, and never
-                // for a version from before modes travelled, which takes this mode
-                // without a change (an upgrade announces nothing).
+                // The same content: news when its mode moved from what was last seen
+                // here, or its mtime from the version's.
                 Some(e) => {
-                    let moved = e.version.mode.is_some_and(|held| held != m.mode)
-                        || (e.version.mode.is_some() && e.version.mtime != secs);
+                    let moved =
+                        e.mode.is_some_and(|held| held != m.mode) || e.version.mtime != secs;
                     if moved {
                         let v = FileVersion {
                             vv: e.version.vv.bumped(me),
@@ -546,6 +578,7 @@ impl SyncShare {
                     version,
                     size: m.size,
                     mtime_ns: m.mtime_ns,
+                    mode: Some(m.mode),
                 },
             );
         }
@@ -592,11 +625,13 @@ impl SyncShare {
         // this scan and no pull works in it (a pull's partial file moves it too). What
         // this node's sync put in a folder moves its mtime as well, and is no change of
         // the folder's either: see `refresh_folder`.
-        for (rel, m, held) in folders {
+        for (rel, m, held, seen_mode) in folders {
             let secs = (m.mtime_ns / 1_000_000_000) as u64;
             let implied = busy.contains(rel.as_str()) || self.pulls.in_flight_under(rel);
-            let moved = held.mode.is_some_and(|h| h != m.mode)
-                || (held.mode.is_some() && held.mtime != secs && !implied);
+            // An entry from before modes were recorded takes this one without a change:
+            // an upgrade announces no folder.
+            let moved = seen_mode.is_some_and(|h| h != m.mode)
+                || (seen_mode.is_some() && held.mtime != secs && !implied);
             let version = if moved {
                 let v = FileVersion {
                     vv: held.vv.bumped(me),
@@ -619,6 +654,7 @@ impl SyncShare {
                     version,
                     size: m.size,
                     mtime_ns: m.mtime_ns,
+                    mode: Some(m.mode),
                 },
             );
         }
@@ -735,7 +771,7 @@ impl SyncShare {
         // A local edit not scanned yet is not overwritten: the next scan announces it.
         // That includes a chmod (a mode recorded before modes were is not compared).
         let on_disk = meta(&self.root.join(&remote.path));
-        let mode_kept = |m: &Meta| local.version.mode.is_none_or(|held| held == m.mode);
+        let mode_kept = |m: &Meta| local.mode.is_none_or(|held| held == m.mode);
         let untouched = match on_disk {
             Some(m) if local.version.content == versions::DIR => {
                 !local.version.deleted && mode_kept(&m)
@@ -852,17 +888,13 @@ impl SyncShare {
 
     /// Records that `version` is now what lies at `path` on disk.
     pub fn record(&self, path: &str, version: FileVersion) {
-        let installed = stat(&self.root.join(path)).unwrap_or((0, 0));
+        let installed = meta(&self.root.join(path));
         self.record_installed(path, version, installed);
     }
 
-    /// Records `version` at `path` as the file of this size and mtime (ns) put there.
-    pub fn record_installed(
-        &self,
-        path: &str,
-        version: FileVersion,
-        (size, mtime_ns): (u64, u128),
-    ) {
+    /// Records `version` at `path` as what was put there: its size, mtime (ns) and mode
+    /// as the disk holds them (`None`: nothing there, as after a deletion).
+    pub fn record_installed(&self, path: &str, version: FileVersion, installed: Option<Meta>) {
         let mut index = self.lock();
         index.insert(
             path.to_string(),
@@ -871,8 +903,9 @@ impl SyncShare {
                     path: path.to_string(),
                     ..version
                 },
-                size,
-                mtime_ns,
+                size: installed.map_or(0, |m| m.size),
+                mtime_ns: installed.map_or(0, |m| m.mtime_ns),
+                mode: installed.map(|m| m.mode),
             },
         );
         self.refresh_folder(&mut index, path);
@@ -955,7 +988,8 @@ enum Look {
     /// As recorded.
     Same,
     /// The same content (a file of the same size and mtime, a folder): only its mode or,
-    /// for a folder, its mtime moved; or the entry is from before modes were recorded.
+    /// for a folder, its mtime moved; or a folder's entry is from before modes were
+    /// recorded.
     Meta,
     /// New, of another kind, or a file whose size or mtime moved: its content is hashed.
     Content,
@@ -966,10 +1000,13 @@ fn look(held: Option<&Entry>, is_dir: bool, m: Meta) -> Look {
         return Look::Content;
     };
     let folder = e.version.content == versions::DIR;
-    let mode_moved = e.version.mode != Some(m.mode);
+    let mode_moved = e.mode != Some(m.mode);
     if is_dir != folder {
         Look::Content
-    } else if !is_dir && (e.size != m.size || e.mtime_ns != m.mtime_ns) {
+    } else if !is_dir && (e.size != m.size || e.mtime_ns != m.mtime_ns || e.mode.is_none()) {
+        // A file recorded before modes were (an index from before content-defined
+        // chunks) is hashed again: its content id was made with fixed chunks, which no
+        // holder serves any more.
         Look::Content
     } else if mode_moved || (is_dir && e.mtime_ns != m.mtime_ns) {
         Look::Meta
@@ -1254,7 +1291,7 @@ mod tests {
         std::fs::create_dir(s.root.join("sub")).unwrap();
         s.scan("n1", id(&s)).unwrap();
         // `touch -d 2001-09-09T01:46:40Z sub`: nothing inside changed.
-        crate::sync::disk::set_meta(&s.root.join("sub"), None, 1_000_000_000).unwrap();
+        crate::sync::disk::set_meta(&s.root.join("sub"), None, None, 1_000_000_000).unwrap();
         let v = s.scan("n1", id(&s)).unwrap();
         assert_eq!(v.len(), 1, "{v:?}");
         assert_eq!((v[0].path.as_str(), v[0].mtime), ("sub", 1_000_000_000));
@@ -1274,6 +1311,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = share(d.path());
         std::fs::create_dir(s.root.join("sub")).unwrap();
+        // An old mtime, so the one a pull leaves differs in whole seconds too.
+        crate::sync::disk::set_meta(&s.root.join("sub"), None, None, 1_000_000_000).unwrap();
         s.scan("n1", id(&s)).unwrap();
         // As a pull lands a file: written under a hidden name, moved into place, recorded.
         std::fs::write(s.root.join("sub/.x.watchalong-stage-1"), b"pulled").unwrap();
@@ -1296,29 +1335,41 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_from_before_modes_travelled_takes_its_mode_without_a_change() {
+    fn an_index_from_before_modes_hashes_its_files_again_and_announces_only_new_ids() {
         let d = tempfile::tempdir().unwrap();
         let s = share(d.path());
-        std::fs::write(s.root.join("a.txt"), b"one").unwrap();
+        std::fs::write(s.root.join("same.txt"), b"one").unwrap();
+        std::fs::write(s.root.join("rechunked.bin"), b"two").unwrap();
         std::fs::create_dir(s.root.join("sub")).unwrap();
         s.scan("n1", id(&s)).unwrap();
-        // As an older version recorded them: no mode, and a folder's mtime as it was when
-        // first seen.
-        for path in ["a.txt", "sub"] {
+        // As an older version recorded them: no mode seen, and a folder's mtime as it
+        // was when first seen.
+        for path in ["same.txt", "rechunked.bin", "sub"] {
             let mut e = s.lock().get(path).unwrap().clone();
-            e.version.mode = None;
+            e.mode = None;
             if path == "sub" {
                 e.mtime_ns += 1;
             }
             s.lock().insert(path.into(), e);
         }
-        set_mode(&s, "a.txt", 0o600);
+        set_mode(&s, "same.txt", 0o600);
+        // Content ids are made anew: one file's id changed (its chunking did), the
+        // other's did not.
         let v = s
-            .scan("n1", |rel| panic!("{rel} hashed for an upgrade"))
+            .scan("n1", |rel| {
+                let plain = id(&s)(rel)?;
+                Some(if rel == "rechunked.bin" {
+                    format!("{:0>64}", "c")
+                } else {
+                    plain
+                })
+            })
             .unwrap();
-        assert!(v.is_empty(), "an upgrade announced {v:?}");
-        assert_eq!(s.lock().get("a.txt").unwrap().version.mode, Some(0o600));
-        assert!(s.lock().get("sub").unwrap().version.mode.is_some());
+        let paths: Vec<&str> = v.iter().map(|v| v.path.as_str()).collect();
+        assert_eq!(paths, ["rechunked.bin"], "{v:?}");
+        assert_eq!(s.lock().get("same.txt").unwrap().mode, Some(0o600));
+        assert!(s.lock().get("sub").unwrap().mode.is_some());
+        assert!(s.scan("n1", id(&s)).unwrap().is_empty());
     }
 
     #[test]

@@ -41,6 +41,11 @@ pub struct Entry {
     /// without hashing.
     pub size: u64,
     pub mtime_ns: u128,
+    /// The permission bits the path had when last seen or written: what a scan compares,
+    /// not the version's mode (a file system may not take that one). `None` in entries
+    /// written before modes were recorded.
+    #[serde(default)]
+    pub mode: Option<u32>,
 }
 
 /// One stored record of the index file (the file may have been damaged or edited).
@@ -196,6 +201,7 @@ mod tests {
             },
             size: n,
             mtime_ns: n as u128,
+            mode: None,
         }
     }
 

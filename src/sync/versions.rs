@@ -204,12 +204,17 @@ pub fn resolve(local: &FileVersion, remote: &FileVersion) -> Resolution {
             if local.content == remote.content && local.deleted == remote.deleted {
                 // The same content on both sides is no conflict, whatever else differs.
                 // Where the two changed only metadata (a chmod, a touch) both sides keep
-                // the same one under the merged vector, the later by mtime, then by node:
-                // one vector names one version everywhere.
+                // the same one under the merged vector, one vector naming one version
+                // everywhere: of one history, the later change (by mtime, then node); of
+                // two histories that never met (a folder made on two members, one of
+                // them only to hold a file that arrived first), the older, which is the
+                // one somebody made on purpose.
+                let shared = local.vv.0.keys().any(|k| remote.vv.0.contains_key(k));
+                let theirs = (remote.mtime, &remote.node, remote.mode);
+                let ours = (local.mtime, &local.node, local.mode);
                 let remote_wins = !local.deleted
                     && remote.meta() != local.meta()
-                    && (remote.mtime, &remote.node, remote.mode)
-                        > (local.mtime, &local.node, local.mode);
+                    && if shared { theirs > ours } else { theirs < ours };
                 return if remote_wins {
                     Resolution::TakeMeta {
                         merged: local.vv.merged(&remote.vv),
@@ -512,6 +517,24 @@ mod tests {
         };
         assert_eq!(resolve(&chmod, &twice), Resolution::KeepLocal);
         assert_eq!(resolve(&twice, &chmod), Resolution::KeepLocal);
+    }
+
+    #[test]
+    fn one_folder_made_on_two_members_that_never_met_keeps_the_older_metadata_on_both() {
+        let made = FileVersion {
+            content: DIR.into(),
+            mode: Some(0o700),
+            ..version("n1", vv(&[("n1", 1)]), 100, DIR)
+        };
+        // Made on n2 to hold a file that arrived before the folder's own announcement.
+        let implied = FileVersion {
+            node: "n2".into(),
+            mode: Some(0o755),
+            ..version("n2", vv(&[("n2", 1)]), 500, DIR)
+        };
+        let merged = made.vv.merged(&implied.vv);
+        assert_eq!(resolve(&implied, &made), Resolution::TakeMeta { merged });
+        assert_eq!(resolve(&made, &implied), Resolution::KeepLocal);
     }
 
     #[test]

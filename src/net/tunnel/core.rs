@@ -72,11 +72,14 @@ pub const KEEPALIVE_SECS: u16 = 25;
 /// A peer heard from within this long has a working direct path (keepalives every 25 s).
 const LIVE: Duration = Duration::from_secs(40);
 /// A peer sent data this long ago and not heard from since has no working path, however
-/// recently it was heard before: WireGuard answers data within its passive keepalive
-/// (KEEPALIVE_TIMEOUT, 10 s) at the latest, so silence past that (and a timer tick) is a
-/// cut. Packets then go through the host and knocking starts, so the first knock that
-/// gets through once the cut ends brings the direct path back (issue 19, item 3).
-const SILENT: Duration = Duration::from_secs(12);
+/// recently it was heard before. Every peer of ours sends a persistent keepalive once it
+/// has sent nothing for `KEEPALIVE_SECS` (25 s), so a live one is heard within that and
+/// a timer tick of any moment; WireGuard's passive keepalive (an answer to data within
+/// 10 s) is not enough to go by, since boringtun skips it when the data and its own last
+/// send fall in one timer tick. Past this, packets go through the host and knocking
+/// starts, so the first knock through once a cut ends brings the direct path back, where
+/// before only 40 s without any packet ended it (issue 19, item 3).
+const SILENT: Duration = Duration::from_secs(30);
 /// How often a peer without a direct path is sent a fresh handshake at its candidates.
 pub const KNOCK_EVERY: Duration = Duration::from_secs(2);
 const MAX_INVITE_SESSIONS: usize = 256;
