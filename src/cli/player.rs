@@ -290,8 +290,13 @@ pub async fn run_mpv(
                     } else if id == cache_id {
                         buffered = data.unwrap_or(0.0);
                     } else if id == landed_id {
-                        if let Some(c) = data.and_then(|p| f.landed_at(p, now)) {
-                            pending_change = Some(change(c));
+                        match data {
+                            Some(p) => {
+                                if let Some(c) = f.landed_at(p, now) {
+                                    pending_change = Some(change(c));
+                                }
+                            }
+                            None => f.landing_unread(),
                         }
                     }
                 }

@@ -62,6 +62,10 @@ pub struct Follower {
     sent_seek: Option<(Instant, f64)>,
     /// The player began a seek (ours or a person's), and when: where it lands tells which.
     seen_seek: Option<Instant>,
+    /// A seek landed and where is being read (since when its seek began): until the
+    /// reading comes, the position the player gave meanwhile may be a person's target,
+    /// and correcting it would undo that person's seek before it is reported.
+    landing: Option<Instant>,
     /// A player reports each value once when it starts being watched (mpv's observed
     /// properties, a page's first report); that is not a person's doing.
     pause_known: bool,
@@ -85,6 +89,7 @@ impl Default for Follower {
             sent_speeds: std::collections::VecDeque::new(),
             sent_seek: None,
             seen_seek: None,
+            landing: None,
             pause_known: false,
             speed_known: false,
             rate: 1.0,
@@ -157,22 +162,37 @@ impl Follower {
     }
 
     /// The player landed: true after a seek, when the position must be read to tell whose it
-    /// was ([`Follower::landed_at`]).
+    /// was ([`Follower::landed_at`]); no correction is made until it is.
     pub fn on_landed(&mut self) -> bool {
-        self.seen_seek.take().is_some()
+        match self.seen_seek.take() {
+            Some(began) => {
+                self.landing = Some(began);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The landing's position could not be read: corrections resume.
+    pub fn landing_unread(&mut self) {
+        self.landing = None;
     }
 
     /// A seek landed at `position`: ours if that is where we sent the player, else a
     /// person's, returned as a change.
     pub fn landed_at(&mut self, position: f64, now: Instant) -> Option<Change> {
+        let began = self.landing.take();
         self.on_position(position, now);
-        if let Some((_, target)) = self.sent_seek {
+        if let Some((sent, target)) = self.sent_seek {
             if (position - target).abs() <= OUR_SEEK_SLACK_S {
                 self.sent_seek = None;
                 return None;
             }
+            // A seek of ours sent after this one began has still to land: it stays ours.
+            if !began.is_some_and(|b| sent > b) {
+                self.sent_seek = None;
+            }
         }
-        self.sent_seek = None;
         Some(Change {
             playing: !self.paused,
             position,
@@ -200,6 +220,7 @@ impl Follower {
             .is_some_and(|(t, _)| now.saturating_duration_since(t) < OUR_SEEK_WINDOW)
             || self
                 .seen_seek
+                .or(self.landing)
                 .is_some_and(|t| now.saturating_duration_since(t) < SEEK_UNDER_WAY);
         let expected = state.position_at(now_ms);
         let actual = self.position_now(now);
@@ -257,6 +278,76 @@ mod tests {
             held: false,
             stamp: Stamp::default(),
         }
+    }
+
+    #[test]
+    fn a_persons_seek_is_not_undone_while_where_it_landed_is_read() {
+        let mut f = Follower {
+            paused: false,
+            ..Default::default()
+        };
+        let now = Instant::now();
+        let room = state(true, 1.0, 0);
+        f.on_position(1.0, now);
+        f.on_seek(now);
+        // mpv reads the target meanwhile.
+        f.on_position(60.0, now);
+        // playback-restart: where it landed is asked for; a poll comes before the answer.
+        assert!(f.on_landed());
+        let cmds = f.follow(&room, 0, now);
+        assert!(
+            !cmds.iter().any(|c| matches!(c, Command::Seek(_))),
+            "{cmds:?}"
+        );
+        assert_eq!(f.landed_at(60.0, now).map(|c| c.position), Some(60.0));
+    }
+
+    #[test]
+    fn a_seek_of_ours_sent_after_a_persons_began_is_still_ours_when_it_lands() {
+        let mut f = Follower {
+            paused: false,
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        f.on_position(1.0, t0);
+        f.on_seek(t0);
+        assert!(f.on_landed());
+        // The person's landing is unread for longer than a seek may take: corrections
+        // resume, and ours goes out.
+        let later = t0 + SEEK_UNDER_WAY + Duration::from_millis(1);
+        f.on_position(60.0, later);
+        let cmds = f.follow(&state(true, 1.0, 0), 0, later);
+        let Some(Command::Seek(to)) = cmds.into_iter().find(|c| matches!(c, Command::Seek(_)))
+        else {
+            panic!("no correction after the landing was given up on");
+        };
+        // The person's landing is read: theirs, and ours is still awaited.
+        assert!(f.landed_at(60.0, later).is_some());
+        f.on_seek(later);
+        assert!(f.on_landed());
+        assert_eq!(
+            f.landed_at(to, later),
+            None,
+            "our own seek taken for a person's"
+        );
+    }
+
+    #[test]
+    fn a_landing_that_cannot_be_read_does_not_hold_corrections() {
+        let mut f = Follower {
+            paused: false,
+            ..Default::default()
+        };
+        let now = Instant::now();
+        f.on_position(30.0, now);
+        f.on_seek(now);
+        assert!(f.on_landed());
+        f.landing_unread();
+        let cmds = f.follow(&state(true, 1.0, 0), 0, now);
+        assert!(
+            cmds.iter().any(|c| matches!(c, Command::Seek(_))),
+            "{cmds:?}"
+        );
     }
 
     #[test]
