@@ -3,8 +3,11 @@
 //! Pure: the caller passes the randomness, delivers the returned messages over the tunnel
 //! and applies the returned events; nothing here touches a socket or the clock.
 //!
-//! Convergence: a change reaches `FANOUT` members at once and each of them passes it on to
-//! `FANOUT` more (an epidemic: about log_FANOUT(N) hops). Whatever that misses is found by
+//! Convergence: the node that makes a change tells every member it is connected to at
+//! once while the group has at most `DIRECT_PUSH_MAX` members (one hop: news in a round
+//! trip), else `FANOUT` of them; each member that learns it from another passes it on to
+//! `FANOUT` more (an epidemic: about log_FANOUT(N) hops), which repairs what the first
+//! push missed. Whatever that misses is found by
 //! anti-entropy: every node sends a short hash of its view to one random member per
 //! round; a member whose view differs answers with its digest and the two push-pull what
 //! the other lacks. So a node missing a record gets it within a few rounds with high
@@ -22,6 +25,10 @@ use crate::group::mesh::{Announcement, DigestEntry, MemberRecord, Mesh, MeshErro
 
 /// Members a change is pushed to by each node that learns it.
 pub const FANOUT: usize = 2;
+/// Up to this many members, the node that makes a change pushes it to every member it is
+/// connected to: a hundred datagrams of a few hundred bytes per change, against news that
+/// needs one hop instead of several (issue 19, item 2). Larger groups push to `FANOUT`.
+pub const DIRECT_PUSH_MAX: usize = 128;
 /// Digest lines per datagram, so a message stays well inside one tunnel packet.
 const DIGEST_CHUNK: usize = 10;
 
@@ -110,11 +117,15 @@ impl Gossip {
             .collect()
     }
 
+    /// Pushes `msg` to `FANOUT` members (connected ones first), or, with `direct` in a
+    /// group of at most `DIRECT_PUSH_MAX`, to every member this node is connected to (and
+    /// at least `FANOUT`).
     fn push_to_some(
         &mut self,
         mesh: &Mesh,
         msg: &GossipMessage,
         not: &[Key],
+        direct: bool,
         rng: &mut impl Rng,
         out: &mut Vec<Outgoing>,
     ) {
@@ -123,7 +134,16 @@ impl Gossip {
         // Members it is connected to first (in random order): a push to one that is away
         // waits for anti-entropy.
         peers.sort_by_key(|k| !self.reachable.contains(k));
-        for to in peers.into_iter().take(FANOUT) {
+        let connected = peers
+            .iter()
+            .take_while(|k| self.reachable.contains(k))
+            .count();
+        let count = if direct && peers.len() < DIRECT_PUSH_MAX {
+            connected.max(FANOUT)
+        } else {
+            FANOUT
+        };
+        for to in peers.into_iter().take(count) {
             out.push(Outgoing {
                 to,
                 msg: msg.clone(),
@@ -163,7 +183,7 @@ impl Gossip {
                     Ok(Some(ev)) => {
                         self.stats.accepted += 1;
                         events.push(ev);
-                        self.push_to_some(mesh, &msg, &[from], rng, &mut out);
+                        self.push_to_some(mesh, &msg, &[from], false, rng, &mut out);
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -225,7 +245,7 @@ impl Gossip {
         match Self::accept(mesh, &msg) {
             Ok(Some(ev)) => {
                 events.push(ev);
-                self.push_to_some(mesh, &msg, &[], rng, &mut out);
+                self.push_to_some(mesh, &msg, &[], true, rng, &mut out);
             }
             Ok(None) => {}
             Err(e) => log::warn!("own gossip refused: {e}"),
@@ -446,6 +466,53 @@ mod tests {
         nodes
             .windows(2)
             .all(|w| w[0].mesh.digest() == w[1].mesh.digest())
+    }
+
+    #[test]
+    fn a_change_made_here_goes_to_every_connected_member_at_once_and_passed_on_to_a_few() {
+        let (host, mut nodes) = cluster(40);
+        for n in nodes.iter_mut() {
+            for i in 2..=40u8 {
+                n.mesh
+                    .accept_member(&sign_member(&host, &record(i)))
+                    .unwrap();
+            }
+        }
+        // The host is connected to members 2 to 31; 32 to 40 are away.
+        let connected: Vec<Key> = (2..=31u8).map(|i| [i; 32]).collect();
+        let mut rng = StdRng::seed_from_u64(7);
+        let news = sign_member(
+            &host,
+            &MemberRecord {
+                version: 2,
+                ..record(40)
+            },
+        );
+        let n0 = &mut nodes[0];
+        n0.g.set_reachable(connected.clone());
+        let (out, _) = n0.g.publish(
+            &mut n0.mesh,
+            GossipMessage::Member {
+                record: news.clone(),
+            },
+            &mut rng,
+        );
+        let mut to: Vec<Key> = out.iter().map(|o| o.to).collect();
+        to.sort();
+        assert_eq!(
+            to, connected,
+            "not every connected member, or one that is away"
+        );
+        // A member that hears it from another passes it on to a few.
+        let n1 = &mut nodes[1];
+        n1.g.set_reachable(connected);
+        let (out, _) = n1.g.receive(
+            &mut n1.mesh,
+            [1; 32],
+            GossipMessage::Member { record: news },
+            &mut rng,
+        );
+        assert_eq!(out.len(), FANOUT);
     }
 
     #[test]
