@@ -55,14 +55,12 @@ fn learned_at(n: &Node, name: &str) -> Option<std::time::SystemTime> {
 /// User and system CPU time of process `pid` so far, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command's closing parenthesis; utime and stime are the 12th and
-    // 13th of them.
+    // Fields after the command's closing parenthesis, from the state on (some are not
+    // numbers: the state, a tpgid of -1); utime and stime are the 12th and 13th.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
 }
 
 /// Resident memory of process `pid`, in KiB.

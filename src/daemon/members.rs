@@ -211,7 +211,12 @@ impl Node {
             return (JoinMessage::Refused { reason }, Vec::new());
         }
         let now = now_secs();
+        // Who this node is connected to now, read before the book lock like every
+        // tunnel read: the new record goes to each of them at once, the member that
+        // joined a moment ago among them, not only to those the last gossip round saw.
+        let reachable = self.tunnel.reachable();
         let mut book = self.book();
+        book.gossip.set_reachable(reachable);
         let refused = |reason| (JoinMessage::Refused { reason }, Vec::new());
         let invite_id = match book.invites.find_by_key(invite_key) {
             Some(r) => r.id,
