@@ -492,6 +492,19 @@ impl Drop for Tmpfs {
 }
 
 /// Writes `data` beside the share and moves it in, so it is announced once, whole.
+/// The host and member a, with no chunk cache at a: what a reuses of a file must come
+/// from the file it holds.
+fn docs_lab_without_cache() -> (Lab, Vec<Node>, Vec<PathBuf>) {
+    docs_lab_prepared(&["a"], |roots| {
+        let config = roots[1].parent().unwrap().join("watchalong.toml");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(config)
+            .unwrap();
+        std::io::Write::write_all(&mut f, b"\n[relay]\ncache_mib = 0\n").unwrap();
+    })
+}
+
 fn place(root: &Path, name: &str, size: u64, seed: &str) -> String {
     let outside = root.parent().unwrap().join(format!("{name}.tmp"));
     let hash = write_random(&outside, size, seed);
@@ -951,15 +964,7 @@ fn a_kibibyte_inserted_in_the_middle_of_a_64_mib_file_fetches_under_2_mib() {
     if !root_or_skip("a_kibibyte_inserted_in_the_middle_of_a_64_mib_file_fetches_under_2_mib") {
         return;
     }
-    // No chunk cache at the receiver: what it reuses must come from the file it holds.
-    let (_lab, nodes, roots) = docs_lab_prepared(&["a"], |roots| {
-        let config = roots[1].parent().unwrap().join("watchalong.toml");
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(config)
-            .unwrap();
-        std::io::Write::write_all(&mut f, b"\n[relay]\ncache_mib = 0\n").unwrap();
-    });
+    let (_lab, nodes, roots) = docs_lab_without_cache();
     let first = place(&roots[0], "film.mkv", 64 << 20, "insert");
     wait_same(&roots, "the first version", |t| {
         t.get("film.mkv") == Some(&first)
@@ -995,15 +1000,7 @@ fn an_append_to_a_big_file_fetches_only_the_chunk_that_changed() {
     if !root_or_skip("an_append_to_a_big_file_fetches_only_the_chunk_that_changed") {
         return;
     }
-    // No chunk cache at the receiver: what it reuses must come from the file it holds.
-    let (_lab, nodes, roots) = docs_lab_prepared(&["a"], |roots| {
-        let config = roots[1].parent().unwrap().join("watchalong.toml");
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(config)
-            .unwrap();
-        std::io::Write::write_all(&mut f, b"\n[relay]\ncache_mib = 0\n").unwrap();
-    });
+    let (_lab, nodes, roots) = docs_lab_without_cache();
     let first = place(&roots[0], "log.bin", 8 << 20, "append");
     wait_same(&roots, "the first version", |t| {
         t.get("log.bin") == Some(&first)

@@ -40,14 +40,7 @@ pub fn partial_path(dest: &Path) -> PathBuf {
 
 /// Size and mtime in ns, or `None` when nothing is there.
 pub fn stat(path: &Path) -> Option<(u64, u128)> {
-    let m = std::fs::metadata(path).ok()?;
-    let mtime = m
-        .modified()
-        .ok()?
-        .duration_since(UNIX_EPOCH)
-        .ok()?
-        .as_nanos();
-    Some((m.len(), mtime))
+    meta(path).map(|m| (m.size, m.mtime_ns))
 }
 
 /// What a scan compares of a path besides its content: size, mtime in ns and permission
@@ -61,19 +54,7 @@ pub struct Meta {
 
 /// [`Meta`] of `path`, or `None` when nothing is there.
 pub fn meta(path: &Path) -> Option<Meta> {
-    use std::os::unix::fs::PermissionsExt;
-    let m = std::fs::metadata(path).ok()?;
-    let mtime_ns = m
-        .modified()
-        .ok()?
-        .duration_since(UNIX_EPOCH)
-        .ok()?
-        .as_nanos();
-    Some(Meta {
-        size: m.len(),
-        mtime_ns,
-        mode: m.permissions().mode() & crate::sync::versions::MODE_BITS,
-    })
+    std::fs::metadata(path).ok().map(|m| meta_of(&m))
 }
 
 /// Gives the file or folder at `path` a version's permission bits (when it carries them)
