@@ -274,7 +274,7 @@ pub async fn run_mpv(
                         }
                     }
                     Some("seek") => f.on_seek(Instant::now()),
-                    Some("playback-restart") if f.on_landed() => {
+                    Some("playback-restart") if f.on_landed(now) => {
                         landed_id = mpv.send(json!(["get_property", "time-pos"])).await?;
                     }
                     Some("end-file") | Some("shutdown") => break Ok(()),

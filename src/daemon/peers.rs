@@ -306,11 +306,17 @@ impl Node {
             .then(|| self.own_endpoints());
         // Whom a record learned here is passed on to: members connected now, read before
         // the book lock, not as the last gossip round saw them.
-        let reachable = self.tunnel.reachable();
+        let reachable = matches!(
+            msg,
+            GossipMessage::Member { .. } | GossipMessage::Announce { .. }
+        )
+        .then(|| self.tunnel.reachable());
         let (out, membership_changed, snap) = {
             let mut book = self.book();
             let Book { group, gossip, .. } = &mut *book;
-            gossip.set_reachable(reachable);
+            if let Some(reachable) = reachable {
+                gossip.set_reachable(reachable);
+            }
             let (mut out, events) = gossip.receive(&mut group.mesh, from, msg, rng);
             let mut membership_changed = false;
             let mut announced = false;

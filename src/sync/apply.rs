@@ -162,6 +162,7 @@ impl Executor {
             {
                 if !p.up {
                     s.ungreet(&p.key);
+                    s.forget_backoff(&p.key);
                 } else if !s.greeted(&p.key) && s.start_greeting(p.key, now) {
                     needy.push(p);
                 }
@@ -244,6 +245,8 @@ impl Executor {
         let Some(peer) = dir.get(&from).cloned() else {
             return;
         };
+        // Heard from: a greeting to it that failed before goes out at once next time.
+        s.forget_backoff(&from);
         if a.ask_back {
             self.answer(&s, &peer).await;
             s.greet(from);
@@ -434,14 +437,17 @@ impl Executor {
                     }
                 }
             }
-            Action::Touch { path, version } => {
+            Action::Touch {
+                path,
+                version,
+                expected,
+            } => {
                 let Some(p) = existing_inside(s, &path) else {
                     return;
                 };
-                // Only if it is still what the index recorded (a file's size and mtime),
+                // Only if it is still what the decision saw (a file's size and mtime),
                 // checked through the descriptor that then changes it: a write that
-                // landed since the decision keeps its own mtime and is the next scan's.
-                let expected = s.known_stat(&path);
+                // landed since keeps its own mtime and is the next scan's.
                 match crate::sync::disk::set_meta(&p, expected, version.mode, version.mtime) {
                     Ok(Some(now)) => s.record_installed(&path, version, Some(now)),
                     Ok(None) => {}

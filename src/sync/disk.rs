@@ -82,17 +82,24 @@ pub fn set_meta(
         return Ok(None);
     }
     let dir = f.metadata()?.is_dir();
-    if let Some(mode) = mode {
-        let mut mode = mode & crate::sync::versions::MODE_BITS;
-        if dir {
-            mode |= 0o700;
+    // Each tried even if the other is refused (a file system without modes still takes
+    // an mtime); the first refusal is what is returned.
+    let chmod = match mode {
+        Some(mode) => {
+            let mut mode = mode & crate::sync::versions::MODE_BITS;
+            if dir {
+                mode |= 0o700;
+            }
+            f.set_permissions(std::fs::Permissions::from_mode(mode))
         }
-        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    }
+        None => Ok(()),
+    };
     // A time the system cannot represent is left alone rather than overflowing.
-    if let Some(t) = UNIX_EPOCH.checked_add(Duration::from_secs(mtime)) {
-        f.set_modified(t)?;
-    }
+    let touch = match UNIX_EPOCH.checked_add(Duration::from_secs(mtime)) {
+        Some(t) => f.set_modified(t),
+        None => Ok(()),
+    };
+    chmod.and(touch)?;
     Ok(Some(meta_of(&f.metadata()?)))
 }
 

@@ -171,6 +171,9 @@ pub enum Action {
     Touch {
         path: String,
         version: FileVersion,
+        /// The file's size and mtime (ns) as the decision found them (`None`: a
+        /// folder): applied only to what it decided about.
+        expected: Option<(u64, u128)>,
     },
     /// Keep ours at the path and fetch theirs beside it (or move ours aside first).
     Conflict {
@@ -290,6 +293,15 @@ impl SyncShare {
         }
         e.in_flight = true;
         true
+    }
+
+    /// `member` was out of reach, or was just heard from: the next greeting goes at once,
+    /// whatever failed before (one in flight stays claimed).
+    pub fn forget_backoff(&self, member: &[u8; 32]) {
+        let mut g = self.greeting.locked();
+        if g.get(member).is_some_and(|e| !e.in_flight) {
+            g.remove(member);
+        }
     }
 
     /// The greeting to `member` ended: `ok`, or tried again after a wait that doubles
@@ -529,14 +541,14 @@ impl SyncShare {
             let same = held.is_some_and(|e| !e.version.deleted && e.version.content == content);
             let version = match held.filter(|_| same) {
                 Some(e) if is_dir => {
-                    folders.push((rel, m, e.version.clone(), e.mode));
+                    folders.push((rel, m, e.version.clone(), e.mode.or(e.version.mode)));
                     continue;
                 }
                 // The same content: news when its mode moved from what was last seen
                 // here, or its mtime from the version's.
                 Some(e) => {
-                    let moved =
-                        e.mode.is_some_and(|held| held != m.mode) || e.version.mtime != secs;
+                    let moved = e.mode.or(e.version.mode).is_some_and(|held| held != m.mode)
+                        || e.version.mtime != secs;
                     if moved {
                         let v = FileVersion {
                             vv: e.version.vv.bumped(me),
@@ -771,7 +783,12 @@ impl SyncShare {
         // A local edit not scanned yet is not overwritten: the next scan announces it.
         // That includes a chmod (a mode recorded before modes were is not compared).
         let on_disk = meta(&self.root.join(&remote.path));
-        let mode_kept = |m: &Meta| local.mode.is_none_or(|held| held == m.mode);
+        let mode_kept = |m: &Meta| {
+            local
+                .mode
+                .or(local.version.mode)
+                .is_none_or(|held| held == m.mode)
+        };
         let untouched = match on_disk {
             Some(m) if local.version.content == versions::DIR => {
                 !local.version.deleted && mode_kept(&m)
@@ -787,6 +804,10 @@ impl SyncShare {
         if !untouched {
             return Action::Nothing;
         }
+        // What a metadata change applies to: this file as it stands now.
+        let seen = on_disk
+            .filter(|_| local.version.content != versions::DIR)
+            .map(|m| (m.size, m.mtime_ns));
         // A folder and a file at one path do not merge; the next change settles it.
         let kinds_differ = !local.version.deleted
             && !remote.deleted
@@ -832,6 +853,7 @@ impl SyncShare {
                 Action::Touch {
                     path: remote.path.clone(),
                     version: remote.clone(),
+                    expected: seen,
                 }
             }
             Resolution::TakeMeta { merged } => Action::Touch {
@@ -840,6 +862,7 @@ impl SyncShare {
                     vv: merged,
                     ..remote.clone()
                 },
+                expected: seen,
             },
             Resolution::TakeRemote => Action::Fetch {
                 path: remote.path.clone(),
@@ -1000,7 +1023,7 @@ fn look(held: Option<&Entry>, is_dir: bool, m: Meta) -> Look {
         return Look::Content;
     };
     let folder = e.version.content == versions::DIR;
-    let mode_moved = e.mode != Some(m.mode);
+    let mode_moved = e.mode.or(e.version.mode) != Some(m.mode);
     if is_dir != folder {
         Look::Content
     } else if !is_dir && (e.size != m.size || e.mtime_ns != m.mtime_ns || e.mode.is_none()) {
@@ -1342,11 +1365,12 @@ mod tests {
         std::fs::write(s.root.join("rechunked.bin"), b"two").unwrap();
         std::fs::create_dir(s.root.join("sub")).unwrap();
         s.scan("n1", id(&s)).unwrap();
-        // As an older version recorded them: no mode seen, and a folder's mtime as it
-        // was when first seen.
+        // As the version before modes recorded them: no mode at all, and a folder's mtime
+        // as it was when first seen.
         for path in ["same.txt", "rechunked.bin", "sub"] {
             let mut e = s.lock().get(path).unwrap().clone();
             e.mode = None;
+            e.version.mode = None;
             if path == "sub" {
                 e.mtime_ns += 1;
             }
@@ -1388,7 +1412,8 @@ mod tests {
             s.decide(&theirs),
             Action::Touch {
                 path: "a.txt".into(),
-                version: theirs.clone()
+                version: theirs.clone(),
+                expected: s.known_stat("a.txt"),
             }
         );
         // A chmod here not scanned yet is not overwritten.

@@ -205,16 +205,14 @@ pub fn resolve(local: &FileVersion, remote: &FileVersion) -> Resolution {
                 // The same content on both sides is no conflict, whatever else differs.
                 // Where the two changed only metadata (a chmod, a touch) both sides keep
                 // the same one under the merged vector, one vector naming one version
-                // everywhere: of one history, the later change (by mtime, then node); of
-                // two histories that never met (a folder made on two members, one of
-                // them only to hold a file that arrived first), the older, which is the
-                // one somebody made on purpose.
-                let shared = local.vv.0.keys().any(|k| remote.vv.0.contains_key(k));
-                let theirs = (remote.mtime, &remote.node, remote.mode);
-                let ours = (local.mtime, &local.node, local.mode);
+                // everywhere: the later (by mtime, then node, then mode). One total order,
+                // whatever the histories: a rule that depended on them would settle
+                // differently with the order versions arrive in, and leave two members
+                // apart under one vector for good.
                 let remote_wins = !local.deleted
                     && remote.meta() != local.meta()
-                    && if shared { theirs > ours } else { theirs < ours };
+                    && (remote.mtime, &remote.node, remote.mode)
+                        > (local.mtime, &local.node, local.mode);
                 return if remote_wins {
                     Resolution::TakeMeta {
                         merged: local.vv.merged(&remote.vv),
@@ -517,24 +515,6 @@ mod tests {
         };
         assert_eq!(resolve(&chmod, &twice), Resolution::KeepLocal);
         assert_eq!(resolve(&twice, &chmod), Resolution::KeepLocal);
-    }
-
-    #[test]
-    fn one_folder_made_on_two_members_that_never_met_keeps_the_older_metadata_on_both() {
-        let made = FileVersion {
-            content: DIR.into(),
-            mode: Some(0o700),
-            ..version("n1", vv(&[("n1", 1)]), 100, DIR)
-        };
-        // Made on n2 to hold a file that arrived before the folder's own announcement.
-        let implied = FileVersion {
-            node: "n2".into(),
-            mode: Some(0o755),
-            ..version("n2", vv(&[("n2", 1)]), 500, DIR)
-        };
-        let merged = made.vv.merged(&implied.vv);
-        assert_eq!(resolve(&implied, &made), Resolution::TakeMeta { merged });
-        assert_eq!(resolve(&made, &implied), Resolution::KeepLocal);
     }
 
     #[test]

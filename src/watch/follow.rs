@@ -62,10 +62,10 @@ pub struct Follower {
     sent_seek: Option<(Instant, f64)>,
     /// The player began a seek (ours or a person's), and when: where it lands tells which.
     seen_seek: Option<Instant>,
-    /// A seek landed and where is being read (since when its seek began): until the
-    /// reading comes, the position the player gave meanwhile may be a person's target,
-    /// and correcting it would undo that person's seek before it is reported.
-    landing: Option<Instant>,
+    /// A seek landed and where is being read (when its seek began, when it landed):
+    /// until the reading comes, the position the player gave meanwhile may be a person's
+    /// target, and correcting it would undo that person's seek before it is reported.
+    landing: Option<(Instant, Instant)>,
     /// A player reports each value once when it starts being watched (mpv's observed
     /// properties, a page's first report); that is not a person's doing.
     pause_known: bool,
@@ -163,10 +163,10 @@ impl Follower {
 
     /// The player landed: true after a seek, when the position must be read to tell whose it
     /// was ([`Follower::landed_at`]); no correction is made until it is.
-    pub fn on_landed(&mut self) -> bool {
+    pub fn on_landed(&mut self, now: Instant) -> bool {
         match self.seen_seek.take() {
             Some(began) => {
-                self.landing = Some(began);
+                self.landing = Some((began, now));
                 true
             }
             None => false,
@@ -181,7 +181,7 @@ impl Follower {
     /// A seek landed at `position`: ours if that is where we sent the player, else a
     /// person's, returned as a change.
     pub fn landed_at(&mut self, position: f64, now: Instant) -> Option<Change> {
-        let began = self.landing.take();
+        let began = self.landing.take().map(|(began, _)| began);
         self.on_position(position, now);
         if let Some((sent, target)) = self.sent_seek {
             if (position - target).abs() <= OUR_SEEK_SLACK_S {
@@ -220,7 +220,7 @@ impl Follower {
             .is_some_and(|(t, _)| now.saturating_duration_since(t) < OUR_SEEK_WINDOW)
             || self
                 .seen_seek
-                .or(self.landing)
+                .or(self.landing.map(|(_, landed)| landed))
                 .is_some_and(|t| now.saturating_duration_since(t) < SEEK_UNDER_WAY);
         let expected = state.position_at(now_ms);
         let actual = self.position_now(now);
@@ -293,7 +293,7 @@ mod tests {
         // mpv reads the target meanwhile.
         f.on_position(60.0, now);
         // playback-restart: where it landed is asked for; a poll comes before the answer.
-        assert!(f.on_landed());
+        assert!(f.on_landed(now));
         let cmds = f.follow(&room, 0, now);
         assert!(
             !cmds.iter().any(|c| matches!(c, Command::Seek(_))),
@@ -311,7 +311,7 @@ mod tests {
         let t0 = Instant::now();
         f.on_position(1.0, t0);
         f.on_seek(t0);
-        assert!(f.on_landed());
+        assert!(f.on_landed(t0));
         // The person's landing is unread for longer than a seek may take: corrections
         // resume, and ours goes out.
         let later = t0 + SEEK_UNDER_WAY + Duration::from_millis(1);
@@ -324,7 +324,7 @@ mod tests {
         // The person's landing is read: theirs, and ours is still awaited.
         assert!(f.landed_at(60.0, later).is_some());
         f.on_seek(later);
-        assert!(f.on_landed());
+        assert!(f.on_landed(later));
         assert_eq!(
             f.landed_at(to, later),
             None,
@@ -341,7 +341,7 @@ mod tests {
         let now = Instant::now();
         f.on_position(30.0, now);
         f.on_seek(now);
-        assert!(f.on_landed());
+        assert!(f.on_landed(now));
         f.landing_unread();
         let cmds = f.follow(&state(true, 1.0, 0), 0, now);
         assert!(
@@ -386,7 +386,7 @@ mod tests {
             !cmds.iter().any(|c| matches!(c, Command::Seek(_))),
             "{cmds:?}"
         );
-        assert!(f.on_landed());
+        assert!(f.on_landed(now));
         assert_eq!(f.landed_at(60.0, now).map(|c| c.position), Some(60.0));
     }
 
@@ -414,16 +414,16 @@ mod tests {
         let now = Instant::now();
         f.on_position(1.0, now);
         f.on_seek(now);
-        assert!(f.on_landed());
+        assert!(f.on_landed(now));
         assert_eq!(f.landed_at(42.0, now).map(|c| c.position), Some(42.0));
         // Ours is not, even when a person's follows it closely.
         let cmds = f.follow(&state(false, 30.0, 0), 0, now);
         assert_eq!(cmds, vec![Command::Seek(30.0)]);
         f.on_seek(now);
-        assert!(f.on_landed());
+        assert!(f.on_landed(now));
         assert_eq!(f.landed_at(30.0, now), None);
         f.on_seek(now);
-        assert!(f.on_landed());
+        assert!(f.on_landed(now));
         assert_eq!(f.landed_at(60.0, now).map(|c| c.position), Some(60.0));
     }
 

@@ -135,7 +135,7 @@ impl Page {
         if landed {
             // A seek that began and landed between two reports was still a seek.
             f.on_seek(now);
-            f.on_landed();
+            f.on_landed(now);
             person |= f.landed_at(r.time, now).is_some();
         } else {
             f.on_position(r.time, now);
