@@ -269,17 +269,7 @@ fn the_same_file_edited_on_two_cut_off_members_keeps_both_versions_everywhere() 
     wait_same(&roots, "first version", |t| t.contains_key("plan.txt"));
 
     // a is cut off by its firewall; a and b both edit the file.
-    let cut = |op: &str| {
-        for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
-            let o =
-                a.ns.exec(&["iptables", op, chain, dir, "eth0", "-j", "DROP"]);
-            assert!(
-                o.status.success(),
-                "iptables: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-    };
+    let cut = |op: &str| firewall(a, op);
     cut("-I");
     std::fs::write(roots[1].join("plan.txt"), b"v2 from a\n").unwrap();
     std::fs::write(roots[2].join("plan.txt"), b"v2 from b, longer\n").unwrap();
@@ -328,17 +318,7 @@ fn members_cut_apart_catch_up_within_five_seconds_of_the_heal_and_go_direct_agai
     );
 
     // a is cut off by its firewall; a and b each write a file meanwhile.
-    let cut = |op: &str| {
-        for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
-            let o =
-                a.ns.exec(&["iptables", op, chain, dir, "eth0", "-j", "DROP"]);
-            assert!(
-                o.status.success(),
-                "iptables: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-    };
+    let cut = |op: &str| firewall(a, op);
     cut("-I");
     std::fs::write(
         roots[1].join("from-a.txt"),
@@ -503,6 +483,20 @@ fn docs_lab_without_cache() -> (Lab, Vec<Node>, Vec<PathBuf>) {
             .unwrap();
         std::io::Write::write_all(&mut f, b"\n[relay]\ncache_mib = 0\n").unwrap();
     })
+}
+
+/// Inserts (`-I`) or deletes (`-D`) the rules that drop everything `n` sends or receives on
+/// its internet link: a cut, then its end.
+fn firewall(n: &Node, op: &str) {
+    for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+        let o =
+            n.ns.exec(&["iptables", op, chain, dir, "eth0", "-j", "DROP"]);
+        assert!(
+            o.status.success(),
+            "iptables: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
 }
 
 fn place(root: &Path, name: &str, size: u64, seed: &str) -> String {

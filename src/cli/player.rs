@@ -539,17 +539,7 @@ fn room_state(p: &control::Playback) -> Playback {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn state(playing: bool, position: f64, at_ms: i64) -> Playback {
-        Playback {
-            playing,
-            position,
-            rate: 1.0,
-            at_ms,
-            held: false,
-            stamp: Stamp::default(),
-        }
-    }
+    use crate::watch::follow::tests::state;
 
     #[test]
     fn the_ipc_folder_is_new_private_to_its_user_and_removed_when_dropped() {

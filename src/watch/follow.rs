@@ -189,7 +189,7 @@ impl Follower {
                 return None;
             }
             // A seek of ours sent after this one began has still to land: it stays ours.
-            if !began.is_some_and(|b| sent > b) {
+            if began.is_none_or(|b| sent <= b) {
                 self.sent_seek = None;
             }
         }
@@ -265,11 +265,12 @@ impl Follower {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::watch::room::Stamp;
 
-    fn state(playing: bool, position: f64, at_ms: i64) -> Playback {
+    /// A room state at rate 1, for the follower's tests and the player's.
+    pub(crate) fn state(playing: bool, position: f64, at_ms: i64) -> Playback {
         Playback {
             playing,
             position,
