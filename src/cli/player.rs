@@ -22,6 +22,40 @@ use crate::watch::room::{Playback, Stamp};
 
 /// How often the player's position is read and reported.
 const POLL: Duration = Duration::from_millis(100);
+/// A seek that has not landed after this long is waiting for bytes that are not there.
+const STUCK_SEEK: Duration = Duration::from_secs(1);
+
+/// Whether the player has run dry. mpv says so (`paused-for-cache`) when its cache runs
+/// out while playing, but not when a seek lands where nothing has arrived: it then
+/// waits in `seeking` and plays nothing. A joiner whose link is slower than the video
+/// does exactly that at the room's position, and each correction chases the room
+/// further into what has not arrived. Both hold the room, as a watch-along must: the
+/// others wait for the slow one. Seeks while paused (loading, a person's seek in a
+/// paused room) are not counted: nobody is waiting on them.
+#[derive(Debug, Default)]
+struct Starvation {
+    paused_for_cache: bool,
+    seeking_since: Option<Instant>,
+}
+
+impl Starvation {
+    fn on_seeking(&mut self, seeking: bool, now: Instant) {
+        if !seeking {
+            self.seeking_since = None;
+        } else if self.seeking_since.is_none() {
+            self.seeking_since = Some(now);
+        }
+    }
+
+    /// `paused`: whether the player is paused (a seek then starves nobody).
+    fn starved(&self, paused: bool, now: Instant) -> bool {
+        self.paused_for_cache
+            || (!paused
+                && self
+                    .seeking_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= STUCK_SEEK))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlayerError {
@@ -180,7 +214,10 @@ pub async fn run_mpv(
             source,
         })?;
     let mut mpv = Mpv::connect(&opts.program, &ipc, &mut child).await?;
-    for (i, prop) in ["pause", "speed", "paused-for-cache"].iter().enumerate() {
+    for (i, prop) in ["pause", "speed", "paused-for-cache", "seeking"]
+        .iter()
+        .enumerate()
+    {
         mpv.send(json!(["observe_property", i + 1, prop])).await?;
     }
     mpv.send(json!(["loadfile", w.url])).await?;
@@ -249,7 +286,7 @@ pub async fn run_mpv(
     let mut poll = tokio::time::interval(POLL);
     let (mut pos_id, mut cache_id, mut landed_id) = (0, 0, 0);
     let mut buffered = 0.0;
-    let mut starved = false;
+    let mut starvation = Starvation::default();
     let mut reports = 0u64;
     let result = loop {
         tokio::select! {
@@ -264,7 +301,11 @@ pub async fn run_mpv(
                             Some("pause") => data.as_bool().and_then(|p| f.on_pause(p, now)).map(change),
                             Some("speed") => data.as_f64().and_then(|s| f.on_speed(s, now)).map(change),
                             Some("paused-for-cache") => {
-                                starved = data.as_bool().unwrap_or(false);
+                                starvation.paused_for_cache = data.as_bool().unwrap_or(false);
+                                None
+                            }
+                            Some("seeking") => {
+                                starvation.on_seeking(data.as_bool().unwrap_or(false), now);
                                 None
                             }
                             _ => None,
@@ -302,7 +343,7 @@ pub async fn run_mpv(
                 }
                 // A person's change goes out at once, not at the next poll.
                 if let Some(change) = pending_change.take() {
-                    pending_change = send_change(&reports_tx, &mut room, &w.file, &f, buffered, starved, change);
+                    pending_change = send_change(&reports_tx, &mut room, &w.file, &f, buffered, starvation.starved(f.paused, Instant::now()), change);
                 }
             }
             Some(v) = views.recv() => {
@@ -318,9 +359,9 @@ pub async fn run_mpv(
                 // Changes go at once; the plain report every other poll, unless the
                 // reporter is still busy with earlier ones.
                 if let Some(change) = pending_change.take() {
-                    pending_change = send_change(&reports_tx, &mut room, &w.file, &f, buffered, starved, change);
+                    pending_change = send_change(&reports_tx, &mut room, &w.file, &f, buffered, starvation.starved(f.paused, Instant::now()), change);
                 } else if reports.is_multiple_of(2) {
-                    let _ = reports_tx.try_send(report(&w.file, &f, buffered, starved, None));
+                    let _ = reports_tx.try_send(report(&w.file, &f, buffered, starvation.starved(f.paused, Instant::now()), None));
                 }
                 let cmds = f.follow(&room.state, now_ms(), Instant::now());
                 for c in &cmds { mpv.apply(c).await?; }
@@ -553,6 +594,37 @@ mod tests {
         let path = a.path().to_path_buf();
         drop(a);
         assert!(!path.exists(), "left behind");
+    }
+
+    #[test]
+    fn a_seek_that_stalls_while_playing_is_starving_and_one_while_paused_is_not() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut s = Starvation::default();
+        // Loading, paused: however long it takes, nobody waits on it.
+        s.on_seeking(true, at(0));
+        assert!(
+            !s.starved(true, at(5_000)),
+            "a paused player's seek held the room"
+        );
+        s.on_seeking(false, at(5_000));
+        // Playing; a seek lands where nothing has arrived.
+        s.on_seeking(true, at(6_000));
+        assert!(
+            !s.starved(false, at(6_500)),
+            "a seek that lands at once is no starvation"
+        );
+        assert!(
+            s.starved(false, at(7_000)),
+            "a stalled seek is not starvation"
+        );
+        // Still seeking: the start of the stall is kept, not renewed.
+        s.on_seeking(true, at(7_100));
+        assert!(s.starved(false, at(7_100)));
+        s.on_seeking(false, at(8_000));
+        assert!(!s.starved(false, at(8_000)), "landed, yet still starving");
+        s.paused_for_cache = true;
+        assert!(s.starved(false, at(8_000)), "mpv's own word was not taken");
     }
 
     fn stamped(playing: bool, counter: u64) -> Playback {

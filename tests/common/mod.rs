@@ -1054,7 +1054,12 @@ impl Node {
 
     /// Limits what this node sends to `mbit` Mbit/s (tbf on its uplink).
     pub fn shape(&self, mbit: u32) {
-        let rate = format!("{mbit}mbit");
+        self.shape_kbit(mbit * 1000);
+    }
+
+    /// Limits what this node sends to `kbit` kbit/s (tbf on its uplink).
+    pub fn shape_kbit(&self, kbit: u32) {
+        let rate = format!("{kbit}kbit");
         let o = self.ns.exec(&[
             "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", &rate, "burst", "256kb",
             "latency", "500ms",
