@@ -426,6 +426,7 @@ const FAMILIES: &[&str] = &[
     "watchalong_sync_conflicts",
     "watchalong_rooms",
     "watchalong_room_drift_max_seconds",
+    "watchalong_room_messages_total",
     "watchalong_room_watchers_buffering",
     "watchalong_process_resident_memory_bytes",
     "watchalong_process_open_fds",

@@ -25,13 +25,30 @@ const POLL: Duration = Duration::from_millis(100);
 /// A seek that has not landed after this long is waiting for bytes that are not there.
 const STUCK_SEEK: Duration = Duration::from_secs(1);
 
+/// Seconds a player holds ahead, from mpv's `demuxer-cache-state`: its `cache-duration`,
+/// or as good as endless once the demuxer has read to the end of the file (near the end
+/// there are never 2 s left to buffer, and a room held there must still resume).
+fn buffered_ahead(state: &Value) -> f64 {
+    if state.get("eof").and_then(Value::as_bool) == Some(true) {
+        return WHOLE_FILE_S;
+    }
+    state
+        .get("cache-duration")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0)
+}
+
+/// What a player reports as buffered once it holds the rest of the file: far more than
+/// a room waits for, well inside what a room message may carry.
+const WHOLE_FILE_S: f64 = 1e6;
+
 /// Whether the player has run dry. mpv says so (`paused-for-cache`) when its cache runs
 /// out while playing, but not when a seek lands where nothing has arrived: it then
 /// waits in `seeking` and plays nothing. A joiner whose link is slower than the video
 /// does exactly that at the room's position, and each correction chases the room
 /// further into what has not arrived. Both hold the room, as a watch-along must: the
-/// others wait for the slow one. Seeks while paused (loading, a person's seek in a
-/// paused room) are not counted: nobody is waiting on them.
+/// others wait for the slow one. Time spent seeking while paused (loading, a person's
+/// seek in a paused room) is not counted: nobody is waiting on it.
 #[derive(Debug, Default)]
 struct Starvation {
     paused_for_cache: bool,
@@ -43,6 +60,13 @@ impl Starvation {
         if !seeking {
             self.seeking_since = None;
         } else if self.seeking_since.is_none() {
+            self.seeking_since = Some(now);
+        }
+    }
+
+    /// The player was paused or set playing: a seek under way counts from now.
+    fn on_pause(&mut self, now: Instant) {
+        if self.seeking_since.is_some() {
             self.seeking_since = Some(now);
         }
     }
@@ -298,7 +322,10 @@ pub async fn run_mpv(
                     Some("property-change") => {
                         let data = &v["data"];
                         let change = match v["name"].as_str() {
-                            Some("pause") => data.as_bool().and_then(|p| f.on_pause(p, now)).map(change),
+                            Some("pause") => {
+                                starvation.on_pause(now);
+                                data.as_bool().and_then(|p| f.on_pause(p, now)).map(change)
+                            }
                             Some("speed") => data.as_f64().and_then(|s| f.on_speed(s, now)).map(change),
                             Some("paused-for-cache") => {
                                 starvation.paused_for_cache = data.as_bool().unwrap_or(false);
@@ -329,7 +356,7 @@ pub async fn run_mpv(
                         // slow, reads it at once.
                         if let Some(p) = data { f.on_position(p, now) }
                     } else if id == cache_id {
-                        buffered = data.unwrap_or(0.0);
+                        buffered = v.get("data").map_or(0.0, buffered_ahead);
                     } else if id == landed_id {
                         match data {
                             Some(p) => {
@@ -354,7 +381,7 @@ pub async fn run_mpv(
             }
             _ = poll.tick() => {
                 pos_id = mpv.send(json!(["get_property", "time-pos"])).await?;
-                cache_id = mpv.send(json!(["get_property", "demuxer-cache-duration"])).await?;
+                cache_id = mpv.send(json!(["get_property", "demuxer-cache-state"])).await?;
                 reports += 1;
                 // Changes go at once; the plain report every other poll, unless the
                 // reporter is still busy with earlier ones.
@@ -594,6 +621,27 @@ mod tests {
         let path = a.path().to_path_buf();
         drop(a);
         assert!(!path.exists(), "left behind");
+    }
+
+    #[test]
+    fn a_player_that_read_to_the_end_counts_as_buffered_whatever_its_cache_says() {
+        let state =
+            |eof: bool, secs: f64| json!({"cache-duration": secs, "eof": eof, "idle": true});
+        assert_eq!(buffered_ahead(&state(false, 3.5)), 3.5);
+        assert_eq!(buffered_ahead(&state(true, 0.0)), WHOLE_FILE_S);
+        assert_eq!(buffered_ahead(&json!({})), 0.0);
+    }
+
+    #[test]
+    fn a_seek_under_way_counts_only_from_when_the_player_was_set_playing() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut s = Starvation::default();
+        // Loading, paused, for 5 s; then set playing while the seek still runs.
+        s.on_seeking(true, at(0));
+        s.on_pause(at(5_000));
+        assert!(!s.starved(false, at(5_500)), "time paused was counted");
+        assert!(s.starved(false, at(6_000)));
     }
 
     #[test]

@@ -192,6 +192,15 @@ impl Collector for Scrape {
             "The largest distance of any watcher from its room's position (0 with no rooms).",
             ConstGauge::new(drift as f64 / 1000.0),
         )?;
+        let (sent, received) = node.watch.messages();
+        family(
+            &mut enc,
+            "watchalong_room_messages",
+            "Room messages sent to and received from other members, by direction.",
+            MetricType::Counter,
+            [("sent", sent), ("received", received)]
+                .map(|(d, v)| ([("direction", d)], ConstCounter::new(v))),
+        )?;
         single(
             &mut enc,
             "watchalong_room_watchers_buffering",

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::base::clock::now_ms;
 use crate::base::lock::Recover;
 use crate::data::transfer::{self, Directory};
-use crate::watch::room::{Playback, Room, RoomMessage};
+use crate::watch::room::{Fanout, Playback, Room, RoomMessage};
 use crate::watch::stream::Streams;
 
 /// Where room messages are POSTed on another member's node server: the daemon routes
@@ -128,6 +128,10 @@ pub struct Watch {
     me: String,
     name: String,
     hold_when_starved: bool,
+    /// Room messages sent and received, for `status` and the metrics (a benchmark
+    /// counts a heartbeat's messages from them).
+    sent: std::sync::atomic::AtomicU64,
+    received: std::sync::atomic::AtomicU64,
 }
 
 impl Watch {
@@ -146,7 +150,15 @@ impl Watch {
             me,
             name,
             hold_when_starved,
+            sent: std::sync::atomic::AtomicU64::new(0),
+            received: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Room messages sent to and received from other members since start.
+    pub fn messages(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.sent.load(Relaxed), self.received.load(Relaxed))
     }
 
     fn rooms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Room>> {
@@ -263,6 +275,8 @@ impl Watch {
 
     /// A message from member `from` (named by its key prefix).
     pub fn receive(&self, from: &str, body: &[u8]) {
+        self.received
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(m) = decode_room_message(body) else {
             return;
         };
@@ -298,7 +312,9 @@ impl Watch {
     }
 
     /// One round: forget quiet watchers, hold or release for buffering, and, from every
-    /// room a local player watches (or just stopped watching), tell the others.
+    /// room a local player watches (or just stopped watching), tell the others: the
+    /// leader everyone, another watcher the leader, and news (a hold, leaving) goes to
+    /// everyone.
     pub async fn round(&self, dir: &Directory) {
         let now = now_ms();
         let mut changed = false;
@@ -310,11 +326,17 @@ impl Watch {
                 let had_local = room.local.is_some();
                 room.expire(now);
                 if room.local.is_some() {
-                    changed |= room.settle_readiness(now);
-                    outgoing.push(room.clone());
+                    let news = room.settle_readiness(now);
+                    changed |= news;
+                    let fanout = if news {
+                        Fanout::Everyone
+                    } else {
+                        room.fanout(now)
+                    };
+                    outgoing.push((room.clone(), fanout));
                 } else if had_local {
                     // Our player went quiet: the others hear we left.
-                    outgoing.push(room.clone());
+                    outgoing.push((room.clone(), Fanout::Everyone));
                     gone.push(room.file.clone());
                 }
             }
@@ -331,26 +353,37 @@ impl Watch {
         if changed {
             self.bump();
         }
-        for room in outgoing {
-            self.send(&room, dir).await;
+        for (room, fanout) in outgoing {
+            self.send(&room, &fanout, dir).await;
         }
     }
 
     /// Sends the room of `file` to everyone now (after a change).
     pub async fn send_now(&self, file: &str, dir: &Directory) {
         let room = self.with_room(file, |r| r.clone());
-        self.send(&room, dir).await;
+        self.send(&room, &Fanout::Everyone, dir).await;
     }
 
-    async fn send(&self, room: &Room, dir: &Directory) {
+    async fn send(&self, room: &Room, fanout: &Fanout, dir: &Directory) {
         let now = now_ms();
         let mut posts = tokio::task::JoinSet::new();
-        for p in dir.peers.iter().filter(|p| p.key != dir.me && p.up) {
-            let Ok(body) =
-                serde_json::to_vec(&room.message_for(&crate::group::identity::key_id(&p.key), now))
-            else {
+        let up = || dir.peers.iter().filter(|p| p.key != dir.me && p.up);
+        // A leader we cannot reach now is no leader: everyone hears us meanwhile.
+        let only = match fanout {
+            Fanout::Leader(l) if up().any(|p| crate::group::identity::key_id(&p.key) == *l) => {
+                Some(l)
+            }
+            _ => None,
+        };
+        for p in up() {
+            let id = crate::group::identity::key_id(&p.key);
+            if only.is_some_and(|l| *l != id) {
+                continue;
+            }
+            let Ok(body) = serde_json::to_vec(&room.message_for(&id, now)) else {
                 continue;
             };
+            self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let (key, vpn, name, engine) = (p.key, p.vpn, p.name.clone(), self.engine.clone());
             posts.spawn(async move {
                 if let Err(e) = engine.post(&key, vpn, ROOM_PATH, body).await {

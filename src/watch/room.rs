@@ -11,6 +11,22 @@
 //! on its sender's clock and is moved onto ours with the offset estimated NTP-style from
 //! the timestamps every message carries. A message whose stamp runs absurdly far ahead,
 //! or whose numbers are not sane, is refused whole ([`RoomError`]).
+//!
+//! Fan-out: a star, not a mesh. The room's leader is the watcher with the smallest node
+//! id among those a node hears directly; every heartbeat the other watchers tell the
+//! leader alone, and the leader tells every member, passing on what it heard from each
+//! watcher. A report keeps the time its watcher made it (on that watcher's clock), so a
+//! newer report of a watcher always replaces an older one whichever way each came, and
+//! passing one on never makes it younger. That is `w - 1 + n - 1` messages a heartbeat
+//! instead of `w * (n - 1)`. A watcher whose leader does not show that it hears it (no
+//! echo of a recent message), or does not say it leads (an older build), sends to
+//! everyone, as does a person's change, a hold and leaving: they are rare, and a hop
+//! through the leader would delay them. Only the leader's relays are taken, at most
+//! [`MAX_WATCHERS`] watchers are kept per room, and a member that left is not brought
+//! back by a relay older than its leaving. The clock offset to whoever sent a state comes
+//! from the echoes of these exchanges; a state first heard from a member with no exchange
+//! (a change sent directly) takes its time from the leader's copy, which also carries
+//! the leader's later corrections of it.
 
 use std::collections::BTreeMap;
 
@@ -36,6 +52,12 @@ pub const MAX_STAMP_LEAD: u64 = 1 << 20;
 pub const MAX_TIME_MS: i64 = 1 << 50;
 /// The longest node id a stamp may carry (ids are short key prefixes).
 pub const MAX_NODE_ID: usize = 64;
+/// The most watchers one message may pass on, and a room keeps: a group of a few hundred
+/// members at most.
+pub const MAX_RELAYED: usize = 512;
+pub const MAX_WATCHERS: usize = MAX_RELAYED;
+/// The longest display name a watcher may carry.
+pub const MAX_WATCHER_NAME: usize = 256;
 /// The largest position, drift or buffer, in seconds (about 30 years), either way.
 pub const MAX_SECONDS: f64 = 1e9;
 /// The fastest a room may play (mpv's own limit).
@@ -104,8 +126,16 @@ pub struct Watcher {
     pub buffered_s: f64,
     /// Its player waits for data.
     pub starved: bool,
-    /// When we last heard from it, on our clock.
+    /// When we last heard from it, on our clock. In a message: when its watcher made the
+    /// report, on the watcher's clock.
     pub seen_ms: i64,
+    /// When its watcher made this report, on the watcher's clock: of two reports of one
+    /// watcher, the later one stands.
+    #[serde(skip)]
+    pub origin_ms: i64,
+    /// Heard from the watcher itself, not passed on by the leader.
+    #[serde(skip)]
+    pub direct: bool,
 }
 
 /// What one member sends the others about one room: its view of the state, itself as a
@@ -122,6 +152,33 @@ pub struct RoomMessage {
     /// The last message the sender got from the receiver: its `sent_ms`, and when it
     /// arrived on the sender's clock. (0, 0) when there was none.
     pub echo: (i64, i64),
+    /// From the leader: the other watchers it has heard from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relayed: Vec<Relayed>,
+    /// The sender leads the room (older builds never say so, and are sent to as a mesh).
+    #[serde(default)]
+    pub leads: bool,
+}
+
+/// A watcher the sender heard from, passed on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Relayed {
+    /// The watcher's node id (as in stamps).
+    pub id: String,
+    /// How long ago the sender heard from it, in ms.
+    pub age_ms: i64,
+    /// Its report; `seen_ms` is when the watcher made it, on its own clock.
+    pub watcher: Watcher,
+}
+
+/// Who a room's message goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fanout {
+    /// Every member: we lead the room, or the message carries news (a change, a hold,
+    /// leaving).
+    Everyone,
+    /// The room's leader only (its node id).
+    Leader(String),
 }
 
 /// A correction for a player that is not where the room is.
@@ -200,13 +257,24 @@ pub struct Room {
     /// Per peer: its last `sent_ms` and when it arrived here, echoed back to it.
     last_from: BTreeMap<String, (i64, i64)>,
     /// When `state` came from a peer: who, the offset its time was moved by, and the
-    /// round trip of the exchange that offset came from. An offset taken while a queue
+    /// round trip of the exchange that offset came from (`None`: no exchange yet, the
+    /// least trusted; a copy of the same state from a member with a measured exchange
+    /// replaces its time). An offset taken while a queue
     /// delayed one direction only is off by half that delay (a 1 Mbit/s uplink full of
     /// video: half a second); once an exchange with a shorter round trip corrects the
     /// estimate, the state's time is moved again, or the players would stay apart. Only a
     /// shorter round trip moves it: the peer that sent the state also sends the echoes
     /// the offset is made of, and must not get to shift the room's time at will.
     state_offset: Option<(String, i64, Option<i64>)>,
+    /// The state's time as the peer it came from sent it: the leader moves it when it
+    /// corrects its own offset, and the copy follows.
+    state_theirs_ms: i64,
+    /// Watchers that left, by id: when they said so (their clock) and when we heard (ours).
+    /// A relay of a report older than the leaving does not bring them back.
+    left: BTreeMap<String, (i64, i64)>,
+    /// The last message from a peer that leads: who, and the latest of our messages it
+    /// echoed (our `sent_ms`): whether the leader hears us.
+    leader_heard: Option<(String, Option<i64>)>,
     /// Pause the room when a watcher runs dry.
     pub hold_when_starved: bool,
 }
@@ -229,6 +297,9 @@ impl Room {
             offsets: BTreeMap::new(),
             last_from: BTreeMap::new(),
             state_offset: None,
+            state_theirs_ms: 0,
+            left: BTreeMap::new(),
+            leader_heard: None,
             hold_when_starved: true,
         }
     }
@@ -264,6 +335,8 @@ impl Room {
             buffered_s,
             starved,
             seen_ms: now_ms,
+            origin_ms: now_ms,
+            direct: true,
         });
     }
 
@@ -287,6 +360,13 @@ impl Room {
         let time = |t: i64| (0..=MAX_TIME_MS).contains(&t);
         // A player may report a little before 0; what matters is a number a seek takes.
         let finite = |x: f64| x.is_finite() && x.abs() <= MAX_SECONDS;
+        let sane = |w: &Watcher| {
+            finite(w.position)
+                && finite(w.drift_s)
+                && finite(w.buffered_s)
+                && w.node.len() <= MAX_WATCHER_NAME
+                && time(w.seen_ms)
+        };
         let w = m.watcher.as_ref();
         let bad = if m.state.stamp.node.len() > MAX_NODE_ID {
             Some("stamp")
@@ -298,10 +378,17 @@ impl Room {
             Some("position")
         } else if !(m.state.rate > 0.0 && m.state.rate <= MAX_RATE) {
             Some("rate")
-        } else if w
-            .is_some_and(|w| !(finite(w.position) && finite(w.drift_s) && finite(w.buffered_s)))
-        {
+        } else if w.is_some_and(|w| !sane(w)) {
             Some("watcher report")
+        } else if m.relayed.len() > MAX_RELAYED
+            || m.relayed.iter().any(|r| {
+                r.id.is_empty()
+                    || r.id.len() > MAX_NODE_ID
+                    || !(0..=MAX_TIME_MS).contains(&r.age_ms)
+                    || !sane(&r.watcher)
+            })
+        {
+            Some("watchers passed on")
         } else {
             None
         };
@@ -328,12 +415,36 @@ impl Room {
         self.last_from.insert(from.to_string(), (m.sent_ms, now_ms));
         let offset = self.offset_ms(from);
         match m.watcher {
-            Some(mut w) => {
-                w.seen_ms = now_ms;
-                self.watchers.insert(from.to_string(), w);
+            Some(w) => {
+                let origin_ms = w.seen_ms;
+                self.left.remove(from);
+                self.watchers.insert(
+                    from.to_string(),
+                    Watcher {
+                        seen_ms: now_ms,
+                        origin_ms,
+                        direct: true,
+                        ..w
+                    },
+                );
             }
             None => {
                 self.watchers.remove(from);
+                self.left.insert(from.to_string(), (m.sent_ms, now_ms));
+            }
+        }
+        if m.leads {
+            let echoed = (m.echo != (0, 0)).then_some(m.echo.0);
+            match &mut self.leader_heard {
+                Some((l, t)) if l == from => *t = (*t).max(echoed),
+                _ => self.leader_heard = Some((from.to_string(), echoed)),
+            }
+        }
+        // Only the leader's word on the others is taken: anyone else's would let one
+        // member make up watchers, or a leader.
+        if self.leader() == Some(from) {
+            for r in m.relayed {
+                self.take_relayed(from, r, now_ms);
             }
         }
         if m.state.stamp > self.state.stamp {
@@ -343,24 +454,55 @@ impl Room {
                 ..m.state
             };
             self.state_offset = Some((from.to_string(), offset, self.rtt_ms(from)));
+            self.state_theirs_ms = m.state.at_ms;
             return Ok(true);
         }
-        Ok(self.reoffset_state(from, offset))
+        let leader = self.leader() == Some(from);
+        Ok(self.reoffset_state(from, &m.state, offset, leader))
     }
 
-    /// Moves the state's time again when it came from `from` and a shorter exchange with
-    /// `from` has changed the offset since; true when it moved.
-    fn reoffset_state(&mut self, from: &str, offset: i64) -> bool {
+    /// Moves the state's time again (true when it moved) when the same state came from:
+    /// - `from`, the peer it was taken from, and a shorter exchange with `from` has
+    ///   changed the offset since;
+    /// - the leader (`leader`), whose copy moved since (it corrected its own offset to
+    ///   the state's maker), or which we exchange with while the state's time so far came
+    ///   from a member we never exchanged with.
+    fn reoffset_state(
+        &mut self,
+        from: &str,
+        m_state: &Playback,
+        offset: i64,
+        leader: bool,
+    ) -> bool {
         let rtt = self.rtt_ms(from);
+        if m_state.stamp != self.state.stamp {
+            return false;
+        }
         let Some((peer, applied, applied_rtt)) = self.state_offset.as_mut() else {
             return false;
         };
+        let same = peer == from;
+        let retake = leader
+            && rtt.is_some()
+            && ((!same && applied_rtt.is_none())
+                || (same && m_state.at_ms != self.state_theirs_ms));
+        if retake {
+            let at = m_state.at_ms.saturating_sub(offset);
+            let moved = at != self.state.at_ms;
+            self.state.at_ms = at;
+            self.state_offset = Some((from.to_string(), offset, rtt));
+            self.state_theirs_ms = m_state.at_ms;
+            return moved;
+        }
+        if !same {
+            return false;
+        }
         let shorter = match (rtt, *applied_rtt) {
             (Some(now), Some(then)) => now < then,
             (Some(_), None) => true,
             (None, _) => false,
         };
-        if peer != from || !shorter {
+        if !shorter {
             return false;
         }
         *applied_rtt = rtt;
@@ -385,14 +527,100 @@ impl Room {
         self.offsets.get(peer).and_then(Offset::rtt_ms)
     }
 
-    /// The message for `to`, sent at `now_ms`.
+    /// The message for `to`, sent at `now_ms`. The leader passes on every watcher it
+    /// knows of but `to`.
     pub fn message_for(&self, to: &str, now_ms: i64) -> RoomMessage {
+        let leads = self.leads();
+        let relayed = if leads {
+            self.watchers
+                .iter()
+                .filter(|(id, _)| id.as_str() != to)
+                .take(MAX_RELAYED)
+                .map(|(id, w)| Relayed {
+                    id: id.clone(),
+                    age_ms: now_ms.saturating_sub(w.seen_ms).max(0),
+                    watcher: Watcher {
+                        seen_ms: w.origin_ms,
+                        ..w.clone()
+                    },
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         RoomMessage {
             file: self.file.clone(),
             state: self.state.clone(),
             watcher: self.local.clone(),
             sent_ms: now_ms,
             echo: self.last_from.get(to).copied().unwrap_or((0, 0)),
+            relayed,
+            leads,
+        }
+    }
+
+    /// A watcher the leader passed on: taken when it is not us or the leader, its report
+    /// is newer than what we hold of it (and than its leaving), it is not older than a
+    /// watcher may be quiet, and the room has space.
+    fn take_relayed(&mut self, from: &str, r: Relayed, now_ms: i64) {
+        if r.id == self.me || r.id == from {
+            return;
+        }
+        let seen_ms = now_ms.saturating_sub(r.age_ms);
+        if now_ms - seen_ms > WATCHER_TIMEOUT_MS {
+            return;
+        }
+        let origin_ms = r.watcher.seen_ms;
+        if self.left.get(&r.id).is_some_and(|(at, _)| *at >= origin_ms) {
+            return;
+        }
+        match self.watchers.get(&r.id) {
+            Some(w) if w.origin_ms >= origin_ms => return,
+            None if self.watchers.len() >= MAX_WATCHERS => return,
+            _ => {}
+        }
+        self.watchers.insert(
+            r.id,
+            Watcher {
+                seen_ms,
+                origin_ms,
+                direct: false,
+                ..r.watcher
+            },
+        );
+    }
+
+    /// The room's leader: the watcher with the smallest node id among us (when we watch)
+    /// and those we hear directly; `None` when there is none. A relayed watcher does not
+    /// count: the leader it would make might not be heard by anyone.
+    pub fn leader(&self) -> Option<&str> {
+        let me = self.local.as_ref().map(|_| self.me.as_str());
+        me.into_iter()
+            .chain(
+                self.watchers
+                    .iter()
+                    .filter(|(_, w)| w.direct)
+                    .map(|(id, _)| id.as_str()),
+            )
+            .min()
+    }
+
+    /// Whether we lead: we watch, and no watcher we know of has a smaller id.
+    pub fn leads(&self) -> bool {
+        self.local.is_some() && self.leader() == Some(self.me.as_str())
+    }
+
+    /// Who the heartbeat's message goes to at `now_ms`: the leader, when it says it leads
+    /// and has echoed a message of ours sent in the last [`WATCHER_TIMEOUT_MS`]; else
+    /// everyone (we lead, or the leader is new, old, or does not hear us).
+    pub fn fanout(&self, now_ms: i64) -> Fanout {
+        match (self.leader(), &self.leader_heard) {
+            (Some(l), Some((heard, Some(echoed))))
+                if l != self.me && l == heard && now_ms - *echoed <= WATCHER_TIMEOUT_MS =>
+            {
+                Fanout::Leader(l.to_string())
+            }
+            _ => Fanout::Everyone,
         }
     }
 
@@ -402,6 +630,10 @@ impl Room {
         let before = self.watchers.len();
         self.watchers
             .retain(|_, w| now_ms - w.seen_ms <= WATCHER_TIMEOUT_MS);
+        // A relay is never older than a watcher may be quiet: past that, a leaving has
+        // nothing left to guard against.
+        self.left
+            .retain(|_, (_, heard)| now_ms - *heard <= 2 * WATCHER_TIMEOUT_MS);
         let local_gone = self
             .local
             .as_ref()
@@ -668,7 +900,20 @@ mod tests {
         let mut b = Room::new("f", "b", 0);
         let good = msg(&a, "b", 10);
         type Spoil = fn(&mut RoomMessage);
-        let spoilers: [(&str, Spoil); 9] = [
+        let spoilers: [(&str, Spoil); 14] = [
+            ("watcher report", |m| {
+                m.watcher = Some(watcher("x".repeat(MAX_WATCHER_NAME + 1)))
+            }),
+            ("watchers passed on", |m| {
+                m.relayed = vec![relayed("c", 0); MAX_RELAYED + 1]
+            }),
+            ("watchers passed on", |m| m.relayed = vec![relayed("", 0)]),
+            ("watchers passed on", |m| m.relayed = vec![relayed("c", -1)]),
+            ("watchers passed on", |m| {
+                let mut r = relayed("c", 0);
+                r.watcher.buffered_s = f64::NAN;
+                m.relayed = vec![r];
+            }),
             ("state time", |m| m.state.at_ms = i64::MIN),
             ("state time", |m| m.state.at_ms = MAX_TIME_MS + 1),
             ("timestamps", |m| m.sent_ms = -1),
@@ -692,5 +937,252 @@ mod tests {
         }
         assert_eq!(b.state.stamp, Stamp::default(), "nothing was taken in");
         assert!(b.receive("a", good, 11).is_ok());
+    }
+
+    fn watcher(node: String) -> Watcher {
+        Watcher {
+            node,
+            position: 1.0,
+            drift_s: 0.0,
+            buffered_s: 5.0,
+            starved: false,
+            seen_ms: 0,
+            origin_ms: 0,
+            direct: false,
+        }
+    }
+
+    fn relayed(id: &str, age_ms: i64) -> Relayed {
+        Relayed {
+            id: id.to_string(),
+            age_ms,
+            watcher: watcher(id.to_string()),
+        }
+    }
+
+    /// Rooms of `ids`, each with a local player, at `now`.
+    fn watching(ids: &[&str], now: i64) -> Vec<Room> {
+        ids.iter()
+            .map(|id| {
+                let mut r = Room::new("f", id, 0);
+                r.local_report(now, 1.0, 5.0, false);
+                r
+            })
+            .collect()
+    }
+
+    /// One heartbeat among `rooms` at `now`, as the hub sends it: every room with a local
+    /// player reports, then sends to its fan-out (a leader missing from `rooms` is one
+    /// whose node is gone). Returns the messages sent.
+    fn heartbeat(rooms: &mut [Room], now: i64) -> usize {
+        let mut out = Vec::new();
+        for r in rooms.iter_mut() {
+            if r.local.is_some() {
+                r.local_report(now, 1.0, 5.0, false);
+            }
+            r.expire(now);
+        }
+        for (i, r) in rooms.iter().enumerate() {
+            if r.local.is_none() {
+                continue;
+            }
+            let fanout = r.fanout(now);
+            for (j, to) in rooms.iter().enumerate() {
+                let due = match &fanout {
+                    Fanout::Everyone => j != i,
+                    Fanout::Leader(l) => *l == to.me,
+                };
+                if due {
+                    out.push((j, r.me.clone(), r.message_for(&to.me, now)));
+                }
+            }
+        }
+        let sent = out.len();
+        for (j, from, m) in out {
+            rooms[j].receive(&from, m, now + 1).unwrap();
+        }
+        sent
+    }
+
+    #[test]
+    fn sixteen_watchers_send_at_most_two_messages_each_a_heartbeat_and_all_see_everyone() {
+        let ids: Vec<String> = (0..16).map(|i| format!("n{i:02}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut rooms = watching(&ids, 0);
+        // The first heartbeats go to everyone: nobody has heard the leader echo it yet.
+        let mut now = 0;
+        for _ in 0..2 {
+            now += 250;
+            assert_eq!(heartbeat(&mut rooms, now), 16 * 15);
+        }
+        // Then, for 10 s: 15 to the leader, the leader's 15 to the rest.
+        for _ in 0..40 {
+            now += 250;
+            assert_eq!(heartbeat(&mut rooms, now), 30, "not a star at {now} ms");
+            for r in &rooms {
+                assert_eq!(r.leader(), Some("n00"), "{} follows another leader", r.me);
+                assert_eq!(
+                    r.all_watchers().count(),
+                    16,
+                    "{} does not see everyone",
+                    r.me
+                );
+            }
+        }
+        // A pause at the last member reaches everyone directly.
+        rooms[15].local_change(now, false, 3.0, 1.0);
+        let news = rooms[15].clone();
+        for r in rooms.iter_mut().take(15) {
+            let m = news.message_for(&r.me, now);
+            assert!(r.receive("n15", m, now + 1).unwrap());
+            assert!(!r.state.playing);
+        }
+    }
+
+    #[test]
+    fn the_leader_passes_on_what_it_heard_and_the_latest_report_of_a_watcher_stands() {
+        let mut rooms = watching(&["a", "b", "c"], 0);
+        // b and c tell a (the leader); a tells b of c, heard 400 ms before.
+        for i in [1, 2] {
+            let m = rooms[i].message_for("a", 0);
+            let from = rooms[i].me.clone();
+            rooms[0].receive(&from, m, 100).unwrap();
+        }
+        assert!(rooms[0].leads());
+        let m = rooms[0].message_for("b", 500);
+        assert!(m.leads);
+        assert!(m.relayed.iter().any(|r| r.id == "c" && r.age_ms == 400));
+        assert!(
+            !m.relayed.iter().any(|r| r.id == "b"),
+            "b was told of itself"
+        );
+        rooms[1].receive("a", m, 500).unwrap();
+        assert_eq!(rooms[1].watchers["c"].seen_ms, 100);
+        assert!(!rooms[1].watchers["c"].direct);
+        assert_eq!(rooms[1].fanout(500), Fanout::Leader("a".into()));
+        // Anyone but the leader passing watchers on is not heard.
+        let mut forged = rooms[2].message_for("b", 600);
+        forged.relayed = vec![relayed("0", 0)];
+        rooms[1].receive("c", forged, 600).unwrap();
+        assert!(
+            !rooms[1].watchers.contains_key("0"),
+            "a made-up watcher was taken"
+        );
+        assert_eq!(rooms[1].leader(), Some("a"));
+        // c's own newer report stands against the leader's older one, and its leaving
+        // against the leader's report from before it.
+        rooms[2].local_report(1_000, 2.0, 5.0, true);
+        let m = rooms[2].message_for("b", 1_000);
+        rooms[1].receive("c", m, 1_000).unwrap();
+        let m = rooms[0].message_for("b", 1_100);
+        rooms[1].receive("a", m, 1_100).unwrap();
+        assert!(
+            rooms[1].watchers["c"].starved,
+            "an older report replaced a newer one"
+        );
+        rooms[2].local_left();
+        let m = rooms[2].message_for("b", 1_200);
+        rooms[1].receive("c", m, 1_200).unwrap();
+        let m = rooms[0].message_for("b", 1_300);
+        rooms[1].receive("a", m, 1_300).unwrap();
+        assert!(
+            !rooms[1].watchers.contains_key("c"),
+            "a relay brought back one who left"
+        );
+    }
+
+    #[test]
+    fn a_watcher_the_leader_no_longer_passes_on_fades_and_is_not_kept_alive_by_relays() {
+        let mut rooms = watching(&["a", "b", "c"], 0);
+        for t in [250, 500, 750] {
+            heartbeat(&mut rooms, t);
+        }
+        assert!(rooms[1].watchers.contains_key("c"));
+        // c's node dies; a and b relay and expire for a while.
+        let mut t = 750;
+        while t < 750 + 2 * WATCHER_TIMEOUT_MS {
+            t += 250;
+            heartbeat(&mut rooms[..2], t);
+        }
+        assert!(!rooms[0].watchers.contains_key("c"));
+        assert!(
+            !rooms[1].watchers.contains_key("c"),
+            "a report grew younger on the way"
+        );
+    }
+
+    #[test]
+    fn when_the_leader_goes_quiet_the_next_smallest_id_leads() {
+        let mut rooms = watching(&["a", "b", "c"], 0);
+        for t in [250, 500, 750] {
+            heartbeat(&mut rooms, t);
+        }
+        assert_eq!(rooms[2].fanout(750), Fanout::Leader("a".into()));
+        // a's node dies: nothing more from it, and nothing reaches it.
+        let mut t = 750;
+        while t < 750 + WATCHER_TIMEOUT_MS + 1_000 {
+            t += 250;
+            heartbeat(&mut rooms[1..], t);
+        }
+        assert!(rooms[1].leads());
+        assert_eq!(rooms[2].fanout(t), Fanout::Leader("b".into()));
+        assert_eq!(rooms[2].all_watchers().count(), 2, "c still lists a");
+    }
+
+    #[test]
+    fn a_watcher_whose_leader_does_not_hear_it_tells_everyone() {
+        let mut rooms = watching(&["a", "b"], 0);
+        for t in [250, 500, 750] {
+            heartbeat(&mut rooms, t);
+        }
+        assert_eq!(rooms[1].fanout(750), Fanout::Leader("a".into()));
+        // From now on a hears nothing from b, and b still hears a.
+        let mut t = 750;
+        while t <= 750 + WATCHER_TIMEOUT_MS + 250 {
+            t += 250;
+            rooms[1].local_report(t, 1.0, 5.0, false);
+            let m = rooms[0].message_for("b", t);
+            rooms[1].receive("a", m, t).unwrap();
+        }
+        assert_eq!(rooms[1].fanout(t), Fanout::Everyone);
+    }
+
+    #[test]
+    fn a_state_heard_first_over_no_exchange_takes_its_time_from_the_leaders_copy() {
+        // c's clock is 10 s ahead of a's and b's. b and c have exchanged with a, the
+        // leader, never with each other.
+        let mut a = Room::new("f", "a", 0);
+        let mut b = Room::new("f", "b", 0);
+        let mut c = Room::new("f", "c", 0);
+        a.local_report(1_000, 0.0, 5.0, false);
+        for (t, x) in [(1_000, &mut b), (1_000, &mut c)] {
+            let skew = if x.me == "c" { 10_000 } else { 0 };
+            let me = x.me.clone();
+            x.receive("a", a.message_for(&me, t), t + skew + 2).unwrap();
+            let answer = x.message_for("a", t + skew + 3);
+            a.receive(&me, answer, t + 5).unwrap();
+            x.receive("a", a.message_for(&me, t + 6), t + skew + 8)
+                .unwrap();
+        }
+        assert!(b.rtt_ms("a").is_some() && b.rtt_ms("c").is_none());
+        // c plays from 30 s at its 12_000 (a's and b's 2_000), and tells everyone.
+        c.local_change(12_000, true, 30.0, 1.0);
+        b.receive("c", c.message_for("b", 12_000), 2_002).unwrap();
+        // Without an exchange b takes c's time as is: 10 s off.
+        assert!((b.state.position_at(3_000) - 21.0).abs() < 0.01);
+        a.receive("c", c.message_for("a", 12_000), 2_002).unwrap();
+        assert!((a.state.position_at(3_000) - 31.0).abs() < 0.02);
+        // The leader's copy, over a measured exchange, puts it right.
+        assert!(b.receive("a", a.message_for("b", 2_250), 2_252).unwrap());
+        let at = b.state.position_at(3_000);
+        assert!((at - 31.0).abs() < 0.02, "{at}");
+        // A copy from c, still unmeasured, does not move it back.
+        assert!(!b.receive("c", c.message_for("b", 12_500), 2_502).unwrap());
+        assert!((b.state.position_at(3_000) - 31.0).abs() < 0.02);
+        // The leader corrects its own time of the state (by 40 ms): b's copy follows.
+        a.state.at_ms += 40;
+        assert!(b.receive("a", a.message_for("b", 2_750), 2_752).unwrap());
+        let at = b.state.position_at(3_000);
+        assert!((at - 30.96).abs() < 0.02, "{at}");
     }
 }
