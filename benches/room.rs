@@ -4,7 +4,7 @@
 //!     sudo cargo bench --bench room            # 16 watchers
 //!     sudo cargo bench --bench room -- 8 24    # other sizes
 //!
-//! The nodes share one LAN segment; the host holds the film (160x120, 10 frames a second,
+//! The nodes share one LAN segment; the host holds the film (160x120, 25 frames a second,
 //! 200 kbit/s, so fifteen streams of it load nothing) and the others stream it. Once every
 //! player plays in step, three figures:
 //! - **room messages per heartbeat** (250 ms): every node's `watchalong_room_messages`
@@ -79,7 +79,7 @@ fn run(size: usize) {
     let mut lab = Lab::new();
     let host = lab.node("host");
     let movies = host.share("movies");
-    make_video_sized(&movies.join("film.mp4"), 600, 200, "160x120", 10);
+    make_video_sized(&movies.join("film.mp4"), 600, 200, "160x120", 25);
     let mut nodes = vec![host];
     for i in 1..size {
         nodes.push(lab.node(&format!("m{i:02}")));

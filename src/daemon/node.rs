@@ -132,8 +132,14 @@ impl Node {
             )
     }
 
-    fn room(&self, from: Key, body: bytes::Bytes) {
-        self.watch.receive(&key_id(&from), &body);
+    fn room(self: &Arc<Self>, from: Key, body: bytes::Bytes) {
+        if let Some(file) = self.watch.receive(&key_id(&from), &body) {
+            let node = self.clone();
+            self.tasks.spawn(async move {
+                let dir = crate::data::transfer::Membership::directory(&*node);
+                node.watch.forward(&file, &dir).await;
+            });
+        }
     }
 
     fn announced(&self, from: Key, body: bytes::Bytes) {

@@ -132,6 +132,8 @@ pub struct Watch {
     /// counts a heartbeat's messages from them).
     sent: std::sync::atomic::AtomicU64,
     received: std::sync::atomic::AtomicU64,
+    /// Rooms whose new state is being passed on.
+    forwarding: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Watch {
@@ -152,6 +154,7 @@ impl Watch {
             hold_when_starved,
             sent: std::sync::atomic::AtomicU64::new(0),
             received: std::sync::atomic::AtomicU64::new(0),
+            forwarding: Mutex::new(std::collections::BTreeSet::new()),
         }
     }
 
@@ -273,24 +276,31 @@ impl Watch {
         files.iter().map(|f| self.view(f)).collect()
     }
 
-    /// A message from member `from` (named by its key prefix).
-    pub fn receive(&self, from: &str, body: &[u8]) {
+    /// A message from member `from` (named by its key prefix). Returns the room's file
+    /// when we lead it and the message brought a new state made elsewhere: the caller
+    /// passes it on to everyone at once ([`Watch::forward`]); its maker told only us.
+    pub fn receive(&self, from: &str, body: &[u8]) -> Option<String> {
         self.received
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let Some(m) = decode_room_message(body) else {
-            return;
-        };
+        let m = decode_room_message(body)?;
         let file = m.file.clone();
-        let result = {
+        let (result, news) = {
             let mut rooms = self.rooms();
             let open = rooms.len();
             match rooms.get_mut(&file) {
-                Some(room) => room.receive(from, m, now_ms()),
+                Some(room) => {
+                    let before = room.state.stamp.clone();
+                    let r = room.receive(from, m, now_ms());
+                    let news = room.state.stamp > before
+                        && room.state.stamp.node != self.me
+                        && room.leads();
+                    (r, news)
+                }
                 None if open >= MAX_ROOMS => {
                     log::debug!(
                         "room message from {from} dropped: {MAX_ROOMS} rooms are open already"
                     );
-                    return;
+                    return None;
                 }
                 // A room is opened only by a message it accepts.
                 None => {
@@ -298,9 +308,9 @@ impl Watch {
                     room.hold_when_starved = self.hold_when_starved;
                     let r = room.receive(from, m, now_ms());
                     if r.is_ok() {
-                        rooms.insert(file, room);
+                        rooms.insert(file.clone(), room);
                     }
-                    r
+                    (r, false)
                 }
             }
         };
@@ -309,12 +319,20 @@ impl Watch {
             Ok(false) => {}
             Err(e) => log::debug!("{e}"),
         }
+        // One forward per room at a time: a member that makes changes as fast as it can
+        // gets them passed on as fast as they go out, not one each.
+        (news && self.forwarding.locked().insert(file.clone())).then_some(file)
+    }
+
+    /// Passes the room of `file` on to everyone (after [`Watch::receive`] asked to).
+    pub async fn forward(&self, file: &str, dir: &Directory) {
+        self.forwarding.locked().remove(file);
+        self.send_now(file, dir).await;
     }
 
     /// One round: forget quiet watchers, hold or release for buffering, and, from every
     /// room a local player watches (or just stopped watching), tell the others: the
-    /// leader everyone, another watcher the leader, and news (a hold, leaving) goes to
-    /// everyone.
+    /// leader tells everyone, another watcher the leader, and leaving goes to everyone.
     pub async fn round(&self, dir: &Directory) {
         let now = now_ms();
         let mut changed = false;
@@ -326,14 +344,8 @@ impl Watch {
                 let had_local = room.local.is_some();
                 room.expire(now);
                 if room.local.is_some() {
-                    let news = room.settle_readiness(now);
-                    changed |= news;
-                    let fanout = if news {
-                        Fanout::Everyone
-                    } else {
-                        room.fanout(now)
-                    };
-                    outgoing.push((room.clone(), fanout));
+                    changed |= room.settle_readiness(now);
+                    outgoing.push((room.clone(), room.fanout(now)));
                 } else if had_local {
                     // Our player went quiet: the others hear we left.
                     outgoing.push((room.clone(), Fanout::Everyone));
@@ -358,10 +370,22 @@ impl Watch {
         }
     }
 
-    /// Sends the room of `file` to everyone now (after a change).
+    /// Sends the room of `file` now (after a change, or leaving): to the leader, which
+    /// passes it on at once over connections its heartbeats keep warm, when we follow
+    /// one that hears us; else to everyone. Straight to everyone would be a hop less,
+    /// but over connections gone cold since the last change (a TCP handshake each: a
+    /// round trip more at a distance, and on the lab's two cores slower than two warm
+    /// hops).
     pub async fn send_now(&self, file: &str, dir: &Directory) {
-        let room = self.with_room(file, |r| r.clone());
-        self.send(&room, &Fanout::Everyone, dir).await;
+        let now = now_ms();
+        let (room, fanout) = self.with_room(file, |r| {
+            let fanout = match r.local {
+                Some(_) => r.fanout(now),
+                None => Fanout::Everyone,
+            };
+            (r.clone(), fanout)
+        });
+        self.send(&room, &fanout, dir).await;
     }
 
     async fn send(&self, room: &Room, fanout: &Fanout, dir: &Directory) {
@@ -420,6 +444,63 @@ mod tests {
         }
         forget_empty(&mut rooms);
         assert!(rooms.is_empty());
+    }
+
+    fn hub(dir: &std::path::Path, me: &str) -> Watch {
+        let streams = Arc::new(Streams::new(
+            dir.to_path_buf(),
+            0,
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let engine = Arc::new(transfer::Engine::new(
+            crate::data::share::Shares::new(Vec::new(), crate::data::share::CHUNK_SIZE),
+            Arc::new(crate::group::auth::Proofs::new(
+                x25519_dalek::StaticSecret::from([1u8; 32]),
+            )),
+            0,
+            dir.join("cache"),
+            0,
+        ));
+        Watch::new(streams, engine, me.into(), me.into(), true)
+    }
+
+    #[test]
+    fn the_leader_passes_on_a_change_made_elsewhere_once_at_a_time_and_a_follower_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = "s/film.mkv";
+        let report = |w: &Watch| {
+            w.report(Report {
+                file: file.into(),
+                position: 1.0,
+                buffered_s: 5.0,
+                starved: false,
+                change: None,
+            })
+        };
+        let change = |counter: u64| {
+            let mut peer = Room::new(file, "m", now_ms());
+            peer.local_report(now_ms(), 1.0, 5.0, false);
+            peer.state.stamp.counter = counter;
+            peer.local_change(now_ms(), counter % 2 == 0, 1.0, 1.0);
+            serde_json::to_vec(&peer.message_for("a", now_ms())).unwrap()
+        };
+        // "a" watches and has the smallest id: it leads, and passes a change on.
+        let leader = hub(dir.path(), "a");
+        report(&leader);
+        assert_eq!(leader.receive("m", &change(1)), Some(file.to_string()));
+        // A second change while the first is still being passed on: that one carries it.
+        assert_eq!(leader.receive("m", &change(2)), None);
+        // An old state, or the same one again, is no news.
+        leader.forwarding.locked().clear();
+        assert_eq!(leader.receive("m", &change(0)), None);
+        // "z" does not lead (m watches, with a smaller id): it passes nothing on.
+        let follower = hub(dir.path(), "z");
+        report(&follower);
+        assert_eq!(follower.receive("m", &change(2)), None);
+        assert!(
+            follower.with_room(file, |r| r.state.playing),
+            "the follower did not take the change"
+        );
     }
 
     #[test]

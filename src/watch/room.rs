@@ -18,10 +18,11 @@
 //! watcher. A report keeps the time its watcher made it (on that watcher's clock), so a
 //! newer report of a watcher always replaces an older one whichever way each came, and
 //! passing one on never makes it younger. That is `w - 1 + n - 1` messages a heartbeat
-//! instead of `w * (n - 1)`. A watcher whose leader does not show that it hears it (no
-//! echo of a recent message), or does not say it leads (an older build), sends to
-//! everyone, as does a person's change, a hold and leaving: they are rare, and a hop
-//! through the leader would delay them. Only the leader's relays are taken, at most
+//! instead of `w * (n - 1)`. A person's change and a hold go the same way, and the leader
+//! passes them on at once: two hops over connections the heartbeats keep warm, where a
+//! direct message would open a cold one. A watcher whose leader does not show that it
+//! hears it (no echo of a recent message), or does not say it leads (an older build),
+//! sends to everyone, as does one leaving. Only the leader's relays are taken, at most
 //! [`MAX_WATCHERS`] watchers are kept per room, and a member that left is not brought
 //! back by a relay older than its leaving. The clock offset to whoever sent a state comes
 //! from the echoes of these exchanges; a state first heard from a member with no exchange
