@@ -481,7 +481,7 @@ mod tests {
             let mut peer = Room::new(file, "m", now_ms());
             peer.local_report(now_ms(), 1.0, 5.0, false);
             peer.state.stamp.counter = counter;
-            peer.local_change(now_ms(), counter % 2 == 0, 1.0, 1.0);
+            peer.local_change(now_ms(), counter.is_multiple_of(2), 1.0, 1.0);
             serde_json::to_vec(&peer.message_for("a", now_ms())).unwrap()
         };
         // "a" watches and has the smallest id: it leads, and passes a change on.
