@@ -25,6 +25,8 @@ pub const ROOM_PATH: &str = "/v1/room";
 
 /// How often a watcher tells the others where it is (and how often rooms are checked).
 pub const HEARTBEAT: Duration = Duration::from_millis(250);
+/// How long a message to the room's leader may take before everyone gets it instead.
+const LEADER_POST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Rooms other members' messages may open here. Each lives as long as the daemon, so a
 /// member must not be able to make unboundedly many; a real group watches a few files.
@@ -390,20 +392,27 @@ impl Watch {
 
     async fn send(&self, room: &Room, fanout: &Fanout, dir: &Directory) {
         let now = now_ms();
-        let mut posts = tokio::task::JoinSet::new();
         let up = || dir.peers.iter().filter(|p| p.key != dir.me && p.up);
-        // A leader we cannot reach now is no leader: everyone hears us meanwhile.
-        let only = match fanout {
-            Fanout::Leader(l) if up().any(|p| crate::group::identity::key_id(&p.key) == *l) => {
-                Some(l)
+        // A leader we cannot reach now is no leader: everyone hears us meanwhile. One
+        // that does not take the message soon (its node stopped, and the tunnel still
+        // counts it up for a while) is passed over for this message too.
+        if let Fanout::Leader(l) = fanout {
+            if let Some(p) = up().find(|p| crate::group::identity::key_id(&p.key) == *l) {
+                let Ok(body) = serde_json::to_vec(&room.message_for(l, now)) else {
+                    return;
+                };
+                self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let post = self.engine.post(&p.key, p.vpn, ROOM_PATH, body);
+                match tokio::time::timeout(LEADER_POST_TIMEOUT, post).await {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) => log::debug!("room message to {} (leader): {e}", p.name),
+                    Err(_) => log::debug!("room message to {} (leader): no answer in time", p.name),
+                }
             }
-            _ => None,
-        };
+        }
+        let mut posts = tokio::task::JoinSet::new();
         for p in up() {
             let id = crate::group::identity::key_id(&p.key);
-            if only.is_some_and(|l| *l != id) {
-                continue;
-            }
             let Ok(body) = serde_json::to_vec(&room.message_for(&id, now)) else {
                 continue;
             };

@@ -440,6 +440,10 @@ impl Room {
                 Some((l, t)) if l == from => *t = (*t).max(echoed),
                 _ => self.leader_heard = Some((from.to_string(), echoed)),
             }
+        } else if self.leader_heard.as_ref().is_some_and(|(l, _)| l == from) {
+            // It stopped leading (it heard of a smaller id): nobody is passed our news
+            // by it now.
+            self.leader_heard = None;
         }
         // Only the leader's word on the others is taken: anyone else's would let one
         // member make up watchers, or a leader.
@@ -483,10 +487,15 @@ impl Room {
             return false;
         };
         let same = peer == from;
-        let retake = leader
-            && rtt.is_some()
-            && ((!same && applied_rtt.is_none())
-                || (same && m_state.at_ms != self.state_theirs_ms));
+        if leader && same && m_state.at_ms != self.state_theirs_ms {
+            // The leader moved its own time of the state: ours moves by as much, on the
+            // offset we applied (a new one only with a shorter round trip, below).
+            let by = m_state.at_ms.saturating_sub(self.state_theirs_ms);
+            self.state.at_ms = self.state.at_ms.saturating_add(by);
+            self.state_theirs_ms = m_state.at_ms;
+            return true;
+        }
+        let retake = leader && rtt.is_some() && !same && applied_rtt.is_none();
         if retake {
             let at = m_state.at_ms.saturating_sub(offset);
             let moved = at != self.state.at_ms;
@@ -1131,6 +1140,24 @@ mod tests {
     }
 
     #[test]
+    fn a_leader_that_stops_leading_is_no_longer_the_one_told() {
+        let mut rooms = watching(&["b", "c"], 0);
+        for t in [250, 500, 750] {
+            heartbeat(&mut rooms, t);
+        }
+        assert_eq!(rooms[1].fanout(750), Fanout::Leader("b".into()));
+        // b hears of "a", a smaller id, and says it no longer leads.
+        let mut a = Room::new("f", "a", 0);
+        a.local_report(800, 1.0, 5.0, false);
+        let m = a.message_for("b", 800);
+        rooms[0].receive("a", m, 800).unwrap();
+        let m = rooms[0].message_for("c", 900);
+        assert!(!m.leads);
+        rooms[1].receive("b", m, 900).unwrap();
+        assert_eq!(rooms[1].fanout(900), Fanout::Everyone);
+    }
+
+    #[test]
     fn a_watcher_whose_leader_does_not_hear_it_tells_everyone() {
         let mut rooms = watching(&["a", "b"], 0);
         for t in [250, 500, 750] {
@@ -1180,9 +1207,12 @@ mod tests {
         // A copy from c, still unmeasured, does not move it back.
         assert!(!b.receive("c", c.message_for("b", 12_500), 2_502).unwrap());
         assert!((b.state.position_at(3_000) - 31.0).abs() < 0.02);
-        // The leader corrects its own time of the state (by 40 ms): b's copy follows.
+        // The leader corrects its own time of the state (by 40 ms): b's copy follows, by
+        // just as much, whatever b's latest sample of its offset to a says.
         a.state.at_ms += 40;
+        let before = b.state.at_ms;
         assert!(b.receive("a", a.message_for("b", 2_750), 2_752).unwrap());
+        assert_eq!(b.state.at_ms, before + 40);
         let at = b.state.position_at(3_000);
         assert!((at - 30.96).abs() < 0.02, "{at}");
     }
