@@ -50,14 +50,6 @@ fn main() {
     }
 }
 
-/// The URL `n`'s daemon serves its metrics at, from its log.
-fn metrics_url(n: &Node) -> Option<String> {
-    n.log().lines().find_map(|l| {
-        let at = l.find("metrics at ")?;
-        Some(l[at + "metrics at ".len()..].trim().to_string())
-    })
-}
-
 /// Room messages `n` has sent, if its daemon counts them.
 fn sent(n: &Node, url: &Option<String>) -> Option<u64> {
     let url = url.as_ref()?;
@@ -85,12 +77,7 @@ fn run(size: usize) {
         nodes.push(lab.node(&format!("m{i:02}")));
     }
     for n in &nodes {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&n.config)
-            .expect("config");
-        writeln!(f, "\n[metrics]\nlisten = \"127.0.0.1:0\"").expect("config");
+        n.enable_metrics();
     }
     nodes[0].start();
     for i in 1..size {
@@ -104,7 +91,7 @@ fn run(size: usize) {
             n.name
         );
     }
-    let urls: Vec<Option<String>> = nodes.iter().map(metrics_url).collect();
+    let urls: Vec<Option<String>> = nodes.iter().map(Node::metrics_url).collect();
 
     let players: Vec<Player> = nodes
         .iter()

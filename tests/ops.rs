@@ -478,25 +478,14 @@ fn a_scrape_parses_as_prometheus_text_and_bytes_and_chunks_grow_with_a_transfer(
     let hash = write_random(&films.join("f.bin"), size, "metrics");
     // A read-write share, so the sync families have a sample.
     a.share_rw("notes");
-    {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&a.config)
-            .expect("config");
-        // Any free port: the log names it.
-        writeln!(f, "\n[metrics]\nlisten = \"127.0.0.1:0\"").expect("config");
-    }
+    a.enable_metrics();
     host.start();
     a.start();
     join(&host, &a);
     let mut url = None;
     assert!(
         wait_until(DEADLINE, || {
-            url = a.log().lines().find_map(|l| {
-                let at = l.find("metrics at ")?;
-                Some(l[at + "metrics at ".len()..].trim().to_string())
-            });
+            url = a.metrics_url();
             url.is_some()
         }),
         "the log does not say where the metrics are:\n{}",

@@ -130,8 +130,8 @@ pub struct Watch {
     me: String,
     name: String,
     hold_when_starved: bool,
-    /// Room messages sent and received, for `status` and the metrics (a benchmark
-    /// counts a heartbeat's messages from them).
+    /// Room messages sent and received, for the metrics (a benchmark counts a
+    /// heartbeat's messages from them).
     sent: std::sync::atomic::AtomicU64,
     received: std::sync::atomic::AtomicU64,
     /// Rooms whose new state is being passed on.

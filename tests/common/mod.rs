@@ -1108,6 +1108,24 @@ impl Node {
         );
     }
 
+    /// Serves metrics on a free loopback port (before `start`); the log names it.
+    pub fn enable_metrics(&self) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.config)
+            .expect("config");
+        writeln!(f, "\n[metrics]\nlisten = \"127.0.0.1:0\"").expect("config");
+    }
+
+    /// Where the daemon serves its metrics, once its log says so.
+    pub fn metrics_url(&self) -> Option<String> {
+        self.log().lines().find_map(|l| {
+            let at = l.find("metrics at ")?;
+            Some(l[at + "metrics at ".len()..].trim().to_string())
+        })
+    }
+
     pub fn log(&self) -> String {
         let mut all = String::new();
         for i in 1..=self.runs {
